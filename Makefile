@@ -1,0 +1,37 @@
+# The two commands users need: `make demo` and `make test`. Everything else is set up on demand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Re-install only when the lock or the package metadata changes.
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+export OMP_NUM_THREADS ?= 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the pinned stack into $(VENV) (first time ~2-3 min; log: $(VENV)/install.log)"
+	@$(PY) -m pip install --no-deps -r requirements.lock > $(VENV)/install.log 2>&1 \
+	  || { tail -30 $(VENV)/install.log; exit 1; }
+	@$(PY) -m pip install --no-deps --no-build-isolation -e . >> $(VENV)/install.log 2>&1 \
+	  || { tail -30 $(VENV)/install.log; exit 1; }
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+	@echo "setup done: $(VENV)"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+demo: setup
+	$(PY) -m detector.cli demo
+
+bench: setup
+	$(PY) -m detector.cli bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

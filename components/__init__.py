@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines components: thin definitions over importable functions (issue 5)."""

@@ -1,0 +1,194 @@
+"""The reference artifact: a directory of ``arrays.npz`` + ``reference.json``. No pickle.
+
+``reference.json`` records everything a reviewer needs (layer, views, PCA dims, N_G and the
+AIC table per view, thresholds, FRR, the reference and calibration checkpoints' sha256) and
+the sha256 of ``arrays.npz``. ``artifact_sha256`` is the sha256 of the canonical JSON of all
+other fields, so it covers the arrays too. Loading recomputes both and refuses any mismatch.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector import __version__
+from detector.config import ReferenceConfig
+from detector.errors import InvalidReference
+from detector.gmm import Mixture
+
+FORMAT = "backdoor-gate/reference"
+FORMAT_VERSION = 1
+META_FILE = "reference.json"
+ARRAYS_FILE = "arrays.npz"
+_MAX_META_BYTES = 16 << 20
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _digest(meta: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "artifact_sha256"})).hexdigest()
+
+
+def _view_arrays(view: str, est) -> dict[str, np.ndarray]:
+    m: Mixture = est.mixture_
+    return {
+        f"{view}.pca_mean": est.pca_mean_,
+        f"{view}.pca_components": est.pca_components_,
+        f"{view}.gmm_weights": m.weights,
+        f"{view}.gmm_means": m.means,
+        f"{view}.gmm_precisions_cholesky": m.precisions_cholesky,
+        f"{view}.reference_scores": np.asarray(est.reference_scores_),
+    }
+
+
+def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> str:
+    """Write ``ref`` atomically (temp dir + rename); returns the artifact's sha256."""
+    from detector.reference import _check_fitted
+
+    _check_fitted(ref, "thresholds_")
+    out = Path(path)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
+    arrays: dict[str, np.ndarray] = {}
+    views: dict[str, Any] = {}
+    for v, est in ref.views_.items():
+        arrays.update(_view_arrays(v, est))
+        arrays[f"{v}.calibration_scores"] = np.asarray(ref.calibration_scores_[v])
+        views[v] = {
+            "n_vectors": est.n_vectors_,
+            "vector_dim": int(est.pca_mean_.shape[0]),
+            "pca_dims": est.n_pca_,
+            "explained_variance": est.explained_variance_,
+            "n_components": est.n_components_,
+            "covariance": est.mixture_.covariance,
+            "reg_covar_absolute": est.reg_,
+            "em_iterations": est.mixture_.n_iter,
+            "em_converged": est.mixture_.converged,
+            "selection": est.selection_,
+            "fit_seconds": est.fit_seconds_,
+            "threshold": ref.thresholds_[v],
+            "frr_empirical": ref.frr_empirical_[v],
+        }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        np.savez(tmp / ARRAYS_FILE, **arrays)
+        arrays_sha = hashlib.sha256((tmp / ARRAYS_FILE).read_bytes()).hexdigest()
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": __version__,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "layer": ref.config.layer,
+            "layer_shape": list(ref.shape_),
+            "views": views,
+            "score_convention": "log-likelihood; higher = more typical of clean networks; blocked if any view < threshold",
+            "config": ref.config.to_dict(),
+            "frr_target": ref.config.frr,
+            "frr_empirical_combined": ref.frr_empirical_["combined"],
+            "threshold_source": ref.threshold_source_,
+            "n_reference": ref.n_reference_,
+            "n_calibration": int(len(next(iter(ref.calibration_scores_.values())))),
+            "reference_checkpoints": ref.reference_checkpoints_,
+            "calibration_checkpoints": ref.calibration_checkpoints_,
+            "files": {ARRAYS_FILE: arrays_sha},
+            "extra": extra or {},
+        }
+        meta["artifact_sha256"] = _digest(meta)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta["artifact_sha256"]
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """``reference.json`` after checking every digest. Raises InvalidReference."""
+    root = Path(path)
+    meta_path = root / META_FILE
+    if not root.is_dir():
+        raise InvalidReference(root, "not a directory (expected a reference artifact made by `reference fit`)")
+    if not meta_path.is_file():
+        raise InvalidReference(root, f"{META_FILE} missing")
+    if meta_path.stat().st_size > _MAX_META_BYTES:
+        raise InvalidReference(root, f"{META_FILE} is larger than {_MAX_META_BYTES} bytes")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidReference(root, f"{META_FILE} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise InvalidReference(root, f"{META_FILE} is not a {FORMAT} document")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InvalidReference(root, f"format_version {meta.get('format_version')} is not supported (need {FORMAT_VERSION})")
+    if meta.get("artifact_sha256") != _digest(meta):
+        raise InvalidReference(root, "tampered: artifact_sha256 does not match the metadata's content")
+    for name, want in (meta.get("files") or {}).items():
+        f = root / name
+        if not f.is_file():
+            raise InvalidReference(root, f"{name} missing")
+        got = hashlib.sha256(f.read_bytes()).hexdigest()
+        if got != want:
+            raise InvalidReference(root, f"tampered: {name} has sha256 {got[:12]}…, the metadata records {want[:12]}…")
+    return meta
+
+
+def load_reference(path: str | os.PathLike):
+    """A fitted, calibrated :class:`Reference` from a verified artifact directory."""
+    from detector.reference import Reference, ViewReference
+
+    root = Path(path)
+    meta = read_metadata(root)
+    try:
+        with np.load(root / ARRAYS_FILE, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        config = ReferenceConfig.from_dict(meta["config"])
+        ref = Reference(config)
+        ref.views_ = {}
+        ref.calibration_scores_ = {}
+        for v in config.views:
+            info = meta["views"][v]
+            est = ViewReference(view=v, covariance_type=info["covariance"])
+            est.pca_mean_ = arrays[f"{v}.pca_mean"]
+            est.pca_components_ = arrays[f"{v}.pca_components"]
+            est.mixture_ = Mixture(
+                weights=arrays[f"{v}.gmm_weights"],
+                means=arrays[f"{v}.gmm_means"],
+                precisions_cholesky=arrays[f"{v}.gmm_precisions_cholesky"],
+                covariance=info["covariance"],
+                n_iter=int(info["em_iterations"]),
+                converged=bool(info["em_converged"]),
+            )
+            est.reference_scores_ = arrays[f"{v}.reference_scores"]
+            est.explained_variance_ = float(info["explained_variance"])
+            est.n_components_, est.n_pca_ = int(info["n_components"]), int(info["pca_dims"])
+            est.n_vectors_, est.reg_ = int(info["n_vectors"]), float(info["reg_covar_absolute"])
+            est.selection_, est.fit_seconds_ = info["selection"], float(info["fit_seconds"])
+            est.n_networks_, est.shape_ = int(meta["n_reference"]), tuple(meta["layer_shape"])
+            ref.views_[v] = est
+            ref.calibration_scores_[v] = arrays[f"{v}.calibration_scores"]
+        ref.thresholds_ = {v: float(meta["views"][v]["threshold"]) for v in config.views}
+        ref.frr_empirical_ = {v: float(meta["views"][v]["frr_empirical"]) for v in config.views}
+        ref.frr_empirical_["combined"] = float(meta["frr_empirical_combined"])
+        ref.shape_ = tuple(meta["layer_shape"])
+        ref.n_reference_ = int(meta["n_reference"])
+        ref.reference_checkpoints_ = meta["reference_checkpoints"]
+        ref.calibration_checkpoints_ = meta["calibration_checkpoints"]
+        ref.threshold_source_ = meta["threshold_source"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise InvalidReference(root, f"malformed artifact: {e.__class__.__name__}: {e}") from None
+    ref.artifact_sha256_ = meta["artifact_sha256"]
+    ref.metadata_ = meta
+    return ref

@@ -1,0 +1,285 @@
+"""Detector subcommands: ``reference fit``, ``score``, ``evaluate``, ``demo``, ``bench``.
+
+Exit codes (``score``): 0 every checkpoint passed, 1 some were blocked, 2 some were invalid
+or the reference itself could not be used. Machine output (``--json``) goes to stdout,
+progress and human messages to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from detector.config import PAPER_GRID, ReferenceConfig
+from detector.errors import DetectorError, InvalidCheckpoint
+from detector.scoring import BLOCK, INVALID, PASS
+
+EXIT = {PASS: 0, BLOCK: 1, INVALID: 2}
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=True if quiet else None, leave=False)
+
+
+def _err(msg: str) -> None:
+    print(f"backdoor-gate: {msg}", file=sys.stderr)
+
+
+def _csv(kind):
+    return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
+
+
+def _config_from_args(args) -> ReferenceConfig:
+    base = ReferenceConfig.from_yaml(args.config) if args.config else ReferenceConfig()
+    return base.replace(
+        layer=args.layer,
+        views=args.views,
+        components=args.components,
+        covariance=args.covariance,
+        criterion=args.criterion,
+        variance=args.variance,
+        grid=args.grid,
+        frr=args.frr,
+        seed=args.seed,
+        reg_covar=args.reg_covar,
+        max_iter=args.max_iter,
+    )
+
+
+# -- reference fit -------------------------------------------------------------------------
+def cmd_reference_fit(args) -> int:
+    from detector.reference import Reference
+
+    try:
+        config = _config_from_args(args)
+    except (ValueError, OSError) as e:
+        _err(f"bad reference settings: {e}")
+        return 2
+    if Path(args.out).exists() and not args.overwrite:
+        _err(f"{args.out} exists; choose a new --out or add --overwrite")
+        return 2
+    quiet = args.json
+    ref = Reference(config)
+    try:
+        with _progress(len(args.checkpoints), "loading reference networks", quiet) as bar:
+            ref.fit(args.checkpoints, progress=lambda _: bar.update())
+        with _progress(len(args.calibrate or []) or ref.n_reference_, "calibrating threshold", quiet) as bar:
+            ref.calibrate(args.calibrate or None, progress=lambda _: bar.update())
+        digest = ref.save(args.out, overwrite=args.overwrite)
+    except DetectorError as e:
+        _err(str(e))
+        return 2
+    except ValueError as e:
+        _err(f"cannot fit the reference: {e}")
+        return 2
+    summary = {
+        "artifact": str(args.out),
+        "artifact_sha256": digest,
+        "layer": config.layer,
+        "n_reference": ref.n_reference_,
+        "threshold_source": ref.threshold_source_,
+        "frr_target": config.frr,
+        "frr_empirical": ref.frr_empirical_,
+        "views": {
+            v: {
+                "pca_dims": est.n_pca_,
+                "n_components": est.n_components_,
+                "threshold": ref.thresholds_[v],
+                "fit_seconds": round(est.fit_seconds_, 3),
+            }
+            for v, est in ref.views_.items()
+        },
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"reference written to {args.out} (sha256 {digest[:16]}…), {ref.n_reference_} clean networks")
+        for v, s in summary["views"].items():
+            print(
+                f"  {v:8s} PCA dims {s['pca_dims']:4d}  N_G {s['n_components']:5d}  threshold {s['threshold']:.6g}"
+                f"  ({ref.threshold_source_}, FRR {ref.frr_empirical_[v]:.3f} at target {config.frr})"
+            )
+    return 0
+
+
+# -- score ---------------------------------------------------------------------------------
+def _load_reference(path):
+    from detector.reference import Reference
+
+    return Reference.load(path)
+
+
+def score_checkpoint(ref, path: str) -> dict[str, Any]:
+    """The contract of one ``score`` line: never raises for a bad candidate, says ``invalid``."""
+    record: dict[str, Any] = {"checkpoint": str(path), "sha256": None, "scores": {}, "thresholds": dict(ref.thresholds_)}
+    try:
+        lw = ref.layer_weights(path)
+        record["sha256"] = lw.sha256
+        record["scores"] = {v: float(est.score(lw.matrix)) for v, est in ref.views_.items()}
+        decision = ref.decide(record["scores"])
+        record["verdict"], record["reason"] = decision.verdict, decision.reason
+    except InvalidCheckpoint as e:
+        record["verdict"], record["reason"] = INVALID, e.reason
+    return record
+
+
+def cmd_score(args) -> int:
+    try:
+        ref = _load_reference(args.reference)
+    except DetectorError as e:
+        _err(str(e))
+        return 2
+    worst = PASS
+    records = []
+    with _progress(len(args.checkpoints), "scoring", args.json) as bar:
+        for path in args.checkpoints:
+            rec = score_checkpoint(ref, path)
+            records.append(rec)
+            if EXIT[rec["verdict"]] > EXIT[worst]:
+                worst = rec["verdict"]
+            if args.json:
+                print(json.dumps(rec), flush=True)
+            bar.update()
+    if not args.json:
+        views = list(ref.thresholds_)
+        print("verdict  " + "  ".join(f"{v + ' score':>16s}" for v in views) + "  checkpoint / reason")
+        for r in records:
+            cells = "  ".join(f"{r['scores'][v]:16.6g}" if v in r["scores"] else f"{'-':>16s}" for v in views)
+            print(f"{r['verdict']:7s}  {cells}  {r['checkpoint']}: {r['reason']}")
+        print("thresholds: " + ", ".join(f"{v} {t:.6g}" for v, t in ref.thresholds_.items()) + " (blocked if any view is below)")
+    return EXIT[worst]
+
+
+# -- evaluate ------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from detector.evaluation import roc_auc
+    from detector.threshold import rejection_rate
+
+    try:
+        ref = _load_reference(args.reference)
+        groups = {}
+        with _progress(len(args.clean) + len(args.backdoored), "scoring", args.json) as bar:
+            for name, paths in (("clean", args.clean), ("backdoored", args.backdoored)):
+                groups[name] = []
+                for p in paths:
+                    groups[name].append(ref.score(p))
+                    bar.update()
+    except DetectorError as e:
+        _err(f"{e} (evaluate needs every checkpoint to be scorable)")
+        return 2
+    result: dict[str, Any] = {"auc": {}, "detection_rate": {}, "false_rejection_rate": {}}
+    for v, t in ref.thresholds_.items():
+        c = [s[v] for s in groups["clean"]]
+        b = [s[v] for s in groups["backdoored"]]
+        result["auc"][v] = roc_auc(c, b)
+        result["detection_rate"][v] = rejection_rate(b, t)
+        result["false_rejection_rate"][v] = rejection_rate(c, t)
+    blocked = {k: [ref.decide(s).verdict == BLOCK for s in g] for k, g in groups.items()}
+    result["detection_rate"]["combined"] = sum(blocked["backdoored"]) / len(blocked["backdoored"])
+    result["false_rejection_rate"]["combined"] = sum(blocked["clean"]) / len(blocked["clean"])
+    result["n_clean"], result["n_backdoored"] = len(args.clean), len(args.backdoored)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['n_clean']} clean vs {result['n_backdoored']} backdoored networks")
+        for v in ref.thresholds_:
+            print(
+                f"  {v:8s} AUC {result['auc'][v]:.3f}   at threshold: detected {result['detection_rate'][v]:.2f},"
+                f" clean blocked {result['false_rejection_rate'][v]:.2f}"
+            )
+        print(
+            f"  combined (any view below): detected {result['detection_rate']['combined']:.2f},"
+            f" clean blocked {result['false_rejection_rate']['combined']:.2f}"
+        )
+    return 0
+
+
+# -- demo / bench ---------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    """Until the pipelines land: the detector end to end on a synthetic weight family."""
+    import tempfile
+
+    from detector.synthetic import FamilyConfig, WeightFamily
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="backdoor-gate-demo-"))
+    fam = WeightFamily(FamilyConfig(seed=args.seed))
+    ref_ckpts = [str(fam.write(fam.clean(), work / f"reference/clean-{i:02d}.pt")) for i in range(12)]
+    held = [str(fam.write(fam.clean(), work / f"heldout/clean-{i:02d}.pt")) for i in range(8)]
+    cand = [str(fam.write(fam.clean(), work / "candidates/clean-candidate.safetensors", fmt="safetensors"))]
+    cand.append(str(fam.write(fam.backdoored(), work / "candidates/backdoored-candidate.pt")))
+    print(f"demo: synthetic weight family in {work} (12 reference, 8 held-out clean, 2 candidates)")
+    ref_dir = work / "reference-artifact"
+    parser = build_demo_parser()
+    rc = cmd_reference_fit(parser.parse_args(["reference", "fit", "--out", str(ref_dir), "--overwrite", "--grid", "1,2,5,10,20,64,96", *ref_ckpts, "--calibrate", *held]))
+    if rc:
+        return rc
+    rc = cmd_score(parser.parse_args(["score", "--reference", str(ref_dir), *cand]))
+    print("\nnot yet: Kubeflow pipelines, MLflow registry and the promotion gate (issue 5);"
+          " face data and FaceNet fine-tuning (issue 4).")
+    return 0 if rc in (0, 1) else rc
+
+
+def cmd_bench(args) -> int:
+    print("not yet: `make bench` lands with the performance issue (#8).")
+    return 0
+
+
+def build_demo_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="backdoor-gate")
+    register(p.add_subparsers(dest="command"))
+    return p
+
+
+def register(sub) -> None:
+    ref = sub.add_parser("reference", help="build the reference of clean networks")
+    ref_sub = ref.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
+    fit = ref_sub.add_parser(
+        "fit",
+        help="fit PCA + GMM per view on clean networks and calibrate thresholds",
+        description="Fit the reference on clean CKPTs. Put the CKPTs before --calibrate, "
+        "e.g. `reference fit --out REF ref/*.pt --calibrate heldout/*.pt`.",
+    )
+    fit.add_argument("checkpoints", nargs="+", metavar="CKPT", help="clean reference networks")
+    fit.add_argument("--out", required=True, help="artifact directory to create")
+    fit.add_argument("--config", help="YAML file of reference settings (flags override it)")
+    fit.add_argument("--layer", help="tensor name (default last_linear.weight)")
+    fit.add_argument("--views", type=_csv(str), help="comma list: forward,backward")
+    fit.add_argument("--components", help="'auto' (choose N_G by AIC over --grid) or a fixed N_G")
+    fit.add_argument("--grid", type=_csv(int), help=f"N_G grid for auto (default the paper's {','.join(map(str, PAPER_GRID))})")
+    fit.add_argument("--criterion", choices=["aic", "bic"])
+    fit.add_argument("--covariance", choices=["full", "diag"])
+    fit.add_argument("--variance", type=float, help="PCA variance to keep (default 0.95)")
+    fit.add_argument("--reg-covar", type=float, help="covariance regularisation, relative to the data variance")
+    fit.add_argument("--max-iter", type=int, help="EM iterations at most")
+    fit.add_argument("--calibrate", nargs="+", metavar="CLEAN_CKPT", help="held-out clean networks for the threshold")
+    fit.add_argument("--frr", type=float, help="target false-rejection rate (default 0.05)")
+    fit.add_argument("--seed", type=int)
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    fit.add_argument("--json", action="store_true", help="one JSON summary on stdout, no progress")
+    fit.set_defaults(func=cmd_reference_fit)
+
+    sc = sub.add_parser("score", help="score checkpoints against a reference (exit 0 pass, 1 block, 2 invalid)")
+    sc.add_argument("checkpoints", nargs="+", metavar="CKPT")
+    sc.add_argument("--reference", required=True, metavar="REF_DIR")
+    sc.add_argument("--json", action="store_true", help="one JSON line per checkpoint")
+    sc.set_defaults(func=cmd_score)
+
+    ev = sub.add_parser("evaluate", help="ROC AUC per view of clean vs backdoored networks")
+    ev.add_argument("--reference", required=True, metavar="REF_DIR")
+    ev.add_argument("--clean", nargs="+", required=True, metavar="CKPT")
+    ev.add_argument("--backdoored", nargs="+", required=True, metavar="CKPT")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="what `make demo` runs")
+    demo.add_argument("--workdir", help="where to write the demo's files (default a temp dir)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="what `make bench` runs")
+    bench.set_defaults(func=cmd_bench)

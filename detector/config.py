@@ -1,0 +1,95 @@
+"""One typed configuration for the reference model, loadable from YAML or the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: The paper's grid of mixture sizes N_G, searched by AIC (capped at the number of vectors).
+PAPER_GRID: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 512, 1000, 1792, 3000)
+
+#: FaceNet's fine-tuned projection layer (Linear 1792 -> 512, weight shape 512 x 1792).
+DEFAULT_LAYER = "last_linear.weight"
+
+VIEWS: tuple[str, ...] = ("forward", "backward")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    """How a reference (PCA + GMM per view) is built and its threshold chosen.
+
+    ``components`` is ``"auto"`` (choose N_G by ``criterion`` over ``grid``) or a fixed int.
+    ``reg_covar`` is *relative*: it is multiplied by the mean per-dimension variance of the
+    reduced vectors, so one default works for weights of any scale.
+    """
+
+    layer: str = DEFAULT_LAYER
+    views: tuple[str, ...] = VIEWS
+    variance: float = 0.95
+    components: int | str = "auto"
+    grid: tuple[int, ...] = PAPER_GRID
+    criterion: str = "aic"
+    covariance: str = "full"
+    reg_covar: float = 1e-3
+    max_iter: int = 100
+    tol: float = 1e-3
+    frr: float = 0.05
+    seed: int = 0
+    max_checkpoint_bytes: int = 4 * 1024**3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "views", tuple(self.views))
+        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        if isinstance(self.components, str) and self.components != "auto":
+            object.__setattr__(self, "components", int(self.components))
+        self.validate()
+
+    def validate(self) -> None:
+        bad = [v for v in self.views if v not in VIEWS]
+        if bad or not self.views:
+            raise ValueError(f"views must be a non-empty subset of {VIEWS}, got {self.views}")
+        if len(set(self.views)) != len(self.views):
+            raise ValueError(f"views repeated: {self.views}")
+        if not 0.0 < self.variance <= 1.0:
+            raise ValueError(f"variance must be in (0, 1], got {self.variance}")
+        if self.components != "auto" and (not isinstance(self.components, int) or self.components < 1):
+            raise ValueError(f"components must be 'auto' or a positive int, got {self.components!r}")
+        if not self.grid or min(self.grid) < 1:
+            raise ValueError(f"grid must hold positive ints, got {self.grid}")
+        if self.criterion not in ("aic", "bic"):
+            raise ValueError(f"criterion must be 'aic' or 'bic', got {self.criterion!r}")
+        if self.covariance not in ("full", "diag"):
+            raise ValueError(f"covariance must be 'full' or 'diag', got {self.covariance!r}")
+        if not 0.0 <= self.frr < 1.0:
+            raise ValueError(f"frr must be in [0, 1), got {self.frr}")
+        if self.reg_covar <= 0:
+            raise ValueError(f"reg_covar must be > 0, got {self.reg_covar}")
+
+    def replace(self, **changes: Any) -> "ReferenceConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["views"] = list(self.views)
+        d["grid"] = list(self.grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReferenceConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown reference config keys: {sorted(unknown)} (known: {sorted(names)})")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ReferenceConfig":
+        import yaml
+
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of reference settings")
+        return cls.from_dict(data.get("reference", data))
+

@@ -1,0 +1,214 @@
+"""Gaussian mixtures: EM fitting (scikit-learn), our own log-likelihood, AIC/BIC.
+
+The fitted mixture is kept as plain arrays (:class:`Mixture`) so it can be stored without
+pickle and evaluated without scikit-learn internals. Fitting goes through
+``sklearn.mixture.GaussianMixture`` (the reference implementation); a faster EM can replace
+:func:`fit_mixture` without touching callers.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+_LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A fitted GMM as arrays. ``precisions_cholesky``: (k, d, d) for full, (k, d) for diag."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    precisions_cholesky: np.ndarray
+    covariance: str
+    n_iter: int = 0
+    converged: bool = True
+
+    @property
+    def n_components(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.means.shape[1])
+
+    def n_parameters(self) -> int:
+        k, d = self.means.shape
+        cov = k * d * (d + 1) // 2 if self.covariance == "full" else k * d
+        return int(cov + k * d + k - 1)
+
+    def score_samples(self, X: np.ndarray, chunk_bytes: int = 64 << 20) -> np.ndarray:
+        """log p(x) for each row of X (higher = more typical)."""
+        X = np.asarray(X, dtype=np.float64)
+        n, d = X.shape
+        k = self.n_components
+        log_w = np.log(np.clip(self.weights, 1e-300, None))
+        out = np.empty((n, k))
+        if self.covariance == "diag":
+            P = self.precisions_cholesky  # (k, d) = 1/sigma
+            log_det = np.log(P).sum(axis=1)
+            # ||(x - mu) * P||^2 expanded as matmuls: memory O(n k), no (n, k, d) tensor.
+            maha = (X**2) @ (P**2).T - 2.0 * X @ (self.means * P**2).T + ((self.means * P) ** 2).sum(axis=1)
+            out[:] = -0.5 * (d * _LOG_2PI + maha) + log_det
+        else:
+            P = self.precisions_cholesky  # (k, d, d)
+            log_det = np.log(np.diagonal(P, axis1=1, axis2=2)).sum(axis=1)
+            step = max(1, int(chunk_bytes // max(1, n * d * 8)))
+            for s in range(0, k, step):
+                Pc = P[s : s + step]
+                Y = np.einsum("nd,kde->kne", X, Pc) - np.einsum("kd,kde->ke", self.means[s : s + step], Pc)[:, None, :]
+                out[:, s : s + step] = (-0.5 * (d * _LOG_2PI + (Y**2).sum(axis=2)) + log_det[s : s + step, None]).T
+        out += log_w
+        m = out.max(axis=1, keepdims=True)
+        return (m + np.log(np.exp(out - m).sum(axis=1, keepdims=True)))[:, 0]
+
+    def aic(self, X: np.ndarray) -> float:
+        return float(-2.0 * self.score_samples(X).sum() + 2.0 * self.n_parameters())
+
+    def bic(self, X: np.ndarray) -> float:
+        return float(-2.0 * self.score_samples(X).sum() + self.n_parameters() * np.log(len(X)))
+
+
+def neuron_init(groups: np.ndarray, covariance: str, reg: float) -> Mixture:
+    """Closed-form mixture with one component per neuron index.
+
+    ``groups`` is (n_networks, n_vectors, d): vector i of every reference network is the
+    same neuron, so component i is the mean/covariance of those M vectors. This is what the
+    paper's best N_G (= vectors per network) converges to, found without k-means.
+    """
+    M, k, d = groups.shape
+    means = groups.mean(axis=0)
+    centred = groups - means[None]
+    if covariance == "diag":
+        var = (centred**2).mean(axis=0) + reg
+        return Mixture(np.full(k, 1.0 / k), means, 1.0 / np.sqrt(var), "diag")
+    cov = np.einsum("mkd,mke->kde", centred, centred) / M + reg * np.eye(d)[None]
+    return Mixture(np.full(k, 1.0 / k), means, _precisions_cholesky(cov), "full")
+
+
+def _precisions_cholesky(cov: np.ndarray) -> np.ndarray:
+    """Upper-triangular P with P P^T = inv(cov), as scikit-learn stores it."""
+    d = cov.shape[-1]
+    L = np.linalg.cholesky(cov)
+    eye = np.broadcast_to(np.eye(d), cov.shape)
+    inv_L = np.linalg.solve(L, eye)  # L^{-1}
+    return np.transpose(inv_L, (0, 2, 1))
+
+
+def _to_sklearn_precisions(m: Mixture) -> np.ndarray:
+    if m.covariance == "diag":
+        return m.precisions_cholesky**2
+    return np.einsum("kij,kej->kie", m.precisions_cholesky, m.precisions_cholesky)
+
+
+def fit_mixture(
+    X: np.ndarray,
+    n_components: int,
+    *,
+    covariance: str = "full",
+    reg: float = 1e-6,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    seed: int = 0,
+    init: Mixture | None = None,
+) -> Mixture:
+    """EM from ``init`` (e.g. :func:`neuron_init`) or from k-means when none is given."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    kwargs = {}
+    if init is not None:
+        kwargs = dict(
+            weights_init=init.weights,
+            means_init=init.means,
+            precisions_init=_to_sklearn_precisions(init),
+            init_params="random_from_data",  # cheap; overridden by the *_init arrays anyway
+        )
+    gm = GaussianMixture(
+        n_components=n_components,
+        covariance_type=covariance,
+        reg_covar=reg,
+        max_iter=max_iter,
+        tol=tol,
+        random_state=seed,
+        **kwargs,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm.fit(X)
+    return Mixture(
+        weights=gm.weights_,
+        means=gm.means_,
+        precisions_cholesky=gm.precisions_cholesky_,
+        covariance=covariance,
+        n_iter=int(gm.n_iter_),
+        converged=bool(gm.converged_),
+    )
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One row of the model-selection table."""
+
+    n_components: int
+    init: str
+    aic: float
+    bic: float
+    log_likelihood: float
+    n_iter: int
+    converged: bool
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def select_mixture(
+    X: np.ndarray,
+    groups: np.ndarray,
+    grid: list[int],
+    *,
+    criterion: str = "aic",
+    covariance: str = "full",
+    reg: float = 1e-6,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+    seed: int = 0,
+    progress=None,
+) -> tuple[Mixture, list[Candidate]]:
+    """Fit one mixture per N_G in ``grid`` and keep the one with the lowest AIC (or BIC).
+
+    N_G equal to the number of vectors per network starts from :func:`neuron_init`; other
+    sizes from k-means. Ties go to the smaller mixture.
+    """
+    n_per_net = groups.shape[1]
+    best: tuple[float, int, Mixture] | None = None
+    table: list[Candidate] = []
+    for g in grid:
+        t0 = time.perf_counter()
+        init = neuron_init(groups, covariance, reg) if g == n_per_net else None
+        m = fit_mixture(X, g, covariance=covariance, reg=reg, max_iter=max_iter, tol=tol, seed=seed, init=init)
+        ll = float(m.score_samples(X).sum())
+        p = m.n_parameters()
+        row = Candidate(
+            n_components=g,
+            init="neuron" if init is not None else "kmeans",
+            aic=-2.0 * ll + 2.0 * p,
+            bic=-2.0 * ll + p * float(np.log(len(X))),
+            log_likelihood=ll,
+            n_iter=m.n_iter,
+            converged=m.converged,
+            seconds=time.perf_counter() - t0,
+        )
+        table.append(row)
+        value = row.aic if criterion == "aic" else row.bic
+        if best is None or value < best[0]:
+            best = (value, g, m)
+        if progress is not None:
+            progress(row)
+    assert best is not None
+    return best[2], table

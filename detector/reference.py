@@ -1,0 +1,239 @@
+"""The reference: what clean networks' weights look like, per view, and where to cut.
+
+:class:`ViewReference` is a scikit-learn estimator for one view (PCA to a variance target,
+then a GMM whose size N_G is chosen by AIC). :class:`Reference` holds one per view of one
+layer, plus the thresholds calibrated at a target FRR. Scores follow
+:mod:`detector.scoring`: log-likelihood, higher = more typical of clean networks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, clone
+
+from detector.config import PAPER_GRID, ReferenceConfig
+from detector.errors import InvalidCheckpoint, NotFittedError
+from detector.gmm import Mixture, select_mixture
+from detector.scoring import Decision, decide
+from detector.threshold import rejection_rate, threshold_at_frr
+from detector.views import view_vectors
+from detector.weights import LayerWeights, load_layer
+
+
+def _check_fitted(est: Any, attr: str) -> None:
+    if not hasattr(est, attr):
+        raise NotFittedError(f"{type(est).__name__} is not fitted yet: call fit() first")
+
+
+class ViewReference(BaseEstimator):
+    """PCA + GMM over one view's vectors of several clean networks.
+
+    ``fit`` takes a list of weight matrices (one per network, same shape) and returns self.
+    """
+
+    def __init__(
+        self,
+        view: str = "forward",
+        variance: float = 0.95,
+        n_components: int | str = "auto",
+        grid: Sequence[int] = PAPER_GRID,
+        criterion: str = "aic",
+        covariance_type: str = "full",
+        reg_covar: float = 1e-3,
+        max_iter: int = 100,
+        tol: float = 1e-3,
+        random_state: int = 0,
+    ):
+        self.view = view
+        self.variance = variance
+        self.n_components = n_components
+        self.grid = grid
+        self.criterion = criterion
+        self.covariance_type = covariance_type
+        self.reg_covar = reg_covar
+        self.max_iter = max_iter
+        self.tol = tol
+        self.random_state = random_state
+
+    def _vectors(self, matrices: Sequence[np.ndarray]) -> np.ndarray:
+        """(n_networks, n_vectors, dim): vector i of every network is the same neuron."""
+        return np.stack([view_vectors(np.asarray(W, dtype=np.float64), self.view) for W in matrices])
+
+    def fit(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> "ViewReference":
+        from sklearn.decomposition import PCA
+
+        shapes = {np.shape(W) for W in matrices}
+        if len(matrices) < 2:
+            raise ValueError(f"a reference needs at least 2 clean networks, got {len(matrices)}")
+        if len(shapes) != 1:
+            raise ValueError(f"reference networks disagree on the layer's shape: {sorted(shapes)}")
+        t0 = time.perf_counter()
+        V = self._vectors(matrices)
+        M, n, d = V.shape
+        X = V.reshape(M * n, d)
+        pca = PCA(n_components=self.variance if self.variance < 1.0 else None, svd_solver="full")
+        pca.fit(X)
+        self.pca_mean_ = pca.mean_
+        self.pca_components_ = pca.components_
+        self.explained_variance_ = float(np.sum(pca.explained_variance_ratio_))
+        Z = self._project(X)
+        groups = Z.reshape(M, n, -1)
+        self.reg_ = float(self.reg_covar * max(Z.var(axis=0).mean(), 1e-300))
+        if self.n_components == "auto":
+            grid = sorted({int(g) for g in self.grid if int(g) <= len(Z)})
+            if not grid:
+                raise ValueError(f"no N_G in grid {list(self.grid)} fits {len(Z)} reference vectors")
+        else:
+            grid = [min(int(self.n_components), len(Z))]
+        self.mixture_, table = select_mixture(
+            Z,
+            groups,
+            grid,
+            criterion=self.criterion,
+            covariance=self.covariance_type,
+            reg=self.reg_,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            seed=self.random_state,
+            progress=progress,
+        )
+        self.selection_ = [row.to_dict() for row in table]
+        self.n_components_ = self.mixture_.n_components
+        self.n_networks_, self.n_vectors_, self.n_pca_ = M, n, int(Z.shape[1])
+        self.shape_ = tuple(int(s) for s in np.shape(matrices[0]))
+        self.reference_scores_ = self.mixture_.score_samples(Z).reshape(M, n).sum(axis=1)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _project(self, X: np.ndarray) -> np.ndarray:
+        return (X - self.pca_mean_) @ self.pca_components_.T
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        """Log-likelihood of each of the network's vectors (index = neuron / input feature)."""
+        _check_fitted(self, "mixture_")
+        return self.mixture_.score_samples(self._project(view_vectors(np.asarray(matrix, np.float64), self.view)))
+
+    def score(self, matrix: np.ndarray) -> float:
+        """The network's score: the sum of its vectors' log-likelihoods."""
+        return float(self.score_vectors(matrix).sum())
+
+    def leave_one_out_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+        """Each network scored by a reference fitted on the others (with this fit's N_G)."""
+        _check_fitted(self, "mixture_")
+        out = []
+        for i in range(len(matrices)):
+            rest = [W for j, W in enumerate(matrices) if j != i]
+            est = clone(self).set_params(n_components=self.n_components_)
+            out.append(est.fit(rest).score(matrices[i]))
+            if progress is not None:
+                progress(i)
+        return np.asarray(out)
+
+
+class Reference:
+    """All views of one layer, their thresholds, and where the reference came from."""
+
+    def __init__(self, config: ReferenceConfig | None = None):
+        self.config = config or ReferenceConfig()
+
+    # -- building -----------------------------------------------------------------------
+    def _view_estimator(self, view: str) -> ViewReference:
+        c = self.config
+        return ViewReference(
+            view=view,
+            variance=c.variance,
+            n_components=c.components,
+            grid=c.grid,
+            criterion=c.criterion,
+            covariance_type=c.covariance,
+            reg_covar=c.reg_covar,
+            max_iter=c.max_iter,
+            tol=c.tol,
+            random_state=c.seed,
+        )
+
+    def _load(self, networks: Sequence[Any], progress: Callable | None = None) -> list[LayerWeights]:
+        out = []
+        for n in networks:
+            out.append(load_layer(n, self.config.layer, max_bytes=self.config.max_checkpoint_bytes))
+            if progress is not None:
+                progress(out[-1])
+        return out
+
+    def fit(self, networks: Sequence[Any], progress: Callable | None = None) -> "Reference":
+        """Fit every view on clean networks (paths, modules, state dicts or matrices)."""
+        layers = self._load(networks, progress)
+        self._reference_matrices = [lw.matrix for lw in layers]
+        self.views_ = {v: self._view_estimator(v).fit(self._reference_matrices) for v in self.config.views}
+        first = next(iter(self.views_.values()))
+        self.shape_ = first.shape_
+        self.n_reference_ = len(layers)
+        self.reference_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
+        return self
+
+    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> "Reference":
+        """Set each view's threshold at ``config.frr`` on held-out clean networks.
+
+        With none given, the reference networks' leave-one-network-out scores stand in (an
+        in-sample score would be optimistic); the artifact records which was used.
+        """
+        _check_fitted(self, "views_")
+        if clean:
+            layers = self._load(clean, progress)
+            self.calibration_scores_ = {v: np.array([self.score(lw)[v] for lw in layers]) for v in self.views_}
+            self.threshold_source_ = "held-out"
+            self.calibration_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
+        else:
+            mats = getattr(self, "_reference_matrices", None)
+            if mats is None:
+                raise NotFittedError("leave-one-out calibration needs the reference networks: fit() in this process first")
+            self.calibration_scores_ = {v: est.leave_one_out_scores(mats) for v, est in self.views_.items()}
+            self.threshold_source_ = "leave-one-out"
+            self.calibration_checkpoints_ = []
+        self.thresholds_ = {v: threshold_at_frr(s, self.config.frr) for v, s in self.calibration_scores_.items()}
+        self.frr_empirical_ = {v: rejection_rate(s, self.thresholds_[v]) for v, s in self.calibration_scores_.items()}
+        n = len(next(iter(self.calibration_scores_.values())))
+        blocked = [
+            decide({v: float(s[i]) for v, s in self.calibration_scores_.items()}, self.thresholds_).verdict != "pass"
+            for i in range(n)
+        ]
+        self.frr_empirical_["combined"] = float(np.mean(blocked))
+        return self
+
+    # -- using --------------------------------------------------------------------------
+    def layer_weights(self, network: Any) -> LayerWeights:
+        """Load the reference's layer from ``network`` and check it has the reference's shape."""
+        _check_fitted(self, "views_")
+        lw = load_layer(network, self.config.layer, max_bytes=self.config.max_checkpoint_bytes)
+        if tuple(lw.matrix.shape) != tuple(self.shape_):
+            raise InvalidCheckpoint(
+                lw.source, f"layer '{self.config.layer}' has shape {tuple(lw.matrix.shape)}; the reference expects {tuple(self.shape_)}"
+            )
+        return lw
+
+    def score_vectors(self, network: Any) -> dict[str, np.ndarray]:
+        lw = self.layer_weights(network)
+        return {v: est.score_vectors(lw.matrix) for v, est in self.views_.items()}
+
+    def score(self, network: Any) -> dict[str, float]:
+        return {v: float(s.sum()) for v, s in self.score_vectors(network).items()}
+
+    def decide(self, scores: dict[str, float]) -> Decision:
+        _check_fitted(self, "thresholds_")
+        return decide(scores, self.thresholds_)
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path, **kwargs) -> str:
+        from detector.artifact import save_reference
+
+        return save_reference(self, path, **kwargs)
+
+    @classmethod
+    def load(cls, path) -> "Reference":
+        from detector.artifact import load_reference
+
+        return load_reference(path)

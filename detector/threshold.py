@@ -1,0 +1,29 @@
+"""Thresholds from a target false-rejection rate (FRR) on clean networks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:
+    """The highest threshold that rejects at most ``frr`` of ``clean_scores``.
+
+    Blocked means ``score < threshold``. With n scores sorted ascending, the threshold is the
+    (floor(frr*n)+1)-th lowest, so at most floor(frr*n) clean networks fall below it. With
+    fewer than 1/frr networks that is the lowest clean score: the empirical FRR is then 0 and
+    the true FRR is only bounded by the sample size — calibrate on more networks to do better.
+    """
+    s = np.sort(np.asarray(clean_scores, dtype=np.float64))
+    if s.size == 0:
+        raise ValueError("need at least one clean score to set a threshold")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("clean scores must be finite")
+    k = min(int(math.floor(frr * s.size + 1e-12)), s.size - 1)
+    return float(s[k])
+
+
+def rejection_rate(scores: np.ndarray, threshold: float) -> float:
+    s = np.asarray(scores, dtype=np.float64)
+    return float(np.mean(s < threshold)) if s.size else float("nan")

@@ -1,0 +1,235 @@
+"""Read one layer's weight matrix from a checkpoint without executing anything in it.
+
+A backdoored model can also be a malicious file, so a candidate is never unpickled:
+torch files go through ``torch.load(weights_only=True)``, safetensors through our own header
+check then ``safetensors.torch.load``. The file is read once, bounded in size, and parsed from
+the very bytes that were hashed, so the digest a verdict records is the digest of what was
+scored. The format is decided by the file's magic bytes, not its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector.config import DEFAULT_LAYER
+from detector.errors import InvalidCheckpoint
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL2 = b"\x80\x02"  # torch's legacy (pre-1.6) serialisation starts with a pickle
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """A layer's weights as a 2-D float64 matrix (conv kernels flattened per output channel)."""
+
+    matrix: np.ndarray
+    layer: str
+    source: str
+    sha256: str | None
+    original_shape: tuple[int, ...]
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def as_matrix(tensor: np.ndarray, *, name: str = "tensor", source: str = "<memory>") -> np.ndarray:
+    """2-D weights as they are; conv kernels (out, in, *k) flattened to (out, in*prod(k))."""
+    arr = np.asarray(tensor)
+    if arr.ndim < 2:
+        raise InvalidCheckpoint(source, f"layer '{name}' has shape {tuple(arr.shape)}; need a 2-D weight or a conv kernel")
+    if arr.ndim > 2:
+        arr = arr.reshape(arr.shape[0], -1)
+    if 0 in arr.shape:
+        raise InvalidCheckpoint(source, f"layer '{name}' is empty (shape {tuple(arr.shape)})")
+    return arr
+
+
+def _check_values(arr: np.ndarray, name: str, source: str) -> np.ndarray:
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InvalidCheckpoint(source, f"layer '{name}' has dtype {arr.dtype}; expected floating-point weights")
+    out = np.asarray(arr, dtype=np.float64)
+    bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
+    if bad:
+        raise InvalidCheckpoint(source, f"layer '{name}' holds {bad} NaN/Inf values")
+    return out
+
+
+def _to_numpy(t: Any, name: str, source: str) -> np.ndarray:
+    import torch
+
+    if isinstance(t, np.ndarray):
+        return t
+    if isinstance(t, torch.Tensor):
+        if not t.is_floating_point():
+            raise InvalidCheckpoint(source, f"layer '{name}' has dtype {t.dtype}; expected floating-point weights")
+        return t.detach().to("cpu", torch.float64).numpy()
+    raise InvalidCheckpoint(source, f"layer '{name}' is a {type(t).__name__}, not a tensor")
+
+
+def _missing(name: str, available: list[str], source: str) -> InvalidCheckpoint:
+    shown = ", ".join(sorted(available)[:12]) + (" ..." if len(available) > 12 else "")
+    return InvalidCheckpoint(source, f"layer '{name}' not found ({len(available)} tensors: {shown or 'none'}); pick one with --layer")
+
+
+def _sniff(data: bytes) -> str:
+    if data.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if len(data) >= 9:
+        (n,) = struct.unpack("<Q", data[:8])
+        if data[8:9] == b"{" and 0 < n <= len(data) - 8:
+            return "safetensors"
+    if data.startswith(_PICKLE_PROTOCOL2):
+        return "torch-legacy"
+    return "unknown"
+
+
+def read_checkpoint_bytes(path: str | Path, max_bytes: int = 4 * 1024**3) -> tuple[bytes, str]:
+    """The file's bytes and their sha256, read once, so what is scored is exactly what was hashed."""
+    p = Path(path)
+    if not p.exists():
+        raise InvalidCheckpoint(p, "no such file")
+    if p.is_dir():
+        raise InvalidCheckpoint(p, "is a directory, expected a checkpoint file (.pt/.pth/.safetensors)")
+    size = p.stat().st_size
+    if size == 0:
+        raise InvalidCheckpoint(p, "empty file")
+    if size > max_bytes:
+        raise InvalidCheckpoint(p, f"file is {size} bytes, over the {max_bytes}-byte limit (max_checkpoint_bytes)")
+    with open(p, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InvalidCheckpoint(p, f"file grew past the {max_bytes}-byte limit while being read")
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _safetensors_header(data: bytes, source: str) -> dict[str, Any]:
+    """Parse and sanity-check the header ourselves so a lying header is refused before any read."""
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(len(data) - 8, 100 * _CHUNK):
+        raise InvalidCheckpoint(source, f"safetensors header claims {n} bytes; file has {len(data)}")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidCheckpoint(source, f"safetensors header is not valid JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise InvalidCheckpoint(source, "safetensors header is not a JSON object")
+    data_len = len(data) - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise InvalidCheckpoint(source, f"safetensors entry '{key}' has no valid data_offsets") from None
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
+            raise InvalidCheckpoint(source, f"safetensors entry '{key}' points outside the file ({start}..{end} of {data_len})")
+    return header
+
+
+def _parse_safetensors(data: bytes, source: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
+
+    _safetensors_header(data, source)
+    try:
+        return dict(st_load(data))
+    except (SafetensorError, RuntimeError, ValueError, OSError) as e:
+        raise InvalidCheckpoint(source, f"unreadable safetensors file: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else e.__class__.__name__)[:300]
+
+
+def _parse_torch(data: bytes, source: str) -> Mapping[str, Any]:
+    import io
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InvalidCheckpoint(
+            source, f"refused by the safe loader (the pickle asks to run code or build objects): {_one_line(e)}"
+        ) from None
+    except Exception as e:  # corrupt zip, truncated storage, bad magic ... all mean "invalid"
+        raise InvalidCheckpoint(source, f"unreadable torch checkpoint: {e.__class__.__name__}: {_one_line(e)}") from None
+    return _state_dict_of(obj, source)
+
+
+def _state_dict_of(obj: Any, source: str) -> Mapping[str, Any]:
+    if isinstance(obj, Mapping):
+        for key in _NESTED_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping) and inner:
+                return inner
+        return obj
+    raise InvalidCheckpoint(source, f"holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
+
+
+def parse_tensors(data: bytes, source: str = "<bytes>") -> dict[str, Any]:
+    """Every tensor of a checkpoint given as bytes, without executing code. Raises InvalidCheckpoint."""
+    kind = _sniff(data)
+    if kind == "safetensors":
+        return _parse_safetensors(data, source)
+    if kind in ("torch-zip", "torch-legacy"):
+        return dict(_parse_torch(data, source))
+    raise InvalidCheckpoint(source, "unknown format: neither a torch zip/legacy checkpoint nor a safetensors file")
+
+
+def read_tensors(path: str | Path, *, max_bytes: int = 4 * 1024**3) -> tuple[dict[str, Any], str]:
+    """All tensors of a checkpoint file and the file's sha256, read safely."""
+    data, digest = read_checkpoint_bytes(path, max_bytes)
+    return parse_tensors(data, str(path)), digest
+
+
+def layer_of(
+    tensors: Mapping[str, Any], layer: str = DEFAULT_LAYER, *, source: str = "<memory>", sha256: str | None = None
+) -> LayerWeights:
+    """Pick ``layer`` out of a state dict and check it can be scored."""
+    sd = _state_dict_of(tensors, source)
+    if layer not in sd:
+        raise _missing(layer, [str(k) for k in sd], source)
+    raw = _to_numpy(sd[layer], layer, source)
+    shape = tuple(int(s) for s in np.shape(raw))
+    matrix = _check_values(as_matrix(raw, name=layer, source=source), layer, source)
+    return LayerWeights(matrix=matrix, layer=layer, source=source, sha256=sha256, original_shape=shape)
+
+
+def load_layer(source: Any, layer: str = DEFAULT_LAYER, *, max_bytes: int = 4 * 1024**3) -> LayerWeights:
+    """One layer of a network as a 2-D float64 matrix.
+
+    ``source`` is a checkpoint path, an ``nn.Module``, a state dict, a :class:`LayerWeights`,
+    or an array (taken as the layer itself). Anything that cannot be scored raises
+    :class:`InvalidCheckpoint`.
+    """
+    import torch
+
+    if isinstance(source, LayerWeights):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        tensors, digest = read_tensors(source, max_bytes=max_bytes)
+        return layer_of(tensors, layer, source=str(source), sha256=digest)
+    if isinstance(source, torch.nn.Module):
+        return layer_of(source.state_dict(), layer, source=f"<{type(source).__name__}>")
+    if isinstance(source, Mapping):
+        return layer_of(source, layer)
+    return layer_of({layer: source}, layer, source=f"<{type(source).__name__}>")

@@ -1,0 +1,1 @@
+"""Kubeflow pipelines: wiring only (issue 5)."""

@@ -1,0 +1,164 @@
+"""The reference estimator, thresholds at a target FRR, AUC, and the artifact on disk."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from detector import Reference, ReferenceConfig, ViewReference
+from detector.artifact import ARRAYS_FILE, META_FILE
+from detector.errors import InvalidCheckpoint, InvalidReference, NotFittedError
+from detector.evaluation import roc_auc
+from detector.scoring import decide
+from detector.synthetic import FamilyConfig, WeightFamily
+from detector.threshold import rejection_rate, threshold_at_frr
+
+SMALL_GRID = (1, 2, 5, 10, 24, 32)
+
+
+def _config(**kw):
+    return ReferenceConfig(grid=SMALL_GRID, **kw)
+
+
+def test_view_reference_is_an_sklearn_estimator(family):
+    mats = [family.clean() for _ in range(6)]
+    est = ViewReference(view="backward", grid=SMALL_GRID)
+    assert est.fit(mats) is est
+    assert est.get_params()["view"] == "backward"
+    assert est.n_vectors_ == 24 and est.n_networks_ == 6
+    assert 1 <= est.n_pca_ <= 32 and est.explained_variance_ >= 0.95
+    assert [r["n_components"] for r in est.selection_] == [1, 2, 5, 10, 24, 32]
+    assert est.n_components_ == min(est.selection_, key=lambda r: r["aic"])["n_components"]
+    per_vector = est.score_vectors(mats[0])
+    assert per_vector.shape == (24,) and np.isclose(per_vector.sum(), est.score(mats[0]))
+    with pytest.raises(NotFittedError):
+        ViewReference().score(mats[0])
+
+
+def test_grid_is_capped_at_the_number_of_reference_vectors(family):
+    est = ViewReference(view="backward", grid=(1, 2, 500, 3000)).fit([family.clean() for _ in range(3)])
+    assert [r["n_components"] for r in est.selection_] == [1, 2]  # 3 x 24 = 72 vectors
+
+
+@pytest.mark.parametrize("cov", ["full", "diag"])
+def test_backdoored_networks_score_lower_in_both_views(cov):
+    # a clear rank-1 change (as large as one run's noise) must be caught by every model
+    family = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=3))
+    ref = Reference(_config(covariance=cov)).fit([family.clean() for _ in range(10)])
+    clean = [ref.score(family.clean()) for _ in range(8)]
+    bad = [ref.score(family.backdoored()) for _ in range(8)]
+    for v in ("forward", "backward"):
+        auc = roc_auc([s[v] for s in clean], [s[v] for s in bad])
+        assert auc >= 0.95, (v, cov, auc)
+
+
+def test_threshold_arithmetic():
+    s = np.arange(20.0)  # 0..19
+    assert threshold_at_frr(s, 0.05) == 1.0  # floor(0.05*20)=1 network may fall below
+    assert rejection_rate(s, threshold_at_frr(s, 0.05)) == 0.05
+    assert threshold_at_frr(s, 0.0) == 0.0
+    assert threshold_at_frr(s, 0.25) == 5.0 and rejection_rate(s, 5.0) == 0.25
+    assert threshold_at_frr(np.arange(12.0), 0.05) == 0.0  # n < 1/frr: the lowest clean score
+    for frr in (0.01, 0.05, 0.1, 0.3):
+        assert rejection_rate(s, threshold_at_frr(s, frr)) <= frr
+    with pytest.raises(ValueError):
+        threshold_at_frr([], 0.05)
+
+
+def test_decision_rule_blocks_if_any_view_is_below():
+    t = {"forward": -10.0, "backward": 5.0}
+    assert decide({"forward": -10.0, "backward": 5.0}, t).verdict == "pass"  # at threshold passes
+    d = decide({"forward": -9.0, "backward": 4.9}, t)
+    assert d.verdict == "block" and d.below == ("backward",) and "backward score" in d.reason
+    assert decide({"forward": -11.0, "backward": 4.0}, t).below == ("forward", "backward")
+    assert decide({"forward": 0.0}, t).verdict == "invalid"
+
+
+def test_auc_matches_sklearn_with_lower_meaning_backdoored(rng):
+    c, b = rng.normal(1, 1, 30), rng.normal(0, 1, 20)
+    b[:3] = c[:3]  # ties count one half
+    y = np.r_[np.zeros(30), np.ones(20)]
+    assert np.isclose(roc_auc(c, b), roc_auc_score(y, -np.r_[c, b]))
+    assert roc_auc([1, 2], [0]) == 1.0 and roc_auc([0], [1, 2]) == 0.0
+
+
+def test_calibration_held_out_and_leave_one_out(family):
+    mats = [family.clean() for _ in range(8)]
+    held = [family.clean() for _ in range(20)]
+    ref = Reference(_config(frr=0.1)).fit(mats).calibrate(held)
+    assert ref.threshold_source_ == "held-out"
+    for v, t in ref.thresholds_.items():
+        assert ref.frr_empirical_[v] <= 0.1
+        assert t == threshold_at_frr([ref.score(h)[v] for h in held], 0.1)
+    loo = Reference(_config(frr=0.1)).fit(mats).calibrate()
+    assert loo.threshold_source_ == "leave-one-out"
+    for v, est in loo.views_.items():
+        # a held-out score is lower than the in-sample one: LOO is the honest stand-in
+        assert np.all(loo.calibration_scores_[v] < est.reference_scores_)
+    assert 0.0 <= loo.frr_empirical_["combined"] <= 0.2
+
+
+def test_artifact_round_trip_gives_identical_scores(tmp_path, family_files):
+    ref = Reference(_config()).fit(family_files["reference"]).calibrate(family_files["heldout"])
+    digest = ref.save(tmp_path / "artifact")
+    loaded = Reference.load(tmp_path / "artifact")
+    assert loaded.artifact_sha256_ == digest
+    for p in family_files["backdoored"][:2] + family_files["heldout"][:2]:
+        assert loaded.score(p) == pytest.approx(ref.score(p), rel=1e-12)
+        assert loaded.decide(loaded.score(p)) == ref.decide(ref.score(p))
+    meta = json.loads((tmp_path / "artifact" / META_FILE).read_text())
+    assert meta["layer"] == "last_linear.weight" and meta["n_reference"] == 10
+    assert meta["threshold_source"] == "held-out" and meta["n_calibration"] == 6
+    assert {c["sha256"] for c in meta["reference_checkpoints"]} == {
+        __import__("detector.weights", fromlist=["sha256_file"]).sha256_file(p) for p in family_files["reference"]
+    }
+    for v in ("forward", "backward"):
+        assert meta["views"][v]["pca_dims"] >= 1 and meta["views"][v]["selection"]
+    with np.load(tmp_path / "artifact" / ARRAYS_FILE, allow_pickle=False) as z:
+        assert all(z[k].dtype != object for k in z.files)
+    with pytest.raises(FileExistsError):
+        ref.save(tmp_path / "artifact")
+
+
+def test_tampered_artifacts_are_refused(tmp_path, family_files):
+    ref = Reference(_config()).fit(family_files["reference"]).calibrate()
+    ref.save(tmp_path / "ok")
+    import shutil
+
+    # 1. a threshold lowered in the metadata
+    shutil.copytree(tmp_path / "ok", tmp_path / "t1")
+    meta = json.loads((tmp_path / "t1" / META_FILE).read_text())
+    meta["views"]["forward"]["threshold"] -= 1e6
+    (tmp_path / "t1" / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(InvalidReference, match="tampered"):
+        Reference.load(tmp_path / "t1")
+    # 2. GMM arrays swapped, metadata untouched
+    shutil.copytree(tmp_path / "ok", tmp_path / "t2")
+    with np.load(tmp_path / "t2" / ARRAYS_FILE) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["forward.gmm_means"] = arrays["forward.gmm_means"] * 0
+    np.savez(tmp_path / "t2" / ARRAYS_FILE, **arrays)
+    with pytest.raises(InvalidReference, match="tampered: arrays.npz"):
+        Reference.load(tmp_path / "t2")
+    # 3. missing pieces
+    with pytest.raises(InvalidReference, match="not a directory"):
+        Reference.load(tmp_path / "nope")
+    (tmp_path / "t3").mkdir()
+    with pytest.raises(InvalidReference, match="reference.json missing"):
+        Reference.load(tmp_path / "t3")
+
+
+def test_candidate_with_another_shape_is_invalid(family, family_files):
+    ref = Reference(_config()).fit(family_files["reference"]).calibrate()
+    with pytest.raises(InvalidCheckpoint, match="reference expects"):
+        ref.score(np.zeros((24, 31)))
+
+
+def test_reference_needs_two_networks_of_one_shape(family):
+    with pytest.raises(ValueError, match="at least 2"):
+        Reference(_config()).fit([family.clean()])
+    with pytest.raises(ValueError, match="disagree"):
+        Reference(_config()).fit([family.clean(), np.zeros((24, 31))])

@@ -1,0 +1,171 @@
+"""Loading a layer without executing anything, and a clear `invalid` reason for every bad file."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from detector.errors import InvalidCheckpoint
+from detector.views import view_vectors
+from detector.weights import load_layer, read_tensors, sha256_file
+
+LAYER = "last_linear.weight"
+
+
+def _sd(shape=(8, 12)):
+    g = torch.Generator().manual_seed(0)
+    return {LAYER: torch.randn(*shape, generator=g), "last_bn.weight": torch.ones(shape[0])}
+
+
+def test_torch_zip_safetensors_legacy_and_memory_agree(tmp_path):
+    sd = _sd()
+    torch.save(sd, tmp_path / "a.pt")
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": sd, "epoch": 3}, tmp_path / "nested.pth")
+    lin = torch.nn.Linear(12, 8, bias=False)
+    lin.weight.data.copy_(sd[LAYER])
+    module = torch.nn.Module()
+    module.last_linear = lin
+    expected = sd[LAYER].double().numpy()
+    for src in ["a.pt", "a.safetensors", "legacy.pt", "nested.pth"]:
+        lw = load_layer(tmp_path / src)
+        np.testing.assert_array_equal(lw.matrix, expected)
+        assert lw.sha256 == sha256_file(tmp_path / src)
+    np.testing.assert_array_equal(load_layer(module).matrix, expected)
+    np.testing.assert_array_equal(load_layer(sd).matrix, expected)
+
+
+def test_format_is_sniffed_not_taken_from_the_name(tmp_path):
+    sd = _sd()
+    save_file(sd, str(tmp_path / "really-safetensors.pt"))
+    np.testing.assert_array_equal(load_layer(tmp_path / "really-safetensors.pt").matrix, sd[LAYER].double().numpy())
+
+
+def test_conv_kernels_flatten_per_output_channel_and_views(tmp_path):
+    k = torch.randn(6, 3, 2, 2)
+    torch.save({"conv.weight": k}, tmp_path / "c.pt")
+    lw = load_layer(tmp_path / "c.pt", "conv.weight")
+    assert lw.matrix.shape == (6, 12) and lw.original_shape == (6, 3, 2, 2)
+    np.testing.assert_allclose(lw.matrix[2], k[2].reshape(-1).double().numpy())
+    assert view_vectors(lw.matrix, "forward").shape == (12, 6)  # columns: one per input
+    assert view_vectors(lw.matrix, "backward").shape == (6, 12)  # rows: one per neuron
+    np.testing.assert_array_equal(view_vectors(lw.matrix, "forward")[5], lw.matrix[:, 5])
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_code_executing_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({LAYER: torch.randn(4, 4), "x": _Evil(marker)}, path)
+    assert not marker.exists()
+    with pytest.raises(InvalidCheckpoint, match="safe loader"):
+        load_layer(path)
+    assert not marker.exists(), "loading a candidate executed code from its pickle"
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _header_lie(tmp_path):
+    header = json.dumps({LAYER: {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 1 << 42]}}).encode()
+    return _write(tmp_path / "lie.safetensors", struct.pack("<Q", len(header)) + header + b"\0" * 64)
+
+
+def _truncated_zip(tmp_path):
+    buf = io.BytesIO()
+    torch.save(_sd(), buf)
+    return _write(tmp_path / "trunc.pt", buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def _not_a_state_dict(tmp_path):
+    p = tmp_path / "list.pt"
+    torch.save([torch.randn(2, 2)], p)
+    return p
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda t: _write(t / "empty.pt", b""), "empty file"),
+        (lambda t: t, "is a directory"),
+        (lambda t: t / "missing.pt", "no such file"),
+        (lambda t: _write(t / "junk.bin", b"hello world, not a model"), "unknown format"),
+        (_truncated_zip, "unreadable torch checkpoint"),
+        (_header_lie, "header claims|points outside"),
+        (_not_a_state_dict, "expected a state dict"),
+        (lambda t: _write(t / "zip.pt", _zip_with_garbage()), "unreadable torch checkpoint"),
+    ],
+    ids=["empty", "directory", "missing", "junk", "truncated-zip", "safetensors-lie", "list", "garbage-zip"],
+)
+def test_unreadable_files_are_invalid_with_one_line_reason(tmp_path, make, reason):
+    with pytest.raises(InvalidCheckpoint, match=reason) as e:
+        load_layer(make(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def _zip_with_garbage() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "tensors, reason",
+    [
+        ({LAYER: torch.full((4, 4), float("nan"))}, "16 NaN/Inf"),
+        ({LAYER: torch.tensor([[1.0, float("inf")], [0.0, 1.0]])}, "1 NaN/Inf"),
+        ({LAYER: torch.ones(4, 4, dtype=torch.int64)}, "dtype"),
+        ({LAYER: torch.ones(7)}, "need a 2-D weight"),
+        ({"other.weight": torch.ones(4, 4)}, "not found"),
+        ({LAYER: torch.ones(0, 4)}, "empty"),
+    ],
+    ids=["nan", "inf", "int", "1d", "missing-layer", "empty-tensor"],
+)
+def test_unscorable_tensors_are_invalid(tmp_path, tensors, reason):
+    for fmt in ("pt", "safetensors"):
+        p = tmp_path / f"bad.{fmt}"
+        torch.save(tensors, p) if fmt == "pt" else save_file(tensors, str(p))
+        with pytest.raises(InvalidCheckpoint, match=reason):
+            load_layer(p)
+
+
+def test_size_limit_refuses_before_reading(tmp_path):
+    p = tmp_path / "sparse.pt"
+    with open(p, "wb") as f:  # a 10 GB sparse file: no disk, and it must not be read
+        f.seek(10 * 1024**3)
+        f.write(b"\0")
+    with pytest.raises(InvalidCheckpoint, match="over the"):
+        load_layer(p, max_bytes=1 << 30)
+
+
+def test_missing_layer_lists_what_is_there(tmp_path):
+    torch.save(_sd(), tmp_path / "a.pt")
+    with pytest.raises(InvalidCheckpoint, match="last_bn.weight") as e:
+        load_layer(tmp_path / "a.pt", "logits.weight")
+    assert "--layer" in str(e.value)
+
+
+def test_read_tensors_returns_everything_and_the_digest(tmp_path):
+    torch.save(_sd(), tmp_path / "a.pt")
+    tensors, digest = read_tensors(tmp_path / "a.pt")
+    assert set(tensors) == {LAYER, "last_bn.weight"}
+    assert digest == sha256_file(tmp_path / "a.pt")
