@@ -47,7 +47,7 @@ def _view_arrays(view: str, est) -> dict[str, np.ndarray]:
         f"{view}.gmm_weights": m.weights,
         f"{view}.gmm_means": m.means,
         f"{view}.gmm_precisions_cholesky": m.precisions_cholesky,
-        f"{view}.reference_scores": np.asarray(est.reference_scores_),
+        f"{view}.reference_vector_scores": np.asarray(est.reference_vector_scores_),
     }
 
 
@@ -63,7 +63,7 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
     views: dict[str, Any] = {}
     for v, est in ref.views_.items():
         arrays.update(_view_arrays(v, est))
-        arrays[f"{v}.calibration_scores"] = np.asarray(ref.calibration_scores_[v])
+        arrays[f"{v}.calibration_vector_scores"] = np.asarray(ref.calibration_vector_scores_[v])
         views[v] = {
             "n_vectors": est.n_vectors_,
             "vector_dim": int(est.pca_mean_.shape[0]),
@@ -158,6 +158,7 @@ def load_reference(path: str | os.PathLike):
         ref = Reference(config)
         ref.views_ = {}
         ref.calibration_scores_ = {}
+        ref.calibration_vector_scores_ = {}
         for v in config.views:
             info = meta["views"][v]
             est = ViewReference(view=v, covariance_type=info["covariance"])
@@ -171,14 +172,16 @@ def load_reference(path: str | os.PathLike):
                 n_iter=int(info["em_iterations"]),
                 converged=bool(info["em_converged"]),
             )
-            est.reference_scores_ = arrays[f"{v}.reference_scores"]
+            est.reference_vector_scores_ = arrays[f"{v}.reference_vector_scores"]
+            est.reference_scores_ = est.reference_vector_scores_.sum(axis=1)
             est.explained_variance_ = float(info["explained_variance"])
             est.n_components_, est.n_pca_ = int(info["n_components"]), int(info["pca_dims"])
             est.n_vectors_, est.reg_ = int(info["n_vectors"]), float(info["reg_covar_absolute"])
             est.selection_, est.fit_seconds_ = info["selection"], float(info["fit_seconds"])
             est.n_networks_, est.shape_ = int(meta["n_reference"]), tuple(meta["layer_shape"])
             ref.views_[v] = est
-            ref.calibration_scores_[v] = arrays[f"{v}.calibration_scores"]
+            ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
+            ref.calibration_scores_[v] = ref.calibration_vector_scores_[v].sum(axis=1)
         ref.thresholds_ = {v: float(meta["views"][v]["threshold"]) for v in config.views}
         ref.frr_empirical_ = {v: float(meta["views"][v]["frr_empirical"]) for v in config.views}
         ref.frr_empirical_["combined"] = float(meta["frr_empirical_combined"])

@@ -105,7 +105,10 @@ class ViewReference(BaseEstimator):
         self.n_components_ = self.mixture_.n_components
         self.n_networks_, self.n_vectors_, self.n_pca_ = M, n, int(Z.shape[1])
         self.shape_ = tuple(int(s) for s in np.shape(matrices[0]))
-        self.reference_scores_ = self.mixture_.score_samples(Z).reshape(M, n).sum(axis=1)
+        #: per-vector log-likelihoods of the reference networks (M, n): what "typical" means
+        #: for each neuron, so a report can show which of a candidate's vectors are unusual.
+        self.reference_vector_scores_ = self.mixture_.score_samples(Z).reshape(M, n)
+        self.reference_scores_ = self.reference_vector_scores_.sum(axis=1)
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
@@ -121,14 +124,14 @@ class ViewReference(BaseEstimator):
         """The network's score: the sum of its vectors' log-likelihoods."""
         return float(self.score_vectors(matrix).sum())
 
-    def leave_one_out_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
-        """Each network scored by a reference fitted on the others (with this fit's N_G)."""
+    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+        """(M, n): each network's vectors scored by a reference fitted on the others (same N_G)."""
         _check_fitted(self, "mixture_")
         out = []
         for i in range(len(matrices)):
             rest = [W for j, W in enumerate(matrices) if j != i]
             est = clone(self).set_params(n_components=self.n_components_)
-            out.append(est.fit(rest).score(matrices[i]))
+            out.append(est.fit(rest).score_vectors(matrices[i]))
             if progress is not None:
                 progress(i)
         return np.asarray(out)
@@ -184,16 +187,20 @@ class Reference:
         _check_fitted(self, "views_")
         if clean:
             layers = self._load(clean, progress)
-            self.calibration_scores_ = {v: np.array([self.score(lw)[v] for lw in layers]) for v in self.views_}
+            per_net = [self.score_vectors(lw) for lw in layers]
+            self.calibration_vector_scores_ = {v: np.stack([s[v] for s in per_net]) for v in self.views_}
             self.threshold_source_ = "held-out"
             self.calibration_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
         else:
             mats = getattr(self, "_reference_matrices", None)
             if mats is None:
                 raise NotFittedError("leave-one-out calibration needs the reference networks: fit() in this process first")
-            self.calibration_scores_ = {v: est.leave_one_out_scores(mats) for v, est in self.views_.items()}
+            self.calibration_vector_scores_ = {v: est.leave_one_out_vector_scores(mats) for v, est in self.views_.items()}
             self.threshold_source_ = "leave-one-out"
             self.calibration_checkpoints_ = []
+        #: per-vector scores of clean networks the reference did not see: the honest yardstick
+        #: for "is this neuron unusual" (in-sample scores are optimistic, badly so for full GMMs)
+        self.calibration_scores_ = {v: s.sum(axis=1) for v, s in self.calibration_vector_scores_.items()}
         self.thresholds_ = {v: threshold_at_frr(s, self.config.frr) for v, s in self.calibration_scores_.items()}
         self.frr_empirical_ = {v: rejection_rate(s, self.thresholds_[v]) for v, s in self.calibration_scores_.items()}
         n = len(next(iter(self.calibration_scores_.values())))
