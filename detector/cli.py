@@ -18,6 +18,7 @@ from detector import __version__
 _SUBCOMMAND_MODULES = (
     "detector.commands",
     "detector.faces.cli",
+    "components.cli",
 )
 
 

@@ -1,0 +1,268 @@
+"""The promotion gate: score a registered FaceNet version and decide whether it may ship.
+
+Read this file top to bottom to know what the gate does. The rule itself (score convention,
+block if any view is below its threshold) is :func:`detector.scoring.decide`; this file adds
+the registry protocol around it:
+
+1. mark the version ``integrity.verdict=pending`` (a crash never leaves a stale ``passed``);
+2. load the ``current`` reference from MLflow (its digest is verified on load);
+3. download the version's weight file, hash the bytes, parse them without unpickling;
+4. score every view, decide, write the evidence tags, render the review report;
+5. only for a pass: download again and check the digest is still the scored one, write
+   ``integrity.verdict=passed``, then move ``production`` to it unless a newer passed version
+   already holds it;
+6. anything else writes ``blocked`` or ``invalid`` (verdict always last) and never touches the
+   alias. Any error fails closed: the alias stays where it was, the version is marked
+   ``blocked`` when the registry still answers, and the exit code is 2.
+
+Exit codes: 0 passed, 1 blocked, 2 invalid or gate error.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from components.registry import REFERENCE_DIR, Registry, RegistryError, VersionInfo
+from detector import __version__ as GATE_VERSION
+from detector.errors import DetectorError, InvalidCheckpoint, InvalidReference
+from detector.reference import Reference
+from detector.scoring import PASS
+from detector.weights import layer_of, parse_tensors
+
+# -- the registry vocabulary (the only place that knows these names) ----------------------
+PREFIX = "integrity."
+VERDICT = PREFIX + "verdict"
+REASON = PREFIX + "reason"
+MODEL_SHA = PREFIX + "model_sha256"
+REFERENCE_SHA = PREFIX + "reference_sha256"
+REFERENCE_VERSION = PREFIX + "reference_version"
+GATE = PREFIX + "gate_version"
+CHECKED_AT = PREFIX + "checked_at"
+REPORT = PREFIX + "report"
+PROMOTED = PREFIX + "promoted"
+PASSED, BLOCKED, INVALID, PENDING = "passed", "blocked", "invalid", "pending"
+EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2}
+
+
+def score_tag(view: str) -> str:
+    return f"{PREFIX}score.{view}"
+
+
+def threshold_tag(view: str) -> str:
+    return f"{PREFIX}threshold.{view}"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Names and limits of one deployment; defaults match the pipelines and manifests."""
+
+    reference_model: str = "facenet-integrity-reference"
+    reference_alias: str = "current"
+    production_alias: str = "production"
+    max_checkpoint_bytes: int = 4 * 1024**3
+    report: bool = True
+
+
+@dataclass
+class GateResult:
+    model: str
+    version: str
+    verdict: str = BLOCKED
+    reason: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    model_sha256: str | None = None
+    reference_sha256: str | None = None
+    promoted: bool = False
+    error: bool = False  # the gate itself failed (registry, reference): exit 2 whatever the verdict
+    report_uri: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 2 if self.error else EXIT_CODES[self.verdict]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["exit_code"] = self.exit_code
+        return d
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- the reference ---------------------------------------------------------------------------
+def publish_reference(registry: Registry, ref_dir: str | Path, config: GateConfig = GateConfig()) -> VersionInfo:
+    """Register a reference artifact directory and point the ``current`` alias at it."""
+    ref = Reference.load(ref_dir)  # refuses a tampered artifact before it can be published
+    files = {p.name: p for p in Path(ref_dir).iterdir() if p.is_file()}
+    info = registry.register(
+        config.reference_model,
+        files,
+        artifact_dir=REFERENCE_DIR,
+        run_name="reference",
+        params={"layer": ref.config.layer, "n_reference": ref.n_reference_, "threshold_source": ref.threshold_source_},
+        tags={REFERENCE_SHA: ref.artifact_sha256_},
+    )
+    registry.set_alias(config.reference_model, config.reference_alias, info.version)
+    return info
+
+
+def fetch_reference(registry: Registry, config: GateConfig = GateConfig()) -> tuple[Reference, VersionInfo]:
+    info = registry.version_by_alias(config.reference_model, config.reference_alias)
+    if info is None:
+        raise InvalidReference(
+            f"{config.reference_model}@{config.reference_alias}", "no such alias; run the reference pipeline first"
+        )
+    with tempfile.TemporaryDirectory(prefix="backdoor-gate-ref-") as tmp:
+        root = registry.download(info.source, tmp)
+        return Reference.load(root), info
+
+
+# -- the gate ----------------------------------------------------------------------------------
+def gate(
+    model: str,
+    version: str | int,
+    *,
+    registry: Registry | None = None,
+    reference: Reference | None = None,
+    config: GateConfig = GateConfig(),
+) -> GateResult:
+    """Gate one registered version. Never raises for a bad candidate or a registry fault."""
+    version = str(version)
+    result = GateResult(model=model, version=version)
+    try:
+        registry = registry or Registry()
+        info = registry.version(model, version)
+        registry.set_tags(model, version, {VERDICT: PENDING, CHECKED_AT: _now(), GATE: GATE_VERSION})
+    except RegistryError as e:
+        result.error, result.reason = True, f"gate error: {e}"
+        return result  # nothing could be written; the alias was not touched
+
+    tags: dict[str, Any] = {}
+    try:
+        ref_version = "local"
+        if reference is None:
+            reference, ref_info = fetch_reference(registry, config)
+            ref_version = ref_info.version
+        result.reference_sha256 = reference.artifact_sha256_
+        tags.update({REFERENCE_SHA: reference.artifact_sha256_, REFERENCE_VERSION: ref_version})
+        result.thresholds = dict(reference.thresholds_)
+
+        data, filename = registry.download_weights(info, config.max_checkpoint_bytes)
+        result.model_sha256 = hashlib.sha256(data).hexdigest()
+        tags[MODEL_SHA] = result.model_sha256
+        source = f"{model} v{version}/{filename}"
+        weights = reference.layer_weights(layer_of(parse_tensors(data, source), reference.config.layer, source=source))
+        vector_scores = {v: est.score_vectors(weights.matrix) for v, est in reference.views_.items()}
+        result.scores = {v: float(s.sum()) for v, s in vector_scores.items()}
+        decision = reference.decide(result.scores)
+        result.verdict = PASSED if decision.verdict == PASS else BLOCKED
+        result.reason = decision.reason
+        for v in result.scores:
+            tags[score_tag(v)] = repr(result.scores[v])
+            tags[threshold_tag(v)] = repr(result.thresholds[v])
+        if config.report:
+            result.report_uri = _report(registry, info, reference, vector_scores, result, tags)
+    except InvalidCheckpoint as e:
+        result.verdict, result.reason = INVALID, e.reason
+    except ValueError as e:  # no / ambiguous / oversized weight file in the registered artifacts
+        result.verdict, result.reason = INVALID, str(e)
+    except (RegistryError, DetectorError) as e:
+        result.verdict, result.error, result.reason = BLOCKED, True, f"gate error: {e}"
+
+    try:
+        if result.verdict == PASSED:
+            again, _ = registry.download_weights(info, config.max_checkpoint_bytes)
+            if hashlib.sha256(again).hexdigest() != result.model_sha256:
+                result.verdict, result.reason = BLOCKED, "registered artifact changed after it was scored; re-run the gate"
+        registry.set_tags(model, version, {**tags, REASON: result.reason[:5000]})
+        registry.set_tags(model, version, {VERDICT: result.verdict})  # the verdict is written last
+        if result.verdict == PASSED:
+            result.promoted = _promote(registry, model, version, config)
+            registry.set_tags(model, version, {PROMOTED: str(result.promoted).lower()})
+    except RegistryError as e:
+        result.error, result.promoted = True, False
+        result.reason = f"{result.reason}; gate error while recording: {e}"
+        if result.verdict == PASSED:
+            result.verdict = BLOCKED
+    return result
+
+
+def _promote(registry: Registry, model: str, version: str, config: GateConfig) -> bool:
+    """Move ``production`` here unless a newer version already holds it (newest passed wins)."""
+    current = registry.version_by_alias(model, config.production_alias)
+    if current is not None and int(current.version) > int(version):
+        return False
+    registry.set_alias(model, config.production_alias, version)
+    return True
+
+
+def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_scores, result: GateResult, tags) -> str | None:
+    """Render the review report and attach it to the version's run; failures are recorded, not fatal."""
+    from components.report import write_report
+
+    if not info.run_id:
+        tags[REPORT] = "not attached: the version has no run"
+        return None
+    try:
+        with tempfile.TemporaryDirectory(prefix="backdoor-gate-report-") as tmp:
+            write_report(Path(tmp), reference, vector_scores, result)
+            uri = registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{info.version}")
+        tags[REPORT] = f"{uri}/report.html"
+        return tags[REPORT]
+    except (RegistryError, OSError, ValueError) as e:
+        tags[REPORT] = f"failed: {e}"[:500]
+        return None
+
+
+# -- human override ----------------------------------------------------------------------------
+OVERRIDE_BY = PREFIX + "override.by"
+OVERRIDE_REASON = PREFIX + "override.reason"
+OVERRIDE_AT = PREFIX + "override.at"
+REGISTERED_BY = "registered_by"
+
+
+class OverrideRefused(RuntimeError):
+    pass
+
+
+def override(
+    model: str,
+    version: str | int,
+    *,
+    reason: str,
+    identity: str,
+    registry: Registry | None = None,
+    config: GateConfig = GateConfig(),
+) -> VersionInfo:
+    """Promote a *blocked* version on a reviewer's word, recording who, why and when.
+
+    The gate's verdict tag stays ``blocked`` (the evidence is not rewritten). Refused for a
+    version that is not blocked (``invalid`` files are unsafe or unreadable and cannot be
+    promoted), without a reason, by the identity that registered it, or when the artifact
+    no longer has the digest the gate scored.
+    """
+    registry = registry or Registry()
+    version = str(version)
+    info = registry.version(model, version)
+    if not reason.strip():
+        raise OverrideRefused("an override needs a reason (--reason)")
+    verdict = info.tags.get(VERDICT)
+    if verdict != BLOCKED:
+        raise OverrideRefused(f"{model} v{version} has verdict {verdict!r}; only a blocked version can be overridden")
+    registrant = info.user_id or info.tags.get(REGISTERED_BY)
+    if not identity or identity == registrant:
+        raise OverrideRefused(f"identity {identity!r} registered {model} v{version}; a different reviewer must override")
+    data, _ = registry.download_weights(info, config.max_checkpoint_bytes)
+    if hashlib.sha256(data).hexdigest() != info.tags.get(MODEL_SHA):
+        raise OverrideRefused("the registered artifact no longer has the digest the gate scored; re-run the gate")
+    registry.set_tags(model, version, {OVERRIDE_BY: identity, OVERRIDE_REASON: reason[:5000], OVERRIDE_AT: _now()})
+    registry.set_alias(model, config.production_alias, version)
+    registry.set_tags(model, version, {PROMOTED: "override"})
+    return registry.version(model, version)

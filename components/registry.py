@@ -1,0 +1,188 @@
+"""The narrow seam between backdoor-gate and the MLflow model registry.
+
+Everything that talks to MLflow goes through :class:`Registry`, so the same gate runs against
+a local sqlite server in tests and a Postgres + S3 server in production. It knows registry
+mechanics (versions, tags, aliases, artifacts) but no policy: the tag names and the decision
+live in :mod:`components.gate`.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Fail fast instead of MLflow's default 7 retries x 120 s when the server is gone; the gate
+# fails closed, and a rerun converges. Users can still override both.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+#: Where a registered version's weights live inside its source artifact directory.
+WEIGHTS_DIR = "weights"
+WEIGHT_FILE = "model.safetensors"
+REFERENCE_DIR = "reference"
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
+class RegistryError(RuntimeError):
+    """The registry could not be read or written (unreachable, missing object, refused)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str]
+    aliases: tuple[str, ...]
+    user_id: str | None
+
+
+class Registry:
+    """MLflow registry operations the gate needs, with errors turned into :class:`RegistryError`."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "http://127.0.0.1:5000"
+        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # MlflowException, requests errors, OSError ...
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
+            raise RegistryError(f"{what} failed: {e.__class__.__name__}: {first}") from e
+
+    # -- versions ---------------------------------------------------------------------------
+    def version(self, name: str, version: str | int) -> VersionInfo:
+        mv = self._call(f"reading {name} v{version}", self.client.get_model_version, name, str(version))
+        return VersionInfo(
+            name=mv.name,
+            version=str(mv.version),
+            source=mv.source,
+            run_id=mv.run_id,
+            tags=dict(mv.tags or {}),
+            aliases=tuple(getattr(mv, "aliases", ()) or ()),
+            user_id=mv.user_id or None,
+        )
+
+    def version_by_alias(self, name: str, alias: str) -> VersionInfo | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as e:
+            if getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise RegistryError(f"reading alias {name}@{alias} failed: {e}") from e
+        except Exception as e:
+            raise RegistryError(f"reading alias {name}@{alias} failed: {e.__class__.__name__}: {e}") from e
+        return self.version(name, mv.version)
+
+    def set_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self._call(f"tagging {name} v{version} ({k})", self.client.set_model_version_tag, name, version, k, str(v))
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self._call(f"setting {name}@{alias}", self.client.set_registered_model_alias, name, alias, version)
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._call(f"removing {name}@{alias}", self.client.delete_registered_model_alias, name, alias)
+
+    def search(self, filter_string: str) -> list[VersionInfo]:
+        found = self._call("searching versions", self.client.search_model_versions, filter_string)
+        return [self.version(mv.name, mv.version) for mv in found]
+
+    # -- artifacts --------------------------------------------------------------------------
+    def download(self, source: str, dst: str | Path) -> Path:
+        import mlflow
+
+        return Path(self._call(f"downloading {source}", mlflow.artifacts.download_artifacts, artifact_uri=source, dst_path=str(dst), tracking_uri=self.tracking_uri))
+
+    def download_weights(self, info: VersionInfo, max_bytes: int) -> tuple[bytes, str]:
+        """The version's weight file as bytes plus its file name. Raises RegistryError/ValueError."""
+        with tempfile.TemporaryDirectory(prefix="backdoor-gate-") as tmp:
+            root = self.download(info.source, tmp)
+            path = weight_file_in(root)
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise ValueError(f"{path.name} is {size} bytes, over the {max_bytes}-byte limit")
+            return path.read_bytes(), path.name
+
+    # -- writing ----------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        files: dict[str, str | Path],
+        *,
+        artifact_dir: str = WEIGHTS_DIR,
+        experiment: str = "backdoor-gate",
+        run_name: str | None = None,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> VersionInfo:
+        """Log ``files`` (name in the artifact dir -> local path) in a new run and register them."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self._call("creating experiment", self.client.create_experiment, experiment)
+        run = self._call("creating run", self.client.create_run, exp_id, run_name=run_name)
+        rid = run.info.run_id
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                staged = Path(tmp) / artifact_dir
+                staged.mkdir()
+                for dest, src in files.items():
+                    (staged / dest).write_bytes(Path(src).read_bytes())
+                self._call("uploading artifacts", self.client.log_artifacts, rid, str(staged), artifact_dir)
+            for k, v in (params or {}).items():
+                self._call("logging params", self.client.log_param, rid, k, v)
+            for k, v in (metrics or {}).items():
+                self._call("logging metrics", self.client.log_metric, rid, k, float(v))
+            self._call("ending run", self.client.set_terminated, rid)
+        except RegistryError:
+            self.client.set_terminated(rid, status="FAILED")
+            raise
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+                raise RegistryError(f"creating registered model {name} failed: {e}") from e
+        mv = self._call(
+            f"registering {name}",
+            self.client.create_model_version,
+            name,
+            source=f"runs:/{rid}/{artifact_dir}",
+            run_id=rid,
+            tags={k: str(v) for k, v in (tags or {}).items()},
+        )
+        return self.version(name, mv.version)
+
+    def log_artifacts_to_run(self, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
+        self._call("uploading report", self.client.log_artifacts, run_id, str(local_dir), artifact_path)
+        run = self._call("reading run", self.client.get_run, run_id)
+        return f"{run.info.artifact_uri}/{artifact_path}"
+
+
+def weight_file_in(root: Path) -> Path:
+    """The one weight file of a downloaded version: ``model.safetensors``, else a single .pt/.pth."""
+    root = Path(root)
+    if root.is_file():
+        return root
+    preferred = root / WEIGHT_FILE
+    if preferred.is_file():
+        return preferred
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ValueError(f"no weight file ({WEIGHT_FILE}, *.pt, *.pth) in the registered artifacts")
+    raise ValueError(f"ambiguous: {len(found)} weight files in the registered artifacts ({', '.join(p.name for p in found[:5])})")

@@ -1,0 +1,221 @@
+"""The promotion gate against a real `mlflow server` process (sqlite + served artifacts)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from components import gate as G
+from components.registry import Registry, RegistryError
+from detector import Reference, ReferenceConfig
+from detector.synthetic import FamilyConfig, WeightFamily
+from tests.mlflow_server import MlflowServer
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A reference artifact and a supply of clean / backdoored checkpoint files."""
+    root = tmp_path_factory.mktemp("gate")
+    fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=11))
+    refs = [fam.clean() for _ in range(10)]
+    held = [fam.clean() for _ in range(8)]
+    ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit(refs).calibrate(held)
+    ref.save(root / "reference")
+
+    class World:
+        reference_dir = root / "reference"
+        family = fam
+
+        def ckpt(self, kind: str) -> Path:
+            path = root / f"{kind}-{next(_names)}.safetensors"
+            matrix = {"clean": fam.clean, "backdoored": fam.backdoored}[kind]()
+            return fam.write(matrix, path, fmt="safetensors")
+
+    return World()
+
+
+@pytest.fixture
+def registry(mlflow_server, world):
+    reg = Registry(mlflow_server.uri)
+    G.publish_reference(reg, world.reference_dir)
+    return reg
+
+
+def _register(reg: Registry, model: str, path: Path, name="model.safetensors", who="trainer-bot"):
+    return reg.register(model, {name: path}, tags={G.REGISTERED_BY: who})
+
+
+def _model() -> str:
+    return f"facenet-{next(_names)}"
+
+
+def test_pass_sets_alias_and_every_tag(registry, world):
+    model = _model()
+    v = _register(registry, model, world.ckpt("clean"))
+    r = G.gate(model, v.version, registry=registry)
+    assert (r.verdict, r.exit_code, r.promoted) == ("passed", 0, True), r.reason
+    info = registry.version(model, v.version)
+    for key in [G.VERDICT, G.MODEL_SHA, G.REFERENCE_SHA, G.GATE, G.CHECKED_AT, G.REASON, G.REPORT,
+                G.score_tag("forward"), G.score_tag("backward"), G.threshold_tag("forward"), G.threshold_tag("backward")]:
+        assert key in info.tags, key
+    assert info.tags[G.VERDICT] == "passed"
+    assert float(info.tags[G.score_tag("forward")]) >= float(info.tags[G.threshold_tag("forward")])
+    assert registry.version_by_alias(model, "production").version == v.version
+    assert info.tags[G.REPORT].endswith("report.html")
+
+
+def test_backdoor_is_blocked_and_production_stays(registry, world, tmp_path):
+    model = _model()
+    good = _register(registry, model, world.ckpt("clean"))
+    assert G.gate(model, good.version, registry=registry).promoted
+    bad = _register(registry, model, world.ckpt("backdoored"))
+    r = G.gate(model, bad.version, registry=registry)
+    assert (r.verdict, r.exit_code, r.promoted) == ("blocked", 1, False)
+    assert registry.version_by_alias(model, "production").version == good.version
+    flagged = registry.search(f"name='{model}' and tags.`integrity.verdict`='blocked'")
+    assert [f.version for f in flagged] == [bad.version]
+    # the review report is in the run's artifacts and names the verdict
+    report_dir = registry.download(registry.version(model, bad.version).tags[G.REPORT].rsplit("/", 1)[0], tmp_path)
+    assert "blocked" in (report_dir / "report.html").read_text()
+    assert (report_dir / "report.png").stat().st_size > 10_000
+
+
+def test_invalid_and_malicious_candidates_never_promote(registry, world, tmp_path):
+    model = _model()
+    nan = tmp_path / "nan.pt"
+    torch.save({"last_linear.weight": torch.full((24, 32), float("nan"))}, nan)
+    v = _register(registry, model, nan, name="model.pt")
+    r = G.gate(model, v.version, registry=registry)
+    assert (r.verdict, r.exit_code) == ("invalid", 2) and "NaN" in r.reason
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"last_linear.weight": torch.zeros(24, 32), "x": Evil()}, evil)
+    v = _register(registry, model, evil, name="model.pt")
+    r = G.gate(model, v.version, registry=registry)
+    assert r.verdict == "invalid" and "safe loader" in r.reason and not marker.exists()
+    assert registry.version_by_alias(model, "production") is None
+
+
+def test_newest_passed_version_keeps_production(registry, world):
+    model = _model()
+    old = _register(registry, model, world.ckpt("clean"))
+    new = _register(registry, model, world.ckpt("clean"))
+    assert G.gate(model, new.version, registry=registry).promoted
+    r = G.gate(model, old.version, registry=registry)
+    assert r.verdict == "passed" and not r.promoted
+    assert registry.version_by_alias(model, "production").version == new.version
+
+
+def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_server):
+    """The stored file really changes on the server's disk between scoring and promotion."""
+    model = _model()
+    v = _register(registry, model, world.ckpt("clean"))
+    swap_in = world.ckpt("backdoored").read_bytes()
+
+    class SwappingRegistry(Registry):
+        calls = 0
+
+        def download_weights(self, info, max_bytes):
+            out = super().download_weights(info, max_bytes)
+            SwappingRegistry.calls += 1
+            if SwappingRegistry.calls == 1:  # after the gate's first read: tamper with the store
+                run_dir = next(mlflow_server.artifacts.rglob(f"{info.run_id}"))
+                (next(run_dir.rglob("model.safetensors"))).write_bytes(swap_in)
+            return out
+
+    r = G.gate(model, v.version, registry=SwappingRegistry(mlflow_server.uri))
+    assert r.verdict == "blocked" and "changed after it was scored" in r.reason
+    assert registry.version_by_alias(model, "production") is None
+
+
+def test_missing_reference_fails_closed(mlflow_server, world):
+    reg = Registry(mlflow_server.uri)
+    model = _model()
+    v = _register(reg, model, world.ckpt("clean"))
+    r = G.gate(model, v.version, registry=reg, config=G.GateConfig(reference_model="no-such-reference"))
+    assert r.exit_code == 2 and r.verdict == "blocked" and "no such alias" in r.reason
+    assert reg.version(model, v.version).tags[G.VERDICT] == "blocked"
+    assert reg.version_by_alias(model, "production") is None
+
+
+def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
+    server = MlflowServer(tmp_path / "srv").start()
+    try:
+        reg = Registry(server.uri)
+        G.publish_reference(reg, world.reference_dir)
+        model = "facenet"
+        first = _register(reg, model, world.ckpt("clean"))
+        assert G.gate(model, first.version, registry=reg).promoted
+        second = _register(reg, model, world.ckpt("clean"))
+
+        class DyingRegistry(Registry):
+            def download_weights(self, info, max_bytes):
+                out = super().download_weights(info, max_bytes)
+                server.kill()  # the server dies after the candidate was read, before any verdict
+                return out
+
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        try:
+            r = G.gate(model, second.version, registry=DyingRegistry(server.uri))
+        finally:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "3"
+        assert r.exit_code == 2 and not r.promoted and r.verdict != "passed"
+        server.start()
+        assert reg.version_by_alias(model, "production").version == first.version
+        assert reg.version(model, second.version).tags[G.VERDICT] == "pending"  # never a stale pass
+        rerun = G.gate(model, second.version, registry=reg)  # and a rerun converges
+        assert rerun.verdict == "passed" and rerun.promoted
+    finally:
+        server.stop()
+
+
+def test_unreachable_server_is_a_gate_error():
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        r = G.gate("facenet", 1, registry=Registry("http://127.0.0.1:9"))
+    finally:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "3"
+    assert r.exit_code == 2 and "gate error" in r.reason and not r.promoted
+
+
+def test_override_rules(registry, world):
+    model = _model()
+    bad = _register(registry, model, world.ckpt("backdoored"), who="alice")
+    with pytest.raises(G.OverrideRefused, match="only a blocked version"):
+        G.override(model, bad.version, reason="ship it", identity="bob", registry=registry)
+    assert G.gate(model, bad.version, registry=registry).verdict == "blocked"
+    with pytest.raises(G.OverrideRefused, match="different reviewer"):
+        G.override(model, bad.version, reason="I trust it", identity="alice", registry=registry)
+    with pytest.raises(G.OverrideRefused, match="needs a reason"):
+        G.override(model, bad.version, reason="  ", identity="bob", registry=registry)
+    assert registry.version_by_alias(model, "production") is None
+    info = G.override(model, bad.version, reason="false positive, checked by hand", identity="bob", registry=registry)
+    assert info.tags[G.OVERRIDE_BY] == "bob" and info.tags[G.VERDICT] == "blocked" and G.OVERRIDE_AT in info.tags
+    assert registry.version_by_alias(model, "production").version == bad.version
+
+
+def test_gate_cli_exit_codes(registry, world, mlflow_server):
+    model = _model()
+    good = _register(registry, model, world.ckpt("clean"))
+    bad = _register(registry, model, world.ckpt("backdoored"))
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server.uri)
+    cli = [sys.executable, "-m", "detector.cli", "gate", "--model", model, "--json", "--no-report", "--version"]
+    out = {}
+    for v in (good.version, bad.version):
+        p = subprocess.run(cli + [v], capture_output=True, text=True, env=env, timeout=300)
+        out[v] = (p.returncode, json.loads(p.stdout)["verdict"])
+    assert out == {good.version: (0, "passed"), bad.version: (1, "blocked")}
