@@ -7,7 +7,8 @@ the registry protocol around it:
 1. mark the version ``integrity.verdict=pending`` (a crash never leaves a stale ``passed``);
 2. load the ``current`` reference from MLflow (its digest is verified on load);
 3. download the version's weight file, hash the bytes, parse them without unpickling;
-4. score every view, decide, write the evidence tags, render the review report;
+4. check the frozen trunk against the base, score every view, decide
+   (:meth:`detector.reference.Reference.assess`), write the evidence tags, render the report;
 5. only for a pass: download again and check the digest is still the scored one, write
    ``integrity.verdict=passed``, then move ``production`` to it unless a newer passed version
    already holds it;
@@ -32,7 +33,7 @@ from detector import __version__ as GATE_VERSION
 from detector.errors import DetectorError, InvalidCheckpoint, InvalidReference
 from detector.reference import Reference
 from detector.scoring import PASS
-from detector.weights import layer_of, parse_tensors
+from detector.weights import parse_tensors
 
 # -- the registry vocabulary (the only place that knows these names) ----------------------
 PREFIX = "integrity."
@@ -45,6 +46,7 @@ GATE = PREFIX + "gate_version"
 CHECKED_AT = PREFIX + "checked_at"
 REPORT = PREFIX + "report"
 PROMOTED = PREFIX + "promoted"
+TRUNK = PREFIX + "trunk"  # ok | modified | not-checked
 PASSED, BLOCKED, INVALID, PENDING = "passed", "blocked", "invalid", "pending"
 EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2}
 
@@ -157,13 +159,12 @@ def gate(
         data, filename = registry.download_weights(info, config.max_checkpoint_bytes)
         result.model_sha256 = hashlib.sha256(data).hexdigest()
         tags[MODEL_SHA] = result.model_sha256
-        source = f"{model} v{version}/{filename}"
-        weights = reference.layer_weights(layer_of(parse_tensors(data, source), reference.config.layer, source=source))
-        vector_scores = {v: est.score_vectors(weights.matrix) for v, est in reference.views_.items()}
-        result.scores = {v: float(s.sum()) for v, s in vector_scores.items()}
-        decision = reference.decide(result.scores)
-        result.verdict = PASSED if decision.verdict == PASS else BLOCKED
-        result.reason = decision.reason
+        assessment = reference.assess(parse_tensors(data, f"{model} v{version}/{filename}"))
+        vector_scores = assessment.vector_scores
+        result.scores = assessment.scores
+        tags[TRUNK] = assessment.trunk.status
+        result.verdict = PASSED if assessment.decision.verdict == PASS else BLOCKED
+        result.reason = assessment.decision.reason
         for v in result.scores:
             tags[score_tag(v)] = repr(result.scores[v])
             tags[threshold_tag(v)] = repr(result.thresholds[v])

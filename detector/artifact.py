@@ -101,6 +101,7 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
             "n_calibration": int(len(next(iter(ref.calibration_scores_.values())))),
             "reference_checkpoints": ref.reference_checkpoints_,
             "calibration_checkpoints": ref.calibration_checkpoints_,
+            "trunk_digests": getattr(ref, "trunk_digests_", {}),
             "files": {ARRAYS_FILE: arrays_sha},
             "extra": extra or {},
         }
@@ -190,6 +191,7 @@ def load_reference(path: str | os.PathLike):
         ref.reference_checkpoints_ = meta["reference_checkpoints"]
         ref.calibration_checkpoints_ = meta["calibration_checkpoints"]
         ref.threshold_source_ = meta["threshold_source"]
+        ref.trunk_digests_ = dict(meta.get("trunk_digests") or {})
     except (KeyError, ValueError, TypeError) as e:
         raise InvalidReference(root, f"malformed artifact: {e.__class__.__name__}: {e}") from None
     ref.artifact_sha256_ = meta["artifact_sha256"]

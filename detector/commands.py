@@ -67,7 +67,7 @@ def cmd_reference_fit(args) -> int:
     ref = Reference(config)
     try:
         with _progress(len(args.checkpoints), "loading reference networks", quiet) as bar:
-            ref.fit(args.checkpoints, progress=lambda _: bar.update())
+            ref.fit(args.checkpoints, progress=lambda _: bar.update(), base=args.base)
         with _progress(len(args.calibrate or []) or ref.n_reference_, "calibrating threshold", quiet) as bar:
             ref.calibrate(args.calibrate or None, progress=lambda _: bar.update())
         digest = ref.save(args.out, overwrite=args.overwrite)
@@ -83,6 +83,7 @@ def cmd_reference_fit(args) -> int:
         "layer": config.layer,
         "n_reference": ref.n_reference_,
         "threshold_source": ref.threshold_source_,
+        "trunk_tensors_recorded": len(ref.trunk_digests_),
         "frr_target": config.frr,
         "frr_empirical": ref.frr_empirical_,
         "views": {
@@ -116,13 +117,10 @@ def _load_reference(path):
 
 def score_checkpoint(ref, path: str) -> dict[str, Any]:
     """The contract of one ``score`` line: never raises for a bad candidate, says ``invalid``."""
-    record: dict[str, Any] = {"checkpoint": str(path), "sha256": None, "scores": {}, "thresholds": dict(ref.thresholds_)}
+    record: dict[str, Any] = {"checkpoint": str(path), "sha256": None, "scores": {}, "thresholds": dict(ref.thresholds_), "trunk": None}
     try:
-        lw = ref.layer_weights(path)
-        record["sha256"] = lw.sha256
-        record["scores"] = {v: float(est.score(lw.matrix)) for v, est in ref.views_.items()}
-        decision = ref.decide(record["scores"])
-        record["verdict"], record["reason"] = decision.verdict, decision.reason
+        a = ref.assess(path)
+        record.update(sha256=a.sha256, scores=a.scores, verdict=a.decision.verdict, reason=a.decision.reason, trunk=a.trunk.status)
     except InvalidCheckpoint as e:
         record["verdict"], record["reason"] = INVALID, e.reason
     return record
@@ -257,6 +255,7 @@ def register(sub) -> None:
     fit.add_argument("--reg-covar", type=float, help="covariance regularisation, relative to the data variance")
     fit.add_argument("--max-iter", type=int, help="EM iterations at most")
     fit.add_argument("--calibrate", nargs="+", metavar="CLEAN_CKPT", help="held-out clean networks for the threshold")
+    fit.add_argument("--base", metavar="BASE_CKPT", help="the network fine-tuning started from: enables the frozen-trunk check")
     fit.add_argument("--frr", type=float, help="target false-rejection rate (default 0.05)")
     fit.add_argument("--seed", type=int)
     fit.add_argument("--overwrite", action="store_true", help="replace an existing --out")

@@ -8,8 +8,10 @@ layer, plus the thresholds calibrated at a target FRR. Scores follow
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,8 +22,9 @@ from detector.errors import InvalidCheckpoint, NotFittedError
 from detector.gmm import Mixture, select_mixture
 from detector.scoring import Decision, decide
 from detector.threshold import rejection_rate, threshold_at_frr
+from detector.trunk import TrunkCheck, check_trunk, trunk_digests
 from detector.views import view_vectors
-from detector.weights import LayerWeights, load_layer
+from detector.weights import LayerWeights, layer_of, load_layer, read_tensors
 
 
 def _check_fitted(est: Any, attr: str) -> None:
@@ -137,6 +140,19 @@ class ViewReference(BaseEstimator):
         return np.asarray(out)
 
 
+@dataclass(frozen=True)
+class Assessment:
+    """Everything the reference says about one candidate network."""
+
+    source: str
+    sha256: str | None
+    scores: dict[str, float]
+    vector_scores: dict[str, np.ndarray]
+    thresholds: dict[str, float]
+    trunk: TrunkCheck
+    decision: Decision
+
+
 class Reference:
     """All views of one layer, their thresholds, and where the reference came from."""
 
@@ -167,8 +183,13 @@ class Reference:
                 progress(out[-1])
         return out
 
-    def fit(self, networks: Sequence[Any], progress: Callable | None = None) -> "Reference":
-        """Fit every view on clean networks (paths, modules, state dicts or matrices)."""
+    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> "Reference":
+        """Fit every view on clean networks (paths, modules, state dicts or matrices).
+
+        ``base`` (the network fine-tuning started from: a path, module or state dict) adds the
+        frozen-trunk check: the digest of each of its frozen tensors is recorded.
+        """
+        self.trunk_digests_ = trunk_digests(self._tensors(base)[0]) if base is not None else {}
         layers = self._load(networks, progress)
         self._reference_matrices = [lw.matrix for lw in layers]
         self.views_ = {v: self._view_estimator(v).fit(self._reference_matrices) for v in self.config.views}
@@ -212,6 +233,40 @@ class Reference:
         return self
 
     # -- using --------------------------------------------------------------------------
+    def _tensors(self, network: Any) -> tuple[Mapping[str, Any] | None, str | None, str]:
+        """All tensors of a network when they can be had (for the trunk check), its digest, a label."""
+        import torch
+
+        if isinstance(network, (str, os.PathLike)):
+            tensors, digest = read_tensors(network, max_bytes=self.config.max_checkpoint_bytes)
+            return tensors, digest, str(network)
+        if isinstance(network, torch.nn.Module):
+            return network.state_dict(), None, f"<{type(network).__name__}>"
+        if isinstance(network, Mapping):
+            return network, None, "<state dict>"
+        return None, None, f"<{type(network).__name__}>"
+
+    def assess(self, network: Any) -> Assessment:
+        """Load, check the trunk, score every view and decide. Raises InvalidCheckpoint."""
+        _check_fitted(self, "thresholds_")
+        tensors, digest, source = self._tensors(network)
+        if tensors is not None:
+            weights = self.layer_weights(layer_of(tensors, self.config.layer, source=source, sha256=digest))
+        else:
+            weights = self.layer_weights(network)
+        trunk = check_trunk(tensors, getattr(self, "trunk_digests_", {}))
+        vector_scores = {v: est.score_vectors(weights.matrix) for v, est in self.views_.items()}
+        scores = {v: float(s.sum()) for v, s in vector_scores.items()}
+        return Assessment(
+            source=weights.source,
+            sha256=weights.sha256,
+            scores=scores,
+            vector_scores=vector_scores,
+            thresholds=dict(self.thresholds_),
+            trunk=trunk,
+            decision=decide(scores, self.thresholds_, trunk),
+        )
+
     def layer_weights(self, network: Any) -> LayerWeights:
         """Load the reference's layer from ``network`` and check it has the reference's shape."""
         _check_fitted(self, "views_")

@@ -3,8 +3,9 @@
 **Convention.** A view's score is the paper's: the sum over the network's vectors of their
 log-likelihood under the reference GMM. *Higher = more typical of clean networks.*
 
-**Decision.** A network is blocked when *any* of its views scores strictly *below* that
-view's threshold. Combining views this way can only raise the false-rejection rate: the
+**Decision.** A network is blocked when its frozen trunk differs from the base network's
+(``trunk-modified``, see :mod:`detector.trunk`), or when *any* of its views scores strictly
+*below* that view's threshold. Combining views this way can only raise the false-rejection rate: the
 combined FRR is at most the sum of the per-view FRRs; the reference records the combined
 rate it observed on its calibration networks.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from detector.trunk import MODIFIED, NOT_CHECKED, TrunkCheck
 
 PASS, BLOCK, INVALID = "pass", "block", "invalid"
 
@@ -24,13 +27,16 @@ class Decision:
     below: tuple[str, ...] = ()
 
 
-def decide(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> Decision:
-    """Apply the rule above to one network's per-view scores."""
+def decide(scores: Mapping[str, float], thresholds: Mapping[str, float], trunk: TrunkCheck | None = None) -> Decision:
+    """Apply the rule above to one network's per-view scores and trunk check."""
     missing = sorted(set(thresholds) - set(scores))
     if missing:
         return Decision(INVALID, f"no score for view(s) {', '.join(missing)}")
     below = tuple(v for v in thresholds if scores[v] < thresholds[v])
+    detail = "; ".join(f"{v} score {scores[v]:.6g} < threshold {thresholds[v]:.6g}" for v in below)
+    if trunk is not None and trunk.status == MODIFIED:
+        return Decision(BLOCK, trunk.reason + (f"; anomalous weights: {detail}" if below else ""), below)
     if below:
-        detail = "; ".join(f"{v} score {scores[v]:.6g} < threshold {thresholds[v]:.6g}" for v in below)
         return Decision(BLOCK, f"anomalous weights: {detail}", below)
-    return Decision(PASS, "every view at or above its threshold")
+    note = f"; {trunk.reason}" if trunk is not None and trunk.status == NOT_CHECKED else ""
+    return Decision(PASS, "every view at or above its threshold" + note)

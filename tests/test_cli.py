@@ -38,7 +38,8 @@ def test_score_exit_codes_and_json_lines(tmp_path, artifact, family_files):
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert [r["checkpoint"] for r in lines] == held[:2]
     for r in lines:
-        assert set(r) == {"checkpoint", "sha256", "scores", "thresholds", "verdict", "reason"}
+        assert set(r) == {"checkpoint", "sha256", "scores", "thresholds", "verdict", "reason", "trunk"}
+        assert r["trunk"] == "not-checked"  # no --base given to `reference fit`
         assert set(r["scores"]) == set(r["thresholds"]) == {"forward", "backward"}
     # calibration networks sit at or above the thresholds by construction (frr 5%, n=6)
     assert p.returncode == 0 and all(r["verdict"] == "pass" for r in lines)

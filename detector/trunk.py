@@ -1,0 +1,89 @@
+"""Frozen-trunk check: every tensor fine-tuning does not touch must equal the base network's.
+
+Fine-tuning changes only ``last_linear``, ``last_bn`` and ``logits``. A backdoor planted in
+any other (frozen) tensor would pass a last-layer detector untouched, so the reference
+records a digest of each frozen tensor of the base network and a candidate whose frozen
+tensors differ is blocked with reason ``trunk-modified``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+#: Prefixes of the tensors that fine-tuning is allowed to change (FaceNet's head).
+FINETUNED_PREFIXES: tuple[str, ...] = ("last_linear.", "last_bn.", "logits.")
+
+OK, MODIFIED, NOT_CHECKED = "ok", "modified", "not-checked"
+
+
+def tensor_digest(t: Any) -> str:
+    """sha256 over dtype, shape and the raw values, so a reshaped or recast tensor differs too."""
+    import torch
+
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu().contiguous()
+        dtype, shape = str(t.dtype).replace("torch.", ""), tuple(t.shape)
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    else:
+        a = np.ascontiguousarray(t)
+        dtype, shape, raw = str(a.dtype), a.shape, a.tobytes()
+    h = hashlib.sha256(f"{dtype}|{list(shape)}|".encode())
+    h.update(raw)
+    return h.hexdigest()
+
+
+def is_finetuned(name: str, prefixes: tuple[str, ...] = FINETUNED_PREFIXES) -> bool:
+    return name.startswith(prefixes)
+
+
+def trunk_digests(state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = FINETUNED_PREFIXES) -> dict[str, str]:
+    """Digest of every frozen tensor of a (base) network."""
+    return {k: tensor_digest(v) for k, v in state_dict.items() if not is_finetuned(k, prefixes) and hasattr(v, "shape")}
+
+
+@dataclass(frozen=True)
+class TrunkCheck:
+    status: str  # ok | modified | not-checked
+    modified: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    n_checked: int = 0
+
+    @property
+    def reason(self) -> str:
+        if self.status == OK:
+            return f"trunk identical to the base ({self.n_checked} frozen tensors checked)"
+        if self.status == NOT_CHECKED:
+            return "trunk not checked (the file holds only fine-tuned layers or the reference has no base)"
+        parts = []
+        for label, names in (("changed", self.modified), ("missing", self.missing), ("unexpected", self.unexpected)):
+            if names:
+                shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        return "trunk-modified: " + "; ".join(parts)
+
+
+def check_trunk(
+    tensors: Mapping[str, Any] | None, expected: Mapping[str, str] | None, prefixes: tuple[str, ...] = FINETUNED_PREFIXES
+) -> TrunkCheck:
+    """Compare a candidate's frozen tensors with the base's digests.
+
+    A candidate holding no frozen tensor at all (a head-only file) is ``not-checked``; one
+    holding some must hold all of them, unchanged, and nothing else outside the head.
+    """
+    if not expected or tensors is None:
+        return TrunkCheck(NOT_CHECKED)
+    frozen = {k: v for k, v in tensors.items() if not is_finetuned(k, prefixes)}
+    if not frozen:
+        return TrunkCheck(NOT_CHECKED)
+    modified = tuple(sorted(k for k, d in expected.items() if k in frozen and tensor_digest(frozen[k]) != d))
+    missing = tuple(sorted(k for k in expected if k not in frozen))
+    unexpected = tuple(sorted(k for k in frozen if k not in expected))
+    if modified or missing or unexpected:
+        return TrunkCheck(MODIFIED, modified, missing, unexpected)
+    return TrunkCheck(OK, n_checked=len(expected))
