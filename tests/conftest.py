@@ -41,7 +41,7 @@ def rng():
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """One real MLflow server for the session (tests use distinct model names)."""
-    from tests.mlflow_server import MlflowServer
+    from components.mlflow_server import MlflowServer
 
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server

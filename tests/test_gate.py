@@ -16,7 +16,7 @@ from components import gate as G
 from components.registry import Registry, RegistryError
 from detector import Reference, ReferenceConfig
 from detector.synthetic import FamilyConfig, WeightFamily
-from tests.mlflow_server import MlflowServer
+from components.mlflow_server import MlflowServer
 
 _names = itertools.count()
 

@@ -1,4 +1,8 @@
-"""A real `mlflow server` process for tests: sqlite backend, served local artifact store."""
+"""An embedded `mlflow server` process: sqlite backend store, served local artifact store.
+
+Used by `make demo` (and the tests) so nothing but this repository is needed to see the
+gate work; production points ``MLFLOW_TRACKING_URI`` at a real server instead.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ class MlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> "MlflowServer":
+        """Start and wait for ``/health`` (7-15 s here); the server gets its own process group."""
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
