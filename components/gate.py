@@ -10,8 +10,8 @@ the registry protocol around it:
 4. check the frozen trunk against the base, score every view, decide
    (:meth:`detector.reference.Reference.assess`), write the evidence tags, render the report;
 5. only for a pass: download again and check the digest is still the scored one, write
-   ``integrity.verdict=passed``, then move ``production`` to it unless a newer passed version
-   already holds it;
+   ``integrity.verdict=passed``, then point ``production`` at the newest passed version
+   (highest version number; re-derived from the tags, so concurrent gates converge);
 6. anything else writes ``blocked`` or ``invalid`` (verdict always last) and never touches the
    alias. Any error fails closed: the alias stays where it was, the version is marked
    ``blocked`` when the registry still answers, and the exit code is 2.
@@ -47,6 +47,10 @@ CHECKED_AT = PREFIX + "checked_at"
 REPORT = PREFIX + "report"
 PROMOTED = PREFIX + "promoted"
 TRUNK = PREFIX + "trunk"  # ok | modified | not-checked
+OVERRIDE_BY = PREFIX + "override.by"
+OVERRIDE_REASON = PREFIX + "override.reason"
+OVERRIDE_AT = PREFIX + "override.at"
+REGISTERED_BY = "registered_by"
 PASSED, BLOCKED, INVALID, PENDING = "passed", "blocked", "invalid", "pending"
 EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2}
 
@@ -196,12 +200,24 @@ def gate(
 
 
 def _promote(registry: Registry, model: str, version: str, config: GateConfig) -> bool:
-    """Move ``production`` here unless a newer version already holds it (newest passed wins)."""
+    """Point ``production`` at the newest passed version; True if that is ``version``.
+
+    Rule: production = the highest version number whose verdict is ``passed``. Every gate
+    re-derives it from the verdict tags *after* writing its own verdict, so concurrent gates
+    converge: whichever finishes last sees every verdict written before it.
+    """
+    passed = registry.search(f"name='{model}' and tags.`{VERDICT}`='{PASSED}'")
+    newest = max((v for v in passed), key=lambda v: int(v.version), default=None)
+    if newest is None or int(newest.version) < int(version):  # search lag: trust our own write
+        newest_version = version
+    else:
+        newest_version = newest.version
     current = registry.version_by_alias(model, config.production_alias)
-    if current is not None and int(current.version) > int(version):
-        return False
-    registry.set_alias(model, config.production_alias, version)
-    return True
+    if current is None or current.version != newest_version:
+        if current is not None and int(current.version) > int(newest_version) and current.tags.get(OVERRIDE_BY):
+            return False  # a reviewer's override of a newer version stands
+        registry.set_alias(model, config.production_alias, newest_version)
+    return newest_version == version
 
 
 def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_scores, result: GateResult, tags) -> str | None:
@@ -223,10 +239,6 @@ def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_
 
 
 # -- human override ----------------------------------------------------------------------------
-OVERRIDE_BY = PREFIX + "override.by"
-OVERRIDE_REASON = PREFIX + "override.reason"
-OVERRIDE_AT = PREFIX + "override.at"
-REGISTERED_BY = "registered_by"
 
 
 class OverrideRefused(RuntimeError):

@@ -219,3 +219,24 @@ def test_gate_cli_exit_codes(registry, world, mlflow_server):
         p = subprocess.run(cli + [v], capture_output=True, text=True, env=env, timeout=300)
         out[v] = (p.returncode, json.loads(p.stdout)["verdict"])
     assert out == {good.version: (0, "passed"), bad.version: (1, "blocked")}
+
+
+def test_twenty_concurrent_gates_converge(registry, world):
+    """20 versions gated at once: every verdict right and recorded, production on the newest pass."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = _model()
+    ref = Reference.load(world.reference_dir)
+    kinds = ["clean", "backdoored", "clean", "clean"] * 5
+    paths = [world.ckpt(k) for k in kinds]
+    versions = [_register(registry, model, p).version for p in paths]
+    expected = {v: ("passed" if ref.assess(p).decision.verdict == "pass" else "blocked") for v, p in zip(versions, paths)}
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        results = list(pool.map(lambda v: G.gate(model, v, registry=Registry(registry.tracking_uri), config=G.GateConfig(report=False)), versions))
+    assert not [r.reason for r in results if r.error]
+    assert {r.version: r.verdict for r in results} == expected
+    for v in versions:
+        tags = registry.version(model, v).tags
+        assert tags[G.VERDICT] == expected[v] and G.MODEL_SHA in tags and G.score_tag("forward") in tags
+    newest_pass = max((int(v) for v, verdict in expected.items() if verdict == "passed"))
+    assert registry.version_by_alias(model, "production").version == str(newest_pass)
