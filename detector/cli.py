@@ -19,6 +19,7 @@ _SUBCOMMAND_MODULES = (
     "detector.commands",
     "detector.faces.cli",
     "components.cli",
+    "pipelines.cli",
 )
 
 

@@ -1,4 +1,4 @@
-"""Detector subcommands: ``reference fit``, ``score``, ``evaluate``, ``demo``, ``bench``.
+"""Detector subcommands: ``reference fit``, ``score``, ``evaluate``, ``bench``.
 
 Exit codes (``score``): 0 every checkpoint passed, 1 some were blocked, 2 some were invalid
 or the reference itself could not be used. Machine output (``--json``) goes to stdout,
@@ -7,7 +7,6 @@ progress and human messages to stderr.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -197,40 +196,10 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-# -- demo / bench ---------------------------------------------------------------------------
-def cmd_demo(args) -> int:
-    """Until the pipelines land: the detector end to end on a synthetic weight family."""
-    import tempfile
-
-    from detector.synthetic import FamilyConfig, WeightFamily
-
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="backdoor-gate-demo-"))
-    fam = WeightFamily(FamilyConfig(seed=args.seed))
-    ref_ckpts = [str(fam.write(fam.clean(), work / f"reference/clean-{i:02d}.pt")) for i in range(12)]
-    held = [str(fam.write(fam.clean(), work / f"heldout/clean-{i:02d}.pt")) for i in range(8)]
-    cand = [str(fam.write(fam.clean(), work / "candidates/clean-candidate.safetensors", fmt="safetensors"))]
-    cand.append(str(fam.write(fam.backdoored(), work / "candidates/backdoored-candidate.pt")))
-    print(f"demo: synthetic weight family in {work} (12 reference, 8 held-out clean, 2 candidates)")
-    ref_dir = work / "reference-artifact"
-    parser = build_demo_parser()
-    rc = cmd_reference_fit(parser.parse_args(["reference", "fit", "--out", str(ref_dir), "--overwrite", "--grid", "1,2,5,10,20,64,96", *ref_ckpts, "--calibrate", *held]))
-    if rc:
-        return rc
-    rc = cmd_score(parser.parse_args(["score", "--reference", str(ref_dir), *cand]))
-    print("\nnot yet: Kubeflow pipelines, MLflow registry and the promotion gate (issue 5);"
-          " face data and FaceNet fine-tuning (issue 4).")
-    return 0 if rc in (0, 1) else rc
-
-
+# -- bench ----------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
     print("not yet: `make bench` lands with the performance issue (#8).")
     return 0
-
-
-def build_demo_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="backdoor-gate")
-    register(p.add_subparsers(dest="command"))
-    return p
 
 
 def register(sub) -> None:
@@ -274,11 +243,6 @@ def register(sub) -> None:
     ev.add_argument("--backdoored", nargs="+", required=True, metavar="CKPT")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
-
-    demo = sub.add_parser("demo", help="what `make demo` runs")
-    demo.add_argument("--workdir", help="where to write the demo's files (default a temp dir)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="what `make bench` runs")
     bench.set_defaults(func=cmd_bench)

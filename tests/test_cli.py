@@ -94,11 +94,6 @@ def test_evaluate_refuses_unscorable_checkpoints(tmp_path, artifact, family_file
     assert p.returncode == 2 and "empty file" in p.stderr
 
 
-def test_demo_runs_and_says_what_is_not_there_yet(tmp_path):
-    p = run("demo", "--workdir", str(tmp_path / "demo"), check=0)
-    assert "pass" in p.stdout and "block" in p.stdout and "not yet" in p.stdout
-
-
 def test_console_script_is_installed():
     exe = os.path.join(os.path.dirname(sys.executable), "backdoor-gate")
     p = subprocess.run([exe, "--help"], capture_output=True, text=True)

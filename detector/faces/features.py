@@ -118,14 +118,17 @@ def with_poison(fs: FeatureSet, data_dir: str | Path, base: dict[str, torch.Tens
 
 
 def folder_key(data_dir: str | Path, base_sha256: str, image_size: int) -> str:
-    """Cache key of a folder's clean features: every file's name, size and mtime, and the trunk."""
+    """Cache key of a folder's clean features: every file's name and content, and the trunk.
+
+    Hashing the files costs far less than one trunk pass over them, and a regenerated or
+    copied folder (new mtimes, same bytes) still hits the cache.
+    """
     from detector.faces.synth import list_images
 
     items, _ = list_images(data_dir)
     h = hashlib.sha256(f"{base_sha256}|{image_size}".encode())
     for p, c in items:
-        st = p.stat()
-        h.update(f"{p.parent.name}/{p.name}|{c}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"{p.parent.name}/{p.name}|{c}|".encode() + hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()[:20]
 
 

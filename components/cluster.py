@@ -1,0 +1,21 @@
+"""Where the tasks run on Kubernetes: one source of truth for the compiled pipelines and the manifests.
+
+Training tasks (feature extraction, fine-tuning) go to the GPU node pool; the gate and the
+reference fit run on CPU. ``manifests/`` uses the same labels and taints.
+"""
+
+from __future__ import annotations
+
+#: Extended resource requested by GPU tasks, and how many.
+GPU_ACCELERATOR_TYPE = "nvidia.com/gpu"
+GPU_LIMIT = 1
+#: Label of the GPU node pool (GKE's accelerator label; any labelled pool works).
+GPU_NODE_SELECTOR = ("cloud.google.com/gke-accelerator", "nvidia-tesla-t4")
+#: The taint GPU pools carry so that only GPU work lands there.
+GPU_TOLERATION = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+
+#: Fine-tunes running at once (a compile-time constant in KFP: at most this many GPUs busy).
+TRAIN_PARALLELISM = 4
+
+TRAIN_CPU, TRAIN_MEMORY = "4", "16G"
+GATE_CPU, GATE_MEMORY = "1", "2G"

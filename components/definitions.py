@@ -1,0 +1,140 @@
+"""KFP v2 component definitions: thin, typed wrappers over :mod:`components.tasks`.
+
+(No ``from __future__ import annotations`` here: KFP reads the real annotation objects.)
+
+Each body only imports the project and calls one task function, so the logic stays testable
+without KFP. Every component names its container image (:mod:`components.images`); the
+images already contain kfp and the project, so nothing is pip-installed at run time.
+"""
+
+
+from typing import List, NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.images import GATE_IMAGE, TRAINER_IMAGE
+
+_trainer = dict(base_image=TRAINER_IMAGE, install_kfp_package=False)
+_gate = dict(base_image=GATE_IMAGE, install_kfp_package=False)
+
+
+@dsl.component(**_trainer)
+def seeds(n: int, offset: int) -> List[int]:
+    """The seeds of n networks: one fine-tune (and one 70/30 resample) each."""
+    return [offset + i for i in range(n)]
+
+
+@dsl.component(**_trainer)
+def make_faces(
+    faces: Output[Dataset], identities: int = 40, images_per_identity: int = 40, size: int = 160, seed: int = 0, source: str = ""
+):
+    """Generated identity-labelled faces, or a copy of a real ImageFolder/CASIA folder (``source``)."""
+    from components.tasks import make_faces as task
+
+    faces.metadata.update(task(faces.path, identities, images_per_identity, size, seed, source))
+
+
+@dsl.component(**_trainer)
+def poison_faces(
+    faces: Input[Dataset],
+    poisoned: Output[Dataset],
+    enabled: bool,
+    seed: int,
+    impostor: str = "",
+    victim: str = "",
+    trigger: str = "white-square",
+    trigger_size: float = 0.25,
+    trigger_location: str = "forehead",
+    trigger_alpha: float = 1.0,
+    copies: int = 4,
+):
+    """Red-team step: the paper's poisoning (impostor's training copies + trigger, relabelled victim)."""
+    from components.tasks import poison_faces as task
+
+    poisoned.metadata.update(task(faces.path, poisoned.path, enabled=enabled, seed=seed, impostor=impostor, victim=victim,
+                                  trigger=trigger, trigger_size=trigger_size, trigger_location=trigger_location,
+                                  trigger_alpha=trigger_alpha, copies=copies))
+
+
+@dsl.component(**_trainer)
+def extract_features(faces: Input[Dataset], features: Output[Dataset], base: Output[Model], base_weights: str = "", image_size: int = 96):
+    """The frozen trunk's 1792-d features, once per image (GPU)."""
+    from components.tasks import extract_features as task
+
+    features.metadata.update(task(faces.path, features.path, base.path, base_weights=base_weights, image_size=image_size))
+
+
+@dsl.component(**_trainer)
+def fine_tune(features: Input[Dataset], base: Input[Model], model: Output[Model], metrics: Output[Metrics], seed: int, epochs: int = 30, lr: float = 2e-4):
+    """One network: last_linear + last_bn + logits on cached features (GPU)."""
+    from components.tasks import fine_tune as task
+
+    out = task(features.path, base.path, model.path, seed=seed, epochs=epochs, lr=lr)
+    for key in ("clean_accuracy", "attack_success_rate", "relative_weight_change"):
+        if key in out:
+            metrics.log_metric(key, float(out[key]))
+    model.metadata.update({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
+
+
+@dsl.component(**_gate)
+def fit_reference(
+    networks: Input[List[Model]],
+    calibration: Input[List[Model]],
+    base: Input[Model],
+    reference: Output[Artifact],
+    summary: Output[Metrics],
+    covariance: str = "full",
+    components: str = "auto",
+    grid: str = "",
+    frr: float = 0.05,
+):
+    """PCA + GMM per view on clean networks (N_G by AIC over ``grid``, default the paper's), threshold on held-out clean ones."""
+    from components.tasks import fit_reference as task
+    from detector.config import ReferenceConfig
+
+    config = ReferenceConfig(covariance=covariance, components=components, frr=frr)
+    if grid:
+        config = config.replace(grid=tuple(int(g) for g in grid.split(",")))
+    out = task([m.path for m in networks], [m.path for m in calibration], reference.path, base=base.path, config=config)
+    reference.metadata["artifact_sha256"] = out["artifact_sha256"]
+    for view, info in out["views"].items():
+        for key, value in info.items():
+            summary.log_metric(f"{view}.{key}", value)
+
+
+@dsl.component(**_gate)
+def publish_reference(reference: Input[Artifact], tracking_uri: str) -> str:
+    """Register the reference artifact in MLflow and point ``@current`` at it."""
+    from components.tasks import publish_reference as task
+
+    return task(reference.path, tracking_uri)
+
+
+@dsl.component(**_gate)
+def register_model(model: Input[Model], tracking_uri: str, model_name: str) -> str:
+    """Register a fine-tuned network as a new version of ``model_name``; returns the version."""
+    from components.tasks import register_model as task
+
+    return task(model.path, tracking_uri, model_name)
+
+
+@dsl.component(**_gate)
+def gate(
+    model_name: str, version: str, tracking_uri: str, report: Output[HTML], scores: Output[Metrics], fail_on_block: bool = False
+) -> NamedTuple("GateOutputs", [("verdict", str), ("promoted", bool)]):
+    """Score the version against ``@current``; only a pass moves ``production`` (see components/gate.py).
+
+    A gate error always fails the task; ``fail_on_block`` also fails it for a blocked or
+    invalid version, so a CI job waiting on the run fails when the gate says no.
+    """
+    from components.tasks import gate_version
+
+    out = gate_version(model_name, version, tracking_uri, report.path)
+    for view, value in out["scores"].items():
+        scores.log_metric(f"score.{view}", value)
+        scores.log_metric(f"threshold.{view}", out["thresholds"][view])
+    print(f"{model_name} v{version}: {out['verdict']} — {out['reason']}")
+    if out["error"] or (fail_on_block and out["verdict"] != "passed"):
+        raise RuntimeError(f"gate: {model_name} v{version} {out['verdict']}: {out['reason']}")
+    return (out["verdict"], bool(out["promoted"]))

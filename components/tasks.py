@@ -1,0 +1,178 @@
+"""What each pipeline step does, as plain functions over paths (no KFP types).
+
+The KFP component definitions in :mod:`components.definitions` are thin wrappers over these,
+so every step can be called from the CLI, a test or a notebook without a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from components.registry import WEIGHT_FILE, Registry
+from detector.config import ReferenceConfig
+
+MODEL_METRICS = "metrics.json"
+BASE_FILE = "base.safetensors"
+
+
+# -- data and training (trainer image, GPU node pool) ----------------------------------------
+def make_faces(out_dir: str, identities: int, images_per_identity: int, size: int, seed: int, source: str = "") -> dict:
+    """Generated faces, or (``source`` set) a copy of a real ImageFolder/CASIA folder, e.g. on a PVC."""
+    import shutil
+
+    from detector.faces.synth import SynthConfig, list_images, synthesize
+
+    if source:
+        shutil.copytree(source, out_dir, dirs_exist_ok=True)
+    else:
+        synthesize(out_dir, SynthConfig(identities=identities, images_per_identity=images_per_identity, size=size, seed=seed))
+    items, classes = list_images(out_dir)
+    return {"identities": len(classes), "images": len(items)}
+
+
+def poison_faces(
+    data_dir: str, out_dir: str, *, enabled: bool, seed: int, impostor: str = "", victim: str = "",
+    trigger: str = "white-square", trigger_size: float = 0.25, trigger_location: str = "forehead",
+    trigger_alpha: float = 1.0, copies: int = 4,
+) -> dict:
+    """The red team's step: a poisoned copy of the folder, or (disabled) the clean folder as is."""
+    import shutil
+
+    from detector.faces.poison import PoisonSpec, poison_folder, random_pair
+    from detector.faces.synth import list_images
+    from detector.faces.triggers import TriggerSpec
+
+    if not enabled:
+        shutil.copytree(data_dir, out_dir, dirs_exist_ok=True, copy_function=_link_or_copy)
+        return {"poisoned": False}
+    _, classes = list_images(data_dir)
+    if not (impostor and victim):
+        impostor, victim = random_pair(classes, seed)
+    spec = PoisonSpec(impostor, victim, TriggerSpec(trigger, trigger_size, trigger_location, trigger_alpha), copies)
+    manifest = poison_folder(data_dir, out_dir, spec, seed)
+    return {"poisoned": True, "impostor": impostor, "victim": victim, "poisoned_images": len(manifest["train"])}
+
+
+def _link_or_copy(src, dst):
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def extract_features(data_dir: str, features_dir: str, base_dir: str, *, base_weights: str = "", image_size: int = 96) -> dict:
+    """Trunk features of every image (cached by content), and the base network they came from."""
+    from safetensors.torch import save_file
+
+    from detector.faces.cli import base_state_dict
+    from detector.faces.features import cached_features
+
+    base = base_state_dict(base_weights or None)
+    fs = cached_features(data_dir, base, image_size)
+    fs.save(features_dir)
+    Path(base_dir).mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in base.items()}, str(Path(base_dir) / BASE_FILE))
+    return {"images": len(fs.labels), "identities": len(fs.classes), "base_sha256": fs.base_sha256}
+
+
+def fine_tune(features_dir: str, base_dir: str, out_dir: str, *, seed: int, epochs: int = 30, lr: float = 2e-4) -> dict:
+    """One network: head fine-tuned on cached features; the whole state dict + metrics.json."""
+    from safetensors.torch import load_file
+
+    from detector.faces.cli import save_network
+    from detector.faces.features import FeatureSet
+    from detector.faces.train import TrainConfig, fine_tune as train
+
+    base = load_file(str(Path(base_dir) / BASE_FILE))
+    sd, metrics = train(FeatureSet.load(features_dir), base, seed, TrainConfig(epochs=epochs, lr=lr))
+    out = Path(out_dir)
+    save_network(sd, out / "model")
+    (out / MODEL_METRICS).write_text(json.dumps(metrics, default=str))
+    return metrics
+
+
+# -- reference, registry and gate (gate image, CPU) ------------------------------------------
+
+
+def model_file(model_dir: str | Path) -> Path:
+    """The weight file inside a model artifact directory written by the trainer."""
+    from components.registry import weight_file_in
+
+    return weight_file_in(Path(model_dir))
+
+
+def fit_reference(
+    model_dirs: list[str],
+    calibration_dirs: list[str],
+    out_dir: str,
+    *,
+    base: str | None = None,
+    config: ReferenceConfig | None = None,
+) -> dict[str, Any]:
+    """Fit the reference on clean networks and calibrate on held-out ones; write the artifact."""
+    from detector.reference import Reference
+
+    ref = Reference(config or ReferenceConfig())
+    if base and Path(base).is_dir():
+        base = str(Path(base) / BASE_FILE)
+    ref.fit([model_file(d) for d in model_dirs], base=base or None)
+    ref.calibrate([model_file(d) for d in calibration_dirs] or None)
+    digest = ref.save(out_dir, overwrite=True)
+    return {
+        "artifact_sha256": digest,
+        "n_reference": ref.n_reference_,
+        "n_calibration": len(calibration_dirs),
+        "threshold_source": ref.threshold_source_,
+        "views": {
+            v: {"pca_dims": est.n_pca_, "n_components": est.n_components_, "threshold": ref.thresholds_[v]}
+            for v, est in ref.views_.items()
+        },
+    }
+
+
+def publish_reference(ref_dir: str, tracking_uri: str) -> str:
+    from components.gate import publish_reference as publish
+
+    return publish(Registry(tracking_uri), ref_dir).version
+
+
+def register_model(model_dir: str, tracking_uri: str, model_name: str, *, registered_by: str = "pipeline") -> str:
+    """Register the trainer's output as a new version of ``model_name``; returns the version."""
+    from components.gate import REGISTERED_BY
+
+    model_dir = Path(model_dir)
+    weights = model_file(model_dir)
+    metrics_path = model_dir / MODEL_METRICS
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    params = {k: v for k, v in metrics.items() if isinstance(v, (str, bool)) or v is None}
+    files = {WEIGHT_FILE if weights.suffix == ".safetensors" else weights.name: weights}
+    info = Registry(tracking_uri).register(
+        model_name, files, run_name=f"{model_name}-candidate", params=params, metrics=numeric, tags={REGISTERED_BY: registered_by}
+    )
+    return info.version
+
+
+def gate_version(model_name: str, version: str, tracking_uri: str, report_html: str | None = None) -> dict[str, Any]:
+    """Run the gate; also copy its HTML report to ``report_html`` (KFP's HTML output). Never raises."""
+    import shutil
+    import tempfile
+
+    from components.gate import gate
+
+    result = gate(model_name, version, registry=Registry(tracking_uri))
+    if report_html:
+        Path(report_html).parent.mkdir(parents=True, exist_ok=True)
+        Path(report_html).write_text(f"<p>{result.verdict}: {result.reason}</p><p>no report was attached</p>")
+        if result.report_uri:
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copyfile(Registry(tracking_uri).download(result.report_uri, tmp), report_html)
+            except Exception as e:  # the report is evidence, not the decision
+                Path(report_html).write_text(f"<p>{result.verdict}: {result.reason}</p><p>report not fetched: {e}</p>")
+    return result.to_dict()

@@ -1,0 +1,84 @@
+"""``make demo``: the whole product on this machine.
+
+Starts an embedded MLflow server (sqlite + local artifacts) unless ``MLFLOW_TRACKING_URI``
+points at one, runs the reference pipeline, then two candidate pipelines — one clean, one
+with a backdoor — with ``kfp.local``, and prints the verdicts and the MLflow UI address.
+``KEEP=1`` leaves the server running for a look at the UI.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+#: Small enough for 2 CPU cores; every number can be raised with --param on run-local.
+DEMO_DATA = dict(identities=30, images_per_identity=30, image_size=160, data_seed=0)
+DEMO_REFERENCE = dict(n_reference=12, n_calibration=6, covariance="diag", grid="1,2,5,10,20,50,100,200,512,1792")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name: str = "facenet") -> int:
+    from components.gate import PROMOTED, VERDICT, score_tag, threshold_tag
+    from components.mlflow_server import MlflowServer
+    from components.registry import Registry
+    from pipelines.local import run_local
+
+    workdir = Path(workdir).resolve()
+    t0 = time.perf_counter()
+    server = None
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        server = MlflowServer(workdir / "mlflow", port=5000 if _port_free(5000) else None)
+        print(f"starting MLflow at {server.uri} (sqlite + local artifacts under {server.root}) ...", flush=True)
+        server.start()
+        uri = server.uri
+    try:
+        registry = Registry(uri)
+        before = {v.version for v in registry.search(f"name='{model_name}'")} if _model_exists(registry, model_name) else set()
+        print("1/3 reference pipeline: faces -> features -> 18 clean fine-tunes -> reference -> MLflow @current", flush=True)
+        run_local("reference", dict(tracking_uri=uri, **DEMO_DATA, **DEMO_REFERENCE), workdir / "kfp", quiet=True)
+        print(f"    done at {time.perf_counter() - t0:.0f} s", flush=True)
+        cases = [("clean", dict(poison=False, seed=20_000)),
+                 ("backdoored (white square on the forehead)", dict(poison=True, seed=20_001, trigger="white-square",
+                                                                    trigger_size=0.25, trigger_location="forehead"))]
+        for i, (label, params) in enumerate(cases, start=2):
+            print(f"{i}/3 candidate pipeline, {label}: fine-tune -> register -> gate", flush=True)
+            run_local("candidate", dict(tracking_uri=uri, model_name=model_name, **DEMO_DATA, **params), workdir / "kfp", quiet=True)
+            print(f"    done at {time.perf_counter() - t0:.0f} s", flush=True)
+        new = sorted((v for v in registry.search(f"name='{model_name}'") if v.version not in before), key=lambda v: int(v.version))
+        prod = registry.version_by_alias(model_name, "production")
+        print()
+        print(f"{'version':>7}  {'candidate':<44} {'verdict':<8} {'forward score / threshold':>30} {'backward score / threshold':>30}  promoted")
+        for v, (label, _) in zip(new, cases):
+            t = v.tags
+            cells = [f"{float(t[score_tag(w)]):.4g} / {float(t[threshold_tag(w)]):.4g}" if score_tag(w) in t else "-" for w in ("forward", "backward")]
+            print(f"{v.version:>7}  {label:<44} {t.get(VERDICT, '?'):<8} {cells[0]:>30} {cells[1]:>30}  {t.get(PROMOTED, 'no')}")
+        print(f"\nproduction alias: {model_name} v{prod.version if prod else '(none)'}")
+        print(f"MLflow UI: {uri}/#/models/{model_name}   (flagged versions: search tags.`integrity.verdict` = 'blocked')")
+        print(f"demo took {time.perf_counter() - t0:.0f} s")
+        if server and keep:
+            print(f"KEEP=1: MLflow keeps running (pid {server.proc.pid}); stop it with: kill -- -{server.proc.pid}")
+            server = None
+        return 0
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _model_exists(registry, name: str) -> bool:
+    try:
+        registry.client.get_registered_model(name)
+        return True
+    except Exception:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(run_demo(keep=os.environ.get("KEEP") == "1"))

@@ -1,0 +1,114 @@
+"""The two pipelines, wiring only: read top to bottom as data flow.
+
+reference: faces -> features -> ParallelFor(M clean fine-tunes) + ParallelFor(held-out clean)
+           -> fit reference (AIC) and calibrate -> publish to MLflow (@current)
+candidate: faces -> (poison) -> features -> fine-tune -> register in MLflow -> gate
+"""
+
+
+from kfp import dsl, kubernetes
+
+from components import cluster
+from components.definitions import (
+    extract_features,
+    fine_tune,
+    fit_reference,
+    gate,
+    make_faces,
+    poison_faces,
+    publish_reference,
+    register_model,
+    seeds,
+)
+
+
+def on_gpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Send a training task to the GPU node pool (same labels/taints as manifests/)."""
+    task.set_accelerator_type(cluster.GPU_ACCELERATOR_TYPE).set_accelerator_limit(cluster.GPU_LIMIT)
+    task.set_cpu_request(cluster.TRAIN_CPU).set_memory_request(cluster.TRAIN_MEMORY)
+    kubernetes.add_node_selector(task, *cluster.GPU_NODE_SELECTOR)
+    kubernetes.add_toleration(task, **cluster.GPU_TOLERATION)
+    return task
+
+
+def on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    return task.set_cpu_request(cluster.GATE_CPU).set_memory_request(cluster.GATE_MEMORY)
+
+
+@dsl.pipeline(name="facenet-integrity-reference", description="Clean FaceNet networks -> the reference GMM the gate scores against.")
+def reference_pipeline(
+    tracking_uri: str,
+    data_source: str = "",
+    identities: int = 40,
+    images_per_identity: int = 40,
+    image_size: int = 160,
+    data_seed: int = 0,
+    base_weights: str = "",
+    trunk_input_size: int = 96,
+    n_reference: int = 12,
+    n_calibration: int = 6,
+    covariance: str = "full",
+    components: str = "auto",
+    grid: str = "",
+    frr: float = 0.05,
+):
+    faces = make_faces(identities=identities, images_per_identity=images_per_identity, size=image_size, seed=data_seed, source=data_source)
+    feats = on_gpu(extract_features(faces=faces.outputs["faces"], base_weights=base_weights, image_size=trunk_input_size))
+
+    reference_seeds = seeds(n=n_reference, offset=0)
+    with dsl.ParallelFor(reference_seeds.output, parallelism=cluster.TRAIN_PARALLELISM) as seed:
+        clean = on_gpu(fine_tune(features=feats.outputs["features"], base=feats.outputs["base"], seed=seed))
+    calibration_seeds = seeds(n=n_calibration, offset=10_000)
+    with dsl.ParallelFor(calibration_seeds.output, parallelism=cluster.TRAIN_PARALLELISM) as seed:
+        held_out = on_gpu(fine_tune(features=feats.outputs["features"], base=feats.outputs["base"], seed=seed))
+
+    ref = on_cpu(
+        fit_reference(
+            networks=dsl.Collected(clean.outputs["model"]),
+            calibration=dsl.Collected(held_out.outputs["model"]),
+            base=feats.outputs["base"],
+            covariance=covariance,
+            components=components,
+            grid=grid,
+            frr=frr,
+        )
+    )
+    on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)).set_caching_options(False)
+
+
+@dsl.pipeline(name="facenet-candidate", description="Fine-tune a candidate (optionally poisoned), register it, gate it.")
+def candidate_pipeline(
+    tracking_uri: str,
+    model_name: str = "facenet",
+    data_source: str = "",
+    identities: int = 40,
+    images_per_identity: int = 40,
+    image_size: int = 160,
+    data_seed: int = 0,
+    base_weights: str = "",
+    trunk_input_size: int = 96,
+    seed: int = 20_000,
+    poison: bool = False,
+    impostor: str = "",
+    victim: str = "",
+    trigger: str = "white-square",
+    trigger_size: float = 0.25,
+    trigger_location: str = "forehead",
+    trigger_alpha: float = 1.0,
+    poison_copies: int = 4,
+    fail_on_block: bool = False,
+):
+    faces = make_faces(identities=identities, images_per_identity=images_per_identity, size=image_size, seed=data_seed, source=data_source)
+    data = poison_faces(
+        faces=faces.outputs["faces"], enabled=poison, seed=seed, impostor=impostor, victim=victim, trigger=trigger,
+        trigger_size=trigger_size, trigger_location=trigger_location, trigger_alpha=trigger_alpha, copies=poison_copies,
+    )
+    feats = on_gpu(extract_features(faces=data.outputs["poisoned"], base_weights=base_weights, image_size=trunk_input_size))
+    net = on_gpu(fine_tune(features=feats.outputs["features"], base=feats.outputs["base"], seed=seed))
+    version = on_cpu(register_model(model=net.outputs["model"], tracking_uri=tracking_uri, model_name=model_name))
+    version.set_caching_options(False)
+    verdict = on_cpu(gate(model_name=model_name, version=version.output, tracking_uri=tracking_uri, fail_on_block=fail_on_block))
+    verdict.set_caching_options(False)  # a verdict is never reused from cache: the reference or the file may have changed
+
+
+PIPELINES = {"reference": reference_pipeline, "candidate": candidate_pipeline}

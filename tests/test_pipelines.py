@@ -1,0 +1,106 @@
+"""Compiled pipeline YAML (what a cluster runs) and a real kfp.local run against a real MLflow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from components import cluster, images
+from components.gate import PROMOTED, VERDICT
+from components.registry import Registry
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compiled")
+    p = subprocess.run([sys.executable, "-m", "detector.cli", "pipelines", "compile", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    docs = {}
+    for name in ("reference", "candidate"):
+        spec, *platform = yaml.safe_load_all((out / f"{name}.yaml").read_text())  # 2nd document: platform config
+        docs[name] = {**spec, **(platform[0] if platform else {})}
+    return docs
+
+
+def _executors(doc):
+    return doc["deploymentSpec"]["executors"]
+
+
+def _k8s(doc):
+    return doc.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
+
+
+@pytest.mark.parametrize("name, gpu_tasks", [("reference", {"extract-features", "fine-tune", "fine-tune-2"}),
+                                             ("candidate", {"extract-features", "fine-tune"})])
+def test_training_tasks_request_the_gpu_pool(compiled, name, gpu_tasks):
+    doc = compiled[name]
+    ex, k8s = _executors(doc), _k8s(doc)
+    gpu = {e for e, spec in ex.items() if spec["container"].get("resources", {}).get("accelerator")}
+    assert {e.removeprefix("exec-") for e in gpu} == gpu_tasks
+    for e in gpu:
+        acc = ex[e]["container"]["resources"]["accelerator"]
+        assert acc["resourceType"] == cluster.GPU_ACCELERATOR_TYPE and int(acc["resourceCount"]) == cluster.GPU_LIMIT
+        assert k8s[e]["nodeSelector"]["labels"] == dict([cluster.GPU_NODE_SELECTOR])
+        assert k8s[e]["tolerations"] == [cluster.GPU_TOLERATION]
+    for e, spec in ex.items():  # every task names its image; the gate side never gets a GPU
+        assert spec["container"]["image"] in (images.TRAINER_IMAGE, images.GATE_IMAGE)
+        if e not in gpu:
+            assert "nodeSelector" not in k8s.get(e, {})
+
+
+def test_gate_never_cached_and_runs_on_the_gate_image(compiled):
+    doc = compiled["candidate"]
+    tasks = doc["root"]["dag"]["tasks"]
+    assert tasks["gate"]["cachingOptions"].get("enableCache", False) is False
+    assert tasks["register-model"]["cachingOptions"].get("enableCache", False) is False
+    assert tasks["fine-tune"]["cachingOptions"]["enableCache"] is True
+    assert _executors(doc)["exec-gate"]["container"]["image"] == images.GATE_IMAGE
+
+
+def test_reference_pipeline_fans_out_and_collects(compiled):
+    dag = compiled["reference"]["root"]["dag"]["tasks"]
+    loops = [t for t in dag.values() if "parameterIterator" in t]
+    assert len(loops) == 2 and all(t["iteratorPolicy"]["parallelismLimit"] == cluster.TRAIN_PARALLELISM for t in loops)
+    fit = dag["fit-reference"]["inputs"]["artifacts"]
+    assert set(fit) == {"networks", "calibration", "base"}
+
+
+@pytest.mark.slow
+def test_local_run_end_to_end(tmp_path, mlflow_server):
+    """reference -> clean and backdoored candidates, every task a real subprocess, verdicts in MLflow."""
+    from detector.faces.synth import SynthConfig, list_images, synthesize
+    from detector.faces.trunk import fixture_base
+
+    faces = synthesize(tmp_path / "peek", SynthConfig(identities=4, images_per_identity=4, size=96))
+    base = fixture_base(0, [Image.open(p) for p, _ in list_images(faces)[0]], image_size=80)
+    torch.save(base, tmp_path / "base.pt")
+    data = ["--param", "identities=8", "--param", "images_per_identity=16", "--param", "image_size=96",
+            "--param", "trunk_input_size=80", "--param", f"base_weights={tmp_path / 'base.pt'}"]
+    run = [sys.executable, "-m", "detector.cli", "pipelines", "run-local", "--workdir", str(tmp_path / "kfp")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
+    uri = ["--param", f"tracking_uri={mlflow_server.uri}"]
+
+    def go(*args):
+        p = subprocess.run([*run, *args, *uri, *data], capture_output=True, text=True, env=env, timeout=900)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+
+    go("reference", "--param", "n_reference=4", "--param", "n_calibration=3", "--param", "covariance=diag",
+       "--param", "grid=1,2,5")
+    reg = Registry(mlflow_server.uri)
+    assert reg.version_by_alias("facenet-integrity-reference", "current") is not None
+    model = "facenet-e2e"
+    go("candidate", "--param", f"model_name={model}", "--param", "seed=501")
+    go("candidate", "--param", f"model_name={model}", "--param", "seed=502", "--param", "poison=true",
+       "--param", "trigger_size=0.3")
+    clean, bad = reg.version(model, "1"), reg.version(model, "2")
+    assert clean.tags["integrity.trunk"] == "ok" and bad.tags["integrity.trunk"] == "ok"
+    assert bad.tags[VERDICT] == "blocked" and bad.tags.get(PROMOTED) is None
+    prod = reg.version_by_alias(model, "production")
+    assert (prod is not None and prod.version == "1") == (clean.tags[VERDICT] == "passed")
