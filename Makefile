@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # Re-install only when the lock or the package metadata changes.
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
 export OMP_NUM_THREADS ?= 1
+# Built once and reused: the default base trunk, feature caches (content-addressed).
+export BACKDOOR_GATE_CACHE ?= $(CURDIR)/.cache/backdoor-gate
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONDONTWRITEBYTECODE := 1
 
@@ -28,7 +30,7 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	$(PY) -m detector.cli demo
+	OMP_NUM_THREADS=2 $(PY) -m detector.cli demo
 
 bench: setup
 	$(PY) -m detector.cli bench

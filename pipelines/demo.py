@@ -31,6 +31,7 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
     from pipelines.local import run_local
 
     workdir = Path(workdir).resolve()
+    log = workdir / "pipelines.log"
     t0 = time.perf_counter()
     server = None
     uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -42,15 +43,17 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
     try:
         registry = Registry(uri)
         before = {v.version for v in registry.search(f"name='{model_name}'")} if _model_exists(registry, model_name) else set()
-        print("1/3 reference pipeline: faces -> features -> 18 clean fine-tunes -> reference -> MLflow @current", flush=True)
-        run_local("reference", dict(tracking_uri=uri, **DEMO_DATA, **DEMO_REFERENCE), workdir / "kfp", quiet=True)
+        print(f"task logs: {log}", flush=True)
+        print("1/3 reference pipeline: faces -> features -> 18 clean fine-tunes -> reference -> MLflow @current"
+              " (the first run also builds the default base trunk once, ~5 min)", flush=True)
+        run_local("reference", dict(tracking_uri=uri, **DEMO_DATA, **DEMO_REFERENCE), workdir / "kfp", log_file=log)
         print(f"    done at {time.perf_counter() - t0:.0f} s", flush=True)
         cases = [("clean", dict(poison=False, seed=20_000)),
                  ("backdoored (white square on the forehead)", dict(poison=True, seed=20_001, trigger="white-square",
                                                                     trigger_size=0.25, trigger_location="forehead"))]
         for i, (label, params) in enumerate(cases, start=2):
             print(f"{i}/3 candidate pipeline, {label}: fine-tune -> register -> gate", flush=True)
-            run_local("candidate", dict(tracking_uri=uri, model_name=model_name, **DEMO_DATA, **params), workdir / "kfp", quiet=True)
+            run_local("candidate", dict(tracking_uri=uri, model_name=model_name, **DEMO_DATA, **params), workdir / "kfp", log_file=log)
             print(f"    done at {time.perf_counter() - t0:.0f} s", flush=True)
         new = sorted((v for v in registry.search(f"name='{model_name}'") if v.version not in before), key=lambda v: int(v.version))
         prod = registry.version_by_alias(model_name, "production")
