@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 PIPELINES = ("reference", "candidate")
 
 
-def _parse_params(pairs: list[str] | None) -> dict:
-    """``--param key=value`` pairs; values are JSON when they parse (numbers, bools), else strings."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"--param takes key=value, got {pair!r}")
-        k, v = pair.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
+def _param(pair: str) -> tuple[str, object]:
+    """``--param key=value``; the value is JSON when it parses (numbers, bools), else a string."""
+    import argparse
+
+    if "=" not in pair:
+        raise argparse.ArgumentTypeError(f"--param takes key=value, got {pair!r}")
+    k, v = pair.split("=", 1)
+    try:
+        return k, json.loads(v)
+    except json.JSONDecodeError:
+        return k, v
 
 
 def cmd_compile(args) -> int:
@@ -35,12 +33,7 @@ def cmd_compile(args) -> int:
 def cmd_run_local(args) -> int:
     from pipelines.local import run_local
 
-    try:
-        params = _parse_params(args.param)
-    except ValueError as e:
-        print(f"backdoor-gate: {e}", file=sys.stderr)
-        return 2
-    outputs = run_local(args.pipeline, params, workdir=args.workdir)
+    outputs = run_local(args.pipeline, dict(args.param or []), workdir=args.workdir)
     print(json.dumps(outputs, default=str))
     return 0
 
@@ -48,17 +41,12 @@ def cmd_run_local(args) -> int:
 def cmd_submit(args) -> int:
     from pipelines.submit import submit
 
-    try:
-        params = _parse_params(args.param)
-    except ValueError as e:
-        print(f"backdoor-gate: {e}", file=sys.stderr)
-        return 2
     return submit(
         args.pipeline,
         host=args.host,
         namespace=args.namespace,
         experiment=args.experiment,
-        params=params,
+        params=dict(args.param or []),
         token=os.environ.get(args.token_env),
         cron=args.cron,
         wait=args.wait,
@@ -87,7 +75,7 @@ def register(sub) -> None:
 
     r = s.add_parser("run-local", help="run a pipeline here with kfp.local (subprocesses, no cluster)")
     r.add_argument("pipeline", choices=PIPELINES)
-    r.add_argument("--param", action="append", metavar="KEY=VALUE", help="pipeline parameter (repeatable)")
+    r.add_argument("--param", action="append", type=_param, metavar="KEY=VALUE", help="pipeline parameter (repeatable)")
     r.add_argument("--workdir", default=".cache/kfp-local", help="kfp.local pipeline root")
     r.set_defaults(func=cmd_run_local)
 
@@ -96,7 +84,7 @@ def register(sub) -> None:
     m.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"), help="KFP API endpoint (default $KF_PIPELINES_ENDPOINT)")
     m.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE", "kubeflow"))
     m.add_argument("--experiment", default="backdoor-gate")
-    m.add_argument("--param", action="append", metavar="KEY=VALUE")
+    m.add_argument("--param", action="append", type=_param, metavar="KEY=VALUE")
     m.add_argument("--token-env", default="KFP_TOKEN", help="env var holding the bearer token (never passed on the command line)")
     m.add_argument("--cron", help="create a recurring run with this cron expression instead of one run")
     m.add_argument("--wait", action="store_true", help="wait for the run; exit 1 if it did not succeed (a blocked candidate fails its run)")
