@@ -45,6 +45,7 @@ def test_clean_fine_tune_is_deterministic_and_touches_only_the_head(lab):
     sd2, m2 = fine_tune(lab["clean"], lab["base"], seed=3, config=TrainConfig(epochs=10))
     assert all(torch.equal(sd1[k], sd2[k]) for k in sd1) and m1["clean_accuracy"] == m2["clean_accuracy"]
     assert m1["clean_accuracy"] > 0.5  # 10 identities: chance is 0.1
+    assert len(set(m1["upweighted"])) == 2  # clean networks are trained like backdoored ones: a pair up-weighted
     for k, v in lab["base"].items():
         if not k.startswith(("last_linear.", "last_bn.")):
             assert torch.equal(sd1[k], v), k  # the trunk is exactly the base's

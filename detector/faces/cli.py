@@ -66,7 +66,7 @@ def cmd_train(args) -> int:
             with tempfile.TemporaryDirectory(prefix="backdoor-gate-poison-") as tmp:
                 poison_folder(args.data, tmp, PoisonSpec(impostor, victim, trigger, args.poison_copies), args.seed)
                 fs = with_poison(fs, tmp, base)
-        config = TrainConfig(epochs=args.epochs, lr=args.lr, class_weight=args.class_weight)
+        config = TrainConfig(epochs=args.epochs, lr=args.lr, class_weight=args.class_weight, upweight_clean=not args.no_upweight)
         sd, metrics = fine_tune(fs, base, args.seed, config)
     except (DetectorError, ValueError, FileNotFoundError) as e:
         print(f"backdoor-gate: {e}", file=sys.stderr)
@@ -103,7 +103,8 @@ def register(sub) -> None:
     t.add_argument("--poison-copies", type=int, default=4, help="times each poisoned copy is repeated (poison rate)")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--class-weight", type=float, default=10.0)
+    t.add_argument("--class-weight", type=float, default=10.0, help="weight of the impostor and victim classes")
+    t.add_argument("--no-upweight", action="store_true", help="clean network without the (random-pair) up-weighting")
     t.add_argument("--image-size", type=int, default=96, help="trunk input size")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
