@@ -84,7 +84,7 @@ def fit_reference(
     base: Input[Model],
     reference: Output[Artifact],
     summary: Output[Metrics],
-    covariance: str = "full",
+    covariance: str = "diag",
     components: str = "auto",
     grid: str = "",
     frr: float = 0.05,

@@ -45,7 +45,7 @@ class ViewReference(BaseEstimator):
         n_components: int | str = "auto",
         grid: Sequence[int] = PAPER_GRID,
         criterion: str = "aic",
-        covariance_type: str = "full",
+        covariance_type: str = "diag",
         reg_covar: float = 1e-3,
         max_iter: int = 100,
         tol: float = 1e-3,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 #: Small enough for 2 CPU cores; every number can be raised with --param on run-local.
 DEMO_DATA = dict(identities=30, images_per_identity=30, image_size=160, data_seed=0)
-DEMO_REFERENCE = dict(n_reference=12, n_calibration=6, covariance="diag", grid="1,2,5,10,20,50,100,200,512,1792")
+DEMO_REFERENCE = dict(n_reference=12, n_calibration=6, grid="1,2,5,10,20,50,100,200,512,1792")
 
 
 def _port_free(port: int) -> bool:

@@ -47,7 +47,7 @@ def reference_pipeline(
     trunk_input_size: int = 96,
     n_reference: int = 12,
     n_calibration: int = 6,
-    covariance: str = "full",
+    covariance: str = "diag",
     components: str = "auto",
     grid: str = "",
     frr: float = 0.05,
