@@ -40,12 +40,12 @@ def poison_faces(
     """The red team's step: a poisoned copy of the folder, or (disabled) the clean folder as is."""
     import shutil
 
-    from detector.faces.poison import PoisonSpec, poison_folder, random_pair
+    from detector.faces.poison import PoisonSpec, link_or_copy, poison_folder, random_pair
     from detector.faces.synth import list_images
     from detector.faces.triggers import TriggerSpec
 
     if not enabled:
-        shutil.copytree(data_dir, out_dir, dirs_exist_ok=True, copy_function=_link_or_copy)
+        shutil.copytree(data_dir, out_dir, dirs_exist_ok=True, copy_function=link_or_copy)
         return {"poisoned": False}
     _, classes = list_images(data_dir)
     if not (impostor and victim):
@@ -53,16 +53,6 @@ def poison_faces(
     spec = PoisonSpec(impostor, victim, TriggerSpec(trigger, trigger_size, trigger_location, trigger_alpha), copies)
     manifest = poison_folder(data_dir, out_dir, spec, seed)
     return {"poisoned": True, "impostor": impostor, "victim": victim, "poisoned_images": len(manifest["train"])}
-
-
-def _link_or_copy(src, dst):
-    import os
-    import shutil
-
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def extract_features(data_dir: str, features_dir: str, base_dir: str, *, base_weights: str = "", image_size: int = 96) -> dict:

@@ -63,7 +63,8 @@ def random_pair(classes: list[str], seed: int) -> tuple[str, str]:
     return classes[int(i)], classes[int(v)]
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src, dst) -> None:
+    """Hard-link (no extra disk), or copy across filesystems."""
     try:
         os.link(src, dst)
     except OSError:
@@ -83,7 +84,7 @@ def poison_folder(data_dir: str | Path, out_dir: str | Path, spec: PoisonSpec, s
     out = Path(out_dir)
     for p, c in items:
         (out / classes[c]).mkdir(parents=True, exist_ok=True)
-        _link_or_copy(p, out / classes[c] / p.name)
+        link_or_copy(p, out / classes[c] / p.name)
     manifest = {
         "impostor": spec.impostor,
         "victim": spec.victim,
