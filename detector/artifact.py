@@ -29,6 +29,8 @@ FORMAT_VERSION = 1
 META_FILE = "reference.json"
 ARRAYS_FILE = "arrays.npz"
 _MAX_META_BYTES = 16 << 20
+#: Detectors stored as PCA + GMM per view (``gaussian`` is the GMM with N_G = 1).
+GMM_DETECTORS = ("gmm", "gaussian")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -61,9 +63,14 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
         raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
     arrays: dict[str, np.ndarray] = {}
     views: dict[str, Any] = {}
+    detector = getattr(ref, "detector", "gmm")
     for v, est in ref.views_.items():
-        arrays.update(_view_arrays(v, est))
         arrays[f"{v}.calibration_vector_scores"] = np.asarray(ref.calibration_vector_scores_[v])
+        if detector not in GMM_DETECTORS:  # a baseline: its own few arrays and fields
+            arrays.update({f"{v}.{k}": a for k, a in est.arrays().items()})
+            views[v] = {**est.info(), "threshold": ref.thresholds_[v], "frr_empirical": ref.frr_empirical_[v]}
+            continue
+        arrays.update(_view_arrays(v, est))
         views[v] = {
             "n_vectors": est.n_vectors_,
             "vector_dim": int(est.pca_mean_.shape[0]),
@@ -87,12 +94,14 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
         meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "detector": detector,
             "library_version": __version__,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "layer": ref.config.layer,
             "layer_shape": list(ref.shape_),
             "views": views,
-            "score_convention": "log-likelihood; higher = more typical of clean networks; blocked if any view < threshold",
+            "score_convention": ("log-likelihood" if detector in GMM_DETECTORS else f"{detector} (see detector.baselines)")
+            + "; higher = more typical of clean networks; blocked if any view < threshold",
             "config": ref.config.to_dict(),
             "frr_target": ref.config.frr,
             "frr_empirical_combined": ref.frr_empirical_["combined"],
@@ -156,11 +165,25 @@ def load_reference(path: str | os.PathLike):
         with np.load(root / ARRAYS_FILE, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         config = ReferenceConfig.from_dict(meta["config"])
-        ref = Reference(config)
+        detector = meta.get("detector", "gmm")
+        if detector in GMM_DETECTORS:
+            ref = Reference(config)
+            ref.detector = detector
+        else:
+            from detector.baselines import BaselineReference
+
+            ref = BaselineReference(detector, config)
         ref.views_ = {}
         ref.calibration_scores_ = {}
         ref.calibration_vector_scores_ = {}
-        for v in config.views:
+        for v in meta["views"] if detector not in GMM_DETECTORS else ():
+            prefix = f"{v}."
+            ref.views_[v] = BaselineReference.restore_view(
+                detector, meta["views"][v], {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+            )
+            ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
+            ref.calibration_scores_[v] = ref.calibration_vector_scores_[v].sum(axis=1)
+        for v in config.views if detector in GMM_DETECTORS else ():
             info = meta["views"][v]
             est = ViewReference(view=v, covariance_type=info["covariance"])
             est.pca_mean_ = arrays[f"{v}.pca_mean"]
@@ -183,8 +206,8 @@ def load_reference(path: str | os.PathLike):
             ref.views_[v] = est
             ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
             ref.calibration_scores_[v] = ref.calibration_vector_scores_[v].sum(axis=1)
-        ref.thresholds_ = {v: float(meta["views"][v]["threshold"]) for v in config.views}
-        ref.frr_empirical_ = {v: float(meta["views"][v]["frr_empirical"]) for v in config.views}
+        ref.thresholds_ = {v: float(meta["views"][v]["threshold"]) for v in ref.views_}
+        ref.frr_empirical_ = {v: float(meta["views"][v]["frr_empirical"]) for v in ref.views_}
         ref.frr_empirical_["combined"] = float(meta["frr_empirical_combined"])
         ref.shape_ = tuple(meta["layer_shape"])
         ref.n_reference_ = int(meta["n_reference"])

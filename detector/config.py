@@ -15,6 +15,9 @@ DEFAULT_LAYER = "last_linear.weight"
 
 VIEWS: tuple[str, ...] = ("forward", "backward")
 
+#: The paper's detector and the naive baselines it is compared with (see detector.baselines).
+DETECTORS: tuple[str, ...] = ("gmm", "gaussian", "distance-mean", "distance-base", "trojan-signature")
+
 
 @dataclass(frozen=True)
 class ReferenceConfig:

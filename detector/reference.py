@@ -156,6 +156,9 @@ class Assessment:
 class Reference:
     """All views of one layer, their thresholds, and where the reference came from."""
 
+    #: which detector this is (see :mod:`detector.baselines`); recorded in the artifact
+    detector = "gmm"
+
     def __init__(self, config: ReferenceConfig | None = None):
         self.config = config or ReferenceConfig()
 
@@ -189,12 +192,14 @@ class Reference:
         ``base`` (the network fine-tuning started from: a path, module or state dict) adds the
         frozen-trunk check: the digest of each of its frozen tensors is recorded.
         """
-        self.trunk_digests_ = trunk_digests(self._tensors(base)[0]) if base is not None else {}
+        base_tensors = self._tensors(base)[0] if base is not None else None
+        self.trunk_digests_ = trunk_digests(base_tensors) if base_tensors is not None else {}
         layers = self._load(networks, progress)
+        if len(layers) < 1:
+            raise ValueError("a reference needs clean networks to fit on")
         self._reference_matrices = [lw.matrix for lw in layers]
-        self.views_ = {v: self._view_estimator(v).fit(self._reference_matrices) for v in self.config.views}
-        first = next(iter(self.views_.values()))
-        self.shape_ = first.shape_
+        self.views_ = self._fit_views(self._reference_matrices, base_tensors)
+        self.shape_ = tuple(int(s) for s in np.shape(self._reference_matrices[0]))
         self.n_reference_ = len(layers)
         self.reference_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
         return self
@@ -231,6 +236,10 @@ class Reference:
         ]
         self.frr_empirical_["combined"] = float(np.mean(blocked))
         return self
+
+    def _fit_views(self, matrices: list[np.ndarray], base_tensors: Mapping[str, Any] | None) -> dict[str, Any]:
+        """One fitted estimator per view (the baselines override this)."""
+        return {v: self._view_estimator(v).fit(matrices) for v in self.config.views}
 
     # -- using --------------------------------------------------------------------------
     def _tensors(self, network: Any) -> tuple[Mapping[str, Any] | None, str | None, str]:

@@ -1,0 +1,189 @@
+"""Naive baselines, scored exactly like the GMM reference so the comparison is fair.
+
+Every detector here is a :class:`~detector.reference.Reference`: same ``fit`` / ``calibrate`` /
+``assess`` / ``save``, same artifact format (``reference.json`` names the detector), same
+convention — *higher = more typical of clean networks*, blocked below the threshold
+calibrated at the target FRR. What changes is the per-"view" estimator:
+
+``gmm``
+    the paper's detector: PCA + GMM with N_G by AIC, forward and backward views.
+``gaussian``
+    the same with one Gaussian per view (N_G = 1): does the mixture add anything?
+``distance-mean``
+    −‖W − W̄‖²_F, W̄ the mean of the reference networks' layers (pseudo-view ``matrix``).
+``distance-base``
+    −‖W − W_base‖²_F, W_base the layer of the network fine-tuning started from.
+``trojan-signature``
+    after Fields et al., "Trojan Signatures in DNN Weights" (2021): a backdoor's target class
+    stands out among the classifier's rows. Each row's mean weight is turned into a robust
+    z-score (median / MAD across rows); the network's score is −max |z|. Needs no clean
+    networks at all (the reference only calibrates the threshold); by default it reads the
+    classifier ``logits.weight``.
+
+The distances are squared so that a network's score is the sum of its rows' scores, as for
+the GMM; a monotone transform of ‖·‖ leaves AUC and the thresholded decision unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from detector.config import DETECTORS, ReferenceConfig
+from detector.reference import Reference, _check_fitted
+
+#: The one pseudo-view of the whole-matrix baselines.
+MATRIX = "matrix"
+#: Default layer of ``trojan-signature``: FaceNet's identity classifier (n_classes x 512).
+CLASSIFIER_LAYER = "logits.weight"
+
+
+class DistanceView(BaseEstimator):
+    """Per-row squared distance to a centre: the reference mean, or the base network."""
+
+    view = MATRIX
+
+    def __init__(self, center: str = "mean"):
+        self.center = center
+
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> "DistanceView":
+        mats = [np.asarray(W, dtype=np.float64) for W in matrices]
+        if self.center == "base":
+            if base_matrix is None:
+                raise ValueError("distance-base needs the base network (pass base=, or --base on the command line)")
+            self.center_ = np.asarray(base_matrix, dtype=np.float64)
+        elif self.center == "mean":
+            if len(mats) < 1:
+                raise ValueError("distance-mean needs at least one reference network")
+            self.center_ = np.mean(mats, axis=0)
+        else:
+            raise ValueError(f"center must be 'mean' or 'base', got {self.center!r}")
+        self.shape_ = tuple(self.center_.shape)
+        self.n_networks_ = len(mats)
+        return self
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        """−‖w_i − c_i‖² for each row i (a neuron of ``last_linear``)."""
+        _check_fitted(self, "center_")
+        D = np.asarray(matrix, dtype=np.float64) - self.center_
+        return -np.einsum("ij,ij->i", D, D)
+
+    def score(self, matrix: np.ndarray) -> float:
+        return float(self.score_vectors(matrix).sum())
+
+    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+        out = []
+        for i, W in enumerate(matrices):
+            if self.center == "mean":
+                rest = [m for j, m in enumerate(matrices) if j != i]
+                out.append(DistanceView("mean").fit(rest).score_vectors(W))
+            else:
+                out.append(self.score_vectors(W))
+            if progress is not None:
+                progress(i)
+        return np.asarray(out)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"center": self.center_}
+
+    def info(self) -> dict[str, Any]:
+        return {"center": self.center, "n_networks": self.n_networks_}
+
+    @classmethod
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "DistanceView":
+        est = cls(center=info["center"])
+        est.center_ = arrays["center"]
+        est.shape_, est.n_networks_ = tuple(est.center_.shape), int(info["n_networks"])
+        return est
+
+
+def trojan_signature_z(matrix: np.ndarray) -> np.ndarray:
+    """Robust z-score of each row's mean weight: |s_c − median(s)| / (1.4826 · MAD(s))."""
+    s = np.asarray(matrix, dtype=np.float64).mean(axis=1)
+    med = np.median(s)
+    mad = 1.4826 * np.median(np.abs(s - med))
+    return np.abs(s - med) / max(mad, 1e-12 * max(np.abs(s).max(), 1e-300))
+
+
+class TrojanSignatureView(BaseEstimator):
+    """−max_c |z_c| of the classifier's rows; one "vector" per network (no fitting needed)."""
+
+    view = MATRIX
+
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> "TrojanSignatureView":
+        self.n_networks_ = len(matrices)
+        self.shape_ = tuple(np.shape(matrices[0])) if len(matrices) else ()
+        return self
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        _check_fitted(self, "n_networks_")
+        return np.array([-float(trojan_signature_z(matrix).max())])
+
+    def score(self, matrix: np.ndarray) -> float:
+        return float(self.score_vectors(matrix).sum())
+
+    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+        return np.asarray([self.score_vectors(W) for W in matrices])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        return {"n_networks": self.n_networks_}
+
+    @classmethod
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "TrojanSignatureView":
+        est = cls()
+        est.n_networks_, est.shape_ = int(info["n_networks"]), ()
+        return est
+
+
+_VIEW_ESTIMATORS = {
+    "distance-mean": lambda: DistanceView("mean"),
+    "distance-base": lambda: DistanceView("base"),
+    "trojan-signature": TrojanSignatureView,
+}
+
+
+class BaselineReference(Reference):
+    """A :class:`Reference` whose single pseudo-view ``matrix`` is a naive baseline."""
+
+    def __init__(self, detector: str, config: ReferenceConfig | None = None):
+        if detector not in _VIEW_ESTIMATORS:
+            raise ValueError(f"unknown baseline {detector!r}; one of {sorted(_VIEW_ESTIMATORS)}")
+        super().__init__(config)
+        self.detector = detector
+
+    def _fit_views(self, matrices: list[np.ndarray], base_tensors) -> dict:
+        base_matrix = None
+        if self.detector == "distance-base":
+            if base_tensors is None:
+                raise ValueError("distance-base needs the base network (pass base=, or --base on the command line)")
+            from detector.weights import layer_of
+
+            base_matrix = layer_of(base_tensors, self.config.layer, source="base").matrix
+        return {MATRIX: _VIEW_ESTIMATORS[self.detector]().fit(matrices, base_matrix=base_matrix)}
+
+    @staticmethod
+    def restore_view(detector: str, info: dict, arrays: dict[str, np.ndarray]):
+        cls = type(_VIEW_ESTIMATORS[detector]())
+        return cls.restore(info, arrays)
+
+
+def make_reference(detector: str = "gmm", config: ReferenceConfig | None = None) -> Reference:
+    """The unfitted reference of a named detector (see the module docstring)."""
+    config = config or ReferenceConfig()
+    if detector == "gmm":
+        return Reference(config)
+    if detector == "gaussian":
+        ref = Reference(config.replace(components=1))
+        ref.detector = "gaussian"
+        return ref
+    if detector == "trojan-signature" and config.layer == ReferenceConfig().layer:
+        config = config.replace(layer=CLASSIFIER_LAYER)
+    if detector in _VIEW_ESTIMATORS:
+        return BaselineReference(detector, config)
+    raise ValueError(f"unknown detector {detector!r}; one of {', '.join(DETECTORS)}")
