@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from detector.config import PAPER_GRID, ReferenceConfig
+from detector.config import DETECTORS, PAPER_GRID, ReferenceConfig
 from detector.errors import DetectorError, InvalidCheckpoint
 from detector.scoring import BLOCK, INVALID, PASS
 
@@ -52,7 +52,7 @@ def _config_from_args(args) -> ReferenceConfig:
 
 # -- reference fit -------------------------------------------------------------------------
 def cmd_reference_fit(args) -> int:
-    from detector.reference import Reference
+    from detector.baselines import make_reference
 
     try:
         config = _config_from_args(args)
@@ -63,7 +63,7 @@ def cmd_reference_fit(args) -> int:
         _err(f"{args.out} exists; choose a new --out or add --overwrite")
         return 2
     quiet = args.json
-    ref = Reference(config)
+    ref = make_reference(args.detector, config)
     try:
         with _progress(len(args.checkpoints), "loading reference networks", quiet) as bar:
             ref.fit(args.checkpoints, progress=lambda _: bar.update(), base=args.base)
@@ -79,7 +79,8 @@ def cmd_reference_fit(args) -> int:
     summary = {
         "artifact": str(args.out),
         "artifact_sha256": digest,
-        "layer": config.layer,
+        "detector": ref.detector,
+        "layer": ref.config.layer,
         "n_reference": ref.n_reference_,
         "threshold_source": ref.threshold_source_,
         "trunk_tensors_recorded": len(ref.trunk_digests_),
@@ -87,10 +88,10 @@ def cmd_reference_fit(args) -> int:
         "frr_empirical": ref.frr_empirical_,
         "views": {
             v: {
-                "pca_dims": est.n_pca_,
-                "n_components": est.n_components_,
+                "pca_dims": getattr(est, "n_pca_", None),
+                "n_components": getattr(est, "n_components_", None),
                 "threshold": ref.thresholds_[v],
-                "fit_seconds": round(est.fit_seconds_, 3),
+                "fit_seconds": round(getattr(est, "fit_seconds_", 0.0), 3),
             }
             for v, est in ref.views_.items()
         },
@@ -98,10 +99,11 @@ def cmd_reference_fit(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"reference written to {args.out} (sha256 {digest[:16]}…), {ref.n_reference_} clean networks")
+        print(f"{ref.detector} reference written to {args.out} (sha256 {digest[:16]}…), {ref.n_reference_} clean networks")
         for v, s in summary["views"].items():
+            shape = f"PCA dims {s['pca_dims']:4d}  N_G {s['n_components']:5d}  " if s["pca_dims"] is not None else ""
             print(
-                f"  {v:8s} PCA dims {s['pca_dims']:4d}  N_G {s['n_components']:5d}  threshold {s['threshold']:.6g}"
+                f"  {v:8s} {shape}threshold {s['threshold']:.6g}"
                 f"  ({ref.threshold_source_}, FRR {ref.frr_empirical_[v]:.3f} at target {config.frr})"
             )
     return 0
@@ -153,12 +155,26 @@ def cmd_score(args) -> int:
 
 
 # -- evaluate ------------------------------------------------------------------------------
+def _evaluation_reference(args):
+    """A saved artifact (``--reference``), or the named detector fitted here (``--fit``)."""
+    from detector.baselines import make_reference
+
+    if args.reference:
+        ref = _load_reference(args.reference)
+        if args.detector and args.detector != ref.detector:
+            raise ValueError(f"{args.reference} holds a {ref.detector} reference, not {args.detector}")
+        return ref
+    ref = make_reference(args.detector or "gmm", _config_from_args(args))
+    ref.fit(args.fit, base=args.base)
+    return ref.calibrate(args.calibrate or None)
+
+
 def cmd_evaluate(args) -> int:
     from detector.evaluation import roc_auc
     from detector.threshold import rejection_rate
 
     try:
-        ref = _load_reference(args.reference)
+        ref = _evaluation_reference(args)
         groups = {}
         with _progress(len(args.clean) + len(args.backdoored), "scoring", args.json) as bar:
             for name, paths in (("clean", args.clean), ("backdoored", args.backdoored)):
@@ -169,7 +185,10 @@ def cmd_evaluate(args) -> int:
     except DetectorError as e:
         _err(f"{e} (evaluate needs every checkpoint to be scorable)")
         return 2
-    result: dict[str, Any] = {"auc": {}, "detection_rate": {}, "false_rejection_rate": {}}
+    except ValueError as e:
+        _err(f"cannot build the {args.detector or 'gmm'} reference: {e}")
+        return 2
+    result: dict[str, Any] = {"detector": ref.detector, "auc": {}, "detection_rate": {}, "false_rejection_rate": {}}
     for v, t in ref.thresholds_.items():
         c = [s[v] for s in groups["clean"]]
         b = [s[v] for s in groups["backdoored"]]
@@ -183,7 +202,7 @@ def cmd_evaluate(args) -> int:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['n_clean']} clean vs {result['n_backdoored']} backdoored networks")
+        print(f"{ref.detector}: {result['n_clean']} clean vs {result['n_backdoored']} backdoored networks")
         for v in ref.thresholds_:
             print(
                 f"  {v:8s} AUC {result['auc'][v]:.3f}   at threshold: detected {result['detection_rate'][v]:.2f},"
@@ -202,6 +221,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _reference_flags(p) -> None:
+    """The settings of :class:`ReferenceConfig`, for every command that fits a reference."""
+    p.add_argument("--config", help="YAML file of reference settings (flags override it)")
+    p.add_argument("--layer", help="tensor name (default last_linear.weight; logits.weight for trojan-signature)")
+    p.add_argument("--views", type=_csv(str), help="comma list: forward,backward")
+    p.add_argument("--components", help="'auto' (choose N_G by AIC over --grid) or a fixed N_G")
+    p.add_argument("--grid", type=_csv(int), help=f"N_G grid for auto (default the paper's {','.join(map(str, PAPER_GRID))})")
+    p.add_argument("--criterion", choices=["aic", "bic"])
+    p.add_argument("--covariance", choices=["full", "diag"])
+    p.add_argument("--variance", type=float, help="PCA variance to keep (default 0.95)")
+    p.add_argument("--reg-covar", type=float, help="covariance regularisation, relative to the data variance")
+    p.add_argument("--max-iter", type=int, help="EM iterations at most")
+    p.add_argument("--frr", type=float, help="target false-rejection rate (default 0.05)")
+    p.add_argument("--seed", type=int)
+
+
 def register(sub) -> None:
     ref = sub.add_parser("reference", help="build the reference of clean networks")
     ref_sub = ref.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
@@ -213,20 +248,10 @@ def register(sub) -> None:
     )
     fit.add_argument("checkpoints", nargs="+", metavar="CKPT", help="clean reference networks")
     fit.add_argument("--out", required=True, help="artifact directory to create")
-    fit.add_argument("--config", help="YAML file of reference settings (flags override it)")
-    fit.add_argument("--layer", help="tensor name (default last_linear.weight)")
-    fit.add_argument("--views", type=_csv(str), help="comma list: forward,backward")
-    fit.add_argument("--components", help="'auto' (choose N_G by AIC over --grid) or a fixed N_G")
-    fit.add_argument("--grid", type=_csv(int), help=f"N_G grid for auto (default the paper's {','.join(map(str, PAPER_GRID))})")
-    fit.add_argument("--criterion", choices=["aic", "bic"])
-    fit.add_argument("--covariance", choices=["full", "diag"])
-    fit.add_argument("--variance", type=float, help="PCA variance to keep (default 0.95)")
-    fit.add_argument("--reg-covar", type=float, help="covariance regularisation, relative to the data variance")
-    fit.add_argument("--max-iter", type=int, help="EM iterations at most")
+    fit.add_argument("--detector", choices=DETECTORS, default="gmm", help="the paper's gmm (default) or a naive baseline")
+    _reference_flags(fit)
     fit.add_argument("--calibrate", nargs="+", metavar="CLEAN_CKPT", help="held-out clean networks for the threshold")
     fit.add_argument("--base", metavar="BASE_CKPT", help="the network fine-tuning started from: enables the frozen-trunk check")
-    fit.add_argument("--frr", type=float, help="target false-rejection rate (default 0.05)")
-    fit.add_argument("--seed", type=int)
     fit.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     fit.add_argument("--json", action="store_true", help="one JSON summary on stdout, no progress")
     fit.set_defaults(func=cmd_reference_fit)
@@ -237,8 +262,19 @@ def register(sub) -> None:
     sc.add_argument("--json", action="store_true", help="one JSON line per checkpoint")
     sc.set_defaults(func=cmd_score)
 
-    ev = sub.add_parser("evaluate", help="ROC AUC per view of clean vs backdoored networks")
-    ev.add_argument("--reference", required=True, metavar="REF_DIR")
+    ev = sub.add_parser(
+        "evaluate",
+        help="ROC AUC per view of clean vs backdoored networks",
+        description="Score clean and backdoored networks with a saved reference (--reference) or with a "
+        "detector fitted here on clean networks (--detector NAME --fit CKPT...), e.g. to compare a baseline.",
+    )
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--reference", metavar="REF_DIR", help="a reference artifact made by `reference fit`")
+    src.add_argument("--fit", nargs="+", metavar="CKPT", help="clean reference networks to fit --detector on")
+    ev.add_argument("--detector", choices=DETECTORS, help="gmm (default), gaussian, distance-mean, distance-base, trojan-signature")
+    ev.add_argument("--calibrate", nargs="+", metavar="CLEAN_CKPT", help="with --fit: held-out clean networks for the threshold")
+    ev.add_argument("--base", metavar="BASE_CKPT", help="with --fit: the base network (needed by distance-base)")
+    _reference_flags(ev)
     ev.add_argument("--clean", nargs="+", required=True, metavar="CKPT")
     ev.add_argument("--backdoored", nargs="+", required=True, metavar="CKPT")
     ev.add_argument("--json", action="store_true")
