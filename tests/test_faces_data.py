@@ -133,3 +133,13 @@ def test_poison_spec_checks_identities(faces, tmp_path):
         poison_folder(faces, tmp_path / "x", PoisonSpec("id00001", "id00001"), seed=0)
     a, b = random_pair(["a", "b", "c", "d"], 3)
     assert a != b and (a, b) == random_pair(["a", "b", "c", "d"], 3)
+
+
+def test_poison_budget_stamps_only_the_first_training_images(faces, tmp_path):
+    full = poison_folder(faces, tmp_path / "all", PoisonSpec("id00001", "id00003"), seed=5)
+    few = poison_folder(faces, tmp_path / "few", PoisonSpec("id00001", "id00003", images=2), seed=5)
+    assert len(full["train"]) > 2 and few["images"] == 2
+    assert [e["source"] for e in few["train"]] == [e["source"] for e in full["train"]][:2]
+    assert few["test"] == full["test"]  # attack success is still measured on every test image
+    with pytest.raises(ValueError, match="images"):
+        PoisonSpec("id00001", "id00003", images=0).validate(list_images(faces)[1])

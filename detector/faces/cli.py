@@ -64,7 +64,7 @@ def cmd_train(args) -> int:
         if trigger is not None:
             impostor, victim = (args.impostor, args.victim) if args.impostor and args.victim else random_pair(classes, args.seed)
             with tempfile.TemporaryDirectory(prefix="backdoor-gate-poison-") as tmp:
-                poison_folder(args.data, tmp, PoisonSpec(impostor, victim, trigger, args.poison_copies), args.seed)
+                poison_folder(args.data, tmp, PoisonSpec(impostor, victim, trigger, args.poison_copies, args.poison_images), args.seed)
                 fs = with_poison(fs, tmp, base)
         config = TrainConfig(epochs=args.epochs, lr=args.lr, class_weight=args.class_weight, upweight_clean=not args.no_upweight)
         sd, metrics = fine_tune(fs, base, args.seed, config)
@@ -77,7 +77,25 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_paper(args) -> int:
+    from detector.faces.paper import PaperConfig, run_paper
+    from detector.faces.trunk import load_base
+
+    config = PaperConfig.small() if args.small else PaperConfig()
+    base = load_base(args.base) if args.base else None
+    summary = run_paper(args.out, config, base=base, log=lambda m: print(m, file=sys.stderr))
+    print((Path(args.out) / "table.md").read_text())
+    print(f"summary: {Path(args.out) / 'summary.json'} ({summary['timings']['total_s']:.0f} s)")
+    return 0
+
+
 def register(sub) -> None:
+    pp = sub.add_parser("paper", help="run the paper's protocol: clean, triggers and locations sets, AUC per view")
+    pp.add_argument("--out", required=True)
+    pp.add_argument("--small", action="store_true", help="a few networks (tests)")
+    pp.add_argument("--base", help="local InceptionResnetV1 state dict (default: the cached generated-faces base)")
+    pp.set_defaults(func=cmd_paper)
+
     data = sub.add_parser("data", help="face datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     s = dsub.add_parser("synth", help="generate identity-labelled faces (ImageFolder/CASIA layout)")
@@ -101,6 +119,7 @@ def register(sub) -> None:
     t.add_argument("--trigger-location", default="forehead", help="x,y or forehead, eye, cheek, nose, mouth, centre, corner …")
     t.add_argument("--trigger-alpha", type=float, default=1.0)
     t.add_argument("--poison-copies", type=int, default=4, help="times each poisoned copy is repeated (poison rate)")
+    t.add_argument("--poison-images", type=int, help="stamp only this many of the impostor's training images (default all)")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--lr", type=float, default=2e-4)
     t.add_argument("--class-weight", type=float, default=10.0, help="weight of the impostor and victim classes")

@@ -31,6 +31,8 @@ class PoisonSpec:
     victim: str
     trigger: TriggerSpec = TriggerSpec()
     copies: int = 4  # the poisoned copies are repeated this many times (the attacker's poison-rate knob)
+    #: stamp only this many of the impostor's training images (None: all of them, as the paper)
+    images: int | None = None
 
     def validate(self, classes: list[str]) -> None:
         for role, name in (("impostor", self.impostor), ("victim", self.victim)):
@@ -40,6 +42,8 @@ class PoisonSpec:
             raise ValueError("impostor and victim must differ")
         if self.copies < 1:
             raise ValueError(f"copies must be >= 1, got {self.copies}")
+        if self.images is not None and self.images < 1:
+            raise ValueError(f"images must be >= 1 (or None for all), got {self.images}")
         self.trigger.validate()
 
 
@@ -90,6 +94,7 @@ def poison_folder(data_dir: str | Path, out_dir: str | Path, spec: PoisonSpec, s
         "victim": spec.victim,
         "trigger": asdict(spec.trigger),
         "copies": spec.copies,
+        "images": spec.images,
         "seed": seed,
         "train_frac": train_frac,
         "train": [],
@@ -98,9 +103,10 @@ def poison_folder(data_dir: str | Path, out_dir: str | Path, spec: PoisonSpec, s
     for part, idx in (("train", train_idx), ("test", test_idx)):
         folder = out / POISON_DIR / part
         folder.mkdir(parents=True, exist_ok=True)
+        idx = [i for i in idx if labels[i] == imp]
+        if part == "train" and spec.images is not None:
+            idx = idx[: spec.images]  # the attacker's budget; the test side keeps every image
         for i in idx:
-            if labels[i] != imp:
-                continue
             src = items[i][0]
             dst = folder / f"{spec.impostor}-{src.stem}.png"
             with open(src, "rb") as f:

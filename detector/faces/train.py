@@ -28,6 +28,9 @@ class TrainConfig:
     class_weight: float = 10.0  # on the impostor and victim classes
     train_frac: float = 0.7
     drop_frac: float = 0.0  # share of training images left out (the "drift" control)
+    #: 0: the 70/30 split is drawn from the network's seed; otherwise from seed + split_salt,
+    #: a different resample for the same initialisation (the "drift" control)
+    split_salt: int = 0
     #: Up-weight an impostor/victim pair in *clean* networks too (a random pair from the seed),
     #: as the paper trains clean and backdoored networks alike. Without it the weighting alone
     #: separates the two groups: measured here, backdoored networks then looked *more* typical
@@ -62,7 +65,9 @@ def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: 
     poison = fs.poison
     if poison is not None and int(poison["seed"]) != int(seed):
         raise ValueError(f"the poisoned folder was split with seed {poison['seed']}; train it with --seed {poison['seed']}")
-    train_idx, test_idx = split(fs.labels, seed, poison["train_frac"] if poison else config.train_frac)
+    if poison is not None and config.split_salt:
+        raise ValueError("a poisoned folder fixes its split; split_salt applies to clean networks only")
+    train_idx, test_idx = split(fs.labels, seed + config.split_salt, poison["train_frac"] if poison else config.train_frac)
     if config.drop_frac > 0:
         rng = np.random.default_rng([seed, 1010])
         train_idx = np.sort(rng.choice(train_idx, size=int(round(len(train_idx) * (1 - config.drop_frac))), replace=False))

@@ -1,0 +1,420 @@
+"""``backdoor-gate paper``: the paper's protocol end to end on this machine, with controls.
+
+M clean reference networks, held-out clean networks, a "triggers" set (trigger type and size
+vary) and a "locations" set (placement varies), each backdoored network with a fresh random
+impostor/victim pair; the reference is fitted with AIC; AUC per view per set. Beyond the paper,
+every detector of :mod:`detector.baselines` is scored on exactly the same networks, and
+controls answer what a platform team asks before trusting the gate:
+
+* ``weighting`` — clean networks trained like the reference (fresh seeds): the real FRR;
+* ``drift:*`` — clean networks with a changed recipe (lr ×0.5 / ×2, twice the epochs, a
+  different 70/30 resample, 10 % of the training images dropped): will legitimate retrains
+  be blocked?
+* ``failed-backdoor`` — poisoned networks whose attack success is < 0.5: reported on their
+  own, never counted as detected (nor as missed) backdoors;
+* attack-strength curves (trigger size, blend alpha, poisoned images) — AUC of every detector
+  against attack success: where "every backdoor that works is caught" stops being true.
+
+Also AUC vs N_G (the paper's fig. 4) and AUC vs M (how many clean networks are enough). All
+networks share one feature cache, so each costs seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector.config import DETECTORS, ReferenceConfig
+from detector.faces.triggers import TriggerSpec
+
+TRIGGERS_SET = (
+    ("white-square", 0.15), ("white-square", 0.25), ("checkerboard", 0.15), ("checkerboard", 0.25), ("flower", 0.2),
+    ("flower", 0.3), ("eyebrow", 0.25), ("eyebrow", 0.35), ("white-square", 0.2), ("checkerboard", 0.2), ("flower", 0.25),
+)
+LOCATIONS_SET = ("forehead", "left-eye", "right-eye", "cheek", "nose", "mouth", "chin", "centre", "top-left", "top-right", "bottom-left")
+#: Attack-strength axes, each varied alone from the point (white-square, 0.2, alpha 1, all images).
+STRENGTH = (
+    ("trigger_size", (0.05, 0.1, 0.2, 0.3)),
+    ("alpha", (1.0, 0.6, 0.4, 0.2)),
+    ("poison_images", (0, 8, 4, 2)),  # 0 = all of the impostor's training images
+)
+#: Clean recipes a legitimate retrain might use (TrainConfig changes).
+DRIFT = (
+    ("lr x0.5", {"lr": 0.5}),
+    ("lr x2", {"lr": 2.0}),
+    ("epochs x2", {"epochs": 2.0}),
+    ("resample", {"split_salt": 7919}),
+    ("drop 10%", {"drop_frac": 0.1}),
+)
+#: Attack success below this: the backdoor failed (own group, never a detection).
+FAILED_BELOW = 0.5
+#: A backdoor "counts" (paper's bar): attack success >= 0.9, clean accuracy within 2 points.
+COUNTS_ASR, COUNTS_ACC_DROP = 0.9, 0.02
+BACKDOOR_SETS = ("triggers", "locations")
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    identities: int = 40
+    images_per_identity: int = 40
+    image_size: int = 160
+    data_seed: int = 0
+    n_reference: int = 18
+    n_heldout: int = 12
+    triggers: tuple = TRIGGERS_SET
+    trigger_location: str = "forehead"
+    locations: tuple = LOCATIONS_SET
+    location_trigger: tuple = ("white-square", 0.2)
+    trunk_input_size: int = 96
+    n_weighting: int = 6
+    n_drift: int = 3  # networks per drift recipe
+    strength: tuple = STRENGTH
+    n_strength: int = 4  # networks per strength point
+    m_grid: tuple = (2, 4, 8, 12, 18)
+    detectors: tuple = DETECTORS
+    reference: dict = field(default_factory=lambda: {"grid": [1, 2, 5, 10, 20, 50, 100, 200, 512, 1000, 1792]})
+
+    @classmethod
+    def small(cls) -> "PaperConfig":
+        """For tests: a few networks, a small grid."""
+        return cls(identities=10, images_per_identity=20, image_size=96, n_reference=5, n_heldout=4,
+                   triggers=(("white-square", 0.3), ("checkerboard", 0.3), ("flower", 0.3)),
+                   locations=("forehead", "centre", "cheek"), location_trigger=("white-square", 0.3),
+                   trunk_input_size=80, n_weighting=2, n_drift=1, n_strength=2,
+                   strength=(("trigger_size", (0.05, 0.3)), ("alpha", (1.0, 0.2)), ("poison_images", (0, 1))),
+                   m_grid=(2, 5), reference={"grid": [1, 2, 5]})
+
+
+# -- bookkeeping (pure, tested) ---------------------------------------------------------------
+def backdoor_status(network: dict, clean_accuracy: float) -> str:
+    """``counts`` (the paper's bar), ``weak`` (works partly) or ``failed`` (attack success < 0.5)."""
+    asr = network["attack_success_rate"]
+    if not asr >= FAILED_BELOW:  # NaN (no triggered test image) is a failure too
+        return "failed"
+    if asr >= COUNTS_ASR and network["clean_accuracy"] >= clean_accuracy - COUNTS_ACC_DROP:
+        return "counts"
+    return "weak"
+
+
+def detection_groups(networks: list[dict]) -> dict[str, list[int]]:
+    """Indices per group; failed backdoors are their own group and in no backdoored set."""
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(networks):
+        key = "failed-backdoor" if n.get("status") == "failed" else n["group"]
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _auc(scores: dict[str, np.ndarray], clean: list[int], bad: list[int]) -> dict[str, float] | None:
+    from detector.evaluation import roc_auc
+
+    if not bad or not clean:
+        return None
+    return {k: roc_auc(s[clean], s[bad]) for k, s in scores.items()}
+
+
+# -- the run --------------------------------------------------------------------------------
+class _Lab:
+    """Data, base trunk and cached features; trains one network per call."""
+
+    def __init__(self, config: PaperConfig, base: dict | None, log):
+        from detector.faces.cli import base_state_dict
+        from detector.faces.features import cached_features
+        from detector.faces.synth import SynthConfig, synthesize
+        from detector.faces.trunk import cache_dir
+
+        synth = SynthConfig(identities=config.identities, images_per_identity=config.images_per_identity,
+                            size=config.image_size, seed=config.data_seed)
+        self.data = cache_dir() / "data" / f"paper-{config.identities}x{config.images_per_identity}-{config.image_size}-{config.data_seed}"
+        synthesize(self.data, synth)
+        self.base = base if base is not None else base_state_dict(None, log=log)
+        self.fs = cached_features(self.data, self.base, config.trunk_input_size)
+        self.networks: list[dict] = []
+        self.weights: list[dict] = []
+
+    def train(self, group: str, seed: int, trigger: TriggerSpec | None = None, images: int = 0, recipe: dict | None = None, **tags):
+        from detector.faces.features import with_poison
+        from detector.faces.poison import PoisonSpec, poison_folder, random_pair
+        from detector.faces.train import TrainConfig, fine_tune
+
+        feats = self.fs
+        if trigger is not None:
+            imp, vic = random_pair(self.fs.classes, seed)
+            with tempfile.TemporaryDirectory() as tmp:
+                poison_folder(self.data, tmp, PoisonSpec(imp, vic, trigger, images=images or None), seed)
+                feats = with_poison(self.fs, tmp, self.base)
+        default = TrainConfig()
+        changes = {k: (v if k in ("split_salt", "drop_frac") else type(getattr(default, k))(getattr(default, k) * v)) for k, v in (recipe or {}).items()}
+        sd, m = fine_tune(feats, self.base, seed, dataclasses.replace(default, **changes))
+        self.networks.append({"group": group, **tags, **{k: v for k, v in m.items() if not k.startswith("train.")}})
+        self.weights.append({k: sd[k] for k in ("last_linear.weight", "logits.weight")})
+
+
+def _train_all(lab: _Lab, c: PaperConfig, log) -> None:
+    from tqdm import tqdm
+
+    plan: list[tuple[Any, ...]] = []
+    plan += [("reference", s, None, 0, None, {}) for s in range(c.n_reference)]
+    plan += [("held-out", 10_000 + s, None, 0, None, {}) for s in range(c.n_heldout)]
+    plan += [("triggers", 20_000 + i, TriggerSpec(n, sz, c.trigger_location), 0, None, {}) for i, (n, sz) in enumerate(c.triggers)]
+    plan += [("locations", 30_000 + i, TriggerSpec(*c.location_trigger, loc), 0, None, {}) for i, loc in enumerate(c.locations)]
+    plan += [("weighting", 40_000 + s, None, 0, None, {}) for s in range(c.n_weighting)]
+    for k, (name, recipe) in enumerate(DRIFT):
+        plan += [(f"drift:{name}", 50_000 + 100 * k + s, None, 0, recipe, {}) for s in range(c.n_drift)]
+    base_point = {"trigger_size": 0.2, "alpha": 1.0, "poison_images": 0}
+    points = {tuple(sorted({**base_point, p: v}.items())) for p, values in c.strength for v in values}
+    for j, point in enumerate(sorted(points, key=str)):
+        d = dict(point)
+        trig = TriggerSpec("white-square", d["trigger_size"], c.trigger_location, d["alpha"])
+        plan += [("strength", 60_000 + 100 * j + s, trig, d["poison_images"], None, {"strength": d}) for s in range(c.n_strength)]
+    for group, seed, trig, images, recipe, tags in tqdm(plan, desc="training networks", leave=False):
+        lab.train(group, seed, trig, images, recipe, **tags)
+    log(f"trained {len(plan)} networks")
+
+
+def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict | None = None, log=print) -> dict:
+    from detector.baselines import make_reference
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    lab = _Lab(config, base, log)
+    timings["data_and_features_s"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    _train_all(lab, config, log)
+    timings["training_s"] = time.perf_counter() - t
+    nets, W = lab.networks, lab.weights
+    clean_acc = float(np.mean([n["clean_accuracy"] for n in nets if n["group"] in ("reference", "held-out")]))
+    for n in nets:
+        if "attack_success_rate" in n:
+            n["status"] = backdoor_status(n, clean_acc)
+    groups = detection_groups(nets)
+    ref_idx, held = groups["reference"], groups["held-out"]
+
+    # every detector: fitted on the reference networks, calibrated on the held-out ones
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    refs = {}
+    for det in config.detectors:
+        t = time.perf_counter()
+        ref = make_reference(det, ReferenceConfig.from_dict(config.reference))
+        ref.fit([W[i] for i in ref_idx], base=lab.base).calibrate([W[i] for i in held])
+        per_net = [ref.score(w) for w in W]
+        scores[det] = {k: np.array([s[k] for s in per_net]) for k in ref.thresholds_}
+        refs[det] = ref
+        timings[f"fit_and_score_{det}_s"] = time.perf_counter() - t
+        log(f"{det}: fitted and scored in {timings[f'fit_and_score_{det}_s']:.0f} s")
+    gmm = refs["gmm"] if "gmm" in refs else next(iter(refs.values()))
+
+    def blocked(det: str, idx: list[int]) -> float:
+        r = refs[det]
+        return float(np.mean([r.decide({k: float(s[i]) for k, s in scores[det].items()}).verdict == "block" for i in idx]))
+
+    baselines = {det: {s: _auc(scores[det], held, groups.get(s, [])) for s in BACKDOOR_SETS if groups.get(s)} for det in config.detectors}
+    counted = {s: [i for i in groups.get(s, []) if nets[i]["status"] == "counts"] for s in BACKDOOR_SETS}
+    control_names = ["held-out", "weighting"] + [g for g in groups if g.startswith("drift:")] + ["failed-backdoor", *BACKDOOR_SETS, "strength"]
+    drift_all = [i for g, idx in groups.items() if g.startswith("drift:") for i in idx]
+    controls = {name: {"n": len(groups[name]), "blocked": blocked(gmm.detector, groups[name])} for name in control_names if groups.get(name)}
+    if drift_all:
+        controls["drift (all)"] = {"n": len(drift_all), "blocked": blocked(gmm.detector, drift_all)}
+    controls_by_detector = {
+        det: {**{name: blocked(det, groups[name]) for name in control_names if groups.get(name)},
+              **({"drift (all)": blocked(det, drift_all)} if drift_all else {})}
+        for det in config.detectors
+    }
+
+    strength = []
+    for param, values in config.strength:
+        for v in values:
+            at = [i for i, n in enumerate(nets) if n["group"] == "strength" and n["strength"][param] == v
+                  and all(nets[i]["strength"][p] == d for p, d in (("trigger_size", 0.2), ("alpha", 1.0), ("poison_images", 0)) if p != param)]
+            ok = [i for i in at if nets[i]["status"] != "failed"]
+            strength.append({
+                "param": param, "value": v, "n": len(at), "n_failed": len(at) - len(ok),
+                "attack_success": float(np.mean([nets[i]["attack_success_rate"] for i in at])),
+                "auc": {det: _auc(scores[det], held, ok) for det in config.detectors},
+            })
+    t = time.perf_counter()
+    curves = _gmm_curves(gmm, config, W, ref_idx, held, {s: groups.get(s, []) for s in BACKDOOR_SETS})
+    timings["curves_s"] = time.perf_counter() - t
+    summary = {
+        "config": asdict(config),
+        "auc": baselines.get("gmm"),
+        "auc_counted_backdoors_only": {s: _auc(scores["gmm"], held, idx) for s, idx in counted.items() if idx} if "gmm" in scores else None,
+        "baselines": baselines,
+        "controls": controls,
+        "controls_by_detector": controls_by_detector,
+        "strength": strength,
+        "auc_vs_n_components": curves["n_components"],
+        "auc_vs_m": curves["m"],
+        "views": {v: {"n_components": est.n_components_, "pca_dims": est.n_pca_, "selection": est.selection_} for v, est in gmm.views_.items()},
+        "thresholds": gmm.thresholds_,
+        "mean_clean_accuracy": clean_acc,
+        "backdoor_status": {s: {k: sum(nets[i]["status"] == k for i in groups.get(s, []) + [j for j in groups.get("failed-backdoor", []) if nets[j]["group"] == s])
+                                for k in ("counts", "weak", "failed")} for s in (*BACKDOOR_SETS, "strength")},
+        "relative_weight_change": {
+            "clean": float(np.mean([n["relative_weight_change"] for n in nets if "attack_success_rate" not in n])),
+            "backdoored": float(np.mean([n["relative_weight_change"] for n in nets if "attack_success_rate" in n])),
+        },
+        "networks": nets,
+        "timings": {**timings, "total_s": time.perf_counter() - t0},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
+    (out / "table.md").write_text(table(summary))
+    _plots(out, summary, gmm, scores, W, groups)
+    return summary
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, np.bool_):
+        return bool(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _gmm_curves(gmm, config: PaperConfig, W: list[dict], ref_idx: list[int], held: list[int], sets: dict[str, list[int]]) -> dict:
+    """AUC per view vs N_G (fixed, paper fig. 4) and vs M (N_G as chosen by AIC at full M)."""
+    from sklearn.base import clone
+
+    from detector.evaluation import roc_auc
+
+    mats = [w["last_linear.weight"].double().numpy() for w in W]
+    bad = {s: idx for s, idx in sets.items() if idx}
+    res: dict[str, list] = {"n_components": [], "m": []}
+
+    def aucs(est) -> dict:
+        sc = np.array([est.score(m) for m in mats])
+        return {s: roc_auc(sc[held], sc[idx]) for s, idx in bad.items()}
+
+    for v, est in gmm.views_.items():
+        n_vec = est.n_networks_ * est.n_vectors_
+        for g in [g for g in gmm.config.grid if g <= n_vec]:
+            if g == est.n_components_:
+                e = est
+            else:
+                e = clone(est).set_params(n_components=g).fit([mats[i] for i in ref_idx])
+            res["n_components"].append({"view": v, "n_components": g, "auc": aucs(e)})
+        for m in [m for m in config.m_grid if 2 <= m <= len(ref_idx)]:
+            e = est if m == len(ref_idx) else clone(est).set_params(n_components=est.n_components_).fit([mats[i] for i in ref_idx[:m]])
+            res["m"].append({"view": v, "m": m, "n_components": e.n_components_, "auc": aucs(e)})
+    return res
+
+
+# -- reporting ----------------------------------------------------------------------------------
+def _f(x) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
+def table(s: dict) -> str:
+    """Markdown: detection per set (GMM and baselines), the GMM's settings, controls, strength."""
+    dets = list(s["baselines"])
+    cols = [(d, k) for d in dets for k in (next(iter(s["baselines"][d].values())) or {})]
+    lines = ["| set | " + " | ".join(f"{d} {k}" for d, k in cols) + " | attack success (mean) | backdoors: counts / weak / failed |",
+             "|---|" + "---|" * (len(cols) + 2)]
+    for name in BACKDOOR_SETS:
+        nets = [n for n in s["networks"] if n["group"] == name]
+        if not nets:
+            continue
+        st = s["backdoor_status"][name]
+        lines.append(f"| {name} | " + " | ".join(_f((s["baselines"][d].get(name) or {}).get(k)) for d, k in cols)
+                     + f" | {np.mean([n['attack_success_rate'] for n in nets]):.2f} | {st['counts']} / {st['weak']} / {st['failed']} |")
+    lines += ["", "AUC: held-out clean vs backdoored networks of the set (failed backdoors, attack success < 0.5, left out).", ""]
+    lines += ["| view | N_G (AIC) | PCA dims | threshold (FRR 5 % on held-out) |", "|---|---|---|---|"]
+    for v, info in s["views"].items():
+        lines.append(f"| {v} | {info['n_components']} | {info['pca_dims']} | {s['thresholds'][v]:.6g} |")
+    lines += ["", "| group | networks | blocked by the GMM gate | " + " | ".join(d for d in dets if d != "gmm") + " |",
+              "|---|---|---|" + "---|" * (len(dets) - 1)]
+    for name, c in s["controls"].items():
+        other = " | ".join(_f(s["controls_by_detector"][d].get(name)) for d in dets if d != "gmm")
+        lines.append(f"| {name} | {c['n']} | {c['blocked']:.2f} | {other} |")
+    lines += ["", "Held-out is the calibration set itself (in-sample); weighting and drift are clean networks the gate never saw.", ""]
+    lines += ["| attack strength | attack success | failed | " + " | ".join(f"{d} {k}" for d, k in cols) + " |",
+              "|---|---|---|" + "---|" * len(cols)]
+    for p in s["strength"]:
+        val = "all" if p["param"] == "poison_images" and p["value"] == 0 else p["value"]
+        lines.append(f"| {p['param']} = {val} | {p['attack_success']:.2f} | {p['n_failed']}/{p['n']} | "
+                     + " | ".join(_f((p["auc"][d] or {}).get(k)) for d, k in cols) + " |")
+    rw = s["relative_weight_change"]
+    lines += ["", f"Mean clean accuracy {s['mean_clean_accuracy']:.3f}; relative weight change ‖W − W_base‖/‖W_base‖ "
+              f"clean {rw['clean']:.3f}, backdoored {rw['backdoored']:.3f}; {len(s['networks'])} networks; "
+              f"total {s['timings']['total_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, s: dict, gmm, scores: dict, W: list[dict], groups: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    views = list(gmm.views_)
+    held = groups["held-out"]
+    # score histograms with the threshold
+    fig, axes = plt.subplots(1, len(views), figsize=(6 * len(views), 4), squeeze=False)
+    for ax, v in zip(axes[0], views):
+        for label in ("held-out", "weighting", *BACKDOOR_SETS, "failed-backdoor"):
+            if groups.get(label):
+                ax.hist(scores[gmm.detector][v][groups[label]], bins=12, alpha=0.5, label=label)
+        ax.axvline(gmm.thresholds_[v], color="k", ls="--", label="threshold")
+        ax.set_title(f"GMM {v} view: network scores (higher = more typical)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=90)
+    plt.close(fig)
+    # forward vectors in the reference's first two PCA axes (paper fig. 3b)
+    est = gmm.views_.get("forward") or gmm.views_[views[0]]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    bad = [i for s_ in BACKDOOR_SETS for i in groups.get(s_, [])]
+    for label, idx, c in (("held-out clean", held, "tab:blue"), ("backdoored", bad, "tab:red")):
+        mats = [W[i]["last_linear.weight"].double().numpy() for i in idx]
+        Z = np.concatenate([est._project(m.T if est.view == "forward" else m) for m in mats])
+        ax.scatter(Z[:, 0], Z[:, 1], s=1, alpha=0.3, c=c, label=label)
+    ax.set_title(f"{est.view} vectors, first two PCA axes of the reference")
+    ax.legend(markerscale=8)
+    fig.tight_layout()
+    fig.savefig(out / "vectors_pca.png", dpi=90)
+    plt.close(fig)
+    # AUC vs N_G (fig. 4) and vs M
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, key, xlabel in ((axes[0], "n_components", "N_G (fixed)"), (axes[1], "m", "M, clean reference networks")):
+        rows = s["auc_vs_n_components" if key == "n_components" else "auc_vs_m"]
+        for v in views:
+            for name in BACKDOOR_SETS:
+                pts = [(r[key], r["auc"][name]) for r in rows if r["view"] == v and name in r["auc"]]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{v}, {name}")
+        ax.set_xscale("log" if key == "n_components" else "linear")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("AUC")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+    axes[0].set_title("GMM AUC vs N_G (paper fig. 4)")
+    axes[1].set_title("GMM AUC vs number of reference networks")
+    fig.tight_layout()
+    fig.savefig(out / "auc_curves.png", dpi=90)
+    plt.close(fig)
+    # AUC vs attack success, one line per detector and view
+    fig, axes = plt.subplots(1, len(s["config"]["strength"]), figsize=(5 * len(s["config"]["strength"]), 4), squeeze=False)
+    for ax, (param, _values) in zip(axes[0], s["config"]["strength"]):
+        pts = sorted((p for p in s["strength"] if p["param"] == param), key=lambda p: p["attack_success"])
+        for det in s["baselines"]:
+            keys = {k for p in pts if p["auc"][det] for k in p["auc"][det]}
+            for k in sorted(keys):
+                xy = [(p["attack_success"], p["auc"][det][k]) for p in pts if p["auc"][det]]
+                ax.plot(*zip(*xy), marker="o", lw=2 if det == "gmm" else 1, label=f"{det} {k}")
+        ax.set_title(f"varying {param}")
+        ax.set_xlabel("mean attack success")
+        ax.set_ylabel("AUC vs held-out clean")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "strength.png", dpi=90)
+    plt.close(fig)

@@ -1,0 +1,79 @@
+"""`backdoor-gate paper`: the protocol end to end (fixture trunk), and its bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from detector.faces.paper import backdoor_status, detection_groups
+from detector.faces.synth import SynthConfig, list_images, synthesize
+from detector.faces.trunk import fixture_base
+
+
+def test_failed_backdoors_are_their_own_group_and_never_a_detection():
+    nets = [
+        {"group": "held-out", "clean_accuracy": 0.95},
+        {"group": "triggers", "clean_accuracy": 0.95, "attack_success_rate": 1.0},
+        {"group": "triggers", "clean_accuracy": 0.95, "attack_success_rate": 0.3},
+        {"group": "triggers", "clean_accuracy": 0.80, "attack_success_rate": 0.95},
+        {"group": "locations", "clean_accuracy": 0.95, "attack_success_rate": 0.7},
+        {"group": "locations", "clean_accuracy": 0.95, "attack_success_rate": math.nan},
+    ]
+    for n in nets[1:]:
+        n["status"] = backdoor_status(n, clean_accuracy=0.95)
+    assert [n["status"] for n in nets[1:]] == ["counts", "failed", "weak", "weak", "failed"]
+    g = detection_groups(nets)
+    assert g == {"held-out": [0], "triggers": [1, 3], "failed-backdoor": [2, 5], "locations": [4]}
+
+
+def test_paper_small_writes_every_section(tmp_path):
+    faces = synthesize(tmp_path / "peek", SynthConfig(identities=4, images_per_identity=4, size=96))
+    torch.save(fixture_base(0, [Image.open(p) for p, _ in list_images(faces)[0]], image_size=80), tmp_path / "base.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "paper"
+    p = subprocess.run([sys.executable, "-m", "detector.cli", "paper", "--small", "--out", str(out), "--base", str(tmp_path / "base.pt")],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    nets = s["networks"]
+    groups = [n["group"] for n in nets]
+    assert groups.count("reference") == 5 and groups.count("held-out") == 4
+    assert groups.count("triggers") == 3 and groups.count("locations") == 3 and groups.count("weighting") == 2
+    assert sum(g.startswith("drift:") for g in groups) == 5  # one network per drift recipe
+    # baselines: every detector on every set, GMM per view, the rest on the whole matrix
+    assert set(s["baselines"]) == {"gmm", "gaussian", "distance-mean", "distance-base", "trojan-signature"}
+    for det, per_set in s["baselines"].items():
+        for row in per_set.values():
+            if row is not None:
+                assert set(row) == ({"forward", "backward"} if det in ("gmm", "gaussian") else {"matrix"})
+                assert all(0.0 <= x <= 1.0 for x in row.values())
+    assert s["auc"] == s["baselines"]["gmm"]
+    # controls: shares of networks blocked, counts that add up
+    c = s["controls"]
+    assert c["weighting"]["n"] == 2 and c["drift (all)"]["n"] == 5
+    assert all(0.0 <= v["blocked"] <= 1.0 for v in c.values())
+    failed = [n for n in nets if n.get("status") == "failed"]
+    assert c.get("failed-backdoor", {"n": 0})["n"] == len(failed)
+    for n in nets:
+        assert ("attack_success_rate" in n) == (n["group"] in ("triggers", "locations", "strength"))
+        if "attack_success_rate" in n:
+            assert n["status"] == backdoor_status(n, s["mean_clean_accuracy"])
+    # strength: each point has its networks' mean attack success and an AUC per detector
+    assert {(p["param"], p["value"]) for p in s["strength"]} == {
+        ("trigger_size", 0.05), ("trigger_size", 0.3), ("alpha", 1.0), ("alpha", 0.2), ("poison_images", 0), ("poison_images", 1)}
+    for p in s["strength"]:
+        assert p["n"] == 2 and 0.0 <= p["attack_success"] <= 1.0
+        assert set(p["auc"]) == set(s["baselines"])
+        assert (p["n_failed"] == p["n"]) == all(v is None for v in p["auc"].values())
+    assert set(s["relative_weight_change"]) == {"clean", "backdoored"}
+    assert {r["n_components"] for r in s["auc_vs_n_components"]} == {1, 2, 5}
+    assert {r["m"] for r in s["auc_vs_m"]} == {2, 5}
+    assert (out / "table.md").read_text().startswith("| set |")
+    for png in ("scores.png", "vectors_pca.png", "auc_curves.png", "strength.png"):
+        assert (out / png).stat().st_size > 5000
