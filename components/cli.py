@@ -1,4 +1,4 @@
-"""Registry subcommands: ``gate``, ``override``, ``publish-reference``."""
+"""Registry subcommands: ``gate``, ``override``, ``publish-reference``, ``keygen``, ``verify``."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def cmd_gate(args) -> int:
     except RegistryError as e:
         print(f"backdoor-gate: {e}", file=sys.stderr)
         return 2
-    result = gate(args.model, args.version, registry=registry, reference=reference, config=GateConfig(report=not args.no_report))
+    config = GateConfig(report=not args.no_report, require_signature=args.require_signature)
+    result = gate(args.model, args.version, registry=registry, reference=reference, config=config)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -41,6 +42,8 @@ def cmd_gate(args) -> int:
             print(f"  {v:8s} score {s:.6g}  threshold {result.thresholds[v]:.6g}")
         if result.report_uri:
             print(f"  report: {result.report_uri}")
+        if result.verdict_sha256:
+            print(f"  verdict document sha256 {result.verdict_sha256[:16]}…, signed by {result.signed_by}")
     return result.exit_code
 
 
@@ -71,6 +74,48 @@ def cmd_publish_reference(args) -> int:
     return 0
 
 
+def cmd_keygen(args) -> int:
+    from detector.verdict import generate_keypair
+
+    try:
+        priv, pub = generate_keypair(args.out)
+    except (FileExistsError, OSError) as e:
+        print(f"backdoor-gate: {e}", file=sys.stderr)
+        return 2
+    print(f"signing key (put it in a Secret, mode 0600): {priv}\nverify key (publish it): {pub}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Exit 0 valid, 1 forged / tampered / unsigned, 2 could not check."""
+    from components.registry import RegistryError
+    from detector.verdict import VerdictError, load_public_key, read_envelope, verify
+
+    try:
+        key = load_public_key(args.public_key)
+    except (VerdictError, OSError) as e:
+        print(f"backdoor-gate: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.verdict:
+            model_bytes = open(args.checkpoint, "rb").read() if args.checkpoint else None
+            doc = verify(read_envelope(args.verdict), key, model_bytes=model_bytes)
+        else:
+            from components.gate import verify_version
+            from components.registry import Registry
+
+            doc = verify_version(args.model, args.version, key, registry=Registry(args.tracking_uri))
+    except VerdictError as e:
+        print(f"INVALID: {e}", file=sys.stderr)
+        return 1
+    except (RegistryError, OSError, ValueError) as e:
+        print(f"backdoor-gate: cannot verify: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(doc) if args.json else f"valid: {doc['model']} v{doc['version']} {doc['verdict']} "
+          f"(model sha256 {str(doc['model_sha256'])[:12]}…, reference {str(doc['reference_sha256'])[:12]}…, {doc['checked_at']})")
+    return 0
+
+
 def _common(p) -> None:
     p.add_argument("--tracking-uri", help="MLflow server (default $MLFLOW_TRACKING_URI)")
 
@@ -81,6 +126,8 @@ def register(sub) -> None:
     g.add_argument("--version", required=True)
     g.add_argument("--reference", help="a local reference artifact instead of the registry's @current")
     g.add_argument("--no-report", action="store_true", help="skip the HTML/PNG review report")
+    g.add_argument("--require-signature", action="store_true",
+                   help="refuse to gate without a signing key ($BACKDOOR_GATE_SIGNING_KEY or $BACKDOOR_GATE_SIGNING_KEY_FILE)")
     g.add_argument("--json", action="store_true")
     _common(g)
     g.set_defaults(func=cmd_gate)
@@ -97,3 +144,25 @@ def register(sub) -> None:
     p.add_argument("reference", metavar="REF_DIR")
     _common(p)
     p.set_defaults(func=cmd_publish_reference)
+
+    k = sub.add_parser("keygen", help="make the Ed25519 key pair that signs the gate's verdicts")
+    k.add_argument("--out", required=True, metavar="DIR")
+    k.set_defaults(func=cmd_keygen)
+
+    v = sub.add_parser("verify", help="check a signed verdict (exit 0 valid, 1 invalid, 2 could not check)",
+                       description="Check a verdict.json file (optionally against the model file), or a gated "
+                       "registry version: signature, tags and the registered bytes.")
+    v.add_argument("verdict", nargs="?", metavar="VERDICT_JSON")
+    v.add_argument("--public-key", required=True, metavar="PEM", help="the verify key made by `keygen`")
+    v.add_argument("--checkpoint", help="with VERDICT_JSON: the model file; its sha256 must be the judged one")
+    v.add_argument("--model", default="facenet")
+    v.add_argument("--version", help="verify this registered version instead of a file")
+    v.add_argument("--json", action="store_true")
+    _common(v)
+    v.set_defaults(func=lambda a: cmd_verify(a) if (a.verdict is None) != (a.version is None) else _usage(v))
+
+
+def _usage(parser) -> int:
+    parser.print_usage(sys.stderr)
+    print("backdoor-gate verify: give either VERDICT_JSON or --version", file=sys.stderr)
+    return 2

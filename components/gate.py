@@ -9,12 +9,17 @@ the registry protocol around it:
 3. download the version's weight file, hash the bytes, parse them without unpickling;
 4. check the frozen trunk against the base, score every view, decide
    (:meth:`detector.reference.Reference.assess`), write the evidence tags, render the report;
-5. only for a pass: download again and check the digest is still the scored one, write
-   ``integrity.verdict=passed``, then point ``production`` at the newest passed version
-   (highest version number; re-derived from the tags, so concurrent gates converge);
-6. anything else writes ``blocked`` or ``invalid`` (verdict always last) and never touches the
-   alias. Any error fails closed: the alias stays where it was, the version is marked
-   ``blocked`` when the registry still answers, and the exit code is 2.
+5. only for a pass: download again and check the digest is still the scored one;
+6. write the verdict document (signed with the Ed25519 key from a Secret when one is set,
+   :mod:`detector.verdict`) to the run, and its digest and signer into the tags;
+7. a pass writes ``integrity.verdict=passed``, then points ``production`` at the newest passed
+   version (highest version number; re-derived from the tags, so concurrent gates converge)
+   and records the promoted verdict's digest;
+8. anything else writes ``blocked`` or ``invalid`` (verdict always last) and never puts the
+   alias on the version; if someone else had put ``production`` on it, the alias goes back to
+   the newest passed version (or is deleted) and ``integrity.alias_violation`` says so.
+   Any error fails closed: the alias stays where it was, the version is marked ``blocked``
+   when the registry still answers, and the exit code is 2.
 
 Exit codes: 0 passed, 1 blocked, 2 invalid or gate error.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +39,10 @@ from detector import __version__ as GATE_VERSION
 from detector.errors import DetectorError, InvalidCheckpoint, InvalidReference
 from detector.reference import Reference
 from detector.scoring import PASS
+from detector.verdict import KEY_ENV, KEY_FILE_ENV, VerdictError, signing_key_from_env
+from detector.verdict import document as verdict_document
+from detector.verdict import sign as sign_verdict
+from detector.verdict import unsigned as unsigned_verdict
 from detector.weights import parse_tensors
 
 # -- the registry vocabulary (the only place that knows these names) ----------------------
@@ -50,6 +60,11 @@ TRUNK = PREFIX + "trunk"  # ok | modified | not-checked
 OVERRIDE_BY = PREFIX + "override.by"
 OVERRIDE_REASON = PREFIX + "override.reason"
 OVERRIDE_AT = PREFIX + "override.at"
+VERDICT_SHA = PREFIX + "verdict_sha256"  # digest of the (signed) verdict document
+VERDICT_DOC = PREFIX + "verdict_document"  # where the document is: the run's artifacts
+SIGNED_BY = PREFIX + "signed_by"  # key id of the signing key, or "unsigned"
+PROMOTED_VERDICT = PREFIX + "promoted_verdict_sha256"
+ALIAS_VIOLATION = PREFIX + "alias_violation"
 REGISTERED_BY = "registered_by"
 PASSED, BLOCKED, INVALID, PENDING = "passed", "blocked", "invalid", "pending"
 EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2}
@@ -72,6 +87,8 @@ class GateConfig:
     production_alias: str = "production"
     max_checkpoint_bytes: int = 4 * 1024**3
     report: bool = True
+    #: refuse to gate without a signing key (set in production; see detector.verdict)
+    require_signature: bool = False
 
 
 @dataclass
@@ -87,6 +104,8 @@ class GateResult:
     promoted: bool = False
     error: bool = False  # the gate itself failed (registry, reference): exit 2 whatever the verdict
     report_uri: str | None = None
+    verdict_sha256: str | None = None
+    signed_by: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -138,10 +157,23 @@ def gate(
     registry: Registry | None = None,
     reference: Reference | None = None,
     config: GateConfig = GateConfig(),
+    signing_key: Any = None,
 ) -> GateResult:
-    """Gate one registered version. Never raises for a bad candidate or a registry fault."""
+    """Gate one registered version. Never raises for a bad candidate or a registry fault.
+
+    ``signing_key`` (Ed25519) signs the verdict document; by default it comes from the
+    environment (:func:`detector.verdict.signing_key_from_env`).
+    """
     version = str(version)
     result = GateResult(model=model, version=version)
+    try:
+        if signing_key is None:
+            signing_key = signing_key_from_env()
+        if signing_key is None and config.require_signature:
+            raise VerdictError(f"no signing key: set {KEY_ENV} or {KEY_FILE_ENV} (require_signature is on)")
+    except (VerdictError, OSError) as e:
+        result.error, result.reason = True, f"gate error: {e}"
+        return result  # a misconfigured gate judges nothing and touches nothing
     try:
         registry = registry or Registry()
         info = registry.version(model, version)
@@ -186,17 +218,67 @@ def gate(
             again, _ = registry.download_weights(info, config.max_checkpoint_bytes)
             if hashlib.sha256(again).hexdigest() != result.model_sha256:
                 result.verdict, result.reason = BLOCKED, "registered artifact changed after it was scored; re-run the gate"
+        _record_verdict(registry, info, result, tags, signing_key)
         registry.set_tags(model, version, {**tags, REASON: result.reason[:5000]})
         registry.set_tags(model, version, {VERDICT: result.verdict})  # the verdict is written last
         if result.verdict == PASSED:
             result.promoted = _promote(registry, model, version, config)
-            registry.set_tags(model, version, {PROMOTED: str(result.promoted).lower()})
+            promoted = {PROMOTED: str(result.promoted).lower()}
+            if result.promoted:
+                promoted[PROMOTED_VERDICT] = result.verdict_sha256
+            registry.set_tags(model, version, promoted)
+        else:
+            _enforce_alias(registry, model, version, config)
     except RegistryError as e:
         result.error, result.promoted = True, False
         result.reason = f"{result.reason}; gate error while recording: {e}"
         if result.verdict == PASSED:
             result.verdict = BLOCKED
     return result
+
+
+def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, tags: dict, signing_key) -> None:
+    """Write the verdict document (signed when there is a key) to the version's run.
+
+    Called once the verdict is final; its digest goes into the tags the same call writes, so a
+    reviewer can check tags, document and signature against each other.
+    """
+    doc = verdict_document(
+        model=result.model, version=result.version, model_sha256=result.model_sha256, reference_sha256=result.reference_sha256,
+        verdict=result.verdict, reason=result.reason, scores=result.scores, thresholds=result.thresholds,
+        trunk=tags.get(TRUNK), gate_version=GATE_VERSION, run_id=info.run_id, checked_at=_now(),
+    )
+    envelope = sign_verdict(doc, signing_key) if signing_key is not None else unsigned_verdict(doc)
+    result.verdict_sha256, result.signed_by = envelope["sha256"], envelope["key_id"] or "unsigned"
+    tags.update({VERDICT_SHA: result.verdict_sha256, SIGNED_BY: result.signed_by})
+    if not info.run_id:
+        tags[VERDICT_DOC] = "not attached: the version has no run"
+        return
+    with tempfile.TemporaryDirectory(prefix="backdoor-gate-verdict-") as tmp:
+        (Path(tmp) / "verdict.json").write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
+        uri = registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{info.version}")
+    tags[VERDICT_DOC] = f"{uri}/verdict.json"
+
+
+def _enforce_alias(registry: Registry, model: str, version: str, config: GateConfig) -> None:
+    """A ``production`` alias on a version that did not pass (and was not overridden) is removed.
+
+    Rule: only the gate (a pass) or a recorded override may put ``production`` on a version.
+    If someone set it on this version before the gate ran, the gate moves it back to the
+    newest passed version (or deletes it when there is none) and records the violation.
+    """
+    current = registry.version_by_alias(model, config.production_alias)
+    if current is None or current.version != version or current.tags.get(OVERRIDE_BY):
+        return
+    passed = [v for v in registry.search(f"name='{model}' and tags.`{VERDICT}`='{PASSED}'") if v.version != version]
+    newest = max(passed, key=lambda v: int(v.version), default=None)
+    if newest is None:
+        registry.delete_alias(model, config.production_alias)
+        where = "alias deleted (no passed version)"
+    else:
+        registry.set_alias(model, config.production_alias, newest.version)
+        where = f"alias moved back to v{newest.version}"
+    registry.set_tags(model, version, {ALIAS_VIOLATION: f"'{config.production_alias}' was set on this version before it passed the gate; {where} at {_now()}"})
 
 
 def _promote(registry: Registry, model: str, version: str, config: GateConfig) -> bool:
@@ -236,6 +318,31 @@ def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_
     except (RegistryError, OSError, ValueError) as e:
         tags[REPORT] = f"failed: {e}"[:500]
         return None
+
+
+# -- checking a verdict later ---------------------------------------------------------------------
+def verify_version(model: str, version: str | int, public_key, *, registry: Registry | None = None,
+                   config: GateConfig = GateConfig()) -> dict[str, Any]:
+    """Check a gated version end to end: signature, tags against the document, bytes against both.
+
+    Raises :class:`detector.verdict.VerdictError` naming the first thing that does not hold.
+    """
+    from detector.verdict import read_envelope, verify
+
+    registry = registry or Registry()
+    info = registry.version(model, str(version))
+    where = info.tags.get(VERDICT_DOC, "")
+    if "/" not in where:
+        raise VerdictError(f"{model} v{version} has no verdict document ({where or 'never gated'})")
+    with tempfile.TemporaryDirectory(prefix="backdoor-gate-verify-") as tmp:
+        envelope = read_envelope(registry.download(where, tmp))
+    data, _ = registry.download_weights(info, config.max_checkpoint_bytes)
+    doc = verify(envelope, public_key, model_bytes=data)
+    if (doc["model"], str(doc["version"])) != (model, str(version)):
+        raise VerdictError(f"the document judges {doc['model']} v{doc['version']}, not {model} v{version}")
+    if info.tags.get(VERDICT_SHA) != envelope["sha256"] or info.tags.get(VERDICT) != doc["verdict"]:
+        raise VerdictError("the version's tags disagree with its signed verdict (tags were edited after the gate ran)")
+    return doc
 
 
 # -- human override ----------------------------------------------------------------------------

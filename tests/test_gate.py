@@ -250,3 +250,61 @@ def test_twenty_concurrent_gates_converge(registry, world):
         assert tags[G.VERDICT] == expected[v] and G.MODEL_SHA in tags and G.score_tag("forward") in tags
     newest_pass = max((int(v) for v, verdict in expected.items() if verdict == "passed"))
     assert registry.version_by_alias(model, "production").version == str(newest_pass)
+
+
+@pytest.fixture(scope="module")
+def signing(tmp_path_factory):
+    from detector import verdict as V
+
+    priv, pub = V.generate_keypair(tmp_path_factory.mktemp("keys"))
+    return V.load_private_key(priv.read_bytes()), pub
+
+
+def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry, world, signing, mlflow_server):
+    from detector import verdict as V
+
+    key, pub = signing
+    model = _model()
+    v = _register(registry, model, world.ckpt("clean", "pass"))
+    r = G.gate(model, v.version, registry=registry, signing_key=key)
+    assert r.verdict == "passed" and r.promoted
+    tags = registry.version(model, v.version).tags
+    assert tags[G.SIGNED_BY] == V.key_id(key.public_key()) == r.signed_by
+    assert tags[G.VERDICT_SHA] == r.verdict_sha256 == tags[G.PROMOTED_VERDICT]
+    doc = G.verify_version(model, v.version, V.load_public_key(pub), registry=registry)
+    assert (doc["verdict"], doc["model_sha256"], doc["reference_sha256"]) == ("passed", r.model_sha256, r.reference_sha256)
+    cli = [sys.executable, "-m", "detector.cli", "verify", "--model", model, "--version", v.version,
+           "--public-key", str(pub), "--tracking-uri", mlflow_server.uri]
+    assert subprocess.run(cli, capture_output=True, text=True, timeout=300).returncode == 0
+    # someone with write access edits the verdict tag: the signed document no longer agrees
+    registry.set_tags(model, v.version, {G.VERDICT: "blocked"})
+    p = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "tags disagree" in p.stderr
+
+
+def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world):
+    model = _model()
+    v = _register(registry, model, world.ckpt("clean", "pass"))
+    assert G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False)).signed_by == "unsigned"
+    w = _register(registry, model, world.ckpt("clean", "pass"))
+    r = G.gate(model, w.version, registry=registry, config=G.GateConfig(report=False, require_signature=True))
+    assert r.exit_code == 2 and "no signing key" in r.reason and not r.promoted
+    assert G.VERDICT not in registry.version(model, w.version).tags  # judged nothing, wrote nothing
+
+
+def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, world):
+    model = _model()
+    good = _register(registry, model, world.ckpt("clean", "pass"))
+    assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
+    bad = _register(registry, model, world.ckpt("backdoored", "block"))
+    registry.set_alias(model, "production", bad.version)  # someone skips the gate
+    r = G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False))
+    assert r.verdict == "blocked"
+    assert registry.version_by_alias(model, "production").version == good.version
+    assert "before it passed the gate" in registry.version(model, bad.version).tags[G.ALIAS_VIOLATION]
+    # with no passed version to fall back on, the alias is deleted
+    lone = _model()
+    only = _register(registry, lone, world.ckpt("backdoored", "block"))
+    registry.set_alias(lone, "production", only.version)
+    assert G.gate(lone, only.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
+    assert registry.version_by_alias(lone, "production") is None
