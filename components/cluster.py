@@ -19,3 +19,8 @@ TRAIN_PARALLELISM = 4
 
 TRAIN_CPU, TRAIN_MEMORY = "4", "16G"
 GATE_CPU, GATE_MEMORY = "1", "2G"
+
+#: The gate's Ed25519 signing key (detector.verdict), from a Secret; optional so that a cluster
+#: without one still gates (unsigned, and the verdict says so).
+SIGNING_SECRET = "backdoor-gate-signing-key"
+SIGNING_SECRET_ENV = {"signing-key.pem": "BACKDOOR_GATE_SIGNING_KEY"}

@@ -109,6 +109,7 @@ def candidate_pipeline(
     version.set_caching_options(False)
     verdict = on_cpu(gate(model_name=model_name, version=version.output, tracking_uri=tracking_uri, fail_on_block=fail_on_block))
     verdict.set_caching_options(False)  # a verdict is never reused from cache: the reference or the file may have changed
+    kubernetes.use_secret_as_env(verdict, secret_name=cluster.SIGNING_SECRET, secret_key_to_env=cluster.SIGNING_SECRET_ENV, optional=True)
 
 
 PIPELINES = {"reference": reference_pipeline, "candidate": candidate_pipeline}

@@ -62,6 +62,12 @@ def test_gate_never_cached_and_runs_on_the_gate_image(compiled):
     assert tasks["register-model"]["cachingOptions"].get("enableCache", False) is False
     assert tasks["fine-tune"]["cachingOptions"]["enableCache"] is True
     assert _executors(doc)["exec-gate"]["container"]["image"] == images.GATE_IMAGE
+    # the verdict signing key reaches the gate (and only the gate) from an optional Secret
+    secrets = {e: spec.get("secretAsEnv", []) for e, spec in _k8s(doc).items() if spec.get("secretAsEnv")}
+    assert list(secrets) == ["exec-gate"], secrets
+    (entry,) = secrets["exec-gate"]
+    assert entry["secretName"] == cluster.SIGNING_SECRET and entry.get("optional") is True
+    assert {k["secretKey"]: k["envVar"] for k in entry["keyToEnv"]} == cluster.SIGNING_SECRET_ENV
 
 
 def test_reference_pipeline_fans_out_and_collects(compiled):
