@@ -116,6 +116,48 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_webhook_serve(args) -> int:
+    import logging
+
+    from components.gate import GateConfig, gate
+    from components.registry import Registry
+    from components.webhook import SECRET_ENV, Receiver
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    secret = os.environ.get(SECRET_ENV, "")
+    if not secret:
+        print(f"backdoor-gate: set {SECRET_ENV} (the secret MLflow signs deliveries with)", file=sys.stderr)
+        return 2
+    config = GateConfig(require_signature=args.require_signature)
+    registry = Registry(args.tracking_uri)
+    receiver = Receiver(secret, lambda m, v: gate(m, v, registry=registry, config=config), models=tuple(args.models),
+                        host=args.host, port=args.port)
+    print(f"listening on {args.host}:{receiver.port}/mlflow-webhook for {', '.join(args.models)}", file=sys.stderr)
+    try:
+        receiver.server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.close()
+    return 0
+
+
+def cmd_webhook_register(args) -> int:
+    from components.webhook import SECRET_ENV, register_webhook
+
+    secret = os.environ.get(SECRET_ENV, "")
+    if not secret:
+        print(f"backdoor-gate: set {SECRET_ENV}; a webhook without a secret would be trusted by no one", file=sys.stderr)
+        return 2
+    try:
+        hook = register_webhook(args.tracking_uri, args.url, secret)
+    except Exception as e:  # noqa: BLE001 — MLflow raises several types; report one line
+        print(f"backdoor-gate: cannot create the webhook: {e}", file=sys.stderr)
+        return 2
+    print(f"webhook {hook.name} -> {hook.url} on model_version.created")
+    return 0
+
+
 def _common(p) -> None:
     p.add_argument("--tracking-uri", help="MLflow server (default $MLFLOW_TRACKING_URI)")
 
@@ -160,6 +202,23 @@ def register(sub) -> None:
     v.add_argument("--json", action="store_true")
     _common(v)
     v.set_defaults(func=lambda a: cmd_verify(a) if (a.verdict is None) != (a.version is None) else _usage(v))
+    _register_webhook_commands(sub)
+
+
+def _register_webhook_commands(sub) -> None:
+    w = sub.add_parser("webhook", help="gate versions registered outside the pipeline (MLflow webhooks)")
+    wsub = w.add_subparsers(dest="webhook_command", metavar="ACTION", required=True)
+    s = wsub.add_parser("serve", help="receive model_version.created deliveries and gate each version")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--models", nargs="+", default=["facenet"], help="registered models to gate")
+    s.add_argument("--require-signature", action="store_true", help="refuse to gate without a verdict signing key")
+    _common(s)
+    s.set_defaults(func=cmd_webhook_serve)
+    r = wsub.add_parser("register", help="create the MLflow webhook pointing at a receiver")
+    r.add_argument("--url", required=True, help="the receiver's URL, ending in /mlflow-webhook")
+    _common(r)
+    r.set_defaults(func=cmd_webhook_register)
 
 
 def _usage(parser) -> int:

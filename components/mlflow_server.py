@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(self, root: Path, port: int | None = None, env: dict[str, str] | None = None):
+        self.extra_env = dict(env or {})
         self.root = Path(root)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -35,7 +36,7 @@ class MlflowServer:
         """Start and wait for ``/health`` (7-15 s here); the server gets its own process group."""
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = str(Path(sys.executable).with_name("mlflow"))
-        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+        env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", **self.extra_env)
         self.log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
             [mlflow, "server", "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", str(self.artifacts),

@@ -1,0 +1,108 @@
+"""Versions registered by hand are gated through a real MLflow webhook; forged deliveries are not."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from components import gate as G
+from components.mlflow_server import MlflowServer
+from components.registry import Registry
+from components.webhook import PATH, DeliveryCheck, Receiver, Rejected, expected_signature, register_webhook
+from detector import Reference, ReferenceConfig
+from detector.synthetic import FamilyConfig, WeightFamily
+
+SECRET = "s3cret-for-tests"
+
+
+def _post(port: int, body: bytes, headers: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{PATH}", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _signed(body: bytes, delivery="d-1", stamp=None, secret=SECRET) -> dict:
+    stamp = str(int(time.time())) if stamp is None else stamp
+    return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp,
+            "X-MLflow-Signature": expected_signature(secret, delivery, stamp, body), "Content-Type": "application/json"}
+
+
+def test_delivery_check_refuses_forged_stale_and_replayed():
+    check = DeliveryCheck(SECRET, max_age=300)
+    body = b'{"entity": "model_version", "action": "created", "data": {}}'
+    assert check(_signed(body, "a"), body)["entity"] == "model_version"
+    for headers, status, reason in [
+        ({}, 401, "unsigned"),
+        (_signed(body, "b", secret="guess"), 401, "bad signature"),
+        (_signed(body, "c", stamp=str(int(time.time()) - 3600)), 401, "stale"),
+        (_signed(body, "a"), 409, "replayed"),
+    ]:
+        with pytest.raises(Rejected, match=reason) as e:
+            check(headers, body)
+        assert e.value.status == status
+    with pytest.raises(Rejected, match="bad signature"):  # body changed under a valid signature
+        check(_signed(body, "d"), body.replace(b"created", b"deleted"))
+    with pytest.raises(ValueError, match="secret"):
+        DeliveryCheck("")
+
+
+def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
+    fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=5))
+    ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)]).calibrate([fam.clean() for _ in range(8)])
+    ref.save(tmp_path / "reference")
+    offline = Reference.load(tmp_path / "reference")
+    for _ in range(50):
+        fam.write(fam.backdoored(), tmp_path / "bad.safetensors", fmt="safetensors")
+        if offline.assess(tmp_path / "bad.safetensors").decision.verdict == "block":
+            break
+    server = MlflowServer(tmp_path / "mlflow", env={"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+                                                    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+                                                    # the server caches the webhook list (default 60 s); a new hook
+                                                    # would miss registrations made in that window
+                                                    "MLFLOW_WEBHOOK_CACHE_TTL": "1"}).start()
+    receiver = None
+    try:
+        registry = Registry(server.uri)
+        G.publish_reference(registry, tmp_path / "reference")
+        calls = []
+
+        def gate_fn(model, version):
+            calls.append((model, version))
+            return G.gate(model, version, registry=Registry(server.uri), config=G.GateConfig(report=False))
+
+        receiver = Receiver(SECRET, gate_fn, models=("facenet",), host="127.0.0.1", port=0).serve_in_thread()
+        register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)
+        register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)  # idempotent
+        time.sleep(2)  # past the server's webhook cache
+        # someone registers a version by hand and points production at it before anything ran
+        v = registry.register("facenet", {"model.safetensors": tmp_path / "bad.safetensors"}, tags={G.REGISTERED_BY: "mallory"})
+        registry.set_alias("facenet", "production", v.version)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not receiver.results:
+            time.sleep(0.5)
+        assert calls == [("facenet", v.version)], "the webhook did not reach the receiver"
+        (_, _, result), = receiver.results
+        assert result.verdict == "blocked"
+        tags = registry.version("facenet", v.version).tags
+        assert tags[G.VERDICT] == "blocked" and G.ALIAS_VIOLATION in tags
+        assert registry.version_by_alias("facenet", "production") is None
+        # the reference model's own registrations and forged posts gate nothing
+        body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "facenet", "version": v.version}}).encode()
+        assert _post(receiver.port, body, {"Content-Type": "application/json"})[0] == 401
+        assert _post(receiver.port, body, _signed(body, secret="wrong"))[0] == 401
+        other = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "other", "version": "1"}}).encode()
+        status, reply = _post(receiver.port, other, _signed(other, delivery="x-1"))
+        assert status == 202 and "not watched" in reply["ignored"]
+        time.sleep(1)
+        assert len(calls) == 1
+    finally:
+        if receiver is not None:
+            receiver.close()
+        server.stop()
