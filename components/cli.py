@@ -119,7 +119,7 @@ def cmd_verify(args) -> int:
 def cmd_webhook_serve(args) -> int:
     import logging
 
-    from components.gate import GateConfig, gate
+    from components.gate import GateConfig, gate, guard_alias
     from components.registry import Registry
     from components.webhook import SECRET_ENV, Receiver
 
@@ -131,7 +131,8 @@ def cmd_webhook_serve(args) -> int:
     config = GateConfig(require_signature=args.require_signature)
     registry = Registry(args.tracking_uri)
     receiver = Receiver(secret, lambda m, v: gate(m, v, registry=registry, config=config), models=tuple(args.models),
-                        host=args.host, port=args.port)
+                        host=args.host, port=args.port, guard_fn=lambda m: guard_alias(m, registry=registry, config=config),
+                        production_alias=config.production_alias)
     print(f"listening on {args.host}:{receiver.port}/mlflow-webhook for {', '.join(args.models)}", file=sys.stderr)
     try:
         receiver.server.serve_forever()

@@ -270,6 +270,24 @@ def _enforce_alias(registry: Registry, model: str, version: str, config: GateCon
     current = registry.version_by_alias(model, config.production_alias)
     if current is None or current.version != version or current.tags.get(OVERRIDE_BY):
         return
+    _take_back(registry, model, current, config)
+
+
+def guard_alias(model: str, *, registry: Registry | None = None, config: GateConfig = GateConfig()) -> str | None:
+    """Check where ``production`` points now; take it back if that version has no pass or override.
+
+    MLflow lets anyone who can register versions also move aliases, so the webhook receiver
+    calls this on every ``model_version_alias.created`` event. Returns the violation, if any.
+    """
+    registry = registry or Registry()
+    current = registry.version_by_alias(model, config.production_alias)
+    if current is None or current.tags.get(VERDICT) == PASSED or current.tags.get(OVERRIDE_BY):
+        return None
+    return _take_back(registry, model, current, config)
+
+
+def _take_back(registry: Registry, model: str, current: VersionInfo, config: GateConfig) -> str:
+    version = current.version
     passed = [v for v in registry.search(f"name='{model}' and tags.`{VERDICT}`='{PASSED}'") if v.version != version]
     newest = max(passed, key=lambda v: int(v.version), default=None)
     if newest is None:
@@ -278,7 +296,9 @@ def _enforce_alias(registry: Registry, model: str, version: str, config: GateCon
     else:
         registry.set_alias(model, config.production_alias, newest.version)
         where = f"alias moved back to v{newest.version}"
-    registry.set_tags(model, version, {ALIAS_VIOLATION: f"'{config.production_alias}' was set on this version before it passed the gate; {where} at {_now()}"})
+    message = f"'{config.production_alias}' was set on this version without a pass or an override; {where} at {_now()}"
+    registry.set_tags(model, version, {ALIAS_VIOLATION: message})
+    return message
 
 
 def _promote(registry: Registry, model: str, version: str, config: GateConfig) -> bool:

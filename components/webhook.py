@@ -1,10 +1,12 @@
-"""Gate versions registered by hand: an MLflow webhook receiver (``model_version.created``).
+"""Gate versions registered by hand, guard ``production``: an MLflow webhook receiver.
 
 The pipelines gate what they register. Someone with registry access can also register a
 version directly (``mlflow.register_model``), bypassing the pipeline; MLflow (3.3+, SQL
 backend) then POSTs a ``model_version.created`` event here and the receiver gates the version
-like the pipeline would. Nothing else can put ``production`` on it meanwhile: the gate takes
-back an alias set on a version that did not pass (see :mod:`components.gate`).
+like the pipeline would. MLflow lets anyone who may register versions also move aliases, so
+``model_version_alias.created`` events for ``production`` are checked too: an alias on a
+version without a pass or a recorded override is taken back at once
+(:func:`components.gate.guard_alias`).
 
 Every delivery must carry MLflow's HMAC-SHA256 signature (``X-MLflow-Signature: v1,<b64>``
 over ``delivery_id.timestamp.body`` with the shared secret), a timestamp no older than
@@ -85,9 +87,12 @@ class Receiver:
     """HTTP endpoint: verified ``model_version.created`` events of watched models -> ``gate``."""
 
     def __init__(self, secret: str, gate_fn: Callable[[str, str], object], models: tuple[str, ...] = ("facenet",),
-                 host: str = "0.0.0.0", port: int = 8080, workers: int = 2):
+                 host: str = "0.0.0.0", port: int = 8080, workers: int = 2,
+                 guard_fn: Callable[[str], str | None] | None = None, production_alias: str = "production"):
         self.check = DeliveryCheck(secret)
         self.gate_fn, self.models = gate_fn, tuple(models)
+        self.guard_fn, self.production_alias = guard_fn, production_alias
+        self.guarded: list[str] = []
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gate")
         self.results: list = []  # (model, version, result or exception), for tests and /healthz
         self._busy: set[tuple[str, str]] = set()
@@ -126,18 +131,33 @@ class Receiver:
         self.port = self.server.server_address[1]
 
     def dispatch(self, event: dict) -> dict:
-        if (event.get("entity"), event.get("action")) != ("model_version", "created"):
-            return {"ignored": f"event {event.get('entity')}.{event.get('action')}"}
+        kind = (event.get("entity"), event.get("action"))
         data = event.get("data") or {}
         model, version = str(data.get("name", "")), str(data.get("version", ""))
+        if kind not in (("model_version", "created"), ("model_version_alias", "created")):
+            return {"ignored": f"event {kind[0]}.{kind[1]}"}
         if model not in self.models or not version.isdigit():
             return {"ignored": f"model {model!r} is not watched"}
+        if kind[0] == "model_version_alias":
+            if self.guard_fn is None or data.get("alias") != self.production_alias:
+                return {"ignored": f"alias {data.get('alias')!r}"}
+            self.pool.submit(self._guard, model)
+            return {"guarding": f"{model}@{self.production_alias}"}
         with self._lock:
             if (model, version) in self._busy:
                 return {"ignored": f"{model} v{version} is being gated"}
             self._busy.add((model, version))
         self.pool.submit(self._run, model, version)
         return {"gating": f"{model} v{version}"}
+
+    def _guard(self, model: str) -> None:
+        try:
+            violation = self.guard_fn(model)
+            if violation:
+                log.warning("%s@%s: %s", model, self.production_alias, violation)
+        except Exception:  # noqa: BLE001
+            log.exception("alias guard crashed on %s", model)
+        self.guarded.append(model)
 
     def _run(self, model: str, version: str) -> None:
         try:
@@ -169,5 +189,5 @@ def register_webhook(tracking_uri: str | None, url: str, secret: str, name: str 
     for hook in client.list_webhooks():
         if hook.name == name and hook.url == url:
             return hook
-    return client.create_webhook(name=name, url=url, events=["model_version.created"], secret=secret,
+    return client.create_webhook(name=name, url=url, events=["model_version.created", "model_version_alias.created"], secret=secret,
                                  description="backdoor-gate: gate versions registered outside the pipeline")

@@ -301,7 +301,7 @@ def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, wo
     r = G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False))
     assert r.verdict == "blocked"
     assert registry.version_by_alias(model, "production").version == good.version
-    assert "before it passed the gate" in registry.version(model, bad.version).tags[G.ALIAS_VIOLATION]
+    assert "without a pass or an override" in registry.version(model, bad.version).tags[G.ALIAS_VIOLATION]
     # with no passed version to fall back on, the alias is deleted
     lone = _model()
     only = _register(registry, lone, world.ckpt("backdoored", "block"))

@@ -34,6 +34,15 @@ def _signed(body: bytes, delivery="d-1", stamp=None, secret=SECRET) -> dict:
             "X-MLflow-Signature": expected_signature(secret, delivery, stamp, body), "Content-Type": "application/json"}
 
 
+def _wait(cond, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.5)
+    raise AssertionError("condition not met in time")
+
+
 def test_delivery_check_refuses_forged_stale_and_replayed():
     check = DeliveryCheck(SECRET, max_age=300)
     body = b'{"entity": "model_version", "action": "created", "data": {}}'
@@ -58,10 +67,11 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
     ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)]).calibrate([fam.clean() for _ in range(8)])
     ref.save(tmp_path / "reference")
     offline = Reference.load(tmp_path / "reference")
-    for _ in range(50):
-        fam.write(fam.backdoored(), tmp_path / "bad.safetensors", fmt="safetensors")
-        if offline.assess(tmp_path / "bad.safetensors").decision.verdict == "block":
-            break
+    for kind, make, want in (("bad", fam.backdoored, "block"), ("good", fam.clean, "pass")):
+        for _ in range(50):
+            fam.write(make(), tmp_path / f"{kind}.safetensors", fmt="safetensors")
+            if offline.assess(tmp_path / f"{kind}.safetensors").decision.verdict == want:
+                break
     server = MlflowServer(tmp_path / "mlflow", env={"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
                                                     "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
                                                     # the server caches the webhook list (default 60 s); a new hook
@@ -77,22 +87,30 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
             calls.append((model, version))
             return G.gate(model, version, registry=Registry(server.uri), config=G.GateConfig(report=False))
 
-        receiver = Receiver(SECRET, gate_fn, models=("facenet",), host="127.0.0.1", port=0).serve_in_thread()
+        receiver = Receiver(SECRET, gate_fn, models=("facenet",), host="127.0.0.1", port=0,
+                            guard_fn=lambda m: G.guard_alias(m, registry=Registry(server.uri))).serve_in_thread()
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)  # idempotent
         time.sleep(2)  # past the server's webhook cache
         # someone registers a version by hand and points production at it before anything ran
         v = registry.register("facenet", {"model.safetensors": tmp_path / "bad.safetensors"}, tags={G.REGISTERED_BY: "mallory"})
         registry.set_alias("facenet", "production", v.version)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not receiver.results:
-            time.sleep(0.5)
+        _wait(lambda: receiver.results)
         assert calls == [("facenet", v.version)], "the webhook did not reach the receiver"
         (_, _, result), = receiver.results
         assert result.verdict == "blocked"
+        _wait(lambda: registry.version_by_alias("facenet", "production") is None)  # the gate or the guard took it back
         tags = registry.version("facenet", v.version).tags
         assert tags[G.VERDICT] == "blocked" and G.ALIAS_VIOLATION in tags
-        assert registry.version_by_alias("facenet", "production") is None
+        # a clean version registered by hand passes through the same path and gets production
+        good = registry.register("facenet", {"model.safetensors": tmp_path / "good.safetensors"}, tags={G.REGISTERED_BY: "alice"})
+        _wait(lambda: len(receiver.results) == 2)
+        assert receiver.results[1][2].verdict == "passed"
+        assert registry.version_by_alias("facenet", "production").version == good.version
+        # moving production by hand onto the blocked version is reverted by the alias guard
+        registry.set_alias("facenet", "production", v.version)
+        _wait(lambda: registry.version_by_alias("facenet", "production").version == good.version)
+        assert "facenet" in receiver.guarded
         # the reference model's own registrations and forged posts gate nothing
         body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "facenet", "version": v.version}}).encode()
         assert _post(receiver.port, body, {"Content-Type": "application/json"})[0] == 401
@@ -101,7 +119,7 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
         status, reply = _post(receiver.port, other, _signed(other, delivery="x-1"))
         assert status == 202 and "not watched" in reply["ignored"]
         time.sleep(1)
-        assert len(calls) == 1
+        assert len(calls) == 2
     finally:
         if receiver is not None:
             receiver.close()
