@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -23,8 +24,8 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None, env: dict[str, str] | None = None):
-        self.extra_env = dict(env or {})
+    def __init__(self, root: Path, port: int | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+        self.extra_env, self.extra_args = dict(env or {}), tuple(args)
         self.root = Path(root)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -40,7 +41,7 @@ class MlflowServer:
         self.log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
             [mlflow, "server", "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", str(self.artifacts),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *self.extra_args],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         deadline = time.monotonic() + timeout
@@ -51,6 +52,10 @@ class MlflowServer:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
                         return self
+            except urllib.error.HTTPError as e:
+                if e.code == 401:  # basic auth on: up, and refusing anonymous requests as it should
+                    return self
+                time.sleep(0.5)
             except OSError:
                 time.sleep(0.5)
         self.stop()
