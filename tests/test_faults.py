@@ -1,0 +1,76 @@
+"""Faults around the gate: a server that hangs, an artifact store that is full. Fail closed, converge."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+from components import gate as G
+from components.mlflow_server import MlflowServer
+from components.registry import Registry
+from detector import Reference, ReferenceConfig
+from detector.synthetic import FamilyConfig, WeightFamily
+
+
+def test_a_hanging_server_times_out_and_fails_closed(monkeypatch):
+    """A server that accepts connections and never answers: bounded time, exit 2, nothing promoted."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        t0 = time.monotonic()
+        r = G.gate("facenet", 1, registry=Registry(f"http://127.0.0.1:{hole.getsockname()[1]}"))
+        elapsed = time.monotonic() - t0
+    assert r.exit_code == 2 and "gate error" in r.reason and not r.promoted
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+
+
+@pytest.fixture
+def tiny_artifact_store(tmp_path):
+    mount = tmp_path / "mlflow" / "artifacts"
+    mount.mkdir(parents=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {p.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_artifact_store_leaves_no_verdict_and_a_rerun_converges(tmp_path, tiny_artifact_store):
+    fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=3))
+    ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)]).calibrate([fam.clean() for _ in range(8)])
+    ref.save(tmp_path / "reference")
+    for _ in range(50):
+        fam.write(fam.clean(), tmp_path / "good.safetensors", fmt="safetensors")
+        if ref.assess(tmp_path / "good.safetensors").decision.verdict == "pass":
+            break
+    server = MlflowServer(tmp_path / "mlflow").start()
+    try:
+        reg = Registry(server.uri)
+        G.publish_reference(reg, tmp_path / "reference")
+        v = reg.register("facenet", {"model.safetensors": tmp_path / "good.safetensors"}, tags={G.REGISTERED_BY: "ci"})
+        filler = tiny_artifact_store / "filler"
+        with open(filler, "wb") as f:  # fill the store to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        r = G.gate("facenet", v.version, registry=reg)
+        assert r.exit_code == 2 and r.verdict != "passed" and not r.promoted, r.reason
+        tags = reg.version("facenet", v.version).tags
+        assert tags[G.VERDICT] == "pending"  # no verdict without its document
+        assert reg.version_by_alias("facenet", "production") is None
+        filler.unlink()
+        r = G.gate("facenet", v.version, registry=reg)
+        assert (r.verdict, r.promoted) == ("passed", True), r.reason
+        assert reg.version("facenet", v.version).tags[G.VERDICT] == "passed"
+    finally:
+        server.stop()
+        shutil.rmtree(tmp_path / "mlflow" / "artifacts" / "filler", ignore_errors=True)
