@@ -46,3 +46,35 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow")).start()
     yield server
     server.stop()
+
+
+class GateWorld:
+    """A saved reference of a small weight family, and checkpoints with a known offline verdict.
+
+    Registry tests need candidates whose verdict is known: a clean network is blocked at the
+    calibrated FRR now and then, which is the detector's business, not theirs.
+    """
+
+    def __init__(self, root, seed: int = 11):
+        from pathlib import Path
+
+        from detector import Reference, ReferenceConfig
+
+        self.root = Path(root)
+        self.family = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=seed))
+        fam = self.family
+        ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)])
+        ref.calibrate([fam.clean() for _ in range(8)]).save(self.root / "reference")
+        self.reference_dir = self.root / "reference"
+        self.offline = Reference.load(self.reference_dir)
+        self._n = 0
+
+    def ckpt(self, kind: str, want: str | None = None):
+        """A fresh checkpoint ("clean"/"backdoored"); with ``want`` ("pass"/"block"), one judged so offline."""
+        for _ in range(50):
+            self._n += 1
+            path = self.root / f"{kind}-{self._n}.safetensors"
+            self.family.write({"clean": self.family.clean, "backdoored": self.family.backdoored}[kind](), path, fmt="safetensors")
+            if want is None or self.offline.assess(path).decision.verdict == want:
+                return path
+        raise AssertionError(f"no {kind} checkpoint with verdict {want} in 50 draws")

@@ -11,8 +11,7 @@ import pytest
 from components import gate as G
 from components.mlflow_server import MlflowServer
 from components.registry import Registry, RegistryError
-from detector import Reference, ReferenceConfig
-from detector.synthetic import FamilyConfig, WeightFamily
+from tests.conftest import GateWorld
 
 PASSWORDS = {"admin": "admin-Pa55-word-1", "trainer": "trainer-Pa55-2", "gate": "gate-Pa55-word-3",
              "reviewer": "reviewer-Pa55-4", "viewer": "viewer-Pa55-5"}
@@ -27,17 +26,8 @@ def as_user(monkeypatch):
 
 
 def test_basic_auth_roles_and_no_credential_leaks(tmp_path, as_user):
-    fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=7))
-    ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)]).calibrate([fam.clean() for _ in range(8)])
-    ref.save(tmp_path / "reference")
-    offline = Reference.load(tmp_path / "reference")
-    files = {}
-    for kind, make, want in (("good", fam.clean, "pass"), ("bad", fam.backdoored, "block")):
-        for _ in range(50):
-            fam.write(make(), tmp_path / f"{kind}.safetensors", fmt="safetensors")
-            if offline.assess(tmp_path / f"{kind}.safetensors").decision.verdict == want:
-                break
-        files[kind] = tmp_path / f"{kind}.safetensors"
+    world = GateWorld(tmp_path, seed=7)
+    files = {"good": world.ckpt("clean", "pass"), "bad": world.ckpt("backdoored", "block")}
     ini = tmp_path / "auth.ini"
     ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
                    f"admin_username = admin\nadmin_password = {PASSWORDS['admin']}\n"
@@ -54,7 +44,7 @@ def test_basic_auth_roles_and_no_credential_leaks(tmp_path, as_user):
         exp_id = reg.client.create_experiment("backdoor-gate")
         for name in ("facenet", G.GateConfig().reference_model):
             reg.client.create_registered_model(name)
-        G.publish_reference(reg, tmp_path / "reference")  # the admin publishes the reference
+        G.publish_reference(reg, world.reference_dir)  # the admin publishes the reference
         grants = [("trainer", "experiment", exp_id, "EDIT"), ("trainer", "registered_model", "facenet", "EDIT"),
                   ("gate", "experiment", exp_id, "EDIT"), ("gate", "registered_model", "facenet", "EDIT"),
                   ("reviewer", "registered_model", "facenet", "EDIT")]

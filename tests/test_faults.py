@@ -12,8 +12,7 @@ import pytest
 from components import gate as G
 from components.mlflow_server import MlflowServer
 from components.registry import Registry
-from detector import Reference, ReferenceConfig
-from detector.synthetic import FamilyConfig, WeightFamily
+from tests.conftest import GateWorld
 
 
 def test_a_hanging_server_times_out_and_fails_closed(monkeypatch):
@@ -42,18 +41,13 @@ def tiny_artifact_store(tmp_path):
 
 
 def test_full_artifact_store_leaves_no_verdict_and_a_rerun_converges(tmp_path, tiny_artifact_store):
-    fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=3))
-    ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)]).calibrate([fam.clean() for _ in range(8)])
-    ref.save(tmp_path / "reference")
-    for _ in range(50):
-        fam.write(fam.clean(), tmp_path / "good.safetensors", fmt="safetensors")
-        if ref.assess(tmp_path / "good.safetensors").decision.verdict == "pass":
-            break
+    world = GateWorld(tmp_path, seed=3)
+    good = world.ckpt("clean", "pass")
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
         reg = Registry(server.uri)
-        G.publish_reference(reg, tmp_path / "reference")
-        v = reg.register("facenet", {"model.safetensors": tmp_path / "good.safetensors"}, tags={G.REGISTERED_BY: "ci"})
+        G.publish_reference(reg, world.reference_dir)
+        v = reg.register("facenet", {"model.safetensors": good}, tags={G.REGISTERED_BY: "ci"})
         filler = tiny_artifact_store / "filler"
         with open(filler, "wb") as f:  # fill the store to the last byte
             try:

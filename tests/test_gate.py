@@ -15,8 +15,8 @@ import torch
 from components import gate as G
 from components.registry import Registry, RegistryError
 from detector import Reference, ReferenceConfig
-from detector.synthetic import FamilyConfig, WeightFamily
 from components.mlflow_server import MlflowServer
+from tests.conftest import GateWorld
 
 _names = itertools.count()
 
@@ -24,33 +24,7 @@ _names = itertools.count()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A reference artifact and a supply of clean / backdoored checkpoint files."""
-    root = tmp_path_factory.mktemp("gate")
-    fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=11))
-    refs = [fam.clean() for _ in range(10)]
-    held = [fam.clean() for _ in range(8)]
-    ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit(refs).calibrate(held)
-    ref.save(root / "reference")
-    offline = Reference.load(root / "reference")
-
-    class World:
-        reference_dir = root / "reference"
-        family = fam
-
-        def ckpt(self, kind: str, want: str | None = None) -> Path:
-            """A fresh checkpoint; with ``want`` ("pass"/"block"), one the reference judges so offline.
-
-            Tests of the registry protocol need a known verdict; a clean network is blocked at
-            the calibrated FRR now and then, which is the detector's business, not theirs.
-            """
-            for _ in range(50):
-                path = root / f"{kind}-{next(_names)}.safetensors"
-                matrix = {"clean": fam.clean, "backdoored": fam.backdoored}[kind]()
-                fam.write(matrix, path, fmt="safetensors")
-                if want is None or offline.assess(path).decision.verdict == want:
-                    return path
-            raise AssertionError(f"no {kind} checkpoint with verdict {want} in 50 draws")
-
-    return World()
+    return GateWorld(tmp_path_factory.mktemp("gate"))
 
 
 @pytest.fixture

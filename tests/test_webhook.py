@@ -13,8 +13,7 @@ from components import gate as G
 from components.mlflow_server import MlflowServer
 from components.registry import Registry
 from components.webhook import PATH, DeliveryCheck, Receiver, Rejected, expected_signature, register_webhook
-from detector import Reference, ReferenceConfig
-from detector.synthetic import FamilyConfig, WeightFamily
+from tests.conftest import GateWorld
 
 SECRET = "s3cret-for-tests"
 
@@ -63,15 +62,8 @@ def test_delivery_check_refuses_forged_stale_and_replayed():
 
 
 def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
-    fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=5))
-    ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)]).calibrate([fam.clean() for _ in range(8)])
-    ref.save(tmp_path / "reference")
-    offline = Reference.load(tmp_path / "reference")
-    for kind, make, want in (("bad", fam.backdoored, "block"), ("good", fam.clean, "pass")):
-        for _ in range(50):
-            fam.write(make(), tmp_path / f"{kind}.safetensors", fmt="safetensors")
-            if offline.assess(tmp_path / f"{kind}.safetensors").decision.verdict == want:
-                break
+    world = GateWorld(tmp_path, seed=5)
+    bad, good_file = world.ckpt("backdoored", "block"), world.ckpt("clean", "pass")
     server = MlflowServer(tmp_path / "mlflow", env={"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
                                                     "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
                                                     # the server caches the webhook list (default 60 s); a new hook
@@ -80,7 +72,7 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
     receiver = None
     try:
         registry = Registry(server.uri)
-        G.publish_reference(registry, tmp_path / "reference")
+        G.publish_reference(registry, world.reference_dir)
         calls = []
 
         def gate_fn(model, version):
@@ -93,7 +85,7 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)  # idempotent
         time.sleep(2)  # past the server's webhook cache
         # someone registers a version by hand and points production at it before anything ran
-        v = registry.register("facenet", {"model.safetensors": tmp_path / "bad.safetensors"}, tags={G.REGISTERED_BY: "mallory"})
+        v = registry.register("facenet", {"model.safetensors": bad}, tags={G.REGISTERED_BY: "mallory"})
         registry.set_alias("facenet", "production", v.version)
         _wait(lambda: receiver.results)
         assert calls == [("facenet", v.version)], "the webhook did not reach the receiver"
@@ -103,7 +95,7 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
         tags = registry.version("facenet", v.version).tags
         assert tags[G.VERDICT] == "blocked" and G.ALIAS_VIOLATION in tags
         # a clean version registered by hand passes through the same path and gets production
-        good = registry.register("facenet", {"model.safetensors": tmp_path / "good.safetensors"}, tags={G.REGISTERED_BY: "alice"})
+        good = registry.register("facenet", {"model.safetensors": good_file}, tags={G.REGISTERED_BY: "alice"})
         _wait(lambda: len(receiver.results) == 2)
         assert receiver.results[1][2].verdict == "passed"
         assert registry.version_by_alias("facenet", "production").version == good.version
