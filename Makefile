@@ -37,3 +37,21 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# Container images (never part of `make test`): built with docker or podman when one works here.
+# Tags follow components/images.py; override with BACKDOOR_GATE_IMAGE_REGISTRY / _TAG (and compile
+# the pipelines with the same values).
+IMAGE_REGISTRY ?= $(or $(BACKDOOR_GATE_IMAGE_REGISTRY),ghcr.io/backdoor-gate)
+IMAGE_TAG ?= $(or $(BACKDOOR_GATE_IMAGE_TAG),$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' detector/__init__.py))
+.PHONY: images
+images:
+	@engine=""; for e in docker podman; do \
+	  if command -v $$e >/dev/null 2>&1 && $$e info >/dev/null 2>&1; then engine=$$e; break; fi; done; \
+	if [ -z "$$engine" ]; then \
+	  echo "make images: no working docker or podman here (not installed, or no daemon); nothing built."; \
+	  echo "  The Dockerfiles are images/{trainer,gate,mlflow}.Dockerfile (context: repository root);"; \
+	  echo "  they are linted by tests/test_images.py (hadolint) in make test."; exit 1; fi; \
+	for name in trainer gate mlflow; do \
+	  echo "$$engine build $(IMAGE_REGISTRY)/$$name:$(IMAGE_TAG)"; \
+	  $$engine build -f images/$$name.Dockerfile --build-arg VERSION=$(IMAGE_TAG) \
+	    -t $(IMAGE_REGISTRY)/$$name:$(IMAGE_TAG) . || exit 1; done

@@ -24,3 +24,8 @@ GATE_CPU, GATE_MEMORY = "1", "2G"
 #: without one still gates (unsigned, and the verdict says so).
 SIGNING_SECRET = "backdoor-gate-signing-key"
 SIGNING_SECRET_ENV = {"signing-key.pem": "BACKDOOR_GATE_SIGNING_KEY"}
+
+#: The gate identity's MLflow credentials (basic auth on, see manifests/): every task that talks to
+#: the registry gets them as the env vars MLflow's client reads. Optional: servers without auth.
+MLFLOW_CREDENTIALS_SECRET = "mlflow-gate-credentials"
+MLFLOW_CREDENTIALS_ENV = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}

@@ -35,6 +35,12 @@ def on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_cpu_request(cluster.GATE_CPU).set_memory_request(cluster.GATE_MEMORY)
 
 
+def with_registry(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """A task that talks to MLflow: the gate identity's credentials from their Secret, never cached."""
+    kubernetes.use_secret_as_env(task, secret_name=cluster.MLFLOW_CREDENTIALS_SECRET, secret_key_to_env=cluster.MLFLOW_CREDENTIALS_ENV, optional=True)
+    return task.set_caching_options(False)
+
+
 @dsl.pipeline(name="facenet-integrity-reference", description="Clean FaceNet networks -> the reference GMM the gate scores against.")
 def reference_pipeline(
     tracking_uri: str,
@@ -73,7 +79,7 @@ def reference_pipeline(
             frr=frr,
         )
     )
-    on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)).set_caching_options(False)
+    with_registry(on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)))
 
 
 @dsl.pipeline(name="facenet-candidate", description="Fine-tune a candidate (optionally poisoned), register it, gate it.")
@@ -105,10 +111,9 @@ def candidate_pipeline(
     )
     feats = on_gpu(extract_features(faces=data.outputs["poisoned"], base_weights=base_weights, image_size=trunk_input_size))
     net = on_gpu(fine_tune(features=feats.outputs["features"], base=feats.outputs["base"], seed=seed))
-    version = on_cpu(register_model(model=net.outputs["model"], tracking_uri=tracking_uri, model_name=model_name))
-    version.set_caching_options(False)
-    verdict = on_cpu(gate(model_name=model_name, version=version.output, tracking_uri=tracking_uri, fail_on_block=fail_on_block))
-    verdict.set_caching_options(False)  # a verdict is never reused from cache: the reference or the file may have changed
+    version = with_registry(on_cpu(register_model(model=net.outputs["model"], tracking_uri=tracking_uri, model_name=model_name)))
+    # a verdict is never reused from cache: the reference or the file may have changed
+    verdict = with_registry(on_cpu(gate(model_name=model_name, version=version.output, tracking_uri=tracking_uri, fail_on_block=fail_on_block)))
     kubernetes.use_secret_as_env(verdict, secret_name=cluster.SIGNING_SECRET, secret_key_to_env=cluster.SIGNING_SECRET_ENV, optional=True)
 
 

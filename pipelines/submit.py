@@ -1,11 +1,14 @@
 """Submit a pipeline to a Kubeflow Pipelines API server (CI, CronJobs, people).
 
 The bearer token comes from an environment variable (never a flag, never logged); inside a
-cluster without a token, kfp.Client uses the pod's service-account credentials.
+cluster without a token, kfp.Client uses the pod's service-account credentials. The runs' pods
+use the Kubernetes service account named by ``KFP_SERVICE_ACCOUNT`` when it is set
+(``backdoor-gate-pipeline-runner`` in manifests/), else the KFP installation's default.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +38,7 @@ def submit(
         print("backdoor-gate: no KFP host: pass --host or set KF_PIPELINES_ENDPOINT", file=sys.stderr)
         return 2
     client = client or kfp.Client(host=host, namespace=namespace, existing_token=token)
+    account = {"service_account": sa} if (sa := os.environ.get("KFP_SERVICE_ACCOUNT")) else {}
     with tempfile.TemporaryDirectory() as tmp:
         package = str(Path(tmp) / f"{pipeline}.yaml")
         compile_all(tmp)
@@ -42,12 +46,12 @@ def submit(
             exp = _experiment(client, experiment, namespace)
             job = client.create_recurring_run(
                 experiment_id=exp, job_name=f"{pipeline}-scheduled", cron_expression=cron, params=params,
-                pipeline_package_path=package, max_concurrency=1, no_catchup=True,
+                pipeline_package_path=package, max_concurrency=1, no_catchup=True, **account,
             )
             print(f"recurring run {job.recurring_run_id} created: {pipeline} on '{cron}'")
             return 0
         run = client.create_run_from_pipeline_package(package, arguments=params, experiment_name=experiment, namespace=namespace,
-                                                      run_name=f"{pipeline}-{Path(tmp).name}")
+                                                      run_name=f"{pipeline}-{Path(tmp).name}", **account)
     print(f"run {run.run_id} submitted ({pipeline})")
     if not wait:
         return 0

@@ -62,12 +62,16 @@ def test_gate_never_cached_and_runs_on_the_gate_image(compiled):
     assert tasks["register-model"]["cachingOptions"].get("enableCache", False) is False
     assert tasks["fine-tune"]["cachingOptions"]["enableCache"] is True
     assert _executors(doc)["exec-gate"]["container"]["image"] == images.GATE_IMAGE
-    # the verdict signing key reaches the gate (and only the gate) from an optional Secret
-    secrets = {e: spec.get("secretAsEnv", []) for e, spec in _k8s(doc).items() if spec.get("secretAsEnv")}
-    assert list(secrets) == ["exec-gate"], secrets
-    (entry,) = secrets["exec-gate"]
-    assert entry["secretName"] == cluster.SIGNING_SECRET and entry.get("optional") is True
-    assert {k["secretKey"]: k["envVar"] for k in entry["keyToEnv"]} == cluster.SIGNING_SECRET_ENV
+    # the verdict signing key reaches the gate (and only the gate); MLflow credentials reach the
+    # tasks that talk to the registry (and only those); both from optional Secrets
+    secrets = {e: {x["secretName"]: x for x in spec.get("secretAsEnv", [])} for e, spec in _k8s(doc).items() if spec.get("secretAsEnv")}
+    assert {e for e, s in secrets.items() if cluster.SIGNING_SECRET in s} == {"exec-gate"}
+    assert {e for e, s in secrets.items() if cluster.MLFLOW_CREDENTIALS_SECRET in s} == {"exec-gate", "exec-register-model"}
+    for name, env in ((cluster.SIGNING_SECRET, cluster.SIGNING_SECRET_ENV), (cluster.MLFLOW_CREDENTIALS_SECRET, cluster.MLFLOW_CREDENTIALS_ENV)):
+        entry = secrets["exec-gate"][name]
+        assert entry.get("optional") is True and {k["secretKey"]: k["envVar"] for k in entry["keyToEnv"]} == env
+    ref_secrets = {e for e, spec in _k8s(compiled["reference"]).items() if spec.get("secretAsEnv")}
+    assert ref_secrets == {"exec-publish-reference"}
 
 
 def test_reference_pipeline_fans_out_and_collects(compiled):
