@@ -427,3 +427,31 @@ def test_only_the_gate_identity_can_move_production(stack, world):
             reg.version_by_alias(model, "production")
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
         assert reg.version_by_alias(model, "production").version == before
+
+
+def test_s3_outage_fails_closed_and_a_rerun_converges(stack, world, monkeypatch):
+    """The artifact store stops answering (process frozen) mid-life: no verdict, alias untouched."""
+    import signal
+
+    model = "facenet-s3-outage"
+    reg = Registry(stack.mlflow.uri)
+    with as_user(GATE_USER, stack.passwords[GATE_USER]):
+        try:
+            published = reg.version_by_alias("facenet-integrity-reference", "current") is not None
+        except RegistryError:  # 403 for a model that does not exist yet (this test alone)
+            published = False
+        if not published:
+            G.publish_reference(reg, world.reference_dir)
+        v = reg.register(model, {"model.safetensors": world.ckpt("clean", "pass")}, tags={G.REGISTERED_BY: "trainer-bot"})
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        os.killpg(stack.s3.proc.pid, signal.SIGSTOP)
+        try:
+            r = G.gate(model, v.version, registry=reg, config=G.GateConfig(report=False))
+        finally:
+            os.killpg(stack.s3.proc.pid, signal.SIGCONT)
+        assert r.exit_code == 2 and r.verdict != "passed" and not r.promoted and "gate error" in r.reason, r.reason
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+        assert reg.version(model, v.version).tags.get(G.VERDICT) in ("pending", "blocked")
+        assert reg.version_by_alias(model, "production") is None
+        r = G.gate(model, v.version, registry=reg, config=G.GateConfig(report=False))
+        assert (r.verdict, r.promoted) == ("passed", True), r.reason
