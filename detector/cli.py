@@ -17,6 +17,7 @@ from detector import __version__
 #: Modules that contribute subcommands, in help order. Each has ``register(subparsers)``.
 _SUBCOMMAND_MODULES = (
     "detector.commands",
+    "detector.bench",
     "detector.faces.cli",
     "components.cli",
     "pipelines.cli",

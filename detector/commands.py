@@ -1,4 +1,4 @@
-"""Detector subcommands: ``reference fit``, ``score``, ``evaluate``, ``bench``.
+"""Detector subcommands: ``reference fit``, ``score``, ``evaluate`` (``bench``: :mod:`detector.bench`).
 
 Exit codes (``score``): 0 every checkpoint passed, 1 some were blocked, 2 some were invalid
 or the reference itself could not be used. Machine output (``--json``) goes to stdout,
@@ -215,12 +215,6 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-# -- bench ----------------------------------------------------------------------------------
-def cmd_bench(args) -> int:
-    print("not yet: `make bench` lands with the performance issue (#8).")
-    return 0
-
-
 def _reference_flags(p) -> None:
     """The settings of :class:`ReferenceConfig`, for every command that fits a reference."""
     p.add_argument("--config", help="YAML file of reference settings (flags override it)")
@@ -279,6 +273,3 @@ def register(sub) -> None:
     ev.add_argument("--backdoored", nargs="+", required=True, metavar="CKPT")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
-
-    bench = sub.add_parser("bench", help="what `make bench` runs")
-    bench.set_defaults(func=cmd_bench)

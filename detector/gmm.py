@@ -1,9 +1,11 @@
-"""Gaussian mixtures: EM fitting (scikit-learn), our own log-likelihood, AIC/BIC.
+"""Gaussian mixtures: EM fitting, our own log-likelihood, AIC/BIC.
 
 The fitted mixture is kept as plain arrays (:class:`Mixture`) so it can be stored without
-pickle and evaluated without scikit-learn internals. Fitting goes through
-``sklearn.mixture.GaussianMixture`` (the reference implementation); a faster EM can replace
-:func:`fit_mixture` without touching callers.
+pickle and evaluated without scikit-learn internals. :func:`fit_mixture` runs our EM by
+default (:mod:`detector.em`: scikit-learn's algorithm with an exact pruned E-step; at the
+paper's scale ~50x faster on the forward view, ~8x on the backward one, ``make bench``);
+``backend="sklearn"`` runs ``sklearn.mixture.GaussianMixture``, the reference implementation
+the tests and the bench compare against.
 """
 
 from __future__ import annotations
@@ -15,6 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 
 _LOG_2PI = float(np.log(2.0 * np.pi))
+
+#: EM implementation used when a caller does not choose: "torch" (detector.em) or "sklearn".
+DEFAULT_BACKEND = "torch"
+BACKENDS = ("torch", "sklearn")
+#: score_samples switches to the pruned evaluation of detector.em from this many (n x k) pairs
+FAST_SCORE_PAIRS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -41,11 +49,22 @@ class Mixture:
         cov = k * d * (d + 1) // 2 if self.covariance == "full" else k * d
         return int(cov + k * d + k - 1)
 
-    def score_samples(self, X: np.ndarray, chunk_bytes: int = 64 << 20) -> np.ndarray:
-        """log p(x) for each row of X (higher = more typical)."""
+    def score_samples(self, X: np.ndarray, chunk_bytes: int = 64 << 20, method: str = "auto") -> np.ndarray:
+        """log p(x) for each row of X (higher = more typical).
+
+        ``method="auto"``: large inputs (all reference vectors against N_G in the thousands)
+        go through :func:`detector.em.score_samples` ("pruned": it skips only pairs provably
+        below 1e-21 of a point's density); small ones (one network) are evaluated "dense" here.
+        """
+        if method not in ("auto", "dense", "pruned"):
+            raise ValueError(f"method must be 'auto', 'dense' or 'pruned', got {method!r}")
         X = np.asarray(X, dtype=np.float64)
         n, d = X.shape
         k = self.n_components
+        if method == "pruned" or (method == "auto" and n * k >= FAST_SCORE_PAIRS):
+            from detector import em
+
+            return em.score_samples(self, X)
         log_w = np.log(np.clip(self.weights, 1e-300, None))
         out = np.empty((n, k))
         if self.covariance == "diag":
@@ -115,8 +134,23 @@ def fit_mixture(
     tol: float = 1e-3,
     seed: int = 0,
     init: Mixture | None = None,
+    backend: str | None = None,
+    hint: np.ndarray | None = None,
 ) -> Mixture:
-    """EM from ``init`` (e.g. :func:`neuron_init`) or from k-means when none is given."""
+    """EM from ``init`` (e.g. :func:`neuron_init`) or from k-means when none is given.
+
+    Both backends run the same algorithm from the same start (scikit-learn's k-means labels
+    for ``seed``): ``"torch"`` (default, :func:`detector.em.fit`) and ``"sklearn"``. ``hint``
+    (a likely component per row, e.g. the neuron index) only speeds the torch backend up.
+    """
+    backend = backend or DEFAULT_BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        from detector import em
+
+        return em.fit(X, n_components, covariance=covariance, reg=reg, max_iter=max_iter, tol=tol, seed=seed, init=init, hint=hint)
+
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
 
@@ -179,19 +213,23 @@ def select_mixture(
     tol: float = 1e-3,
     seed: int = 0,
     progress=None,
+    backend: str | None = None,
 ) -> tuple[Mixture, list[Candidate]]:
     """Fit one mixture per N_G in ``grid`` and keep the one with the lowest AIC (or BIC).
 
     N_G equal to the number of vectors per network starts from :func:`neuron_init`; other
     sizes from k-means. Ties go to the smaller mixture.
     """
-    n_per_net = groups.shape[1]
+    n_nets, n_per_net = groups.shape[:2]
+    neuron_of_row = np.tile(np.arange(n_per_net), n_nets)  # X is groups.reshape(M * n, d)
     best: tuple[float, int, Mixture] | None = None
     table: list[Candidate] = []
     for g in grid:
         t0 = time.perf_counter()
         init = neuron_init(groups, covariance, reg) if g == n_per_net else None
-        m = fit_mixture(X, g, covariance=covariance, reg=reg, max_iter=max_iter, tol=tol, seed=seed, init=init)
+        hint = neuron_of_row if init is not None and len(X) == len(neuron_of_row) else None
+        m = fit_mixture(X, g, covariance=covariance, reg=reg, max_iter=max_iter, tol=tol, seed=seed, init=init,
+                        backend=backend, hint=hint)
         ll = float(m.score_samples(X).sum())
         p = m.n_parameters()
         row = Candidate(

@@ -1,0 +1,660 @@
+"""``backdoor-gate bench``: what the method costs here, as ratios measured in one run.
+
+The paper names two costs as the method's limits: training many clean networks and fitting
+large Gaussian mixtures. This measures both against the obvious alternative on this machine,
+plus what a promotion gate costs, and writes ``bench/results.json`` (``--quick``:
+``bench/results-quick.json``) and a small plot of how EM cost grows.
+
+Honesty rules followed here:
+
+- every speed-up compares two things run back to back in this process, single-threaded
+  unless stated, on the same data; ratios use process CPU time (the machine may be shared),
+  wall-clock seconds are recorded beside them;
+- the EM comparison starts both implementations from the same initial mixture and checks
+  they did the same number of iterations and reached the same log-likelihood;
+- the trunk has seeded random weights: a forward pass of InceptionResnetV1 costs the same
+  whatever the values (dense convolutions), and building the pre-trained default base takes
+  ~5 min — a speed measure does not need it;
+- weight matrices are synthetic (:mod:`detector.synthetic`: one shared base plus per-network
+  noise), projected to exactly the paper's PCA sizes (76 forward, 297 backward) for the EM
+  comparison, and to 95 % variance (what ``reference fit`` does) for the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+#: CASIA-WebFace, as in the paper
+CASIA_IDENTITIES = 10_575
+CASIA_IMAGES = 494_414
+PAPER_DIMS = {"forward": 76, "backward": 297}
+PAPER_NG = {"forward": 1792, "backward": 512}
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    wall: float
+    cpu: float
+
+    def to_dict(self) -> dict:
+        return {"wall_s": round(self.wall, 4), "cpu_s": round(self.cpu, 4)}
+
+
+def timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[Any, Timing]:
+    """Run ``fn`` ``repeat`` times; the result of the last run and the median timing."""
+    walls, cpus, out = [], [], None
+    for _ in range(repeat):
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return out, Timing(float(np.median(walls)), float(np.median(cpus)))
+
+
+@contextmanager
+def torch_threads(n: int):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b > 0 else float("inf")
+
+
+def machine() -> dict:
+    import sklearn
+    import torch
+
+    from detector.em import default_threads
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
+    except (ValueError, OSError):
+        pass
+    commit = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": mem_gb,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "scikit_learn": sklearn.__version__,
+        "numpy": np.__version__,
+        "threads": default_threads(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "git_commit": commit,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic reference vectors at the paper's scale
+# --------------------------------------------------------------------------------------------
+def paper_family(seed: int = 0):
+    """Clean (and backdoored) last_linear matrices, 512 x 1792, around one shared base."""
+    from detector.synthetic import FamilyConfig, WeightFamily
+
+    return WeightFamily(FamilyConfig(out_features=512, in_features=1792, seed=seed))
+
+
+def weight_matrices(n: int, seed: int = 0) -> list[np.ndarray]:
+    """n clean last_linear matrices of one family."""
+    family = paper_family(seed)
+    return [family.clean() for _ in range(n)]
+
+
+def view_vectors_pca(matrices: list[np.ndarray], view: str, dims: int) -> tuple[np.ndarray, np.ndarray]:
+    """(X (M*n, dims), groups (M, n, dims)): a view's vectors of every network, PCA-reduced."""
+    from sklearn.decomposition import PCA
+
+    from detector.views import view_vectors
+
+    V = np.stack([view_vectors(W, view) for W in matrices])
+    M, n, d = V.shape
+    Z = PCA(n_components=dims, svd_solver="randomized", random_state=0).fit_transform(V.reshape(M * n, d))
+    return Z, Z.reshape(M, n, dims)
+
+
+def _reg(Z: np.ndarray) -> float:
+    """What ViewReference uses: reg_covar (1e-3) relative to the mean per-dimension variance."""
+    from detector.config import ReferenceConfig
+
+    return float(ReferenceConfig().reg_covar * Z.var(axis=0).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# 1. head training on cached features vs the trunk in the loop
+# --------------------------------------------------------------------------------------------
+def _random_trunk(seed: int = 0):
+    import torch
+
+    from detector.faces.trunk import new_network
+
+    torch.manual_seed(seed)
+    net = new_network()
+    net.eval().to(memory_format=torch.channels_last)
+    return net
+
+
+def head_training(quick: bool, threads: int, log) -> dict:
+    """One fine-tuning epoch (Adam, batch 64): cached features vs trunk forward + the same head step.
+
+    Measured for CASIA-WebFace's 10,575 identities (the paper's setting: the 512 x 10,575
+    classifier is most of the head's cost) and for the demo's 40.
+    """
+    import torch
+
+    from detector.faces.train import Head
+    from detector.faces.trunk import trunk_features
+
+    n_cached = 2048 if quick else 8192
+    n_trunk = 64 if quick else 192
+    size, batch = 160, 64
+    net = _random_trunk()
+    base = {k: v for k, v in net.state_dict().items() if k.startswith(("last_linear.", "last_bn."))}
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(n_cached, 1792, generator=g)
+    images = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+
+    def epoch(classes, get_features, n):
+        labels = torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(1))
+        head = Head(base, classes, seed=0)
+        head.train()
+        opt = torch.optim.Adam(head.parameters(), lr=2e-4)
+        loss_fn = torch.nn.CrossEntropyLoss()
+        for s in range(0, n, batch):
+            x = get_features(s, min(n, s + batch))
+            opt.zero_grad()
+            loss_fn(head(x), labels[s : s + len(x)]).backward()
+            opt.step()
+
+    def cached(s, e):
+        return feats[s:e]
+
+    def through_trunk(s, e):
+        with torch.no_grad():  # the trunk is frozen: forward only
+            return trunk_features(net, images[: e - s])
+
+    out: dict[str, Any] = {"image_size": size, "threads": threads, "batch": batch}
+    with torch_threads(threads):
+        for classes in (CASIA_IDENTITIES, 40):
+            log(f"head training, {classes} classes: one epoch on {n_cached} cached features vs {n_trunk} images "
+                f"through the trunk ({size} px)")
+            epoch(classes, cached, 2 * batch)  # warm-up
+            _, t_cached = timed(lambda: epoch(classes, cached, n_cached))
+            _, t_trunk = timed(lambda: epoch(classes, through_trunk, n_trunk))
+            per_cached, per_trunk = t_cached.cpu / n_cached, t_trunk.cpu / n_trunk
+            out[f"{classes}_classes"] = {
+                "speedup": round(_ratio(per_trunk, per_cached), 1),
+                "cached_ms_per_image": round(1e3 * per_cached, 4),
+                "trunk_in_loop_ms_per_image": round(1e3 * per_trunk, 2),
+                "cached_epoch": t_cached.to_dict() | {"images": n_cached},
+                "trunk_in_loop": t_trunk.to_dict() | {"images": n_trunk},
+            }
+            log(f"  {classes} classes: {1e3 * per_trunk:.1f} ms vs {1e3 * per_cached:.3f} ms per image "
+                f"({_ratio(per_trunk, per_cached):.0f}x)")
+    out["head_training_speedup"] = out[f"{CASIA_IDENTITIES}_classes"]["speedup"]
+    out["head_training_speedup_40_classes"] = out["40_classes"]["speedup"]
+    out["note"] = ("CPU time per image; same head, optimiser and batch size; the trunk-in-loop epoch is timed on "
+                   "a subset of images; seeded random trunk weights (same cost as trained ones)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 2. trunk feature extraction throughput
+# --------------------------------------------------------------------------------------------
+def feature_extraction(quick: bool, log) -> dict:
+    import torch
+
+    from detector.faces.trunk import trunk_features
+
+    net = _random_trunk()
+    batch = 32
+    n = 64 if quick else 160
+    sizes = (160,) if quick else (160, 96)
+    out: dict[str, Any] = {}
+    g = torch.Generator().manual_seed(1)
+    for size in sizes:
+        x = torch.randn(batch, 3, size, size, generator=g).contiguous(memory_format=torch.channels_last)
+        for threads in (1, 2):
+            with torch_threads(threads), torch.inference_mode():
+                trunk_features(net, x[:8])  # warm-up
+                _, t = timed(lambda: [trunk_features(net, x) for _ in range(n // batch)])
+            ips = n / t.wall
+            out[f"{size}px_{threads}_thread{'s' if threads > 1 else ''}"] = round(ips, 1)
+            log(f"feature extraction {size} px, {threads} thread(s): {ips:.1f} images/s")
+    first = f"{sizes[0]}px"
+    return {
+        "feature_extraction_images_per_s": out,
+        "thread_scaling_2_vs_1": round(out[f"{first}_2_threads"] / out[f"{first}_1_thread"], 2),
+        "batch": batch,
+        "note": "InceptionResnetV1 trunk, eval + inference_mode + channels_last, as detector.faces.features; "
+        "image decoding excluded; wall clock (the 2-thread figure is sensitive to other load on the machine)",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 3. reference GMM fit at the paper's scale: ours vs scikit-learn, same init, same iterations
+# --------------------------------------------------------------------------------------------
+def _sklearn_fit(Z, k, init, reg, max_iter, tol):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    from detector.gmm import _to_sklearn_precisions
+
+    gm = GaussianMixture(k, covariance_type=init.covariance, reg_covar=reg, max_iter=max_iter, tol=tol, random_state=0,
+                         weights_init=init.weights, means_init=init.means, precisions_init=_to_sklearn_precisions(init))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        gm.fit(Z)
+    return gm
+
+
+def reference_fit(quick: bool, matrices: list[np.ndarray], threads: int, log) -> dict:
+    from detector import em
+    from detector.gmm import Mixture, neuron_init
+
+    out: dict[str, Any] = {"views": {}}
+    ours_cpu = sk_cpu = sk_em_cpu = 0.0
+    for view in ("forward", "backward"):
+        Z, groups = view_vectors_pca(matrices, view, PAPER_DIMS[view])
+        M, n, d = groups.shape
+        reg = _reg(Z)
+        init, t_init = timed(lambda: neuron_init(groups, "diag", reg))
+        hint = np.tile(np.arange(n), M)
+        log(f"reference fit, {view}: {M}x{n} vectors, {d} dims, N_G={n}, diag — ours")
+        stats: dict = {}
+        ours, t_ours = timed(lambda: em.fit(Z, n, covariance="diag", reg=reg, init=init, hint=hint, threads=threads, stats=stats),
+                             repeat=3)
+        log(f"reference fit, {view}: scikit-learn GaussianMixture from the same init")
+        gm, t_sk = timed(lambda: _sklearn_fit(Z, n, init, reg, 100, 1e-3), repeat=1 if view == "forward" else 3)
+        # scikit-learn's fit ends with one more E-step (labels for fit_predict); time it alone too
+        _, t_e = timed(lambda: gm._e_step(Z))
+        sk = Mixture(gm.weights_, gm.means_, gm.precisions_cholesky_, "diag", int(gm.n_iter_), bool(gm.converged_))
+        method = "pruned" if quick else "dense"
+        ll_ours = float(ours.score_samples(Z, method=method).sum())
+        ll_sk = float(sk.score_samples(Z, method=method).sum())
+        rel = abs(ll_ours - ll_sk) / abs(ll_sk)
+        sk_em = Timing(t_sk.wall - t_e.wall, t_sk.cpu - t_e.cpu)
+        out["views"][view] = {
+            "vectors": [M, n],
+            "pca_dims": d,
+            "n_components": n,
+            "covariance": "diag",
+            "init": "neuron (one Gaussian per neuron, closed form)",
+            "init_seconds": round(t_init.wall, 3),
+            "n_iter": {"ours": ours.n_iter, "sklearn": int(gm.n_iter_)},
+            "ours": t_ours.to_dict(),
+            "sklearn_fit": t_sk.to_dict(),
+            "sklearn_em_only": sk_em.to_dict(),
+            "speedup": round(_ratio(t_sk.cpu, t_ours.cpu), 1),
+            "speedup_vs_em_only": round(_ratio(sk_em.cpu, t_ours.cpu), 1),
+            "log_likelihood": {"ours": ll_ours, "sklearn": ll_sk, "relative_difference": rel, "evaluated": method},
+            "components_evaluated_per_vector": [round(c, 1) for c in stats.get("columns_per_point", [])],
+        }
+        ours_cpu += t_ours.cpu
+        sk_cpu += t_sk.cpu
+        sk_em_cpu += sk_em.cpu
+        log(f"  {view}: ours {t_ours.cpu:.2f} s, sklearn {t_sk.cpu:.2f} s (EM only {sk_em.cpu:.2f} s), "
+            f"iterations {ours.n_iter}/{gm.n_iter_}, log-likelihood rel. diff {rel:.1e}")
+        if ours.n_iter != gm.n_iter_ or rel > 1e-4:
+            out["views"][view]["warning"] = "iterations or log-likelihood differ beyond 1e-4"
+    out["reference_fit_speedup"] = round(_ratio(sk_cpu, ours_cpu), 1)
+    out["reference_fit_speedup_vs_em_only"] = round(_ratio(sk_em_cpu, ours_cpu), 1)
+    out["threads"] = threads
+    out["note"] = ("CPU seconds, ours median of 3; sklearn's fit includes a final labelling E-step, "
+                   "'em_only' subtracts it (timed separately)")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 4. the AIC sweep over the paper's grid
+# --------------------------------------------------------------------------------------------
+def aic_sweep(quick: bool, matrices: list[np.ndarray], log) -> dict:
+    from detector.config import PAPER_GRID
+    from detector.gmm import select_mixture
+
+    out: dict[str, Any] = {"views": {}}
+    views = ("backward",) if quick else ("forward", "backward")
+    total = Timing(0.0, 0.0)
+    for view in views:
+        Z, groups = view_vectors_pca(matrices, view, PAPER_DIMS[view])
+        cap = groups.shape[1] if quick else len(Z)
+        grid = [g for g in PAPER_GRID if g <= cap]
+        log(f"AIC sweep, {view}: grid {grid}")
+        rows: list = []
+        (best, _), t = timed(lambda: select_mixture(Z, groups, grid, covariance="diag", reg=_reg(Z), progress=rows.append))
+        total = Timing(total.wall + t.wall, total.cpu + t.cpu)
+        out["views"][view] = {
+            "grid": grid,
+            "best_n_components": best.n_components,
+            **t.to_dict(),
+            "per_size": [{"n_components": r.n_components, "init": r.init, "seconds": round(r.seconds, 2), "n_iter": r.n_iter}
+                         for r in rows],
+        }
+        log(f"  {view}: {t.wall:.1f} s, AIC picks N_G = {best.n_components}")
+    out["aic_sweep_seconds"] = round(total.wall, 1)
+    out["aic_sweep_cpu_seconds"] = round(total.cpu, 1)
+    out["scope"] = "backward view, grid up to N_G = 512 (quick)" if quick else "both views, the paper's grid capped at the number of vectors"
+    out["note"] = "k-means initialisations (scikit-learn KMeans, as GaussianMixture's default) included"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 5. the gate: one candidate checkpoint on disk, load + hash + score both views
+# --------------------------------------------------------------------------------------------
+_GATE_CHILD = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch, safetensors.torch  # imported once by any gate process; timed apart from the work
+from detector.reference import Reference
+t1 = time.perf_counter()
+ref = Reference.load(sys.argv[1])
+t2 = time.perf_counter()
+a = ref.assess(sys.argv[2])
+t3 = time.perf_counter()
+# VmHWM: this process's peak resident memory (ru_maxrss would include the parent's, kept across exec)
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+print(json.dumps({"import_s": t1 - t0, "load_reference_s": t2 - t1, "assess_s": t3 - t2, "gate_s": t3 - t1,
+                  "verdict": a.decision.verdict, "trunk": a.trunk.status,
+                  "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024,
+                  }))
+"""
+
+
+def gate(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
+    import torch
+    from safetensors.torch import save_file
+
+    from detector.config import ReferenceConfig
+    from detector.reference import Reference
+
+    class PaperSizes(Reference):
+        """N_G fixed at the paper's choice per view (the sweep is measured separately)."""
+
+        def _view_estimator(self, view):
+            return super()._view_estimator(view).set_params(n_components=PAPER_NG[view])
+
+    net = _random_trunk()
+    base = {k: v.detach().clone() for k, v in net.state_dict().items() if not k.startswith("logits.")}
+    base["last_linear.weight"] = torch.from_numpy(family.base.astype(np.float32))
+    heldout = [family.clean() for _ in range(4)]  # drawn after the reference networks: unseen
+    with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp:
+        log(f"gate: fitting a reference on {len(matrices)} networks (PCA to 95 % variance, N_G 1792 / 512)")
+        ref, t_fit = timed(lambda: PaperSizes(ReferenceConfig()).fit(matrices, base=base).calibrate(heldout))
+        ref.save(Path(tmp) / "reference")
+        candidate = dict(base)
+        candidate["last_linear.weight"] = torch.from_numpy(family.backdoored().astype(np.float32))
+        path = Path(tmp) / "candidate.safetensors"
+        save_file({k: v.contiguous() for k, v in candidate.items()}, str(path))
+        size_mb = path.stat().st_size / 1024**2
+        log(f"gate: scoring a {size_mb:.0f} MB candidate in a fresh process")
+        runs = []
+        for _ in range(1 if quick else 3):
+            w0 = time.perf_counter()
+            p = subprocess.run([sys.executable, "-c", _GATE_CHILD, str(Path(tmp) / "reference"), str(path)],
+                               capture_output=True, text=True, env=os.environ.copy())
+            if p.returncode != 0:
+                raise RuntimeError(f"gate subprocess failed: {p.stderr[-2000:]}")
+            r = json.loads(p.stdout.strip().splitlines()[-1])
+            r["process_wall_s"] = time.perf_counter() - w0
+            runs.append(r)
+    med = {k: float(np.median([r[k] for r in runs])) for k in ("import_s", "load_reference_s", "assess_s", "gate_s",
+                                                                 "peak_rss_mb", "process_wall_s")}
+    return {
+        "gate_seconds": round(med["gate_s"], 3),
+        "gate_peak_rss_mb": round(med["peak_rss_mb"], 1),
+        "breakdown_s": {k: round(med[k], 3) for k in ("load_reference_s", "assess_s", "import_s", "process_wall_s")},
+        "candidate_mb": round(size_mb, 1),
+        "verdict": runs[-1]["verdict"],
+        "trunk_check": runs[-1]["trunk"],
+        "pca_dims": {v: est.n_pca_ for v, est in ref.views_.items()},
+        "n_components": {v: est.n_components_ for v, est in ref.views_.items()},
+        "reference_fit_seconds": round(t_fit.wall, 1),
+        "runs": len(runs),
+        "note": "fresh Python process: Reference.load (digests verified) + assess (read, sha256, parse without "
+        "pickle, frozen-trunk check of every tensor, both views scored); gate_seconds excludes the interpreter and "
+        "the imports of torch, safetensors and detector (import_s, paid once per process); peak RSS (VmHWM) is the "
+        "whole process's, imports included (torch alone is ~650 MB resident here)",
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 6. how EM cost grows: with N_G and with the number of reference networks
+# --------------------------------------------------------------------------------------------
+def scaling(quick: bool, pool: list[np.ndarray], threads: int, out_dir: Path, log) -> dict:
+    from detector import em
+    from detector.gmm import neuron_init
+
+    with_sklearn = not quick
+    view, dims = "forward", PAPER_DIMS["forward"]
+    res: dict[str, Any] = {"view": view, "pca_dims": dims, "iterations": 2, "covariance": "diag", "by_n_components": [],
+                           "by_networks": []}
+    Z, groups = view_vectors_pca(pool[:18], view, dims)
+    reg = _reg(Z)
+    sizes = [200, 1000, 1792] if quick else [100, 200, 512, 1000, 1792, 3000]
+    for k in sizes:
+        if k == groups.shape[1]:
+            init, init_kind = neuron_init(groups, "diag", reg), "neuron"
+        else:
+            init, init_kind = em.init_from_labels(Z, em.kmeans_labels(Z, k, 0), k, "diag", reg), "kmeans"
+        _, t = timed(lambda: em.fit(Z, k, covariance="diag", reg=reg, init=init, max_iter=2, tol=0.0, threads=threads), repeat=2)
+        row = {"n_components": k, "init": init_kind, "ours_cpu_s": round(t.cpu, 3)}
+        if with_sklearn:
+            _, ts = timed(lambda: _sklearn_fit(Z, k, init, reg, 2, 0.0))
+            row["sklearn_cpu_s"] = round(ts.cpu, 3)
+        res["by_n_components"].append(row)
+        log(f"scaling: N_G={k} ({init_kind}) {row}")
+    counts = [6, 18] if quick else [6, 12, 18, 24, 30]
+    for m in counts:
+        Zm, gm_ = view_vectors_pca(pool[:m], view, dims)
+        n = gm_.shape[1]
+        regm = _reg(Zm)
+        init = neuron_init(gm_, "diag", regm)
+        _, t = timed(lambda: em.fit(Zm, n, covariance="diag", reg=regm, init=init, max_iter=2, tol=0.0, threads=threads), repeat=2)
+        row = {"networks": m, "vectors": m * n, "ours_cpu_s": round(t.cpu, 3)}
+        if with_sklearn:
+            _, ts = timed(lambda: _sklearn_fit(Zm, n, init, regm, 2, 0.0))
+            row["sklearn_cpu_s"] = round(ts.cpu, 3)
+        res["by_networks"].append(row)
+        log(f"scaling: M={m} {row}")
+    res["plot"] = str(plot_scaling(res, out_dir / ("scaling-quick.png" if quick else "scaling.png")))
+    res["note"] = "EM only (init excluded, the same init for both), exactly 2 iterations (tol=0), CPU seconds"
+    return res
+
+
+def plot_scaling(res: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for ax, key, x, label in ((axes[0], "by_n_components", "n_components", "N_G (mixture components)"),
+                              (axes[1], "by_networks", "networks", "reference networks M (N_G = 1792)")):
+        rows = res[key]
+        xs = [r[x] for r in rows]
+        ax.plot(xs, [r["ours_cpu_s"] for r in rows], "o-", label="ours (detector.em)")
+        for r in rows:
+            if r.get("init") == "neuron":
+                ax.annotate("one per neuron", (r[x], r["ours_cpu_s"]), textcoords="offset points", xytext=(-30, -14), fontsize=7)
+        if rows and "sklearn_cpu_s" in rows[0]:
+            ax.plot(xs, [r["sklearn_cpu_s"] for r in rows], "s--", label="scikit-learn")
+        ax.set_xlabel(label)
+        ax.set_ylabel("CPU seconds, 2 EM iterations")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"EM cost, {res['view']} view, {res['pca_dims']} PCA dims, diagonal covariances", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Putting it together
+# --------------------------------------------------------------------------------------------
+TARGETS = {
+    "head_training_speedup": (">=", 100),
+    "reference_fit_speedup": (">=", 10),
+    "gate_seconds": ("<=", 2.0),
+    "gate_peak_rss_mb": ("<=", 1024),
+}
+
+
+def run(quick: bool = False, out_dir: str | Path = "bench", log: Callable[[str], None] = print) -> dict:
+    from detector.em import default_threads
+
+    out_dir = Path(out_dir)
+    threads = default_threads()
+    t0 = time.perf_counter()
+    results: dict[str, Any] = {"mode": "quick" if quick else "full", "machine": machine()}
+    family = paper_family(seed=0)
+    pool = [family.clean() for _ in range(30)]  # the paper's 30 clean networks; 18 build the reference
+    matrices = pool[:18]
+    results["head_training"] = head_training(quick, threads, log)
+    results["feature_extraction"] = feature_extraction(quick, log)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads):  # scikit-learn's BLAS / OpenMP get the same threads as ours
+        results["reference_fit"] = reference_fit(quick, matrices, threads, log)
+        results["aic_sweep"] = aic_sweep(quick, matrices, log)
+        results["gate"] = gate(quick, matrices, family, log)
+        results["scaling"] = scaling(quick, pool, threads, out_dir, log)
+    results["summary"] = summary(results)
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["bench_seconds"] = round(time.perf_counter() - t0, 1)
+    return results
+
+
+def summary(r: dict) -> dict:
+    s = {
+        "head_training_speedup": r["head_training"]["head_training_speedup"],
+        "head_training_speedup_40_classes": r["head_training"]["head_training_speedup_40_classes"],
+        "reference_fit_speedup": r["reference_fit"]["reference_fit_speedup"],
+        "reference_fit_speedup_forward": r["reference_fit"]["views"]["forward"]["speedup"],
+        "reference_fit_speedup_backward": r["reference_fit"]["views"]["backward"]["speedup"],
+        "aic_sweep_seconds": r["aic_sweep"]["aic_sweep_seconds"],
+        "gate_seconds": r["gate"]["gate_seconds"],
+        "gate_peak_rss_mb": r["gate"]["gate_peak_rss_mb"],
+        "feature_extraction_images_per_s": r["feature_extraction"]["feature_extraction_images_per_s"],
+    }
+    s["targets_met"] = {k: (s[k] >= v if op == ">=" else s[k] <= v) for k, (op, v) in TARGETS.items()}
+    return s
+
+
+def format_table(r: dict) -> str:
+    s, m = r["summary"], r["machine"]
+    rf, ht, g, sw = r["reference_fit"], r["head_training"], r["gate"], r["aic_sweep"]
+    casia, demo = ht[f"{CASIA_IDENTITIES}_classes"], ht["40_classes"]
+    lines = [
+        f"backdoor-gate bench ({r['mode']}) — {m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), "
+        f"torch {m['torch']}, scikit-learn {m['scikit_learn']}, load {m['load_average_at_start'][0]}→{m['load_average_at_end'][0]}",
+        "",
+        f"{'figure':34s} {'measured':>14s}  {'target':>8s}  detail",
+        f"{'head_training_speedup':34s} {s['head_training_speedup']:>13.0f}x  {'>= 100x':>8s}  "
+        f"{casia['trunk_in_loop_ms_per_image']:.1f} ms vs {casia['cached_ms_per_image']:.3f} ms per image "
+        f"({CASIA_IDENTITIES} classes, CASIA)",
+        f"{'  with 40 classes (our demo)':34s} {s['head_training_speedup_40_classes']:>13.0f}x  {'':>8s}  "
+        f"{demo['trunk_in_loop_ms_per_image']:.1f} ms vs {demo['cached_ms_per_image']:.3f} ms per image",
+        f"{'reference_fit_speedup':34s} {s['reference_fit_speedup']:>13.1f}x  {'>= 10x':>8s}  "
+        f"both views, vs sklearn fit; {rf['reference_fit_speedup_vs_em_only']:.1f}x vs its EM iterations only",
+    ]
+    for v, d in rf["views"].items():
+        ll = d["log_likelihood"]
+        label = f"  {v} ({d['vectors'][0]}x{d['n_components']}, {d['pca_dims']} dims)"
+        lines.append(
+            f"{label:34s} {d['speedup']:>13.1f}x  {'':>8s}  ours {d['ours']['cpu_s']:.2f} s, sklearn {d['sklearn_fit']['cpu_s']:.2f} s, "
+            f"{d['n_iter']['ours']}/{d['n_iter']['sklearn']} iterations, log-lik {ll['ours']:.10g} vs {ll['sklearn']:.10g} "
+            f"(rel. {ll['relative_difference']:.1e})"
+        )
+    lines += [
+        f"{'aic_sweep_seconds':34s} {s['aic_sweep_seconds']:>13.1f}s  {'':>8s}  {sw['scope']}; "
+        + ", ".join(f"{v}: N_G {d['best_n_components']}" for v, d in sw["views"].items()),
+        f"{'gate_seconds':34s} {s['gate_seconds']:>13.2f}s  {'<= 2 s':>8s}  load reference + read/hash/parse "
+        f"{g['candidate_mb']:.0f} MB + trunk check + score; verdict {g['verdict']}",
+        f"{'gate_peak_rss_mb':34s} {s['gate_peak_rss_mb']:>13.0f}   {'<= 1024':>8s}  whole process, torch import included "
+        f"(imports {g['breakdown_s']['import_s']:.1f} s, process {g['breakdown_s']['process_wall_s']:.1f} s)",
+    ]
+    for k, v in s["feature_extraction_images_per_s"].items():
+        lines.append(f"{'feature_extraction ' + k:34s} {v:>10.1f} im/s  {'':>8s}")
+    sc = r["scaling"]
+    lines.append(f"{'fit vs N_G (ours / sklearn, CPU s)':34s} " + ", ".join(
+        f"{x['n_components']}: {x['ours_cpu_s']:.2f}" + (f"/{x['sklearn_cpu_s']:.1f}" if "sklearn_cpu_s" in x else "")
+        for x in sc["by_n_components"]))
+    lines.append(f"{'fit vs networks M (ours / sklearn)':34s} " + ", ".join(
+        f"{x['networks']}: {x['ours_cpu_s']:.2f}" + (f"/{x['sklearn_cpu_s']:.1f}" if "sklearn_cpu_s" in x else "")
+        for x in sc["by_networks"]))
+    missed = [k for k, ok in s["targets_met"].items() if not ok]
+    lines += ["", f"targets missed: {', '.join(missed)}" if missed else "all targets met",
+              f"plot: {sc['plot']}   bench time: {r['bench_seconds']:.0f} s"]
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    out_dir = Path(args.out_dir)
+    out = out_dir / ("results-quick.json" if args.quick else "results.json")
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    results = run(quick=args.quick, out_dir=out_dir, log=log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(format_table(results))
+        print(f"results: {out}")
+    return 0
+
+
+def register(sub) -> None:
+    b = sub.add_parser(
+        "bench",
+        help="measure speed-ups, the AIC sweep, the gate's cost (what `make bench` runs)",
+        description="Writes bench/results.json (--quick: bench/results-quick.json, < 2 min) and a plot of EM cost.",
+    )
+    b.add_argument("--quick", action="store_true", help="smaller samples, fewer sizes: under 2 minutes")
+    b.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    b.add_argument("--out-dir", default="bench", help="directory for results and the plot (default: bench)")
+    b.set_defaults(func=cmd_bench)
