@@ -401,20 +401,42 @@ def _plots(out: Path, s: dict, gmm, scores: dict, W: list[dict], groups: dict) -
     fig.tight_layout()
     fig.savefig(out / "auc_curves.png", dpi=90)
     plt.close(fig)
-    # AUC vs attack success, one line per detector and view
-    fig, axes = plt.subplots(1, len(s["config"]["strength"]), figsize=(5 * len(s["config"]["strength"]), 4), squeeze=False)
-    for ax, (param, _values) in zip(axes[0], s["config"]["strength"]):
-        pts = sorted((p for p in s["strength"] if p["param"] == param), key=lambda p: p["attack_success"])
-        for det in s["baselines"]:
-            keys = {k for p in pts if p["auc"][det] for k in p["auc"][det]}
-            for k in sorted(keys):
-                xy = [(p["attack_success"], p["auc"][det][k]) for p in pts if p["auc"][det]]
-                ax.plot(*zip(*xy), marker="o", lw=2 if det == "gmm" else 1, label=f"{det} {k}")
-        ax.set_title(f"varying {param}")
-        ax.set_xlabel("mean attack success")
-        ax.set_ylabel("AUC vs held-out clean")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=6)
+    strength_plot(out / "strength.png", s)
+
+
+def strength_plot(path: Path, s: dict) -> None:
+    """Per strength axis: AUC against mean attack success (top) and against the knob (bottom).
+
+    Can be redrawn from a saved ``summary.json``. Points where every backdoor failed have no AUC.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_params = [p for p, _values in s["config"]["strength"]]
+    fig, axes = plt.subplots(2, len(axes_params), figsize=(5 * len(axes_params), 8), squeeze=False)
+    for col, param in enumerate(axes_params):
+        pts = [p for p in s["strength"] if p["param"] == param]
+        for row, xkey in enumerate(("attack_success", "value")):
+            ax = axes[row][col]
+            order = sorted(pts, key=lambda p: (p[xkey] if not (param == "poison_images" and xkey == "value" and p["value"] == 0) else 1e9))
+            for det in s["baselines"]:
+                keys = sorted({k for p in order if p["auc"][det] for k in p["auc"][det]})
+                for k in keys:
+                    xy = [(i if xkey == "value" else p[xkey], p["auc"][det][k]) for i, p in enumerate(order) if p["auc"][det]]
+                    ax.plot(*zip(*xy), marker="o", lw=2.5 if det == "gmm" else 1, label=f"{det} {k}")
+            if xkey == "value":
+                ax.set_xticks(range(len(order)))
+                ax.set_xticklabels([("all" if param == "poison_images" and p["value"] == 0 else str(p["value"])) + f"\nASR {p['attack_success']:.2f}" for p in order], fontsize=7)
+                ax.set_xlabel(param)
+            else:
+                ax.set_xlabel("mean attack success")
+                ax.set_title(f"varying {param}")
+            ax.set_ylabel("AUC vs held-out clean")
+            ax.set_ylim(-0.02, 1.02)
+            ax.axhline(0.5, color="grey", lw=0.5, ls=":")
+    axes[0][0].legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(out / "strength.png", dpi=90)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
