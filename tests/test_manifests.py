@@ -360,3 +360,21 @@ def test_ci_workflow_fails_the_job_when_the_gate_blocks():
     assert p.returncode == 1 and "FAILED" in p.stdout, p.stdout + p.stderr
     body = next(r["body"] for r in api.requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs"))
     assert body["runtime_config"]["parameters"]["tracking_uri"] == "http://mlflow.mlflow:5000"
+
+
+def test_webhook_receiver_runs_a_real_command_with_its_secrets():
+    from components.cluster import MLFLOW_CREDENTIALS_SECRET, SIGNING_SECRET
+    from components.webhook import SECRET_ENV
+    from detector.cli import build_parser
+    from detector.verdict import KEY_ENV
+
+    objs = _render("overlays/prod")
+    (c,) = _find(objs, "Deployment", "backdoor-gate-webhook")["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(c["args"])
+    assert (args.command, args.webhook_command, args.models, args.port) == ("webhook", "serve", ["facenet"], 8080)
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "valueFrom" in e}
+    assert env[SECRET_ENV]["name"] == "backdoor-gate-webhook" and not env[SECRET_ENV].get("optional")
+    assert env["MLFLOW_TRACKING_USERNAME"]["name"] == MLFLOW_CREDENTIALS_SECRET
+    assert env[KEY_ENV]["name"] == SIGNING_SECRET and env[KEY_ENV]["optional"] is True
+    mlflow_env = {e["name"]: e.get("value") for c in _find(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"] for e in c["env"]}
+    assert "http" in mlflow_env["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"].split(",") and mlflow_env["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] == "true"
