@@ -238,7 +238,8 @@ class ProductionMlflow:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_"))}
         env.update(self.s3.creds, MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint, MLFLOW_DISABLE_TELEMETRY="true",
                    MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password,
-                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), MLFLOW_BACKEND_STORE_URI=self.pg.uri("mlflow"))
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), MLFLOW_BACKEND_STORE_URI=self.pg.uri("mlflow"),
+                   MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true")
         args, env_names = _deployment_command()
         missing = env_names - set(env) - {"HOME"}
         assert not missing, f"the Deployment sets {missing}, which this test does not: keep them in step"
