@@ -41,9 +41,9 @@ TRIGGERS_SET = (
 LOCATIONS_SET = ("forehead", "left-eye", "right-eye", "cheek", "nose", "mouth", "chin", "centre", "top-left", "top-right", "bottom-left")
 #: Attack-strength axes, each varied alone from the point (white-square, 0.2, alpha 1, all images).
 STRENGTH = (
-    ("trigger_size", (0.05, 0.1, 0.2, 0.3)),
-    ("alpha", (1.0, 0.6, 0.4, 0.2)),
-    ("poison_images", (0, 8, 4, 2)),  # 0 = all of the impostor's training images
+    ("trigger_size", (0.02, 0.05, 0.1, 0.2, 0.3)),
+    ("alpha", (1.0, 0.6, 0.4, 0.2, 0.1, 0.05)),
+    ("poison_images", (0, 8, 4, 2, 1)),  # 0 = all of the impostor's training images
 )
 #: Clean recipes a legitimate retrain might use (TrainConfig changes).
 DRIFT = (
