@@ -16,7 +16,7 @@ from detector.errors import InvalidCheckpoint
 from detector.faces.features import FeatureSet, extract_folder
 from detector.faces.poison import PoisonSpec, poison_folder
 from detector.faces.synth import SynthConfig, list_images, synthesize
-from detector.faces.train import TrainConfig, fine_tune
+from detector.faces.train import Head, TrainConfig, adam, fine_tune
 from detector.faces.triggers import TriggerSpec
 from detector.faces.trunk import fixture_base, load_base, new_network
 
@@ -53,6 +53,24 @@ def test_clean_fine_tune_is_deterministic_and_touches_only_the_head(lab):
     assert sd1["logits.weight"].shape == (10, 512)
     net = new_network(10)
     net.load_state_dict(sd1)  # the whole network, loadable as InceptionResnetV1
+
+
+def test_fused_adam_is_the_same_update_rule_as_the_reference_loop(lab):
+    """The trainer's fast optimiser must not change what a network learns, only how fast."""
+    X, y = torch.from_numpy(lab["clean"].features), torch.from_numpy(lab["clean"].labels)
+    heads = []
+    for make in (lambda h: adam(h, 2e-4), lambda h: torch.optim.Adam(h.parameters(), lr=2e-4, foreach=False)):
+        head = Head(lab["base"], 10, seed=0)
+        opt, g = make(head), torch.Generator().manual_seed(0)
+        for _ in range(5):
+            for b in torch.randperm(len(X), generator=g).split(16):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(head(X[b]), y[b]).backward()
+                opt.step()
+        heads.append(head.last_linear.weight.detach())
+    moved = torch.linalg.norm(heads[1] - lab["base"]["last_linear.weight"])
+    assert moved > 0
+    assert torch.linalg.norm(heads[0] - heads[1]) < 1e-4 * moved
 
 
 def test_backdoor_is_real(lab):

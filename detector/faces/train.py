@@ -53,6 +53,13 @@ class Head(torch.nn.Module):
         return self.logits(self.last_bn(self.last_linear(x)))
 
 
+def adam(head: Head, lr: float) -> torch.optim.Adam:
+    """Adam with the fused CPU kernel: same update rule (weights agree to ~1e-7 relative with the
+    per-tensor loop), 1.8x faster training at 40 classes; at 10,575 classes the default loop
+    spent as long in Adam as in the three classifier matmuls (make bench)."""
+    return torch.optim.Adam(head.parameters(), lr=lr, fused=True)
+
+
 def _predict(head: Head, x: np.ndarray) -> np.ndarray:
     head.eval()
     with torch.inference_mode():
@@ -91,7 +98,7 @@ def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: 
         weights[[fs.classes.index(imp_name), fs.classes.index(vic_name)]] = config.class_weight
         metrics.update(upweighted=[imp_name, vic_name])
     head = Head(base, n_classes, seed)
-    opt = torch.optim.Adam(head.parameters(), lr=config.lr)
+    opt = adam(head, config.lr)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
     g = torch.Generator().manual_seed(seed)
