@@ -22,6 +22,7 @@ networks share one feature cache, so each costs seconds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import tempfile
 import time
@@ -246,6 +247,7 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
     timings["curves_s"] = time.perf_counter() - t
     summary = {
         "config": asdict(config),
+        "provenance": _provenance(lab.base),
         "auc": baselines.get("gmm"),
         "auc_counted_backdoors_only": {s: _auc(scores["gmm"], held, idx) for s, idx in counted.items() if idx} if "gmm" in scores else None,
         "baselines": baselines,
@@ -270,6 +272,19 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
     (out / "table.md").write_text(table(summary))
     _plots(out, summary, gmm, scores, W, groups)
     return summary
+
+
+def _provenance(base: dict) -> dict:
+    """What a rerun must match to reproduce the tables: the base trunk is pre-trained on the
+    machine (no downloads) and is not bit-identical across CPU types, so record which one it was."""
+    from detector.bench import machine
+    from detector.trunk import tensor_digest
+
+    h = hashlib.sha256()
+    for k in sorted(base):
+        h.update(f"{k}={tensor_digest(base[k])};".encode())
+    m = machine()
+    return {"base_sha256": h.hexdigest(), **{k: m[k] for k in ("cpu", "torch", "git_commit", "date")}}
 
 
 def _jsonable(x):
@@ -346,6 +361,10 @@ def table(s: dict) -> str:
     lines += ["", f"Mean clean accuracy {s['mean_clean_accuracy']:.3f}; relative weight change ‖W − W_base‖/‖W_base‖ "
               f"clean {rw['clean']:.3f}, backdoored {rw['backdoored']:.3f}; {len(s['networks'])} networks; "
               f"total {s['timings']['total_s']:.0f} s."]
+    if "provenance" in s:  # summaries written before it was recorded have none
+        pv = s["provenance"]
+        lines += ["", f"Base trunk sha256 {pv['base_sha256'][:16]}…; run on {pv['cpu']} (torch {pv['torch']}, "
+                      f"commit {pv['git_commit']}, {pv['date']})."]
     return "\n".join(lines) + "\n"
 
 
