@@ -76,10 +76,10 @@ def test_paper_small_writes_every_section(tmp_path):
     assert {r["m"] for r in s["auc_vs_m"]} == {2, 5}
     assert (out / "table.md").read_text().startswith("| set |")
     from detector.faces.cli import base_state_dict
-    from detector.faces.paper import _provenance
+    from detector.faces.features import state_dict_sha256
 
     # the tables depend on the base trunk: the summary names the one it used
-    assert s["provenance"]["base_sha256"] == _provenance(base_state_dict(str(tmp_path / "base.pt")))["base_sha256"]
+    assert s["provenance"]["base_sha256"] == state_dict_sha256(base_state_dict(str(tmp_path / "base.pt")))
     assert s["provenance"]["base_sha256"][:16] in (out / "table.md").read_text()
     for png in ("scores.png", "vectors_pca.png", "auc_curves.png", "strength.png"):
         assert (out / png).stat().st_size > 5000
