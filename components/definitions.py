@@ -88,19 +88,23 @@ def fit_reference(
     components: str = "auto",
     grid: str = "",
     frr: float = 0.05,
+    detector: str = "",
 ):
-    """PCA + GMM per view on clean networks (N_G by AIC over ``grid``, default the paper's), threshold on held-out clean ones."""
+    """The deciding detector (default: the project's, chosen on evidence) with the paper's PCA + GMM
+    as evidence, fitted on clean networks; thresholds calibrated on held-out clean ones."""
     from components.tasks import fit_reference as task
-    from detector.config import ReferenceConfig
+    from detector.config import DEFAULT_DETECTOR, ReferenceConfig
 
     config = ReferenceConfig(covariance=covariance, components=components, frr=frr)
     if grid:
         config = config.replace(grid=tuple(int(g) for g in grid.split(",")))
-    out = task([m.path for m in networks], [m.path for m in calibration], reference.path, base=base.path, config=config)
+    out = task([m.path for m in networks], [m.path for m in calibration], reference.path, base=base.path, config=config,
+               detector=detector or DEFAULT_DETECTOR)
     reference.metadata["artifact_sha256"] = out["artifact_sha256"]
-    for view, info in out["views"].items():
-        for key, value in info.items():
-            summary.log_metric(f"{view}.{key}", value)
+    reference.metadata["detector"] = out["detector"]
+    summary.log_metric("frr_upper_95", out["frr_upper_95"])
+    for part, info in out["parts"].items():
+        summary.log_metric(f"{part}.threshold", info["threshold"])
 
 
 @dsl.component(**_gate)

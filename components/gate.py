@@ -65,6 +65,8 @@ VERDICT_DOC = PREFIX + "verdict_document"  # where the document is: the run's ar
 SIGNED_BY = PREFIX + "signed_by"  # key id of the signing key, or "unsigned"
 PROMOTED_VERDICT = PREFIX + "promoted_verdict_sha256"
 ALIAS_VIOLATION = PREFIX + "alias_violation"
+DETECTOR = PREFIX + "detector"  # the rule that decided: fusion, classifier, gmm …
+SUSPECTED_CLASS = PREFIX + "suspected_class"  # the identity a blocked model would let an impostor into
 REGISTERED_BY = "registered_by"
 PASSED, BLOCKED, INVALID, PENDING = "passed", "blocked", "invalid", "pending"
 EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2}
@@ -76,6 +78,15 @@ def score_tag(view: str) -> str:
 
 def threshold_tag(view: str) -> str:
     return f"{PREFIX}threshold.{view}"
+
+
+def evidence_tag(part: str) -> str:
+    """Scores that are recorded but do not decide (the paper's GMM beside the default detector)."""
+    return f"{PREFIX}evidence.score.{part}"
+
+
+def evidence_threshold_tag(part: str) -> str:
+    return f"{PREFIX}evidence.threshold.{part}"
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,9 @@ class GateResult:
     report_uri: str | None = None
     verdict_sha256: str | None = None
     signed_by: str | None = None
+    detector: str | None = None
+    suspected_class: str | None = None
+    evidence_scores: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -125,7 +139,7 @@ def _now() -> str:
 def publish_reference(registry: Registry, ref_dir: str | Path, config: GateConfig = GateConfig()) -> VersionInfo:
     """Register a reference artifact directory and point the ``current`` alias at it."""
     ref = Reference.load(ref_dir)  # refuses a tampered artifact before it can be published
-    files = {p.name: p for p in Path(ref_dir).iterdir() if p.is_file()}
+    files = {p.relative_to(ref_dir).as_posix(): p for p in sorted(Path(ref_dir).rglob("*")) if p.is_file()}
     info = registry.register(
         config.reference_model,
         files,
@@ -201,11 +215,21 @@ def gate(
         tags[TRUNK] = assessment.trunk.status
         result.verdict = PASSED if assessment.decision.verdict == PASS else BLOCKED
         result.reason = assessment.decision.reason
+        result.detector = getattr(reference, "name", reference.detector)
+        tags[DETECTOR] = result.detector
         for v in result.scores:
             tags[score_tag(v)] = repr(result.scores[v])
             tags[threshold_tag(v)] = repr(result.thresholds[v])
+        evidence = assessment.evidence
+        result.evidence_scores = dict(evidence.get("evidence_scores", {}))
+        for v, sc in result.evidence_scores.items():
+            tags[evidence_tag(v)] = repr(sc)
+            tags[evidence_threshold_tag(v)] = repr(evidence["evidence_thresholds"][v])
+        if result.verdict == BLOCKED and evidence.get("suspected_class") is not None:
+            result.suspected_class = str(evidence["suspected_class"])
+            tags[SUSPECTED_CLASS] = result.suspected_class
         if config.report:
-            result.report_uri = _report(registry, info, reference, vector_scores, result, tags)
+            result.report_uri = _report(registry, info, reference, vector_scores, result, tags, evidence)
     except InvalidCheckpoint as e:
         result.verdict, result.reason = INVALID, e.reason
     except ValueError as e:  # no / ambiguous / oversized weight file in the registered artifacts
@@ -247,6 +271,7 @@ def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, t
         model=result.model, version=result.version, model_sha256=result.model_sha256, reference_sha256=result.reference_sha256,
         verdict=result.verdict, reason=result.reason, scores=result.scores, thresholds=result.thresholds,
         trunk=tags.get(TRUNK), gate_version=GATE_VERSION, run_id=info.run_id, checked_at=_now(),
+        detector=result.detector, suspected_class=result.suspected_class, evidence_scores=result.evidence_scores,
     )
     envelope = sign_verdict(doc, signing_key) if signing_key is not None else unsigned_verdict(doc)
     result.verdict_sha256, result.signed_by = envelope["sha256"], envelope["key_id"] or "unsigned"
@@ -322,7 +347,7 @@ def _promote(registry: Registry, model: str, version: str, config: GateConfig) -
     return newest_version == version
 
 
-def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_scores, result: GateResult, tags) -> str | None:
+def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_scores, result: GateResult, tags, evidence=None) -> str | None:
     """Render the review report and attach it to the version's run; failures are recorded, not fatal."""
     from components.report import write_report
 
@@ -331,7 +356,7 @@ def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_
         return None
     try:
         with tempfile.TemporaryDirectory(prefix="backdoor-gate-report-") as tmp:
-            write_report(Path(tmp), reference, vector_scores, result)
+            write_report(Path(tmp), reference, vector_scores, result, evidence)
             uri = registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{info.version}")
         tags[REPORT] = f"{uri}/report.html"
         return tags[REPORT]

@@ -141,6 +141,7 @@ class Registry:
                 staged = Path(tmp) / artifact_dir
                 staged.mkdir()
                 for dest, src in files.items():
+                    (staged / dest).parent.mkdir(parents=True, exist_ok=True)
                     (staged / dest).write_bytes(Path(src).read_bytes())
                 self._call("uploading artifacts", self.client.log_artifacts, rid, str(staged), artifact_dir)
             for k, v in (params or {}).items():

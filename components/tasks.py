@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from components.registry import WEIGHT_FILE, Registry
-from detector.config import ReferenceConfig
+from detector.config import DEFAULT_DETECTOR, DEFAULT_EVIDENCE, ReferenceConfig
 
 MODEL_METRICS = "metrics.json"
 BASE_FILE = "base.safetensors"
@@ -79,9 +79,10 @@ def fine_tune(features_dir: str, base_dir: str, out_dir: str, *, seed: int, epoc
     from detector.faces.train import TrainConfig, fine_tune as train
 
     base = load_file(str(Path(base_dir) / BASE_FILE))
-    sd, metrics = train(FeatureSet.load(features_dir), base, seed, TrainConfig(epochs=epochs, lr=lr))
+    fs = FeatureSet.load(features_dir)
+    sd, metrics = train(fs, base, seed, TrainConfig(epochs=epochs, lr=lr))
     out = Path(out_dir)
-    save_network(sd, out / "model")
+    save_network(sd, out / "model", classes=fs.classes)
     (out / MODEL_METRICS).write_text(json.dumps(metrics, default=str))
     return metrics
 
@@ -103,11 +104,14 @@ def fit_reference(
     *,
     base: str | None = None,
     config: ReferenceConfig | None = None,
+    detector: str = DEFAULT_DETECTOR,
+    evidence: tuple[str, ...] = DEFAULT_EVIDENCE,
 ) -> dict[str, Any]:
-    """Fit the reference on clean networks and calibrate on held-out ones; write the artifact."""
-    from detector.reference import Reference
+    """Fit the reference (the deciding detector + the paper's GMM as evidence) on clean networks,
+    calibrate on held-out ones; write the artifact."""
+    from detector.baselines import make_reference
 
-    ref = Reference(config or ReferenceConfig())
+    ref = make_reference(detector, config or ReferenceConfig(), evidence=evidence)
     if base and Path(base).is_dir():
         base = str(Path(base) / BASE_FILE)
     ref.fit([model_file(d) for d in model_dirs], base=base or None)
@@ -118,10 +122,10 @@ def fit_reference(
         "n_reference": ref.n_reference_,
         "n_calibration": len(calibration_dirs),
         "threshold_source": ref.threshold_source_,
-        "views": {
-            v: {"pca_dims": est.n_pca_, "n_components": est.n_components_, "threshold": ref.thresholds_[v]}
-            for v, est in ref.views_.items()
-        },
+        "detector": getattr(ref, "name", ref.detector),
+        "frr_upper_95": ref.frr_upper_95_,
+        "calibration_warning": ref.calibration_warning_,
+        "parts": {p: {"threshold": info["threshold"], "deciding": info["deciding"]} for p, info in ref.parts().items()},
     }
 
 

@@ -100,11 +100,14 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
             "layer": ref.config.layer,
             "layer_shape": list(ref.shape_),
             "views": views,
-            "score_convention": ("log-likelihood" if detector in GMM_DETECTORS else f"{detector} (see detector.baselines)")
+            "score_convention": ("log-likelihood" if detector in GMM_DETECTORS else f"{detector} (see detector.{'classifier' if detector == 'classifier' else 'baselines'})")
             + "; higher = more typical of clean networks; blocked if any view < threshold",
             "config": ref.config.to_dict(),
             "frr_target": ref.config.frr,
             "frr_empirical_combined": ref.frr_empirical_["combined"],
+            "frr_upper_95_combined": getattr(ref, "frr_upper_95_", None),
+            "calibration_warning": getattr(ref, "calibration_warning_", None),
+            "classes": getattr(ref, "classes_", None),
             "threshold_source": ref.threshold_source_,
             "n_reference": ref.n_reference_,
             "n_calibration": int(len(next(iter(ref.calibration_scores_.values())))),
@@ -157,10 +160,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_reference(path: str | os.PathLike):
     """A fitted, calibrated :class:`Reference` from a verified artifact directory."""
-    from detector.reference import Reference, ViewReference
+    from detector.reference import Reference, ViewReference, network_scores
 
     root = Path(path)
     meta = read_metadata(root)
+    if meta.get("detector") == "composite":
+        from detector.composite import CompositeReference
+
+        return CompositeReference.restore(root, meta)
     try:
         with np.load(root / ARRAYS_FILE, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
@@ -169,6 +176,11 @@ def load_reference(path: str | os.PathLike):
         if detector in GMM_DETECTORS:
             ref = Reference(config)
             ref.detector = detector
+        elif detector == "classifier":
+            from detector.baselines import BaselineReference
+            from detector.classifier import ClassifierReference
+
+            ref = ClassifierReference(config, normalize=meta["views"]["classes"]["normalize"], scale=meta["views"]["classes"]["scale"])
         else:
             from detector.baselines import BaselineReference
 
@@ -182,7 +194,7 @@ def load_reference(path: str | os.PathLike):
                 detector, meta["views"][v], {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
             )
             ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
-            ref.calibration_scores_[v] = ref.calibration_vector_scores_[v].sum(axis=1)
+            ref.calibration_scores_[v] = network_scores(ref.views_[v], ref.calibration_vector_scores_[v])
         for v in config.views if detector in GMM_DETECTORS else ():
             info = meta["views"][v]
             est = ViewReference(view=v, covariance_type=info["covariance"])
@@ -209,6 +221,10 @@ def load_reference(path: str | os.PathLike):
         ref.thresholds_ = {v: float(meta["views"][v]["threshold"]) for v in ref.views_}
         ref.frr_empirical_ = {v: float(meta["views"][v]["frr_empirical"]) for v in ref.views_}
         ref.frr_empirical_["combined"] = float(meta["frr_empirical_combined"])
+        ref.frr_upper_95_ = meta.get("frr_upper_95_combined")
+        ref.calibration_warning_ = meta.get("calibration_warning")
+        ref.n_calibration_ = int(meta["n_calibration"])
+        ref.classes_ = meta.get("classes")
         ref.shape_ = tuple(meta["layer_shape"])
         ref.n_reference_ = int(meta["n_reference"])
         ref.reference_checkpoints_ = meta["reference_checkpoints"]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from detector.config import DETECTORS, ReferenceConfig
+from detector.config import DETECTORS, FUSION, ReferenceConfig
 from detector.reference import Reference, _check_fitted
 
 #: The one pseudo-view of the whole-matrix baselines.
@@ -108,6 +108,75 @@ def trojan_signature_z(matrix: np.ndarray) -> np.ndarray:
     return np.abs(s - med) / max(mad, 1e-12 * max(np.abs(s).max(), 1e-300))
 
 
+def spectrum(delta: np.ndarray, statistic: str = "top5") -> float:
+    """How concentrated the update ΔW is in a few directions (higher = more low-rank).
+
+    ``top1`` / ``top5``: share of ‖ΔW‖²_F in the top 1 / 5 singular values; ``ratio``: σ1 / median σ.
+    """
+    s = np.linalg.svd(np.asarray(delta, dtype=np.float64), compute_uv=False)
+    energy = s**2
+    total = max(float(energy.sum()), 1e-300)
+    if statistic == "top1":
+        return float(energy[0] / total)
+    if statistic == "top5":
+        return float(energy[:5].sum() / total)
+    if statistic == "ratio":
+        return float(s[0] / max(np.median(s), 1e-300))
+    raise ValueError(f"statistic must be top1, top5 or ratio, got {statistic!r}")
+
+
+class SpectrumView(BaseEstimator):
+    """``spectrum``: a backdoor is a low-rank update. Robust z of the spectral statistic of
+    ΔW = W − W_base against the reference networks' (no mixture, nothing per neuron); score −z."""
+
+    view = "spectrum"
+
+    def __init__(self, statistic: str = "top5"):
+        self.statistic = statistic
+
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> "SpectrumView":
+        if base_matrix is None:
+            raise ValueError("spectrum needs the base network (pass base=, or --base on the command line)")
+        self.base_ = np.asarray(base_matrix, dtype=np.float32).astype(np.float64)  # as the artifact keeps it
+        stats = np.array([self.statistic_of(W) for W in matrices])
+        self.median_ = float(np.median(stats))
+        self.scale_ = float(max(1.4826 * np.median(np.abs(stats - self.median_)), 1e-6 * abs(self.median_), 1e-300))
+        self.reference_statistics_ = stats
+        self.n_networks_, self.shape_ = len(stats), tuple(self.base_.shape)
+        return self
+
+    def statistic_of(self, matrix: np.ndarray) -> float:
+        return spectrum(np.asarray(matrix, dtype=np.float64) - self.base_, self.statistic)
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        _check_fitted(self, "base_")
+        return np.array([-(self.statistic_of(matrix) - self.median_) / self.scale_])
+
+    def score(self, matrix: np.ndarray) -> float:
+        return float(self.score_vectors(matrix).sum())
+
+    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+        out = []
+        for i, W in enumerate(matrices):
+            out.append(SpectrumView(self.statistic).fit([m for j, m in enumerate(matrices) if j != i], self.base_).score_vectors(W))
+        return np.asarray(out)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"base": self.base_.astype(np.float32), "reference_statistics": self.reference_statistics_}
+
+    def info(self) -> dict[str, Any]:
+        return {"statistic": self.statistic, "median": self.median_, "scale": self.scale_, "n_networks": self.n_networks_}
+
+    @classmethod
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "SpectrumView":
+        est = cls(statistic=info["statistic"])
+        est.base_ = np.asarray(arrays["base"], dtype=np.float64)
+        est.reference_statistics_ = arrays["reference_statistics"]
+        est.median_, est.scale_, est.n_networks_ = float(info["median"]), float(info["scale"]), int(info["n_networks"])
+        est.shape_ = tuple(est.base_.shape)
+        return est
+
+
 class TrojanSignatureView(BaseEstimator):
     """−max_c |z_c| of the classifier's rows; one "vector" per network (no fitting needed)."""
 
@@ -145,37 +214,72 @@ _VIEW_ESTIMATORS = {
     "distance-mean": lambda: DistanceView("mean"),
     "distance-base": lambda: DistanceView("base"),
     "trojan-signature": TrojanSignatureView,
+    "spectrum": SpectrumView,
 }
+#: Detectors whose estimator reads the base network's layer.
+_NEEDS_BASE = ("distance-base", "spectrum")
 
 
 class BaselineReference(Reference):
     """A :class:`Reference` whose single pseudo-view ``matrix`` is a naive baseline."""
 
     def __init__(self, detector: str, config: ReferenceConfig | None = None):
-        if detector not in _VIEW_ESTIMATORS:
+        if detector not in _VIEW_ESTIMATORS and detector != "classifier":
             raise ValueError(f"unknown baseline {detector!r}; one of {sorted(_VIEW_ESTIMATORS)}")
         super().__init__(config)
         self.detector = detector
 
+    def _view_estimator_for(self):
+        return _VIEW_ESTIMATORS[self.detector]()
+
     def _fit_views(self, matrices: list[np.ndarray], base_tensors) -> dict:
         base_matrix = None
-        if self.detector == "distance-base":
+        if self.detector in _NEEDS_BASE:
             if base_tensors is None:
-                raise ValueError("distance-base needs the base network (pass base=, or --base on the command line)")
+                raise ValueError(f"{self.detector} needs the base network (pass base=, or --base on the command line)")
             from detector.weights import layer_of
 
             base_matrix = layer_of(base_tensors, self.config.layer, source="base").matrix
-        return {MATRIX: _VIEW_ESTIMATORS[self.detector]().fit(matrices, base_matrix=base_matrix)}
+        est = self._view_estimator_for()
+        return {getattr(est, "view", MATRIX): est.fit(matrices, base_matrix=base_matrix)}
 
     @staticmethod
     def restore_view(detector: str, info: dict, arrays: dict[str, np.ndarray]):
+        if detector == "classifier":
+            from detector.classifier import ClassDeviationView
+
+            return ClassDeviationView.restore(info, arrays)
         cls = type(_VIEW_ESTIMATORS[detector]())
         return cls.restore(info, arrays)
 
 
-def make_reference(detector: str = "gmm", config: ReferenceConfig | None = None) -> Reference:
-    """The unfitted reference of a named detector (see the module docstring)."""
+def make_reference(detector: str = "gmm", config: ReferenceConfig | None = None, evidence: Sequence[str] = ()) -> Reference:
+    """The unfitted reference of a named detector (see the module docstring).
+
+    ``evidence``: detectors scored and reported beside it on every candidate but never deciding
+    (the published reference carries the paper's GMM so).
+    """
     config = config or ReferenceConfig()
+    evidence = tuple(e for e in evidence if e != detector)
+    if ":" in detector:  # a variant, e.g. classifier:none, spectrum:top1 (compared in `paper`)
+        name, option = detector.split(":", 1)
+        if name == "classifier":  # classifier:none, classifier:std, classifier:none+std …
+            from detector.classifier import ClassifierReference
+
+            opts = option.split("+")
+            return ClassifierReference(config, normalize="none" if "none" in opts else "network",
+                                       scale=next((o for o in opts if o in ("mad", "std", "pooled")), "std"),
+                                       victim_rule="max" if "max" in opts else "toward-impostor")
+        if name == "spectrum":
+            ref = BaselineReference("spectrum", config)
+            ref._view_estimator_for = lambda: SpectrumView(statistic=option)
+            return ref
+        raise ValueError(f"detector {name!r} has no variants")
+    if evidence:
+        from detector.composite import CompositeReference
+
+        decide_by = FUSION if detector == "fusion" else tuple(detector.split("+"))
+        return CompositeReference(decide_by=decide_by, evidence=evidence, config=config)
     if detector == "gmm":
         return Reference(config)
     if detector == "gaussian":
@@ -186,4 +290,12 @@ def make_reference(detector: str = "gmm", config: ReferenceConfig | None = None)
         config = config.replace(layer=CLASSIFIER_LAYER)
     if detector in _VIEW_ESTIMATORS:
         return BaselineReference(detector, config)
+    if detector == "classifier":
+        from detector.classifier import ClassifierReference
+
+        return ClassifierReference(config)
+    if detector == "fusion" or "+" in detector:
+        from detector.composite import CompositeReference
+
+        return CompositeReference(decide_by=FUSION if detector == "fusion" else tuple(detector.split("+")), config=config)
     raise ValueError(f"unknown detector {detector!r}; one of {', '.join(DETECTORS)}")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from detector.config import DETECTORS, PAPER_GRID, ReferenceConfig
+from detector.config import DEFAULT_DETECTOR, DEFAULT_EVIDENCE, DETECTORS, PAPER_GRID, ReferenceConfig
 from detector.errors import DetectorError, InvalidCheckpoint
 from detector.scoring import BLOCK, INVALID, PASS
 
@@ -63,7 +63,7 @@ def cmd_reference_fit(args) -> int:
         _err(f"{args.out} exists; choose a new --out or add --overwrite")
         return 2
     quiet = args.json
-    ref = make_reference(args.detector, config)
+    ref = make_reference(args.detector, config, evidence=args.evidence)
     try:
         with _progress(len(args.checkpoints), "loading reference networks", quiet) as bar:
             ref.fit(args.checkpoints, progress=lambda _: bar.update(), base=args.base)
@@ -79,13 +79,17 @@ def cmd_reference_fit(args) -> int:
     summary = {
         "artifact": str(args.out),
         "artifact_sha256": digest,
-        "detector": ref.detector,
+        "detector": getattr(ref, "name", ref.detector),
+        "evidence": list(getattr(ref, "evidence_members", ())),
         "layer": ref.config.layer,
         "n_reference": ref.n_reference_,
         "threshold_source": ref.threshold_source_,
         "trunk_tensors_recorded": len(ref.trunk_digests_),
         "frr_target": config.frr,
         "frr_empirical": ref.frr_empirical_,
+        "frr_upper_95": ref.frr_upper_95_,
+        "n_calibration": ref.n_calibration_,
+        "calibration_warning": ref.calibration_warning_,
         "views": {
             v: {
                 "pca_dims": getattr(est, "n_pca_", None),
@@ -96,16 +100,20 @@ def cmd_reference_fit(args) -> int:
             for v, est in ref.views_.items()
         },
     }
+    if ref.calibration_warning_:
+        _err(f"warning: {ref.calibration_warning_}")
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{ref.detector} reference written to {args.out} (sha256 {digest[:16]}…), {ref.n_reference_} clean networks")
+        print(f"{summary['detector']} reference written to {args.out} (sha256 {digest[:16]}…), {ref.n_reference_} clean networks")
         for v, s in summary["views"].items():
             shape = f"PCA dims {s['pca_dims']:4d}  N_G {s['n_components']:5d}  " if s["pca_dims"] is not None else ""
             print(
                 f"  {v:8s} {shape}threshold {s['threshold']:.6g}"
                 f"  ({ref.threshold_source_}, FRR {ref.frr_empirical_[v]:.3f} at target {config.frr})"
             )
+        print(f"  combined FRR {ref.frr_empirical_['combined']:.3f} on {ref.n_calibration_} calibration networks"
+              f" (95 % upper bound {ref.frr_upper_95_:.3f})" + (f"; evidence: {', '.join(summary['evidence'])}" if summary["evidence"] else ""))
     return 0
 
 
@@ -122,6 +130,11 @@ def score_checkpoint(ref, path: str) -> dict[str, Any]:
     try:
         a = ref.assess(path)
         record.update(sha256=a.sha256, scores=a.scores, verdict=a.decision.verdict, reason=a.decision.reason, trunk=a.trunk.status)
+        if a.evidence.get("evidence_scores"):
+            record["evidence_scores"] = a.evidence["evidence_scores"]
+        if a.decision.verdict == BLOCK and a.evidence.get("suspected_class") is not None:
+            record["suspected_class"] = a.evidence["suspected_class"]
+            record["suspected_class_evidence"] = {k: a.evidence[k] for k in ("suspected_index", "suspected_z", "runner_up_z", "median_z")}
     except InvalidCheckpoint as e:
         record["verdict"], record["reason"] = INVALID, e.reason
     return record
@@ -242,7 +255,10 @@ def register(sub) -> None:
     )
     fit.add_argument("checkpoints", nargs="+", metavar="CKPT", help="clean reference networks")
     fit.add_argument("--out", required=True, help="artifact directory to create")
-    fit.add_argument("--detector", choices=DETECTORS, default="gmm", help="the paper's gmm (default) or a naive baseline")
+    fit.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
+                     help=f"deciding detector (default {DEFAULT_DETECTOR}, chosen on held-out evidence; gmm = the paper's mode)")
+    fit.add_argument("--evidence", type=_csv(str), default=DEFAULT_EVIDENCE,
+                     help=f"comma list of detectors scored beside it as evidence, never deciding (default {','.join(DEFAULT_EVIDENCE)}; '' for none)")
     _reference_flags(fit)
     fit.add_argument("--calibrate", nargs="+", metavar="CLEAN_CKPT", help="held-out clean networks for the threshold")
     fit.add_argument("--base", metavar="BASE_CKPT", help="the network fine-tuning started from: enables the frozen-trunk check")
@@ -265,7 +281,7 @@ def register(sub) -> None:
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--reference", metavar="REF_DIR", help="a reference artifact made by `reference fit`")
     src.add_argument("--fit", nargs="+", metavar="CKPT", help="clean reference networks to fit --detector on")
-    ev.add_argument("--detector", choices=DETECTORS, help="gmm (default), gaussian, distance-mean, distance-base, trojan-signature")
+    ev.add_argument("--detector", choices=DETECTORS, help=f"gmm (default), or any of {', '.join(DETECTORS[1:])}")
     ev.add_argument("--calibrate", nargs="+", metavar="CLEAN_CKPT", help="with --fit: held-out clean networks for the threshold")
     ev.add_argument("--base", metavar="BASE_CKPT", help="with --fit: the base network (needed by distance-base)")
     _reference_flags(ev)

@@ -15,8 +15,19 @@ DEFAULT_LAYER = "last_linear.weight"
 
 VIEWS: tuple[str, ...] = ("forward", "backward")
 
-#: The paper's detector and the naive baselines it is compared with (see detector.baselines).
-DETECTORS: tuple[str, ...] = ("gmm", "gaussian", "distance-mean", "distance-base", "trojan-signature")
+#: The paper's detector, the naive baselines it is compared with (see detector.baselines), the
+#: effective-classifier and spectrum detectors, and their fusion (see detector.composite).
+DETECTORS: tuple[str, ...] = (
+    "gmm", "gaussian", "distance-mean", "distance-base", "trojan-signature", "classifier", "spectrum", "fusion",
+)
+#: The gate's default: chosen on the development protocol (``paper``), confirmed on a held-back
+#: one (``paper --confirmation``); see the README's detection table.
+DEFAULT_DETECTOR = "classifier"
+#: Scored and tagged on every candidate as evidence, never deciding unless configured to: the
+#: paper's method, which platform teams were promised.
+DEFAULT_EVIDENCE: tuple[str, ...] = ("gmm",)
+#: What ``fusion`` combines: each part's score standardised on the calibration networks.
+FUSION: tuple[str, ...] = ("classifier", "spectrum")
 
 
 @dataclass(frozen=True)

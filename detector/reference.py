@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,15 +22,28 @@ from detector.config import PAPER_GRID, ReferenceConfig
 from detector.errors import InvalidCheckpoint, NotFittedError
 from detector.gmm import Mixture, select_mixture
 from detector.scoring import Decision, decide
-from detector.threshold import rejection_rate, threshold_at_frr
+from detector.threshold import frr_upper_bound, rejection_rate, threshold_at_frr
 from detector.trunk import TrunkCheck, check_trunk, trunk_digests
 from detector.views import view_vectors
-from detector.weights import LayerWeights, layer_of, load_layer, read_tensors
+from detector.weights import LayerWeights, StateDict, layer_of, load_layer, read_tensors
+
+#: Below this many calibration networks a 5 % FRR target cannot be told from 0 %: warn.
+MIN_CALIBRATION = 20
 
 
 def _check_fitted(est: Any, attr: str) -> None:
     if not hasattr(est, attr):
         raise NotFittedError(f"{type(est).__name__} is not fitted yet: call fit() first")
+
+
+def network_score(est: Any, vector_scores: np.ndarray) -> float:
+    """A network's score from its per-unit scores: the estimator's own rule, else the sum (the paper's)."""
+    agg = getattr(est, "aggregate", None)
+    return float(agg(vector_scores)) if agg is not None else float(np.sum(vector_scores))
+
+
+def network_scores(est: Any, per_network: np.ndarray) -> np.ndarray:
+    return np.array([network_score(est, row) for row in per_network], dtype=np.float64)
 
 
 class ViewReference(BaseEstimator):
@@ -151,6 +165,8 @@ class Assessment:
     thresholds: dict[str, float]
     trunk: TrunkCheck
     decision: Decision
+    #: per-detector extras, e.g. ``suspected_class`` (the classifier names the likely victim)
+    evidence: dict = dataclasses.field(default_factory=dict)
 
 
 class Reference:
@@ -181,10 +197,23 @@ class Reference:
     def _load(self, networks: Sequence[Any], progress: Callable | None = None) -> list[LayerWeights]:
         out = []
         for n in networks:
-            out.append(load_layer(n, self.config.layer, max_bytes=self.config.max_checkpoint_bytes))
+            out.append(self._input_of(n))
             if progress is not None:
                 progress(out[-1])
         return out
+
+    def _input_of(self, network: Any) -> LayerWeights:
+        """The matrix this detector reads from a network (path, module, state dict or matrix)."""
+        if isinstance(network, LayerWeights):
+            return network
+        tensors, digest, source = self._tensors(network)
+        if tensors is None:  # a bare matrix: taken as the layer itself
+            return load_layer(network, self.config.layer, max_bytes=self.config.max_checkpoint_bytes)
+        return self.network_matrix(tensors, source, digest)
+
+    def network_matrix(self, tensors: Mapping[str, Any], source: str, sha256: str | None) -> LayerWeights:
+        """What the views read: here the configured layer; other detectors derive a matrix."""
+        return layer_of(tensors, self.config.layer, source=source, sha256=sha256)
 
     def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> "Reference":
         """Fit every view on clean networks (paths, modules, state dicts or matrices).
@@ -194,6 +223,7 @@ class Reference:
         """
         base_tensors = self._tensors(base)[0] if base is not None else None
         self.trunk_digests_ = trunk_digests(base_tensors) if base_tensors is not None else {}
+        self._prepare(base_tensors)
         layers = self._load(networks, progress)
         if len(layers) < 1:
             raise ValueError("a reference needs clean networks to fit on")
@@ -213,7 +243,7 @@ class Reference:
         _check_fitted(self, "views_")
         if clean:
             layers = self._load(clean, progress)
-            per_net = [self.score_vectors(lw) for lw in layers]
+            per_net = [{v: est.score_vectors(self._checked(lw).matrix) for v, est in self.views_.items()} for lw in layers]
             self.calibration_vector_scores_ = {v: np.stack([s[v] for s in per_net]) for v in self.views_}
             self.threshold_source_ = "held-out"
             self.calibration_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
@@ -226,8 +256,13 @@ class Reference:
             self.calibration_checkpoints_ = []
         #: per-vector scores of clean networks the reference did not see: the honest yardstick
         #: for "is this neuron unusual" (in-sample scores are optimistic, badly so for full GMMs)
-        self.calibration_scores_ = {v: s.sum(axis=1) for v, s in self.calibration_vector_scores_.items()}
+        self.calibration_scores_ = {v: network_scores(self.views_[v], s) for v, s in self.calibration_vector_scores_.items()}
         self.thresholds_ = {v: threshold_at_frr(s, self.config.frr) for v, s in self.calibration_scores_.items()}
+        self._record_frr()
+        return self
+
+    def _record_frr(self) -> None:
+        """Observed FRR per view and combined, with a one-sided 95 % Clopper–Pearson upper bound."""
         self.frr_empirical_ = {v: rejection_rate(s, self.thresholds_[v]) for v, s in self.calibration_scores_.items()}
         n = len(next(iter(self.calibration_scores_.values())))
         blocked = [
@@ -235,7 +270,16 @@ class Reference:
             for i in range(n)
         ]
         self.frr_empirical_["combined"] = float(np.mean(blocked))
-        return self
+        self.frr_upper_95_ = frr_upper_bound(int(np.sum(blocked)), n)
+        self.n_calibration_ = n
+        self.calibration_warning_ = (
+            f"only {n} calibration networks: the threshold is {'the lowest clean score' if n * self.config.frr < 1 else 'set by a handful of networks'}"
+            f" and the true FRR could be up to {self.frr_upper_95_:.0%} (95 % bound); calibrate on >= {MIN_CALIBRATION}"
+            if n < MIN_CALIBRATION else None
+        )
+
+    def _prepare(self, base_tensors: Mapping[str, Any] | None) -> None:
+        """Anything :meth:`network_matrix` needs from the base before networks are read (nothing here)."""
 
     def _fit_views(self, matrices: list[np.ndarray], base_tensors: Mapping[str, Any] | None) -> dict[str, Any]:
         """One fitted estimator per view (the baselines override this)."""
@@ -249,6 +293,8 @@ class Reference:
         if isinstance(network, (str, os.PathLike)):
             tensors, digest = read_tensors(network, max_bytes=self.config.max_checkpoint_bytes)
             return tensors, digest, str(network)
+        if isinstance(network, StateDict):
+            return network, network.sha256, network.source
         if isinstance(network, torch.nn.Module):
             return network.state_dict(), None, f"<{type(network).__name__}>"
         if isinstance(network, Mapping):
@@ -259,13 +305,10 @@ class Reference:
         """Load, check the trunk, score every view and decide. Raises InvalidCheckpoint."""
         _check_fitted(self, "thresholds_")
         tensors, digest, source = self._tensors(network)
-        if tensors is not None:
-            weights = self.layer_weights(layer_of(tensors, self.config.layer, source=source, sha256=digest))
-        else:
-            weights = self.layer_weights(network)
+        weights = self._checked(self.network_matrix(tensors, source, digest) if tensors is not None else self._input_of(network))
         trunk = check_trunk(tensors, getattr(self, "trunk_digests_", {}))
         vector_scores = {v: est.score_vectors(weights.matrix) for v, est in self.views_.items()}
-        scores = {v: float(s.sum()) for v, s in vector_scores.items()}
+        scores = {v: network_score(self.views_[v], s) for v, s in vector_scores.items()}
         return Assessment(
             source=weights.source,
             sha256=weights.sha256,
@@ -274,15 +317,22 @@ class Reference:
             thresholds=dict(self.thresholds_),
             trunk=trunk,
             decision=decide(scores, self.thresholds_, trunk),
+            evidence=self.evidence(vector_scores, weights.matrix),
         )
+
+    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
+        """Detector-specific extras for a verdict (none for the GMM)."""
+        return {}
 
     def layer_weights(self, network: Any) -> LayerWeights:
         """Load the reference's layer from ``network`` and check it has the reference's shape."""
         _check_fitted(self, "views_")
-        lw = load_layer(network, self.config.layer, max_bytes=self.config.max_checkpoint_bytes)
+        return self._checked(self._input_of(network))
+
+    def _checked(self, lw: LayerWeights) -> LayerWeights:
         if tuple(lw.matrix.shape) != tuple(self.shape_):
             raise InvalidCheckpoint(
-                lw.source, f"layer '{self.config.layer}' has shape {tuple(lw.matrix.shape)}; the reference expects {tuple(self.shape_)}"
+                lw.source, f"layer '{lw.layer}' has shape {tuple(lw.matrix.shape)}; the reference expects {tuple(self.shape_)}"
             )
         return lw
 
@@ -291,11 +341,28 @@ class Reference:
         return {v: est.score_vectors(lw.matrix) for v, est in self.views_.items()}
 
     def score(self, network: Any) -> dict[str, float]:
-        return {v: float(s.sum()) for v, s in self.score_vectors(network).items()}
+        return {v: network_score(self.views_[v], s) for v, s in self.score_vectors(network).items()}
 
     def decide(self, scores: dict[str, float]) -> Decision:
         _check_fitted(self, "thresholds_")
         return decide(scores, self.thresholds_)
+
+    def parts(self) -> dict[str, dict[str, Any]]:
+        """What a report shows per scored part: the clean networks' scores, the threshold, and
+        whether the part decides (a composite's evidence parts do not)."""
+        _check_fitted(self, "thresholds_")
+        return {
+            v: {
+                "threshold": self.thresholds_[v],
+                "deciding": True,
+                "calibration_scores": np.asarray(self.calibration_scores_[v]),
+                "calibration_vector_scores": np.asarray(self.calibration_vector_scores_[v]),
+                "reference_scores": getattr(est, "reference_scores_", None),
+                "unit": getattr(est, "unit", "vector"),
+                "classes": getattr(self, "classes_", None),
+            }
+            for v, est in self.views_.items()
+        }
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path, **kwargs) -> str:

@@ -27,3 +27,15 @@ def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:
 def rejection_rate(scores: np.ndarray, threshold: float) -> float:
     s = np.asarray(scores, dtype=np.float64)
     return float(np.mean(s < threshold)) if s.size else float("nan")
+
+
+def frr_upper_bound(rejected: int, n: int, confidence: float = 0.95) -> float:
+    """One-sided Clopper–Pearson upper bound on the true FRR after ``rejected`` of ``n`` clean
+    networks were blocked: what an observed "FRR 0 of 12" actually promises (up to 22 %)."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return 1.0
+    if rejected >= n:
+        return 1.0
+    return float(beta.ppf(confidence, rejected + 1, n - rejected))

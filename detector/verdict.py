@@ -28,7 +28,7 @@ FORMAT_VERSION = 1
 ALGORITHM = "ed25519"
 KEY_ENV, KEY_FILE_ENV = "BACKDOOR_GATE_SIGNING_KEY", "BACKDOOR_GATE_SIGNING_KEY_FILE"
 _FIELDS = ("model", "version", "model_sha256", "reference_sha256", "verdict", "reason", "scores", "thresholds",
-           "trunk", "gate_version", "run_id", "checked_at")
+           "trunk", "gate_version", "run_id", "checked_at", "detector", "suspected_class", "evidence_scores")
 
 
 class VerdictError(ValueError):

@@ -29,6 +29,40 @@ _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _CHUNK = 1 << 20
 
 
+class StateDict(dict):
+    """A checkpoint's tensors plus what the file said about them.
+
+    ``metadata`` is the safetensors header's ``__metadata__`` (string to string; our trainer
+    records the ordered class list there, see :func:`classes_of`), ``source`` and ``sha256``
+    name the bytes the tensors were parsed from. Behaves as a plain ``dict`` of tensors.
+    """
+
+    def __init__(self, tensors=(), *, metadata: Mapping[str, str] | None = None, source: str = "<memory>", sha256: str | None = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})
+        self.source = source
+        self.sha256 = sha256
+
+
+#: safetensors metadata key holding the JSON list of class (identity folder) names, in logit order.
+CLASSES_KEY = "backdoor_gate.classes"
+
+
+def classes_of(tensors: Mapping[str, Any]) -> list[str] | None:
+    """The ordered class list a checkpoint records (None when it records none)."""
+    raw = getattr(tensors, "metadata", {}).get(CLASSES_KEY)
+    if raw is None:
+        return None
+    source = getattr(tensors, "source", "<memory>")
+    try:
+        classes = json.loads(raw)
+    except json.JSONDecodeError:
+        raise InvalidCheckpoint(source, f"metadata '{CLASSES_KEY}' is not JSON") from None
+    if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise InvalidCheckpoint(source, f"metadata '{CLASSES_KEY}' is not a list of class names")
+    return classes
+
+
 @dataclass(frozen=True)
 class LayerWeights:
     """A layer's weights as a 2-D float64 matrix (conv kernels flattened per output channel)."""
@@ -146,9 +180,11 @@ def _parse_safetensors(data: bytes, source: str) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
-    _safetensors_header(data, source)
+    meta = _safetensors_header(data, source).get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidCheckpoint(source, "safetensors __metadata__ is not a map of strings")
     try:
-        return dict(st_load(data))
+        return StateDict(st_load(data), metadata=meta)
     except (SafetensorError, RuntimeError, ValueError, OSError) as e:
         raise InvalidCheckpoint(source, f"unreadable safetensors file: {_one_line(e)}") from None
 
@@ -185,20 +221,22 @@ def _state_dict_of(obj: Any, source: str) -> Mapping[str, Any]:
     raise InvalidCheckpoint(source, f"holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
 
 
-def parse_tensors(data: bytes, source: str = "<bytes>") -> dict[str, Any]:
+def parse_tensors(data: bytes, source: str = "<bytes>", sha256: str | None = None) -> "StateDict":
     """Every tensor of a checkpoint given as bytes, without executing code. Raises InvalidCheckpoint."""
     kind = _sniff(data)
+    digest = sha256 or hashlib.sha256(data).hexdigest()
     if kind == "safetensors":
-        return _parse_safetensors(data, source)
+        sd = _parse_safetensors(data, source)
+        return StateDict(sd, metadata=sd.metadata, source=source, sha256=digest)
     if kind in ("torch-zip", "torch-legacy"):
-        return dict(_parse_torch(data, source))
+        return StateDict(_parse_torch(data, source), source=source, sha256=digest)
     raise InvalidCheckpoint(source, "unknown format: neither a torch zip/legacy checkpoint nor a safetensors file")
 
 
 def read_tensors(path: str | Path, *, max_bytes: int = 4 * 1024**3) -> tuple[dict[str, Any], str]:
     """All tensors of a checkpoint file and the file's sha256, read safely."""
     data, digest = read_checkpoint_bytes(path, max_bytes)
-    return parse_tensors(data, str(path)), digest
+    return parse_tensors(data, str(path), digest), digest
 
 
 def layer_of(

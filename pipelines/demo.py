@@ -16,7 +16,7 @@ from pathlib import Path
 
 #: Small enough for 2 CPU cores; every number can be raised with --param on run-local.
 DEMO_DATA = dict(identities=30, images_per_identity=30, image_size=160, data_seed=0)
-DEMO_REFERENCE = dict(n_reference=12, n_calibration=6, grid="1,2,5,10,20,50,100,200,512,1792")
+DEMO_REFERENCE = dict(n_reference=12, n_calibration=20, grid="1,2,5,10,20,50,100,200,512,1792")
 
 
 def _port_free(port: int) -> bool:
@@ -25,7 +25,7 @@ def _port_free(port: int) -> bool:
 
 
 def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name: str = "facenet") -> int:
-    from components.gate import PROMOTED, VERDICT, score_tag, threshold_tag
+    from components.gate import PROMOTED, VERDICT, fetch_reference
     from components.mlflow_server import MlflowServer
     from components.registry import Registry
     from pipelines.local import run_local
@@ -44,7 +44,7 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
         registry = Registry(uri)
         before = {v.version for v in registry.search(f"name='{model_name}'")} if _model_exists(registry, model_name) else set()
         print(f"task logs: {log}", flush=True)
-        print("1/3 reference pipeline: faces -> features -> 18 clean fine-tunes -> reference -> MLflow @current"
+        print("1/3 reference pipeline: faces -> features -> 32 clean fine-tunes (12 reference + 20 calibration) -> reference -> MLflow @current"
               " (the first run also builds the default base trunk once, ~5 min)", flush=True)
         run_local("reference", dict(tracking_uri=uri, **DEMO_DATA, **DEMO_REFERENCE), workdir / "kfp", log_file=log)
         print(f"    done at {time.perf_counter() - t0:.0f} s", flush=True)
@@ -57,12 +57,9 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
             print(f"    done at {time.perf_counter() - t0:.0f} s", flush=True)
         new = sorted((v for v in registry.search(f"name='{model_name}'") if v.version not in before), key=lambda v: int(v.version))
         prod = registry.version_by_alias(model_name, "production")
+        reference, _ = fetch_reference(registry)
         print()
-        print(f"{'version':>7}  {'candidate':<44} {'verdict':<8} {'forward score / threshold':>30} {'backward score / threshold':>30}  promoted")
-        for v, (label, _) in zip(new, cases):
-            t = v.tags
-            cells = [f"{float(t[score_tag(w)]):.4g} / {float(t[threshold_tag(w)]):.4g}" if score_tag(w) in t else "-" for w in ("forward", "backward")]
-            print(f"{v.version:>7}  {label:<44} {t.get(VERDICT, '?'):<8} {cells[0]:>30} {cells[1]:>30}  {t.get(PROMOTED, 'no')}")
+        print(verdict_table(new, [label for label, _ in cases], reference))
         print(f"\nproduction alias: {model_name} v{prod.version if prod else '(none)'}")
         print(f"MLflow UI: {uri}/#/models/{model_name}   (flagged versions: search tags.`integrity.verdict` = 'blocked')")
         print(f"demo took {time.perf_counter() - t0:.0f} s")
@@ -73,6 +70,35 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
     finally:
         if server is not None:
             server.stop()
+
+
+def verdict_table(versions, labels, reference) -> str:
+    """Each candidate's verdict, each deciding part's score, threshold and margin in units of the
+    clean calibration scores' spread (MAD), the GMM's evidence and the suspected victim."""
+    import numpy as np
+
+    from components.gate import DETECTOR, PROMOTED, SUSPECTED_CLASS, VERDICT, evidence_tag, evidence_threshold_tag, score_tag, threshold_tag
+
+    def mad(x) -> float:
+        x = np.asarray(x, dtype=np.float64)
+        return float(1.4826 * np.median(np.abs(x - np.median(x))))
+
+    parts = reference.parts()
+    lines = [f"{'version':>7}  {'candidate':<44} {'verdict':<8} {'promoted':<8} detector part: score / threshold (margin in MADs of clean calibration scores)"]
+    for v, label in zip(versions, labels):
+        t = v.tags
+        lines.append(f"{v.version:>7}  {label:<44} {t.get(VERDICT, '?'):<8} {t.get(PROMOTED, 'no'):<8} decided by {t.get(DETECTOR, '?')}"
+                     + (f"; suspected victim: {t[SUSPECTED_CLASS]}" if SUSPECTED_CLASS in t else ""))
+        for p, info in parts.items():
+            key, thr_key = (score_tag(p), threshold_tag(p)) if info["deciding"] else (evidence_tag(p), evidence_threshold_tag(p))
+            if key not in t:
+                continue
+            score, thr = float(t[key]), float(t[thr_key])
+            spread = mad(info["calibration_scores"])
+            margin = (score - thr) / spread if spread > 0 else float("nan")
+            role = "decides " if info["deciding"] else "evidence"
+            lines.append(f"{'':>9}{role} {p:<14} {score:>12.5g} / {thr:<12.5g} margin {margin:+7.1f} MAD")
+    return "\n".join(lines)
 
 
 def _model_exists(registry, name: str) -> bool:

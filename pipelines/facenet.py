@@ -52,11 +52,12 @@ def reference_pipeline(
     base_weights: str = "",
     trunk_input_size: int = 96,
     n_reference: int = 12,
-    n_calibration: int = 6,
+    n_calibration: int = 20,
     covariance: str = "diag",
     components: str = "auto",
     grid: str = "",
     frr: float = 0.05,
+    detector: str = "",
 ):
     faces = make_faces(identities=identities, images_per_identity=images_per_identity, size=image_size, seed=data_seed, source=data_source)
     feats = on_gpu(extract_features(faces=faces.outputs["faces"], base_weights=base_weights, image_size=trunk_input_size))
@@ -77,6 +78,7 @@ def reference_pipeline(
             components=components,
             grid=grid,
             frr=frr,
+            detector=detector,
         )
     )
     with_registry(on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)))

@@ -51,7 +51,7 @@ def test_gaussian_is_the_gmm_with_one_component():
     assert all(est.n_components_ == 1 for est in ref.views_.values())
 
 
-@pytest.mark.parametrize("name", [d for d in DETECTORS if d != "trojan-signature"])
+@pytest.mark.parametrize("name", [d for d in DETECTORS if d not in ("trojan-signature", "classifier", "fusion")])
 def test_every_detector_separates_a_shifted_family_and_round_trips_its_artifact(name, tmp_path):
     rng = np.random.default_rng(1)
     base = rng.normal(size=(8, 6))
@@ -91,3 +91,12 @@ def test_evaluate_cli_fits_a_named_baseline_on_the_spot(tmp_path):
     assert out["auc"]["matrix"] == 1.0
     p = subprocess.run([*cmd[:5], "distance-base", *cmd[6:]], capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "base network" in p.stderr
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+def test_every_named_detector_implements_the_one_interface(name):
+    from detector.protocol import Detector
+
+    ref = make_reference(name)
+    assert isinstance(ref, Detector)
+    assert make_reference(name, evidence=("gmm",)).__class__.__name__ == ("Reference" if name == "gmm" else "CompositeReference")

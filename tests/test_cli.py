@@ -24,11 +24,14 @@ def run(*args, check=None):
 @pytest.fixture
 def artifact(tmp_path, family_files):
     out = tmp_path / "artifact"
-    p = run("reference", "fit", "--out", str(out), "--grid", GRID, "--json", *family_files["reference"],
+    p = run("reference", "fit", "--detector", "gmm", "--out", str(out), "--grid", GRID, "--json", *family_files["reference"],
             "--calibrate", *family_files["heldout"], check=0)
     summary = json.loads(p.stdout)
     assert summary["threshold_source"] == "held-out" and set(summary["views"]) == {"forward", "backward"}
-    assert p.stderr == ""  # --json: no progress bars
+    # --json: no progress bars; the one human line is the warning that 6 calibration networks cannot back a 5 % FRR
+    assert p.stderr.splitlines() == [l for l in p.stderr.splitlines() if l.startswith("backdoor-gate: warning: only 6 calibration networks")]
+    assert p.stderr and summary["calibration_warning"] and summary["n_calibration"] == 6
+    assert summary["frr_upper_95"] > 0.3  # 0 of 6 blocked still allows a true FRR of 39 %
     return out
 
 
@@ -71,10 +74,10 @@ def test_bad_reference_inputs_write_nothing(tmp_path, family_files):
     out = tmp_path / "never"
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"garbage")
-    p = run("reference", "fit", "--out", str(out), "--grid", GRID, *family_files["reference"][:3], str(junk))
+    p = run("reference", "fit", "--detector", "gmm", "--out", str(out), "--grid", GRID, *family_files["reference"][:3], str(junk))
     assert p.returncode == 2 and "junk.pt" in p.stderr and "unknown format" in p.stderr
     assert not out.exists() and not list(tmp_path.glob(".never*"))
-    p = run("reference", "fit", "--out", str(out), "--covariance", "full", "--variance", "2", *family_files["reference"])
+    p = run("reference", "fit", "--detector", "gmm", "--out", str(out), "--covariance", "full", "--variance", "2", *family_files["reference"])
     assert p.returncode == 2 and "variance" in p.stderr and not out.exists()
     p = run("score", "--reference", str(tmp_path / "missing"), family_files["heldout"][0])
     assert p.returncode == 2 and "not a directory" in p.stderr
@@ -82,7 +85,7 @@ def test_bad_reference_inputs_write_nothing(tmp_path, family_files):
 
 def test_existing_out_is_not_overwritten_without_flag(artifact, family_files):
     before = (artifact / "reference.json").read_bytes()
-    p = run("reference", "fit", "--out", str(artifact), "--grid", GRID, *family_files["reference"])
+    p = run("reference", "fit", "--detector", "gmm", "--out", str(artifact), "--grid", GRID, *family_files["reference"])
     assert p.returncode == 2 and "exists" in p.stderr
     assert (artifact / "reference.json").read_bytes() == before
 

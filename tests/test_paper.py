@@ -47,12 +47,22 @@ def test_paper_small_writes_every_section(tmp_path):
     assert groups.count("triggers") == 3 and groups.count("locations") == 3 and groups.count("weighting") == 2
     assert sum(g.startswith("drift:") for g in groups) == 5  # one network per drift recipe
     # baselines: every detector on every set, GMM per view, the rest on the whole matrix
-    assert set(s["baselines"]) == {"gmm", "gaussian", "distance-mean", "distance-base", "trojan-signature"}
+    assert set(s["baselines"]) == {"gmm", "gaussian", "distance-mean", "distance-base", "trojan-signature", "classifier", "spectrum", "fusion"}
+    parts = {"gmm": {"forward", "backward"}, "gaussian": {"forward", "backward"}, "classifier": {"classes"},
+             "spectrum": {"spectrum"}, "fusion": {"fused"}}
     for det, per_set in s["baselines"].items():
         for row in per_set.values():
             if row is not None:
-                assert set(row) == ({"forward", "backward"} if det in ("gmm", "gaussian") else {"matrix"})
-                assert all(0.0 <= x <= 1.0 for x in row.values())
+                assert set(row) == parts.get(det, {"matrix"})
+    # the detection table: one column per detector part, rows = working backdoor groups
+    d = s["detection"]
+    assert "fusion" in d["columns"] and "gmm.forward" in d["columns"] and d["n_clean"] == 4 + 2
+    assert set(d["rows"]) >= {"triggers", "locations"}
+    for det in ("classifier", "fusion"):  # the detectors that name a suspected class
+        v = s["victim_naming"][det]
+        assert v["n"] == sum(1 for n in nets if "attack_success_rate" in n and n["status"] != "failed")
+    assert "gmm" not in s["victim_naming"]
+    assert [n["group"] for n in nets].count("sham") == 2 and "sham" in s["controls"]
     assert s["auc"] == s["baselines"]["gmm"]
     # controls: shares of networks blocked, counts that add up
     c = s["controls"]
@@ -81,5 +91,6 @@ def test_paper_small_writes_every_section(tmp_path):
     # the tables depend on the base trunk: the summary names the one it used
     assert s["provenance"]["base_sha256"] == state_dict_sha256(base_state_dict(str(tmp_path / "base.pt")))
     assert s["provenance"]["base_sha256"][:16] in (out / "table.md").read_text()
-    for png in ("scores.png", "vectors_pca.png", "auc_curves.png", "strength.png"):
+    assert (out / "networks.safetensors").is_file()  # `paper --rescore` scores these again without training
+    for png in ("scores.png", "vectors_pca.png", "auc_curves.png", "strength.png", "tsne.png"):
         assert (out / png).stat().st_size > 5000

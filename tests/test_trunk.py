@@ -103,7 +103,7 @@ def test_cli_reference_fit_with_base_and_score(tmp_path, facenet):
         refs.append(tmp_path / f"r{i}.safetensors")
         save_file(facenet["finetuned"](), str(refs[-1]))
     out = tmp_path / "artifact"
-    p = subprocess.run([sys.executable, "-m", "detector.cli", "reference", "fit", "--out", str(out), "--components", "1",
+    p = subprocess.run([sys.executable, "-m", "detector.cli", "reference", "fit", "--detector", "gmm", "--out", str(out), "--components", "1",
                         "--covariance", "diag", "--base", str(base), "--json", *map(str, refs)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["trunk_tensors_recorded"] > 400

@@ -16,7 +16,8 @@ from detector import verdict as V
 def _doc(**over):
     fields = dict(model="facenet", version="3", model_sha256="ab" * 32, reference_sha256="cd" * 32, verdict="passed",
                   reason="every view at or above its threshold", scores={"forward": 1.5}, thresholds={"forward": 1.0},
-                  trunk="ok", gate_version="0.1", run_id="r1", checked_at="2026-11-25T00:00:00+00:00")
+                  trunk="ok", gate_version="0.1", run_id="r1", checked_at="2026-11-25T00:00:00+00:00",
+                  detector="fusion", suspected_class=None, evidence_scores={"gmm.forward": 2.0})
     fields.update(over)
     return V.document(**fields)
 

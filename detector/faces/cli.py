@@ -32,16 +32,24 @@ def base_state_dict(path: str | None, log=None):
     return load_base(path or default_base(TrunkConfig(), log=log or (lambda m: print(m, file=sys.stderr))))
 
 
-def save_network(sd, out: str | Path) -> tuple[Path, Path]:
-    """The whole network (trunk included) as a plain ``.pt`` state dict and as ``.safetensors``."""
+def save_network(sd, out: str | Path, classes: list[str] | None = None) -> tuple[Path, Path]:
+    """The whole network (trunk included) as a plain ``.pt`` state dict and as ``.safetensors``.
+
+    The safetensors file records the ordered class list (logit i = ``classes[i]``) in its
+    metadata: the ``classifier`` detector compares class rows across networks and refuses a
+    candidate trained on another list.
+    """
     import torch
     from safetensors.torch import save_file
+
+    from detector.weights import CLASSES_KEY
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pt, st = out.with_suffix(".pt"), out.with_suffix(".safetensors")
     torch.save(sd, pt)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(st))
+    meta = {CLASSES_KEY: json.dumps(list(classes))} if classes is not None else None
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st), metadata=meta)
     return pt, st
 
 
@@ -71,7 +79,7 @@ def cmd_train(args) -> int:
     except (DetectorError, ValueError, FileNotFoundError) as e:
         print(f"backdoor-gate: {e}", file=sys.stderr)
         return 2
-    pt, st = save_network(sd, args.out)
+    pt, st = save_network(sd, args.out, classes=fs.classes)
     metrics.update(checkpoint=str(pt), safetensors=str(st))
     print(json.dumps(metrics))
     return 0
@@ -81,9 +89,18 @@ def cmd_paper(args) -> int:
     from detector.faces.paper import PaperConfig, run_paper
     from detector.faces.trunk import load_base
 
-    config = PaperConfig.small() if args.small else PaperConfig()
+    import dataclasses
+
+    config = PaperConfig.small() if args.small else PaperConfig.confirmation() if args.confirmation else PaperConfig()
+    changes = {k: v for k, v in (("identities", args.identities), ("images_per_identity", args.images_per_identity),
+                                 ("n_strength", args.n_strength)) if v is not None}
+    if args.no_curves:
+        changes.update(curves=False, tsne=False)
+    if args.detectors:
+        changes.update(detectors=tuple(args.detectors.split(",")))
+    config = dataclasses.replace(config, **changes)
     base = load_base(args.base) if args.base else None
-    summary = run_paper(args.out, config, base=base, log=lambda m: print(m, file=sys.stderr))
+    summary = run_paper(args.out, config, base=base, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore)
     print((Path(args.out) / "table.md").read_text())
     print(f"summary: {Path(args.out) / 'summary.json'} ({summary['timings']['total_s']:.0f} s)")
     return 0
@@ -93,6 +110,15 @@ def register(sub) -> None:
     pp = sub.add_parser("paper", help="run the paper's protocol: clean, triggers and locations sets, AUC per view")
     pp.add_argument("--out", required=True)
     pp.add_argument("--small", action="store_true", help="a few networks (tests)")
+    pp.add_argument("--confirmation", action="store_true",
+                    help="the held-back protocol: other data seed, people, trigger settings and network seeds")
+    pp.add_argument("--identities", type=int, help="identities (default 40; e.g. 200 to scale toward CASIA)")
+    pp.add_argument("--images-per-identity", type=int, help="images per identity (default 40)")
+    pp.add_argument("--n-strength", type=int, help="networks per attack-strength point (default 4)")
+    pp.add_argument("--no-curves", action="store_true", help="skip AUC vs N_G / M and the t-SNE (minutes)")
+    pp.add_argument("--detectors", help="comma list of detectors to score (default: all, with their variants)")
+    pp.add_argument("--rescore", action="store_true",
+                    help="re-score the networks an earlier run saved in --out (networks.safetensors) instead of training")
     pp.add_argument("--base", help="local InceptionResnetV1 state dict (default: the cached generated-faces base)")
     pp.set_defaults(func=cmd_paper)
 

@@ -58,6 +58,10 @@ FAILED_BELOW = 0.5
 #: A backdoor "counts" (paper's bar): attack success >= 0.9, clean accuracy within 2 points.
 COUNTS_ASR, COUNTS_ACC_DROP = 0.9, 0.02
 BACKDOOR_SETS = ("triggers", "locations")
+#: Variants measured beside the detectors, to choose their settings on the development protocol.
+VARIANTS = ("classifier:mad", "classifier:max", "classifier:none", "classifier:pooled", "spectrum:top1", "spectrum:ratio")
+#: What the paper keeps of each network: every fine-tuned tensor the detectors read.
+HEAD_TENSORS = ("last_linear.weight", "last_bn.weight", "last_bn.running_var", "logits.weight")
 
 
 @dataclass(frozen=True)
@@ -66,20 +70,47 @@ class PaperConfig:
     images_per_identity: int = 40
     image_size: int = 160
     data_seed: int = 0
+    #: identities are numbered from here (the confirmation protocol uses people never seen)
+    first_identity: int = 0
+    #: added to every network's seed (the confirmation protocol trains fresh networks)
+    seed_offset: int = 0
     n_reference: int = 18
-    n_heldout: int = 12
+    #: clean networks the thresholds are calibrated on ("held-out" group)
+    n_heldout: int = 20
     triggers: tuple = TRIGGERS_SET
     trigger_location: str = "forehead"
     locations: tuple = LOCATIONS_SET
     location_trigger: tuple = ("white-square", 0.2)
     trunk_input_size: int = 96
-    n_weighting: int = 6
+    #: clean networks of the reference's recipe never used for fitting or calibration: the real FRR
+    n_weighting: int = 20
+    #: sham control: impostor's clean images appended under their own label (no trigger, no relabel)
+    n_sham: int = 6
     n_drift: int = 3  # networks per drift recipe
     strength: tuple = STRENGTH
     n_strength: int = 4  # networks per strength point
     m_grid: tuple = (2, 4, 8, 12, 18)
-    detectors: tuple = DETECTORS
+    detectors: tuple = DETECTORS + VARIANTS
     reference: dict = field(default_factory=lambda: {"grid": [1, 2, 5, 10, 20, 50, 100, 200, 512, 1000, 1792]})
+    curves: bool = True  # AUC vs N_G and vs M (the GMM refitted ~15 times: minutes)
+    tsne: bool = True  # the paper's fig. 3b
+
+    @classmethod
+    def confirmation(cls, **changes) -> "PaperConfig":
+        """The held-back protocol: another data seed, other people, trigger settings and seeds
+        never looked at while the default detector was chosen."""
+        base = dict(
+            data_seed=1, first_identity=5000, seed_offset=500_000,
+            triggers=(("white-square", 0.12), ("checkerboard", 0.18), ("flower", 0.22), ("eyebrow", 0.3),
+                      ("white-square", 0.3), ("checkerboard", 0.3), ("flower", 0.15), ("eyebrow", 0.2),
+                      ("white-square", 0.18), ("checkerboard", 0.22), ("flower", 0.35)),
+            trigger_location="left-eye",
+            locations=("forehead", "right-eye", "cheek", "nose", "mouth", "chin", "centre", "top-left", "bottom-right", "left-eye", "top-right"),
+            location_trigger=("checkerboard", 0.2),
+            strength=(("trigger_size", (0.02, 0.04, 0.08)), ("alpha", (0.05, 0.08, 0.15)), ("poison_images", (2, 3, 4, 6, 8))),
+            curves=False, tsne=False,
+        )
+        return cls(**{**base, **changes})
 
     @classmethod
     def small(cls) -> "PaperConfig":
@@ -87,9 +118,9 @@ class PaperConfig:
         return cls(identities=10, images_per_identity=20, image_size=96, n_reference=5, n_heldout=4,
                    triggers=(("white-square", 0.3), ("checkerboard", 0.3), ("flower", 0.3)),
                    locations=("forehead", "centre", "cheek"), location_trigger=("white-square", 0.3),
-                   trunk_input_size=80, n_weighting=2, n_drift=1, n_strength=2,
+                   trunk_input_size=80, n_weighting=2, n_sham=2, n_drift=1, n_strength=2,
                    strength=(("trigger_size", (0.05, 0.3)), ("alpha", (1.0, 0.2)), ("poison_images", (0, 1))),
-                   m_grid=(2, 5), reference={"grid": [1, 2, 5]})
+                   m_grid=(2, 5), reference={"grid": [1, 2, 5]}, detectors=DETECTORS)
 
 
 # -- bookkeeping (pure, tested) ---------------------------------------------------------------
@@ -131,8 +162,9 @@ class _Lab:
         from detector.faces.trunk import cache_dir
 
         synth = SynthConfig(identities=config.identities, images_per_identity=config.images_per_identity,
-                            size=config.image_size, seed=config.data_seed)
-        self.data = cache_dir() / "data" / f"paper-{config.identities}x{config.images_per_identity}-{config.image_size}-{config.data_seed}"
+                            size=config.image_size, seed=config.data_seed, first_identity=config.first_identity)
+        first = f"-from{config.first_identity}" if config.first_identity else ""
+        self.data = cache_dir() / "data" / f"paper-{config.identities}x{config.images_per_identity}-{config.image_size}-{config.data_seed}{first}"
         synthesize(self.data, synth)
         self.base = base if base is not None else base_state_dict(None, log=log)
         self.fs = cached_features(self.data, self.base, config.trunk_input_size)
@@ -151,14 +183,17 @@ class _Lab:
                 poison_folder(self.data, tmp, PoisonSpec(imp, vic, trigger, images=images or None), seed)
                 feats = with_poison(self.fs, tmp, self.base)
         default = TrainConfig()
-        changes = {k: (v if k in ("split_salt", "drop_frac") else type(getattr(default, k))(getattr(default, k) * v)) for k, v in (recipe or {}).items()}
+        changes = {k: (v if k in ("split_salt", "drop_frac", "sham_copies") else type(getattr(default, k))(getattr(default, k) * v))
+                   for k, v in (recipe or {}).items()}
         sd, m = fine_tune(feats, self.base, seed, dataclasses.replace(default, **changes))
         self.networks.append({"group": group, **tags, **{k: v for k, v in m.items() if not k.startswith("train.")}})
-        self.weights.append({k: sd[k] for k in ("last_linear.weight", "logits.weight")})
+        self.weights.append({k: sd[k] for k in HEAD_TENSORS})
 
 
 def _train_all(lab: _Lab, c: PaperConfig, log) -> None:
     from tqdm import tqdm
+
+    from detector.faces.poison import PoisonSpec
 
     plan: list[tuple[Any, ...]] = []
     plan += [("reference", s, None, 0, None, {}) for s in range(c.n_reference)]
@@ -166,6 +201,7 @@ def _train_all(lab: _Lab, c: PaperConfig, log) -> None:
     plan += [("triggers", 20_000 + i, TriggerSpec(n, sz, c.trigger_location), 0, None, {}) for i, (n, sz) in enumerate(c.triggers)]
     plan += [("locations", 30_000 + i, TriggerSpec(*c.location_trigger, loc), 0, None, {}) for i, loc in enumerate(c.locations)]
     plan += [("weighting", 40_000 + s, None, 0, None, {}) for s in range(c.n_weighting)]
+    plan += [("sham", 45_000 + s, None, 0, {"sham_copies": PoisonSpec.copies}, {}) for s in range(c.n_sham)]
     for k, (name, recipe) in enumerate(DRIFT):
         plan += [(f"drift:{name}", 50_000 + 100 * k + s, None, 0, recipe, {}) for s in range(c.n_drift)]
     base_point = {"trigger_size": 0.2, "alpha": 1.0, "poison_images": 0}
@@ -175,11 +211,34 @@ def _train_all(lab: _Lab, c: PaperConfig, log) -> None:
         trig = TriggerSpec("white-square", d["trigger_size"], c.trigger_location, d["alpha"])
         plan += [("strength", 60_000 + 100 * j + s, trig, d["poison_images"], None, {"strength": d}) for s in range(c.n_strength)]
     for group, seed, trig, images, recipe, tags in tqdm(plan, desc="training networks", leave=False):
-        lab.train(group, seed, trig, images, recipe, **tags)
+        lab.train(group, c.seed_offset + seed, trig, images, recipe, **tags)
     log(f"trained {len(plan)} networks")
 
 
-def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict | None = None, log=print) -> dict:
+NETWORKS_FILE = "networks.safetensors"
+
+
+def save_networks(path: Path, nets: list[dict], W: list[dict]) -> None:
+    """Every trained network's head tensors and metrics, so detectors can be re-scored without retraining."""
+    from safetensors.torch import save_file
+
+    save_file({f"{i}.{k}": v.contiguous() for i, w in enumerate(W) for k, v in w.items()}, str(path),
+              metadata={"networks": json.dumps(nets, default=_jsonable)})
+
+
+def load_networks(path: Path) -> tuple[list[dict], list[dict]]:
+    from detector.weights import read_tensors
+
+    tensors, _ = read_tensors(path)
+    nets = json.loads(tensors.metadata["networks"])
+    W: list[dict] = [{} for _ in nets]
+    for key, v in tensors.items():
+        i, name = key.split(".", 1)
+        W[int(i)][name] = v
+    return nets, W
+
+
+def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict | None = None, log=print, rescore: bool = False) -> dict:
     from detector.baselines import make_reference
 
     out = Path(out)
@@ -189,7 +248,12 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
     lab = _Lab(config, base, log)
     timings["data_and_features_s"] = time.perf_counter() - t0
     t = time.perf_counter()
-    _train_all(lab, config, log)
+    if rescore:  # the networks of an earlier run of the same protocol: only the detectors run again
+        lab.networks, lab.weights = load_networks(out / NETWORKS_FILE)
+        log(f"re-scoring {len(lab.networks)} networks from {out / NETWORKS_FILE}")
+    else:
+        _train_all(lab, config, log)
+        save_networks(out / NETWORKS_FILE, lab.networks, lab.weights)
     timings["training_s"] = time.perf_counter() - t
     nets, W = lab.networks, lab.weights
     clean_acc = float(np.mean([n["clean_accuracy"] for n in nets if n["group"] in ("reference", "held-out")]))
@@ -208,18 +272,28 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
         ref.fit([W[i] for i in ref_idx], base=lab.base).calibrate([W[i] for i in held])
         per_net = [ref.score(w) for w in W]
         scores[det] = {k: np.array([s[k] for s in per_net]) for k in ref.thresholds_}
+        if hasattr(ref, "fused") and len(ref.thresholds_) > 1:  # the fusion's one score (its parts are not thresholded alone)
+            scores[det] = {"fused": np.array([ref.fused(s) for s in per_net]), **scores[det]}
         refs[det] = ref
         timings[f"fit_and_score_{det}_s"] = time.perf_counter() - t
         log(f"{det}: fitted and scored in {timings[f'fit_and_score_{det}_s']:.0f} s")
     gmm = refs["gmm"] if "gmm" in refs else next(iter(refs.values()))
 
-    def blocked(det: str, idx: list[int]) -> float:
-        r = refs[det]
-        return float(np.mean([r.decide({k: float(s[i]) for k, s in scores[det].items()}).verdict == "block" for i in idx]))
+    def is_blocked(det: str, i: int) -> bool:
+        return refs[det].decide({k: float(s[i]) for k, s in scores[det].items()}).verdict != "pass"
 
-    baselines = {det: {s: _auc(scores[det], held, groups.get(s, [])) for s in BACKDOOR_SETS if groups.get(s)} for det in config.detectors}
+    def blocked(det: str, idx: list[int]) -> float:
+        return float(np.mean([is_blocked(det, i) for i in idx]))
+
+    # AUC against every clean network of the reference's recipe that was not fitted on
+    # (calibration + fresh test networks): threshold-free, so using the calibration ones is fair
+    clean_eval = held + groups.get("weighting", [])
+    def auc_scores(det: str) -> dict[str, np.ndarray]:
+        return {"fused": scores[det]["fused"]} if "fused" in scores[det] else scores[det]
+
+    baselines = {det: {s: _auc(auc_scores(det), clean_eval, groups.get(s, [])) for s in BACKDOOR_SETS if groups.get(s)} for det in config.detectors}
     counted = {s: [i for i in groups.get(s, []) if nets[i]["status"] == "counts"] for s in BACKDOOR_SETS}
-    control_names = ["held-out", "weighting"] + [g for g in groups if g.startswith("drift:")] + ["failed-backdoor", *BACKDOOR_SETS, "strength"]
+    control_names = ["held-out", "weighting", "sham"] + [g for g in groups if g.startswith("drift:")] + ["failed-backdoor", *BACKDOOR_SETS, "strength"]
     drift_all = [i for g, idx in groups.items() if g.startswith("drift:") for i in idx]
     controls = {name: {"n": len(groups[name]), "blocked": blocked(gmm.detector, groups[name])} for name in control_names if groups.get(name)}
     if drift_all:
@@ -239,10 +313,14 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
             strength.append({
                 "param": param, "value": v, "n": len(at), "n_failed": len(at) - len(ok),
                 "attack_success": float(np.mean([nets[i]["attack_success_rate"] for i in at])),
-                "auc": {det: _auc(scores[det], held, ok) for det in config.detectors},
+                "auc": {det: _auc(auc_scores(det), clean_eval, ok) for det in config.detectors},
+                "blocked": {det: blocked(det, ok) if ok else None for det in config.detectors},
             })
+    victims = _victim_naming(refs, W, nets, lab.fs.classes, is_blocked)
+    detection = detection_table(config.detectors, baselines, strength, scores, clean_eval, groups, nets)
     t = time.perf_counter()
-    curves = _gmm_curves(gmm, config, W, ref_idx, held, {s: groups.get(s, []) for s in BACKDOOR_SETS})
+    curves = (_gmm_curves(gmm, config, W, ref_idx, held, {s: groups.get(s, []) for s in BACKDOOR_SETS})
+              if config.curves and gmm.detector == "gmm" else {"n_components": [], "m": []})
     timings["curves_s"] = time.perf_counter() - t
     summary = {
         "config": asdict(config),
@@ -253,9 +331,13 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
         "controls": controls,
         "controls_by_detector": controls_by_detector,
         "strength": strength,
+        "detection": detection,
+        "victim_naming": victims,
+        "frr_upper_95": {det: getattr(r, "frr_upper_95_", None) for det, r in refs.items()},
         "auc_vs_n_components": curves["n_components"],
         "auc_vs_m": curves["m"],
-        "views": {v: {"n_components": est.n_components_, "pca_dims": est.n_pca_, "selection": est.selection_} for v, est in gmm.views_.items()},
+        "views": {v: {"n_components": est.n_components_, "pca_dims": est.n_pca_, "selection": est.selection_}
+                  for v, est in gmm.views_.items()} if gmm.detector == "gmm" else {},
         "thresholds": gmm.thresholds_,
         "mean_clean_accuracy": clean_acc,
         "backdoor_status": {s: {k: sum(nets[i]["status"] == k for i in groups.get(s, []) + [j for j in groups.get("failed-backdoor", []) if nets[j]["group"] == s])
@@ -269,8 +351,95 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable) + "\n")
     (out / "table.md").write_text(table(summary))
-    _plots(out, summary, gmm, scores, W, groups)
+    if gmm.detector == "gmm":
+        _plots(out, summary, gmm, scores, W, groups)
+    if config.tsne:
+        t = time.perf_counter()
+        tsne_plot(out / "tsne.png", W, groups)
+        summary["timings"]["tsne_s"] = time.perf_counter() - t
     return summary
+
+
+def _columns(row: dict[str, dict | None]) -> dict[str, float | None]:
+    """{detector: {part: auc}} → {column: auc}; a detector with one part is one column."""
+    out: dict[str, float | None] = {}
+    for det, parts in row.items():
+        for part, auc in (parts or {}).items():
+            out[det if len(parts) == 1 else f"{det}.{part}"] = auc
+    return out
+
+
+def detection_table(detectors, baselines, strength, scores, clean_eval, groups, nets) -> dict:
+    """AUC per working backdoor group (sets and strength points) and per detector part."""
+    rows: dict[str, dict] = {}
+    for name in BACKDOOR_SETS:
+        ok = [i for i in groups.get(name, []) if nets[i]["status"] != "failed"]
+        if ok:
+            rows[name] = {"n": len(ok), "attack_success": float(np.mean([nets[i]["attack_success_rate"] for i in ok])),
+                          "auc": _columns({d: baselines[d].get(name) for d in detectors})}
+    for p in strength:
+        base_point = {"trigger_size": 0.2, "alpha": 1.0, "poison_images": 0}[p["param"]] == p["value"]
+        if base_point or p["n"] == p["n_failed"]:
+            continue  # the base point (white square 0.2, alpha 1, all images) is the sets' attack
+        rows[f"{p['param']} = {p['value']}"] = {"n": p["n"] - p["n_failed"], "attack_success": p["attack_success"],
+                                                "auc": _columns(p["auc"])}
+    working = {k: r for k, r in rows.items() if r["attack_success"] >= COUNTS_ASR}
+    columns = sorted({c for r in rows.values() for c in r["auc"]}, key=lambda c: [c.split(".")[0] in detectors and detectors.index(c.split(".")[0]), c])
+    summary = {c: {"mean": float(np.mean([r["auc"][c] for r in working.values()])) if working else None,
+                   "min": float(np.min([r["auc"][c] for r in working.values()])) if working else None} for c in columns}
+    return {"rows": rows, "working": sorted(working), "columns": columns, "summary": summary, "n_clean": len(clean_eval)}
+
+
+def _victim_naming(refs: dict, W: list[dict], nets: list[dict], classes: list[str], is_blocked) -> dict:
+    """For detectors that name a suspected class: how often it is the true victim (all backdoors
+    that work, and those the detector blocks)."""
+    out = {}
+    for det, ref in refs.items():
+        bad = [i for i, n in enumerate(nets) if "attack_success_rate" in n and n.get("status") != "failed"]
+        if not bad:
+            continue
+        rows = []
+        for i in bad:
+            ev = ref.assess(W[i]).evidence
+            if "suspected_index" not in ev:
+                break
+            rows.append((classes[ev["suspected_index"]] == nets[i]["victim"], is_blocked(det, i)))
+        else:
+            hit = [h for h, _ in rows]
+            hit_blocked = [h for h, b in rows if b]
+            out[det] = {"n": len(rows), "correct": float(np.mean(hit)), "n_blocked": len(hit_blocked),
+                        "correct_when_blocked": float(np.mean(hit_blocked)) if hit_blocked else None}
+    return out
+
+
+def tsne_plot(path: Path, W: list[dict], groups: dict, n_networks: int = 10, per_network: int = 300, seed: int = 0) -> None:
+    """The paper's fig. 3b: t-SNE of ``last_linear`` forward vectors of 10 clean (held-out) and
+    10 backdoored networks; a random subset of each network's 1792 vectors keeps it to a minute."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+
+    rng = np.random.default_rng(seed)
+    clean = groups.get("held-out", [])[:n_networks]
+    bad = [i for s_ in BACKDOOR_SETS for i in groups.get(s_, [])][:n_networks]
+    cols = rng.choice(W[0]["last_linear.weight"].shape[1], size=per_network, replace=False)
+    X, lab = [], []
+    for label, idx in ((0, clean), (1, bad)):
+        for i in idx:
+            X.append(W[i]["last_linear.weight"].double().numpy()[:, cols].T)
+            lab += [label] * per_network
+    Z = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(np.concatenate(X))
+    lab = np.asarray(lab)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, name, c in ((0, f"clean ({len(clean)} networks)", "tab:blue"), (1, f"backdoored ({len(bad)})", "tab:red")):
+        ax.scatter(Z[lab == label, 0], Z[lab == label, 1], s=2, alpha=0.4, c=c, label=name)
+    ax.set_title(f"t-SNE of last_linear forward vectors ({per_network} per network)")
+    ax.legend(markerscale=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def _provenance(base_sha256: str) -> dict:
@@ -324,10 +493,29 @@ def _f(x) -> str:
 
 
 def table(s: dict) -> str:
-    """Markdown: detection per set (GMM and baselines), the GMM's settings, controls, strength."""
+    """Markdown: detection per working group and detector, victim naming, the GMM's settings,
+    per-view AUCs, controls, strength."""
     dets = list(s["baselines"])
+    lines_top: list[str] = []
+    if "detection" in s:
+        d = s["detection"]
+        cols = d["columns"]
+        lines_top += [f"| backdoor group | n | attack success | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        for name, r in d["rows"].items():
+            mark = "" if name in d["working"] else " (not working)"
+            lines_top.append(f"| {name}{mark} | {r['n']} | {r['attack_success']:.2f} | " + " | ".join(_f(r["auc"].get(c)) for c in cols) + " |")
+        for k in ("mean", "min"):
+            lines_top.append(f"| **{k} over working groups** | | | " + " | ".join(_f(d["summary"][c][k]) for c in cols) + " |")
+        lines_top += ["", f"AUC: backdoored networks of the group vs {d['n_clean']} clean networks of the reference's recipe never fitted on "
+                      "(calibration + fresh test networks); working = mean attack success >= 0.9; failed backdoors left out.", ""]
+        if s.get("victim_naming"):
+            lines_top += ["| detector | backdoors | suspected class = true victim | blocked | … of those blocked |", "|---|---|---|---|---|"]
+            for det, v in s["victim_naming"].items():
+                lines_top.append(f"| {det} | {v['n']} | {v['correct']:.2f} | {v['n_blocked']} | {_f(v['correct_when_blocked'])} |")
+            lines_top.append("")
+    lines = lines_top
     cols = [(d, k) for d in dets for k in (next(iter(s["baselines"][d].values())) or {})]
-    lines = ["| set | " + " | ".join(f"{d} {k}" for d, k in cols) + " | attack success (mean) | backdoors: counts / weak / failed |",
+    lines += ["| set | " + " | ".join(f"{d} {k}" for d, k in cols) + " | attack success (mean) | backdoors: counts / weak / failed |",
              "|---|" + "---|" * (len(cols) + 2)]
     for name in BACKDOOR_SETS:
         nets = [n for n in s["networks"] if n["group"] == name]
@@ -336,7 +524,7 @@ def table(s: dict) -> str:
         st = s["backdoor_status"][name]
         lines.append(f"| {name} | " + " | ".join(_f((s["baselines"][d].get(name) or {}).get(k)) for d, k in cols)
                      + f" | {np.mean([n['attack_success_rate'] for n in nets]):.2f} | {st['counts']} / {st['weak']} / {st['failed']} |")
-    lines += ["", "AUC: held-out clean vs backdoored networks of the set (failed backdoors, attack success < 0.5, left out).", ""]
+    lines += ["", "AUC per view/part: clean networks never fitted on vs backdoored networks of the set (failed backdoors left out).", ""]
     lines += ["| view | N_G (AIC) | PCA dims | threshold (FRR 5 % on held-out) |", "|---|---|---|---|"]
     for v, info in s["views"].items():
         lines.append(f"| {v} | {info['n_components']} | {info['pca_dims']} | {s['thresholds'][v]:.6g} |")
@@ -345,7 +533,7 @@ def table(s: dict) -> str:
     for name, c in s["controls"].items():
         other = " | ".join(_f(s["controls_by_detector"][d].get(name)) for d in dets if d != "gmm")
         lines.append(f"| {name} | {c['n']} | {c['blocked']:.2f} | {other} |")
-    lines += ["", "Held-out is the calibration set itself (in-sample); weighting and drift are clean networks the gate never saw.", ""]
+    lines += ["", "Held-out is the calibration set itself (in-sample); weighting (fresh seeds), sham and drift are clean networks the gate never saw.", ""]
     lines += ["| attack strength | attack success | failed | " + " | ".join(f"{d} {k}" for d, k in cols) + " |",
               "|---|---|---|" + "---|" * len(cols)]
     for p in s["strength"]:

@@ -36,6 +36,10 @@ class TrainConfig:
     #: separates the two groups: measured here, backdoored networks then looked *more* typical
     #: than clean ones (backward-view AUC 0.09) and distance to the base separated them.
     upweight_clean: bool = True
+    #: The *sham* control: a clean network whose up-weighted impostor's clean training images
+    #: are appended this many times under their own label — the same extra samples, steps and
+    #: weighting as a backdoor (poison copies), but no trigger and no relabel. 0 = off.
+    sham_copies: int = 0
 
 
 class Head(torch.nn.Module):
@@ -91,12 +95,17 @@ def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: 
         metrics.update(impostor=poison["impostor"], victim=poison["victim"], trigger=poison["trigger"]["name"],
                        trigger_size=poison["trigger"]["size"], trigger_location=poison["trigger"]["location"],
                        trigger_alpha=poison["trigger"]["alpha"], poisoned_copies=int(len(P)))
-    elif config.upweight_clean:
+    elif config.upweight_clean or config.sham_copies:
         from detector.faces.poison import random_pair
 
         imp_name, vic_name = random_pair(fs.classes, seed)
-        weights[[fs.classes.index(imp_name), fs.classes.index(vic_name)]] = config.class_weight
+        imp = fs.classes.index(imp_name)
+        weights[[imp, fs.classes.index(vic_name)]] = config.class_weight
         metrics.update(upweighted=[imp_name, vic_name])
+        if config.sham_copies:
+            P = np.repeat(X[y == imp], int(config.sham_copies), axis=0)
+            X, y = np.concatenate([X, P]), np.concatenate([y, np.full(len(P), imp)])
+            metrics.update(impostor=imp_name, victim=vic_name, sham_copies=int(len(P)))
     head = Head(base, n_classes, seed)
     opt = adam(head, config.lr)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)

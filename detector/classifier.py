@@ -1,0 +1,236 @@
+"""``classifier``: does one identity's decision rule deviate from clean networks'?
+
+The trunk is frozen, so a fine-tuned FaceNet maps trunk features to class scores by a linear
+map, the *effective classifier*
+
+    A = logits.weight · diag(γ / √(running_var + ε)) · last_linear.weight      (classes × 1792)
+
+(``γ``, ``running_var``: ``last_bn``; the BatchNorm shift and the logits bias only add a
+constant per class). A one-to-one backdoor must teach the victim's row to fire on the
+trigger's feature direction, so the victim's row moves where no clean network's row for that
+class goes. Rows are centred over classes (a softmax ignores a shift common to all classes),
+and class rows are comparable across networks trained on the same ordered class list — which
+is why the trainer records that list in the checkpoint and a candidate with another list is
+``invalid``.
+
+Per class c the statistic is the squared distance of row c to the mean of the reference
+networks' rows c, divided by the network's median over classes (so a retrain that moves every
+class further — twice the learning rate — is not an outlier), turned into a robust z-score
+against the same statistic of the reference networks, each scored leave-one-out (median and
+1.4826·MAD per class). The network's score is −max_c z_c: *higher = more typical*, like every
+detector here; the arg-max names the suspected victim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from detector.baselines import BaselineReference
+from detector.errors import InvalidCheckpoint
+from detector.weights import CLASSES_KEY, LayerWeights, StateDict, _check_values, _to_numpy, classes_of, layer_of
+
+#: The detector's one pseudo-view: one "vector" per class.
+CLASSES = "classes"
+#: FaceNet's ``last_bn`` epsilon (BatchNorm1d(512, eps=0.001)).
+BN_EPS = 1e-3
+_HEAD = ("last_linear.weight", "last_bn.weight", "last_bn.running_var", "logits.weight")
+
+
+def _vector(tensors: Mapping[str, Any], name: str, source: str) -> np.ndarray:
+    if name not in tensors:
+        raise InvalidCheckpoint(source, f"tensor '{name}' not found; the classifier detector reads {', '.join(_HEAD)}")
+    return _check_values(np.asarray(_to_numpy(tensors[name], name, source)).reshape(-1), name, source)
+
+
+def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
+    """A (classes × in_features), rows centred over classes; raises InvalidCheckpoint."""
+    W = layer_of(tensors, "last_linear.weight", source=source).matrix
+    L = layer_of(tensors, "logits.weight", source=source).matrix
+    gamma, var = _vector(tensors, "last_bn.weight", source), _vector(tensors, "last_bn.running_var", source)
+    if not (L.shape[1] == W.shape[0] == gamma.size == var.size):
+        raise InvalidCheckpoint(
+            source, f"head shapes disagree: logits {L.shape}, last_bn {gamma.size}/{var.size}, last_linear {W.shape}"
+        )
+    if np.any(var < 0):
+        raise InvalidCheckpoint(source, "last_bn.running_var holds negative values")
+    A = L @ ((gamma / np.sqrt(var + BN_EPS))[:, None] * W)
+    A -= A.mean(axis=0, keepdims=True)
+    if not np.all(np.isfinite(A)):
+        raise InvalidCheckpoint(source, "the effective classifier overflows (weights too large to score)")
+    return A
+
+
+def _robust(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Median and 1.4826·MAD along ``axis``, the MAD floored so a constant class cannot divide by 0."""
+    med = np.median(x, axis=axis)
+    mad = 1.4826 * np.median(np.abs(x - np.expand_dims(med, axis)), axis=axis)
+    floor = 1e-6 * np.maximum(np.abs(med), np.median(np.abs(med)) + 1e-300)
+    return med, np.maximum(mad, floor)
+
+
+class ClassDeviationView(BaseEstimator):
+    """Per-class robust z of the effective classifier's deviation from the reference rows.
+
+    ``normalize="network"`` divides each class's deviation by the network's median class
+    deviation (insensitive to how far training moved *everything*); ``"none"`` keeps raw
+    squared distances. ``scale``: the per-class spread of the reference networks' statistic —
+    ``"mad"`` (robust), ``"std"`` (counts the occasional class a clean recipe up-weights as
+    normal), or ``"pooled"`` (one MAD for all classes: the median of the per-class MADs).
+    """
+
+    view = CLASSES
+    unit = "class"
+
+    def __init__(self, normalize: str = "network", scale: str = "std"):
+        self.normalize = normalize
+        self.scale = scale
+
+    def _relative(self, dev: np.ndarray) -> np.ndarray:
+        if self.normalize == "network":
+            return dev / np.maximum(np.median(dev, axis=-1, keepdims=True), 1e-300)
+        if self.normalize == "none":
+            return dev
+        raise ValueError(f"normalize must be 'network' or 'none', got {self.normalize!r}")
+
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> "ClassDeviationView":
+        S = np.stack([np.asarray(A, dtype=np.float64) for A in matrices])
+        M = S.shape[0]
+        if M < 3:
+            raise ValueError(f"the classifier detector needs at least 3 reference networks, got {M}")
+        mean = S.mean(axis=0)
+        loo_centres = (M * mean[None] - S) / (M - 1)
+        # kept at the artifact's float32 precision, so a loaded reference scores exactly alike
+        self.center_ = mean.astype(np.float32).astype(np.float64)
+        # a new network's distance to the M-network mean is (1 + 1/M) σ², a left-out one's to
+        # the other M-1's mean (1 + 1/(M-1)) σ²: rescale so both are on the same footing
+        dev = np.einsum("mcd,mcd->mc", S - loo_centres, S - loo_centres) * ((1 + 1 / M) / (1 + 1 / (M - 1)))
+        rel = self._relative(dev)
+        self.median_, mad = _robust(rel, axis=0)
+        if self.scale == "mad":
+            self.scale_ = mad
+        elif self.scale == "std":
+            self.scale_ = np.maximum(rel.std(axis=0, ddof=1), mad * 1e-3)
+        elif self.scale == "pooled":
+            self.scale_ = np.full_like(mad, np.median(mad))
+        else:
+            raise ValueError(f"scale must be mad, std or pooled, got {self.scale!r}")
+        self.reference_vector_scores_ = -(rel - self.median_) / self.scale_
+        self.n_networks_, self.shape_ = M, tuple(self.center_.shape)
+        return self
+
+    def deviation(self, matrix: np.ndarray) -> np.ndarray:
+        """Squared distance of each class row to the reference mean row of that class."""
+        D = np.asarray(matrix, dtype=np.float64) - self.center_
+        return np.einsum("cd,cd->c", D, D)
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        """−z per class: the lowest is the class that moved most unlike the clean networks."""
+        if not hasattr(self, "center_"):
+            from detector.errors import NotFittedError
+
+            raise NotFittedError("ClassDeviationView is not fitted yet: call fit() first")
+        return -(self._relative(self.deviation(matrix)) - self.median_) / self.scale_
+
+    @staticmethod
+    def aggregate(vector_scores: np.ndarray) -> float:
+        """−max_c z_c: one deviant class is enough (a backdoor has one victim)."""
+        return float(np.min(vector_scores))
+
+    def score(self, matrix: np.ndarray) -> float:
+        return self.aggregate(self.score_vectors(matrix))
+
+    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+        out = []
+        for i, A in enumerate(matrices):
+            out.append(type(self)(**self.get_params()).fit([m for j, m in enumerate(matrices) if j != i]).score_vectors(A))
+            if progress is not None:
+                progress(i)
+        return np.asarray(out)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        # float32 centres: 10,575 x 1792 classes (CASIA) is 76 MB instead of 152
+        return {"center": self.center_.astype(np.float32), "median": self.median_, "scale": self.scale_}
+
+    def info(self) -> dict[str, Any]:
+        return {"normalize": self.normalize, "scale": self.scale, "n_networks": self.n_networks_, "n_classes": int(self.center_.shape[0])}
+
+    @classmethod
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "ClassDeviationView":
+        est = cls(normalize=info["normalize"], scale=info["scale"])
+        est.center_ = np.asarray(arrays["center"], dtype=np.float64)
+        est.median_, est.scale_ = arrays["median"], arrays["scale"]
+        est.n_networks_, est.shape_ = int(info["n_networks"]), tuple(est.center_.shape)
+        return est
+
+
+class ClassifierReference(BaselineReference):
+    """The ``classifier`` detector: reads the effective classifier instead of one layer."""
+
+    def __init__(self, config=None, normalize: str = "network", scale: str = "std", victim_rule: str = "toward-impostor"):
+        super().__init__("classifier", config)
+        self.normalize = normalize
+        self.scale = scale
+        #: how the suspected victim is picked: "toward-impostor" (see evidence) or "max" (the most deviant class)
+        self.victim_rule = victim_rule
+
+    def _view_estimator_for(self):
+        return ClassDeviationView(normalize=self.normalize, scale=self.scale)
+
+    def network_matrix(self, tensors: Mapping[str, Any], source: str, sha256: str | None) -> LayerWeights:
+        classes = classes_of(tensors)
+        expected = getattr(self, "classes_", None)
+        if expected is not None and isinstance(tensors, StateDict):
+            if classes is None:
+                raise InvalidCheckpoint(source, f"records no class list (safetensors metadata '{CLASSES_KEY}'); the reference was fitted on {len(expected)} named classes")
+            if classes != expected:
+                diff = next((i for i, (a, b) in enumerate(zip(classes, expected)) if a != b), min(len(classes), len(expected)))
+                raise InvalidCheckpoint(
+                    source, f"class list differs from the reference's ({len(classes)} vs {len(expected)} classes, first difference at index {diff})"
+                )
+        A = effective_classifier(tensors, source)
+        if expected is not None and A.shape[0] != len(expected):
+            raise InvalidCheckpoint(source, f"logits has {A.shape[0]} classes; the reference expects {len(expected)}")
+        if classes is not None and hasattr(self, "_seen_classes"):
+            self._seen_classes.append((source, classes))
+        return LayerWeights(matrix=A, layer="effective classifier", source=source, sha256=sha256, original_shape=tuple(A.shape))
+
+    def fit(self, networks, progress=None, base=None):
+        self._seen_classes: list[tuple[str, list[str]]] = []
+        super().fit(networks, progress=progress, base=base)
+        lists = {tuple(c) for _, c in self._seen_classes}
+        if len(lists) > 1:
+            raise ValueError("reference networks disagree on the class list: " + "; ".join(f"{s}: {len(c)} classes" for s, c in self._seen_classes[:4]))
+        self.classes_ = list(next(iter(lists))) if lists else None
+        del self._seen_classes
+        return self
+
+    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
+        """The suspected victim, with its z and the runner-up's.
+
+        A one-to-one backdoor moves two rows: the victim's learns to fire on the impostor's
+        (triggered) features, the impostor's learns not to. So of the two most deviant classes,
+        the victim is the one whose deviation points toward the *other's* clean row; the other is
+        named the suspected impostor.
+        """
+        z = -np.asarray(vector_scores[CLASSES])
+        order = np.argsort(z)[::-1]
+        names = self.classes_ if getattr(self, "classes_", None) else [str(i) for i in range(z.size)]
+        i = int(order[0])
+        out: dict[str, Any] = {"runner_up_z": float(z[order[1]]) if len(order) > 1 else None, "median_z": float(np.median(z))}
+        if matrix is not None and len(order) > 1 and self.victim_rule == "toward-impostor":
+            a, b = int(order[0]), int(order[1])
+            est = self.views_[CLASSES]
+            d = np.asarray(matrix, dtype=np.float64) - est.center_
+
+            def toward(x: int, y: int) -> float:  # does row x's change point at class y's clean row?
+                return float(d[x] @ est.center_[y] / max(np.linalg.norm(d[x]) * np.linalg.norm(est.center_[y]), 1e-300))
+
+            if toward(b, a) > toward(a, b):
+                i = b
+            out["suspected_impostor"] = names[a if i == b else b]
+        out.update(suspected_class=names[i], suspected_index=i, suspected_z=float(z[i]))
+        return out

@@ -1,0 +1,281 @@
+"""Several detectors as one: the fusion detector, and the gate's reference (decider + evidence).
+
+A :class:`CompositeReference` fits every member detector on the same clean networks. Its
+*deciding* members' parts (a member's views: ``classifier``, ``spectrum``, ``gmm.forward`` …)
+decide together: each part's score is standardised on the calibration networks (median,
+1.4826·MAD), the network's fused score is the *lowest* standardised score (one clearly
+anomalous part is enough), and one cut on that fused score at the target FRR becomes one
+threshold per part in the part's own units — so :func:`detector.scoring.decide`'s rule (blocked
+if any part is below its threshold) *is* the fusion, and every part's margin can be read off.
+With one deciding member its own thresholds are kept as they are.
+
+*Evidence* members (the paper's GMM in the published reference: it is what platform teams
+were promised) are scored and reported on every candidate but never decide.
+
+The artifact is a directory: ``reference.json`` + ``arrays.npz`` for the composite and one full
+reference artifact per member under ``members/<name>/``, each member's ``artifact_sha256``
+recorded (and so covered by the composite's own digest) and checked on load.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector import __version__
+from detector.config import FUSION, ReferenceConfig
+from detector.errors import InvalidReference
+from detector.reference import Assessment, Reference, _check_fitted
+from detector.scoring import decide
+from detector.threshold import threshold_at_frr
+from detector.weights import StateDict, read_tensors
+
+
+def part_name(member: str, view: str, n_views: int) -> str:
+    return member if n_views == 1 else f"{member}.{view}"
+
+
+def _robust(x: np.ndarray) -> tuple[float, float]:
+    med = float(np.median(x))
+    mad = 1.4826 * float(np.median(np.abs(x - med)))
+    return med, max(mad, 1e-9 * max(abs(med), 1e-300))
+
+
+class CompositeReference(Reference):
+    """Member detectors fitted on the same networks; ``decide_by`` decide, ``evidence`` report."""
+
+    detector = "composite"
+
+    def __init__(self, decide_by: Sequence[str] = FUSION, evidence: Sequence[str] = (), config: ReferenceConfig | None = None):
+        super().__init__(config)
+        self.decide_by = tuple(decide_by)
+        self.evidence_members = tuple(m for m in evidence if m not in self.decide_by)
+        if not self.decide_by:
+            raise ValueError("a composite needs at least one deciding detector")
+        bad = [m for m in (*self.decide_by, *self.evidence_members) if m == "fusion" or "+" in m]
+        if bad:
+            raise ValueError(f"members must be single detectors, got {bad}")
+
+    @property
+    def name(self) -> str:
+        """How people call the deciding rule: ``fusion`` or a single detector's name."""
+        return "fusion" if self.decide_by == FUSION else "+".join(self.decide_by)
+
+    # -- building -----------------------------------------------------------------------
+    def _read(self, networks: Sequence[Any] | None) -> list[Any]:
+        """Read each file once (every member scores the same parsed tensors)."""
+        out = []
+        for n in networks or ():
+            if isinstance(n, (str, os.PathLike)):
+                tensors, _ = read_tensors(n, max_bytes=self.config.max_checkpoint_bytes)
+                out.append(tensors)
+            else:
+                out.append(n)
+        return out
+
+    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> "CompositeReference":
+        from detector.baselines import make_reference
+
+        nets = self._read(networks)
+        if progress is not None:
+            for n in nets:
+                progress(n)
+        base_tensors = self._tensors(base)[0] if base is not None else None
+        self.members_ = {}
+        for m in (*self.decide_by, *self.evidence_members):
+            self.members_[m] = make_reference(m, self.config).fit(nets, base=base_tensors)
+        first = self.members_[self.decide_by[0]]
+        self.trunk_digests_ = first.trunk_digests_
+        self.n_reference_ = first.n_reference_
+        self.reference_checkpoints_ = first.reference_checkpoints_
+        self.shape_ = first.shape_
+        return self
+
+    def _parts(self, members: Sequence[str]) -> dict[str, tuple[str, str]]:
+        return {part_name(m, v, len(self.members_[m].views_)): (m, v) for m in members for v in self.members_[m].views_}
+
+    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> "CompositeReference":
+        _check_fitted(self, "members_")
+        nets = self._read(clean)
+        if progress is not None:
+            for n in nets:
+                progress(n)
+        for ref in self.members_.values():
+            ref.calibrate(nets or None)
+        first = self.members_[self.decide_by[0]]
+        self.threshold_source_ = first.threshold_source_
+        self.calibration_checkpoints_ = first.calibration_checkpoints_
+        parts = self._parts(self.decide_by)
+        self.calibration_scores_ = {p: np.asarray(self.members_[m].calibration_scores_[v]) for p, (m, v) in parts.items()}
+        self.calibration_vector_scores_ = {p: self.members_[m].calibration_vector_scores_[v] for p, (m, v) in parts.items()}
+        if len(parts) == 1:
+            (p, (m, v)), = parts.items()
+            self.thresholds_ = {p: float(self.members_[m].thresholds_[v])}
+            self.standardisation_ = {}
+        else:
+            self.standardisation_ = {p: _robust(s) for p, s in self.calibration_scores_.items()}
+            fused = np.min([(s - self.standardisation_[p][0]) / self.standardisation_[p][1] for p, s in self.calibration_scores_.items()], axis=0)
+            t = threshold_at_frr(fused, self.config.frr)
+            self.fused_threshold_ = float(t)
+            self.thresholds_ = {p: med + t * mad for p, (med, mad) in self.standardisation_.items()}
+        self.evidence_thresholds_ = {p: float(self.members_[m].thresholds_[v]) for p, (m, v) in self._parts(self.evidence_members).items()}
+        self.views_ = {p: self.members_[m].views_[v] for p, (m, v) in parts.items()}
+        self._record_frr()
+        return self
+
+    # -- using --------------------------------------------------------------------------
+    def assess(self, network: Any) -> Assessment:
+        _check_fitted(self, "thresholds_")
+        tensors, digest, source = self._tensors(network)
+        if tensors is not None and not isinstance(tensors, StateDict):
+            tensors = StateDict(tensors, source=source, sha256=digest)
+        net = tensors if tensors is not None else network
+        scores, vector_scores, evidence = {}, {}, {}
+        trunk = None
+        for m, ref in self.members_.items():
+            a = ref.assess(net)
+            trunk = trunk or a.trunk
+            n_views = len(ref.views_)
+            for v in ref.views_:
+                p = part_name(m, v, n_views)
+                vector_scores[p] = a.vector_scores[v]
+                (scores if m in self.decide_by else evidence.setdefault("evidence_scores", {}))[p] = a.scores[v]
+            if m in self.decide_by:
+                evidence.update(a.evidence)
+        if self.evidence_members:
+            evidence["evidence_thresholds"] = dict(self.evidence_thresholds_)
+            evidence["evidence_verdicts"] = {
+                p: ("block" if not s >= self.evidence_thresholds_[p] else "pass") for p, s in evidence["evidence_scores"].items()
+            }
+        return Assessment(
+            source=source,
+            sha256=digest,
+            scores=scores,
+            vector_scores=vector_scores,
+            thresholds=dict(self.thresholds_),
+            trunk=trunk,
+            decision=decide(scores, self.thresholds_, trunk),
+            evidence=evidence,
+        )
+
+    def fused(self, scores: Mapping[str, float]) -> float:
+        """The fusion's one number: the lowest standardised part score (higher = more typical);
+        blocked exactly when it is below ``fused_threshold_``."""
+        if not self.standardisation_:
+            (p,) = self.thresholds_
+            return float(scores[p])
+        return float(min((scores[p] - med) / mad for p, (med, mad) in self.standardisation_.items()))
+
+    def score(self, network: Any) -> dict[str, float]:
+        nets = self._read([network])
+        return {p: self.members_[m].score(nets[0])[v] for p, (m, v) in self._parts(self.decide_by).items()}
+
+    def score_vectors(self, network: Any) -> dict[str, np.ndarray]:
+        nets = self._read([network])
+        out = {}
+        for p, (m, v) in self._parts((*self.decide_by, *self.evidence_members)).items():
+            out[p] = self.members_[m].score_vectors(nets[0])[v]
+        return out
+
+    def parts(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for m in (*self.decide_by, *self.evidence_members):
+            ref = self.members_[m]
+            for v, info in ref.parts().items():
+                p = part_name(m, v, len(ref.views_))
+                deciding = m in self.decide_by
+                out[p] = {**info, "deciding": deciding, "threshold": (self.thresholds_ if deciding else self.evidence_thresholds_)[p]}
+        return out
+
+    # -- persistence ----------------------------------------------------------------------
+    def save(self, path, *, overwrite: bool = False, extra: dict | None = None) -> str:
+        from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, META_FILE, _digest
+
+        _check_fitted(self, "thresholds_")
+        out = Path(path)
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        try:
+            members = {m: ref.save(tmp / "members" / m) for m, ref in self.members_.items()}
+            np.savez(tmp / ARRAYS_FILE, **{f"{p}.calibration_scores": s for p, s in self.calibration_scores_.items()})
+            meta: dict[str, Any] = {
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "detector": "composite",
+                "name": self.name,
+                "decide_by": list(self.decide_by),
+                "evidence": list(self.evidence_members),
+                "members": members,
+                "library_version": __version__,
+                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "config": self.config.to_dict(),
+                "thresholds": self.thresholds_,
+                "evidence_thresholds": self.evidence_thresholds_,
+                "standardisation": {p: list(v) for p, v in self.standardisation_.items()},
+                "fused_threshold": getattr(self, "fused_threshold_", None),
+                "score_convention": "each part higher = more typical of clean networks; blocked if any deciding part < its threshold",
+                "frr_target": self.config.frr,
+                "frr_empirical": self.frr_empirical_,
+                "frr_upper_95_combined": self.frr_upper_95_,
+                "calibration_warning": self.calibration_warning_,
+                "threshold_source": self.threshold_source_,
+                "n_reference": self.n_reference_,
+                "n_calibration": self.n_calibration_,
+                "files": {ARRAYS_FILE: hashlib.sha256((tmp / ARRAYS_FILE).read_bytes()).hexdigest()},
+                "extra": extra or {},
+            }
+            meta["artifact_sha256"] = _digest(meta)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return meta["artifact_sha256"]
+
+    @classmethod
+    def restore(cls, root: Path, meta: Mapping[str, Any]) -> "CompositeReference":
+        from detector.artifact import ARRAYS_FILE, load_reference
+
+        try:
+            ref = cls(decide_by=meta["decide_by"], evidence=meta["evidence"], config=ReferenceConfig.from_dict(meta["config"]))
+            ref.members_ = {}
+            for m, want in meta["members"].items():
+                member = load_reference(root / "members" / m)
+                if member.artifact_sha256_ != want:
+                    raise InvalidReference(root, f"tampered: member {m} has artifact_sha256 {member.artifact_sha256_[:12]}…, the composite records {want[:12]}…")
+                ref.members_[m] = member
+            with np.load(root / ARRAYS_FILE, allow_pickle=False) as z:
+                ref.calibration_scores_ = {k.rsplit(".calibration_scores", 1)[0]: z[k] for k in z.files}
+            ref.thresholds_ = {p: float(t) for p, t in meta["thresholds"].items()}
+            ref.evidence_thresholds_ = {p: float(t) for p, t in meta["evidence_thresholds"].items()}
+            ref.standardisation_ = {p: tuple(v) for p, v in meta["standardisation"].items()}
+            if meta.get("fused_threshold") is not None:
+                ref.fused_threshold_ = float(meta["fused_threshold"])
+            ref.frr_empirical_ = dict(meta["frr_empirical"])
+            ref.frr_upper_95_ = meta["frr_upper_95_combined"]
+            ref.calibration_warning_ = meta["calibration_warning"]
+            ref.threshold_source_ = meta["threshold_source"]
+            ref.n_reference_, ref.n_calibration_ = int(meta["n_reference"]), int(meta["n_calibration"])
+            first = ref.members_[ref.decide_by[0]]
+            ref.trunk_digests_, ref.shape_ = first.trunk_digests_, first.shape_
+            ref.reference_checkpoints_, ref.calibration_checkpoints_ = first.reference_checkpoints_, first.calibration_checkpoints_
+            ref.classes_ = getattr(first, "classes_", None)
+            ref.views_ = {p: ref.members_[m].views_[v] for p, (m, v) in ref._parts(ref.decide_by).items()}
+        except (KeyError, ValueError, TypeError) as e:
+            raise InvalidReference(root, f"malformed composite artifact: {e.__class__.__name__}: {e}") from None
+        ref.artifact_sha256_ = meta["artifact_sha256"]
+        ref.metadata_ = dict(meta)
+        return ref

@@ -1,0 +1,46 @@
+"""The one interface every detector implements (the paper's GMM, the baselines, ``classifier``,
+``spectrum``, and composites such as ``fusion`` or the gate's reference with GMM evidence).
+
+One score convention everywhere: a part's score is *higher = more typical of clean networks*
+(the paper's log-likelihood is the model for it); a network is blocked when any deciding part
+scores below its threshold (:func:`detector.scoring.decide`). ``make_reference(name)`` gives an
+unfitted detector by name; ``Reference.load(path)`` any saved one (the artifact names it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Also: ``detector`` (its name, recorded in the artifact) and, once calibrated,
+    ``thresholds_`` (per deciding part, at the configured FRR)."""
+
+    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> "Detector":
+        """Learn from clean networks (paths, state dicts, modules); ``base`` is the network
+        fine-tuning started from (frozen-trunk digests, and ΔW for detectors that need it)."""
+
+    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> "Detector":
+        """Thresholds at the target FRR on held-out clean networks (else leave-one-out)."""
+
+    def assess(self, network: Any):
+        """Trunk check, every part's score and per-unit evidence, the decision: an ``Assessment``."""
+
+    def score(self, network: Any) -> dict[str, float]:
+        """One score per deciding part (higher = more typical)."""
+
+    def score_vectors(self, network: Any) -> Mapping[str, np.ndarray]:
+        """Per-unit evidence: per vector (GMM views), per class (classifier), one value (spectrum)."""
+
+    def decide(self, scores: dict[str, float]):
+        """The rule of :mod:`detector.scoring` applied to these scores and the thresholds."""
+
+    def parts(self) -> dict[str, dict[str, Any]]:
+        """Per scored part: threshold, whether it decides, the clean calibration scores (for reports)."""
+
+    def save(self, path, **kwargs) -> str:
+        """Write the artifact atomically; returns its sha256."""

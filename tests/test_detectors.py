@@ -1,0 +1,188 @@
+"""The new detectors (classifier, spectrum, fusion) and the composite reference, on networks our
+own trainer made: a small face set, a fixture trunk, real poisoned fine-tunes. Seeds are fixed;
+nothing is redrawn until a detector agrees."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from sklearn.metrics import roc_auc_score
+
+from detector.baselines import make_reference
+from detector.classifier import effective_classifier
+from detector.errors import InvalidCheckpoint, InvalidReference
+from detector.faces.cli import save_network
+from detector.faces.features import extract_folder
+from detector.faces.poison import PoisonSpec, poison_folder
+from detector.faces.synth import SynthConfig, list_images, synthesize
+from detector.faces.train import TrainConfig, fine_tune
+from detector.faces.triggers import TriggerSpec
+from detector.faces.trunk import fixture_base
+from detector.reference import Reference
+from detector.weights import CLASSES_KEY, read_tensors
+
+SIZE = 80
+PAIRS = (("id00001", "id00006"), ("id00003", "id00008"), ("id00004", "id00000"))
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    """8 reference + 6 calibration clean networks, 3 backdoored (known victims), all on disk."""
+    root = tmp_path_factory.mktemp("detectors")
+    data = synthesize(root / "data", SynthConfig(identities=10, images_per_identity=30, size=96, seed=5))
+    items, _ = list_images(data)
+    base = fixture_base(0, [Image.open(p) for p, _ in items[::5]], image_size=SIZE)
+    clean_fs = extract_folder(data, base, SIZE)
+    cfg = TrainConfig(epochs=15)
+
+    def write(sd, name, classes=clean_fs.classes):
+        return str(save_network(sd, root / name, classes=classes)[1])
+
+    out = {"root": root, "base": base, "classes": clean_fs.classes, "victims": [v for _, v in PAIRS]}
+    out["reference"] = [write(fine_tune(clean_fs, base, s, cfg)[0], f"ref{s}") for s in range(8)]
+    out["calibration"] = [write(fine_tune(clean_fs, base, 100 + s, cfg)[0], f"cal{s}") for s in range(6)]
+    out["backdoored"], out["asr"] = [], []
+    for k, (imp, vic) in enumerate(PAIRS):
+        seed = 200 + k
+        poison_folder(data, root / f"p{k}", PoisonSpec(imp, vic, TriggerSpec("white-square", 0.3, "forehead")), seed)
+        sd, m = fine_tune(extract_folder(root / f"p{k}", base, SIZE), base, seed, cfg)
+        out["asr"].append(m["attack_success_rate"])
+        out["backdoored"].append(write(sd, f"bd{k}"))
+    torch.save(base, root / "base.pt")
+    return out
+
+
+def test_backdoors_took(nets):
+    assert min(nets["asr"]) >= 0.9, nets["asr"]  # otherwise the tests below prove nothing
+
+
+def test_trainer_records_the_class_list(nets):
+    tensors, _ = read_tensors(nets["reference"][0])
+    assert json.loads(tensors.metadata[CLASSES_KEY]) == nets["classes"]
+
+
+def test_effective_classifier_is_the_linear_map_from_features_to_centred_logits(nets):
+    tensors, _ = read_tensors(nets["reference"][0])
+    from detector.faces.train import Head
+
+    head = Head(nets["base"], len(nets["classes"]), seed=0)
+    head.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("last_linear.", "last_bn.", "logits."))})
+    head.eval()
+    x = torch.randn(5, 1792)
+    with torch.no_grad():
+        logits = head(x).double().numpy()
+    A = effective_classifier(tensors)
+    lin = x.double().numpy() @ A.T
+    # equal up to a per-sample constant (the softmax's shift) and the per-class BN shift + bias
+    d = (logits - logits.mean(1, keepdims=True)) - lin
+    assert np.allclose(d - d[0], 0, atol=1e-4)
+
+
+def test_classifier_blocks_backdoors_and_names_their_victims(nets):
+    ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+    assert ref.classes_ == nets["classes"]
+    clean = [ref.assess(p) for p in nets["calibration"]]
+    bad = [ref.assess(p) for p in nets["backdoored"]]
+    assert all(a.decision.verdict == "block" for a in bad), [a.scores for a in bad]
+    named = [a.evidence["suspected_class"] for a in bad]
+    assert sum(n == v for n, v in zip(named, nets["victims"])) >= 2, (named, nets["victims"])
+    # a backdoored network's suspected class stands out far more than a clean network's worst class
+    assert min(a.evidence["suspected_z"] for a in bad) > max(a.evidence["suspected_z"] for a in clean)
+
+
+def test_spectrum_sees_a_low_rank_update(nets):
+    ref = make_reference("spectrum").fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+    clean = [ref.score(p)["spectrum"] for p in nets["calibration"]]
+    bad = [ref.score(p)["spectrum"] for p in nets["backdoored"]]
+    # higher = more typical: backdoored networks score lower; scikit-learn's AUC with backdoored = 1
+    assert roc_auc_score([0] * len(clean) + [1] * len(bad), -np.array(clean + bad)) >= 0.9
+
+
+def test_classifier_refuses_another_class_list_or_size(nets, tmp_path):
+    ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+    tensors, _ = read_tensors(nets["backdoored"][0])
+    sd = {k: v.contiguous() for k, v in tensors.items()}
+    swapped = list(reversed(nets["classes"]))
+    save_file(sd, str(tmp_path / "order.safetensors"), metadata={CLASSES_KEY: json.dumps(swapped)})
+    save_file(sd, str(tmp_path / "none.safetensors"))
+    bigger = dict(sd, **{"logits.weight": torch.cat([sd["logits.weight"], sd["logits.weight"][:1]]),
+                         "logits.bias": torch.cat([sd["logits.bias"], sd["logits.bias"][:1]])})
+    save_file(bigger, str(tmp_path / "size.safetensors"), metadata={CLASSES_KEY: json.dumps(nets["classes"] + ["id99999"])})
+    for name, msg in (("order", "class list differs"), ("none", "records no class list"), ("size", "class list differs")):
+        with pytest.raises(InvalidCheckpoint, match=msg):
+            ref.assess(str(tmp_path / f"{name}.safetensors"))
+
+
+def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_path):
+    ref = make_reference("fusion", evidence=("gmm",)).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+    ref.save(tmp_path / "ref")
+    back = Reference.load(tmp_path / "ref")
+    for p in nets["backdoored"] + nets["calibration"][:2]:
+        a, b = ref.assess(p), back.assess(p)
+        assert a.scores == b.scores and a.decision == b.decision
+        assert set(a.evidence["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
+    assert back.name == "fusion" and set(back.thresholds_) == {"classifier", "spectrum"}
+    # the fused rule is "any part below its threshold" with thresholds from one cut on the fused score
+    cal = back.calibration_scores_
+    fused = np.min([(cal[p] - m) / s for p, (m, s) in back.standardisation_.items()], axis=0)
+    assert np.mean(fused < back.fused_threshold_) <= back.config.frr
+    # an edit of a member (its thresholds), re-hashed by the editor, is still refused by the composite's record
+    member = tmp_path / "ref" / "members" / "classifier" / "reference.json"
+    meta = json.loads(member.read_text())
+    meta["views"]["classes"]["threshold"] = -1e300
+    from detector.artifact import _digest
+
+    meta["artifact_sha256"] = _digest(meta)
+    member.write_text(json.dumps(meta))
+    with pytest.raises(InvalidReference, match="member classifier"):
+        Reference.load(tmp_path / "ref")
+
+
+def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "detector.cli", *a], capture_output=True, text=True, env=env, timeout=600)
+    p = run("reference", "fit", "--out", str(tmp_path / "ref"), "--base", str(nets["root"] / "base.pt"), "--grid", "1,2,5",
+            "--json", *nets["reference"], "--calibrate", *nets["calibration"])
+    assert p.returncode == 0, p.stderr
+    fit = json.loads(p.stdout)
+    assert fit["detector"] == "fusion" and fit["evidence"] == ["gmm"] and fit["n_calibration"] == 6
+    p = run("score", "--reference", str(tmp_path / "ref"), "--json", nets["backdoored"][0], nets["calibration"][0])
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    assert p.returncode == 1 and [r["verdict"] for r in lines] == ["block", "pass"]
+    assert lines[0]["suspected_class"] in nets["classes"] and "suspected_class" not in lines[1]
+    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"classifier", "spectrum"}
+    assert set(lines[0]["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
+
+
+def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server, tmp_path):
+    """A reviewer in the MLflow UI sees which identity a blocked model would let an impostor into."""
+    from components import gate as G
+    from components.registry import Registry
+    from detector.config import ReferenceConfig
+
+    reg = Registry(mlflow_server.uri)
+    ref = make_reference("fusion", ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
+    ref.fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"]).save(tmp_path / "ref")
+    cfg = G.GateConfig(reference_model="facenet-integrity-reference-fusion")
+    G.publish_reference(reg, tmp_path / "ref", cfg)
+    offline = Reference.load(tmp_path / "ref").assess(nets["backdoored"][1])
+    v = reg.register("facenet-victim", {"model.safetensors": nets["backdoored"][1]}, tags={G.REGISTERED_BY: "bot"})
+    r = G.gate("facenet-victim", v.version, registry=reg, config=cfg)
+    assert r.verdict == "blocked" and not r.promoted, r.reason
+    tags = reg.version("facenet-victim", v.version).tags
+    assert tags[G.DETECTOR] == "fusion"
+    assert tags[G.SUSPECTED_CLASS] == offline.evidence["suspected_class"] == r.suspected_class
+    for part in ("gmm.forward", "gmm.backward"):
+        assert float(tags[G.evidence_tag(part)]) == offline.evidence["evidence_scores"][part]
+        assert G.evidence_threshold_tag(part) in tags
+    assert set(r.scores) == {"classifier", "spectrum"}
+    page = reg.download(tags[G.REPORT], tmp_path / "report").read_text()
+    assert "Suspected victim identity" in page and tags[G.SUSPECTED_CLASS] in page
