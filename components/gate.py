@@ -209,7 +209,7 @@ def gate(
         data, filename = registry.download_weights(info, config.max_checkpoint_bytes)
         result.model_sha256 = hashlib.sha256(data).hexdigest()
         tags[MODEL_SHA] = result.model_sha256
-        assessment = reference.assess(parse_tensors(data, f"{model} v{version}/{filename}"))
+        assessment = reference.assess(parse_tensors(data, f"{model} v{version}/{filename}", result.model_sha256))
         vector_scores = assessment.vector_scores
         result.scores = assessment.scores
         tags[TRUNK] = assessment.trunk.status

@@ -142,8 +142,8 @@ class CompositeReference(Reference):
         scores, vector_scores, evidence = {}, {}, {}
         trunk = None
         for m, ref in self.members_.items():
-            a = ref.assess(net)
-            trunk = trunk or a.trunk
+            a = ref.assess(net, trunk=trunk)  # the frozen trunk is hashed once, by the first member
+            trunk = a.trunk
             n_views = len(ref.views_)
             for v in ref.views_:
                 p = part_name(m, v, n_views)

@@ -301,12 +301,14 @@ class Reference:
             return network, None, "<state dict>"
         return None, None, f"<{type(network).__name__}>"
 
-    def assess(self, network: Any) -> Assessment:
-        """Load, check the trunk, score every view and decide. Raises InvalidCheckpoint."""
+    def assess(self, network: Any, trunk: TrunkCheck | None = None) -> Assessment:
+        """Load, check the trunk (unless ``trunk`` is the check already made on these tensors),
+        score every view and decide. Raises InvalidCheckpoint."""
         _check_fitted(self, "thresholds_")
         tensors, digest, source = self._tensors(network)
         weights = self._checked(self.network_matrix(tensors, source, digest) if tensors is not None else self._input_of(network))
-        trunk = check_trunk(tensors, getattr(self, "trunk_digests_", {}))
+        if trunk is None:
+            trunk = check_trunk(tensors, getattr(self, "trunk_digests_", {}))
         vector_scores = {v: est.score_vectors(weights.matrix) for v, est in self.views_.items()}
         scores = {v: network_score(self.views_[v], s) for v, s in vector_scores.items()}
         return Assessment(

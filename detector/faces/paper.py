@@ -6,7 +6,11 @@ impostor/victim pair; the reference is fitted with AIC; AUC per view per set. Be
 every detector of :mod:`detector.baselines` is scored on exactly the same networks, and
 controls answer what a platform team asks before trusting the gate:
 
-* ``weighting`` — clean networks trained like the reference (fresh seeds): the real FRR;
+* ``weighting`` — clean networks trained like the reference (fresh seeds, never calibrated
+  on): the real FRR;
+* ``sham`` — clean networks given the impostor's *clean* training images again under their own
+  label (same extra samples, steps and weighting as a backdoor; no trigger, no relabel): tells
+  "detects backdoors" from "detects a data change";
 * ``drift:*`` — clean networks with a changed recipe (lr ×0.5 / ×2, twice the epochs, a
   different 70/30 resample, 10 % of the training images dropped): will legitimate retrains
   be blocked?
@@ -15,8 +19,13 @@ controls answer what a platform team asks before trusting the gate:
 * attack-strength curves (trigger size, blend alpha, poisoned images) — AUC of every detector
   against attack success: where "every backdoor that works is caught" stops being true.
 
-Also AUC vs N_G (the paper's fig. 4) and AUC vs M (how many clean networks are enough). All
-networks share one feature cache, so each costs seconds.
+Also AUC vs N_G (the paper's fig. 4), AUC vs M (how many clean networks are enough), the t-SNE
+of fig. 3b, how often the suspected class is the true victim, and one detection table (AUC per
+working backdoor group and detector part) from which the gate's default was chosen. The
+development protocol is the default; ``PaperConfig.confirmation()`` is the held-back one (other
+data seed, other people, other trigger settings and network seeds). All networks share one
+feature cache, so each costs seconds; their head tensors are saved (``networks.safetensors``) so
+``--rescore`` can score them again without training.
 """
 
 from __future__ import annotations
