@@ -89,7 +89,9 @@ def test_verify_cli_exit_codes(keys, tmp_path):
     p = run(str(good), "--checkpoint", str(model))
     assert p.returncode == 0 and p.stdout.startswith("valid: facenet v3 passed"), p.stderr
     p = run(str(bad))
-    assert p.returncode == 1 and "digest mismatch" in p.stderr
+    assert p.returncode == 2 and "digest mismatch" in p.stderr  # tampered: malformed, not a signed refusal
     p = run(str(good), "--checkpoint", str(good))
-    assert p.returncode == 1 and "not the one" in p.stderr
+    assert p.returncode == 2 and "not the one" in p.stderr
+    p = run(str(good))
+    assert p.returncode == 2 and "--checkpoint" in p.stderr  # a verdict unbound to bytes allows nothing
     assert run().returncode == 2  # neither a file nor --version
