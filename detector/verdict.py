@@ -230,8 +230,17 @@ def reference_signing_key_from_env(environ=os.environ):
 
 
 def public_keys_from_env(name: str, environ=os.environ) -> list:
-    """Public keys listed in ``$name`` (os.pathsep-separated PEM paths)."""
-    return [load_public_key(p) for p in environ.get(name, "").split(os.pathsep) if p.strip()]
+    """Public keys in ``$name``: PEM text (one or more blocks, as a Secret maps it) or os.pathsep-separated PEM paths."""
+    value = environ.get(name, "")
+    if "-----BEGIN" in value:
+        from cryptography.hazmat.primitives import serialization
+
+        blocks = [b + "-----END PUBLIC KEY-----" for b in value.split("-----END PUBLIC KEY-----") if "-----BEGIN" in b]
+        try:
+            return [serialization.load_pem_public_key(b.strip().encode()) for b in blocks]
+        except (ValueError, TypeError) as e:
+            raise VerdictError(f"${name}: not PEM public keys ({e.__class__.__name__})") from None
+    return [load_public_key(p) for p in value.split(os.pathsep) if p.strip()]
 
 
 def verdict_keys_from_env(environ=os.environ) -> list:

@@ -275,3 +275,25 @@ def test_bad_content_length_is_refused_without_reading(receiver, length):
 def test_receiver_has_a_health_endpoint(receiver):
     reply = _raw(receiver.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert reply.split(b" ", 2)[1] == b"200" and b"gated" in reply
+
+
+# -- 8. smaller mends ------------------------------------------------------------------------------
+def test_kfp_html_fallback_escapes_attacker_chosen_text():
+    from components.tasks import fallback_html
+
+    page = fallback_html("invalid", "files the gate does not judge: <script>alert(1)</script>.pt", "no report & <b>")
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&amp;" in page
+
+
+def test_unfitted_or_unreadable_reference_is_a_gate_error_not_the_candidates(registry, world, tmp_path):
+    """A reference version whose artifact is garbage: exit 2 'gate error', the candidate keeps no verdict."""
+    refs = f"broken-reference-{next(_names)}"
+    junk = tmp_path / "reference.json"
+    junk.write_text("{not json")
+    info = registry.register(refs, {"reference.json": junk}, artifact_dir="reference")
+    registry.set_alias(refs, "current", info.version)
+    model = _model()
+    v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "pass")})
+    r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
+    assert (r.verdict, r.exit_code, r.error) == ("error", 2, True) and "gate error" in r.reason, r.reason
+    assert registry.version(model, v.version).tags[G.VERDICT] == "pending"
