@@ -297,3 +297,14 @@ def test_unfitted_or_unreadable_reference_is_a_gate_error_not_the_candidates(reg
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
     assert (r.verdict, r.exit_code, r.error) == ("error", 2, True) and "gate error" in r.reason, r.reason
     assert registry.version(model, v.version).tags[G.VERDICT] == "pending"
+
+
+def test_current_reference_moved_to_an_unsigned_version_is_put_back(registry, world):
+    from components.reconciler import Reconciler
+
+    config = G.GateConfig(report=False, reference_model=f"guarded-reference-{next(_names)}")
+    signed = G.publish_reference(registry, world.reference_dir, config)
+    forged = registry.register(config.reference_model, {p.name: p for p in world.reference_dir.iterdir()}, artifact_dir="reference")
+    registry.set_alias(config.reference_model, "current", forged.version)  # unsigned: registered around publish
+    done = Reconciler(registry, models=(), config=config).resync()
+    assert registry.version_by_alias(config.reference_model, "current").version == signed.version, done
