@@ -213,6 +213,9 @@ def test_override_identity_comes_from_the_reviewers_key(registry, world):
     model = _model()
     bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "block")}, who="alice")
     assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
+    verify_key = V.load_public_key(os.environ["BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"])
+    with pytest.raises(G.NotDeployable, match="blocked"):  # a validly signed refusal: verify exits 1
+        G.verify_version(model, bad.version, verify_key, registry=registry)
     alice = V.load_private_key((keys / "alice" / "signing-key.pem").read_bytes())
     with pytest.raises(G.OverrideRefused, match="registered"):
         G.override(model, bad.version, reason="mine, it is fine", key=alice, registry=registry)
@@ -221,6 +224,7 @@ def test_override_identity_comes_from_the_reviewers_key(registry, world):
     info = registry.version(model, bad.version)
     assert info.tags[G.OVERRIDE_BY] == "bob" and registry.version_by_alias(model, "production").version == bad.version
     assert G.guard_alias(model, registry=registry) is None  # the signed override stands
+    assert G.verify_version(model, bad.version, verify_key, registry=registry)["override"]["reviewer"] == "bob"
 
 
 # -- 6. a missed delivery is healed by the periodic resync ----------------------------------------
