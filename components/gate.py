@@ -76,7 +76,7 @@ ARTIFACT_SHA = PREFIX + "artifact_sha256"  # digest of the version's whole artif
 REGISTERED_BY = "registered_by"
 PASSED, BLOCKED, INVALID, PENDING, ERROR = "passed", "blocked", "invalid", "pending", "error"
 EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2, ERROR: 2}
-VERDICT_FILE, OVERRIDE_FILE = "verdict.json", "override.json"
+VERDICT_FILE, OVERRIDE_FILE, DSSE_FILE = "verdict.json", "override.json", "verdict.intoto.dsse.json"
 
 
 def score_tag(view: str) -> str:
@@ -352,6 +352,9 @@ def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, t
         return
     with tempfile.TemporaryDirectory(prefix="backdoor-gate-verdict-") as tmp:
         (Path(tmp) / VERDICT_FILE).write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
+        if signing_key is not None and doc.get("files"):  # the same verdict as in-toto in DSSE, for admission controllers
+            dsse = V.dsse_sign(V.intoto_statement(doc), signing_key)
+            (Path(tmp) / DSSE_FILE).write_text(json.dumps(dsse, indent=2, sort_keys=True) + "\n")
         uri = registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{info.version}")
     tags[VERDICT_DOC] = f"{uri}/{VERDICT_FILE}"
 

@@ -136,6 +136,62 @@ def check_unsigned(envelope: dict[str, Any], fmt: str = FORMAT) -> dict[str, Any
     return doc
 
 
+# -- in-toto statement in a DSSE envelope ---------------------------------------------------
+#: the same verdict, in the format admission controllers (Sigstore policy-controller, Kyverno) read
+INTOTO_STATEMENT = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://backdoor-gate.dev/verdict/v1"
+DSSE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+
+
+def _pae(payload_type: str, body: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what is really signed (type and body, length-prefixed)."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(body), body)
+
+
+def intoto_statement(doc: dict[str, Any]) -> dict[str, Any]:
+    """Subjects = every file of the judged artifact tree with its sha256; predicate = the verdict document."""
+    files = doc.get("files") or {}
+    if not files:
+        raise VerdictError("an in-toto statement needs the judged files (the document has none)")
+    return {"_type": INTOTO_STATEMENT, "subject": [{"name": n, "digest": {"sha256": h}} for n, h in sorted(files.items())],
+            "predicateType": PREDICATE_TYPE, "predicate": doc}
+
+
+def dsse_sign(statement: dict[str, Any], private_key) -> dict[str, Any]:
+    body = canonical_json(statement)
+    sig = private_key.sign(_pae(DSSE_PAYLOAD_TYPE, body))
+    return {"payloadType": DSSE_PAYLOAD_TYPE, "payload": base64.b64encode(body).decode(),
+            "signatures": [{"keyid": key_id(private_key.public_key()), "sig": base64.b64encode(sig).decode()}]}
+
+
+def dsse_verify(envelope: dict[str, Any], public_keys) -> dict[str, Any]:
+    """The statement, if one signature is by a trusted key over the PAE of the payload; else VerdictError."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        if envelope["payloadType"] != DSSE_PAYLOAD_TYPE:
+            raise VerdictError(f"payloadType {envelope['payloadType']!r} is not {DSSE_PAYLOAD_TYPE}")
+        body = base64.b64decode(envelope["payload"], validate=True)
+        signatures = list(envelope["signatures"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise VerdictError(f"not a DSSE envelope ({e.__class__.__name__})") from None
+    keys = {key_id(k): k for k in public_keys}
+    for s in signatures:
+        key = keys.get(s.get("keyid") if isinstance(s, dict) else None)
+        if key is None:
+            continue
+        try:
+            key.verify(base64.b64decode(s.get("sig", ""), validate=True), _pae(DSSE_PAYLOAD_TYPE, body))
+        except (InvalidSignature, ValueError):
+            raise VerdictError("bad DSSE signature") from None
+        statement = json.loads(body)
+        if statement.get("_type") != INTOTO_STATEMENT or statement.get("predicateType") != PREDICATE_TYPE:
+            raise VerdictError("not a backdoor-gate verdict statement")
+        return statement
+    raise VerdictError("no signature by a trusted key")
+
+
 # -- signed references ----------------------------------------------------------------------
 def sign_reference(ref_dir: str | os.PathLike, private_key) -> Path:
     """Write ``reference.sig.json``: a signature over the artifact's ``artifact_sha256``.

@@ -261,6 +261,12 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
     assert tags[G.VERDICT_SHA] == r.verdict_sha256 == tags[G.PROMOTED_VERDICT]
     doc = G.verify_version(model, v.version, V.load_public_key(pub), registry=registry)
     assert (doc["verdict"], doc["model_sha256"], doc["reference_sha256"]) == ("passed", r.model_sha256, r.reference_sha256)
+    # the same verdict as an in-toto statement in a DSSE envelope: subjects are every judged file
+    info = registry.version(model, v.version)
+    dsse = json.loads(registry.run_file(info.run_id, f"integrity/v{v.version}/{G.DSSE_FILE}"))
+    statement = V.dsse_verify(dsse, [V.load_public_key(pub)])
+    assert {s["name"]: s["digest"]["sha256"] for s in statement["subject"]} == r.files == doc["files"]
+    assert statement["predicate"] == doc
     cli = [sys.executable, "-m", "detector.cli", "verify", "--model", model, "--version", v.version,
            "--public-key", str(pub), "--tracking-uri", mlflow_server.uri]
     assert subprocess.run(cli, capture_output=True, text=True, timeout=300).returncode == 0
