@@ -312,3 +312,13 @@ def test_current_reference_moved_to_an_unsigned_version_is_put_back(registry, wo
     registry.set_alias(config.reference_model, "current", forged.version)  # unsigned: registered around publish
     done = Reconciler(registry, models=(), config=config).resync()
     assert registry.version_by_alias(config.reference_model, "current").version == signed.version, done
+
+
+def test_compiled_pipelines_can_pin_images_by_digest(tmp_path):
+    digest = "sha256:" + "ab" * 32
+    env = dict(os.environ, BACKDOOR_GATE_GATE_IMAGE_DIGEST=digest, BACKDOOR_GATE_TRAINER_IMAGE_DIGEST=digest)
+    p = _cli("pipelines", "compile", "--out", tmp_path, env=env)
+    assert p.returncode == 0, p.stderr
+    text = (tmp_path / "candidate.yaml").read_text()
+    assert "/gate:" in text and f"@{digest}" in text and not [line for line in text.splitlines()
+                                                             if "image: " in line and "@sha256:" not in line]
