@@ -1,15 +1,22 @@
-"""Registry subcommands: ``gate``, ``override``, ``publish-reference``, ``keygen``, ``verify``."""
+"""Registry subcommands: ``gate``, ``override``, ``publish-reference``, ``keygen``, ``verify``, ``webhook``.
+
+Signatures are required by default everywhere: verdicts need the gate's key, references a
+trusted reference key, overrides a reviewer's key. ``--allow-unsigned`` is the explicit opt-out
+(for a laptop), and every verdict written under it says ``signature_policy: opted-out``.
+"""
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import sys
 
 
-def _identity() -> str:
-    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+def _config(args, **kw):
+    from components.gate import GateConfig
+
+    unsigned = getattr(args, "allow_unsigned", False)
+    return GateConfig(require_signature=not unsigned, require_signed_reference=not unsigned, **kw)
 
 
 def cmd_gate(args) -> int:
@@ -21,7 +28,10 @@ def cmd_gate(args) -> int:
         from detector.errors import InvalidReference
         from detector.reference import Reference
 
+        from components.gate import check_reference_dir
+
         try:
+            check_reference_dir(args.reference, _config(args))
             reference = Reference.load(args.reference)
         except InvalidReference as e:
             print(f"backdoor-gate: {e}", file=sys.stderr)
@@ -31,7 +41,7 @@ def cmd_gate(args) -> int:
     except RegistryError as e:
         print(f"backdoor-gate: {e}", file=sys.stderr)
         return 2
-    config = GateConfig(report=not args.no_report, require_signature=args.require_signature)
+    config = _config(args, report=not args.no_report)
     result = gate(args.model, args.version, registry=registry, reference=reference, config=config)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -50,10 +60,13 @@ def cmd_gate(args) -> int:
 def cmd_override(args) -> int:
     from components.gate import OverrideRefused, override
     from components.registry import Registry, RegistryError
+    from detector.verdict import VerdictError, load_private_key
 
     try:
-        info = override(args.model, args.version, reason=args.reason, identity=args.identity or _identity(), registry=Registry(args.tracking_uri))
-    except (OverrideRefused, RegistryError, ValueError) as e:
+        with open(args.key, "rb") as f:
+            key = load_private_key(f.read())
+        info = override(args.model, args.version, reason=args.reason, key=key, registry=Registry(args.tracking_uri))
+    except (OverrideRefused, RegistryError, ValueError, VerdictError, OSError) as e:
         print(f"backdoor-gate: override refused: {e}", file=sys.stderr)
         return 2
     print(f"{info.name} v{info.version} promoted to production by override ({info.tags.get('integrity.override.by')})")
@@ -66,7 +79,7 @@ def cmd_publish_reference(args) -> int:
     from detector.errors import InvalidReference
 
     try:
-        info = publish_reference(Registry(args.tracking_uri), args.reference)
+        info = publish_reference(Registry(args.tracking_uri), args.reference, _config(args))
     except (RegistryError, InvalidReference) as e:
         print(f"backdoor-gate: {e}", file=sys.stderr)
         return 2
@@ -87,7 +100,10 @@ def cmd_keygen(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    """Exit 0 valid, 1 forged / tampered / unsigned, 2 could not check."""
+    """May this be deployed? Exit 0 yes (a signed pass, or a signed override, for these exact bytes);
+    1 no (a validly signed blocked / invalid verdict: the reason is printed); 2 anything forged,
+    tampered, unsigned, malformed or uncheckable."""
+    from components.gate import NotDeployable
     from components.registry import RegistryError
     from detector.verdict import VerdictError, load_public_key, read_envelope, verify
 
@@ -98,20 +114,30 @@ def cmd_verify(args) -> int:
         return 2
     try:
         if args.verdict:
-            model_bytes = open(args.checkpoint, "rb").read() if args.checkpoint else None
-            doc = verify(read_envelope(args.verdict), key, model_bytes=model_bytes)
+            doc = verify(read_envelope(args.verdict), key)
+            if not args.checkpoint:
+                raise VerdictError("give --checkpoint: a verdict allows nothing until it is checked against the bytes")
+            with open(args.checkpoint, "rb") as f:
+                verify(read_envelope(args.verdict), key, model_bytes=f.read())
+            if doc.get("verdict") != "passed":
+                raise NotDeployable(doc)
         else:
             from components.gate import verify_version
             from components.registry import Registry
 
             doc = verify_version(args.model, args.version, key, registry=Registry(args.tracking_uri))
+    except NotDeployable as e:
+        print(json.dumps({**e.doc, "deployable": False}) if args.json else f"not deployable: {e}")
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return 1
     except VerdictError as e:
         print(f"INVALID: {e}", file=sys.stderr)
-        return 1
+        return 2
     except (RegistryError, OSError, ValueError) as e:
         print(f"backdoor-gate: cannot verify: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(doc) if args.json else f"valid: {doc['model']} v{doc['version']} {doc['verdict']} "
+    how = f", override by {doc['override']['reviewer']}" if doc.get("override") else ""
+    print(json.dumps({**doc, "deployable": True}) if args.json else f"valid: {doc['model']} v{doc['version']} {doc['verdict']}{how} "
           f"(model sha256 {str(doc['model_sha256'])[:12]}…, reference {str(doc['reference_sha256'])[:12]}…, {doc['checked_at']})")
     return 0
 
@@ -119,7 +145,8 @@ def cmd_verify(args) -> int:
 def cmd_webhook_serve(args) -> int:
     import logging
 
-    from components.gate import GateConfig, gate, guard_alias
+    from components.gate import gate
+    from components.reconciler import Reconciler
     from components.registry import Registry
     from components.webhook import SECRET_ENV, Receiver
 
@@ -128,17 +155,22 @@ def cmd_webhook_serve(args) -> int:
     if not secret:
         print(f"backdoor-gate: set {SECRET_ENV} (the secret MLflow signs deliveries with)", file=sys.stderr)
         return 2
-    config = GateConfig(require_signature=args.require_signature)
+    config = _config(args)
     registry = Registry(args.tracking_uri)
+    reconciler = Reconciler(registry, models=tuple(args.models), config=config, interval=args.resync)
+
+    def on_event(model: str) -> str | None:
+        return "; ".join(reconciler.reconcile(model)) or None
+
     receiver = Receiver(secret, lambda m, v: gate(m, v, registry=registry, config=config), models=tuple(args.models),
-                        host=args.host, port=args.port, guard_fn=lambda m: guard_alias(m, registry=registry, config=config),
-                        production_alias=config.production_alias)
-    print(f"listening on {args.host}:{receiver.port}/mlflow-webhook for {', '.join(args.models)}", file=sys.stderr)
+                        host=args.host, port=args.port, guard_fn=on_event, production_alias=config.production_alias)
+    print(f"listening on {args.host}:{receiver.port}/mlflow-webhook for {', '.join(args.models)}; "
+          f"resync every {args.resync:g} s", file=sys.stderr)
+    reconciler.start()
     try:
-        receiver.server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        receiver.serve_forever()  # uvicorn: returns on SIGTERM / SIGINT
     finally:
+        reconciler.stop()
         receiver.close()
     return 0
 
@@ -155,8 +187,14 @@ def cmd_webhook_register(args) -> int:
     except Exception as e:  # noqa: BLE001 — MLflow raises several types; report one line
         print(f"backdoor-gate: cannot create the webhook: {e}", file=sys.stderr)
         return 2
-    print(f"webhook {hook.name} -> {hook.url} on model_version.created")
+    print(f"webhook {hook.name} -> {hook.url} (version, alias and tag events)")
     return 0
+
+
+def _unsigned_flag(p) -> None:
+    p.add_argument("--allow-unsigned", action="store_true",
+                   help="explicit opt-out: gate without a verdict signing key and trust unsigned references "
+                   "(every verdict records it; never in production)")
 
 
 def _common(p) -> None:
@@ -169,8 +207,7 @@ def register(sub) -> None:
     g.add_argument("--version", required=True)
     g.add_argument("--reference", help="a local reference artifact instead of the registry's @current")
     g.add_argument("--no-report", action="store_true", help="skip the HTML/PNG review report")
-    g.add_argument("--require-signature", action="store_true",
-                   help="refuse to gate without a signing key ($BACKDOOR_GATE_SIGNING_KEY or $BACKDOOR_GATE_SIGNING_KEY_FILE)")
+    _unsigned_flag(g)
     g.add_argument("--json", action="store_true")
     _common(g)
     g.set_defaults(func=cmd_gate)
@@ -179,12 +216,15 @@ def register(sub) -> None:
     o.add_argument("--model", default="facenet")
     o.add_argument("--version", required=True)
     o.add_argument("--reason", required=True)
-    o.add_argument("--identity", help="reviewer (default $MLFLOW_TRACKING_USERNAME or the OS user)")
+    o.add_argument("--key", required=True, metavar="PEM",
+                   help="the reviewer's own Ed25519 signing key; the reviewer's name is the one $BACKDOOR_GATE_REVIEWER_KEYS gives it")
     _common(o)
     o.set_defaults(func=cmd_override)
 
-    p = sub.add_parser("publish-reference", help="register a reference artifact and make it @current")
+    p = sub.add_parser("publish-reference", help="sign (reference key from $BACKDOOR_GATE_REFERENCE_SIGNING_KEY[_FILE]), "
+                       "register a reference artifact and make it @current")
     p.add_argument("reference", metavar="REF_DIR")
+    _unsigned_flag(p)
     _common(p)
     p.set_defaults(func=cmd_publish_reference)
 
@@ -213,7 +253,9 @@ def _register_webhook_commands(sub) -> None:
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--models", nargs="+", default=["facenet"], help="registered models to gate")
-    s.add_argument("--require-signature", action="store_true", help="refuse to gate without a verdict signing key")
+    s.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
+                   help="re-derive production and gate ungated versions this often, deliveries or not (default 60)")
+    _unsigned_flag(s)
     _common(s)
     s.set_defaults(func=cmd_webhook_serve)
     r = wsub.add_parser("register", help="create the MLflow webhook pointing at a receiver")

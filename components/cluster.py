@@ -20,10 +20,14 @@ TRAIN_PARALLELISM = 4
 TRAIN_CPU, TRAIN_MEMORY = "4", "16G"
 GATE_CPU, GATE_MEMORY = "1", "2G"
 
-#: The gate's Ed25519 signing key (detector.verdict), from a Secret; optional so that a cluster
-#: without one still gates (unsigned, and the verdict says so).
+#: The gate's Ed25519 signing key (detector.verdict) and the public key of the references it trusts,
+#: from a Secret. Signatures are required: without them the gate refuses to judge (exit 2, a gate
+#: error); the Secret is optional to Kubernetes only so that the task starts and says so.
 SIGNING_SECRET = "backdoor-gate-signing-key"
-SIGNING_SECRET_ENV = {"signing-key.pem": "BACKDOOR_GATE_SIGNING_KEY"}
+SIGNING_SECRET_ENV = {"signing-key.pem": "BACKDOOR_GATE_SIGNING_KEY", "reference-verify-key.pem": "BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS"}
+#: The reference pipeline's signing key: publish_reference signs the artifact with it.
+REFERENCE_SIGNING_SECRET = "backdoor-gate-reference-key"
+REFERENCE_SIGNING_SECRET_ENV = {"signing-key.pem": "BACKDOOR_GATE_REFERENCE_SIGNING_KEY"}
 
 #: The gate identity's MLflow credentials (basic auth on, see manifests/): every task that talks to
 #: the registry gets them as the env vars MLflow's client reads. Optional: servers without auth.

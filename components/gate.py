@@ -17,9 +17,15 @@ the registry protocol around it:
    and records the promoted verdict's digest;
 8. anything else writes ``blocked`` or ``invalid`` (verdict always last) and never puts the
    alias on the version; if someone else had put ``production`` on it, the alias goes back to
-   the newest passed version (or is deleted) and ``integrity.alias_violation`` says so.
-   Any error fails closed: the alias stays where it was, the version is marked ``blocked``
-   when the registry still answers, and the exit code is 2.
+   the newest promotable version (or is deleted) and ``integrity.alias_violation`` says so.
+   A gate fault (registry, unreadable or unsigned reference) is the gate's, not the
+   candidate's: no verdict is written (the tag stays ``pending``), the alias is guarded, exit 2.
+
+**Production is a function of signed state** (:func:`production_status`): a version may be
+``production`` only with a verdict document signed by a trusted gate key that says ``passed``
+for the exact artifact tree now registered, or a ``blocked`` one plus an override signed by a
+trusted reviewer key whose reviewer did not register the version. Tags mirror these records
+for people and filter candidates; they never make a version promotable.
 
 Exit codes: 0 passed, 1 blocked, 2 invalid or gate error.
 """
@@ -38,7 +44,8 @@ from components.registry import REFERENCE_DIR, Registry, RegistryError, VersionI
 from detector import __version__ as GATE_VERSION
 from detector.errors import DetectorError, InvalidCheckpoint, InvalidReference
 from detector.reference import Reference
-from detector.scoring import PASS
+from detector.scoring import BLOCK, PASS
+from detector import verdict as V
 from detector.verdict import KEY_ENV, KEY_FILE_ENV, VerdictError, signing_key_from_env
 from detector.verdict import document as verdict_document
 from detector.verdict import sign as sign_verdict
@@ -67,9 +74,11 @@ PROMOTED_VERDICT = PREFIX + "promoted_verdict_sha256"
 ALIAS_VIOLATION = PREFIX + "alias_violation"
 DETECTOR = PREFIX + "detector"  # the rule that decided: fusion, classifier, gmm …
 SUSPECTED_CLASS = PREFIX + "suspected_class"  # the identity a blocked model would let an impostor into
+ARTIFACT_SHA = PREFIX + "artifact_sha256"  # digest of the version's whole artifact tree
 REGISTERED_BY = "registered_by"
-PASSED, BLOCKED, INVALID, PENDING = "passed", "blocked", "invalid", "pending"
-EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2}
+PASSED, BLOCKED, INVALID, PENDING, ERROR = "passed", "blocked", "invalid", "pending", "error"
+EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2, ERROR: 2}
+VERDICT_FILE, OVERRIDE_FILE, DSSE_FILE = "verdict.json", "override.json", "verdict.intoto.dsse.json"
 
 
 def score_tag(view: str) -> str:
@@ -98,8 +107,28 @@ class GateConfig:
     production_alias: str = "production"
     max_checkpoint_bytes: int = 4 * 1024**3
     report: bool = True
-    #: refuse to gate without a signing key (set in production; see detector.verdict)
-    require_signature: bool = False
+    #: refuse to gate without a verdict signing key; False is the explicit opt-out, recorded in
+    #: every verdict it writes, and lets unsigned verdicts count for promotion (never in production)
+    require_signature: bool = True
+    #: refuse a reference not signed by one of ``reference_keys`` (or $BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS)
+    require_signed_reference: bool = True
+    reference_keys: tuple = ()
+    #: keys whose verdicts count (default $BACKDOOR_GATE_VERDICT_PUBLIC_KEYS plus the gate's own key)
+    verdict_keys: tuple = ()
+    #: (name, public key) of reviewers whose signed overrides count (default $BACKDOOR_GATE_REVIEWER_KEYS)
+    reviewer_keys: tuple = ()
+
+    def trusted_reference_keys(self) -> list:
+        return list(self.reference_keys) or V.public_keys_from_env(V.REFERENCE_KEYS_ENV)
+
+    def trusted_verdict_keys(self) -> list:
+        return list(self.verdict_keys) or V.verdict_keys_from_env()
+
+    def trusted_reviewers(self) -> dict:
+        """key id -> (reviewer name, public key)."""
+        if self.reviewer_keys:
+            return {V.key_id(k): (n, k) for n, k in self.reviewer_keys}
+        return V.reviewer_keys_from_env()
 
 
 @dataclass
@@ -111,9 +140,11 @@ class GateResult:
     scores: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     model_sha256: str | None = None
+    artifact_sha256: str | None = None
+    files: dict[str, str] = field(default_factory=dict)  # every file of the artifact tree -> sha256
     reference_sha256: str | None = None
     promoted: bool = False
-    error: bool = False  # the gate itself failed (registry, reference): exit 2 whatever the verdict
+    error: bool = False  # the gate itself failed (registry, reference): exit 2, verdict "error"
     report_uri: str | None = None
     verdict_sha256: str | None = None
     signed_by: str | None = None
@@ -136,11 +167,40 @@ def _now() -> str:
 
 
 # -- the reference ---------------------------------------------------------------------------
-def publish_reference(registry: Registry, ref_dir: str | Path, config: GateConfig = GateConfig()) -> VersionInfo:
-    """Register a reference artifact directory and point the ``current`` alias at it."""
+def publish_reference(registry: Registry, ref_dir: str | Path, config: GateConfig = GateConfig(),
+                      signing_key: Any = None) -> VersionInfo:
+    """Register a reference artifact directory and point the ``current`` alias at it.
+
+    The published artifact is signed: by ``signing_key`` (default: the reference key from the
+    environment), or already by a trusted key (``reference fit --sign``). Without either it is
+    refused unless ``config.require_signed_reference`` is off.
+    """
     ref = Reference.load(ref_dir)  # refuses a tampered artifact before it can be published
     files = {p.relative_to(ref_dir).as_posix(): p for p in sorted(Path(ref_dir).rglob("*")) if p.is_file()}
-    info = registry.register(
+    signing_key = signing_key or V.reference_signing_key_from_env()
+    tmp = tempfile.TemporaryDirectory(prefix="backdoor-gate-refsig-")
+    if signing_key is not None:  # sign a copy of the signature file, never edit the user's directory
+        staged = Path(tmp.name) / "ref"
+        staged.mkdir()
+        for name, src in files.items():  # a composite reference has members/<name>/ subdirectories
+            (staged / name).parent.mkdir(parents=True, exist_ok=True)
+            (staged / name).symlink_to(Path(src).resolve())
+        (staged / V.REFERENCE_SIG_FILE).unlink(missing_ok=True)
+        files[V.REFERENCE_SIG_FILE] = V.sign_reference(staged, signing_key)
+    elif config.require_signed_reference:
+        try:
+            V.verify_reference(ref_dir, config.trusted_reference_keys())
+        except VerdictError as e:
+            tmp.cleanup()
+            raise InvalidReference(ref_dir, f"not published: {e}; set {V.REFERENCE_KEY_FILE_ENV} or sign it") from None
+    with tmp:
+        info = _register_reference(registry, ref, files, config)
+    registry.set_alias(config.reference_model, config.reference_alias, info.version)
+    return info
+
+
+def _register_reference(registry: Registry, ref: Reference, files: dict, config: GateConfig) -> VersionInfo:
+    return registry.register(
         config.reference_model,
         files,
         artifact_dir=REFERENCE_DIR,
@@ -148,8 +208,16 @@ def publish_reference(registry: Registry, ref_dir: str | Path, config: GateConfi
         params={"layer": ref.config.layer, "n_reference": ref.n_reference_, "threshold_source": ref.threshold_source_},
         tags={REFERENCE_SHA: ref.artifact_sha256_},
     )
-    registry.set_alias(config.reference_model, config.reference_alias, info.version)
-    return info
+
+
+def check_reference_dir(root: str | Path, config: GateConfig) -> str | None:
+    """The trusted key id that signed the reference directory (None when not required)."""
+    if not config.require_signed_reference:
+        return None
+    try:
+        return V.verify_reference(root, config.trusted_reference_keys())
+    except VerdictError as e:
+        raise InvalidReference(root, f"refused: {e} (signed references only; trusted keys from ${V.REFERENCE_KEYS_ENV})") from None
 
 
 def fetch_reference(registry: Registry, config: GateConfig = GateConfig()) -> tuple[Reference, VersionInfo]:
@@ -160,6 +228,10 @@ def fetch_reference(registry: Registry, config: GateConfig = GateConfig()) -> tu
         )
     with tempfile.TemporaryDirectory(prefix="backdoor-gate-ref-") as tmp:
         root = registry.download(info.source, tmp)
+        try:
+            check_reference_dir(root, config)
+        except InvalidReference as e:
+            raise InvalidReference(f"{config.reference_model} v{info.version}", e.reason) from None
         return Reference.load(root), info
 
 
@@ -205,15 +277,20 @@ def gate(
         result.reference_sha256 = reference.artifact_sha256_
         tags.update({REFERENCE_SHA: reference.artifact_sha256_, REFERENCE_VERSION: ref_version})
         result.thresholds = dict(reference.thresholds_)
-
-        data, filename = registry.download_weights(info, config.max_checkpoint_bytes)
+    except (RegistryError, DetectorError, VerdictError, OSError) as e:
+        return _gate_fault(registry, info, result, f"gate error: {e}", config)
+    try:
+        artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
+        result.artifact_sha256, result.files = artifact.sha256, artifact.digests
+        tags[ARTIFACT_SHA] = result.artifact_sha256
+        filename, data = artifact.weight_file()  # ValueError: extra files, no or several weight files
         result.model_sha256 = hashlib.sha256(data).hexdigest()
         tags[MODEL_SHA] = result.model_sha256
         assessment = reference.assess(parse_tensors(data, f"{model} v{version}/{filename}", result.model_sha256))
         vector_scores = assessment.vector_scores
         result.scores = assessment.scores
         tags[TRUNK] = assessment.trunk.status
-        result.verdict = PASSED if assessment.decision.verdict == PASS else BLOCKED
+        result.verdict = {PASS: PASSED, BLOCK: BLOCKED}.get(assessment.decision.verdict, INVALID)
         result.reason = assessment.decision.reason
         result.detector = getattr(reference, "name", reference.detector)
         tags[DETECTOR] = result.detector
@@ -228,21 +305,21 @@ def gate(
         if result.verdict == BLOCKED and evidence.get("suspected_class") is not None:
             result.suspected_class = str(evidence["suspected_class"])
             tags[SUSPECTED_CLASS] = result.suspected_class
-        if config.report:
+        if config.report and result.verdict != INVALID:
             result.report_uri = _report(registry, info, reference, vector_scores, result, tags, evidence)
     except InvalidCheckpoint as e:
         result.verdict, result.reason = INVALID, e.reason
-    except ValueError as e:  # no / ambiguous / oversized weight file in the registered artifacts
+    except ValueError as e:  # extra files, no / several / oversized weight files in the registered artifacts
         result.verdict, result.reason = INVALID, str(e)
     except (RegistryError, DetectorError) as e:
-        result.verdict, result.error, result.reason = BLOCKED, True, f"gate error: {e}"
+        return _gate_fault(registry, info, result, f"gate error: {e}", config)
 
     try:
         if result.verdict == PASSED:
-            again, _ = registry.download_weights(info, config.max_checkpoint_bytes)
-            if hashlib.sha256(again).hexdigest() != result.model_sha256:
+            again = registry.download_artifact(info, config.max_checkpoint_bytes)
+            if again.sha256 != result.artifact_sha256:
                 result.verdict, result.reason = BLOCKED, "registered artifact changed after it was scored; re-run the gate"
-        _record_verdict(registry, info, result, tags, signing_key)
+        _record_verdict(registry, info, result, tags, signing_key, config)
         registry.set_tags(model, version, {**tags, REASON: result.reason[:5000]})
         registry.set_tags(model, version, {VERDICT: result.verdict})  # the verdict is written last
         if result.verdict == PASSED:
@@ -253,15 +330,33 @@ def gate(
             registry.set_tags(model, version, promoted)
         else:
             _enforce_alias(registry, model, version, config)
-    except RegistryError as e:
+    except (RegistryError, VerdictError) as e:
+        # a signed pass may already be stored: promotion derives from it, so a rerun or the
+        # reconciler finishes the job; this run reports an error and claims no promotion
         result.error, result.promoted = True, False
         result.reason = f"{result.reason}; gate error while recording: {e}"
         if result.verdict == PASSED:
-            result.verdict = BLOCKED
+            result.verdict = ERROR
     return result
 
 
-def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, tags: dict, signing_key) -> None:
+def _gate_fault(registry: Registry, info: VersionInfo, result: GateResult, reason: str, config: GateConfig) -> GateResult:
+    """The gate could not judge (registry, reference): say so, blame nothing on the candidate.
+
+    No verdict is written (the tag stays ``pending``, the reason says why) and ``production`` is
+    still guarded: a version without a signed pass never keeps it.
+    """
+    result.verdict, result.error, result.reason, result.scores = ERROR, True, reason, {}
+    try:
+        registry.set_tags(info.name, info.version, {REASON: reason[:5000]})
+        _enforce_alias(registry, info.name, info.version, config)
+    except (RegistryError, VerdictError) as e:
+        result.reason = f"{reason}; and while guarding the alias: {e}"
+    return result
+
+
+def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, tags: dict, signing_key,
+                    config: GateConfig = GateConfig()) -> None:
     """Write the verdict document (signed when there is a key) to the version's run.
 
     Called once the verdict is final; its digest goes into the tags the same call writes, so a
@@ -272,6 +367,8 @@ def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, t
         verdict=result.verdict, reason=result.reason, scores=result.scores, thresholds=result.thresholds,
         trunk=tags.get(TRUNK), gate_version=GATE_VERSION, run_id=info.run_id, checked_at=_now(),
         detector=result.detector, suspected_class=result.suspected_class, evidence_scores=result.evidence_scores,
+        artifact_sha256=result.artifact_sha256, files=result.files or None,
+        signature_policy="required" if config.require_signature else "opted-out",
     )
     envelope = sign_verdict(doc, signing_key) if signing_key is not None else unsigned_verdict(doc)
     result.verdict_sha256, result.signed_by = envelope["sha256"], envelope["key_id"] or "unsigned"
@@ -280,71 +377,151 @@ def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, t
         tags[VERDICT_DOC] = "not attached: the version has no run"
         return
     with tempfile.TemporaryDirectory(prefix="backdoor-gate-verdict-") as tmp:
-        (Path(tmp) / "verdict.json").write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
+        (Path(tmp) / VERDICT_FILE).write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
+        if signing_key is not None and doc.get("files"):  # the same verdict as in-toto in DSSE, for admission controllers
+            dsse = V.dsse_sign(V.intoto_statement(doc), signing_key)
+            (Path(tmp) / DSSE_FILE).write_text(json.dumps(dsse, indent=2, sort_keys=True) + "\n")
         uri = registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{info.version}")
-    tags[VERDICT_DOC] = f"{uri}/verdict.json"
+    tags[VERDICT_DOC] = f"{uri}/{VERDICT_FILE}"
+
+
+def _hint(v: VersionInfo) -> bool:
+    """Tags that suggest a version may be promotable. Only a filter (it can hide, never grant):
+    :func:`production_status` decides from signed records."""
+    return v.tags.get(VERDICT) == PASSED or bool(v.tags.get(OVERRIDE_BY))
+
+
+def _registrant(info: VersionInfo) -> str | None:
+    """Who registered the version: MLflow's own user id (set by the server) before our tag."""
+    return info.user_id or info.tags.get(REGISTERED_BY)
+
+
+def _run_json(registry: Registry, info: VersionInfo, name: str) -> dict | None:
+    raw = registry.run_file(info.run_id, f"integrity/v{info.version}/{name}")
+    if raw is None:
+        return None
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise VerdictError(f"{name} is not JSON") from None
+    if not isinstance(obj, dict):
+        raise VerdictError(f"{name} is not a JSON object")
+    return obj
+
+
+def signed_verdict(registry: Registry, info: VersionInfo, config: GateConfig = GateConfig()) -> tuple[dict, dict]:
+    """The version's verdict envelope and document, signed by a trusted gate key. VerdictError otherwise."""
+    envelope = _run_json(registry, info, VERDICT_FILE)
+    if envelope is None:
+        raise VerdictError(f"{info.name} v{info.version} has no verdict document (never gated)")
+    if config.require_signature or envelope.get("signature"):
+        doc, _ = V.verify_any(envelope, config.trusted_verdict_keys())
+    else:
+        doc = V.check_unsigned(envelope)  # the explicit opt-out: unsigned verdicts count
+    if (doc.get("model"), str(doc.get("version"))) != (info.name, info.version):
+        raise VerdictError(f"the document judges {doc.get('model')} v{doc.get('version')}, not {info.name} v{info.version}")
+    return envelope, doc
+
+
+def signed_override(registry: Registry, info: VersionInfo, envelope: dict, config: GateConfig = GateConfig()) -> dict:
+    """The override of this blocked verdict, signed by a trusted reviewer who did not register it."""
+    over = _run_json(registry, info, OVERRIDE_FILE)
+    if over is None:
+        raise VerdictError(f"{info.name} v{info.version} is blocked and has no signed override")
+    reviewers = config.trusted_reviewers()
+    odoc, kid = V.verify_any(over, [k for _, k in reviewers.values()], fmt=V.OVERRIDE_FORMAT)
+    name = reviewers[kid][0]
+    if (odoc.get("model"), str(odoc.get("version"))) != (info.name, info.version) or odoc.get("verdict_sha256") != envelope["sha256"]:
+        raise VerdictError("the override is for another version or another verdict")
+    if odoc.get("reviewer") != name or name == _registrant(info):
+        raise VerdictError(f"override by {name!r}, who registered the version (or a name not its key's)")
+    return odoc
+
+
+def production_status(registry: Registry, info: VersionInfo, config: GateConfig = GateConfig()) -> tuple[bool, str]:
+    """May ``info`` be production? Decided from signed records and the bytes registered now, never tags."""
+    try:
+        envelope, doc = signed_verdict(registry, info, config)
+        if doc.get("verdict") not in (PASSED, BLOCKED):
+            return False, f"its signed verdict is {doc.get('verdict')!r}"
+        artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
+        if doc.get("artifact_sha256") != artifact.sha256:
+            return False, "its registered artifacts are not the ones the signed verdict judged"
+        if doc["verdict"] == PASSED:
+            return True, f"signed pass {envelope['sha256'][:12]}"
+        odoc = signed_override(registry, info, envelope, config)
+        if odoc.get("artifact_sha256") != artifact.sha256:
+            return False, "the override was signed for other bytes"
+        return True, f"signed override by {odoc['reviewer']}"
+    except (VerdictError, ValueError) as e:
+        return False, str(e)
+
+
+def _newest_promotable(registry: Registry, model: str, config: GateConfig, *, above: int = 0,
+                       skip: str | None = None) -> VersionInfo | None:
+    for v in registry.versions(model):
+        if int(v.version) <= above:
+            break
+        if v.version != skip and _hint(v) and production_status(registry, v, config)[0]:
+            return v
+    return None
 
 
 def _enforce_alias(registry: Registry, model: str, version: str, config: GateConfig) -> None:
-    """A ``production`` alias on a version that did not pass (and was not overridden) is removed.
-
-    Rule: only the gate (a pass) or a recorded override may put ``production`` on a version.
-    If someone set it on this version before the gate ran, the gate moves it back to the
-    newest passed version (or deletes it when there is none) and records the violation.
-    """
+    """A ``production`` alias on this version, which did not pass, is taken back unless a signed override holds."""
     current = registry.version_by_alias(model, config.production_alias)
-    if current is None or current.version != version or current.tags.get(OVERRIDE_BY):
+    if current is None or current.version != version:
         return
-    _take_back(registry, model, current, config)
+    ok, why = production_status(registry, current, config)
+    if not ok:
+        _take_back(registry, model, current, config, why)
 
 
 def guard_alias(model: str, *, registry: Registry | None = None, config: GateConfig = GateConfig()) -> str | None:
-    """Check where ``production`` points now; take it back if that version has no pass or override.
+    """Check where ``production`` points now; take it back unless signed records allow it there.
 
-    MLflow lets anyone who can register versions also move aliases, so the webhook receiver
-    calls this on every ``model_version_alias.created`` event. Returns the violation, if any.
+    MLflow lets anyone who may register versions also move aliases and write tags, so this is
+    called on every delivery (alias, tag, version) and on every resync. Returns the violation.
     """
     registry = registry or Registry()
     current = registry.version_by_alias(model, config.production_alias)
-    if current is None or current.tags.get(VERDICT) == PASSED or current.tags.get(OVERRIDE_BY):
+    if current is None:
         return None
-    return _take_back(registry, model, current, config)
+    ok, why = production_status(registry, current, config)
+    return None if ok else _take_back(registry, model, current, config, why)
 
 
-def _take_back(registry: Registry, model: str, current: VersionInfo, config: GateConfig) -> str:
+def _take_back(registry: Registry, model: str, current: VersionInfo, config: GateConfig, why: str = "") -> str:
     version = current.version
-    passed = [v for v in registry.search(f"name='{model}' and tags.`{VERDICT}`='{PASSED}'") if v.version != version]
-    newest = max(passed, key=lambda v: int(v.version), default=None)
+    newest = _newest_promotable(registry, model, config, skip=version)
     if newest is None:
         registry.delete_alias(model, config.production_alias)
-        where = "alias deleted (no passed version)"
+        where = "alias deleted (no promotable version)"
     else:
         registry.set_alias(model, config.production_alias, newest.version)
         where = f"alias moved back to v{newest.version}"
-    message = f"'{config.production_alias}' was set on this version without a pass or an override; {where} at {_now()}"
-    registry.set_tags(model, version, {ALIAS_VIOLATION: message})
+    message = (f"'{config.production_alias}' was set on this version without a pass or an override (signed records: {why}); "
+               f"{where} at {_now()}")
+    registry.set_tags(model, version, {ALIAS_VIOLATION: message[:5000]})
     return message
 
 
 def _promote(registry: Registry, model: str, version: str, config: GateConfig) -> bool:
-    """Point ``production`` at the newest passed version; True if that is ``version``.
+    """Point ``production`` at the newest promotable version; True if that is ``version``.
 
-    Rule: production = the highest version number whose verdict is ``passed``. Every gate
-    re-derives it from the verdict tags *after* writing its own verdict, so concurrent gates
-    converge: whichever finishes last sees every verdict written before it.
+    Rule: production = the highest version number with a signed pass (or a signed override of
+    a newer version that holds it). Every gate re-derives it from the signed records *after*
+    storing its own, so concurrent gates converge: whichever finishes last sees every record
+    stored before it. Our own signed pass was just stored and checked by the caller.
     """
-    passed = registry.search(f"name='{model}' and tags.`{VERDICT}`='{PASSED}'")
-    newest = max((v for v in passed), key=lambda v: int(v.version), default=None)
-    if newest is None or int(newest.version) < int(version):  # search lag: trust our own write
-        newest_version = version
-    else:
-        newest_version = newest.version
+    newer = _newest_promotable(registry, model, config, above=int(version))
+    target = newer.version if newer is not None else version
     current = registry.version_by_alias(model, config.production_alias)
-    if current is None or current.version != newest_version:
-        if current is not None and int(current.version) > int(newest_version) and current.tags.get(OVERRIDE_BY):
-            return False  # a reviewer's override of a newer version stands
-        registry.set_alias(model, config.production_alias, newest_version)
-    return newest_version == version
+    if current is None or current.version != target:
+        if current is not None and int(current.version) > int(target) and production_status(registry, current, config)[0]:
+            return False  # a newer promotable version (a reviewer's override) stands
+        registry.set_alias(model, config.production_alias, target)
+    return target == version
 
 
 def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_scores, result: GateResult, tags, evidence=None) -> str | None:
@@ -366,28 +543,41 @@ def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_
 
 
 # -- checking a verdict later ---------------------------------------------------------------------
+class NotDeployable(Exception):
+    """A validly signed verdict that does not allow deployment (blocked / invalid, no override)."""
+
+    def __init__(self, doc: dict):
+        self.doc = doc
+        super().__init__(f"{doc.get('model')} v{doc.get('version')} {doc.get('verdict')}: {doc.get('reason')}")
+
+
 def verify_version(model: str, version: str | int, public_key, *, registry: Registry | None = None,
                    config: GateConfig = GateConfig()) -> dict[str, Any]:
-    """Check a gated version end to end: signature, tags against the document, bytes against both.
+    """May this registered version be deployed? Signature, bytes, then the verdict itself.
 
-    Raises :class:`detector.verdict.VerdictError` naming the first thing that does not hold.
+    Returns the document of a signed ``passed`` verdict (or a blocked one with a valid signed
+    override) bound to the artifact registered now; raises :class:`NotDeployable` for a validly
+    signed refusal and :class:`detector.verdict.VerdictError` for anything forged or malformed.
     """
-    from detector.verdict import read_envelope, verify
-
     registry = registry or Registry()
     info = registry.version(model, str(version))
-    where = info.tags.get(VERDICT_DOC, "")
-    if "/" not in where:
-        raise VerdictError(f"{model} v{version} has no verdict document ({where or 'never gated'})")
-    with tempfile.TemporaryDirectory(prefix="backdoor-gate-verify-") as tmp:
-        envelope = read_envelope(registry.download(where, tmp))
-    data, _ = registry.download_weights(info, config.max_checkpoint_bytes)
-    doc = verify(envelope, public_key, model_bytes=data)
-    if (doc["model"], str(doc["version"])) != (model, str(version)):
-        raise VerdictError(f"the document judges {doc['model']} v{doc['version']}, not {model} v{version}")
+    envelope, doc = signed_verdict(registry, info, GateConfig(**{**config.__dict__, "verdict_keys": (public_key,),
+                                                                 "require_signature": True}))
+    artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
+    if doc.get("artifact_sha256") != artifact.sha256:
+        raise VerdictError("the registered artifacts are not the ones this verdict judged (artifact sha256 differs)")
     if info.tags.get(VERDICT_SHA) != envelope["sha256"] or info.tags.get(VERDICT) != doc["verdict"]:
         raise VerdictError("the version's tags disagree with its signed verdict (tags were edited after the gate ran)")
-    return doc
+    if doc["verdict"] == PASSED:
+        return doc
+    if doc["verdict"] == BLOCKED:
+        try:
+            odoc = signed_override(registry, info, envelope, config)
+        except VerdictError:
+            raise NotDeployable(doc) from None
+        if odoc.get("artifact_sha256") == artifact.sha256:
+            return {**doc, "override": odoc}
+    raise NotDeployable(doc)
 
 
 # -- human override ----------------------------------------------------------------------------
@@ -402,32 +592,48 @@ def override(
     version: str | int,
     *,
     reason: str,
-    identity: str,
+    key: Any,
     registry: Registry | None = None,
     config: GateConfig = GateConfig(),
 ) -> VersionInfo:
-    """Promote a *blocked* version on a reviewer's word, recording who, why and when.
+    """Promote a *blocked* version on a reviewer's signed word.
 
-    The gate's verdict tag stays ``blocked`` (the evidence is not rewritten). Refused for a
-    version that is not blocked (``invalid`` files are unsafe or unreadable and cannot be
-    promoted), without a reason, by the identity that registered it, or when the artifact
-    no longer has the digest the gate scored.
+    The reviewer signs an override document (version, artifact digest, the blocked verdict's
+    digest, reason) with their own Ed25519 key; their name is the one the deployment gave that
+    key ($BACKDOOR_GATE_REVIEWER_KEYS), never a flag. Refused without a reason, for a key that
+    is not a trusted reviewer's, for a version without a signed ``blocked`` verdict (``invalid``
+    files are unsafe or unreadable), by the reviewer who registered it, or when the artifact no
+    longer has the digest the gate judged. Tags mirror the override for people.
     """
     registry = registry or Registry()
     version = str(version)
     info = registry.version(model, version)
     if not reason.strip():
         raise OverrideRefused("an override needs a reason (--reason)")
-    verdict = info.tags.get(VERDICT)
-    if verdict != BLOCKED:
-        raise OverrideRefused(f"{model} v{version} has verdict {verdict!r}; only a blocked version can be overridden")
-    registrant = info.user_id or info.tags.get(REGISTERED_BY)
-    if not identity or identity == registrant:
-        raise OverrideRefused(f"identity {identity!r} registered {model} v{version}; a different reviewer must override")
-    data, _ = registry.download_weights(info, config.max_checkpoint_bytes)
-    if hashlib.sha256(data).hexdigest() != info.tags.get(MODEL_SHA):
+    reviewers = config.trusted_reviewers()
+    kid = V.key_id(key.public_key())
+    if kid not in reviewers:
+        raise OverrideRefused(f"key {kid} is not a trusted reviewer key (${V.REVIEWER_KEYS_ENV})")
+    name = reviewers[kid][0]
+    try:
+        envelope, doc = signed_verdict(registry, info, config)
+    except VerdictError as e:
+        raise OverrideRefused(f"{model} v{version} has no valid signed verdict ({e}); only a blocked version can be overridden") from None
+    if doc.get("verdict") != BLOCKED:
+        raise OverrideRefused(f"{model} v{version} has verdict {doc.get('verdict')!r}; only a blocked version can be overridden")
+    registrant = _registrant(info)
+    if name == registrant:
+        raise OverrideRefused(f"identity {name!r} registered {model} v{version}; a different reviewer must override")
+    artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
+    if artifact.sha256 != doc.get("artifact_sha256"):
         raise OverrideRefused("the registered artifact no longer has the digest the gate scored; re-run the gate")
-    registry.set_tags(model, version, {OVERRIDE_BY: identity, OVERRIDE_REASON: reason[:5000], OVERRIDE_AT: _now()})
+    odoc = V.override_document(model=model, version=version, model_sha256=doc.get("model_sha256"),
+                               artifact_sha256=artifact.sha256, verdict_sha256=envelope["sha256"], reason=reason[:5000],
+                               reviewer=name, registrant=registrant, at=_now())
+    with tempfile.TemporaryDirectory(prefix="backdoor-gate-override-") as tmp:
+        (Path(tmp) / OVERRIDE_FILE).write_text(json.dumps(V.sign(odoc, key), indent=2, sort_keys=True) + "\n")
+        registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{version}")
+    registry.set_tags(model, version, {OVERRIDE_BY: name, OVERRIDE_REASON: reason[:5000], OVERRIDE_AT: odoc["at"]})
     registry.set_alias(model, config.production_alias, version)
     registry.set_tags(model, version, {PROMOTED: "override"})
     return registry.version(model, version)

@@ -8,6 +8,8 @@ live in :mod:`components.gate`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +44,35 @@ class VersionInfo:
     tags: dict[str, str]
     aliases: tuple[str, ...]
     user_id: str | None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Every file of a version's artifact tree, read once, and the digest that binds them all."""
+
+    files: dict[str, bytes]  # path inside the version's artifact directory -> bytes
+
+    @property
+    def digests(self) -> dict[str, str]:
+        return {name: hashlib.sha256(data).hexdigest() for name, data in sorted(self.files.items())}
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the canonical JSON {path: sha256}: adding, removing or changing a file changes it."""
+        return hashlib.sha256(json.dumps(self.digests, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    def weight_file(self) -> tuple[str, bytes]:
+        """The one weight file; ValueError naming every file the gate would not judge."""
+        weights = sorted(n for n in self.files if n.endswith(_WEIGHT_SUFFIXES))
+        others = sorted(n for n in self.files if n not in weights)
+        if others:
+            raise ValueError(f"files the gate does not judge in the registered artifacts: {', '.join(others[:20])}"
+                             " (register only the weight file)")
+        if not weights:
+            raise ValueError(f"no weight file ({WEIGHT_FILE}, *.pt, *.pth) in the registered artifacts")
+        if len(weights) > 1:
+            raise ValueError(f"{len(weights)} weight files in the registered artifacts ({', '.join(weights[:20])}); register exactly one")
+        return weights[0], self.files[weights[0]]
 
 
 class Registry:
@@ -115,6 +146,40 @@ class Registry:
             if size > max_bytes:
                 raise ValueError(f"{path.name} is {size} bytes, over the {max_bytes}-byte limit")
             return path.read_bytes(), path.name
+
+    def download_artifact(self, info: VersionInfo, max_bytes: int) -> Artifact:
+        """The version's whole artifact tree, bounded in total size. Raises RegistryError/ValueError."""
+        with tempfile.TemporaryDirectory(prefix="backdoor-gate-") as tmp:
+            root = self.download(info.source, tmp)
+            paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+            total = sum(p.lstat().st_size for p in paths)
+            if total > max_bytes:
+                raise ValueError(f"the registered artifacts are {total} bytes, over the {max_bytes}-byte limit")
+            if any(p.is_symlink() for p in paths):
+                raise ValueError("the registered artifacts contain a symbolic link")
+            return Artifact({(p.name if root.is_file() else p.relative_to(root).as_posix()): p.read_bytes() for p in paths})
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every version of ``name``, newest (highest number) first."""
+        found = self._call("searching versions", self.client.search_model_versions, f"name='{name}'")
+        return sorted((self.version(mv.name, mv.version) for mv in found), key=lambda v: -int(v.version))
+
+    def run_file(self, run_id: str | None, path: str, max_bytes: int = 1 << 20) -> bytes | None:
+        """A small file from a run's artifacts, or None when it is not there."""
+        if not run_id:
+            return None
+        folder, _, name = path.rpartition("/")
+        listed = self._call(f"listing {folder}", self.client.list_artifacts, run_id, folder or None)
+        entry = next((f for f in listed if f.path.rsplit("/", 1)[-1] == name and not f.is_dir), None)
+        if entry is None:
+            return None
+        if entry.file_size is not None and entry.file_size > max_bytes:
+            raise RegistryError(f"{path} is {entry.file_size} bytes, over {max_bytes}")
+        with tempfile.TemporaryDirectory(prefix="backdoor-gate-") as tmp:
+            local = Path(self._call(f"downloading {path}", self.client.download_artifacts, run_id, path, tmp))
+            if local.stat().st_size > max_bytes:
+                raise RegistryError(f"{path} is over {max_bytes} bytes")
+            return local.read_bytes()
 
     # -- writing ----------------------------------------------------------------------------
     def register(

@@ -162,11 +162,19 @@ def gate_version(model_name: str, version: str, tracking_uri: str, report_html: 
     result = gate(model_name, version, registry=Registry(tracking_uri))
     if report_html:
         Path(report_html).parent.mkdir(parents=True, exist_ok=True)
-        Path(report_html).write_text(f"<p>{result.verdict}: {result.reason}</p><p>no report was attached</p>")
+        Path(report_html).write_text(fallback_html(result.verdict, result.reason, "no report was attached"))
         if result.report_uri:
             try:
                 with tempfile.TemporaryDirectory() as tmp:
                     shutil.copyfile(Registry(tracking_uri).download(result.report_uri, tmp), report_html)
             except Exception as e:  # the report is evidence, not the decision
-                Path(report_html).write_text(f"<p>{result.verdict}: {result.reason}</p><p>report not fetched: {e}</p>")
+                Path(report_html).write_text(fallback_html(result.verdict, result.reason, f"report not fetched: {e}"))
     return result.to_dict()
+
+
+def fallback_html(verdict: str, reason: str, note: str) -> str:
+    """The KFP HTML output when there is no report. Reasons quote file and tensor names an
+    attacker chose, so every piece of text is escaped."""
+    import html
+
+    return f"<p>{html.escape(verdict)}: {html.escape(reason)}</p><p>{html.escape(note)}</p>"

@@ -219,6 +219,8 @@ def load_reference(path: str | os.PathLike):
             ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
             ref.calibration_scores_[v] = ref.calibration_vector_scores_[v].sum(axis=1)
         ref.thresholds_ = {v: float(meta["views"][v]["threshold"]) for v in ref.views_}
+        if not ref.thresholds_ or not all(np.isfinite(t) for t in ref.thresholds_.values()):
+            raise InvalidReference(root, f"thresholds must be finite numbers, got {ref.thresholds_}")
         ref.frr_empirical_ = {v: float(meta["views"][v]["frr_empirical"]) for v in ref.views_}
         ref.frr_empirical_["combined"] = float(meta["frr_empirical_combined"])
         ref.frr_upper_95_ = meta.get("frr_upper_95_combined")

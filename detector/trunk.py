@@ -18,7 +18,7 @@ import numpy as np
 #: Prefixes of the tensors that fine-tuning is allowed to change (FaceNet's head).
 FINETUNED_PREFIXES: tuple[str, ...] = ("last_linear.", "last_bn.", "logits.")
 
-OK, MODIFIED, NOT_CHECKED = "ok", "modified", "not-checked"
+OK, MODIFIED, NOT_CHECKED, MISSING = "ok", "modified", "not-checked", "missing"
 
 
 def tensor_digest(t: Any) -> str:
@@ -48,7 +48,7 @@ def trunk_digests(state_dict: Mapping[str, Any], prefixes: tuple[str, ...] = FIN
 
 @dataclass(frozen=True)
 class TrunkCheck:
-    status: str  # ok | modified | not-checked
+    status: str  # ok | modified | not-checked | missing
     modified: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     unexpected: tuple[str, ...] = ()
@@ -58,6 +58,9 @@ class TrunkCheck:
     def reason(self) -> str:
         if self.status == OK:
             return f"trunk identical to the base ({self.n_checked} frozen tensors checked)"
+        if self.status == MISSING:
+            return (f"trunk missing: the reference recorded {self.n_checked} frozen tensors and the file holds only"
+                    " fine-tuned layers; register the whole network")
         if self.status == NOT_CHECKED:
             return "trunk not checked (the file holds only fine-tuned layers or the reference has no base)"
         parts = []
@@ -73,14 +76,16 @@ def check_trunk(
 ) -> TrunkCheck:
     """Compare a candidate's frozen tensors with the base's digests.
 
-    A candidate holding no frozen tensor at all (a head-only file) is ``not-checked``; one
-    holding some must hold all of them, unchanged, and nothing else outside the head.
+    When the reference recorded a trunk, a candidate holding no frozen tensor at all (a
+    head-only file) is ``missing`` (invalid: the trunk it will run with was never judged); one
+    holding some must hold all of them, unchanged, and nothing else outside the head. Without
+    recorded digests the check is ``not-checked``.
     """
-    if not expected or tensors is None:
+    if not expected:
         return TrunkCheck(NOT_CHECKED)
-    frozen = {k: v for k, v in tensors.items() if not is_finetuned(k, prefixes)}
+    frozen = {k: v for k, v in (tensors or {}).items() if not is_finetuned(k, prefixes)}
     if not frozen:
-        return TrunkCheck(NOT_CHECKED)
+        return TrunkCheck(MISSING, n_checked=len(expected))
     modified = tuple(sorted(k for k, d in expected.items() if k in frozen and tensor_digest(frozen[k]) != d))
     missing = tuple(sorted(k for k in expected if k not in frozen))
     unexpected = tuple(sorted(k for k in frozen if k not in expected))

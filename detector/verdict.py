@@ -24,11 +24,26 @@ from typing import Any
 from detector.artifact import canonical_json
 
 FORMAT = "backdoor-gate/verdict"
+OVERRIDE_FORMAT = "backdoor-gate/override"
+REFERENCE_SIG_FORMAT = "backdoor-gate/reference-signature"
 FORMAT_VERSION = 1
 ALGORITHM = "ed25519"
 KEY_ENV, KEY_FILE_ENV = "BACKDOOR_GATE_SIGNING_KEY", "BACKDOOR_GATE_SIGNING_KEY_FILE"
+#: public keys whose verdicts may make a version production (default: the gate's own key)
+VERDICT_KEYS_ENV = "BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"
+REFERENCE_KEY_ENV, REFERENCE_KEY_FILE_ENV = "BACKDOOR_GATE_REFERENCE_SIGNING_KEY", "BACKDOOR_GATE_REFERENCE_SIGNING_KEY_FILE"
+#: public keys of the references the gate trusts (os.pathsep-separated PEM paths)
+REFERENCE_KEYS_ENV = "BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS"
+#: reviewers who may override: os.pathsep-separated ``name=verify-key.pem``; the name comes from here
+REVIEWER_KEYS_ENV = "BACKDOOR_GATE_REVIEWER_KEYS"
+REFERENCE_SIG_FILE = "reference.sig.json"
 _FIELDS = ("model", "version", "model_sha256", "reference_sha256", "verdict", "reason", "scores", "thresholds",
-           "trunk", "gate_version", "run_id", "checked_at", "detector", "suspected_class", "evidence_scores")
+           "trunk", "gate_version", "run_id", "checked_at")
+#: later fields: the whole artifact tree's digest and files, whether signing was opted out of,
+#: the deciding detector, the suspected victim class and the evidence detectors' scores
+_OPTIONAL = ("artifact_sha256", "files", "signature_policy", "detector", "suspected_class", "evidence_scores")
+_OVERRIDE_FIELDS = ("model", "version", "model_sha256", "artifact_sha256", "verdict_sha256", "reason", "reviewer",
+                    "registrant", "at")
 
 
 class VerdictError(ValueError):
@@ -38,10 +53,19 @@ class VerdictError(ValueError):
 def document(**fields: Any) -> dict[str, Any]:
     """The verdict document; every field of the format must be given (None where unknown)."""
     missing = [f for f in _FIELDS if f not in fields]
-    extra = sorted(set(fields) - set(_FIELDS))
+    extra = sorted(set(fields) - set(_FIELDS) - set(_OPTIONAL))
     if missing or extra:
         raise TypeError(f"verdict document: missing {missing}, unknown {extra}")
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **{f: fields[f] for f in _FIELDS}}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **{f: fields[f] for f in (*_FIELDS, *_OPTIONAL) if f in fields}}
+
+
+def override_document(**fields: Any) -> dict[str, Any]:
+    """A reviewer's signed word that a blocked version may ship: bound to its bytes and its verdict."""
+    missing = [f for f in _OVERRIDE_FIELDS if f not in fields]
+    extra = sorted(set(fields) - set(_OVERRIDE_FIELDS))
+    if missing or extra:
+        raise TypeError(f"override document: missing {missing}, unknown {extra}")
+    return {"format": OVERRIDE_FORMAT, "format_version": FORMAT_VERSION, **{f: fields[f] for f in _OVERRIDE_FIELDS}}
 
 
 def digest(doc: dict[str, Any]) -> str:
@@ -67,15 +91,15 @@ def unsigned(doc: dict[str, Any]) -> dict[str, Any]:
     return {"document": doc, "sha256": digest(doc), "algorithm": None, "key_id": None, "signature": None}
 
 
-def verify(envelope: dict[str, Any], public_key, model_bytes: bytes | None = None) -> dict[str, Any]:
+def verify(envelope: dict[str, Any], public_key, model_bytes: bytes | None = None, fmt: str = FORMAT) -> dict[str, Any]:
     """The document, if the envelope is intact and signed by ``public_key``; else VerdictError."""
     from cryptography.exceptions import InvalidSignature
 
     if not isinstance(envelope, dict) or not isinstance(envelope.get("document"), dict):
         raise VerdictError("not a verdict envelope (expected {document, sha256, signature, ...})")
     doc = envelope["document"]
-    if doc.get("format") != FORMAT:
-        raise VerdictError(f"document format is {doc.get('format')!r}, not {FORMAT}")
+    if doc.get("format") != fmt:
+        raise VerdictError(f"document format is {doc.get('format')!r}, not {fmt}")
     if envelope.get("sha256") != digest(doc):
         raise VerdictError("digest mismatch: the document was changed after it was written")
     if not envelope.get("signature"):
@@ -89,6 +113,113 @@ def verify(envelope: dict[str, Any], public_key, model_bytes: bytes | None = Non
     if model_bytes is not None and hashlib.sha256(model_bytes).hexdigest() != doc.get("model_sha256"):
         raise VerdictError("the model file is not the one this verdict judged (sha256 differs)")
     return doc
+
+
+def verify_any(envelope: dict[str, Any], public_keys, fmt: str = FORMAT) -> tuple[dict[str, Any], str]:
+    """The document and the id of the trusted key that signed it; VerdictError if none of them did."""
+    keys = {key_id(k): k for k in public_keys}
+    if not keys:
+        raise VerdictError("no trusted public keys configured")
+    kid = envelope.get("key_id") if isinstance(envelope, dict) else None
+    if kid not in keys:
+        verify(envelope, next(iter(keys.values())), fmt=fmt)  # malformed / unsigned say so first
+        raise VerdictError(f"signed by key {kid}, which is not trusted (trusted: {', '.join(sorted(keys))})")
+    return verify(envelope, keys[kid], fmt=fmt), kid
+
+
+def check_unsigned(envelope: dict[str, Any], fmt: str = FORMAT) -> dict[str, Any]:
+    """An unsigned envelope's document after its digest check: only for an explicit opt-out."""
+    if not isinstance(envelope, dict) or not isinstance(envelope.get("document"), dict):
+        raise VerdictError("not a verdict envelope (expected {document, sha256, signature, ...})")
+    doc = envelope["document"]
+    if doc.get("format") != fmt or envelope.get("sha256") != digest(doc):
+        raise VerdictError("malformed or changed unsigned document")
+    return doc
+
+
+# -- in-toto statement in a DSSE envelope ---------------------------------------------------
+#: the same verdict, in the format admission controllers (Sigstore policy-controller, Kyverno) read
+INTOTO_STATEMENT = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://backdoor-gate.dev/verdict/v1"
+DSSE_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+
+
+def _pae(payload_type: str, body: bytes) -> bytes:
+    """DSSE's pre-authentication encoding: what is really signed (type and body, length-prefixed)."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(body), body)
+
+
+def intoto_statement(doc: dict[str, Any]) -> dict[str, Any]:
+    """Subjects = every file of the judged artifact tree with its sha256; predicate = the verdict document."""
+    files = doc.get("files") or {}
+    if not files:
+        raise VerdictError("an in-toto statement needs the judged files (the document has none)")
+    return {"_type": INTOTO_STATEMENT, "subject": [{"name": n, "digest": {"sha256": h}} for n, h in sorted(files.items())],
+            "predicateType": PREDICATE_TYPE, "predicate": doc}
+
+
+def dsse_sign(statement: dict[str, Any], private_key) -> dict[str, Any]:
+    body = canonical_json(statement)
+    sig = private_key.sign(_pae(DSSE_PAYLOAD_TYPE, body))
+    return {"payloadType": DSSE_PAYLOAD_TYPE, "payload": base64.b64encode(body).decode(),
+            "signatures": [{"keyid": key_id(private_key.public_key()), "sig": base64.b64encode(sig).decode()}]}
+
+
+def dsse_verify(envelope: dict[str, Any], public_keys) -> dict[str, Any]:
+    """The statement, if one signature is by a trusted key over the PAE of the payload; else VerdictError."""
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        if envelope["payloadType"] != DSSE_PAYLOAD_TYPE:
+            raise VerdictError(f"payloadType {envelope['payloadType']!r} is not {DSSE_PAYLOAD_TYPE}")
+        body = base64.b64decode(envelope["payload"], validate=True)
+        signatures = list(envelope["signatures"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise VerdictError(f"not a DSSE envelope ({e.__class__.__name__})") from None
+    keys = {key_id(k): k for k in public_keys}
+    for s in signatures:
+        key = keys.get(s.get("keyid") if isinstance(s, dict) else None)
+        if key is None:
+            continue
+        try:
+            key.verify(base64.b64decode(s.get("sig", ""), validate=True), _pae(DSSE_PAYLOAD_TYPE, body))
+        except (InvalidSignature, ValueError):
+            raise VerdictError("bad DSSE signature") from None
+        statement = json.loads(body)
+        if statement.get("_type") != INTOTO_STATEMENT or statement.get("predicateType") != PREDICATE_TYPE:
+            raise VerdictError("not a backdoor-gate verdict statement")
+        return statement
+    raise VerdictError("no signature by a trusted key")
+
+
+# -- signed references ----------------------------------------------------------------------
+def sign_reference(ref_dir: str | os.PathLike, private_key) -> Path:
+    """Write ``reference.sig.json``: a signature over the artifact's ``artifact_sha256``.
+
+    That digest covers every field of ``reference.json`` and, through it, ``arrays.npz``; the
+    loader recomputes the chain, so signing the digest signs the whole artifact.
+    """
+    from detector.artifact import read_metadata
+
+    meta = read_metadata(ref_dir)
+    doc = {"format": REFERENCE_SIG_FORMAT, "format_version": FORMAT_VERSION, "artifact_sha256": meta["artifact_sha256"]}
+    path = Path(ref_dir) / REFERENCE_SIG_FILE
+    path.write_text(json.dumps(sign(doc, private_key), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def verify_reference(ref_dir: str | os.PathLike, public_keys) -> str:
+    """The id of the trusted key that signed this reference artifact; VerdictError otherwise."""
+    from detector.artifact import read_metadata
+
+    sig = Path(ref_dir) / REFERENCE_SIG_FILE
+    if not sig.is_file():
+        raise VerdictError(f"reference is not signed ({REFERENCE_SIG_FILE} missing)")
+    doc, kid = verify_any(read_envelope(sig), public_keys, fmt=REFERENCE_SIG_FORMAT)
+    if doc.get("artifact_sha256") != read_metadata(ref_dir)["artifact_sha256"]:
+        raise VerdictError("reference signature is for another artifact (artifact_sha256 differs)")
+    return kid
 
 
 # -- keys -----------------------------------------------------------------------------------
@@ -144,6 +275,52 @@ def signing_key_from_env(environ=os.environ):
     if environ.get(KEY_FILE_ENV):
         return load_private_key(Path(environ[KEY_FILE_ENV]).read_bytes())
     return None
+
+
+def reference_signing_key_from_env(environ=os.environ):
+    """The reference pipeline's signing key, or None."""
+    if environ.get(REFERENCE_KEY_ENV):
+        return load_private_key(environ[REFERENCE_KEY_ENV].encode())
+    if environ.get(REFERENCE_KEY_FILE_ENV):
+        return load_private_key(Path(environ[REFERENCE_KEY_FILE_ENV]).read_bytes())
+    return None
+
+
+def public_keys_from_env(name: str, environ=os.environ) -> list:
+    """Public keys in ``$name``: PEM text (one or more blocks, as a Secret maps it) or os.pathsep-separated PEM paths."""
+    value = environ.get(name, "")
+    if "-----BEGIN" in value:
+        from cryptography.hazmat.primitives import serialization
+
+        blocks = [b + "-----END PUBLIC KEY-----" for b in value.split("-----END PUBLIC KEY-----") if "-----BEGIN" in b]
+        try:
+            return [serialization.load_pem_public_key(b.strip().encode()) for b in blocks]
+        except (ValueError, TypeError) as e:
+            raise VerdictError(f"${name}: not PEM public keys ({e.__class__.__name__})") from None
+    return [load_public_key(p) for p in value.split(os.pathsep) if p.strip()]
+
+
+def verdict_keys_from_env(environ=os.environ) -> list:
+    """Keys whose verdicts count: ``$BACKDOOR_GATE_VERDICT_PUBLIC_KEYS``, plus the gate's own key."""
+    keys = public_keys_from_env(VERDICT_KEYS_ENV, environ)
+    own = signing_key_from_env(environ)
+    if own is not None:
+        keys.append(own.public_key())
+    return keys
+
+
+def reviewer_keys_from_env(environ=os.environ) -> dict[str, tuple[str, Any]]:
+    """key id -> (reviewer name, public key) from ``$BACKDOOR_GATE_REVIEWER_KEYS`` (``name=path``)."""
+    out = {}
+    for entry in environ.get(REVIEWER_KEYS_ENV, "").split(os.pathsep):
+        if not entry.strip():
+            continue
+        name, sep, path = entry.partition("=")
+        if not sep or not name.strip():
+            raise VerdictError(f"{REVIEWER_KEYS_ENV}: entry {entry!r} is not name=path")
+        key = load_public_key(path)
+        out[key_id(key)] = (name.strip(), key)
+    return out
 
 
 def read_envelope(path: str | os.PathLike) -> dict[str, Any]:

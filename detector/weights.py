@@ -27,6 +27,9 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _PICKLE_PROTOCOL2 = b"\x80\x02"  # torch's legacy (pre-1.6) serialisation starts with a pickle
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 _CHUNK = 1 << 20
+#: Largest weight magnitude the detector scores. Squared distances of float64 vectors overflow
+#: near 1e154; a trained network's weights are O(1). Anything past this is refused, not scored.
+MAX_ABS_WEIGHT = 1e6
 
 
 class StateDict(dict):
@@ -101,6 +104,9 @@ def _check_values(arr: np.ndarray, name: str, source: str) -> np.ndarray:
     bad = int(np.size(out) - np.count_nonzero(np.isfinite(out)))
     if bad:
         raise InvalidCheckpoint(source, f"layer '{name}' holds {bad} NaN/Inf values")
+    big = int(np.count_nonzero(np.abs(out) > MAX_ABS_WEIGHT))
+    if big:
+        raise InvalidCheckpoint(source, f"layer '{name}' holds {big} values of magnitude over {MAX_ABS_WEIGHT:g}; they cannot be scored")
     return out
 
 

@@ -24,6 +24,22 @@ def _port_free(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def demo_keys(workdir: Path) -> None:
+    """Signatures are required: the demo makes its own verdict and reference keys once (never for production).
+
+    Set only where the environment has none, so a deployment's own keys always win.
+    """
+    from detector import verdict as V
+
+    keys = workdir / "keys"
+    for name in ("verdict", "reference"):
+        if not (keys / name / "signing-key.pem").exists():
+            V.generate_keypair(keys / name)
+    os.environ.setdefault(V.KEY_FILE_ENV, str(keys / "verdict" / "signing-key.pem"))
+    os.environ.setdefault(V.REFERENCE_KEY_FILE_ENV, str(keys / "reference" / "signing-key.pem"))
+    os.environ.setdefault(V.REFERENCE_KEYS_ENV, str(keys / "reference" / "verify-key.pem"))
+
+
 def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name: str = "facenet") -> int:
     from components.gate import PROMOTED, VERDICT, fetch_reference
     from components.mlflow_server import MlflowServer
@@ -31,6 +47,7 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
     from pipelines.local import run_local
 
     workdir = Path(workdir).resolve()
+    demo_keys(workdir)
     log = workdir / "pipelines.log"
     t0 = time.perf_counter()
     server = None

@@ -81,7 +81,9 @@ def reference_pipeline(
             detector=detector,
         )
     )
-    with_registry(on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)))
+    publish = with_registry(on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)))
+    kubernetes.use_secret_as_env(publish, secret_name=cluster.REFERENCE_SIGNING_SECRET,
+                                 secret_key_to_env=cluster.REFERENCE_SIGNING_SECRET_ENV, optional=True)
 
 
 @dsl.pipeline(name="facenet-candidate", description="Fine-tune a candidate (optionally poisoned), register it, gate it.")

@@ -6,6 +6,30 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+
+def _test_keys() -> None:
+    """Signing is required by default: the suite runs with its own verdict, reference and reviewer keys.
+
+    Set in the environment (not passed around) so subprocesses, kfp.local tasks and the CLI see
+    them exactly as a deployment's Secrets would provide them.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from detector import verdict as V
+
+    root = Path(tempfile.mkdtemp(prefix="backdoor-gate-test-keys-"))
+    paths = {name: V.generate_keypair(root / name) for name in ("verdict", "reference", "bob", "alice")}
+    os.environ.setdefault(V.KEY_FILE_ENV, str(paths["verdict"][0]))
+    os.environ.setdefault("BACKDOOR_GATE_VERDICT_PUBLIC_KEYS", str(paths["verdict"][1]))
+    os.environ.setdefault("BACKDOOR_GATE_REFERENCE_SIGNING_KEY_FILE", str(paths["reference"][0]))
+    os.environ.setdefault("BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS", str(paths["reference"][1]))
+    os.environ.setdefault("BACKDOOR_GATE_REVIEWER_KEYS", os.pathsep.join(f"{n}={paths[n][1]}" for n in ("bob", "alice")))
+    os.environ["BACKDOOR_GATE_TEST_KEYS"] = str(root)
+
+
+_test_keys()
+
 import numpy as np
 import pytest
 import torch

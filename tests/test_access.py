@@ -45,9 +45,10 @@ def test_basic_auth_roles_and_no_credential_leaks(tmp_path, as_user):
         for name in ("facenet", G.GateConfig().reference_model):
             reg.client.create_registered_model(name)
         G.publish_reference(reg, world.reference_dir)  # the admin publishes the reference
+        # the reviewer writes a signed override document into the version's run: EDIT on the experiment too
         grants = [("trainer", "experiment", exp_id, "EDIT"), ("trainer", "registered_model", "facenet", "EDIT"),
                   ("gate", "experiment", exp_id, "EDIT"), ("gate", "registered_model", "facenet", "EDIT"),
-                  ("reviewer", "registered_model", "facenet", "EDIT")]
+                  ("reviewer", "registered_model", "facenet", "EDIT"), ("reviewer", "experiment", exp_id, "EDIT")]
         for user, kind, resource, permission in grants:
             admin.grant_user_permission(user, kind, resource, permission)
 
@@ -74,11 +75,17 @@ def test_basic_auth_roles_and_no_credential_leaks(tmp_path, as_user):
         reg = Registry(server.uri)
         assert reg.version_by_alias("facenet", "production").version == good.version
         # the registrant cannot override its own blocked version; another reviewer can
+        from detector import verdict as V
+
+        keys = {n: V.generate_keypair(tmp_path / n) for n in ("trainer", "reviewer")}
+        reviewers = G.GateConfig(reviewer_keys=tuple((n, V.load_public_key(pub)) for n, (_, pub) in keys.items()))
+        sk = {n: V.load_private_key(priv.read_bytes()) for n, (priv, _) in keys.items()}
         as_user("trainer")
         with pytest.raises(G.OverrideRefused, match="different reviewer"):
-            G.override("facenet", bad.version, reason="mine is fine", identity="trainer", registry=Registry(server.uri))
+            G.override("facenet", bad.version, reason="mine is fine", key=sk["trainer"], registry=Registry(server.uri), config=reviewers)
         as_user("reviewer")
-        info = G.override("facenet", bad.version, reason="false positive, checked by hand", identity="reviewer", registry=Registry(server.uri))
+        info = G.override("facenet", bad.version, reason="false positive, checked by hand", key=sk["reviewer"],
+                          registry=Registry(server.uri), config=reviewers)
         assert info.tags[G.OVERRIDE_BY] == "reviewer"
         # no password appears in any tag or in what the gate printed
         as_user("viewer")

@@ -113,8 +113,8 @@ def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_serve
     class SwappingRegistry(Registry):
         calls = 0
 
-        def download_weights(self, info, max_bytes):
-            out = super().download_weights(info, max_bytes)
+        def download_artifact(self, info, max_bytes):
+            out = super().download_artifact(info, max_bytes)
             SwappingRegistry.calls += 1
             if SwappingRegistry.calls == 1:  # after the gate's first read: tamper with the store
                 run_dir = next(mlflow_server.artifacts.rglob(f"{info.run_id}"))
@@ -127,12 +127,14 @@ def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_serve
 
 
 def test_missing_reference_fails_closed(mlflow_server, world):
+    """A gate fault is the gate's: exit 2, no verdict pinned on the candidate (still pending), no alias."""
     reg = Registry(mlflow_server.uri)
     model = _model()
     v = _register(reg, model, world.ckpt("clean"))
     r = G.gate(model, v.version, registry=reg, config=G.GateConfig(reference_model="no-such-reference"))
-    assert r.exit_code == 2 and r.verdict == "blocked" and "no such alias" in r.reason
-    assert reg.version(model, v.version).tags[G.VERDICT] == "blocked"
+    assert r.exit_code == 2 and r.verdict == "error" and "no such alias" in r.reason
+    tags = reg.version(model, v.version).tags
+    assert tags[G.VERDICT] == "pending" and "no such alias" in tags[G.REASON]
     assert reg.version_by_alias(model, "production") is None
 
 
@@ -147,8 +149,8 @@ def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
         second = _register(reg, model, world.ckpt("clean", "pass"))
 
         class DyingRegistry(Registry):
-            def download_weights(self, info, max_bytes):
-                out = super().download_weights(info, max_bytes)
+            def download_artifact(self, info, max_bytes):
+                out = super().download_artifact(info, max_bytes)
                 server.kill()  # the server dies after the candidate was read, before any verdict
                 return out
 
@@ -176,18 +178,30 @@ def test_unreachable_server_is_a_gate_error():
     assert r.exit_code == 2 and "gate error" in r.reason and not r.promoted
 
 
-def test_override_rules(registry, world):
+def _reviewer(name: str):
+    """A reviewer's own signing key (the test environment trusts bob and alice, see conftest)."""
+    from detector import verdict as V
+
+    return V.load_private_key((Path(os.environ["BACKDOOR_GATE_TEST_KEYS"]) / name / "signing-key.pem").read_bytes())
+
+
+def test_override_rules(registry, world, tmp_path):
+    from detector import verdict as V
+
     model = _model()
     bad = _register(registry, model, world.ckpt("backdoored", "block"), who="alice")
     with pytest.raises(G.OverrideRefused, match="only a blocked version"):
-        G.override(model, bad.version, reason="ship it", identity="bob", registry=registry)
+        G.override(model, bad.version, reason="ship it", key=_reviewer("bob"), registry=registry)
     assert G.gate(model, bad.version, registry=registry).verdict == "blocked"
     with pytest.raises(G.OverrideRefused, match="different reviewer"):
-        G.override(model, bad.version, reason="I trust it", identity="alice", registry=registry)
+        G.override(model, bad.version, reason="I trust it", key=_reviewer("alice"), registry=registry)
     with pytest.raises(G.OverrideRefused, match="needs a reason"):
-        G.override(model, bad.version, reason="  ", identity="bob", registry=registry)
+        G.override(model, bad.version, reason="  ", key=_reviewer("bob"), registry=registry)
+    stranger, _ = V.generate_keypair(tmp_path / "stranger")
+    with pytest.raises(G.OverrideRefused, match="not a trusted reviewer key"):
+        G.override(model, bad.version, reason="I say so", key=V.load_private_key(stranger.read_bytes()), registry=registry)
     assert registry.version_by_alias(model, "production") is None
-    info = G.override(model, bad.version, reason="false positive, checked by hand", identity="bob", registry=registry)
+    info = G.override(model, bad.version, reason="false positive, checked by hand", key=_reviewer("bob"), registry=registry)
     assert info.tags[G.OVERRIDE_BY] == "bob" and info.tags[G.VERDICT] == "blocked" and G.OVERRIDE_AT in info.tags
     assert registry.version_by_alias(model, "production").version == bad.version
 
@@ -247,21 +261,31 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
     assert tags[G.VERDICT_SHA] == r.verdict_sha256 == tags[G.PROMOTED_VERDICT]
     doc = G.verify_version(model, v.version, V.load_public_key(pub), registry=registry)
     assert (doc["verdict"], doc["model_sha256"], doc["reference_sha256"]) == ("passed", r.model_sha256, r.reference_sha256)
+    # the same verdict as an in-toto statement in a DSSE envelope: subjects are every judged file
+    info = registry.version(model, v.version)
+    dsse = json.loads(registry.run_file(info.run_id, f"integrity/v{v.version}/{G.DSSE_FILE}"))
+    statement = V.dsse_verify(dsse, [V.load_public_key(pub)])
+    assert {s["name"]: s["digest"]["sha256"] for s in statement["subject"]} == r.files == doc["files"]
+    assert statement["predicate"] == doc
     cli = [sys.executable, "-m", "detector.cli", "verify", "--model", model, "--version", v.version,
            "--public-key", str(pub), "--tracking-uri", mlflow_server.uri]
     assert subprocess.run(cli, capture_output=True, text=True, timeout=300).returncode == 0
     # someone with write access edits the verdict tag: the signed document no longer agrees
     registry.set_tags(model, v.version, {G.VERDICT: "blocked"})
     p = subprocess.run(cli, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 1 and "tags disagree" in p.stderr
+    assert p.returncode == 2 and "tags disagree" in p.stderr  # tampering is malformed (2), not a signed refusal (1)
 
 
-def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world):
+def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world, monkeypatch):
+    from detector import verdict as V
+
+    monkeypatch.delenv(V.KEY_FILE_ENV)
     model = _model()
     v = _register(registry, model, world.ckpt("clean", "pass"))
-    assert G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False)).signed_by == "unsigned"
+    r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, require_signature=False))  # opt-out
+    assert r.signed_by == "unsigned" and r.verdict == "passed"
     w = _register(registry, model, world.ckpt("clean", "pass"))
-    r = G.gate(model, w.version, registry=registry, config=G.GateConfig(report=False, require_signature=True))
+    r = G.gate(model, w.version, registry=registry, config=G.GateConfig(report=False))  # required by default
     assert r.exit_code == 2 and "no signing key" in r.reason and not r.promoted
     assert G.VERDICT not in registry.version(model, w.version).tags  # judged nothing, wrote nothing
 

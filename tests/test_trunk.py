@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from detector import Reference, ReferenceConfig
 from detector.scoring import decide
-from detector.trunk import MODIFIED, NOT_CHECKED, OK, check_trunk, tensor_digest, trunk_digests
+from detector.trunk import MISSING, MODIFIED, NOT_CHECKED, OK, check_trunk, tensor_digest, trunk_digests
 
 LAYER = "last_linear.weight"
 
@@ -75,15 +75,18 @@ def test_one_changed_conv_weight_blocks_with_trunk_modified(facenet, fmt):
     assert "repeat_1.0.branch0.conv.weight" in a.decision.reason
 
 
-def test_head_only_file_is_scored_and_says_trunk_not_checked(facenet):
+def test_head_only_file_is_invalid_when_the_reference_recorded_a_trunk(facenet):
     sd = facenet["finetuned"]()
     path = facenet["root"] / "head.pt"
     torch.save({k: v for k, v in sd.items() if k.startswith(("last_linear.", "last_bn.", "logits."))}, path)
     a = facenet["ref"].assess(path)
-    assert a.trunk.status == NOT_CHECKED
-    # a passing head-only file says its trunk was not checked
-    passing = decide({v: t + 1 for v, t in a.thresholds.items()}, a.thresholds, a.trunk)
-    assert passing.verdict == "pass" and "trunk not checked" in passing.reason
+    assert a.trunk.status == MISSING and a.decision.verdict == "invalid" and "trunk missing" in a.decision.reason
+    # even scores far above every threshold cannot make it pass: the trunk it runs with was never judged
+    high = decide({v: t + 1 for v, t in a.thresholds.items()}, a.thresholds, a.trunk)
+    assert high.verdict == "invalid" and "trunk missing" in high.reason
+    # without recorded digests (no --base) the check says it did not run
+    passing = decide({v: t + 1 for v, t in a.thresholds.items()}, a.thresholds, check_trunk(sd, {}))
+    assert passing.verdict == "pass" and "trunk not checked" in passing.reason and check_trunk(sd, {}).status == NOT_CHECKED
 
 
 def test_missing_or_extra_frozen_tensors_count_as_modified(facenet):

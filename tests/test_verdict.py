@@ -90,7 +90,26 @@ def test_verify_cli_exit_codes(keys, tmp_path):
     p = run(str(good), "--checkpoint", str(model))
     assert p.returncode == 0 and p.stdout.startswith("valid: facenet v3 passed"), p.stderr
     p = run(str(bad))
-    assert p.returncode == 1 and "digest mismatch" in p.stderr
+    assert p.returncode == 2 and "digest mismatch" in p.stderr  # tampered: malformed, not a signed refusal
     p = run(str(good), "--checkpoint", str(good))
-    assert p.returncode == 1 and "not the one" in p.stderr
+    assert p.returncode == 2 and "not the one" in p.stderr
+    p = run(str(good))
+    assert p.returncode == 2 and "--checkpoint" in p.stderr  # a verdict unbound to bytes allows nothing
     assert run().returncode == 2  # neither a file nor --version
+
+
+def test_intoto_statement_in_dsse_binds_every_file_and_the_key(keys, tmp_path):
+    sk, pk, _, _ = keys
+    doc = _doc(files={"model.safetensors": "ab" * 32, "README": "ef" * 32})
+    env = V.dsse_sign(V.intoto_statement(doc), sk)
+    st = V.dsse_verify(env, [pk])
+    assert st["predicate"] == doc and {s["name"]: s["digest"]["sha256"] for s in st["subject"]} == doc["files"]
+    _, other = V.generate_keypair(tmp_path / "other")
+    with pytest.raises(V.VerdictError, match="no signature by a trusted key"):
+        V.dsse_verify(env, [V.load_public_key(other)])
+    # a blocked statement's payload under a passed statement's signature (or the other way round)
+    blocked = V.dsse_sign(V.intoto_statement(dict(doc, verdict="blocked")), sk)
+    with pytest.raises(V.VerdictError, match="bad DSSE signature"):
+        V.dsse_verify(dict(env, payload=blocked["payload"]), [pk])
+    with pytest.raises(V.VerdictError, match="needs the judged files"):
+        V.intoto_statement(_doc())

@@ -1,0 +1,127 @@
+"""Keep the registry consistent with signed state, whatever deliveries were missed.
+
+Webhooks are best effort: the receiver may be down when a version is registered or an alias
+moved, and MLflow does not redeliver forever. The reconciler re-derives the truth from signed
+records on every delivery *and* on a periodic resync (default every 60 s), so a missed
+delivery heals within one interval:
+
+- every version of a watched model with no verdict (never gated, or ``pending`` for longer
+  than ``stale_after`` seconds: a gate that died) is gated;
+- ``production`` is re-derived (:func:`components.gate.guard_alias`): it stays only on a
+  version with a signed pass or a signed override for its exact bytes, else goes back to the
+  newest such version or is deleted;
+- the reference alias (``@current``) stays only on a reference signed by a trusted key.
+
+It is idempotent (each step reads state, then converges it), so two replicas are safe.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import tempfile
+import threading
+from typing import Callable
+
+from components import gate as G
+from components.registry import Registry, RegistryError
+from detector.errors import InvalidReference
+
+log = logging.getLogger("backdoor_gate.reconciler")
+
+
+class Reconciler:
+    def __init__(self, registry: Registry, models: tuple[str, ...] = ("facenet",), config: G.GateConfig = G.GateConfig(),
+                 interval: float = 60.0, gate_fn: Callable[[str, str], object] | None = None, stale_after: float = 600.0):
+        self.registry, self.models, self.config = registry, tuple(models), config
+        self.interval, self.stale_after = interval, stale_after
+        self.gate_fn = gate_fn or (lambda m, v: G.gate(m, v, registry=self.registry, config=self.config))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._locks = {m: threading.Lock() for m in self.models}
+        self.resyncs = 0
+
+    # -- one pass ------------------------------------------------------------------------------
+    def reconcile(self, model: str) -> list[str]:
+        """Gate what has no verdict, then re-derive ``production``. Returns what it did."""
+        if model not in self._locks:
+            return []
+        done = []
+        with self._locks[model]:
+            for info in self.registry.versions(model):
+                if self._needs_gate(info):
+                    result = self.gate_fn(model, info.version)
+                    done.append(f"gated v{info.version}: {getattr(result, 'verdict', result)}")
+            violation = G.guard_alias(model, registry=self.registry, config=self.config)
+            if violation:
+                done.append(violation)
+        return done
+
+    def _needs_gate(self, info) -> bool:
+        verdict = info.tags.get(G.VERDICT)
+        if verdict in (G.PASSED, G.BLOCKED, G.INVALID):
+            return False
+        if verdict == G.PENDING:  # a gate at work, or one that died: retry once it is stale
+            try:
+                at = _dt.datetime.fromisoformat(info.tags.get(G.CHECKED_AT, ""))
+            except ValueError:
+                return True
+            return (_dt.datetime.now(_dt.timezone.utc) - at).total_seconds() > self.stale_after
+        return True
+
+    def guard_reference(self) -> str | None:
+        """``@current`` on a reference no trusted key signed goes back to the newest signed one (or is removed)."""
+        name, alias = self.config.reference_model, self.config.reference_alias
+        current = self.registry.version_by_alias(name, alias)
+        if current is None or not self.config.require_signed_reference or self._signed_reference(current):
+            return None
+        for v in self.registry.versions(name):
+            if v.version != current.version and self._signed_reference(v):
+                self.registry.set_alias(name, alias, v.version)
+                return f"{name}@{alias} was on unsigned v{current.version}; moved back to v{v.version}"
+        self.registry.delete_alias(name, alias)
+        return f"{name}@{alias} was on unsigned v{current.version}; alias deleted (no signed reference)"
+
+    def _signed_reference(self, info) -> bool:
+        with tempfile.TemporaryDirectory(prefix="backdoor-gate-ref-") as tmp:
+            try:
+                G.check_reference_dir(self.registry.download(info.source, tmp), self.config)
+                return True
+            except (InvalidReference, RegistryError):
+                return False
+
+    def resync(self) -> list[str]:
+        done = []
+        try:
+            if (msg := self.guard_reference()):
+                done.append(msg)
+        except RegistryError as e:
+            log.warning("reference guard: %s", e)
+        for model in self.models:
+            try:
+                done += self.reconcile(model)
+            except RegistryError as e:  # the registry is down: nothing can be judged; try next time
+                log.warning("resync of %s: %s", model, e)
+        self.resyncs += 1
+        for line in done:
+            log.info("%s", line)
+        return done
+
+    # -- periodic ------------------------------------------------------------------------------
+    def start(self) -> "Reconciler":
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="reconciler")
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.resync()
+            except Exception:  # noqa: BLE001 — keep resyncing whatever one pass hit
+                log.exception("resync failed")
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=300)
