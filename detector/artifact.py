@@ -117,14 +117,19 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
             "files": {ARRAYS_FILE: arrays_sha},
             "extra": extra or {},
         }
-        meta["artifact_sha256"] = _digest(meta)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        return finish_artifact(tmp, out, meta)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def finish_artifact(tmp: Path, out: Path, meta: dict[str, Any]) -> str:
+    """Seal a staged artifact: digest the metadata, write it, swap the directory in atomically."""
+    meta["artifact_sha256"] = _digest(meta)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
     return meta["artifact_sha256"]
 
 

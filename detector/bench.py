@@ -402,7 +402,11 @@ t0 = time.perf_counter()
 import torch, safetensors.torch  # imported once by any gate process; timed apart from the work
 from detector.reference import Reference
 t1 = time.perf_counter()
+def _hwm():
+    return int(dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)["VmHWM"].split()[0]) / 1024
+hwm_import = _hwm()
 ref = Reference.load(sys.argv[1])
+hwm_load = _hwm()
 t2 = time.perf_counter()
 a = ref.assess(sys.argv[2])
 t3 = time.perf_counter()
@@ -411,6 +415,7 @@ status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in
 print(json.dumps({"import_s": t1 - t0, "load_reference_s": t2 - t1, "assess_s": t3 - t2, "gate_s": t3 - t1,
                   "verdict": a.decision.verdict, "trunk": a.trunk.status,
                   "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024,
+                  "peak_rss_after_import_mb": hwm_import, "peak_rss_after_reference_load_mb": hwm_load,
                   }))
 """
 
@@ -536,6 +541,8 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
                 runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
             med = {k: float(np.median([r[k] for r in runs])) for k in ("load_reference_s", "assess_s", "gate_s", "peak_rss_mb")}
             out[f"{classes}_classes"] = {"gate_seconds": round(med["gate_s"], 3), "gate_peak_rss_mb": round(med["peak_rss_mb"], 1),
+                                         "peak_rss_after_import_mb": round(runs[-1]["peak_rss_after_import_mb"], 1),
+                                         "peak_rss_after_reference_load_mb": round(runs[-1]["peak_rss_after_reference_load_mb"], 1),
                                          "load_reference_s": round(med["load_reference_s"], 3), "assess_s": round(med["assess_s"], 3),
                                          "reference_mb": round(ref_mb, 1), "candidate_mb": round(path.stat().st_size / 1024**2, 1),
                                          "verdict": runs[-1]["verdict"], "runs": len(runs)}

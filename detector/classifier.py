@@ -46,20 +46,28 @@ def _vector(tensors: Mapping[str, Any], name: str, source: str) -> np.ndarray:
     return _check_values(np.asarray(_to_numpy(tensors[name], name, source)).reshape(-1), name, source)
 
 
-def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
-    """A (classes × in_features), rows centred over classes; raises InvalidCheckpoint."""
+def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>", rows: int = 1024) -> np.ndarray:
+    """A (classes × in_features), rows centred over classes; raises InvalidCheckpoint.
+
+    Computed in float64 a block of classes at a time, so that at CASIA's 10,575 classes no
+    float64 copy of ``logits.weight`` sits beside A (the gate's memory target)."""
     W = layer_of(tensors, "last_linear.weight", source=source).matrix
-    L = layer_of(tensors, "logits.weight", source=source).matrix
+    if "logits.weight" not in tensors:
+        raise InvalidCheckpoint(source, f"tensor 'logits.weight' not found; the classifier detector reads {', '.join(_HEAD)}")
+    logits = tensors["logits.weight"]
     gamma, var = _vector(tensors, "last_bn.weight", source), _vector(tensors, "last_bn.running_var", source)
-    if not (L.shape[1] == W.shape[0] == gamma.size == var.size):
-        raise InvalidCheckpoint(
-            source, f"head shapes disagree: logits {L.shape}, last_bn {gamma.size}/{var.size}, last_linear {W.shape}"
-        )
+    shape = tuple(int(x) for x in np.shape(logits))
+    if len(shape) != 2 or not (shape[1] == W.shape[0] == gamma.size == var.size) or shape[0] < 2:
+        raise InvalidCheckpoint(source, f"head shapes disagree: logits {shape}, last_bn {gamma.size}/{var.size}, last_linear {W.shape}")
     if np.any(var < 0):
         raise InvalidCheckpoint(source, "last_bn.running_var holds negative values")
-    A = L @ ((gamma / np.sqrt(var + BN_EPS))[:, None] * W)
+    M = (gamma / np.sqrt(var + BN_EPS))[:, None] * W
+    A = np.empty((shape[0], W.shape[1]))
+    for i in range(0, shape[0], rows):
+        block = _check_values(np.asarray(_to_numpy(logits[i : i + rows], "logits.weight", source)), "logits.weight", source)
+        A[i : i + rows] = block @ M
     A -= A.mean(axis=0, keepdims=True)
-    if not np.all(np.isfinite(A)):
+    if not np.isfinite(A.sum()):  # any NaN/inf makes the sum non-finite (no full-size mask)
         raise InvalidCheckpoint(source, "the effective classifier overflows (weights too large to score)")
     return A
 
@@ -103,8 +111,9 @@ class ClassDeviationView(BaseEstimator):
             raise ValueError(f"the classifier detector needs at least 3 reference networks, got {M}")
         mean = S.mean(axis=0)
         loo_centres = (M * mean[None] - S) / (M - 1)
-        # kept at the artifact's float32 precision, so a loaded reference scores exactly alike
-        self.center_ = mean.astype(np.float32).astype(np.float64)
+        # kept in float32, as the artifact keeps it, so a loaded reference scores exactly alike
+        # (and a CASIA-sized reference holds 76 MB of centres instead of 152)
+        self.center_ = mean.astype(np.float32)
         # a new network's distance to the M-network mean is (1 + 1/M) σ², a left-out one's to
         # the other M-1's mean (1 + 1/(M-1)) σ²: rescale so both are on the same footing
         dev = np.einsum("mcd,mcd->mc", S - loo_centres, S - loo_centres) * ((1 + 1 / M) / (1 + 1 / (M - 1)))
@@ -122,10 +131,15 @@ class ClassDeviationView(BaseEstimator):
         self.n_networks_, self.shape_ = M, tuple(self.center_.shape)
         return self
 
-    def deviation(self, matrix: np.ndarray) -> np.ndarray:
-        """Squared distance of each class row to the reference mean row of that class."""
-        D = np.asarray(matrix, dtype=np.float64) - self.center_
-        return np.einsum("cd,cd->c", D, D)
+    def deviation(self, matrix: np.ndarray, rows: int = 1024) -> np.ndarray:
+        """Squared distance of each class row to the reference mean row of that class (in float64,
+        a block of rows at a time: at 10,575 classes a whole difference matrix is 152 MB)."""
+        A = np.asarray(matrix, dtype=np.float64)
+        out = np.empty(A.shape[0])
+        for i in range(0, A.shape[0], rows):
+            D = A[i : i + rows] - self.center_[i : i + rows]
+            out[i : i + rows] = np.einsum("cd,cd->c", D, D)
+        return out
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−z per class: the lowest is the class that moved most unlike the clean networks."""
@@ -153,7 +167,7 @@ class ClassDeviationView(BaseEstimator):
 
     def arrays(self) -> dict[str, np.ndarray]:
         # float32 centres: 10,575 x 1792 classes (CASIA) is 76 MB instead of 152
-        return {"center": self.center_.astype(np.float32), "median": self.median_, "scale": self.scale_}
+        return {"center": self.center_, "median": self.median_, "scale": self.scale_}
 
     def info(self) -> dict[str, Any]:
         return {"normalize": self.normalize, "scale": self.scale, "n_networks": self.n_networks_, "n_classes": int(self.center_.shape[0])}
@@ -161,7 +175,7 @@ class ClassDeviationView(BaseEstimator):
     @classmethod
     def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "ClassDeviationView":
         est = cls(normalize=info["normalize"], scale=info["scale"])
-        est.center_ = np.asarray(arrays["center"], dtype=np.float64)
+        est.center_ = np.asarray(arrays["center"], dtype=np.float32)
         est.median_, est.scale_ = arrays["median"], arrays["scale"]
         est.n_networks_, est.shape_ = int(info["n_networks"]), tuple(est.center_.shape)
         return est
@@ -224,10 +238,11 @@ class ClassifierReference(BaselineReference):
         if matrix is not None and len(order) > 1 and self.victim_rule == "toward-impostor":
             a, b = int(order[0]), int(order[1])
             est = self.views_[CLASSES]
-            d = np.asarray(matrix, dtype=np.float64) - est.center_
+            d = {c: np.asarray(matrix[c], dtype=np.float64) - est.center_[c] for c in (a, b)}
 
             def toward(x: int, y: int) -> float:  # does row x's change point at class y's clean row?
-                return float(d[x] @ est.center_[y] / max(np.linalg.norm(d[x]) * np.linalg.norm(est.center_[y]), 1e-300))
+                cy = est.center_[y].astype(np.float64)
+                return float(d[x] @ cy / max(np.linalg.norm(d[x]) * np.linalg.norm(cy), 1e-300))
 
             if toward(b, a) > toward(a, b):
                 i = b

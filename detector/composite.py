@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -37,6 +36,7 @@ from detector.errors import InvalidReference
 from detector.reference import Assessment, Reference, _check_fitted
 from detector.scoring import decide
 from detector.threshold import threshold_at_frr
+from detector.trunk import check_trunk, is_finetuned
 from detector.weights import StateDict, read_tensors
 
 
@@ -136,13 +136,17 @@ class CompositeReference(Reference):
     def assess(self, network: Any) -> Assessment:
         _check_fitted(self, "thresholds_")
         tensors, digest, source = self._tensors(network)
-        if tensors is not None and not isinstance(tensors, StateDict):
-            tensors = StateDict(tensors, source=source, sha256=digest)
+        trunk = None
+        if tensors is not None:
+            # the frozen trunk is checked once, here; the members read only the fine-tuned head,
+            # so the trunk's tensors can be freed first (the gate's memory at 10,575 classes)
+            trunk = check_trunk(tensors, self.trunk_digests_)
+            meta = getattr(tensors, "metadata", None)
+            tensors = StateDict({k: v for k, v in tensors.items() if is_finetuned(k)}, metadata=meta, source=source, sha256=digest)
         net = tensors if tensors is not None else network
         scores, vector_scores, evidence = {}, {}, {}
-        trunk = None
         for m, ref in self.members_.items():
-            a = ref.assess(net, trunk=trunk)  # the frozen trunk is hashed once, by the first member
+            a = ref.assess(net, trunk=trunk)  # trunk None only for a bare matrix: the member says "not checked"
             trunk = a.trunk
             n_views = len(ref.views_)
             for v in ref.views_:
@@ -198,7 +202,7 @@ class CompositeReference(Reference):
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path, *, overwrite: bool = False, extra: dict | None = None) -> str:
-        from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, META_FILE, _digest
+        from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifact
 
         _check_fitted(self, "thresholds_")
         out = Path(path)
@@ -235,15 +239,10 @@ class CompositeReference(Reference):
                 "files": {ARRAYS_FILE: hashlib.sha256((tmp / ARRAYS_FILE).read_bytes()).hexdigest()},
                 "extra": extra or {},
             }
-            meta["artifact_sha256"] = _digest(meta)
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
+            return finish_artifact(tmp, out, meta)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return meta["artifact_sha256"]
 
     @classmethod
     def restore(cls, root: Path, meta: Mapping[str, Any]) -> "CompositeReference":

@@ -441,11 +441,18 @@ def tsne_plot(path: Path, W: list[dict], groups: dict, n_networks: int = 10, per
             lab += [label] * per_network
     Z = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(np.concatenate(X))
     lab = np.asarray(lab)
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for label, name, c in ((0, f"clean ({len(clean)} networks)", "tab:blue"), (1, f"backdoored ({len(bad)})", "tab:red")):
-        ax.scatter(Z[lab == label, 0], Z[lab == label, 1], s=2, alpha=0.4, c=c, label=name)
-    ax.set_title(f"t-SNE of last_linear forward vectors ({per_network} per network)")
-    ax.legend(markerscale=6)
+    unit = np.tile(np.arange(per_network), len(clean) + len(bad))  # which input feature a vector is
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    # right: the clusters of 4 input features up close (each cluster = one feature across 20 networks)
+    near = np.argsort(np.linalg.norm(Z - np.median(Z, axis=0), axis=1))
+    show = list(dict.fromkeys(unit[near]))[:4]
+    for ax, mask, title in ((axes[0], np.ones(len(Z), bool), f"all ({per_network} input features per network)"),
+                            (axes[1], np.isin(unit, show), "4 input features up close")):
+        for label, name, c, m in ((1, f"backdoored ({len(bad)} networks)", "tab:red", "x"), (0, f"clean ({len(clean)})", "tab:blue", "o")):
+            sel = mask & (lab == label)
+            ax.scatter(Z[sel, 0], Z[sel, 1], s=4 if ax is axes[0] else 30, alpha=0.6, c=c, marker=m, label=name)
+        ax.set_title(f"t-SNE of last_linear forward vectors: {title}", fontsize=10)
+        ax.legend(markerscale=2 if ax is axes[1] else 4, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
