@@ -259,9 +259,26 @@ def receiver():
 
 
 def _raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
+    """The reply to a raw request: headers, then as much body as they announce (the headers and
+    the body may come in separate packets). The connection is left open: a server that waits
+    for a body never answers (socket.timeout)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(request)
-        return s.recv(4096)  # the connection is left open: a server that waits for a body never answers
+        reply = s.recv(4096)
+        while b"\r\n\r\n" not in reply:
+            chunk = s.recv(4096)
+            if not chunk:
+                return reply
+            reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            body += chunk
+        return head + b"\r\n\r\n" + body
 
 
 @pytest.mark.parametrize("length", ["-1", "99999999999", "abc"])

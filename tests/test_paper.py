@@ -84,7 +84,8 @@ def test_paper_small_writes_every_section(tmp_path):
     assert set(s["relative_weight_change"]) == {"clean", "backdoored"}
     assert {r["n_components"] for r in s["auc_vs_n_components"]} == {1, 2, 5}
     assert {r["m"] for r in s["auc_vs_m"]} == {2, 5}
-    assert (out / "table.md").read_text().startswith("| set |")
+    assert (out / "table.md").read_text().startswith("| backdoor group |")  # the detection table comes first
+    assert "| set |" in (out / "table.md").read_text()
     from detector.faces.cli import base_state_dict
     from detector.faces.features import state_dict_sha256
 
