@@ -420,18 +420,21 @@ print(json.dumps({"import_s": t1 - t0, "load_reference_s": t2 - t1, "assess_s": 
 """
 
 
-def gate(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
-    import torch
-    from safetensors.torch import save_file
-
+def _paper_sizes_reference():
+    """A GMM reference with N_G fixed at the paper's choice per view (the sweep is measured apart)."""
     from detector.config import ReferenceConfig
     from detector.reference import Reference
 
     class PaperSizes(Reference):
-        """N_G fixed at the paper's choice per view (the sweep is measured separately)."""
-
         def _view_estimator(self, view):
             return super()._view_estimator(view).set_params(n_components=PAPER_NG[view])
+
+    return PaperSizes(ReferenceConfig())
+
+
+def gate(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
+    import torch
+    from safetensors.torch import save_file
 
     net = _random_trunk()
     base = {k: v.detach().clone() for k, v in net.state_dict().items() if not k.startswith("logits.")}
@@ -439,7 +442,7 @@ def gate(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
     heldout = [family.clean() for _ in range(4)]  # drawn after the reference networks: unseen
     with tempfile.TemporaryDirectory(prefix="bench-gate-") as tmp:
         log(f"gate: fitting a reference on {len(matrices)} networks (PCA to 95 % variance, N_G 1792 / 512)")
-        ref, t_fit = timed(lambda: PaperSizes(ReferenceConfig()).fit(matrices, base=base).calibrate(heldout))
+        ref, t_fit = timed(lambda: _paper_sizes_reference().fit(matrices, base=base).calibrate(heldout))
         ref.save(Path(tmp) / "reference")
         candidate = dict(base)
         candidate["last_linear.weight"] = torch.from_numpy(family.backdoored().astype(np.float32))
@@ -501,18 +504,13 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
 
     from detector.baselines import make_reference
     from detector.composite import CompositeReference
-    from detector.config import DEFAULT_DETECTOR, FUSION, ReferenceConfig
-    from detector.reference import Reference
-
-    class PaperSizes(Reference):
-        def _view_estimator(self, view):
-            return super()._view_estimator(view).set_params(n_components=PAPER_NG[view])
+    from detector.config import DEFAULT_DETECTOR, FUSION
 
     rng = np.random.default_rng(0)
     trunk = {k: v.detach().clone() for k, v in _random_trunk().state_dict().items() if not k.startswith(("logits.", "last_"))}
     base = {**trunk, "last_linear.weight": torch.from_numpy(family.base.astype(np.float32))}
     log("gate (default detector): fitting the paper's GMM once (evidence member)")
-    gmm = PaperSizes(ReferenceConfig()).fit(matrices, base=base)
+    gmm = _paper_sizes_reference().fit(matrices, base=base)
     out: dict[str, Any] = {}
     for classes in ((40,) if quick else (40, CASIA_IDENTITIES)):
         L0 = rng.normal(0, 0.05, (classes, 512)).astype(np.float32)

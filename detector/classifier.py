@@ -27,10 +27,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, clone
 
 from detector.baselines import BaselineReference
 from detector.errors import InvalidCheckpoint
+from detector.reference import _check_fitted
 from detector.weights import CLASSES_KEY, LayerWeights, StateDict, _check_values, _to_numpy, classes_of, layer_of
 
 #: The detector's one pseudo-view: one "vector" per class.
@@ -40,10 +41,14 @@ BN_EPS = 1e-3
 _HEAD = ("last_linear.weight", "last_bn.weight", "last_bn.running_var", "logits.weight")
 
 
-def _vector(tensors: Mapping[str, Any], name: str, source: str) -> np.ndarray:
+def _tensor(tensors: Mapping[str, Any], name: str, source: str) -> Any:
     if name not in tensors:
         raise InvalidCheckpoint(source, f"tensor '{name}' not found; the classifier detector reads {', '.join(_HEAD)}")
-    return _check_values(np.asarray(_to_numpy(tensors[name], name, source)).reshape(-1), name, source)
+    return tensors[name]
+
+
+def _vector(tensors: Mapping[str, Any], name: str, source: str) -> np.ndarray:
+    return _check_values(np.asarray(_to_numpy(_tensor(tensors, name, source), name, source)).reshape(-1), name, source)
 
 
 def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>", rows: int = 1024) -> np.ndarray:
@@ -52,9 +57,7 @@ def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>", r
     Computed in float64 a block of classes at a time, so that at CASIA's 10,575 classes no
     float64 copy of ``logits.weight`` sits beside A (the gate's memory target)."""
     W = layer_of(tensors, "last_linear.weight", source=source).matrix
-    if "logits.weight" not in tensors:
-        raise InvalidCheckpoint(source, f"tensor 'logits.weight' not found; the classifier detector reads {', '.join(_HEAD)}")
-    logits = tensors["logits.weight"]
+    logits = _tensor(tensors, "logits.weight", source)
     gamma, var = _vector(tensors, "last_bn.weight", source), _vector(tensors, "last_bn.running_var", source)
     shape = tuple(int(x) for x in np.shape(logits))
     if len(shape) != 2 or not (shape[1] == W.shape[0] == gamma.size == var.size) or shape[0] < 2:
@@ -143,10 +146,7 @@ class ClassDeviationView(BaseEstimator):
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−z per class: the lowest is the class that moved most unlike the clean networks."""
-        if not hasattr(self, "center_"):
-            from detector.errors import NotFittedError
-
-            raise NotFittedError("ClassDeviationView is not fitted yet: call fit() first")
+        _check_fitted(self, "center_")
         return -(self._relative(self.deviation(matrix)) - self.median_) / self.scale_
 
     @staticmethod
@@ -160,7 +160,7 @@ class ClassDeviationView(BaseEstimator):
     def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
         out = []
         for i, A in enumerate(matrices):
-            out.append(type(self)(**self.get_params()).fit([m for j, m in enumerate(matrices) if j != i]).score_vectors(A))
+            out.append(clone(self).fit([m for j, m in enumerate(matrices) if j != i]).score_vectors(A))
             if progress is not None:
                 progress(i)
         return np.asarray(out)

@@ -41,7 +41,7 @@ def demo_keys(workdir: Path) -> None:
 
 
 def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name: str = "facenet") -> int:
-    from components.gate import PROMOTED, VERDICT, fetch_reference
+    from components.gate import fetch_reference
     from components.mlflow_server import MlflowServer
     from components.registry import Registry
     from pipelines.local import run_local

@@ -516,7 +516,7 @@ def table(s: dict) -> str:
     if "detection" in s:
         d = s["detection"]
         cols = d["columns"]
-        lines_top += [f"| backdoor group | n | attack success | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        lines_top += ["| backdoor group | n | attack success | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
         for name, r in d["rows"].items():
             mark = "" if name in d["working"] else " (not working)"
             lines_top.append(f"| {name}{mark} | {r['n']} | {r['attack_success']:.2f} | " + " | ".join(_f(r["auc"].get(c)) for c in cols) + " |")
