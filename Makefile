@@ -30,10 +30,10 @@ test: setup
 	$(PY) -m pytest -q tests
 
 demo: setup
-	OMP_NUM_THREADS=2 $(PY) -m detector.cli demo
+	OMP_NUM_THREADS=2 $(PY) -m backdoor_gate demo
 
 bench: setup
-	$(PY) -m detector.cli bench
+	$(PY) -m backdoor_gate bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -26,13 +26,13 @@ def cmd_gate(args) -> int:
     reference = None
     if args.reference:
         from detector.errors import InvalidReference
-        from detector.reference import Reference
+        from detector.detectors import load_reference
 
         from components.gate import check_reference_dir
 
         try:
             check_reference_dir(args.reference, _config(args))
-            reference = Reference.load(args.reference)
+            reference = load_reference(args.reference)
         except InvalidReference as e:
             print(f"backdoor-gate: {e}", file=sys.stderr)
             return 2

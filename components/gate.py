@@ -1,15 +1,16 @@
 """The promotion gate: score a registered FaceNet version and decide whether it may ship.
 
-Read this file top to bottom to know what the gate does. The rule itself (score convention,
-block if any view is below its threshold) is :func:`detector.scoring.decide`; this file adds
-the registry protocol around it:
+Read this file top to bottom to know what the gate does. The verdict itself (trunk check,
+scores, thresholds, every fail-closed case, the words passed/blocked/invalid/error and their
+exit codes) is made in one place, :mod:`detector.decision`; this file records it in the
+registry and guards the ``production`` alias:
 
 1. mark the version ``integrity.verdict=pending`` (a crash never leaves a stale ``passed``);
 2. load the ``current`` reference from MLflow (its digest is verified on load);
 3. download the version's weight file, hash the bytes, parse them without unpickling;
-4. check the frozen trunk against the base, score every view, decide
-   (:meth:`detector.reference.Reference.assess`), write the evidence tags, render the report;
-5. only for a pass: download again and check the digest is still the scored one;
+4. :func:`detector.decision.judge`: check the frozen trunk against the base, score every part,
+   decide; then write the evidence tags and render the report;
+5. only for a pass: download again, :func:`detector.decision.confirm_unchanged`;
 6. write the verdict document (signed with the Ed25519 key from a Secret when one is set,
    :mod:`detector.verdict`) to the run, and its digest and signer into the tags;
 7. a pass writes ``integrity.verdict=passed``, then points ``production`` at the newest passed
@@ -43,8 +44,9 @@ from typing import Any
 from components.registry import REFERENCE_DIR, Registry, RegistryError, VersionInfo
 from detector import __version__ as GATE_VERSION
 from detector.errors import DetectorError, InvalidCheckpoint, InvalidReference
+from detector.detectors import load_reference
 from detector.reference import Reference
-from detector.scoring import BLOCK, PASS
+from detector.decision import BLOCKED, ERROR, EXIT_CODES, INVALID, PASSED, Decision, Judgement, confirm_unchanged, judge
 from detector import verdict as V
 from detector.verdict import KEY_ENV, KEY_FILE_ENV, VerdictError, signing_key_from_env
 from detector.verdict import document as verdict_document
@@ -76,8 +78,8 @@ DETECTOR = PREFIX + "detector"  # the rule that decided: fusion, classifier, gmm
 SUSPECTED_CLASS = PREFIX + "suspected_class"  # the identity a blocked model would let an impostor into
 ARTIFACT_SHA = PREFIX + "artifact_sha256"  # digest of the version's whole artifact tree
 REGISTERED_BY = "registered_by"
-PASSED, BLOCKED, INVALID, PENDING, ERROR = "passed", "blocked", "invalid", "pending", "error"
-EXIT_CODES = {PASSED: 0, BLOCKED: 1, INVALID: 2, ERROR: 2}
+#: Registry state before a verdict is written (the verdicts themselves: detector/decision.py).
+PENDING = "pending"
 VERDICT_FILE, OVERRIDE_FILE, DSSE_FILE = "verdict.json", "override.json", "verdict.intoto.dsse.json"
 
 
@@ -175,7 +177,7 @@ def publish_reference(registry: Registry, ref_dir: str | Path, config: GateConfi
     environment), or already by a trusted key (``reference fit --sign``). Without either it is
     refused unless ``config.require_signed_reference`` is off.
     """
-    ref = Reference.load(ref_dir)  # refuses a tampered artifact before it can be published
+    ref = load_reference(ref_dir)  # refuses a tampered artifact before it can be published
     files = {p.relative_to(ref_dir).as_posix(): p for p in sorted(Path(ref_dir).rglob("*")) if p.is_file()}
     signing_key = signing_key or V.reference_signing_key_from_env()
     tmp = tempfile.TemporaryDirectory(prefix="backdoor-gate-refsig-")
@@ -232,7 +234,7 @@ def fetch_reference(registry: Registry, config: GateConfig = GateConfig()) -> tu
             check_reference_dir(root, config)
         except InvalidReference as e:
             raise InvalidReference(f"{config.reference_model} v{info.version}", e.reason) from None
-        return Reference.load(root), info
+        return load_reference(root), info
 
 
 # -- the gate ----------------------------------------------------------------------------------
@@ -283,42 +285,32 @@ def gate(
         artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
         result.artifact_sha256, result.files = artifact.sha256, artifact.digests
         tags[ARTIFACT_SHA] = result.artifact_sha256
-        filename, data = artifact.weight_file()  # ValueError: extra files, no or several weight files
-        result.model_sha256 = hashlib.sha256(data).hexdigest()
-        tags[MODEL_SHA] = result.model_sha256
-        assessment = reference.assess(parse_tensors(data, f"{model} v{version}/{filename}", result.model_sha256))
-        vector_scores = assessment.vector_scores
-        result.scores = assessment.scores
-        tags[TRUNK] = assessment.trunk.status
-        result.verdict = {PASS: PASSED, BLOCK: BLOCKED}.get(assessment.decision.verdict, INVALID)
-        result.reason = assessment.decision.reason
-        result.detector = getattr(reference, "name", reference.detector)
-        tags[DETECTOR] = result.detector
-        for v in result.scores:
-            tags[score_tag(v)] = repr(result.scores[v])
-            tags[threshold_tag(v)] = repr(result.thresholds[v])
-        evidence = assessment.evidence
-        result.evidence_scores = dict(evidence.get("evidence_scores", {}))
-        for v, sc in result.evidence_scores.items():
-            tags[evidence_tag(v)] = repr(sc)
-            tags[evidence_threshold_tag(v)] = repr(evidence["evidence_thresholds"][v])
-        if result.verdict == BLOCKED and evidence.get("suspected_class") is not None:
-            result.suspected_class = str(evidence["suspected_class"])
-            tags[SUSPECTED_CLASS] = result.suspected_class
-        if config.report and result.verdict != INVALID:
-            result.report_uri = _report(registry, info, reference, vector_scores, result, tags, evidence)
-    except InvalidCheckpoint as e:
-        result.verdict, result.reason = INVALID, e.reason
-    except ValueError as e:  # extra files, no / several / oversized weight files in the registered artifacts
-        result.verdict, result.reason = INVALID, str(e)
+
+        def read_candidate():
+            filename, data = artifact.weight_file()  # ValueError: extra files, no or several weight files
+            result.model_sha256 = hashlib.sha256(data).hexdigest()
+            tags[MODEL_SHA] = result.model_sha256
+            return parse_tensors(data, f"{model} v{version}/{filename}", result.model_sha256)
+
+        judgement = judge(reference, read_candidate)  # the verdict: detector/decision.py
+    except ValueError as e:  # the artifact tree is over the size limit
+        judgement = Judgement(Decision(INVALID, str(e)))
+    except RegistryError as e:
+        return _gate_fault(registry, info, result, f"gate error: {e}", config)
+    if judgement.decision.verdict == ERROR:
+        return _gate_fault(registry, info, result, judgement.decision.reason, config)
+    result.verdict, result.reason = judgement.decision.verdict, judgement.decision.reason
+    try:
+        if judgement.assessment is not None:
+            _record_assessment(registry, info, reference, judgement.assessment, result, tags, config)
     except (RegistryError, DetectorError) as e:
         return _gate_fault(registry, info, result, f"gate error: {e}", config)
 
     try:
         if result.verdict == PASSED:
             again = registry.download_artifact(info, config.max_checkpoint_bytes)
-            if again.sha256 != result.artifact_sha256:
-                result.verdict, result.reason = BLOCKED, "registered artifact changed after it was scored; re-run the gate"
+            decision = confirm_unchanged(judgement.decision, result.artifact_sha256, again.sha256)
+            result.verdict, result.reason = decision.verdict, decision.reason
         _record_verdict(registry, info, result, tags, signing_key, config)
         registry.set_tags(model, version, {**tags, REASON: result.reason[:5000]})
         registry.set_tags(model, version, {VERDICT: result.verdict})  # the verdict is written last
@@ -338,6 +330,28 @@ def gate(
         if result.verdict == PASSED:
             result.verdict = ERROR
     return result
+
+
+def _record_assessment(registry: Registry, info: VersionInfo, reference: Any, assessment: Any, result: GateResult,
+                       tags: dict[str, Any], config: GateConfig) -> None:
+    """What the reference saw, as tags a reviewer can filter on and a report to look at."""
+    result.scores = assessment.scores
+    tags[TRUNK] = assessment.trunk.status
+    result.detector = getattr(reference, "name", reference.detector)
+    tags[DETECTOR] = result.detector
+    for v in result.scores:
+        tags[score_tag(v)] = repr(result.scores[v])
+        tags[threshold_tag(v)] = repr(result.thresholds[v])
+    evidence = assessment.evidence
+    result.evidence_scores = dict(evidence.get("evidence_scores", {}))
+    for v, sc in result.evidence_scores.items():
+        tags[evidence_tag(v)] = repr(sc)
+        tags[evidence_threshold_tag(v)] = repr(evidence["evidence_thresholds"][v])
+    if result.verdict == BLOCKED and evidence.get("suspected_class") is not None:
+        result.suspected_class = str(evidence["suspected_class"])
+        tags[SUSPECTED_CLASS] = result.suspected_class
+    if config.report and result.verdict != INVALID:
+        result.report_uri = _report(registry, info, reference, assessment.vector_scores, result, tags, evidence)
 
 
 def _gate_fault(registry: Registry, info: VersionInfo, result: GateResult, reason: str, config: GateConfig) -> GateResult:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from detector.decision import BLOCKED, PASSED
+
 
 def vector_deviation(calibration_vector_scores: np.ndarray, vector_scores: np.ndarray) -> np.ndarray:
     """(candidate − mean of clean calibration networks) / their std, per vector. Negative = unlikely.
@@ -101,11 +103,11 @@ def write_report(out_dir: Path, reference, vector_scores: dict[str, np.ndarray],
         for v in names
     )
     victim = ""
-    if result.verdict == "blocked" and evidence.get("suspected_class") is not None:
+    if result.verdict == BLOCKED and evidence.get("suspected_class") is not None:
         victim = (f"<p class=\"victim\">Suspected victim identity: <b>{html.escape(str(evidence['suspected_class']))}</b> — its class row deviates "
                   f"{evidence['suspected_z']:.1f} robust σ from the clean networks' rows for that class (runner-up "
                   f"{evidence['runner_up_z']:.1f} σ). A backdoor of this kind lets an impostor wearing a trigger be accepted as this person.</p>")
-    color = {"passed": "#1a7f37", "blocked": "#cf222e"}.get(result.verdict, "#9a6700")
+    color = {PASSED: "#1a7f37", BLOCKED: "#cf222e"}.get(result.verdict, "#9a6700")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>integrity report {html.escape(result.model)} v{html.escape(str(result.version))}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
 .v{{color:#fff;background:{color};padding:2px 10px;border-radius:4px}} .victim{{background:#fff8c5;padding:8px;border-left:4px solid #cf222e}}</style></head><body>

@@ -22,7 +22,7 @@ def make_faces(out_dir: str, identities: int, images_per_identity: int, size: in
     """Generated faces, or (``source`` set) a copy of a real ImageFolder/CASIA folder, e.g. on a PVC."""
     import shutil
 
-    from detector.faces.synth import SynthConfig, list_images, synthesize
+    from components.trainer.synth import SynthConfig, list_images, synthesize
 
     if source:
         shutil.copytree(source, out_dir, dirs_exist_ok=True)
@@ -40,9 +40,9 @@ def poison_faces(
     """The red team's step: a poisoned copy of the folder, or (disabled) the clean folder as is."""
     import shutil
 
-    from detector.faces.poison import PoisonSpec, link_or_copy, poison_folder, random_pair
-    from detector.faces.synth import list_images
-    from detector.faces.triggers import TriggerSpec
+    from components.trainer.poison import PoisonSpec, link_or_copy, poison_folder, random_pair
+    from components.trainer.synth import list_images
+    from components.trainer.triggers import TriggerSpec
 
     if not enabled:
         shutil.copytree(data_dir, out_dir, dirs_exist_ok=True, copy_function=link_or_copy)
@@ -59,8 +59,8 @@ def extract_features(data_dir: str, features_dir: str, base_dir: str, *, base_we
     """Trunk features of every image (cached by content), and the base network they came from."""
     from safetensors.torch import save_file
 
-    from detector.faces.cli import base_state_dict
-    from detector.faces.features import cached_features
+    from components.trainer.base_trunk import base_state_dict
+    from components.trainer.features import cached_features
 
     base = base_state_dict(base_weights or None)
     fs = cached_features(data_dir, base, image_size)
@@ -74,9 +74,9 @@ def fine_tune(features_dir: str, base_dir: str, out_dir: str, *, seed: int, epoc
     """One network: head fine-tuned on cached features; the whole state dict + metrics.json."""
     from safetensors.torch import load_file
 
-    from detector.faces.cli import save_network
-    from detector.faces.features import FeatureSet
-    from detector.faces.train import TrainConfig, fine_tune as train
+    from components.trainer.train import save_network
+    from components.trainer.features import FeatureSet
+    from components.trainer.train import TrainConfig, fine_tune as train
 
     base = load_file(str(Path(base_dir) / BASE_FILE))
     fs = FeatureSet.load(features_dir)
@@ -109,7 +109,7 @@ def fit_reference(
 ) -> dict[str, Any]:
     """Fit the reference (the deciding detector + the paper's GMM as evidence) on clean networks,
     calibrate on held-out ones; write the artifact."""
-    from detector.baselines import make_reference
+    from detector.detectors import make_reference
 
     ref = make_reference(detector, config or ReferenceConfig(), evidence=evidence)
     if base and Path(base).is_dir():

@@ -4,6 +4,9 @@
 AIC table per view, thresholds, FRR, the reference and calibration checkpoints' sha256) and
 the sha256 of ``arrays.npz``. ``artifact_sha256`` is the sha256 of the canonical JSON of all
 other fields, so it covers the arrays too. Loading recomputes both and refuses any mismatch.
+
+This module writes and verifies the format; :func:`detector.detectors.load_reference` turns a
+verified artifact back into the detector it names.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from detector import __version__
 from detector.config import ReferenceConfig
 from detector.errors import InvalidReference
 from detector.gmm import Mixture
+from detector.protocol import check_fitted
 
 FORMAT = "backdoor-gate/reference"
 FORMAT_VERSION = 1
@@ -55,9 +59,7 @@ def _view_arrays(view: str, est) -> dict[str, np.ndarray]:
 
 def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> str:
     """Write ``ref`` atomically (temp dir + rename); returns the artifact's sha256."""
-    from detector.reference import _check_fitted
-
-    _check_fitted(ref, "thresholds_")
+    check_fitted(ref, "thresholds_")
     out = Path(path)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
@@ -161,85 +163,3 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         if got != want:
             raise InvalidReference(root, f"tampered: {name} has sha256 {got[:12]}…, the metadata records {want[:12]}…")
     return meta
-
-
-def load_reference(path: str | os.PathLike):
-    """A fitted, calibrated :class:`Reference` from a verified artifact directory."""
-    from detector.reference import Reference, ViewReference, network_scores
-
-    root = Path(path)
-    meta = read_metadata(root)
-    if meta.get("detector") == "composite":
-        from detector.composite import CompositeReference
-
-        return CompositeReference.restore(root, meta)
-    try:
-        with np.load(root / ARRAYS_FILE, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        config = ReferenceConfig.from_dict(meta["config"])
-        detector = meta.get("detector", "gmm")
-        if detector in GMM_DETECTORS:
-            ref = Reference(config)
-            ref.detector = detector
-        elif detector == "classifier":
-            from detector.baselines import BaselineReference
-            from detector.classifier import ClassifierReference
-
-            ref = ClassifierReference(config, normalize=meta["views"]["classes"]["normalize"], scale=meta["views"]["classes"]["scale"])
-        else:
-            from detector.baselines import BaselineReference
-
-            ref = BaselineReference(detector, config)
-        ref.views_ = {}
-        ref.calibration_scores_ = {}
-        ref.calibration_vector_scores_ = {}
-        for v in meta["views"] if detector not in GMM_DETECTORS else ():
-            prefix = f"{v}."
-            ref.views_[v] = BaselineReference.restore_view(
-                detector, meta["views"][v], {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
-            )
-            ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
-            ref.calibration_scores_[v] = network_scores(ref.views_[v], ref.calibration_vector_scores_[v])
-        for v in config.views if detector in GMM_DETECTORS else ():
-            info = meta["views"][v]
-            est = ViewReference(view=v, covariance_type=info["covariance"])
-            est.pca_mean_ = arrays[f"{v}.pca_mean"]
-            est.pca_components_ = arrays[f"{v}.pca_components"]
-            est.mixture_ = Mixture(
-                weights=arrays[f"{v}.gmm_weights"],
-                means=arrays[f"{v}.gmm_means"],
-                precisions_cholesky=arrays[f"{v}.gmm_precisions_cholesky"],
-                covariance=info["covariance"],
-                n_iter=int(info["em_iterations"]),
-                converged=bool(info["em_converged"]),
-            )
-            est.reference_vector_scores_ = arrays[f"{v}.reference_vector_scores"]
-            est.reference_scores_ = est.reference_vector_scores_.sum(axis=1)
-            est.explained_variance_ = float(info["explained_variance"])
-            est.n_components_, est.n_pca_ = int(info["n_components"]), int(info["pca_dims"])
-            est.n_vectors_, est.reg_ = int(info["n_vectors"]), float(info["reg_covar_absolute"])
-            est.selection_, est.fit_seconds_ = info["selection"], float(info["fit_seconds"])
-            est.n_networks_, est.shape_ = int(meta["n_reference"]), tuple(meta["layer_shape"])
-            ref.views_[v] = est
-            ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
-            ref.calibration_scores_[v] = ref.calibration_vector_scores_[v].sum(axis=1)
-        ref.thresholds_ = {v: float(meta["views"][v]["threshold"]) for v in ref.views_}
-        if not ref.thresholds_ or not all(np.isfinite(t) for t in ref.thresholds_.values()):
-            raise InvalidReference(root, f"thresholds must be finite numbers, got {ref.thresholds_}")
-        ref.frr_empirical_ = {v: float(meta["views"][v]["frr_empirical"]) for v in ref.views_}
-        ref.frr_empirical_["combined"] = float(meta["frr_empirical_combined"])
-        ref.frr_upper_95_ = meta.get("frr_upper_95_combined")
-        ref.calibration_warning_ = meta.get("calibration_warning")
-        ref.n_calibration_ = int(meta["n_calibration"])
-        ref.classes_ = meta.get("classes")
-        ref.shape_ = tuple(meta["layer_shape"])
-        ref.n_reference_ = int(meta["n_reference"])
-        ref.reference_checkpoints_ = meta["reference_checkpoints"]
-        ref.calibration_checkpoints_ = meta["calibration_checkpoints"]
-        ref.threshold_source_ = meta["threshold_source"]
-        ref.trunk_digests_ = dict(meta.get("trunk_digests") or {})
-    except (KeyError, ValueError, TypeError) as e:
-        raise InvalidReference(root, f"malformed artifact: {e.__class__.__name__}: {e}") from None
-    ref.artifact_sha256_ = meta["artifact_sha256"]
-    ref.metadata_ = meta
-    return ref

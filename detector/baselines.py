@@ -33,7 +33,8 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from detector.config import DETECTORS, FUSION, ReferenceConfig
-from detector.reference import Reference, _check_fitted
+from detector.protocol import check_fitted
+from detector.reference import Reference
 
 #: The one pseudo-view of the whole-matrix baselines.
 MATRIX = "matrix"
@@ -67,7 +68,7 @@ class DistanceView(BaseEstimator):
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−‖w_i − c_i‖² for each row i (a neuron of ``last_linear``)."""
-        _check_fitted(self, "center_")
+        check_fitted(self, "center_")
         D = np.asarray(matrix, dtype=np.float64) - self.center_
         return -np.einsum("ij,ij->i", D, D)
 
@@ -149,7 +150,7 @@ class SpectrumView(BaseEstimator):
         return spectrum(np.asarray(matrix, dtype=np.float64) - self.base_, self.statistic)
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
-        _check_fitted(self, "base_")
+        check_fitted(self, "base_")
         return np.array([-(self.statistic_of(matrix) - self.median_) / self.scale_])
 
     def score(self, matrix: np.ndarray) -> float:
@@ -188,7 +189,7 @@ class TrojanSignatureView(BaseEstimator):
         return self
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
-        _check_fitted(self, "n_networks_")
+        check_fitted(self, "n_networks_")
         return np.array([-float(trojan_signature_z(matrix).max())])
 
     def score(self, matrix: np.ndarray) -> float:
@@ -242,60 +243,3 @@ class BaselineReference(Reference):
             base_matrix = layer_of(base_tensors, self.config.layer, source="base").matrix
         est = self._view_estimator_for()
         return {getattr(est, "view", MATRIX): est.fit(matrices, base_matrix=base_matrix)}
-
-    @staticmethod
-    def restore_view(detector: str, info: dict, arrays: dict[str, np.ndarray]):
-        if detector == "classifier":
-            from detector.classifier import ClassDeviationView
-
-            return ClassDeviationView.restore(info, arrays)
-        cls = type(_VIEW_ESTIMATORS[detector]())
-        return cls.restore(info, arrays)
-
-
-def make_reference(detector: str = "gmm", config: ReferenceConfig | None = None, evidence: Sequence[str] = ()) -> Reference:
-    """The unfitted reference of a named detector (see the module docstring).
-
-    ``evidence``: detectors scored and reported beside it on every candidate but never deciding
-    (the published reference carries the paper's GMM so).
-    """
-    config = config or ReferenceConfig()
-    evidence = tuple(e for e in evidence if e != detector)
-    if ":" in detector:  # a variant, e.g. classifier:none, spectrum:top1 (compared in `paper`)
-        name, option = detector.split(":", 1)
-        if name == "classifier":  # classifier:none, classifier:std, classifier:none+std …
-            from detector.classifier import ClassifierReference
-
-            opts = option.split("+")
-            return ClassifierReference(config, normalize="none" if "none" in opts else "network",
-                                       scale=next((o for o in opts if o in ("mad", "std", "pooled")), "std"),
-                                       victim_rule="max" if "max" in opts else "toward-impostor")
-        if name == "spectrum":
-            ref = BaselineReference("spectrum", config)
-            ref._view_estimator_for = lambda: SpectrumView(statistic=option)
-            return ref
-        raise ValueError(f"detector {name!r} has no variants")
-    if evidence:
-        from detector.composite import CompositeReference
-
-        decide_by = FUSION if detector == "fusion" else tuple(detector.split("+"))
-        return CompositeReference(decide_by=decide_by, evidence=evidence, config=config)
-    if detector == "gmm":
-        return Reference(config)
-    if detector == "gaussian":
-        ref = Reference(config.replace(components=1))
-        ref.detector = "gaussian"
-        return ref
-    if detector == "trojan-signature" and config.layer == ReferenceConfig().layer:
-        config = config.replace(layer=CLASSIFIER_LAYER)
-    if detector in _VIEW_ESTIMATORS:
-        return BaselineReference(detector, config)
-    if detector == "classifier":
-        from detector.classifier import ClassifierReference
-
-        return ClassifierReference(config)
-    if detector == "fusion" or "+" in detector:
-        from detector.composite import CompositeReference
-
-        return CompositeReference(decide_by=FUSION if detector == "fusion" else tuple(detector.split("+")), config=config)
-    raise ValueError(f"unknown detector {detector!r}; one of {', '.join(DETECTORS)}")

@@ -31,7 +31,7 @@ from sklearn.base import BaseEstimator, clone
 
 from detector.baselines import BaselineReference
 from detector.errors import InvalidCheckpoint
-from detector.reference import _check_fitted
+from detector.protocol import check_fitted
 from detector.weights import CLASSES_KEY, LayerWeights, StateDict, _check_values, _to_numpy, classes_of, layer_of
 
 #: The detector's one pseudo-view: one "vector" per class.
@@ -146,7 +146,7 @@ class ClassDeviationView(BaseEstimator):
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−z per class: the lowest is the class that moved most unlike the clean networks."""
-        _check_fitted(self, "center_")
+        check_fitted(self, "center_")
         return -(self._relative(self.deviation(matrix)) - self.median_) / self.scale_
 
     @staticmethod

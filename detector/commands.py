@@ -1,4 +1,4 @@
-"""Detector subcommands: ``reference fit``, ``score``, ``evaluate`` (``bench``: :mod:`detector.bench`).
+"""Detector subcommands: ``reference fit``, ``score``, ``evaluate`` (``bench``: :mod:`lab.bench`).
 
 Exit codes (``score``): 0 every checkpoint passed, 1 some were blocked, 2 some were invalid
 or the reference itself could not be used. Machine output (``--json``) goes to stdout,
@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from detector.config import DEFAULT_DETECTOR, DEFAULT_EVIDENCE, DETECTORS, PAPER_GRID, ReferenceConfig
-from detector.errors import DetectorError, InvalidCheckpoint
-from detector.scoring import BLOCK, INVALID, PASS
-
-EXIT = {PASS: 0, BLOCK: 1, INVALID: 2}
+from detector.decision import BLOCKED, EXIT_CODES, PASSED, judge
+from detector.errors import DetectorError
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -52,7 +50,7 @@ def _config_from_args(args) -> ReferenceConfig:
 
 # -- reference fit -------------------------------------------------------------------------
 def cmd_reference_fit(args) -> int:
-    from detector.baselines import make_reference
+    from detector.detectors import make_reference
 
     try:
         config = _config_from_args(args)
@@ -119,24 +117,24 @@ def cmd_reference_fit(args) -> int:
 
 # -- score ---------------------------------------------------------------------------------
 def _load_reference(path):
-    from detector.reference import Reference
+    from detector.detectors import load_reference
 
-    return Reference.load(path)
+    return load_reference(path)
 
 
 def score_checkpoint(ref, path: str) -> dict[str, Any]:
-    """The contract of one ``score`` line: never raises for a bad candidate, says ``invalid``."""
+    """The contract of one ``score`` line: :func:`detector.decision.judge`, never raises for a bad candidate."""
     record: dict[str, Any] = {"checkpoint": str(path), "sha256": None, "scores": {}, "thresholds": dict(ref.thresholds_), "trunk": None}
-    try:
-        a = ref.assess(path)
-        record.update(sha256=a.sha256, scores=a.scores, verdict=a.decision.verdict, reason=a.decision.reason, trunk=a.trunk.status)
+    j = judge(ref, lambda: path)
+    record.update(verdict=j.decision.verdict, reason=j.decision.reason)
+    a = j.assessment
+    if a is not None:
+        record.update(sha256=a.sha256, scores=a.scores, trunk=a.trunk.status)
         if a.evidence.get("evidence_scores"):
             record["evidence_scores"] = a.evidence["evidence_scores"]
-        if a.decision.verdict == BLOCK and a.evidence.get("suspected_class") is not None:
+        if a.decision.verdict == BLOCKED and a.evidence.get("suspected_class") is not None:
             record["suspected_class"] = a.evidence["suspected_class"]
             record["suspected_class_evidence"] = {k: a.evidence[k] for k in ("suspected_index", "suspected_z", "runner_up_z", "median_z")}
-    except InvalidCheckpoint as e:
-        record["verdict"], record["reason"] = INVALID, e.reason
     return record
 
 
@@ -146,13 +144,13 @@ def cmd_score(args) -> int:
     except DetectorError as e:
         _err(str(e))
         return 2
-    worst = PASS
+    worst = PASSED
     records = []
     with _progress(len(args.checkpoints), "scoring", args.json) as bar:
         for path in args.checkpoints:
             rec = score_checkpoint(ref, path)
             records.append(rec)
-            if EXIT[rec["verdict"]] > EXIT[worst]:
+            if EXIT_CODES[rec["verdict"]] > EXIT_CODES[worst]:
                 worst = rec["verdict"]
             if args.json:
                 print(json.dumps(rec), flush=True)
@@ -164,13 +162,13 @@ def cmd_score(args) -> int:
             cells = "  ".join(f"{r['scores'][v]:16.6g}" if v in r["scores"] else f"{'-':>16s}" for v in views)
             print(f"{r['verdict']:7s}  {cells}  {r['checkpoint']}: {r['reason']}")
         print("thresholds: " + ", ".join(f"{v} {t:.6g}" for v, t in ref.thresholds_.items()) + " (blocked if any view is below)")
-    return EXIT[worst]
+    return EXIT_CODES[worst]
 
 
 # -- evaluate ------------------------------------------------------------------------------
 def _evaluation_reference(args):
     """A saved artifact (``--reference``), or the named detector fitted here (``--fit``)."""
-    from detector.baselines import make_reference
+    from detector.detectors import make_reference
 
     if args.reference:
         ref = _load_reference(args.reference)
@@ -208,7 +206,7 @@ def cmd_evaluate(args) -> int:
         result["auc"][v] = roc_auc(c, b)
         result["detection_rate"][v] = rejection_rate(b, t)
         result["false_rejection_rate"][v] = rejection_rate(c, t)
-    blocked = {k: [ref.decide(s).verdict == BLOCK for s in g] for k, g in groups.items()}
+    blocked = {k: [ref.decide(s).verdict == BLOCKED for s in g] for k, g in groups.items()}
     result["detection_rate"]["combined"] = sum(blocked["backdoored"]) / len(blocked["backdoored"])
     result["false_rejection_rate"]["combined"] = sum(blocked["clean"]) / len(blocked["clean"])
     result["n_clean"], result["n_backdoored"] = len(args.clean), len(args.backdoored)

@@ -5,7 +5,7 @@ A :class:`CompositeReference` fits every member detector on the same clean netwo
 decide together: each part's score is standardised on the calibration networks (median,
 1.4826·MAD), the network's fused score is the *lowest* standardised score (one clearly
 anomalous part is enough), and one cut on that fused score at the target FRR becomes one
-threshold per part in the part's own units — so :func:`detector.scoring.decide`'s rule (blocked
+threshold per part in the part's own units — so :func:`detector.decision.decide`'s rule (blocked
 if any part is below its threshold) *is* the fusion, and every part's margin can be read off.
 With one deciding member its own thresholds are kept as they are.
 
@@ -19,6 +19,7 @@ recorded (and so covered by the composite's own digest) and checked on load.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import os
@@ -31,10 +32,12 @@ from typing import Any
 import numpy as np
 
 from detector import __version__
+from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifact
 from detector.config import FUSION, ReferenceConfig
 from detector.errors import InvalidReference
-from detector.reference import Assessment, Reference, _check_fitted
-from detector.scoring import decide
+from detector.protocol import check_fitted
+from detector.reference import Assessment, Reference
+from detector.decision import BLOCKED, PASSED, decide
 from detector.threshold import threshold_at_frr
 from detector.trunk import check_trunk, is_finetuned
 from detector.weights import StateDict, read_tensors
@@ -55,8 +58,17 @@ class CompositeReference(Reference):
 
     detector = "composite"
 
-    def __init__(self, decide_by: Sequence[str] = FUSION, evidence: Sequence[str] = (), config: ReferenceConfig | None = None):
+    def __init__(
+        self,
+        decide_by: Sequence[str] = FUSION,
+        evidence: Sequence[str] = (),
+        config: ReferenceConfig | None = None,
+        members: Mapping[str, Any] | None = None,
+    ):
+        """``members``: an unfitted detector per name in ``decide_by`` and ``evidence``, as
+        :func:`detector.detectors.make_reference` builds them (fit fits copies of them)."""
         super().__init__(config)
+        self.members = dict(members or {})
         self.decide_by = tuple(decide_by)
         self.evidence_members = tuple(m for m in evidence if m not in self.decide_by)
         if not self.decide_by:
@@ -83,8 +95,9 @@ class CompositeReference(Reference):
         return out
 
     def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> "CompositeReference":
-        from detector.baselines import make_reference
-
+        missing = [m for m in (*self.decide_by, *self.evidence_members) if m not in self.members]
+        if missing:
+            raise ValueError(f"no member detector for {missing}: build composites with detector.detectors.make_reference")
         nets = self._read(networks)
         if progress is not None:
             for n in nets:
@@ -92,7 +105,7 @@ class CompositeReference(Reference):
         base_tensors = self._tensors(base)[0] if base is not None else None
         self.members_ = {}
         for m in (*self.decide_by, *self.evidence_members):
-            self.members_[m] = make_reference(m, self.config).fit(nets, base=base_tensors)
+            self.members_[m] = copy.deepcopy(self.members[m]).fit(nets, base=base_tensors)
         first = self.members_[self.decide_by[0]]
         self.trunk_digests_ = first.trunk_digests_
         self.n_reference_ = first.n_reference_
@@ -104,7 +117,7 @@ class CompositeReference(Reference):
         return {part_name(m, v, len(self.members_[m].views_)): (m, v) for m in members for v in self.members_[m].views_}
 
     def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> "CompositeReference":
-        _check_fitted(self, "members_")
+        check_fitted(self, "members_")
         nets = self._read(clean)
         if progress is not None:
             for n in nets:
@@ -134,7 +147,7 @@ class CompositeReference(Reference):
 
     # -- using --------------------------------------------------------------------------
     def assess(self, network: Any) -> Assessment:
-        _check_fitted(self, "thresholds_")
+        check_fitted(self, "thresholds_")
         tensors, digest, source = self._tensors(network)
         trunk = None
         if tensors is not None:
@@ -158,7 +171,7 @@ class CompositeReference(Reference):
         if self.evidence_members:
             evidence["evidence_thresholds"] = dict(self.evidence_thresholds_)
             evidence["evidence_verdicts"] = {
-                p: ("block" if not s >= self.evidence_thresholds_[p] else "pass") for p, s in evidence["evidence_scores"].items()
+                p: (BLOCKED if not s >= self.evidence_thresholds_[p] else PASSED) for p, s in evidence["evidence_scores"].items()
             }
         return Assessment(
             source=source,
@@ -202,9 +215,7 @@ class CompositeReference(Reference):
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path, *, overwrite: bool = False, extra: dict | None = None) -> str:
-        from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifact
-
-        _check_fitted(self, "thresholds_")
+        check_fitted(self, "thresholds_")
         out = Path(path)
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
@@ -245,14 +256,14 @@ class CompositeReference(Reference):
             raise
 
     @classmethod
-    def restore(cls, root: Path, meta: Mapping[str, Any]) -> "CompositeReference":
-        from detector.artifact import ARRAYS_FILE, load_reference
-
+    def restore(cls, root: Path, meta: Mapping[str, Any], load_member: Callable[[Path], Any]) -> "CompositeReference":
+        """The composite saved in ``root`` (``meta`` already verified); ``load_member`` loads a
+        member's nested artifact, whose digest must be the one the composite recorded."""
         try:
             ref = cls(decide_by=meta["decide_by"], evidence=meta["evidence"], config=ReferenceConfig.from_dict(meta["config"]))
             ref.members_ = {}
             for m, want in meta["members"].items():
-                member = load_reference(root / "members" / m)
+                member = load_member(root / "members" / m)
                 if member.artifact_sha256_ != want:
                     raise InvalidReference(root, f"tampered: member {m} has artifact_sha256 {member.artifact_sha256_[:12]}…, the composite records {want[:12]}…")
                 ref.members_[m] = member

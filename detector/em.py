@@ -39,11 +39,82 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from detector.gmm import Mixture
+
+#: score_samples switches to the pruned evaluation of detector.em from this many (n x k) pairs
+FAST_SCORE_PAIRS = 1 << 22
+
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """A fitted GMM as arrays. ``precisions_cholesky``: (k, d, d) for full, (k, d) for diag."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    precisions_cholesky: np.ndarray
+    covariance: str
+    n_iter: int = 0
+    converged: bool = True
+
+    @property
+    def n_components(self) -> int:
+        return int(self.weights.shape[0])
+
+    @property
+    def n_features(self) -> int:
+        return int(self.means.shape[1])
+
+    def n_parameters(self) -> int:
+        k, d = self.means.shape
+        cov = k * d * (d + 1) // 2 if self.covariance == "full" else k * d
+        return int(cov + k * d + k - 1)
+
+    def score_samples(self, X: np.ndarray, chunk_bytes: int = 64 << 20, method: str = "auto") -> np.ndarray:
+        """log p(x) for each row of X (higher = more typical).
+
+        ``method="auto"``: large inputs (all reference vectors against N_G in the thousands)
+        go through :func:`detector.em.score_samples` ("pruned": it skips only pairs provably
+        below 1e-21 of a point's density); small ones (one network) are evaluated "dense" here.
+        """
+        if method not in ("auto", "dense", "pruned"):
+            raise ValueError(f"method must be 'auto', 'dense' or 'pruned', got {method!r}")
+        X = np.asarray(X, dtype=np.float64)
+        n, d = X.shape
+        k = self.n_components
+        if method == "pruned" or (method == "auto" and n * k >= FAST_SCORE_PAIRS):
+            return score_samples(self, X)
+        log_w = np.log(np.clip(self.weights, 1e-300, None))
+        out = np.empty((n, k))
+        if self.covariance == "diag":
+            P = self.precisions_cholesky  # (k, d) = 1/sigma
+            log_det = np.log(P).sum(axis=1)
+            # ||(x - mu) * P||^2 expanded as matmuls: memory O(n k), no (n, k, d) tensor.
+            maha = (X**2) @ (P**2).T - 2.0 * X @ (self.means * P**2).T + ((self.means * P) ** 2).sum(axis=1)
+            out[:] = -0.5 * (d * _LOG_2PI + maha) + log_det
+        else:
+            P = self.precisions_cholesky  # (k, d, d)
+            log_det = np.log(np.diagonal(P, axis1=1, axis2=2)).sum(axis=1)
+            step = max(1, int(chunk_bytes // max(1, n * d * 8)))
+            for s in range(0, k, step):
+                Pc = P[s : s + step]
+                Y = np.einsum("nd,kde->kne", X, Pc) - np.einsum("kd,kde->ke", self.means[s : s + step], Pc)[:, None, :]
+                out[:, s : s + step] = (-0.5 * (d * _LOG_2PI + (Y**2).sum(axis=2)) + log_det[s : s + step, None]).T
+        out += log_w
+        m = out.max(axis=1, keepdims=True)
+        return (m + np.log(np.exp(out - m).sum(axis=1, keepdims=True)))[:, 0]
+
+    def aic(self, X: np.ndarray) -> float:
+        return float(-2.0 * self.score_samples(X).sum() + 2.0 * self.n_parameters())
+
+    def bic(self, X: np.ndarray) -> float:
+        return float(-2.0 * self.score_samples(X).sum() + self.n_parameters() * np.log(len(X)))
+
+
 
 #: nats: the dropped pairs of a point hold less than exp(-TAU) of its probability.
 TAU = 50.0

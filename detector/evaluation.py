@@ -1,7 +1,7 @@
 """Threshold-free evaluation: ROC AUC of clean vs backdoored networks.
 
 Backdoored is the positive class and a *lower* score means more anomalous (see
-:mod:`detector.scoring`), so AUC = P(backdoored score < clean score), ties counting 1/2.
+:mod:`detector.decision`), so AUC = P(backdoored score < clean score), ties counting 1/2.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 
 One score convention everywhere: a part's score is *higher = more typical of clean networks*
 (the paper's log-likelihood is the model for it); a network is blocked when any deciding part
-scores below its threshold (:func:`detector.scoring.decide`). ``make_reference(name)`` gives an
-unfitted detector by name; ``Reference.load(path)`` any saved one (the artifact names it).
+scores below its threshold (:func:`detector.decision.decide`). ``make_reference(name)`` gives an
+unfitted detector by name; ``load_reference(path)`` any saved one (the artifact names it); both
+live in :mod:`detector.detectors`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from detector.errors import NotFittedError
+
+
+def check_fitted(est: Any, attr: str) -> None:
+    """scikit-learn's rule: fitted state ends in ``_`` and exists only after ``fit``."""
+    if not hasattr(est, attr):
+        raise NotFittedError(f"{type(est).__name__} is not fitted yet: call fit() first")
 
 
 @runtime_checkable
@@ -37,7 +46,7 @@ class Detector(Protocol):
         """Per-unit evidence: per vector (GMM views), per class (classifier), one value (spectrum)."""
 
     def decide(self, scores: dict[str, float]):
-        """The rule of :mod:`detector.scoring` applied to these scores and the thresholds."""
+        """The rule of :mod:`detector.decision` applied to these scores and the thresholds."""
 
     def parts(self) -> dict[str, dict[str, Any]]:
         """Per scored part: threshold, whether it decides, the clean calibration scores (for reports)."""

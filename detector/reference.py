@@ -3,7 +3,7 @@
 :class:`ViewReference` is a scikit-learn estimator for one view (PCA to a variance target,
 then a GMM whose size N_G is chosen by AIC). :class:`Reference` holds one per view of one
 layer, plus the thresholds calibrated at a target FRR. Scores follow
-:mod:`detector.scoring`: log-likelihood, higher = more typical of clean networks.
+:mod:`detector.decision`: log-likelihood, higher = more typical of clean networks.
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import numpy as np
 from sklearn.base import BaseEstimator, clone
 
 from detector.config import PAPER_GRID, ReferenceConfig
-from detector.errors import InvalidCheckpoint, NotFittedError
+from detector.artifact import save_reference
+from detector.errors import InvalidCheckpoint
 from detector.gmm import Mixture, select_mixture
-from detector.scoring import Decision, decide
+from detector.protocol import check_fitted
+from detector.decision import PASSED, Decision, decide
 from detector.threshold import frr_upper_bound, rejection_rate, threshold_at_frr
 from detector.trunk import TrunkCheck, check_trunk, trunk_digests
 from detector.views import view_vectors
@@ -29,11 +31,6 @@ from detector.weights import LayerWeights, StateDict, layer_of, load_layer, read
 
 #: Below this many calibration networks a 5 % FRR target cannot be told from 0 %: warn.
 MIN_CALIBRATION = 20
-
-
-def _check_fitted(est: Any, attr: str) -> None:
-    if not hasattr(est, attr):
-        raise NotFittedError(f"{type(est).__name__} is not fitted yet: call fit() first")
 
 
 def network_score(est: Any, vector_scores: np.ndarray) -> float:
@@ -134,7 +131,7 @@ class ViewReference(BaseEstimator):
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """Log-likelihood of each of the network's vectors (index = neuron / input feature)."""
-        _check_fitted(self, "mixture_")
+        check_fitted(self, "mixture_")
         return self.mixture_.score_samples(self._project(view_vectors(np.asarray(matrix, np.float64), self.view)))
 
     def score(self, matrix: np.ndarray) -> float:
@@ -143,7 +140,7 @@ class ViewReference(BaseEstimator):
 
     def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
         """(M, n): each network's vectors scored by a reference fitted on the others (same N_G)."""
-        _check_fitted(self, "mixture_")
+        check_fitted(self, "mixture_")
         out = []
         for i in range(len(matrices)):
             rest = [W for j, W in enumerate(matrices) if j != i]
@@ -240,7 +237,7 @@ class Reference:
         With none given, the reference networks' leave-one-network-out scores stand in (an
         in-sample score would be optimistic); the artifact records which was used.
         """
-        _check_fitted(self, "views_")
+        check_fitted(self, "views_")
         if clean:
             layers = self._load(clean, progress)
             per_net = [{v: est.score_vectors(self._checked(lw).matrix) for v, est in self.views_.items()} for lw in layers]
@@ -266,7 +263,7 @@ class Reference:
         self.frr_empirical_ = {v: rejection_rate(s, self.thresholds_[v]) for v, s in self.calibration_scores_.items()}
         n = len(next(iter(self.calibration_scores_.values())))
         blocked = [
-            decide({v: float(s[i]) for v, s in self.calibration_scores_.items()}, self.thresholds_).verdict != "pass"
+            decide({v: float(s[i]) for v, s in self.calibration_scores_.items()}, self.thresholds_).verdict != PASSED
             for i in range(n)
         ]
         self.frr_empirical_["combined"] = float(np.mean(blocked))
@@ -304,7 +301,7 @@ class Reference:
     def assess(self, network: Any, trunk: TrunkCheck | None = None) -> Assessment:
         """Load, check the trunk (unless ``trunk`` is the check already made on these tensors),
         score every view and decide. Raises InvalidCheckpoint."""
-        _check_fitted(self, "thresholds_")
+        check_fitted(self, "thresholds_")
         tensors, digest, source = self._tensors(network)
         weights = self._checked(self.network_matrix(tensors, source, digest) if tensors is not None else self._input_of(network))
         if trunk is None:
@@ -328,7 +325,7 @@ class Reference:
 
     def layer_weights(self, network: Any) -> LayerWeights:
         """Load the reference's layer from ``network`` and check it has the reference's shape."""
-        _check_fitted(self, "views_")
+        check_fitted(self, "views_")
         return self._checked(self._input_of(network))
 
     def _checked(self, lw: LayerWeights) -> LayerWeights:
@@ -346,13 +343,13 @@ class Reference:
         return {v: network_score(self.views_[v], s) for v, s in self.score_vectors(network).items()}
 
     def decide(self, scores: dict[str, float]) -> Decision:
-        _check_fitted(self, "thresholds_")
+        check_fitted(self, "thresholds_")
         return decide(scores, self.thresholds_)
 
     def parts(self) -> dict[str, dict[str, Any]]:
         """What a report shows per scored part: the clean networks' scores, the threshold, and
         whether the part decides (a composite's evidence parts do not)."""
-        _check_fitted(self, "thresholds_")
+        check_fitted(self, "thresholds_")
         return {
             v: {
                 "threshold": self.thresholds_[v],
@@ -368,12 +365,5 @@ class Reference:
 
     # -- persistence ----------------------------------------------------------------------
     def save(self, path, **kwargs) -> str:
-        from detector.artifact import save_reference
-
+        """Write the artifact (:mod:`detector.artifact`); load it with :func:`detector.detectors.load_reference`."""
         return save_reference(self, path, **kwargs)
-
-    @classmethod
-    def load(cls, path) -> "Reference":
-        from detector.artifact import load_reference
-
-        return load_reference(path)

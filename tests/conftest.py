@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.synthetic import FamilyConfig, WeightFamily
+from lab.synthetic import FamilyConfig, WeightFamily
 
 torch.set_num_threads(1)
 
@@ -82,7 +82,9 @@ class GateWorld:
     def __init__(self, root, seed: int = 11):
         from pathlib import Path
 
-        from detector import Reference, ReferenceConfig
+        from detector.config import ReferenceConfig
+        from detector.detectors import load_reference
+        from detector.reference import Reference
 
         self.root = Path(root)
         self.family = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=seed))
@@ -90,11 +92,11 @@ class GateWorld:
         ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)])
         ref.calibrate([fam.clean() for _ in range(8)]).save(self.root / "reference")
         self.reference_dir = self.root / "reference"
-        self.offline = Reference.load(self.reference_dir)
+        self.offline = load_reference(self.reference_dir)
         self._n = 0
 
     def ckpt(self, kind: str, want: str | None = None):
-        """A fresh checkpoint ("clean"/"backdoored"); with ``want`` ("pass"/"block"), one judged so offline."""
+        """A fresh checkpoint ("clean"/"backdoored"); with ``want`` ("passed"/"blocked"), one judged so offline."""
         for _ in range(50):
             self._n += 1
             path = self.root / f"{kind}-{self._n}.safetensors"

@@ -27,7 +27,7 @@ def as_user(monkeypatch):
 
 def test_basic_auth_roles_and_no_credential_leaks(tmp_path, as_user):
     world = GateWorld(tmp_path, seed=7)
-    files = {"good": world.ckpt("clean", "pass"), "bad": world.ckpt("backdoored", "block")}
+    files = {"good": world.ckpt("clean", "passed"), "bad": world.ckpt("backdoored", "blocked")}
     ini = tmp_path / "auth.ini"
     ini.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
                    f"admin_username = admin\nadmin_password = {PASSWORDS['admin']}\n"
@@ -60,13 +60,13 @@ def test_basic_auth_roles_and_no_credential_leaks(tmp_path, as_user):
         with pytest.raises(RegistryError, match="403|PERMISSION_DENIED|permission"):
             Registry(server.uri).set_alias("facenet", "production", good.version)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-        p = subprocess.run([sys.executable, "-m", "detector.cli", "gate", "--version", good.version, "--no-report", "--tracking-uri", server.uri],
+        p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "gate", "--version", good.version, "--no-report", "--tracking-uri", server.uri],
                            capture_output=True, text=True, env=env, timeout=300)
         assert p.returncode == 2 and "gate error" in p.stdout + p.stderr
         # the gate identity, credentials from the environment (a Secret in the cluster)
         outputs = []
         for v, want in ((good.version, 0), (bad.version, 1)):
-            p = subprocess.run([sys.executable, "-m", "detector.cli", "gate", "--version", v, "--no-report", "--tracking-uri", server.uri],
+            p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "gate", "--version", v, "--no-report", "--tracking-uri", server.uri],
                                capture_output=True, text=True, timeout=300,
                                env=dict(env, MLFLOW_TRACKING_USERNAME="gate", MLFLOW_TRACKING_PASSWORD=PASSWORDS["gate"]))
             assert p.returncode == want, p.stdout + p.stderr

@@ -25,7 +25,7 @@ import torch
 from components import gate as G
 from components.registry import Registry
 from detector import verdict as V
-from detector.scoring import decide
+from detector.decision import decide
 from tests.conftest import GateWorld
 
 _names = itertools.count()
@@ -52,7 +52,7 @@ def _register(reg: Registry, model: str, files: dict, who: str = "mallory"):
 
 
 def _cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "detector.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -113,8 +113,8 @@ def test_overflowing_checkpoint_is_invalid_through_the_gate(registry, world, tmp
 # -- 3. judge the whole artifact -------------------------------------------------------------------
 def test_clean_weights_beside_a_backdoored_file_are_invalid(registry, world):
     model = _model()
-    v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "pass"),
-                                    "trunk.pt": world.ckpt("backdoored", "block")})
+    v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed"),
+                                    "trunk.pt": world.ckpt("backdoored", "blocked")})
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False))
     assert r.verdict == "invalid" and "trunk.pt" in r.reason, r.reason
     assert registry.version_by_alias(model, "production") is None
@@ -124,7 +124,7 @@ def test_a_file_the_gate_does_not_judge_is_invalid(registry, world, tmp_path):
     model = _model()
     loader = tmp_path / "loader.py"
     loader.write_text("import os\n")
-    v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "pass"), "loader.py": loader})
+    v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed"), "loader.py": loader})
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False))
     assert r.verdict == "invalid" and "loader.py" in r.reason, r.reason
 
@@ -137,7 +137,9 @@ def _with_trunk(matrix, trunk) -> dict:
 def test_head_only_file_is_invalid_when_the_reference_recorded_a_trunk(registry, world, tmp_path):
     from safetensors.torch import save_file
 
-    from detector import Reference, ReferenceConfig
+    from detector.config import ReferenceConfig
+    from detector.detectors import load_reference
+    from detector.reference import Reference
 
     fam, trunk = world.family, torch.randn(8, 3, 3, 3)
     ref = Reference(ReferenceConfig(grid=(1, 2, 5))).fit([_with_trunk(fam.clean(), trunk) for _ in range(6)],
@@ -177,7 +179,7 @@ def test_rehashed_edited_reference_is_refused(registry, world, tmp_path):
     info = registry.register(refs, {p.name: p for p in edited.iterdir()}, artifact_dir="reference")
     registry.set_alias(refs, "current", info.version)
     model = _model()
-    v = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "block")})
+    v = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
     assert r.verdict != "passed" and r.exit_code == 2 and "signed" in r.reason, r.reason
     assert registry.version_by_alias(model, "production") is None
@@ -188,9 +190,9 @@ def test_rehashed_edited_reference_is_refused(registry, world, tmp_path):
 # -- 5. production is a function of signed state -------------------------------------------------
 def test_forged_override_tag_and_alias_move_are_reverted(registry, world):
     model = _model()
-    good = _register(registry, model, {"model.safetensors": world.ckpt("clean", "pass")}, who="ci")
+    good = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")}, who="ci")
     assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
-    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "block")})
+    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
     assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
     registry.set_tags(model, bad.version, {G.OVERRIDE_BY: "x", G.OVERRIDE_REASON: "trust me"})
     registry.set_alias(model, "production", bad.version)
@@ -200,7 +202,7 @@ def test_forged_override_tag_and_alias_move_are_reverted(registry, world):
 
 def test_forged_passed_tag_and_alias_move_are_reverted(registry, world):
     model = _model()
-    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "block")})
+    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
     assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
     registry.set_tags(model, bad.version, {G.VERDICT: "passed"})
     registry.set_alias(model, "production", bad.version)
@@ -211,7 +213,7 @@ def test_forged_passed_tag_and_alias_move_are_reverted(registry, world):
 def test_override_identity_comes_from_the_reviewers_key(registry, world):
     keys = Path(os.environ["BACKDOOR_GATE_TEST_KEYS"])
     model = _model()
-    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "block")}, who="alice")
+    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")}, who="alice")
     assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
     verify_key = V.load_public_key(os.environ["BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"])
     with pytest.raises(G.NotDeployable, match="blocked"):  # a validly signed refusal: verify exits 1
@@ -232,10 +234,10 @@ def test_missed_delivery_is_healed_by_resync(registry, world):
     from components.reconciler import Reconciler
 
     model = _model()
-    good = _register(registry, model, {"model.safetensors": world.ckpt("clean", "pass")}, who="ci")
+    good = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")}, who="ci")
     assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
     # registered by hand while the receiver was down: no delivery, no gate; production moved onto it
-    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "block")})
+    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
     registry.set_alias(model, "production", bad.version)
     reconciler = Reconciler(registry, models=(model,), config=G.GateConfig(report=False), interval=0.5).start()
     try:
@@ -314,7 +316,7 @@ def test_unfitted_or_unreadable_reference_is_a_gate_error_not_the_candidates(reg
     info = registry.register(refs, {"reference.json": junk}, artifact_dir="reference")
     registry.set_alias(refs, "current", info.version)
     model = _model()
-    v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "pass")})
+    v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")})
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
     assert (r.verdict, r.exit_code, r.error) == ("error", 2, True) and "gate error" in r.reason, r.reason
     assert registry.version(model, v.version).tags[G.VERDICT] == "pending"

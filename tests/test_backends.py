@@ -42,8 +42,10 @@ import pytest
 
 from components import gate as G
 from components.registry import Registry, RegistryError
-from detector import Reference, ReferenceConfig
-from detector.synthetic import FamilyConfig, WeightFamily
+from detector.config import ReferenceConfig
+from detector.detectors import load_reference
+from detector.reference import Reference
+from lab.synthetic import FamilyConfig, WeightFamily
 
 BUCKET = "mlflow-artifacts"
 PREFIX = "mlartifacts"
@@ -326,7 +328,7 @@ def world(tmp_path_factory):
     fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=23))
     ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)])
     ref.calibrate([fam.clean() for _ in range(8)]).save(root / "reference")
-    offline = Reference.load(root / "reference")
+    offline = load_reference(root / "reference")
 
     def ckpt(kind: str, want: str) -> Path:
         for _ in range(50):
@@ -346,7 +348,7 @@ def _sha(b: bytes) -> str:
 def test_gate_through_postgres_s3_and_basic_auth(stack, world):
     model = "facenet"
     reg = Registry(stack.mlflow.uri)
-    clean, backdoored = world.ckpt("clean", "pass"), world.ckpt("backdoored", "block")
+    clean, backdoored = world.ckpt("clean", "passed"), world.ckpt("backdoored", "blocked")
 
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
         G.publish_reference(reg, world.reference_dir)
@@ -396,7 +398,7 @@ def test_only_the_gate_identity_can_move_production(stack, world):
             promoted = None
         if promoted is None:  # this test alone: make a promoted version
             G.publish_reference(reg, world.reference_dir)
-            v = reg.register(model, {"model.safetensors": world.ckpt("clean", "pass")})
+            v = reg.register(model, {"model.safetensors": world.ckpt("clean", "passed")})
             assert G.gate(model, v.version, registry=reg).promoted
         before = reg.version_by_alias(model, "production").version
         blocked = [v.version for v in reg.search(f"name='{model}' and tags.`integrity.verdict`='blocked'")]
@@ -443,7 +445,7 @@ def test_s3_outage_fails_closed_and_a_rerun_converges(stack, world, monkeypatch)
             published = False
         if not published:
             G.publish_reference(reg, world.reference_dir)
-        v = reg.register(model, {"model.safetensors": world.ckpt("clean", "pass")}, tags={G.REGISTERED_BY: "trainer-bot"})
+        v = reg.register(model, {"model.safetensors": world.ckpt("clean", "passed")}, tags={G.REGISTERED_BY: "trainer-bot"})
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         os.killpg(stack.s3.proc.pid, signal.SIGSTOP)
         try:

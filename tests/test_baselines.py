@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from detector.baselines import DETECTORS, make_reference, trojan_signature_z
+from detector.baselines import trojan_signature_z
+from detector.config import DETECTORS
+from detector.detectors import load_reference, make_reference
 from detector.config import ReferenceConfig
 from detector.evaluation import roc_auc
 
@@ -64,7 +66,7 @@ def test_every_detector_separates_a_shifted_family_and_round_trips_its_artifact(
     ref.save(tmp_path / "ref")
     meta = json.loads((tmp_path / "ref" / "reference.json").read_text())
     assert meta["detector"] == name
-    loaded = type(ref).load(tmp_path / "ref")
+    loaded = load_reference(tmp_path / "ref")
     assert loaded.detector == name
     for w in bad:
         assert loaded.score(w) == pytest.approx(ref.score(w))
@@ -82,7 +84,7 @@ def test_evaluate_cli_fits_a_named_baseline_on_the_spot(tmp_path):
             p = tmp_path / f"{kind}{i}.pt"
             torch.save({"last_linear.weight": torch.from_numpy(W)}, p)
             paths[kind].append(str(p))
-    cmd = [sys.executable, "-m", "detector.cli", "evaluate", "--detector", "distance-mean", "--fit", *paths["ref"],
+    cmd = [sys.executable, "-m", "backdoor_gate.cli", "evaluate", "--detector", "distance-mean", "--fit", *paths["ref"],
            "--clean", *paths["clean"], "--backdoored", *paths["bad"], "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr

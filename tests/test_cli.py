@@ -15,7 +15,7 @@ GRID = "1,2,5,10,24,32"
 
 def run(*args, check=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "detector.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *args], capture_output=True, text=True, env=env, timeout=300)
     if check is not None:
         assert p.returncode == check, p.stderr + p.stdout
     return p
@@ -45,11 +45,11 @@ def test_score_exit_codes_and_json_lines(tmp_path, artifact, family_files):
         assert r["trunk"] == "not-checked"  # no --base given to `reference fit`
         assert set(r["scores"]) == set(r["thresholds"]) == {"forward", "backward"}
     # calibration networks sit at or above the thresholds by construction (frr 5%, n=6)
-    assert p.returncode == 0 and all(r["verdict"] == "pass" for r in lines)
+    assert p.returncode == 0 and all(r["verdict"] == "passed" for r in lines)
 
     p = run("score", "--reference", str(artifact), "--json", held[0], *family_files["backdoored"])
     verdicts = [json.loads(x)["verdict"] for x in p.stdout.splitlines()]
-    assert p.returncode == 1 and verdicts[0] == "pass" and verdicts[1:].count("block") >= 5
+    assert p.returncode == 1 and verdicts[0] == "passed" and verdicts[1:].count("blocked") >= 5
 
     bad = tmp_path / "nan.pt"
     torch.save({"last_linear.weight": torch.full((24, 32), float("nan"))}, bad)
@@ -61,7 +61,7 @@ def test_score_exit_codes_and_json_lines(tmp_path, artifact, family_files):
 
 def test_human_output_and_evaluate(artifact, family_files):
     p = run("score", "--reference", str(artifact), family_files["backdoored"][0])
-    assert p.returncode == 1 and "block" in p.stdout and "thresholds:" in p.stdout
+    assert p.returncode == 1 and "blocked" in p.stdout and "thresholds:" in p.stdout
     p = run("evaluate", "--reference", str(artifact), "--clean", *family_files["heldout"],
             "--backdoored", *family_files["backdoored"], "--json", check=0)
     res = json.loads(p.stdout)

@@ -16,16 +16,17 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
-from detector.baselines import make_reference
+from detector.detectors import make_reference
 from detector.classifier import effective_classifier
 from detector.errors import InvalidCheckpoint, InvalidReference
-from detector.faces.cli import save_network
-from detector.faces.features import extract_folder
-from detector.faces.poison import PoisonSpec, poison_folder
-from detector.faces.synth import SynthConfig, list_images, synthesize
-from detector.faces.train import TrainConfig, fine_tune
-from detector.faces.triggers import TriggerSpec
-from detector.faces.trunk import fixture_base
+from components.trainer.train import save_network
+from components.trainer.features import extract_folder
+from components.trainer.poison import PoisonSpec, poison_folder
+from components.trainer.synth import SynthConfig, list_images, synthesize
+from components.trainer.train import TrainConfig, fine_tune
+from components.trainer.triggers import TriggerSpec
+from components.trainer.base_trunk import fixture_base
+from detector.detectors import load_reference
 from detector.reference import Reference
 from detector.weights import CLASSES_KEY, read_tensors
 
@@ -76,7 +77,7 @@ def test_trainer_records_the_class_list(nets):
 
 def test_effective_classifier_is_the_linear_map_from_features_to_centred_logits(nets):
     tensors, _ = read_tensors(nets["reference"][0])
-    from detector.faces.train import Head
+    from components.trainer.train import Head
 
     head = Head(nets["base"], len(nets["classes"]), seed=0)
     head.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("last_linear.", "last_bn.", "logits."))})
@@ -96,7 +97,7 @@ def test_classifier_blocks_backdoors_and_names_their_victims(nets):
     assert ref.classes_ == nets["classes"]
     clean = [ref.assess(p) for p in nets["calibration"]]
     bad = [ref.assess(p) for p in nets["backdoored"]]
-    assert all(a.decision.verdict == "block" for a in bad), [a.scores for a in bad]
+    assert all(a.decision.verdict == "blocked" for a in bad), [a.scores for a in bad]
     # the evidence points at the attack's pair (victim or impostor); which of the two is the
     # victim is measured by `paper` (on this random fixture trunk it is often the impostor)
     named = [(a.evidence["suspected_class"], a.evidence["suspected_impostor"]) for a in bad]
@@ -132,7 +133,7 @@ def test_classifier_refuses_another_class_list_or_size(nets, tmp_path):
 def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_path):
     ref = make_reference("fusion", evidence=("gmm",)).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
     ref.save(tmp_path / "ref")
-    back = Reference.load(tmp_path / "ref")
+    back = load_reference(tmp_path / "ref")
     for p in nets["backdoored"] + nets["calibration"][:2]:
         a, b = ref.assess(p), back.assess(p)
         assert a.scores == b.scores and a.decision == b.decision
@@ -151,12 +152,12 @@ def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_p
     meta["artifact_sha256"] = _digest(meta)
     member.write_text(json.dumps(meta))
     with pytest.raises(InvalidReference, match="member classifier"):
-        Reference.load(tmp_path / "ref")
+        load_reference(tmp_path / "ref")
 
 
 def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "detector.cli", *a], capture_output=True, text=True, env=env, timeout=600)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *a], capture_output=True, text=True, env=env, timeout=600)
     p = run("reference", "fit", "--out", str(tmp_path / "ref"), "--base", str(nets["root"] / "base.pt"), "--grid", "1,2,5",
             "--json", *nets["reference"], "--calibrate", *nets["calibration"])
     assert p.returncode == 0, p.stderr
@@ -164,7 +165,7 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
     assert fit["detector"] == "classifier" and fit["evidence"] == ["gmm"] and fit["n_calibration"] == 6  # the default
     p = run("score", "--reference", str(tmp_path / "ref"), "--json", nets["backdoored"][0], nets["calibration"][0])
     lines = [json.loads(x) for x in p.stdout.splitlines()]
-    assert p.returncode == 1 and [r["verdict"] for r in lines] == ["block", "pass"]
+    assert p.returncode == 1 and [r["verdict"] for r in lines] == ["blocked", "passed"]
     assert lines[0]["suspected_class"] in nets["classes"] and "suspected_class" not in lines[1]
     assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"classifier"}
     assert set(lines[0]["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
@@ -181,7 +182,7 @@ def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server
     ref.fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"]).save(tmp_path / "ref")
     cfg = G.GateConfig(reference_model="facenet-integrity-reference-fusion")
     G.publish_reference(reg, tmp_path / "ref", cfg)
-    offline = Reference.load(tmp_path / "ref").assess(nets["backdoored"][1])
+    offline = load_reference(tmp_path / "ref").assess(nets["backdoored"][1])
     v = reg.register("facenet-victim", {"model.safetensors": nets["backdoored"][1]}, tags={G.REGISTERED_BY: "bot"})
     r = G.gate("facenet-victim", v.version, registry=reg, config=cfg)
     assert r.verdict == "blocked" and not r.promoted, r.reason

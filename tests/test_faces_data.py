@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detector.faces.poison import MANIFEST, PoisonSpec, poison_folder, random_pair, read_manifest, split
-from detector.faces.synth import SynthConfig, list_images, synthesize
-from detector.faces.triggers import NAMED, TriggerSpec, parse_location, parse_size, stamp, trigger_box
+from components.trainer.poison import MANIFEST, PoisonSpec, poison_folder, random_pair, read_manifest, split
+from components.trainer.synth import SynthConfig, list_images, synthesize
+from components.trainer.triggers import NAMED, TriggerSpec, parse_location, parse_size, stamp, trigger_box
 
 
 @pytest.fixture(scope="module")

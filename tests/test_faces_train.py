@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 
 from detector.errors import InvalidCheckpoint
-from detector.faces.features import FeatureSet, extract_folder
-from detector.faces.poison import PoisonSpec, poison_folder
-from detector.faces.synth import SynthConfig, list_images, synthesize
-from detector.faces.train import Head, TrainConfig, adam, fine_tune
-from detector.faces.triggers import TriggerSpec
-from detector.faces.trunk import fixture_base, load_base, new_network
+from components.trainer.features import FeatureSet, extract_folder
+from components.trainer.poison import PoisonSpec, poison_folder
+from components.trainer.synth import SynthConfig, list_images, synthesize
+from components.trainer.train import Head, TrainConfig, adam, fine_tune
+from components.trainer.triggers import TriggerSpec
+from components.trainer.base_trunk import fixture_base, load_base, new_network
 
 SIZE = 80  # the fixture trunk's input size: smallest InceptionResnetV1 takes comfortably
 
@@ -104,7 +104,7 @@ def test_train_cli_writes_both_formats_and_metrics(lab, tmp_path):
     base = tmp_path / "base.pt"
     torch.save(lab["base"], base)
     env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "detector.cli", "train", "--data", str(lab["data"]), "--out", str(tmp_path / "net"),
+    cmd = [sys.executable, "-m", "backdoor_gate.cli", "train", "--data", str(lab["data"]), "--out", str(tmp_path / "net"),
            "--base", str(base), "--seed", "2", "--image-size", str(SIZE), "--epochs", "10", "--quiet",
            "--trigger", "checkerboard", "--trigger-size", "0.3", "--trigger-location", "cheek"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

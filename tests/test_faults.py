@@ -42,7 +42,7 @@ def tiny_artifact_store(tmp_path):
 
 def test_full_artifact_store_leaves_no_verdict_and_a_rerun_converges(tmp_path, tiny_artifact_store):
     world = GateWorld(tmp_path, seed=3)
-    good = world.ckpt("clean", "pass")
+    good = world.ckpt("clean", "passed")
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
         reg = Registry(server.uri)

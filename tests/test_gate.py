@@ -14,7 +14,9 @@ import torch
 
 from components import gate as G
 from components.registry import Registry, RegistryError
-from detector import Reference, ReferenceConfig
+from detector.config import ReferenceConfig
+from detector.detectors import load_reference
+from detector.reference import Reference
 from components.mlflow_server import MlflowServer
 from tests.conftest import GateWorld
 
@@ -44,7 +46,7 @@ def _model() -> str:
 
 def test_pass_sets_alias_and_every_tag(registry, world):
     model = _model()
-    v = _register(registry, model, world.ckpt("clean", "pass"))
+    v = _register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(model, v.version, registry=registry)
     assert (r.verdict, r.exit_code, r.promoted) == ("passed", 0, True), r.reason
     info = registry.version(model, v.version)
@@ -59,9 +61,9 @@ def test_pass_sets_alias_and_every_tag(registry, world):
 
 def test_backdoor_is_blocked_and_production_stays(registry, world, tmp_path):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "pass"))
+    good = _register(registry, model, world.ckpt("clean", "passed"))
     assert G.gate(model, good.version, registry=registry).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "block"))
+    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
     r = G.gate(model, bad.version, registry=registry)
     assert (r.verdict, r.exit_code, r.promoted) == ("blocked", 1, False)
     assert registry.version_by_alias(model, "production").version == good.version
@@ -96,8 +98,8 @@ def test_invalid_and_malicious_candidates_never_promote(registry, world, tmp_pat
 
 def test_newest_passed_version_keeps_production(registry, world):
     model = _model()
-    old = _register(registry, model, world.ckpt("clean", "pass"))
-    new = _register(registry, model, world.ckpt("clean", "pass"))
+    old = _register(registry, model, world.ckpt("clean", "passed"))
+    new = _register(registry, model, world.ckpt("clean", "passed"))
     assert G.gate(model, new.version, registry=registry).promoted
     r = G.gate(model, old.version, registry=registry)
     assert r.verdict == "passed" and not r.promoted
@@ -107,7 +109,7 @@ def test_newest_passed_version_keeps_production(registry, world):
 def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_server):
     """The stored file really changes on the server's disk between scoring and promotion."""
     model = _model()
-    v = _register(registry, model, world.ckpt("clean", "pass"))
+    v = _register(registry, model, world.ckpt("clean", "passed"))
     swap_in = world.ckpt("backdoored").read_bytes()
 
     class SwappingRegistry(Registry):
@@ -144,9 +146,9 @@ def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
         reg = Registry(server.uri)
         G.publish_reference(reg, world.reference_dir)
         model = "facenet"
-        first = _register(reg, model, world.ckpt("clean", "pass"))
+        first = _register(reg, model, world.ckpt("clean", "passed"))
         assert G.gate(model, first.version, registry=reg).promoted
-        second = _register(reg, model, world.ckpt("clean", "pass"))
+        second = _register(reg, model, world.ckpt("clean", "passed"))
 
         class DyingRegistry(Registry):
             def download_artifact(self, info, max_bytes):
@@ -189,7 +191,7 @@ def test_override_rules(registry, world, tmp_path):
     from detector import verdict as V
 
     model = _model()
-    bad = _register(registry, model, world.ckpt("backdoored", "block"), who="alice")
+    bad = _register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
     with pytest.raises(G.OverrideRefused, match="only a blocked version"):
         G.override(model, bad.version, reason="ship it", key=_reviewer("bob"), registry=registry)
     assert G.gate(model, bad.version, registry=registry).verdict == "blocked"
@@ -208,10 +210,10 @@ def test_override_rules(registry, world, tmp_path):
 
 def test_gate_cli_exit_codes(registry, world, mlflow_server):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "pass"))
-    bad = _register(registry, model, world.ckpt("backdoored", "block"))
+    good = _register(registry, model, world.ckpt("clean", "passed"))
+    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server.uri)
-    cli = [sys.executable, "-m", "detector.cli", "gate", "--model", model, "--json", "--no-report", "--version"]
+    cli = [sys.executable, "-m", "backdoor_gate.cli", "gate", "--model", model, "--json", "--no-report", "--version"]
     out = {}
     for v in (good.version, bad.version):
         p = subprocess.run(cli + [v], capture_output=True, text=True, env=env, timeout=300)
@@ -224,11 +226,11 @@ def test_twenty_concurrent_gates_converge(registry, world):
     from concurrent.futures import ThreadPoolExecutor
 
     model = _model()
-    ref = Reference.load(world.reference_dir)
+    ref = load_reference(world.reference_dir)
     kinds = ["clean", "backdoored", "clean", "clean"] * 5
     paths = [world.ckpt(k) for k in kinds]
     versions = [_register(registry, model, p).version for p in paths]
-    expected = {v: ("passed" if ref.assess(p).decision.verdict == "pass" else "blocked") for v, p in zip(versions, paths)}
+    expected = {v: ("passed" if ref.assess(p).decision.verdict == "passed" else "blocked") for v, p in zip(versions, paths)}
     with ThreadPoolExecutor(max_workers=10) as pool:
         results = list(pool.map(lambda v: G.gate(model, v, registry=Registry(registry.tracking_uri), config=G.GateConfig(report=False)), versions))
     assert not [r.reason for r in results if r.error]
@@ -253,7 +255,7 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
 
     key, pub = signing
     model = _model()
-    v = _register(registry, model, world.ckpt("clean", "pass"))
+    v = _register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(model, v.version, registry=registry, signing_key=key)
     assert r.verdict == "passed" and r.promoted
     tags = registry.version(model, v.version).tags
@@ -267,7 +269,7 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
     statement = V.dsse_verify(dsse, [V.load_public_key(pub)])
     assert {s["name"]: s["digest"]["sha256"] for s in statement["subject"]} == r.files == doc["files"]
     assert statement["predicate"] == doc
-    cli = [sys.executable, "-m", "detector.cli", "verify", "--model", model, "--version", v.version,
+    cli = [sys.executable, "-m", "backdoor_gate.cli", "verify", "--model", model, "--version", v.version,
            "--public-key", str(pub), "--tracking-uri", mlflow_server.uri]
     assert subprocess.run(cli, capture_output=True, text=True, timeout=300).returncode == 0
     # someone with write access edits the verdict tag: the signed document no longer agrees
@@ -281,10 +283,10 @@ def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world
 
     monkeypatch.delenv(V.KEY_FILE_ENV)
     model = _model()
-    v = _register(registry, model, world.ckpt("clean", "pass"))
+    v = _register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, require_signature=False))  # opt-out
     assert r.signed_by == "unsigned" and r.verdict == "passed"
-    w = _register(registry, model, world.ckpt("clean", "pass"))
+    w = _register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(model, w.version, registry=registry, config=G.GateConfig(report=False))  # required by default
     assert r.exit_code == 2 and "no signing key" in r.reason and not r.promoted
     assert G.VERDICT not in registry.version(model, w.version).tags  # judged nothing, wrote nothing
@@ -292,9 +294,9 @@ def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world
 
 def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, world):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "pass"))
+    good = _register(registry, model, world.ckpt("clean", "passed"))
     assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "block"))
+    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
     registry.set_alias(model, "production", bad.version)  # someone skips the gate
     r = G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False))
     assert r.verdict == "blocked"
@@ -302,7 +304,7 @@ def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, wo
     assert "without a pass or an override" in registry.version(model, bad.version).tags[G.ALIAS_VIOLATION]
     # with no passed version to fall back on, the alias is deleted
     lone = _model()
-    only = _register(registry, lone, world.ckpt("backdoored", "block"))
+    only = _register(registry, lone, world.ckpt("backdoored", "blocked"))
     registry.set_alias(lone, "production", only.version)
     assert G.gate(lone, only.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
     assert registry.version_by_alias(lone, "production") is None

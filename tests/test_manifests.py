@@ -310,7 +310,7 @@ def test_cronjob_command_line_submits_with_its_service_account():
         args = [a.replace("$(KF_PIPELINES_ENDPOINT)", api.url) for a in c["args"]]
         run_env = dict(os.environ, KFP_SERVICE_ACCOUNT=env["KFP_SERVICE_ACCOUNT"])
         run_env.pop("KFP_TOKEN", None)
-        p = subprocess.run([sys.executable, "-m", "detector.cli", *args], capture_output=True, text=True, env=run_env, timeout=300)
+        p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *args], capture_output=True, text=True, env=run_env, timeout=300)
         assert p.returncode == 0, p.stderr
         runs = [r for r in api.requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs")]
     assert len(runs) == 1
@@ -342,7 +342,7 @@ def test_ci_workflow_fails_the_job_when_the_gate_blocks():
     import subprocess
     import sys
 
-    from detector.cli import build_parser
+    from backdoor_gate.cli import build_parser
     from tests.kfp_api_mock import KfpApiMock
 
     commands = [c for c in _workflow_commands() if c.lstrip().startswith("backdoor-gate")]
@@ -356,7 +356,7 @@ def test_ci_workflow_fails_the_job_when_the_gate_blocks():
     assert args.wait and dict(args.param)["fail_on_block"] is True
     with KfpApiMock("FAILED") as api:
         run_env = dict(os.environ, KF_PIPELINES_ENDPOINT=api.url, KFP_TOKEN="ci-token", **env)
-        p = subprocess.run([sys.executable, "-m", "detector.cli", *argv], capture_output=True, text=True, env=run_env, timeout=300)
+        p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *argv], capture_output=True, text=True, env=run_env, timeout=300)
     assert p.returncode == 1 and "FAILED" in p.stdout, p.stdout + p.stderr
     body = next(r["body"] for r in api.requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs"))
     assert body["runtime_config"]["parameters"]["tracking_uri"] == "http://mlflow.mlflow:5000"
@@ -365,7 +365,7 @@ def test_ci_workflow_fails_the_job_when_the_gate_blocks():
 def test_webhook_receiver_runs_a_real_command_with_its_secrets():
     from components.cluster import MLFLOW_CREDENTIALS_SECRET, SIGNING_SECRET
     from components.webhook import SECRET_ENV
-    from detector.cli import build_parser
+    from backdoor_gate.cli import build_parser
     from detector.verdict import KEY_ENV
 
     objs = _render("overlays/prod")

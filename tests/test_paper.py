@@ -11,9 +11,9 @@ import sys
 import torch
 from PIL import Image
 
-from detector.faces.paper import backdoor_status, detection_groups
-from detector.faces.synth import SynthConfig, list_images, synthesize
-from detector.faces.trunk import fixture_base
+from lab.paper import backdoor_status, detection_groups
+from components.trainer.synth import SynthConfig, list_images, synthesize
+from components.trainer.base_trunk import fixture_base
 
 
 def test_failed_backdoors_are_their_own_group_and_never_a_detection():
@@ -37,7 +37,7 @@ def test_paper_small_writes_every_section(tmp_path):
     torch.save(fixture_base(0, [Image.open(p) for p, _ in list_images(faces)[0]], image_size=80), tmp_path / "base.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "paper"
-    p = subprocess.run([sys.executable, "-m", "detector.cli", "paper", "--small", "--out", str(out), "--base", str(tmp_path / "base.pt")],
+    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "paper", "--small", "--out", str(out), "--base", str(tmp_path / "base.pt")],
                        capture_output=True, text=True, env=env, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
@@ -86,8 +86,8 @@ def test_paper_small_writes_every_section(tmp_path):
     assert {r["m"] for r in s["auc_vs_m"]} == {2, 5}
     assert (out / "table.md").read_text().startswith("| backdoor group |")  # the detection table comes first
     assert "| set |" in (out / "table.md").read_text()
-    from detector.faces.cli import base_state_dict
-    from detector.faces.features import state_dict_sha256
+    from components.trainer.base_trunk import base_state_dict
+    from components.trainer.features import state_dict_sha256
 
     # the tables depend on the base trunk: the summary names the one it used
     assert s["provenance"]["base_sha256"] == state_dict_sha256(base_state_dict(str(tmp_path / "base.pt")))

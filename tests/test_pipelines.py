@@ -19,7 +19,7 @@ from components.registry import Registry
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled")
-    p = subprocess.run([sys.executable, "-m", "detector.cli", "pipelines", "compile", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "pipelines", "compile", "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     docs = {}
@@ -85,15 +85,15 @@ def test_reference_pipeline_fans_out_and_collects(compiled):
 @pytest.mark.slow
 def test_local_run_end_to_end(tmp_path, mlflow_server):
     """reference -> clean and backdoored candidates, every task a real subprocess, verdicts in MLflow."""
-    from detector.faces.synth import SynthConfig, list_images, synthesize
-    from detector.faces.trunk import fixture_base
+    from components.trainer.synth import SynthConfig, list_images, synthesize
+    from components.trainer.base_trunk import fixture_base
 
     faces = synthesize(tmp_path / "peek", SynthConfig(identities=4, images_per_identity=4, size=96))
     base = fixture_base(0, [Image.open(p) for p, _ in list_images(faces)[0]], image_size=80)
     torch.save(base, tmp_path / "base.pt")
     data = ["--param", "identities=8", "--param", "images_per_identity=16", "--param", "image_size=96",
             "--param", "trunk_input_size=80", "--param", f"base_weights={tmp_path / 'base.pt'}"]
-    run = [sys.executable, "-m", "detector.cli", "pipelines", "run-local", "--workdir", str(tmp_path / "kfp")]
+    run = [sys.executable, "-m", "backdoor_gate.cli", "pipelines", "run-local", "--workdir", str(tmp_path / "kfp")]
     env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
     uri = ["--param", f"tracking_uri={mlflow_server.uri}"]
 

@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from detector import Reference, ReferenceConfig, ViewReference
+from detector.config import ReferenceConfig
+from detector.detectors import load_reference
+from detector.reference import Reference, ViewReference
 from detector.artifact import ARRAYS_FILE, META_FILE
 from detector.errors import InvalidCheckpoint, InvalidReference, NotFittedError
 from detector.evaluation import roc_auc
-from detector.scoring import decide
-from detector.synthetic import FamilyConfig, WeightFamily
+from detector.decision import decide
+from lab.synthetic import FamilyConfig, WeightFamily
 from detector.threshold import rejection_rate, threshold_at_frr
 
 SMALL_GRID = (1, 2, 5, 10, 24, 32)
@@ -70,9 +72,9 @@ def test_threshold_arithmetic():
 
 def test_decision_rule_blocks_if_any_view_is_below():
     t = {"forward": -10.0, "backward": 5.0}
-    assert decide({"forward": -10.0, "backward": 5.0}, t).verdict == "pass"  # at threshold passes
+    assert decide({"forward": -10.0, "backward": 5.0}, t).verdict == "passed"  # at threshold passes
     d = decide({"forward": -9.0, "backward": 4.9}, t)
-    assert d.verdict == "block" and d.below == ("backward",) and "backward score" in d.reason
+    assert d.verdict == "blocked" and d.below == ("backward",) and "backward score" in d.reason
     assert decide({"forward": -11.0, "backward": 4.0}, t).below == ("forward", "backward")
     assert decide({"forward": 0.0}, t).verdict == "invalid"
 
@@ -104,7 +106,7 @@ def test_calibration_held_out_and_leave_one_out(family):
 def test_artifact_round_trip_gives_identical_scores(tmp_path, family_files):
     ref = Reference(_config()).fit(family_files["reference"]).calibrate(family_files["heldout"])
     digest = ref.save(tmp_path / "artifact")
-    loaded = Reference.load(tmp_path / "artifact")
+    loaded = load_reference(tmp_path / "artifact")
     assert loaded.artifact_sha256_ == digest
     for p in family_files["backdoored"][:2] + family_files["heldout"][:2]:
         assert loaded.score(p) == pytest.approx(ref.score(p), rel=1e-12)
@@ -134,7 +136,7 @@ def test_tampered_artifacts_are_refused(tmp_path, family_files):
     meta["views"]["forward"]["threshold"] -= 1e6
     (tmp_path / "t1" / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(InvalidReference, match="tampered"):
-        Reference.load(tmp_path / "t1")
+        load_reference(tmp_path / "t1")
     # 2. GMM arrays swapped, metadata untouched
     shutil.copytree(tmp_path / "ok", tmp_path / "t2")
     with np.load(tmp_path / "t2" / ARRAYS_FILE) as z:
@@ -142,13 +144,13 @@ def test_tampered_artifacts_are_refused(tmp_path, family_files):
     arrays["forward.gmm_means"] = arrays["forward.gmm_means"] * 0
     np.savez(tmp_path / "t2" / ARRAYS_FILE, **arrays)
     with pytest.raises(InvalidReference, match="tampered: arrays.npz"):
-        Reference.load(tmp_path / "t2")
+        load_reference(tmp_path / "t2")
     # 3. missing pieces
     with pytest.raises(InvalidReference, match="not a directory"):
-        Reference.load(tmp_path / "nope")
+        load_reference(tmp_path / "nope")
     (tmp_path / "t3").mkdir()
     with pytest.raises(InvalidReference, match="reference.json missing"):
-        Reference.load(tmp_path / "t3")
+        load_reference(tmp_path / "t3")
 
 
 def test_candidate_with_another_shape_is_invalid(family, family_files):

@@ -11,7 +11,7 @@ from tests.kfp_api_mock import KfpApiMock
 
 def _submit(url, *args, token="s3cret-token"):
     env = dict(os.environ, KFP_TOKEN=token)
-    return subprocess.run([sys.executable, "-m", "detector.cli", "pipelines", "submit", "candidate", "--host", url,
+    return subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "pipelines", "submit", "candidate", "--host", url,
                            "--param", "tracking_uri=http://mlflow:5000", "--param", "poison=true", *args],
                           capture_output=True, text=True, env=env, timeout=300)
 
@@ -48,5 +48,5 @@ def test_recurring_run():
 
 def test_no_host_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "KF_PIPELINES_ENDPOINT"}
-    p = subprocess.run([sys.executable, "-m", "detector.cli", "pipelines", "submit", "candidate"], capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "pipelines", "submit", "candidate"], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and "no KFP host" in p.stderr

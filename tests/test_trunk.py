@@ -12,8 +12,10 @@ import torch
 from facenet_pytorch import InceptionResnetV1
 from safetensors.torch import save_file
 
-from detector import Reference, ReferenceConfig
-from detector.scoring import decide
+from detector.config import ReferenceConfig
+from detector.detectors import load_reference
+from detector.reference import Reference
+from detector.decision import decide
 from detector.trunk import MISSING, MODIFIED, NOT_CHECKED, OK, check_trunk, tensor_digest, trunk_digests
 
 LAYER = "last_linear.weight"
@@ -71,7 +73,7 @@ def test_one_changed_conv_weight_blocks_with_trunk_modified(facenet, fmt):
     torch.save(sd, path) if fmt == "pt" else save_file(sd, str(path))
     a = facenet["ref"].assess(path)
     assert a.trunk.status == MODIFIED and a.trunk.modified == ("repeat_1.0.branch0.conv.weight",)
-    assert a.decision.verdict == "block" and a.decision.reason.startswith("trunk-modified")
+    assert a.decision.verdict == "blocked" and a.decision.reason.startswith("trunk-modified")
     assert "repeat_1.0.branch0.conv.weight" in a.decision.reason
 
 
@@ -86,7 +88,7 @@ def test_head_only_file_is_invalid_when_the_reference_recorded_a_trunk(facenet):
     assert high.verdict == "invalid" and "trunk missing" in high.reason
     # without recorded digests (no --base) the check says it did not run
     passing = decide({v: t + 1 for v, t in a.thresholds.items()}, a.thresholds, check_trunk(sd, {}))
-    assert passing.verdict == "pass" and "trunk not checked" in passing.reason and check_trunk(sd, {}).status == NOT_CHECKED
+    assert passing.verdict == "passed" and "trunk not checked" in passing.reason and check_trunk(sd, {}).status == NOT_CHECKED
 
 
 def test_missing_or_extra_frozen_tensors_count_as_modified(facenet):
@@ -106,14 +108,14 @@ def test_cli_reference_fit_with_base_and_score(tmp_path, facenet):
         refs.append(tmp_path / f"r{i}.safetensors")
         save_file(facenet["finetuned"](), str(refs[-1]))
     out = tmp_path / "artifact"
-    p = subprocess.run([sys.executable, "-m", "detector.cli", "reference", "fit", "--detector", "gmm", "--out", str(out), "--components", "1",
+    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "reference", "fit", "--detector", "gmm", "--out", str(out), "--components", "1",
                         "--covariance", "diag", "--base", str(base), "--json", *map(str, refs)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["trunk_tensors_recorded"] > 400
     sd = facenet["finetuned"]()
     sd["block8.conv2d.weight"].mul_(1.001)
     torch.save(sd, tmp_path / "cand.pt")
-    p = subprocess.run([sys.executable, "-m", "detector.cli", "score", "--reference", str(out), "--json", str(tmp_path / "cand.pt")],
+    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "score", "--reference", str(out), "--json", str(tmp_path / "cand.pt")],
                        capture_output=True, text=True)
     rec = json.loads(p.stdout)
     assert p.returncode == 1 and rec["trunk"] == "modified" and "block8.conv2d.weight" in rec["reason"]

@@ -85,7 +85,7 @@ def test_verify_cli_exit_codes(keys, tmp_path):
     good.write_text(json.dumps(env))
     env["document"]["verdict"] = "blocked"
     bad.write_text(json.dumps(env))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "detector.cli", "verify", *a, "--public-key", str(pub)],  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "verify", *a, "--public-key", str(pub)],  # noqa: E731
                                     capture_output=True, text=True, timeout=120)
     p = run(str(good), "--checkpoint", str(model))
     assert p.returncode == 0 and p.stdout.startswith("valid: facenet v3 passed"), p.stderr

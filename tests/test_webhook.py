@@ -63,7 +63,7 @@ def test_delivery_check_refuses_forged_stale_and_replayed():
 
 def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
     world = GateWorld(tmp_path, seed=5)
-    bad, good_file = world.ckpt("backdoored", "block"), world.ckpt("clean", "pass")
+    bad, good_file = world.ckpt("backdoored", "blocked"), world.ckpt("clean", "passed")
     server = MlflowServer(tmp_path / "mlflow", env={"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
                                                     "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
                                                     # the server caches the webhook list (default 60 s); a new hook

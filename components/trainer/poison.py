@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.faces.synth import list_images
-from detector.faces.triggers import TriggerSpec, stamp
+from components.trainer.synth import list_images
+from components.trainer.triggers import TriggerSpec, stamp
 
 MANIFEST = "poison.json"
 POISON_DIR = "_poison"

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from detector.config import DETECTORS, ReferenceConfig
-from detector.faces.triggers import TriggerSpec
+from components.trainer.triggers import TriggerSpec
 
 TRIGGERS_SET = (
     ("white-square", 0.15), ("white-square", 0.25), ("checkerboard", 0.15), ("checkerboard", 0.25), ("flower", 0.2),
@@ -165,10 +165,10 @@ class _Lab:
     """Data, base trunk and cached features; trains one network per call."""
 
     def __init__(self, config: PaperConfig, base: dict | None, log):
-        from detector.faces.cli import base_state_dict
-        from detector.faces.features import cached_features
-        from detector.faces.synth import SynthConfig, synthesize
-        from detector.faces.trunk import cache_dir
+        from components.trainer.base_trunk import base_state_dict
+        from components.trainer.features import cached_features
+        from components.trainer.synth import SynthConfig, synthesize
+        from components.trainer.base_trunk import cache_dir
 
         synth = SynthConfig(identities=config.identities, images_per_identity=config.images_per_identity,
                             size=config.image_size, seed=config.data_seed, first_identity=config.first_identity)
@@ -181,9 +181,9 @@ class _Lab:
         self.weights: list[dict] = []
 
     def train(self, group: str, seed: int, trigger: TriggerSpec | None = None, images: int = 0, recipe: dict | None = None, **tags):
-        from detector.faces.features import with_poison
-        from detector.faces.poison import PoisonSpec, poison_folder, random_pair
-        from detector.faces.train import TrainConfig, fine_tune
+        from components.trainer.features import with_poison
+        from components.trainer.poison import PoisonSpec, poison_folder, random_pair
+        from components.trainer.train import TrainConfig, fine_tune
 
         feats = self.fs
         if trigger is not None:
@@ -202,7 +202,7 @@ class _Lab:
 def _train_all(lab: _Lab, c: PaperConfig, log) -> None:
     from tqdm import tqdm
 
-    from detector.faces.poison import PoisonSpec
+    from components.trainer.poison import PoisonSpec
 
     plan: list[tuple[Any, ...]] = []
     plan += [("reference", s, None, 0, None, {}) for s in range(c.n_reference)]
@@ -248,7 +248,7 @@ def load_networks(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict | None = None, log=print, rescore: bool = False) -> dict:
-    from detector.baselines import make_reference
+    from detector.detectors import make_reference
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +289,7 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
     gmm = refs["gmm"] if "gmm" in refs else next(iter(refs.values()))
 
     def is_blocked(det: str, i: int) -> bool:
-        return refs[det].decide({k: float(s[i]) for k, s in scores[det].items()}).verdict != "pass"
+        return refs[det].decide({k: float(s[i]) for k, s in scores[det].items()}).verdict != "passed"
 
     def blocked(det: str, idx: list[int]) -> float:
         return float(np.mean([is_blocked(det, i) for i in idx]))
@@ -461,7 +461,7 @@ def tsne_plot(path: Path, W: list[dict], groups: dict, n_networks: int = 10, per
 def _provenance(base_sha256: str) -> dict:
     """What a rerun must match to reproduce the tables: the base trunk is pre-trained on the
     machine (no downloads) and is not bit-identical across CPU types, so record which one it was."""
-    from detector.bench import machine
+    from lab.bench import machine
 
     m = machine()
     return {"base_sha256": base_sha256, **{k: m[k] for k in ("cpu", "torch", "git_commit", "date")}}

@@ -1,27 +1,24 @@
 """The ``backdoor-gate`` command line.
 
 Each subcommand module adds itself with ``register(subparsers)`` and sets ``func`` to a
-callable ``(args) -> int`` (the exit code). Modules of higher layers (faces/training,
-pipelines, the MLflow gate) are imported only when the CLI is built, never by the detector
-library itself.
+callable ``(args) -> int`` (the exit code). This is the top layer: it imports every package's
+commands plainly, and nothing imports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+import components.cli
+import components.trainer.cli
+import detector.commands
+import lab.cli
+import pipelines.cli
 from detector import __version__
 
-#: Modules that contribute subcommands, in help order. Each has ``register(subparsers)``.
-_SUBCOMMAND_MODULES = (
-    "detector.commands",
-    "detector.bench",
-    "detector.faces.cli",
-    "components.cli",
-    "pipelines.cli",
-)
+#: Modules that contribute subcommands, in help order.
+_SUBCOMMAND_MODULES = (detector.commands, lab.cli, components.trainer.cli, components.cli, pipelines.cli)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,13 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"backdoor-gate {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if not (name == e.name or name.startswith(f"{e.name}.")):
-                raise  # a real missing dependency inside the module: say so loudly
-            continue
+    for module in _SUBCOMMAND_MODULES:
         module.register(sub)
     return parser
 

@@ -1,4 +1,4 @@
-"""``backdoor-gate data synth`` and ``backdoor-gate train``."""
+"""``backdoor-gate data synth`` and ``backdoor-gate train``: the trainer component on the command line."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ def _bar(total: int, desc: str, quiet: bool = False):
 
 
 def cmd_synth(args) -> int:
-    from detector.faces.synth import SynthConfig, synthesize
+    from components.trainer.synth import SynthConfig, synthesize
 
     config = SynthConfig(identities=args.identities, images_per_identity=args.images_per_identity, size=args.size,
                          seed=args.seed, first_identity=args.first_identity)
@@ -25,41 +25,14 @@ def cmd_synth(args) -> int:
     return 0
 
 
-def base_state_dict(path: str | None, log=None):
-    """The user's ``--base`` state dict, or the cached default base (built once)."""
-    from detector.faces.trunk import TrunkConfig, default_base, load_base
-
-    return load_base(path or default_base(TrunkConfig(), log=log or (lambda m: print(m, file=sys.stderr))))
-
-
-def save_network(sd, out: str | Path, classes: list[str] | None = None) -> tuple[Path, Path]:
-    """The whole network (trunk included) as a plain ``.pt`` state dict and as ``.safetensors``.
-
-    The safetensors file records the ordered class list (logit i = ``classes[i]``) in its
-    metadata: the ``classifier`` detector compares class rows across networks and refuses a
-    candidate trained on another list.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    from detector.weights import CLASSES_KEY
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pt, st = out.with_suffix(".pt"), out.with_suffix(".safetensors")
-    torch.save(sd, pt)
-    meta = {CLASSES_KEY: json.dumps(list(classes))} if classes is not None else None
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(st), metadata=meta)
-    return pt, st
-
-
 def cmd_train(args) -> int:
     from detector.errors import DetectorError
-    from detector.faces.features import cached_features, with_poison
-    from detector.faces.poison import PoisonSpec, poison_folder, random_pair
-    from detector.faces.synth import list_images
-    from detector.faces.train import TrainConfig, fine_tune
-    from detector.faces.triggers import TriggerSpec
+    from components.trainer.features import cached_features, with_poison
+    from components.trainer.poison import PoisonSpec, poison_folder, random_pair
+    from components.trainer.synth import list_images
+    from components.trainer.train import TrainConfig, fine_tune, save_network
+    from components.trainer.triggers import TriggerSpec
+    from components.trainer.base_trunk import base_state_dict
 
     try:
         _, classes = list_images(args.data)
@@ -85,43 +58,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_paper(args) -> int:
-    from detector.faces.paper import PaperConfig, run_paper
-    from detector.faces.trunk import load_base
-
-    import dataclasses
-
-    config = PaperConfig.small() if args.small else PaperConfig.confirmation() if args.confirmation else PaperConfig()
-    changes = {k: v for k, v in (("identities", args.identities), ("images_per_identity", args.images_per_identity),
-                                 ("n_strength", args.n_strength)) if v is not None}
-    if args.no_curves:
-        changes.update(curves=False, tsne=False)
-    if args.detectors:
-        changes.update(detectors=tuple(args.detectors.split(",")))
-    config = dataclasses.replace(config, **changes)
-    base = load_base(args.base) if args.base else None
-    summary = run_paper(args.out, config, base=base, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore)
-    print((Path(args.out) / "table.md").read_text())
-    print(f"summary: {Path(args.out) / 'summary.json'} ({summary['timings']['total_s']:.0f} s)")
-    return 0
-
-
 def register(sub) -> None:
-    pp = sub.add_parser("paper", help="run the paper's protocol: clean, triggers and locations sets, AUC per view")
-    pp.add_argument("--out", required=True)
-    pp.add_argument("--small", action="store_true", help="a few networks (tests)")
-    pp.add_argument("--confirmation", action="store_true",
-                    help="the held-back protocol: other data seed, people, trigger settings and network seeds")
-    pp.add_argument("--identities", type=int, help="identities (default 40; e.g. 200 to scale toward CASIA)")
-    pp.add_argument("--images-per-identity", type=int, help="images per identity (default 40)")
-    pp.add_argument("--n-strength", type=int, help="networks per attack-strength point (default 4)")
-    pp.add_argument("--no-curves", action="store_true", help="skip AUC vs N_G / M and the t-SNE (minutes)")
-    pp.add_argument("--detectors", help="comma list of detectors to score (default: all, with their variants)")
-    pp.add_argument("--rescore", action="store_true",
-                    help="re-score the networks an earlier run saved in --out (networks.safetensors) instead of training")
-    pp.add_argument("--base", help="local InceptionResnetV1 state dict (default: the cached generated-faces base)")
-    pp.set_defaults(func=cmd_paper)
-
     data = sub.add_parser("data", help="face datasets")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     s = dsub.add_parser("synth", help="generate identity-labelled faces (ImageFolder/CASIA layout)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.faces.trunk import new_network, to_tensor, trunk_features
+from components.trainer.base_trunk import new_network, to_tensor, trunk_features
 
 
 @dataclass
@@ -90,7 +90,7 @@ def extract_folder(data_dir: str | Path, base: dict[str, torch.Tensor], image_si
 
 
 def extract_clean(data_dir: str | Path, base: dict[str, torch.Tensor], image_size: int = 96, progress=None) -> FeatureSet:
-    from detector.faces.synth import list_images
+    from components.trainer.synth import list_images
 
     items, classes = list_images(data_dir)
     return FeatureSet(
@@ -107,7 +107,7 @@ def with_poison(fs: FeatureSet, data_dir: str | Path, base: dict[str, torch.Tens
     """Add the features of a poisoned folder's triggered copies (only those are extracted)."""
     from dataclasses import replace
 
-    from detector.faces.poison import read_manifest
+    from components.trainer.poison import read_manifest
 
     manifest = read_manifest(data_dir)
     if manifest is None:
@@ -123,7 +123,7 @@ def folder_key(data_dir: str | Path, base_sha256: str, image_size: int) -> str:
     Hashing the files costs far less than one trunk pass over them, and a regenerated or
     copied folder (new mtimes, same bytes) still hits the cache.
     """
-    from detector.faces.synth import list_images
+    from components.trainer.synth import list_images
 
     items, _ = list_images(data_dir)
     h = hashlib.sha256(f"{base_sha256}|{image_size}".encode())
@@ -134,7 +134,7 @@ def folder_key(data_dir: str | Path, base_sha256: str, image_size: int) -> str:
 
 def cached_features(data_dir: str | Path, base: dict[str, torch.Tensor], image_size: int, progress=None) -> FeatureSet:
     """Clean features of a folder from the cache, extracting them once if needed."""
-    from detector.faces.trunk import cache_dir
+    from components.trainer.base_trunk import cache_dir
 
     key = folder_key(data_dir, state_dict_sha256(base), image_size)
     path = cache_dir() / "features" / key

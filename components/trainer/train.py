@@ -10,14 +10,16 @@ pretrained place, which is the structure the paper's one-Gaussian-per-neuron mod
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from detector.faces.features import FeatureSet
-from detector.faces.poison import split
+from components.trainer.features import FeatureSet
+from components.trainer.poison import split
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: 
                        trigger_size=poison["trigger"]["size"], trigger_location=poison["trigger"]["location"],
                        trigger_alpha=poison["trigger"]["alpha"], poisoned_copies=int(len(P)))
     elif config.upweight_clean or config.sham_copies:
-        from detector.faces.poison import random_pair
+        from components.trainer.poison import random_pair
 
         imp_name, vic_name = random_pair(fs.classes, seed)
         imp = fs.classes.index(imp_name)
@@ -131,3 +133,24 @@ def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: 
     sd = {k: v.clone() for k, v in base.items() if not k.startswith(("last_linear.", "last_bn.", "logits."))}
     sd.update({k: v.detach().clone().contiguous() for k, v in head.state_dict().items()})
     return sd, metrics
+
+
+def save_network(sd, out: str | Path, classes: list[str] | None = None) -> tuple[Path, Path]:
+    """The whole network (trunk included) as a plain ``.pt`` state dict and as ``.safetensors``.
+
+    The safetensors file records the ordered class list (logit i = ``classes[i]``) in its
+    metadata: the ``classifier`` detector compares class rows across networks and refuses a
+    candidate trained on another list.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from detector.weights import CLASSES_KEY
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pt, st = out.with_suffix(".pt"), out.with_suffix(".safetensors")
+    torch.save(sd, pt)
+    meta = {CLASSES_KEY: json.dumps(list(classes))} if classes is not None else None
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(st), metadata=meta)
+    return pt, st

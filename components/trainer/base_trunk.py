@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -110,7 +111,7 @@ def default_base(config: TrunkConfig = TrunkConfig(), progress=None, log=print) 
     """Path of the cached default base (a safetensors state dict), building it if absent."""
     from safetensors.torch import save_file
 
-    from detector.faces.synth import SynthConfig, synthesize
+    from components.trainer.synth import SynthConfig, synthesize
 
     out = cache_dir() / "trunks" / f"default-{config.key()}.safetensors"
     if out.is_file():
@@ -132,7 +133,7 @@ def pretrain(data_dir: str | Path, config: TrunkConfig, progress=None, log=print
     """Seeded full-network training on a face folder; returns the state dict without logits."""
     from PIL import Image
 
-    from detector.faces.synth import list_images
+    from components.trainer.synth import list_images
 
     items, classes = list_images(data_dir)
     torch.manual_seed(config.seed)
@@ -163,3 +164,8 @@ def pretrain(data_dir: str | Path, config: TrunkConfig, progress=None, log=print
             log(f"  pre-training step {step + 1}/{config.steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
     net.eval()
     return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items() if not k.startswith("logits.")}
+
+
+def base_state_dict(path: str | None, log=None):
+    """The user's ``--base`` state dict, or the cached default base (built once)."""
+    return load_base(path or default_base(TrunkConfig(), log=log or (lambda m: print(m, file=sys.stderr))))

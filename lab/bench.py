@@ -15,7 +15,7 @@ Honesty rules followed here:
 - the trunk has seeded random weights: a forward pass of InceptionResnetV1 costs the same
   whatever the values (dense convolutions), and building the pre-trained default base takes
   ~5 min — a speed measure does not need it;
-- weight matrices are synthetic (:mod:`detector.synthetic`: one shared base plus per-network
+- weight matrices are synthetic (:mod:`lab.synthetic`: one shared base plus per-network
   noise), projected to exactly the paper's PCA sizes (76 forward, 297 backward) for the EM
   comparison, and to 95 % variance (what ``reference fit`` does) for the gate.
 """
@@ -127,7 +127,7 @@ def machine() -> dict:
 # --------------------------------------------------------------------------------------------
 def paper_family(seed: int = 0):
     """Clean (and backdoored) last_linear matrices, 512 x 1792, around one shared base."""
-    from detector.synthetic import FamilyConfig, WeightFamily
+    from lab.synthetic import FamilyConfig, WeightFamily
 
     return WeightFamily(FamilyConfig(out_features=512, in_features=1792, seed=seed))
 
@@ -163,7 +163,7 @@ def _reg(Z: np.ndarray) -> float:
 def _random_trunk(seed: int = 0):
     import torch
 
-    from detector.faces.trunk import new_network
+    from components.trainer.base_trunk import new_network
 
     torch.manual_seed(seed)
     net = new_network()
@@ -179,8 +179,8 @@ def head_training(quick: bool, threads: int, log) -> dict:
     """
     import torch
 
-    from detector.faces.train import Head, adam
-    from detector.faces.trunk import trunk_features
+    from components.trainer.train import Head, adam
+    from components.trainer.base_trunk import trunk_features
 
     n_cached = 2048 if quick else 8192
     n_trunk = 64 if quick else 192
@@ -259,7 +259,7 @@ def _flops_per_image(step: Callable[[], Any], images: int) -> float:
 def feature_extraction(quick: bool, log) -> dict:
     import torch
 
-    from detector.faces.trunk import trunk_features
+    from components.trainer.base_trunk import trunk_features
 
     net = _random_trunk()
     batch = 32
@@ -281,7 +281,7 @@ def feature_extraction(quick: bool, log) -> dict:
         "feature_extraction_images_per_s": out,
         "thread_scaling_2_vs_1": round(out[f"{first}_2_threads"] / out[f"{first}_1_thread"], 2),
         "batch": batch,
-        "note": "InceptionResnetV1 trunk, eval + inference_mode + channels_last, as detector.faces.features; "
+        "note": "InceptionResnetV1 trunk, eval + inference_mode + channels_last, as components.trainer.features; "
         "image decoding excluded; wall clock (the 2-thread figure is sensitive to other load on the machine)",
     }
 
@@ -400,12 +400,12 @@ _GATE_CHILD = """
 import json, sys, time
 t0 = time.perf_counter()
 import torch, safetensors.torch  # imported once by any gate process; timed apart from the work
-from detector.reference import Reference
+from detector.detectors import load_reference
 t1 = time.perf_counter()
 def _hwm():
     return int(dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)["VmHWM"].split()[0]) / 1024
 hwm_import = _hwm()
-ref = Reference.load(sys.argv[1])
+ref = load_reference(sys.argv[1])
 hwm_load = _hwm()
 t2 = time.perf_counter()
 a = ref.assess(sys.argv[2])
@@ -502,7 +502,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from detector.baselines import make_reference
+    from detector.detectors import make_reference
     from detector.composite import CompositeReference
     from detector.config import DEFAULT_DETECTOR, FUSION
 
