@@ -11,7 +11,7 @@ export BACKDOOR_GATE_CACHE ?= $(CURDIR)/.cache/backdoor-gate
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,25 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 	@echo "setup done: $(VENV)"
 
-test: setup
-	$(PY) -m pytest -q tests
+# CI runs this (.ci/run): linters, then every test, slow ones included; prints the slowest tests
+# and the total. About 15 min on 2 cores (README, "Test budget").
+test: lint
+	@start=$$(date +%s); $(PY) -m pytest -q --durations=20 --durations-min=5 tests; rc=$$?; \
+	  echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$rc
+
+# The inner loop: everything but the tests marked slow (end-to-end training, pipelines, servers).
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" --durations=10 tests
+
+# ruff (lint + format check) and mypy over the whole tree; `make format` applies ruff's fixes.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+format: setup
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 demo: setup
 	OMP_NUM_THREADS=2 $(PY) -m backdoor_gate demo

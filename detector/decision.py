@@ -104,10 +104,10 @@ def judge(reference: Any, read_candidate: Callable[[], Any]) -> Judgement:
         assessment = reference.assess(read_candidate())
     except InvalidCheckpoint as e:
         return Judgement(Decision(INVALID, e.reason))
+    except DetectorError as e:  # an unfitted or unreadable reference: not the candidate's fault
+        return Judgement(Decision(ERROR, f"gate error: {e}"))
     except ValueError as e:  # extra files, no / several / oversized weight files
         return Judgement(Decision(INVALID, str(e)))
-    except DetectorError as e:  # the reference could not judge: not the candidate's fault
-        return Judgement(Decision(ERROR, f"gate error: {e}"))
     return Judgement(assessment.decision, assessment)
 
 

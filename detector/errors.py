@@ -10,7 +10,7 @@ class DetectorError(Exception):
 class InvalidCheckpoint(DetectorError):
     """A candidate cannot be scored: unreadable, unsafe, wrong layer/shape/dtype, NaN/Inf.
 
-    The verdict for such a file is ``invalid`` (exit code 2), never ``pass``.
+    The verdict for such a file is ``invalid`` (exit code 2), never ``passed``.
     """
 
     def __init__(self, path: object, reason: str):

@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, clone
 
 from detector.config import PAPER_GRID, ReferenceConfig
 from detector.artifact import save_reference
-from detector.errors import InvalidCheckpoint
+from detector.errors import InvalidCheckpoint, NotFittedError
 from detector.gmm import Mixture, select_mixture
 from detector.protocol import check_fitted
 from detector.decision import PASSED, Decision, decide
