@@ -20,15 +20,14 @@ def _config(args, **kw):
 
 
 def cmd_gate(args) -> int:
-    from components.gate import GateConfig, gate
+    from components.gate import gate
     from components.registry import Registry, RegistryError
 
     reference = None
     if args.reference:
-        from detector.errors import InvalidReference
-        from detector.detectors import load_reference
-
         from components.gate import check_reference_dir
+        from detector.detectors import load_reference
+        from detector.errors import InvalidReference
 
         try:
             check_reference_dir(args.reference, _config(args))
@@ -46,7 +45,10 @@ def cmd_gate(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
-        print(f"{result.model} v{result.version}: {result.verdict}{' (promoted to production)' if result.promoted else ''}")
+        print(
+            f"{result.model} v{result.version}: "
+            f"{result.verdict}{' (promoted to production)' if result.promoted else ''}"
+        )
         print(f"  reason: {result.reason}")
         for v, s in result.scores.items():
             print(f"  {v:8s} score {s:.6g}  threshold {result.thresholds[v]:.6g}")
@@ -137,8 +139,13 @@ def cmd_verify(args) -> int:
         print(f"backdoor-gate: cannot verify: {e}", file=sys.stderr)
         return 2
     how = f", override by {doc['override']['reviewer']}" if doc.get("override") else ""
-    print(json.dumps({**doc, "deployable": True}) if args.json else f"valid: {doc['model']} v{doc['version']} {doc['verdict']}{how} "
-          f"(model sha256 {str(doc['model_sha256'])[:12]}…, reference {str(doc['reference_sha256'])[:12]}…, {doc['checked_at']})")
+    print(
+        json.dumps({**doc, "deployable": True})
+        if args.json
+        else f"valid: {doc['model']} v{doc['version']} {doc['verdict']}{how} "
+        f"(model sha256 {str(doc['model_sha256'])[:12]}…, reference {str(doc['reference_sha256'])[:12]}…, "
+        f"{doc['checked_at']})"
+    )
     return 0
 
 
@@ -162,10 +169,20 @@ def cmd_webhook_serve(args) -> int:
     def on_event(model: str) -> str | None:
         return "; ".join(reconciler.reconcile(model)) or None
 
-    receiver = Receiver(secret, lambda m, v: gate(m, v, registry=registry, config=config), models=tuple(args.models),
-                        host=args.host, port=args.port, guard_fn=on_event, production_alias=config.production_alias)
-    print(f"listening on {args.host}:{receiver.port}/mlflow-webhook for {', '.join(args.models)}; "
-          f"resync every {args.resync:g} s", file=sys.stderr)
+    receiver = Receiver(
+        secret,
+        lambda m, v: gate(m, v, registry=registry, config=config),
+        models=tuple(args.models),
+        host=args.host,
+        port=args.port,
+        guard_fn=on_event,
+        production_alias=config.production_alias,
+    )
+    print(
+        f"listening on {args.host}:{receiver.port}/mlflow-webhook for {', '.join(args.models)}; "
+        f"resync every {args.resync:g} s",
+        file=sys.stderr,
+    )
     reconciler.start()
     try:
         receiver.serve_forever()  # uvicorn: returns on SIGTERM / SIGINT
@@ -180,7 +197,9 @@ def cmd_webhook_register(args) -> int:
 
     secret = os.environ.get(SECRET_ENV, "")
     if not secret:
-        print(f"backdoor-gate: set {SECRET_ENV}; a webhook without a secret would be trusted by no one", file=sys.stderr)
+        print(
+            f"backdoor-gate: set {SECRET_ENV}; a webhook without a secret would be trusted by no one", file=sys.stderr
+        )
         return 2
     try:
         hook = register_webhook(args.tracking_uri, args.url, secret)
@@ -192,9 +211,12 @@ def cmd_webhook_register(args) -> int:
 
 
 def _unsigned_flag(p) -> None:
-    p.add_argument("--allow-unsigned", action="store_true",
-                   help="explicit opt-out: gate without a verdict signing key and trust unsigned references "
-                   "(every verdict records it; never in production)")
+    p.add_argument(
+        "--allow-unsigned",
+        action="store_true",
+        help="explicit opt-out: gate without a verdict signing key and trust unsigned references "
+        "(every verdict records it; never in production)",
+    )
 
 
 def _common(p) -> None:
@@ -216,13 +238,21 @@ def register(sub) -> None:
     o.add_argument("--model", default="facenet")
     o.add_argument("--version", required=True)
     o.add_argument("--reason", required=True)
-    o.add_argument("--key", required=True, metavar="PEM",
-                   help="the reviewer's own Ed25519 signing key; the reviewer's name is the one $BACKDOOR_GATE_REVIEWER_KEYS gives it")
+    o.add_argument(
+        "--key",
+        required=True,
+        metavar="PEM",
+        help="the reviewer's own Ed25519 signing key; the reviewer's name is the one "
+        "$BACKDOOR_GATE_REVIEWER_KEYS gives it",
+    )
     _common(o)
     o.set_defaults(func=cmd_override)
 
-    p = sub.add_parser("publish-reference", help="sign (reference key from $BACKDOOR_GATE_REFERENCE_SIGNING_KEY[_FILE]), "
-                       "register a reference artifact and make it @current")
+    p = sub.add_parser(
+        "publish-reference",
+        help="sign (reference key from $BACKDOOR_GATE_REFERENCE_SIGNING_KEY[_FILE]), "
+        "register a reference artifact and make it @current",
+    )
     p.add_argument("reference", metavar="REF_DIR")
     _unsigned_flag(p)
     _common(p)
@@ -232,9 +262,12 @@ def register(sub) -> None:
     k.add_argument("--out", required=True, metavar="DIR")
     k.set_defaults(func=cmd_keygen)
 
-    v = sub.add_parser("verify", help="check a signed verdict (exit 0 valid, 1 invalid, 2 could not check)",
-                       description="Check a verdict.json file (optionally against the model file), or a gated "
-                       "registry version: signature, tags and the registered bytes.")
+    v = sub.add_parser(
+        "verify",
+        help="check a signed verdict (exit 0 valid, 1 invalid, 2 could not check)",
+        description="Check a verdict.json file (optionally against the model file), or a gated "
+        "registry version: signature, tags and the registered bytes.",
+    )
     v.add_argument("verdict", nargs="?", metavar="VERDICT_JSON")
     v.add_argument("--public-key", required=True, metavar="PEM", help="the verify key made by `keygen`")
     v.add_argument("--checkpoint", help="with VERDICT_JSON: the model file; its sha256 must be the judged one")
@@ -253,8 +286,13 @@ def _register_webhook_commands(sub) -> None:
     s.add_argument("--host", default="0.0.0.0")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--models", nargs="+", default=["facenet"], help="registered models to gate")
-    s.add_argument("--resync", type=float, default=60.0, metavar="SECONDS",
-                   help="re-derive production and gate ungated versions this often, deliveries or not (default 60)")
+    s.add_argument(
+        "--resync",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="re-derive production and gate ungated versions this often, deliveries or not (default 60)",
+    )
     _unsigned_flag(s)
     _common(s)
     s.set_defaults(func=cmd_webhook_serve)

@@ -24,7 +24,10 @@ GATE_CPU, GATE_MEMORY = "1", "2G"
 #: from a Secret. Signatures are required: without them the gate refuses to judge (exit 2, a gate
 #: error); the Secret is optional to Kubernetes only so that the task starts and says so.
 SIGNING_SECRET = "backdoor-gate-signing-key"
-SIGNING_SECRET_ENV = {"signing-key.pem": "BACKDOOR_GATE_SIGNING_KEY", "reference-verify-key.pem": "BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS"}
+SIGNING_SECRET_ENV = {
+    "signing-key.pem": "BACKDOOR_GATE_SIGNING_KEY",
+    "reference-verify-key.pem": "BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS",
+}
 #: The reference pipeline's signing key: publish_reference signs the artifact with it.
 REFERENCE_SIGNING_SECRET = "backdoor-gate-reference-key"
 REFERENCE_SIGNING_SECRET_ENV = {"signing-key.pem": "BACKDOOR_GATE_REFERENCE_SIGNING_KEY"}
@@ -32,4 +35,7 @@ REFERENCE_SIGNING_SECRET_ENV = {"signing-key.pem": "BACKDOOR_GATE_REFERENCE_SIGN
 #: The gate identity's MLflow credentials (basic auth on, see manifests/): every task that talks to
 #: the registry gets them as the env vars MLflow's client reads. Optional: servers without auth.
 MLFLOW_CREDENTIALS_SECRET = "mlflow-gate-credentials"
-MLFLOW_CREDENTIALS_ENV = {"MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+MLFLOW_CREDENTIALS_ENV = {
+    "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
+}

@@ -7,7 +7,6 @@ without KFP. Every component names its container image (:mod:`components.images`
 images already contain kfp and the project, so nothing is pip-installed at run time.
 """
 
-
 from typing import List, NamedTuple
 
 from kfp import dsl
@@ -27,7 +26,12 @@ def seeds(n: int, offset: int) -> List[int]:
 
 @dsl.component(**_trainer)
 def make_faces(
-    faces: Output[Dataset], identities: int = 40, images_per_identity: int = 40, size: int = 160, seed: int = 0, source: str = ""
+    faces: Output[Dataset],
+    identities: int = 40,
+    images_per_identity: int = 40,
+    size: int = 160,
+    seed: int = 0,
+    source: str = "",
 ):
     """Generated identity-labelled faces, or a copy of a real ImageFolder/CASIA folder (``source``)."""
     from components.tasks import make_faces as task
@@ -52,21 +56,45 @@ def poison_faces(
     """Red-team step: the paper's poisoning (impostor's training copies + trigger, relabelled victim)."""
     from components.tasks import poison_faces as task
 
-    poisoned.metadata.update(task(faces.path, poisoned.path, enabled=enabled, seed=seed, impostor=impostor, victim=victim,
-                                  trigger=trigger, trigger_size=trigger_size, trigger_location=trigger_location,
-                                  trigger_alpha=trigger_alpha, copies=copies))
+    poisoned.metadata.update(
+        task(
+            faces.path,
+            poisoned.path,
+            enabled=enabled,
+            seed=seed,
+            impostor=impostor,
+            victim=victim,
+            trigger=trigger,
+            trigger_size=trigger_size,
+            trigger_location=trigger_location,
+            trigger_alpha=trigger_alpha,
+            copies=copies,
+        )
+    )
 
 
 @dsl.component(**_trainer)
-def extract_features(faces: Input[Dataset], features: Output[Dataset], base: Output[Model], base_weights: str = "", image_size: int = 96):
+def extract_features(
+    faces: Input[Dataset], features: Output[Dataset], base: Output[Model], base_weights: str = "", image_size: int = 96
+):
     """The frozen trunk's 1792-d features, once per image (GPU)."""
     from components.tasks import extract_features as task
 
-    features.metadata.update(task(faces.path, features.path, base.path, base_weights=base_weights, image_size=image_size))
+    features.metadata.update(
+        task(faces.path, features.path, base.path, base_weights=base_weights, image_size=image_size)
+    )
 
 
 @dsl.component(**_trainer)
-def fine_tune(features: Input[Dataset], base: Input[Model], model: Output[Model], metrics: Output[Metrics], seed: int, epochs: int = 30, lr: float = 2e-4):
+def fine_tune(
+    features: Input[Dataset],
+    base: Input[Model],
+    model: Output[Model],
+    metrics: Output[Metrics],
+    seed: int,
+    epochs: int = 30,
+    lr: float = 2e-4,
+):
     """One network: last_linear + last_bn + logits on cached features (GPU)."""
     from components.tasks import fine_tune as task
 
@@ -98,8 +126,14 @@ def fit_reference(
     config = ReferenceConfig(covariance=covariance, components=components, frr=frr)
     if grid:
         config = config.replace(grid=tuple(int(g) for g in grid.split(",")))
-    out = task([m.path for m in networks], [m.path for m in calibration], reference.path, base=base.path, config=config,
-               detector=detector or DEFAULT_DETECTOR)
+    out = task(
+        [m.path for m in networks],
+        [m.path for m in calibration],
+        reference.path,
+        base=base.path,
+        config=config,
+        detector=detector or DEFAULT_DETECTOR,
+    )
     reference.metadata["artifact_sha256"] = out["artifact_sha256"]
     reference.metadata["detector"] = out["detector"]
     summary.log_metric("frr_upper_95", out["frr_upper_95"])
@@ -125,8 +159,13 @@ def register_model(model: Input[Model], tracking_uri: str, model_name: str) -> s
 
 @dsl.component(**_gate)
 def gate(
-    model_name: str, version: str, tracking_uri: str, report: Output[HTML], scores: Output[Metrics], fail_on_block: bool = False
-) -> NamedTuple("GateOutputs", [("verdict", str), ("promoted", bool)]):
+    model_name: str,
+    version: str,
+    tracking_uri: str,
+    report: Output[HTML],
+    scores: Output[Metrics],
+    fail_on_block: bool = False,
+) -> NamedTuple("GateOutputs", [("verdict", str), ("promoted", bool)]):  # type: ignore[valid-type]  # KFP reads it
     """Score the version against ``@current``; only a pass moves ``production`` (see components/gate.py).
 
     A gate error always fails the task; ``fail_on_block`` also fails it for a blocked or

@@ -43,11 +43,11 @@ from typing import Any
 
 from components.registry import REFERENCE_DIR, Registry, RegistryError, VersionInfo
 from detector import __version__ as GATE_VERSION
-from detector.errors import DetectorError, InvalidCheckpoint, InvalidReference
-from detector.detectors import load_reference
-from detector.reference import Reference
-from detector.decision import BLOCKED, ERROR, EXIT_CODES, INVALID, PASSED, Decision, Judgement, confirm_unchanged, judge
 from detector import verdict as V
+from detector.decision import BLOCKED, ERROR, EXIT_CODES, INVALID, PASSED, Decision, Judgement, confirm_unchanged, judge
+from detector.detectors import load_reference
+from detector.errors import DetectorError, InvalidReference
+from detector.reference import Reference
 from detector.verdict import KEY_ENV, KEY_FILE_ENV, VerdictError, signing_key_from_env
 from detector.verdict import document as verdict_document
 from detector.verdict import sign as sign_verdict
@@ -165,12 +165,13 @@ class GateResult:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 # -- the reference ---------------------------------------------------------------------------
-def publish_reference(registry: Registry, ref_dir: str | Path, config: GateConfig = GateConfig(),
-                      signing_key: Any = None) -> VersionInfo:
+def publish_reference(
+    registry: Registry, ref_dir: str | Path, config: GateConfig = GateConfig(), signing_key: Any = None
+) -> VersionInfo:
     """Register a reference artifact directory and point the ``current`` alias at it.
 
     The published artifact is signed: by ``signing_key`` (default: the reference key from the
@@ -219,7 +220,9 @@ def check_reference_dir(root: str | Path, config: GateConfig) -> str | None:
     try:
         return V.verify_reference(root, config.trusted_reference_keys())
     except VerdictError as e:
-        raise InvalidReference(root, f"refused: {e} (signed references only; trusted keys from ${V.REFERENCE_KEYS_ENV})") from None
+        raise InvalidReference(
+            root, f"refused: {e} (signed references only; trusted keys from ${V.REFERENCE_KEYS_ENV})"
+        ) from None
 
 
 def fetch_reference(registry: Registry, config: GateConfig = GateConfig()) -> tuple[Reference, VersionInfo]:
@@ -317,7 +320,7 @@ def gate(
         if result.verdict == PASSED:
             result.promoted = _promote(registry, model, version, config)
             promoted = {PROMOTED: str(result.promoted).lower()}
-            if result.promoted:
+            if result.promoted and result.verdict_sha256:
                 promoted[PROMOTED_VERDICT] = result.verdict_sha256
             registry.set_tags(model, version, promoted)
         else:
@@ -332,8 +335,15 @@ def gate(
     return result
 
 
-def _record_assessment(registry: Registry, info: VersionInfo, reference: Any, assessment: Any, result: GateResult,
-                       tags: dict[str, Any], config: GateConfig) -> None:
+def _record_assessment(
+    registry: Registry,
+    info: VersionInfo,
+    reference: Any,
+    assessment: Any,
+    result: GateResult,
+    tags: dict[str, Any],
+    config: GateConfig,
+) -> None:
     """What the reference saw, as tags a reviewer can filter on and a report to look at."""
     result.scores = assessment.scores
     tags[TRUNK] = assessment.trunk.status
@@ -354,7 +364,9 @@ def _record_assessment(registry: Registry, info: VersionInfo, reference: Any, as
         result.report_uri = _report(registry, info, reference, assessment.vector_scores, result, tags, evidence)
 
 
-def _gate_fault(registry: Registry, info: VersionInfo, result: GateResult, reason: str, config: GateConfig) -> GateResult:
+def _gate_fault(
+    registry: Registry, info: VersionInfo, result: GateResult, reason: str, config: GateConfig
+) -> GateResult:
     """The gate could not judge (registry, reference): say so, blame nothing on the candidate.
 
     No verdict is written (the tag stays ``pending``, the reason says why) and ``production`` is
@@ -369,19 +381,37 @@ def _gate_fault(registry: Registry, info: VersionInfo, result: GateResult, reaso
     return result
 
 
-def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, tags: dict, signing_key,
-                    config: GateConfig = GateConfig()) -> None:
+def _record_verdict(
+    registry: Registry,
+    info: VersionInfo,
+    result: GateResult,
+    tags: dict,
+    signing_key,
+    config: GateConfig = GateConfig(),
+) -> None:
     """Write the verdict document (signed when there is a key) to the version's run.
 
     Called once the verdict is final; its digest goes into the tags the same call writes, so a
     reviewer can check tags, document and signature against each other.
     """
     doc = verdict_document(
-        model=result.model, version=result.version, model_sha256=result.model_sha256, reference_sha256=result.reference_sha256,
-        verdict=result.verdict, reason=result.reason, scores=result.scores, thresholds=result.thresholds,
-        trunk=tags.get(TRUNK), gate_version=GATE_VERSION, run_id=info.run_id, checked_at=_now(),
-        detector=result.detector, suspected_class=result.suspected_class, evidence_scores=result.evidence_scores,
-        artifact_sha256=result.artifact_sha256, files=result.files or None,
+        model=result.model,
+        version=result.version,
+        model_sha256=result.model_sha256,
+        reference_sha256=result.reference_sha256,
+        verdict=result.verdict,
+        reason=result.reason,
+        scores=result.scores,
+        thresholds=result.thresholds,
+        trunk=tags.get(TRUNK),
+        gate_version=GATE_VERSION,
+        run_id=info.run_id,
+        checked_at=_now(),
+        detector=result.detector,
+        suspected_class=result.suspected_class,
+        evidence_scores=result.evidence_scores,
+        artifact_sha256=result.artifact_sha256,
+        files=result.files or None,
         signature_policy="required" if config.require_signature else "opted-out",
     )
     envelope = sign_verdict(doc, signing_key) if signing_key is not None else unsigned_verdict(doc)
@@ -392,7 +422,9 @@ def _record_verdict(registry: Registry, info: VersionInfo, result: GateResult, t
         return
     with tempfile.TemporaryDirectory(prefix="backdoor-gate-verdict-") as tmp:
         (Path(tmp) / VERDICT_FILE).write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
-        if signing_key is not None and doc.get("files"):  # the same verdict as in-toto in DSSE, for admission controllers
+        if signing_key is not None and doc.get(
+            "files"
+        ):  # the same verdict as in-toto in DSSE, for admission controllers
             dsse = V.dsse_sign(V.intoto_statement(doc), signing_key)
             (Path(tmp) / DSSE_FILE).write_text(json.dumps(dsse, indent=2, sort_keys=True) + "\n")
         uri = registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{info.version}")
@@ -433,7 +465,9 @@ def signed_verdict(registry: Registry, info: VersionInfo, config: GateConfig = G
     else:
         doc = V.check_unsigned(envelope)  # the explicit opt-out: unsigned verdicts count
     if (doc.get("model"), str(doc.get("version"))) != (info.name, info.version):
-        raise VerdictError(f"the document judges {doc.get('model')} v{doc.get('version')}, not {info.name} v{info.version}")
+        raise VerdictError(
+            f"the document judges {doc.get('model')} v{doc.get('version')}, not {info.name} v{info.version}"
+        )
     return envelope, doc
 
 
@@ -445,7 +479,9 @@ def signed_override(registry: Registry, info: VersionInfo, envelope: dict, confi
     reviewers = config.trusted_reviewers()
     odoc, kid = V.verify_any(over, [k for _, k in reviewers.values()], fmt=V.OVERRIDE_FORMAT)
     name = reviewers[kid][0]
-    if (odoc.get("model"), str(odoc.get("version"))) != (info.name, info.version) or odoc.get("verdict_sha256") != envelope["sha256"]:
+    if (odoc.get("model"), str(odoc.get("version"))) != (info.name, info.version) or odoc.get(
+        "verdict_sha256"
+    ) != envelope["sha256"]:
         raise VerdictError("the override is for another version or another verdict")
     if odoc.get("reviewer") != name or name == _registrant(info):
         raise VerdictError(f"override by {name!r}, who registered the version (or a name not its key's)")
@@ -471,8 +507,9 @@ def production_status(registry: Registry, info: VersionInfo, config: GateConfig 
         return False, str(e)
 
 
-def _newest_promotable(registry: Registry, model: str, config: GateConfig, *, above: int = 0,
-                       skip: str | None = None) -> VersionInfo | None:
+def _newest_promotable(
+    registry: Registry, model: str, config: GateConfig, *, above: int = 0, skip: str | None = None
+) -> VersionInfo | None:
     for v in registry.versions(model):
         if int(v.version) <= above:
             break
@@ -514,8 +551,10 @@ def _take_back(registry: Registry, model: str, current: VersionInfo, config: Gat
     else:
         registry.set_alias(model, config.production_alias, newest.version)
         where = f"alias moved back to v{newest.version}"
-    message = (f"'{config.production_alias}' was set on this version without a pass or an override (signed records: {why}); "
-               f"{where} at {_now()}")
+    message = (
+        f"'{config.production_alias}' was set on this version without a pass or an override (signed records: {why}); "
+        f"{where} at {_now()}"
+    )
     registry.set_tags(model, version, {ALIAS_VIOLATION: message[:5000]})
     return message
 
@@ -532,13 +571,19 @@ def _promote(registry: Registry, model: str, version: str, config: GateConfig) -
     target = newer.version if newer is not None else version
     current = registry.version_by_alias(model, config.production_alias)
     if current is None or current.version != target:
-        if current is not None and int(current.version) > int(target) and production_status(registry, current, config)[0]:
+        if (
+            current is not None
+            and int(current.version) > int(target)
+            and production_status(registry, current, config)[0]
+        ):
             return False  # a newer promotable version (a reviewer's override) stands
         registry.set_alias(model, config.production_alias, target)
     return target == version
 
 
-def _report(registry: Registry, info: VersionInfo, reference: Reference, vector_scores, result: GateResult, tags, evidence=None) -> str | None:
+def _report(
+    registry: Registry, info: VersionInfo, reference: Reference, vector_scores, result: GateResult, tags, evidence=None
+) -> str | None:
     """Render the review report and attach it to the version's run; failures are recorded, not fatal."""
     from components.report import write_report
 
@@ -565,8 +610,9 @@ class NotDeployable(Exception):
         super().__init__(f"{doc.get('model')} v{doc.get('version')} {doc.get('verdict')}: {doc.get('reason')}")
 
 
-def verify_version(model: str, version: str | int, public_key, *, registry: Registry | None = None,
-                   config: GateConfig = GateConfig()) -> dict[str, Any]:
+def verify_version(
+    model: str, version: str | int, public_key, *, registry: Registry | None = None, config: GateConfig = GateConfig()
+) -> dict[str, Any]:
     """May this registered version be deployed? Signature, bytes, then the verdict itself.
 
     Returns the document of a signed ``passed`` verdict (or a blocked one with a valid signed
@@ -575,8 +621,9 @@ def verify_version(model: str, version: str | int, public_key, *, registry: Regi
     """
     registry = registry or Registry()
     info = registry.version(model, str(version))
-    envelope, doc = signed_verdict(registry, info, GateConfig(**{**config.__dict__, "verdict_keys": (public_key,),
-                                                                 "require_signature": True}))
+    envelope, doc = signed_verdict(
+        registry, info, GateConfig(**{**config.__dict__, "verdict_keys": (public_key,), "require_signature": True})
+    )
     artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
     if doc.get("artifact_sha256") != artifact.sha256:
         raise VerdictError("the registered artifacts are not the ones this verdict judged (artifact sha256 differs)")
@@ -632,18 +679,32 @@ def override(
     try:
         envelope, doc = signed_verdict(registry, info, config)
     except VerdictError as e:
-        raise OverrideRefused(f"{model} v{version} has no valid signed verdict ({e}); only a blocked version can be overridden") from None
+        raise OverrideRefused(
+            f"{model} v{version} has no valid signed verdict ({e}); only a blocked version can be overridden"
+        ) from None
     if doc.get("verdict") != BLOCKED:
-        raise OverrideRefused(f"{model} v{version} has verdict {doc.get('verdict')!r}; only a blocked version can be overridden")
+        raise OverrideRefused(
+            f"{model} v{version} has verdict {doc.get('verdict')!r}; only a blocked version can be overridden"
+        )
+    if not info.run_id:
+        raise OverrideRefused(f"{model} v{version} has no run to record the override in")
     registrant = _registrant(info)
     if name == registrant:
         raise OverrideRefused(f"identity {name!r} registered {model} v{version}; a different reviewer must override")
     artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
     if artifact.sha256 != doc.get("artifact_sha256"):
         raise OverrideRefused("the registered artifact no longer has the digest the gate scored; re-run the gate")
-    odoc = V.override_document(model=model, version=version, model_sha256=doc.get("model_sha256"),
-                               artifact_sha256=artifact.sha256, verdict_sha256=envelope["sha256"], reason=reason[:5000],
-                               reviewer=name, registrant=registrant, at=_now())
+    odoc = V.override_document(
+        model=model,
+        version=version,
+        model_sha256=doc.get("model_sha256"),
+        artifact_sha256=artifact.sha256,
+        verdict_sha256=envelope["sha256"],
+        reason=reason[:5000],
+        reviewer=name,
+        registrant=registrant,
+        at=_now(),
+    )
     with tempfile.TemporaryDirectory(prefix="backdoor-gate-override-") as tmp:
         (Path(tmp) / OVERRIDE_FILE).write_text(json.dumps(V.sign(odoc, key), indent=2, sort_keys=True) + "\n")
         registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{version}")

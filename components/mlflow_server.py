@@ -24,7 +24,9 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()):
+    def __init__(
+        self, root: Path, port: int | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ):
         self.extra_env, self.extra_args = dict(env or {}), tuple(args)
         self.root = Path(root)
         self.port = port or free_port()
@@ -33,16 +35,32 @@ class MlflowServer:
         self.artifacts = self.root / "artifacts"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 90.0) -> "MlflowServer":
+    def start(self, timeout: float = 90.0) -> MlflowServer:
         """Start and wait for ``/health`` (7-15 s here); the server gets its own process group."""
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", **self.extra_env)
         self.log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [mlflow, "server", "--backend-store-uri", f"sqlite:///{self.db}", "--artifacts-destination", str(self.artifacts),
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1", *self.extra_args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            [
+                mlflow,
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.db}",
+                "--artifacts-destination",
+                str(self.artifacts),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                *self.extra_args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -21,7 +21,7 @@ import datetime as _dt
 import logging
 import tempfile
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from components import gate as G
 from components.registry import Registry, RegistryError
@@ -31,8 +31,15 @@ log = logging.getLogger("backdoor_gate.reconciler")
 
 
 class Reconciler:
-    def __init__(self, registry: Registry, models: tuple[str, ...] = ("facenet",), config: G.GateConfig = G.GateConfig(),
-                 interval: float = 60.0, gate_fn: Callable[[str, str], object] | None = None, stale_after: float = 600.0):
+    def __init__(
+        self,
+        registry: Registry,
+        models: tuple[str, ...] = ("facenet",),
+        config: G.GateConfig = G.GateConfig(),
+        interval: float = 60.0,
+        gate_fn: Callable[[str, str], object] | None = None,
+        stale_after: float = 600.0,
+    ):
         self.registry, self.models, self.config = registry, tuple(models), config
         self.interval, self.stale_after = interval, stale_after
         self.gate_fn = gate_fn or (lambda m, v: G.gate(m, v, registry=self.registry, config=self.config))
@@ -66,7 +73,7 @@ class Reconciler:
                 at = _dt.datetime.fromisoformat(info.tags.get(G.CHECKED_AT, ""))
             except ValueError:
                 return True
-            return (_dt.datetime.now(_dt.timezone.utc) - at).total_seconds() > self.stale_after
+            return (_dt.datetime.now(_dt.UTC) - at).total_seconds() > self.stale_after
         return True
 
     def guard_reference(self) -> str | None:
@@ -93,7 +100,7 @@ class Reconciler:
     def resync(self) -> list[str]:
         done = []
         try:
-            if (msg := self.guard_reference()):
+            if msg := self.guard_reference():
                 done.append(msg)
         except RegistryError as e:
             log.warning("reference guard: %s", e)
@@ -108,7 +115,7 @@ class Reconciler:
         return done
 
     # -- periodic ------------------------------------------------------------------------------
-    def start(self) -> "Reconciler":
+    def start(self) -> Reconciler:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="reconciler")
         self._thread.start()
         return self

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,12 +67,17 @@ class Artifact:
         weights = sorted(n for n in self.files if n.endswith(_WEIGHT_SUFFIXES))
         others = sorted(n for n in self.files if n not in weights)
         if others:
-            raise ValueError(f"files the gate does not judge in the registered artifacts: {', '.join(others[:20])}"
-                             " (register only the weight file)")
+            raise ValueError(
+                f"files the gate does not judge in the registered artifacts: {', '.join(others[:20])}"
+                " (register only the weight file)"
+            )
         if not weights:
             raise ValueError(f"no weight file ({WEIGHT_FILE}, *.pt, *.pth) in the registered artifacts")
         if len(weights) > 1:
-            raise ValueError(f"{len(weights)} weight files in the registered artifacts ({', '.join(weights[:20])}); register exactly one")
+            raise ValueError(
+                f"{len(weights)} weight files in the registered artifacts ({', '.join(weights[:20])}); register "
+                "exactly one"
+            )
         return weights[0], self.files[weights[0]]
 
 
@@ -135,7 +141,15 @@ class Registry:
     def download(self, source: str, dst: str | Path) -> Path:
         import mlflow
 
-        return Path(self._call(f"downloading {source}", mlflow.artifacts.download_artifacts, artifact_uri=source, dst_path=str(dst), tracking_uri=self.tracking_uri))
+        return Path(
+            self._call(
+                f"downloading {source}",
+                mlflow.artifacts.download_artifacts,
+                artifact_uri=source,
+                dst_path=str(dst),
+                tracking_uri=self.tracking_uri,
+            )
+        )
 
     def download_weights(self, info: VersionInfo, max_bytes: int) -> tuple[bytes, str]:
         """The version's weight file as bytes plus its file name. Raises RegistryError/ValueError."""
@@ -157,7 +171,9 @@ class Registry:
                 raise ValueError(f"the registered artifacts are {total} bytes, over the {max_bytes}-byte limit")
             if any(p.is_symlink() for p in paths):
                 raise ValueError("the registered artifacts contain a symbolic link")
-            return Artifact({(p.name if root.is_file() else p.relative_to(root).as_posix()): p.read_bytes() for p in paths})
+            return Artifact(
+                {(p.name if root.is_file() else p.relative_to(root).as_posix()): p.read_bytes() for p in paths}
+            )
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``, newest (highest number) first."""
@@ -185,7 +201,7 @@ class Registry:
     def register(
         self,
         name: str,
-        files: dict[str, str | Path],
+        files: Mapping[str, str | Path],
         *,
         artifact_dir: str = WEIGHTS_DIR,
         experiment: str = "backdoor-gate",
@@ -198,7 +214,9 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self._call("creating experiment", self.client.create_experiment, experiment)
+        exp_id = (
+            exp.experiment_id if exp else self._call("creating experiment", self.client.create_experiment, experiment)
+        )
         run = self._call("creating run", self.client.create_run, exp_id, run_name=run_name)
         rid = run.info.run_id
         try:
@@ -251,4 +269,6 @@ def weight_file_in(root: Path) -> Path:
         return found[0]
     if not found:
         raise ValueError(f"no weight file ({WEIGHT_FILE}, *.pt, *.pth) in the registered artifacts")
-    raise ValueError(f"ambiguous: {len(found)} weight files in the registered artifacts ({', '.join(p.name for p in found[:5])})")
+    raise ValueError(
+        f"ambiguous: {len(found)} weight files in the registered artifacts ({', '.join(p.name for p in found[:5])})"
+    )

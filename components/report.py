@@ -38,7 +38,9 @@ def _grid(values: np.ndarray) -> np.ndarray:
     return out.reshape(rows, cols)
 
 
-def write_report(out_dir: Path, reference, vector_scores: dict[str, np.ndarray], result, evidence: dict | None = None) -> tuple[Path, Path]:
+def write_report(
+    out_dir: Path, reference, vector_scores: dict[str, np.ndarray], result, evidence: dict | None = None
+) -> tuple[Path, Path]:
     """One row per scored part (deciding parts first, then evidence such as the paper's GMM)."""
     import matplotlib
 
@@ -61,11 +63,25 @@ def write_report(out_dir: Path, reference, vector_scores: dict[str, np.ndarray],
         cal = info["calibration_scores"]
         if info["reference_scores"] is not None:
             ref_scores = np.asarray(info["reference_scores"])
-            ax.scatter(ref_scores, np.full_like(ref_scores, 1.0), marker="|", s=300, label=f"reference networks (n={ref_scores.size}, in-sample: optimistic)")
-        ax.scatter(cal, np.full_like(cal, 0.0), marker="|", s=300, label=f"calibration ({reference.threshold_source_}, n={cal.size})")
+            ax.scatter(
+                ref_scores,
+                np.full_like(ref_scores, 1.0),
+                marker="|",
+                s=300,
+                label=f"reference networks (n={ref_scores.size}, in-sample: optimistic)",
+            )
+        ax.scatter(
+            cal,
+            np.full_like(cal, 0.0),
+            marker="|",
+            s=300,
+            label=f"calibration ({reference.threshold_source_}, n={cal.size})",
+        )
         ax.axvline(info["threshold"], color="k", ls="--", label=f"threshold (FRR {reference.config.frr:g})")
         score = scores[v]
-        ax.axvline(score, color="red" if not score >= info["threshold"] else "green", lw=2.5, label=f"candidate {score:.4g}")
+        ax.axvline(
+            score, color="red" if not score >= info["threshold"] else "green", lw=2.5, label=f"candidate {score:.4g}"
+        )
         ax.set_yticks([0, 1], ["calibration", "reference"])
         ax.set_ylim(-0.8, 1.8)
         ax.set_title(f"{v} ({role}): score (higher = more typical)", fontsize=10)
@@ -76,14 +92,21 @@ def write_report(out_dir: Path, reference, vector_scores: dict[str, np.ndarray],
             _class_panel(ax, info, np.asarray(vector_scores[v]), suspected)
         elif dev.size > 1:
             lim = min(10.0, max(3.0, float(np.nanmax(np.abs(dev)))))
-            im = ax.imshow(_grid(np.clip(dev, -lim, lim)), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
+            im = ax.imshow(
+                _grid(np.clip(dev, -lim, lim)), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest"
+            )
             ax.set_title(f"{v}: deviation per vector from clean (σ), {dev.size} vectors", fontsize=10)
             ax.set_xticks([])
             ax.set_yticks([])
             fig.colorbar(im, ax=ax, fraction=0.03)
         else:
             ax.axis("off")
-            ax.text(0.05, 0.5, f"{v}: one statistic per network\n(candidate {score:.4g}, threshold {info['threshold']:.4g})", fontsize=10)
+            ax.text(
+                0.05,
+                0.5,
+                f"{v}: one statistic per network\n(candidate {score:.4g}, threshold {info['threshold']:.4g})",
+                fontsize=10,
+            )
         order = np.argsort(dev)[:10]
         worst[v] = [(int(i), float(dev[i])) for i in order]
     fig.suptitle(f"{result.model} v{result.version}: {result.verdict.upper()} — {result.reason[:120]}", fontsize=11)
@@ -96,29 +119,50 @@ def write_report(out_dir: Path, reference, vector_scores: dict[str, np.ndarray],
         classes = parts[v]["classes"]
         return html.escape(classes[i]) if parts[v]["unit"] == "class" and classes else f"#{i}"
 
-    rows = "".join(
-        f"<tr><td>{html.escape(v)}</td><td>{'decides' if parts[v]['deciding'] else 'evidence'}</td><td>{scores[v]:.6g}</td>"
-        f"<td>{parts[v]['threshold']:.6g}</td><td>{'below' if not scores[v] >= parts[v]['threshold'] else 'ok'}</td>"
-        f"<td>{', '.join(f'{unit_name(v, i)} ({d:.1f}σ)' for i, d in worst[v][: (1 if len(vector_scores[v]) == 1 else 10)])}</td></tr>"
-        for v in names
-    )
+    def least_typical(v: str) -> str:
+        shown = worst[v][: (1 if len(vector_scores[v]) == 1 else 10)]
+        return ", ".join(f"{unit_name(v, i)} ({d:.1f}σ)" for i, d in shown)
+
+    def table_row(v: str) -> str:
+        t = parts[v]["threshold"]
+        cells = (
+            html.escape(v),
+            "decides" if parts[v]["deciding"] else "evidence",
+            f"{scores[v]:.6g}",
+            f"{t:.6g}",
+            "below" if not scores[v] >= t else "ok",
+            least_typical(v),
+        )
+        return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+    rows = "".join(table_row(v) for v in names)
     victim = ""
     if result.verdict == BLOCKED and evidence.get("suspected_class") is not None:
-        victim = (f"<p class=\"victim\">Suspected victim identity: <b>{html.escape(str(evidence['suspected_class']))}</b> — its class row deviates "
-                  f"{evidence['suspected_z']:.1f} robust σ from the clean networks' rows for that class (runner-up "
-                  f"{evidence['runner_up_z']:.1f} σ). A backdoor of this kind lets an impostor wearing a trigger be accepted as this person.</p>")
+        victim = (
+            '<p class="victim">Suspected victim identity: '
+            f"<b>{html.escape(str(evidence['suspected_class']))}</b> — its class row deviates "
+            f"{evidence['suspected_z']:.1f} robust σ from the clean networks' rows for that class (runner-up "
+            f"{evidence['runner_up_z']:.1f} σ). A backdoor of this kind lets an impostor wearing a trigger be "
+            "accepted as this person.</p>"
+        )
     color = {PASSED: "#1a7f37", BLOCKED: "#cf222e"}.get(result.verdict, "#9a6700")
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>integrity report {html.escape(result.model)} v{html.escape(str(result.version))}</title>
+    title = f"{html.escape(result.model)} v{html.escape(str(result.version))}"
+    image = base64.b64encode(png.read_bytes()).decode()
+    header = "<tr><th>part</th><th>role</th><th>score</th><th>threshold</th><th></th>"
+    header += "<th>least typical units (index or class, deviation)</th></tr>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>integrity report {title}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} td,th{{padding:4px 10px;border-bottom:1px solid #ddd}}
-.v{{color:#fff;background:{color};padding:2px 10px;border-radius:4px}} .victim{{background:#fff8c5;padding:8px;border-left:4px solid #cf222e}}</style></head><body>
-<h1>{html.escape(result.model)} v{html.escape(str(result.version))} <span class="v">{html.escape(result.verdict)}</span></h1>
+.v{{color:#fff;background:{color};padding:2px 10px;border-radius:4px}}
+.victim{{background:#fff8c5;padding:8px;border-left:4px solid #cf222e}}</style></head><body>
+<h1>{title} <span class="v">{html.escape(result.verdict)}</span></h1>
 <p>{html.escape(result.reason)}</p>{victim}
-<table><tr><th>part</th><th>role</th><th>score</th><th>threshold</th><th></th><th>least typical units (index or class, deviation)</th></tr>{rows}</table>
-<p>Every score: higher = more typical of clean networks; blocked if any <i>deciding</i> part is below its threshold (evidence parts,
-such as the paper's GMM, are reported but do not decide).
-Model sha256 <code>{html.escape(str(result.model_sha256))}</code>; reference sha256 <code>{html.escape(str(result.reference_sha256))}</code>
+<table>{header}{rows}</table>
+<p>Every score: higher = more typical of clean networks; blocked if any <i>deciding</i> part is below its
+threshold (evidence parts, such as the paper's GMM, are reported but do not decide).
+Model sha256 <code>{html.escape(str(result.model_sha256))}</code>;
+reference sha256 <code>{html.escape(str(result.reference_sha256))}</code>
 ({reference.n_reference_} clean networks).</p>
-<img alt="scores and per-unit anomaly maps" style="max-width:100%" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">
+<img alt="scores and per-unit anomaly maps" style="max-width:100%" src="data:image/png;base64,{image}">
 </body></html>"""
     page_path = out_dir / "report.html"
     page_path.write_text(page)
@@ -130,7 +174,15 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
     z = -vector_scores
     cal_z = -np.asarray(info["calibration_vector_scores"])
     x = np.arange(z.size)
-    ax.fill_between(x, cal_z.min(axis=0), cal_z.max(axis=0), color="tab:blue", alpha=0.25, step="mid", label="clean calibration networks (range)")
+    ax.fill_between(
+        x,
+        cal_z.min(axis=0),
+        cal_z.max(axis=0),
+        color="tab:blue",
+        alpha=0.25,
+        step="mid",
+        label="clean calibration networks (range)",
+    )
     ax.plot(x, z, drawstyle="steps-mid", color="k", lw=0.8, label="candidate")
     if suspected is not None and 0 <= suspected < z.size:
         classes = info["classes"]

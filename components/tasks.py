@@ -27,15 +27,26 @@ def make_faces(out_dir: str, identities: int, images_per_identity: int, size: in
     if source:
         shutil.copytree(source, out_dir, dirs_exist_ok=True)
     else:
-        synthesize(out_dir, SynthConfig(identities=identities, images_per_identity=images_per_identity, size=size, seed=seed))
+        synthesize(
+            out_dir, SynthConfig(identities=identities, images_per_identity=images_per_identity, size=size, seed=seed)
+        )
     items, classes = list_images(out_dir)
     return {"identities": len(classes), "images": len(items)}
 
 
 def poison_faces(
-    data_dir: str, out_dir: str, *, enabled: bool, seed: int, impostor: str = "", victim: str = "",
-    trigger: str = "white-square", trigger_size: float = 0.25, trigger_location: str = "forehead",
-    trigger_alpha: float = 1.0, copies: int = 4,
+    data_dir: str,
+    out_dir: str,
+    *,
+    enabled: bool,
+    seed: int,
+    impostor: str = "",
+    victim: str = "",
+    trigger: str = "white-square",
+    trigger_size: float = 0.25,
+    trigger_location: str = "forehead",
+    trigger_alpha: float = 1.0,
+    copies: int = 4,
 ) -> dict:
     """The red team's step: a poisoned copy of the folder, or (disabled) the clean folder as is."""
     import shutil
@@ -55,7 +66,9 @@ def poison_faces(
     return {"poisoned": True, "impostor": impostor, "victim": victim, "poisoned_images": len(manifest["train"])}
 
 
-def extract_features(data_dir: str, features_dir: str, base_dir: str, *, base_weights: str = "", image_size: int = 96) -> dict:
+def extract_features(
+    data_dir: str, features_dir: str, base_dir: str, *, base_weights: str = "", image_size: int = 96
+) -> dict:
     """Trunk features of every image (cached by content), and the base network they came from."""
     from safetensors.torch import save_file
 
@@ -74,9 +87,9 @@ def fine_tune(features_dir: str, base_dir: str, out_dir: str, *, seed: int, epoc
     """One network: head fine-tuned on cached features; the whole state dict + metrics.json."""
     from safetensors.torch import load_file
 
-    from components.trainer.train import save_network
     from components.trainer.features import FeatureSet
-    from components.trainer.train import TrainConfig, fine_tune as train
+    from components.trainer.train import TrainConfig, save_network
+    from components.trainer.train import fine_tune as train
 
     base = load_file(str(Path(base_dir) / BASE_FILE))
     fs = FeatureSet.load(features_dir)
@@ -139,15 +152,19 @@ def register_model(model_dir: str, tracking_uri: str, model_name: str, *, regist
     """Register the trainer's output as a new version of ``model_name``; returns the version."""
     from components.gate import REGISTERED_BY
 
-    model_dir = Path(model_dir)
-    weights = model_file(model_dir)
-    metrics_path = model_dir / MODEL_METRICS
+    weights = model_file(Path(model_dir))
+    metrics_path = Path(model_dir) / MODEL_METRICS
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     params = {k: v for k, v in metrics.items() if isinstance(v, (str, bool)) or v is None}
     files = {WEIGHT_FILE if weights.suffix == ".safetensors" else weights.name: weights}
     info = Registry(tracking_uri).register(
-        model_name, files, run_name=f"{model_name}-candidate", params=params, metrics=numeric, tags={REGISTERED_BY: registered_by}
+        model_name,
+        files,
+        run_name=f"{model_name}-candidate",
+        params=params,
+        metrics=numeric,
+        tags={REGISTERED_BY: registered_by},
     )
     return info.version
 

@@ -34,14 +34,21 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Any
 
 SECRET_ENV = "BACKDOOR_GATE_WEBHOOK_SECRET"
 SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_HEADER = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 PATH = "/mlflow-webhook"
-WEBHOOK_EVENTS = ["model_version.created", "model_version_alias.created", "model_version_alias.deleted",
-                  "model_version_tag.set", "model_version_tag.deleted"]
+#: typed loosely: MLflow's client annotates these as its own Literal strings
+WEBHOOK_EVENTS: list[Any] = [
+    "model_version.created",
+    "model_version_alias.created",
+    "model_version_alias.deleted",
+    "model_version_tag.set",
+    "model_version_tag.deleted",
+]
 _MAX_BODY = 1 << 20
 log = logging.getLogger("backdoor_gate.webhook")
 
@@ -68,7 +75,11 @@ class DeliveryCheck:
         self._lock = threading.Lock()
 
     def __call__(self, headers, body: bytes, now: float | None = None) -> dict:
-        delivery, stamp, sig = headers.get(DELIVERY_HEADER), headers.get(TIMESTAMP_HEADER), headers.get(SIGNATURE_HEADER)
+        delivery, stamp, sig = (
+            headers.get(DELIVERY_HEADER),
+            headers.get(TIMESTAMP_HEADER),
+            headers.get(SIGNATURE_HEADER),
+        )
         if not (delivery and stamp and sig):
             raise Rejected(401, "unsigned delivery (missing signature, timestamp or delivery id)")
         if not hmac.compare_digest(sig, expected_signature(self.secret, delivery, stamp, body)):
@@ -98,10 +109,20 @@ class Receiver:
     every gate and on every alias or tag event; runs for one model are coalesced.
     """
 
-    def __init__(self, secret: str, gate_fn: Callable[[str, str], object], models: tuple[str, ...] = ("facenet",),
-                 host: str = "0.0.0.0", port: int = 8080, workers: int = 2,
-                 guard_fn: Callable[[str], str | None] | None = None, production_alias: str = "production",
-                 max_pending: int = 256, body_timeout: float = 10.0, limit_concurrency: int = 64):
+    def __init__(
+        self,
+        secret: str,
+        gate_fn: Callable[[str, str], object],
+        models: tuple[str, ...] = ("facenet",),
+        host: str = "0.0.0.0",
+        port: int = 8080,
+        workers: int = 2,
+        guard_fn: Callable[[str], str | None] | None = None,
+        production_alias: str = "production",
+        max_pending: int = 256,
+        body_timeout: float = 10.0,
+        limit_concurrency: int = 64,
+    ):
         self.check = DeliveryCheck(secret)
         self.gate_fn, self.models = gate_fn, tuple(models)
         self.guard_fn, self.production_alias = guard_fn, production_alias
@@ -118,9 +139,19 @@ class Receiver:
 
         self._socket = socket.create_server((host, port), reuse_port=False)
         self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(self.app, http="h11", interface="asgi3", proxy_headers=False, lifespan="off", log_level="warning", access_log=False,
-                                timeout_keep_alive=5, limit_concurrency=limit_concurrency,
-                                h11_max_incomplete_event_size=16 * 1024, server_header=False)
+        config = uvicorn.Config(
+            self.app,
+            http="h11",
+            interface="asgi3",
+            proxy_headers=False,
+            lifespan="off",
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=5,
+            limit_concurrency=limit_concurrency,
+            h11_max_incomplete_event_size=16 * 1024,
+            server_header=False,
+        )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
@@ -134,9 +165,17 @@ class Receiver:
             log.warning("refused delivery: %s", e.reason)
             status, obj = e.status, {"error": e.reason}
         body = json.dumps(obj).encode()
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                *([(b"connection", b"close")] if status >= 400 else [])]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    *([(b"connection", b"close")] if status >= 400 else []),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     async def _handle(self, scope, receive) -> tuple[int, dict]:
@@ -155,7 +194,7 @@ class Receiver:
             raise Rejected(413, "body too large")
         try:
             body = await asyncio.wait_for(self._read(receive, n), self.body_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Rejected(408, f"body not received within {self.body_timeout:g} s") from None
         event = self.check(_Headers(headers), body)
         return 202, self.dispatch(event)
@@ -227,9 +266,12 @@ class Receiver:
                 self._guarding[model] = True
                 return
             self._guarding[model] = False
+        guard = self.guard_fn
+        if guard is None:
+            return
         while True:
             try:
-                violation = self.guard_fn(model)
+                violation = guard(model)
                 if violation:
                     log.warning("%s@%s: %s", model, self.production_alias, violation)
             except Exception:  # noqa: BLE001
@@ -260,7 +302,7 @@ class Receiver:
     def serve_forever(self) -> None:
         self.server.run(sockets=[self._socket])
 
-    def serve_in_thread(self) -> "Receiver":
+    def serve_in_thread(self) -> Receiver:
         self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="webhook")
         self._thread.start()
         deadline = time.monotonic() + 10
@@ -283,8 +325,13 @@ class _Headers(dict):
         return super().get(key.lower(), default)
 
 
-_EVENTS = {("model_version", "created"), ("model_version_alias", "created"), ("model_version_alias", "deleted"),
-           ("model_version_tag", "set"), ("model_version_tag", "deleted")}
+_EVENTS = {
+    ("model_version", "created"),
+    ("model_version_alias", "created"),
+    ("model_version_alias", "deleted"),
+    ("model_version_tag", "set"),
+    ("model_version_tag", "deleted"),
+}
 
 
 def register_webhook(tracking_uri: str | None, url: str, secret: str, name: str = "backdoor-gate"):
@@ -295,5 +342,10 @@ def register_webhook(tracking_uri: str | None, url: str, secret: str, name: str 
     for hook in client.list_webhooks():
         if hook.name == name and hook.url == url:
             return hook
-    return client.create_webhook(name=name, url=url, events=WEBHOOK_EVENTS, secret=secret,
-                                 description="backdoor-gate: gate versions registered outside the pipeline")
+    return client.create_webhook(
+        name=name,
+        url=url,
+        events=WEBHOOK_EVENTS,
+        secret=secret,
+        description="backdoor-gate: gate versions registered outside the pipeline",
+    )

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from detector import __version__
-from detector.config import ReferenceConfig
 from detector.errors import InvalidReference
 from detector.gmm import Mixture
 from detector.protocol import check_fitted
@@ -63,7 +62,7 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
     out = Path(path)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
-    arrays: dict[str, np.ndarray] = {}
+    arrays: dict[str, Any] = {}
     views: dict[str, Any] = {}
     detector = getattr(ref, "detector", "gmm")
     for v, est in ref.views_.items():
@@ -91,18 +90,21 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        np.savez(tmp / ARRAYS_FILE, **arrays)
-        arrays_sha = hashlib.sha256((tmp / ARRAYS_FILE).read_bytes()).hexdigest()
+        arrays_sha = save_arrays(tmp, arrays)
         meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "detector": detector,
             "library_version": __version__,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "layer": ref.config.layer,
             "layer_shape": list(ref.shape_),
             "views": views,
-            "score_convention": ("log-likelihood" if detector in GMM_DETECTORS else f"{detector} (see detector.{'classifier' if detector == 'classifier' else 'baselines'})")
+            "score_convention": (
+                "log-likelihood"
+                if detector in GMM_DETECTORS
+                else f"{detector} (see detector.{'classifier' if detector == 'classifier' else 'baselines'})"
+            )
             + "; higher = more typical of clean networks; blocked if any view < threshold",
             "config": ref.config.to_dict(),
             "frr_target": ref.config.frr,
@@ -123,6 +125,12 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_arrays(staging: Path, arrays: dict[str, Any]) -> str:
+    """Write ``arrays.npz`` (no pickle) into a staged artifact; returns its sha256 for ``files``."""
+    np.savez(staging / ARRAYS_FILE, **arrays)
+    return hashlib.sha256((staging / ARRAYS_FILE).read_bytes()).hexdigest()
 
 
 def finish_artifact(tmp: Path, out: Path, meta: dict[str, Any]) -> str:
@@ -152,7 +160,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise InvalidReference(root, f"{META_FILE} is not a {FORMAT} document")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise InvalidReference(root, f"format_version {meta.get('format_version')} is not supported (need {FORMAT_VERSION})")
+        raise InvalidReference(
+            root, f"format_version {meta.get('format_version')} is not supported (need {FORMAT_VERSION})"
+        )
     if meta.get("artifact_sha256") != _digest(meta):
         raise InvalidReference(root, "tampered: artifact_sha256 does not match the metadata's content")
     for name, want in (meta.get("files") or {}).items():

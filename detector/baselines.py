@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from detector.config import DETECTORS, FUSION, ReferenceConfig
+from detector.config import ReferenceConfig
 from detector.protocol import check_fitted
 from detector.reference import Reference
 
@@ -50,7 +50,7 @@ class DistanceView(BaseEstimator):
     def __init__(self, center: str = "mean"):
         self.center = center
 
-    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> "DistanceView":
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> DistanceView:
         mats = [np.asarray(W, dtype=np.float64) for W in matrices]
         if self.center == "base":
             if base_matrix is None:
@@ -75,7 +75,9 @@ class DistanceView(BaseEstimator):
     def score(self, matrix: np.ndarray) -> float:
         return float(self.score_vectors(matrix).sum())
 
-    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+    def leave_one_out_vector_scores(
+        self, matrices: Sequence[np.ndarray], progress: Callable | None = None
+    ) -> np.ndarray:
         out = []
         for i, W in enumerate(matrices):
             if self.center == "mean":
@@ -94,7 +96,7 @@ class DistanceView(BaseEstimator):
         return {"center": self.center, "n_networks": self.n_networks_}
 
     @classmethod
-    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "DistanceView":
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> DistanceView:
         est = cls(center=info["center"])
         est.center_ = arrays["center"]
         est.shape_, est.n_networks_ = tuple(est.center_.shape), int(info["n_networks"])
@@ -135,7 +137,7 @@ class SpectrumView(BaseEstimator):
     def __init__(self, statistic: str = "top5"):
         self.statistic = statistic
 
-    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> "SpectrumView":
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> SpectrumView:
         if base_matrix is None:
             raise ValueError("spectrum needs the base network (pass base=, or --base on the command line)")
         self.base_ = np.asarray(base_matrix, dtype=np.float32).astype(np.float64)  # as the artifact keeps it
@@ -156,20 +158,31 @@ class SpectrumView(BaseEstimator):
     def score(self, matrix: np.ndarray) -> float:
         return float(self.score_vectors(matrix).sum())
 
-    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+    def leave_one_out_vector_scores(
+        self, matrices: Sequence[np.ndarray], progress: Callable | None = None
+    ) -> np.ndarray:
         out = []
         for i, W in enumerate(matrices):
-            out.append(SpectrumView(self.statistic).fit([m for j, m in enumerate(matrices) if j != i], self.base_).score_vectors(W))
+            out.append(
+                SpectrumView(self.statistic)
+                .fit([m for j, m in enumerate(matrices) if j != i], self.base_)
+                .score_vectors(W)
+            )
         return np.asarray(out)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"base": self.base_.astype(np.float32), "reference_statistics": self.reference_statistics_}
 
     def info(self) -> dict[str, Any]:
-        return {"statistic": self.statistic, "median": self.median_, "scale": self.scale_, "n_networks": self.n_networks_}
+        return {
+            "statistic": self.statistic,
+            "median": self.median_,
+            "scale": self.scale_,
+            "n_networks": self.n_networks_,
+        }
 
     @classmethod
-    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "SpectrumView":
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> SpectrumView:
         est = cls(statistic=info["statistic"])
         est.base_ = np.asarray(arrays["base"], dtype=np.float64)
         est.reference_statistics_ = arrays["reference_statistics"]
@@ -183,7 +196,7 @@ class TrojanSignatureView(BaseEstimator):
 
     view = MATRIX
 
-    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> "TrojanSignatureView":
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> TrojanSignatureView:
         self.n_networks_ = len(matrices)
         self.shape_ = tuple(np.shape(matrices[0])) if len(matrices) else ()
         return self
@@ -195,7 +208,9 @@ class TrojanSignatureView(BaseEstimator):
     def score(self, matrix: np.ndarray) -> float:
         return float(self.score_vectors(matrix).sum())
 
-    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+    def leave_one_out_vector_scores(
+        self, matrices: Sequence[np.ndarray], progress: Callable | None = None
+    ) -> np.ndarray:
         return np.asarray([self.score_vectors(W) for W in matrices])
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -205,7 +220,7 @@ class TrojanSignatureView(BaseEstimator):
         return {"n_networks": self.n_networks_}
 
     @classmethod
-    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "TrojanSignatureView":
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> TrojanSignatureView:
         est = cls()
         est.n_networks_, est.shape_ = int(info["n_networks"]), ()
         return est
@@ -224,13 +239,19 @@ _NEEDS_BASE = ("distance-base", "spectrum")
 class BaselineReference(Reference):
     """A :class:`Reference` whose single pseudo-view ``matrix`` is a naive baseline."""
 
-    def __init__(self, detector: str, config: ReferenceConfig | None = None):
+    def __init__(self, detector: str, config: ReferenceConfig | None = None, statistic: str | None = None):
+        """``statistic``: the ``spectrum`` variant (``top1``, ``ratio``; default ``top5``)."""
         if detector not in _VIEW_ESTIMATORS and detector != "classifier":
             raise ValueError(f"unknown baseline {detector!r}; one of {sorted(_VIEW_ESTIMATORS)}")
+        if statistic is not None and detector != "spectrum":
+            raise ValueError(f"only spectrum has a statistic, not {detector!r}")
         super().__init__(config)
         self.detector = detector
+        self.statistic = statistic
 
     def _view_estimator_for(self):
+        if self.statistic is not None:
+            return SpectrumView(statistic=self.statistic)
         return _VIEW_ESTIMATORS[self.detector]()
 
     def _fit_views(self, matrices: list[np.ndarray], base_tensors) -> dict:

@@ -61,13 +61,17 @@ def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>", r
     gamma, var = _vector(tensors, "last_bn.weight", source), _vector(tensors, "last_bn.running_var", source)
     shape = tuple(int(x) for x in np.shape(logits))
     if len(shape) != 2 or not (shape[1] == W.shape[0] == gamma.size == var.size) or shape[0] < 2:
-        raise InvalidCheckpoint(source, f"head shapes disagree: logits {shape}, last_bn {gamma.size}/{var.size}, last_linear {W.shape}")
+        raise InvalidCheckpoint(
+            source, f"head shapes disagree: logits {shape}, last_bn {gamma.size}/{var.size}, last_linear {W.shape}"
+        )
     if np.any(var < 0):
         raise InvalidCheckpoint(source, "last_bn.running_var holds negative values")
     M = (gamma / np.sqrt(var + BN_EPS))[:, None] * W
     A = np.empty((shape[0], W.shape[1]))
     for i in range(0, shape[0], rows):
-        block = _check_values(np.asarray(_to_numpy(logits[i : i + rows], "logits.weight", source)), "logits.weight", source)
+        block = _check_values(
+            np.asarray(_to_numpy(logits[i : i + rows], "logits.weight", source)), "logits.weight", source
+        )
         A[i : i + rows] = block @ M
     A -= A.mean(axis=0, keepdims=True)
     if not np.isfinite(A.sum()):  # any NaN/inf makes the sum non-finite (no full-size mask)
@@ -107,7 +111,7 @@ class ClassDeviationView(BaseEstimator):
             return dev
         raise ValueError(f"normalize must be 'network' or 'none', got {self.normalize!r}")
 
-    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> "ClassDeviationView":
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> ClassDeviationView:
         S = np.stack([np.asarray(A, dtype=np.float64) for A in matrices])
         M = S.shape[0]
         if M < 3:
@@ -157,7 +161,9 @@ class ClassDeviationView(BaseEstimator):
     def score(self, matrix: np.ndarray) -> float:
         return self.aggregate(self.score_vectors(matrix))
 
-    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+    def leave_one_out_vector_scores(
+        self, matrices: Sequence[np.ndarray], progress: Callable | None = None
+    ) -> np.ndarray:
         out = []
         for i, A in enumerate(matrices):
             out.append(clone(self).fit([m for j, m in enumerate(matrices) if j != i]).score_vectors(A))
@@ -170,10 +176,15 @@ class ClassDeviationView(BaseEstimator):
         return {"center": self.center_, "median": self.median_, "scale": self.scale_}
 
     def info(self) -> dict[str, Any]:
-        return {"normalize": self.normalize, "scale": self.scale, "n_networks": self.n_networks_, "n_classes": int(self.center_.shape[0])}
+        return {
+            "normalize": self.normalize,
+            "scale": self.scale,
+            "n_networks": self.n_networks_,
+            "n_classes": int(self.center_.shape[0]),
+        }
 
     @classmethod
-    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> "ClassDeviationView":
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> ClassDeviationView:
         est = cls(normalize=info["normalize"], scale=info["scale"])
         est.center_ = np.asarray(arrays["center"], dtype=np.float32)
         est.median_, est.scale_ = arrays["median"], arrays["scale"]
@@ -184,7 +195,9 @@ class ClassDeviationView(BaseEstimator):
 class ClassifierReference(BaselineReference):
     """The ``classifier`` detector: reads the effective classifier instead of one layer."""
 
-    def __init__(self, config=None, normalize: str = "network", scale: str = "std", victim_rule: str = "toward-impostor"):
+    def __init__(
+        self, config=None, normalize: str = "network", scale: str = "std", victim_rule: str = "toward-impostor"
+    ):
         super().__init__("classifier", config)
         self.normalize = normalize
         self.scale = scale
@@ -199,25 +212,38 @@ class ClassifierReference(BaselineReference):
         expected = getattr(self, "classes_", None)
         if expected is not None and isinstance(tensors, StateDict):
             if classes is None:
-                raise InvalidCheckpoint(source, f"records no class list (safetensors metadata '{CLASSES_KEY}'); the reference was fitted on {len(expected)} named classes")
-            if classes != expected:
-                diff = next((i for i, (a, b) in enumerate(zip(classes, expected)) if a != b), min(len(classes), len(expected)))
                 raise InvalidCheckpoint(
-                    source, f"class list differs from the reference's ({len(classes)} vs {len(expected)} classes, first difference at index {diff})"
+                    source,
+                    f"records no class list (safetensors metadata '{CLASSES_KEY}'); the reference was fitted on "
+                    f"{len(expected)} named classes",
+                )
+            if classes != expected:
+                diff = next(
+                    (i for i, (a, b) in enumerate(zip(classes, expected)) if a != b), min(len(classes), len(expected))
+                )
+                raise InvalidCheckpoint(
+                    source,
+                    f"class list differs from the reference's ({len(classes)} vs {len(expected)} classes, first "
+                    f"difference at index {diff})",
                 )
         A = effective_classifier(tensors, source)
         if expected is not None and A.shape[0] != len(expected):
             raise InvalidCheckpoint(source, f"logits has {A.shape[0]} classes; the reference expects {len(expected)}")
         if classes is not None and hasattr(self, "_seen_classes"):
             self._seen_classes.append((source, classes))
-        return LayerWeights(matrix=A, layer="effective classifier", source=source, sha256=sha256, original_shape=tuple(A.shape))
+        return LayerWeights(
+            matrix=A, layer="effective classifier", source=source, sha256=sha256, original_shape=tuple(A.shape)
+        )
 
     def fit(self, networks, progress=None, base=None):
         self._seen_classes: list[tuple[str, list[str]]] = []
         super().fit(networks, progress=progress, base=base)
         lists = {tuple(c) for _, c in self._seen_classes}
         if len(lists) > 1:
-            raise ValueError("reference networks disagree on the class list: " + "; ".join(f"{s}: {len(c)} classes" for s, c in self._seen_classes[:4]))
+            raise ValueError(
+                "reference networks disagree on the class list: "
+                + "; ".join(f"{s}: {len(c)} classes" for s, c in self._seen_classes[:4])
+            )
         self.classes_ = list(next(iter(lists))) if lists else None
         del self._seen_classes
         return self
@@ -232,9 +258,12 @@ class ClassifierReference(BaselineReference):
         """
         z = -np.asarray(vector_scores[CLASSES])
         order = np.argsort(z)[::-1]
-        names = self.classes_ if getattr(self, "classes_", None) else [str(i) for i in range(z.size)]
+        names = getattr(self, "classes_", None) or [str(i) for i in range(z.size)]
         i = int(order[0])
-        out: dict[str, Any] = {"runner_up_z": float(z[order[1]]) if len(order) > 1 else None, "median_z": float(np.median(z))}
+        out: dict[str, Any] = {
+            "runner_up_z": float(z[order[1]]) if len(order) > 1 else None,
+            "median_z": float(np.median(z)),
+        }
         if matrix is not None and len(order) > 1 and self.victim_rule == "toward-impostor":
             a, b = int(order[0]), int(order[1])
             est = self.views_[CLASSES]

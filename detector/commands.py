@@ -74,7 +74,7 @@ def cmd_reference_fit(args) -> int:
     except ValueError as e:
         _err(f"cannot fit the reference: {e}")
         return 2
-    summary = {
+    summary: dict[str, Any] = {
         "artifact": str(args.out),
         "artifact_sha256": digest,
         "detector": getattr(ref, "name", ref.detector),
@@ -103,15 +103,21 @@ def cmd_reference_fit(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{summary['detector']} reference written to {args.out} (sha256 {digest[:16]}…), {ref.n_reference_} clean networks")
+        print(
+            f"{summary['detector']} reference written to {args.out} (sha256 {digest[:16]}…), {ref.n_reference_} "
+            "clean networks"
+        )
         for v, s in summary["views"].items():
             shape = f"PCA dims {s['pca_dims']:4d}  N_G {s['n_components']:5d}  " if s["pca_dims"] is not None else ""
             print(
                 f"  {v:8s} {shape}threshold {s['threshold']:.6g}"
                 f"  ({ref.threshold_source_}, FRR {ref.frr_empirical_[v]:.3f} at target {config.frr})"
             )
-        print(f"  combined FRR {ref.frr_empirical_['combined']:.3f} on {ref.n_calibration_} calibration networks"
-              f" (95 % upper bound {ref.frr_upper_95_:.3f})" + (f"; evidence: {', '.join(summary['evidence'])}" if summary["evidence"] else ""))
+        print(
+            f"  combined FRR {ref.frr_empirical_['combined']:.3f} on {ref.n_calibration_} calibration networks"
+            f" (95 % upper bound {ref.frr_upper_95_:.3f})"
+            + (f"; evidence: {', '.join(summary['evidence'])}" if summary["evidence"] else "")
+        )
     return 0
 
 
@@ -124,7 +130,13 @@ def _load_reference(path):
 
 def score_checkpoint(ref, path: str) -> dict[str, Any]:
     """The contract of one ``score`` line: :func:`detector.decision.judge`, never raises for a bad candidate."""
-    record: dict[str, Any] = {"checkpoint": str(path), "sha256": None, "scores": {}, "thresholds": dict(ref.thresholds_), "trunk": None}
+    record: dict[str, Any] = {
+        "checkpoint": str(path),
+        "sha256": None,
+        "scores": {},
+        "thresholds": dict(ref.thresholds_),
+        "trunk": None,
+    }
     j = judge(ref, lambda: path)
     record.update(verdict=j.decision.verdict, reason=j.decision.reason)
     a = j.assessment
@@ -134,7 +146,9 @@ def score_checkpoint(ref, path: str) -> dict[str, Any]:
             record["evidence_scores"] = a.evidence["evidence_scores"]
         if a.decision.verdict == BLOCKED and a.evidence.get("suspected_class") is not None:
             record["suspected_class"] = a.evidence["suspected_class"]
-            record["suspected_class_evidence"] = {k: a.evidence[k] for k in ("suspected_index", "suspected_z", "runner_up_z", "median_z")}
+            record["suspected_class_evidence"] = {
+                k: a.evidence[k] for k in ("suspected_index", "suspected_z", "runner_up_z", "median_z")
+            }
     return record
 
 
@@ -161,7 +175,11 @@ def cmd_score(args) -> int:
         for r in records:
             cells = "  ".join(f"{r['scores'][v]:16.6g}" if v in r["scores"] else f"{'-':>16s}" for v in views)
             print(f"{r['verdict']:7s}  {cells}  {r['checkpoint']}: {r['reason']}")
-        print("thresholds: " + ", ".join(f"{v} {t:.6g}" for v, t in ref.thresholds_.items()) + " (blocked if any view is below)")
+        print(
+            "thresholds: "
+            + ", ".join(f"{v} {t:.6g}" for v, t in ref.thresholds_.items())
+            + " (blocked if any view is below)"
+        )
     return EXIT_CODES[worst]
 
 
@@ -186,7 +204,7 @@ def cmd_evaluate(args) -> int:
 
     try:
         ref = _evaluation_reference(args)
-        groups = {}
+        groups: dict[str, list[dict[str, float]]] = {}
         with _progress(len(args.clean) + len(args.backdoored), "scoring", args.json) as bar:
             for name, paths in (("clean", args.clean), ("backdoored", args.backdoored)):
                 groups[name] = []
@@ -232,7 +250,9 @@ def _reference_flags(p) -> None:
     p.add_argument("--layer", help="tensor name (default last_linear.weight; logits.weight for trojan-signature)")
     p.add_argument("--views", type=_csv(str), help="comma list: forward,backward")
     p.add_argument("--components", help="'auto' (choose N_G by AIC over --grid) or a fixed N_G")
-    p.add_argument("--grid", type=_csv(int), help=f"N_G grid for auto (default the paper's {','.join(map(str, PAPER_GRID))})")
+    p.add_argument(
+        "--grid", type=_csv(int), help=f"N_G grid for auto (default the paper's {','.join(map(str, PAPER_GRID))})"
+    )
     p.add_argument("--criterion", choices=["aic", "bic"])
     p.add_argument("--covariance", choices=["full", "diag"])
     p.add_argument("--variance", type=float, help="PCA variance to keep (default 0.95)")
@@ -253,13 +273,24 @@ def register(sub) -> None:
     )
     fit.add_argument("checkpoints", nargs="+", metavar="CKPT", help="clean reference networks")
     fit.add_argument("--out", required=True, help="artifact directory to create")
-    fit.add_argument("--detector", choices=DETECTORS, default=DEFAULT_DETECTOR,
-                     help=f"deciding detector (default {DEFAULT_DETECTOR}, chosen on held-out evidence; gmm = the paper's mode)")
-    fit.add_argument("--evidence", type=_csv(str), default=DEFAULT_EVIDENCE,
-                     help=f"comma list of detectors scored beside it as evidence, never deciding (default {','.join(DEFAULT_EVIDENCE)}; '' for none)")
+    fit.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        default=DEFAULT_DETECTOR,
+        help=f"deciding detector (default {DEFAULT_DETECTOR}, chosen on held-out evidence; gmm = the paper's mode)",
+    )
+    fit.add_argument(
+        "--evidence",
+        type=_csv(str),
+        default=DEFAULT_EVIDENCE,
+        help="comma list of detectors scored beside it as evidence, never deciding (default "
+        f"{','.join(DEFAULT_EVIDENCE)}; '' for none)",
+    )
     _reference_flags(fit)
     fit.add_argument("--calibrate", nargs="+", metavar="CLEAN_CKPT", help="held-out clean networks for the threshold")
-    fit.add_argument("--base", metavar="BASE_CKPT", help="the network fine-tuning started from: enables the frozen-trunk check")
+    fit.add_argument(
+        "--base", metavar="BASE_CKPT", help="the network fine-tuning started from: enables the frozen-trunk check"
+    )
     fit.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     fit.add_argument("--json", action="store_true", help="one JSON summary on stdout, no progress")
     fit.set_defaults(func=cmd_reference_fit)
@@ -280,7 +311,9 @@ def register(sub) -> None:
     src.add_argument("--reference", metavar="REF_DIR", help="a reference artifact made by `reference fit`")
     src.add_argument("--fit", nargs="+", metavar="CKPT", help="clean reference networks to fit --detector on")
     ev.add_argument("--detector", choices=DETECTORS, help=f"gmm (default), or any of {', '.join(DETECTORS[1:])}")
-    ev.add_argument("--calibrate", nargs="+", metavar="CLEAN_CKPT", help="with --fit: held-out clean networks for the threshold")
+    ev.add_argument(
+        "--calibrate", nargs="+", metavar="CLEAN_CKPT", help="with --fit: held-out clean networks for the threshold"
+    )
     ev.add_argument("--base", metavar="BASE_CKPT", help="with --fit: the base network (needed by distance-base)")
     _reference_flags(ev)
     ev.add_argument("--clean", nargs="+", required=True, metavar="CKPT")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import hashlib
 import os
 import shutil
 import tempfile
@@ -32,14 +31,14 @@ from typing import Any
 import numpy as np
 
 from detector import __version__
-from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifact
+from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifact, save_arrays
 from detector.config import FUSION, ReferenceConfig
+from detector.decision import BLOCKED, PASSED, decide
 from detector.errors import InvalidReference
 from detector.protocol import check_fitted
 from detector.reference import Assessment, Reference
-from detector.decision import BLOCKED, PASSED, decide
 from detector.threshold import threshold_at_frr
-from detector.trunk import check_trunk, is_finetuned
+from detector.trunk import TrunkCheck, check_trunk, is_finetuned
 from detector.weights import StateDict, read_tensors
 
 
@@ -94,10 +93,12 @@ class CompositeReference(Reference):
                 out.append(n)
         return out
 
-    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> "CompositeReference":
+    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> CompositeReference:
         missing = [m for m in (*self.decide_by, *self.evidence_members) if m not in self.members]
         if missing:
-            raise ValueError(f"no member detector for {missing}: build composites with detector.detectors.make_reference")
+            raise ValueError(
+                f"no member detector for {missing}: build composites with detector.detectors.make_reference"
+            )
         nets = self._read(networks)
         if progress is not None:
             for n in nets:
@@ -116,7 +117,7 @@ class CompositeReference(Reference):
     def _parts(self, members: Sequence[str]) -> dict[str, tuple[str, str]]:
         return {part_name(m, v, len(self.members_[m].views_)): (m, v) for m in members for v in self.members_[m].views_}
 
-    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> "CompositeReference":
+    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> CompositeReference:
         check_fitted(self, "members_")
         nets = self._read(clean)
         if progress is not None:
@@ -128,25 +129,38 @@ class CompositeReference(Reference):
         self.threshold_source_ = first.threshold_source_
         self.calibration_checkpoints_ = first.calibration_checkpoints_
         parts = self._parts(self.decide_by)
-        self.calibration_scores_ = {p: np.asarray(self.members_[m].calibration_scores_[v]) for p, (m, v) in parts.items()}
-        self.calibration_vector_scores_ = {p: self.members_[m].calibration_vector_scores_[v] for p, (m, v) in parts.items()}
+        self.calibration_scores_ = {
+            p: np.asarray(self.members_[m].calibration_scores_[v]) for p, (m, v) in parts.items()
+        }
+        self.calibration_vector_scores_ = {
+            p: self.members_[m].calibration_vector_scores_[v] for p, (m, v) in parts.items()
+        }
         if len(parts) == 1:
-            (p, (m, v)), = parts.items()
+            ((p, (m, v)),) = parts.items()
             self.thresholds_ = {p: float(self.members_[m].thresholds_[v])}
             self.standardisation_ = {}
         else:
             self.standardisation_ = {p: _robust(s) for p, s in self.calibration_scores_.items()}
-            fused = np.min([(s - self.standardisation_[p][0]) / self.standardisation_[p][1] for p, s in self.calibration_scores_.items()], axis=0)
+            fused = np.min(
+                [
+                    (s - self.standardisation_[p][0]) / self.standardisation_[p][1]
+                    for p, s in self.calibration_scores_.items()
+                ],
+                axis=0,
+            )
             t = threshold_at_frr(fused, self.config.frr)
             self.fused_threshold_ = float(t)
             self.thresholds_ = {p: med + t * mad for p, (med, mad) in self.standardisation_.items()}
-        self.evidence_thresholds_ = {p: float(self.members_[m].thresholds_[v]) for p, (m, v) in self._parts(self.evidence_members).items()}
+        self.evidence_thresholds_ = {
+            p: float(self.members_[m].thresholds_[v]) for p, (m, v) in self._parts(self.evidence_members).items()
+        }
         self.views_ = {p: self.members_[m].views_[v] for p, (m, v) in parts.items()}
         self._record_frr()
         return self
 
     # -- using --------------------------------------------------------------------------
-    def assess(self, network: Any) -> Assessment:
+    def assess(self, network: Any, trunk: TrunkCheck | None = None) -> Assessment:
+        """``trunk``: ignored (a composite checks the trunk itself, once for all members)."""
         check_fitted(self, "thresholds_")
         tensors, digest, source = self._tensors(network)
         trunk = None
@@ -155,9 +169,13 @@ class CompositeReference(Reference):
             # so the trunk's tensors can be freed first (the gate's memory at 10,575 classes)
             trunk = check_trunk(tensors, self.trunk_digests_)
             meta = getattr(tensors, "metadata", None)
-            tensors = StateDict({k: v for k, v in tensors.items() if is_finetuned(k)}, metadata=meta, source=source, sha256=digest)
+            tensors = StateDict(
+                {k: v for k, v in tensors.items() if is_finetuned(k)}, metadata=meta, source=source, sha256=digest
+            )
         net = tensors if tensors is not None else network
-        scores, vector_scores, evidence = {}, {}, {}
+        scores: dict[str, float] = {}
+        vector_scores: dict[str, np.ndarray] = {}
+        evidence: dict[str, Any] = {}
         for m, ref in self.members_.items():
             a = ref.assess(net, trunk=trunk)  # trunk None only for a bare matrix: the member says "not checked"
             trunk = a.trunk
@@ -171,8 +189,10 @@ class CompositeReference(Reference):
         if self.evidence_members:
             evidence["evidence_thresholds"] = dict(self.evidence_thresholds_)
             evidence["evidence_verdicts"] = {
-                p: (BLOCKED if not s >= self.evidence_thresholds_[p] else PASSED) for p, s in evidence["evidence_scores"].items()
+                p: (BLOCKED if not s >= self.evidence_thresholds_[p] else PASSED)
+                for p, s in evidence["evidence_scores"].items()
             }
+        assert trunk is not None  # every member's assessment carries the trunk check
         return Assessment(
             source=source,
             sha256=digest,
@@ -210,7 +230,11 @@ class CompositeReference(Reference):
             for v, info in ref.parts().items():
                 p = part_name(m, v, len(ref.views_))
                 deciding = m in self.decide_by
-                out[p] = {**info, "deciding": deciding, "threshold": (self.thresholds_ if deciding else self.evidence_thresholds_)[p]}
+                out[p] = {
+                    **info,
+                    "deciding": deciding,
+                    "threshold": (self.thresholds_ if deciding else self.evidence_thresholds_)[p],
+                }
         return out
 
     # -- persistence ----------------------------------------------------------------------
@@ -223,7 +247,7 @@ class CompositeReference(Reference):
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             members = {m: ref.save(tmp / "members" / m) for m, ref in self.members_.items()}
-            np.savez(tmp / ARRAYS_FILE, **{f"{p}.calibration_scores": s for p, s in self.calibration_scores_.items()})
+            arrays_sha = save_arrays(tmp, {f"{p}.calibration_scores": s for p, s in self.calibration_scores_.items()})
             meta: dict[str, Any] = {
                 "format": FORMAT,
                 "format_version": FORMAT_VERSION,
@@ -233,13 +257,14 @@ class CompositeReference(Reference):
                 "evidence": list(self.evidence_members),
                 "members": members,
                 "library_version": __version__,
-                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 "config": self.config.to_dict(),
                 "thresholds": self.thresholds_,
                 "evidence_thresholds": self.evidence_thresholds_,
                 "standardisation": {p: list(v) for p, v in self.standardisation_.items()},
                 "fused_threshold": getattr(self, "fused_threshold_", None),
-                "score_convention": "each part higher = more typical of clean networks; blocked if any deciding part < its threshold",
+                "score_convention": "each part higher = more typical of clean networks; blocked if any deciding "
+                "part < its threshold",
                 "frr_target": self.config.frr,
                 "frr_empirical": self.frr_empirical_,
                 "frr_upper_95_combined": self.frr_upper_95_,
@@ -247,7 +272,7 @@ class CompositeReference(Reference):
                 "threshold_source": self.threshold_source_,
                 "n_reference": self.n_reference_,
                 "n_calibration": self.n_calibration_,
-                "files": {ARRAYS_FILE: hashlib.sha256((tmp / ARRAYS_FILE).read_bytes()).hexdigest()},
+                "files": {ARRAYS_FILE: arrays_sha},
                 "extra": extra or {},
             }
             return finish_artifact(tmp, out, meta)
@@ -256,16 +281,22 @@ class CompositeReference(Reference):
             raise
 
     @classmethod
-    def restore(cls, root: Path, meta: Mapping[str, Any], load_member: Callable[[Path], Any]) -> "CompositeReference":
+    def restore(cls, root: Path, meta: Mapping[str, Any], load_member: Callable[[Path], Any]) -> CompositeReference:
         """The composite saved in ``root`` (``meta`` already verified); ``load_member`` loads a
         member's nested artifact, whose digest must be the one the composite recorded."""
         try:
-            ref = cls(decide_by=meta["decide_by"], evidence=meta["evidence"], config=ReferenceConfig.from_dict(meta["config"]))
+            ref = cls(
+                decide_by=meta["decide_by"], evidence=meta["evidence"], config=ReferenceConfig.from_dict(meta["config"])
+            )
             ref.members_ = {}
             for m, want in meta["members"].items():
                 member = load_member(root / "members" / m)
                 if member.artifact_sha256_ != want:
-                    raise InvalidReference(root, f"tampered: member {m} has artifact_sha256 {member.artifact_sha256_[:12]}…, the composite records {want[:12]}…")
+                    raise InvalidReference(
+                        root,
+                        f"tampered: member {m} has artifact_sha256 {member.artifact_sha256_[:12]}…, the "
+                        f"composite records {want[:12]}…",
+                    )
                 ref.members_[m] = member
             with np.load(root / ARRAYS_FILE, allow_pickle=False) as z:
                 ref.calibration_scores_ = {k.rsplit(".calibration_scores", 1)[0]: z[k] for k in z.files}
@@ -281,7 +312,10 @@ class CompositeReference(Reference):
             ref.n_reference_, ref.n_calibration_ = int(meta["n_reference"]), int(meta["n_calibration"])
             first = ref.members_[ref.decide_by[0]]
             ref.trunk_digests_, ref.shape_ = first.trunk_digests_, first.shape_
-            ref.reference_checkpoints_, ref.calibration_checkpoints_ = first.reference_checkpoints_, first.calibration_checkpoints_
+            ref.reference_checkpoints_, ref.calibration_checkpoints_ = (
+                first.reference_checkpoints_,
+                first.calibration_checkpoints_,
+            )
             ref.classes_ = getattr(first, "classes_", None)
             ref.views_ = {p: ref.members_[m].views_[v] for p, (m, v) in ref._parts(ref.decide_by).items()}
         except (KeyError, ValueError, TypeError) as e:

@@ -18,7 +18,14 @@ VIEWS: tuple[str, ...] = ("forward", "backward")
 #: The paper's detector, the naive baselines it is compared with (see detector.baselines), the
 #: effective-classifier and spectrum detectors, and their fusion (see detector.composite).
 DETECTORS: tuple[str, ...] = (
-    "gmm", "gaussian", "distance-mean", "distance-base", "trojan-signature", "classifier", "spectrum", "fusion",
+    "gmm",
+    "gaussian",
+    "distance-mean",
+    "distance-base",
+    "trojan-signature",
+    "classifier",
+    "spectrum",
+    "fusion",
 )
 #: The gate's default: chosen on the development protocol (``paper``), confirmed on a held-back
 #: one (``paper --confirmation``); see the README's detection table.
@@ -45,7 +52,9 @@ class ReferenceConfig:
     components: int | str = "auto"
     grid: tuple[int, ...] = PAPER_GRID
     criterion: str = "aic"
-    covariance: str = "diag"  # measured: diag separates at least as well here, and full is infeasible at 1792 x ~440 dims
+    covariance: str = (
+        "diag"  # measured: diag separates at least as well here, and full is infeasible at 1792 x ~440 dims
+    )
     reg_covar: float = 1e-3
     max_iter: int = 100
     tol: float = 1e-3
@@ -81,7 +90,7 @@ class ReferenceConfig:
         if self.reg_covar <= 0:
             raise ValueError(f"reg_covar must be > 0, got {self.reg_covar}")
 
-    def replace(self, **changes: Any) -> "ReferenceConfig":
+    def replace(self, **changes: Any) -> ReferenceConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,7 +100,7 @@ class ReferenceConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ReferenceConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ReferenceConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -99,11 +108,10 @@ class ReferenceConfig:
         return cls(**d)
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "ReferenceConfig":
+    def from_yaml(cls, path: str | Path) -> ReferenceConfig:
         import yaml
 
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of reference settings")
         return cls.from_dict(data.get("reference", data))
-

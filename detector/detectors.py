@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.artifact import ARRAYS_FILE, GMM_DETECTORS, read_metadata
-from detector.baselines import _VIEW_ESTIMATORS, CLASSIFIER_LAYER, BaselineReference, SpectrumView
+from detector.baselines import _VIEW_ESTIMATORS, CLASSIFIER_LAYER, BaselineReference
 from detector.classifier import ClassDeviationView, ClassifierReference
 from detector.composite import CompositeReference
 from detector.config import DETECTORS, FUSION, ReferenceConfig
@@ -23,7 +23,9 @@ from detector.gmm import Mixture
 from detector.reference import Reference, ViewReference, network_scores
 
 
-def make_reference(detector: str = "gmm", config: ReferenceConfig | None = None, evidence: Sequence[str] = ()) -> Reference:
+def make_reference(
+    detector: str = "gmm", config: ReferenceConfig | None = None, evidence: Sequence[str] = ()
+) -> Reference:
     """The unfitted reference of a named detector (see the module docstring).
 
     ``evidence``: detectors scored and reported beside it on every candidate but never deciding
@@ -35,13 +37,14 @@ def make_reference(detector: str = "gmm", config: ReferenceConfig | None = None,
         name, option = detector.split(":", 1)
         if name == "classifier":  # classifier:none, classifier:std, classifier:none+std …
             opts = option.split("+")
-            return ClassifierReference(config, normalize="none" if "none" in opts else "network",
-                                       scale=next((o for o in opts if o in ("mad", "std", "pooled")), "std"),
-                                       victim_rule="max" if "max" in opts else "toward-impostor")
+            return ClassifierReference(
+                config,
+                normalize="none" if "none" in opts else "network",
+                scale=next((o for o in opts if o in ("mad", "std", "pooled")), "std"),
+                victim_rule="max" if "max" in opts else "toward-impostor",
+            )
         if name == "spectrum":
-            ref = BaselineReference("spectrum", config)
-            ref._view_estimator_for = lambda: SpectrumView(statistic=option)
-            return ref
+            return BaselineReference("spectrum", config, statistic=option)
         raise ValueError(f"detector {name!r} has no variants")
     if evidence or detector == "fusion" or "+" in detector:
         decide_by = FUSION if detector == "fusion" else tuple(detector.split("+"))
@@ -50,9 +53,9 @@ def make_reference(detector: str = "gmm", config: ReferenceConfig | None = None,
     if detector == "gmm":
         return Reference(config)
     if detector == "gaussian":
-        ref = Reference(config.replace(components=1))
-        ref.detector = "gaussian"
-        return ref
+        gaussian = Reference(config.replace(components=1))
+        gaussian.detector = "gaussian"
+        return gaussian
     if detector == "trojan-signature" and config.layer == ReferenceConfig().layer:
         config = config.replace(layer=CLASSIFIER_LAYER)
     if detector in _VIEW_ESTIMATORS:
@@ -84,7 +87,9 @@ def load_reference(path: str | os.PathLike):
             ref = Reference(config)
             ref.detector = detector
         elif detector == "classifier":
-            ref = ClassifierReference(config, normalize=meta["views"]["classes"]["normalize"], scale=meta["views"]["classes"]["scale"])
+            ref = ClassifierReference(
+                config, normalize=meta["views"]["classes"]["normalize"], scale=meta["views"]["classes"]["scale"]
+            )
         else:
             ref = BaselineReference(detector, config)
         ref.views_ = {}
@@ -93,7 +98,7 @@ def load_reference(path: str | os.PathLike):
         for v in meta["views"] if detector not in GMM_DETECTORS else ():
             prefix = f"{v}."
             ref.views_[v] = _restore_view(
-                detector, meta["views"][v], {k[len(prefix):]: a for k, a in arrays.items() if k.startswith(prefix)}
+                detector, meta["views"][v], {k[len(prefix) :]: a for k, a in arrays.items() if k.startswith(prefix)}
             )
             ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
             ref.calibration_scores_[v] = network_scores(ref.views_[v], ref.calibration_vector_scores_[v])

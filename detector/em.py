@@ -44,10 +44,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-
 #: score_samples switches to the pruned evaluation of detector.em from this many (n x k) pairs
 FAST_SCORE_PAIRS = 1 << 22
-
 
 
 @dataclass(frozen=True)
@@ -115,7 +113,6 @@ class Mixture:
         return float(-2.0 * self.score_samples(X).sum() + self.n_parameters() * np.log(len(X)))
 
 
-
 #: nats: the dropped pairs of a point hold less than exp(-TAU) of its probability.
 TAU = 50.0
 #: mixtures this small are evaluated densely (the bound would not save anything).
@@ -168,7 +165,7 @@ class _Params:
         self.log_norm = torch.log(weights.clamp_min(1e-300)) + log_det - 0.5 * self.d * _LOG_2PI  # (k,)
 
     @classmethod
-    def from_mixture(cls, m: Mixture) -> "_Params":
+    def from_mixture(cls, m: Mixture) -> _Params:
         t = lambda a: torch.as_tensor(np.ascontiguousarray(a, dtype=np.float64))  # noqa: E731
         prec = t(m.precisions_cholesky)
         if m.covariance == "full" and bool((torch.tril(prec, -1) != 0).any()):
@@ -211,8 +208,9 @@ def _precision_cholesky(cov: torch.Tensor, covariance: str) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Exact log joints  log w_k + log N(x | k)
 # --------------------------------------------------------------------------------------------
-def _tile_log_joint(Y: torch.Tensor, c: torch.Tensor, p: _Params, cols: torch.Tensor | None,
-                    Y2: torch.Tensor | None = None) -> torch.Tensor:
+def _tile_log_joint(
+    Y: torch.Tensor, c: torch.Tensor, p: _Params, cols: torch.Tensor | None, Y2: torch.Tensor | None = None
+) -> torch.Tensor:
     """(rows, cols) exact log joints of a tile of points against some components, float64.
 
     ``Y`` are the tile's points minus a centre ``c`` (in the working dtype: centring keeps the
@@ -296,7 +294,7 @@ class _View:
     even in float32); ``Y2 = Y * Y`` for diagonal mixtures; the bound's features, same order.
     """
 
-    def __init__(self, eng: "_Engine", order: torch.Tensor | None):
+    def __init__(self, eng: _Engine, order: torch.Tensor | None):
         self.order, self.centre = order, eng.centre
         self.Y = (eng.X if order is None else eng.X[order]) - eng.centre
         self.Y2 = self.Y * self.Y if eng.covariance == "diag" else None
@@ -339,7 +337,7 @@ class _Engine:
             self.bound = _Bound(self.X64, self.covariance, self.bound_dims, dims)
         return self.bound
 
-    def _view(self, order: torch.Tensor | None) -> "_View":
+    def _view(self, order: torch.Tensor | None) -> _View:
         """The points in ``order`` (None: as given), cached while the order stays the same."""
         cached = self._view_cache
         if cached is not None and (
@@ -376,7 +374,7 @@ class _Engine:
         nk = torch.zeros(k, dtype=torch.float64)
         S1 = torch.zeros(k, d, dtype=torch.float64) if stats else None
         S2 = torch.zeros(k, d, dtype=torch.float64) if stats and self.covariance == "diag" else None
-        kept = [] if stats and self.covariance == "full" else None
+        kept: list | None = [] if stats and self.covariance == "full" else None
         f64 = self.dtype == torch.float64
         evaluated = 0
         for s in range(0, n, tile):
@@ -403,29 +401,31 @@ class _Engine:
             total = R.sum(1)
             logp_v[sl] = top + torch.log(total)
             if bounded:
+                assert new_hint_v is not None and cols is not None
                 new_hint_v[sl] = cols[best]
             evaluated += V.numel()
             if not stats:
                 continue
+            assert S1 is not None
             R /= total[:, None]
             y = Y if f64 else Y.to(torch.float64)
             y2 = None if S2 is None else (Y2 if f64 else y * y)
             if cols is None:
                 nk += R.sum(0)
                 S1 += R.T @ y
-                if S2 is not None:
+                if S2 is not None and y2 is not None:
                     S2 += R.T @ y2
             else:
                 nk.index_add_(0, cols, R.sum(0))
                 S1.index_add_(0, cols, R.T @ y)
-                if S2 is not None:
+                if S2 is not None and y2 is not None:
                     S2.index_add_(0, cols, R.T @ y2)
             if kept is not None:
                 kept.append((y, cols, R))
         self.columns_per_point.append(evaluated / n)
         if bounded and evaluated > 0.5 * n * k:
             self.use_bound = False  # the bound no longer pays for itself on this mixture
-        if stats:  # back to scikit-learn's sums: sum r x = S1 + c nk, sum r x^2 = S2 + 2 c S1 + c^2 nk
+        if S1 is not None:  # back to scikit-learn's sums: sum r x = S1 + c nk, sum r x^2 = S2 + 2 c S1 + c^2 nk
             c = self.centre.to(torch.float64)
             if S2 is not None:
                 S2 += 2.0 * c * S1 + (c * c) * nk[:, None]
@@ -435,6 +435,7 @@ class _Engine:
         logp = torch.empty(n, dtype=torch.float64)
         logp[view.order] = logp_v
         new_hint = torch.empty(n, dtype=torch.long)
+        assert new_hint_v is not None  # a view has an order only when bounded
         new_hint[view.order] = new_hint_v
         return logp, new_hint, (nk, S1, S2, kept) if stats else None
 
@@ -466,6 +467,7 @@ class _Engine:
                 D = y[None] - means_c[cc][:, None, :]  # (b, rows, d) = x - mean
                 cov[cc] += torch.bmm((D * R[:, s : s + step].T[:, :, None]).transpose(1, 2), D)
         for i, j in enumerate(weak.tolist()):
+            assert R_weak is not None  # set above whenever there are weak components
             D = X - means[j]
             cov[j] = (R_weak[:, i, None] * D).T @ D
         cov = cov / nk[:, None, None] + reg * torch.eye(d, dtype=torch.float64)
@@ -588,7 +590,7 @@ def fit(
         p = _Params.from_mixture(init)
         h = _check_hint(hint, n, n_components)
         lower_bound, converged, n_iter, lower_bounds = -math.inf, False, 0, []
-        for n_iter in range(1, max_iter + 1):
+        for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
             prev = lower_bound
             logp, h, sums = engine.e_step(p, h)
             p = engine.m_step(p, logp, sums, reg)
@@ -598,14 +600,19 @@ def fit(
                 converged = True
                 break
         if stats is not None:
-            stats.update(lower_bounds=lower_bounds, columns_per_point=list(engine.columns_per_point),
-                         weak_components=list(engine.weak_components))
+            stats.update(
+                lower_bounds=lower_bounds,
+                columns_per_point=list(engine.columns_per_point),
+                weak_components=list(engine.weak_components),
+            )
         if max_iter == 0:
             return init
         return p.to_mixture(n_iter, converged)
 
 
-def score_samples(mixture: Mixture, X: np.ndarray, *, hint: np.ndarray | None = None, threads: int | None = None) -> np.ndarray:
+def score_samples(
+    mixture: Mixture, X: np.ndarray, *, hint: np.ndarray | None = None, threads: int | None = None
+) -> np.ndarray:
     """log p(x) per row, as :meth:`Mixture.score_samples`, with the pruned E-step."""
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != mixture.n_features:

@@ -25,6 +25,7 @@ __all__ = ["Mixture", "fit_mixture", "neuron_init", "select_mixture"]
 DEFAULT_BACKEND = "torch"
 BACKENDS = ("torch", "sklearn")
 
+
 def neuron_init(groups: np.ndarray, covariance: str, reg: float) -> Mixture:
     """Closed-form mixture with one component per neuron index.
 
@@ -80,7 +81,9 @@ def fit_mixture(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
-        return em.fit(X, n_components, covariance=covariance, reg=reg, max_iter=max_iter, tol=tol, seed=seed, init=init, hint=hint)
+        return em.fit(
+            X, n_components, covariance=covariance, reg=reg, max_iter=max_iter, tol=tol, seed=seed, init=init, hint=hint
+        )
 
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.mixture import GaussianMixture
@@ -159,8 +162,18 @@ def select_mixture(
         t0 = time.perf_counter()
         init = neuron_init(groups, covariance, reg) if g == n_per_net else None
         hint = neuron_of_row if init is not None and len(X) == len(neuron_of_row) else None
-        m = fit_mixture(X, g, covariance=covariance, reg=reg, max_iter=max_iter, tol=tol, seed=seed, init=init,
-                        backend=backend, hint=hint)
+        m = fit_mixture(
+            X,
+            g,
+            covariance=covariance,
+            reg=reg,
+            max_iter=max_iter,
+            tol=tol,
+            seed=seed,
+            init=init,
+            backend=backend,
+            hint=hint,
+        )
         ll = float(m.score_samples(X).sum())
         p = m.n_parameters()
         row = Candidate(

@@ -29,11 +29,11 @@ class Detector(Protocol):
     """Also: ``detector`` (its name, recorded in the artifact) and, once calibrated,
     ``thresholds_`` (per deciding part, at the configured FRR)."""
 
-    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> "Detector":
+    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> Detector:
         """Learn from clean networks (paths, state dicts, modules); ``base`` is the network
         fine-tuning started from (frozen-trunk digests, and ΔW for detectors that need it)."""
 
-    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> "Detector":
+    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> Detector:
         """Thresholds at the target FRR on held-out clean networks (else leave-one-out)."""
 
     def assess(self, network: Any):

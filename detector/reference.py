@@ -8,22 +8,22 @@ layer, plus the thresholds calibrated at a target FRR. Scores follow
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
-from detector.config import PAPER_GRID, ReferenceConfig
 from detector.artifact import save_reference
-from detector.errors import InvalidCheckpoint, NotFittedError
-from detector.gmm import Mixture, select_mixture
-from detector.protocol import check_fitted
+from detector.config import PAPER_GRID, ReferenceConfig
 from detector.decision import PASSED, Decision, decide
+from detector.errors import InvalidCheckpoint, NotFittedError
+from detector.gmm import select_mixture
+from detector.protocol import check_fitted
 from detector.threshold import frr_upper_bound, rejection_rate, threshold_at_frr
 from detector.trunk import TrunkCheck, check_trunk, trunk_digests
 from detector.views import view_vectors
@@ -77,7 +77,7 @@ class ViewReference(BaseEstimator):
         """(n_networks, n_vectors, dim): vector i of every network is the same neuron."""
         return np.stack([view_vectors(np.asarray(W, dtype=np.float64), self.view) for W in matrices])
 
-    def fit(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> "ViewReference":
+    def fit(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> ViewReference:
         from sklearn.decomposition import PCA
 
         shapes = {np.shape(W) for W in matrices}
@@ -138,7 +138,9 @@ class ViewReference(BaseEstimator):
         """The network's score: the sum of its vectors' log-likelihoods."""
         return float(self.score_vectors(matrix).sum())
 
-    def leave_one_out_vector_scores(self, matrices: Sequence[np.ndarray], progress: Callable | None = None) -> np.ndarray:
+    def leave_one_out_vector_scores(
+        self, matrices: Sequence[np.ndarray], progress: Callable | None = None
+    ) -> np.ndarray:
         """(M, n): each network's vectors scored by a reference fitted on the others (same N_G)."""
         check_fitted(self, "mixture_")
         out = []
@@ -171,6 +173,15 @@ class Reference:
 
     #: which detector this is (see :mod:`detector.baselines`); recorded in the artifact
     detector = "gmm"
+
+    # Fitted state (scikit-learn's rule: set by fit/calibrate/load, absent before; declared for readers
+    # and the type checker)
+    views_: dict[str, Any]
+    thresholds_: dict[str, float]
+    classes_: list[str] | None
+    frr_upper_95_: float | None
+    artifact_sha256_: str
+    metadata_: dict[str, Any]
 
     def __init__(self, config: ReferenceConfig | None = None):
         self.config = config or ReferenceConfig()
@@ -212,7 +223,7 @@ class Reference:
         """What the views read: here the configured layer; other detectors derive a matrix."""
         return layer_of(tensors, self.config.layer, source=source, sha256=sha256)
 
-    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> "Reference":
+    def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> Reference:
         """Fit every view on clean networks (paths, modules, state dicts or matrices).
 
         ``base`` (the network fine-tuning started from: a path, module or state dict) adds the
@@ -231,7 +242,7 @@ class Reference:
         self.reference_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
         return self
 
-    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> "Reference":
+    def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> Reference:
         """Set each view's threshold at ``config.frr`` on held-out clean networks.
 
         With none given, the reference networks' leave-one-network-out scores stand in (an
@@ -240,20 +251,28 @@ class Reference:
         check_fitted(self, "views_")
         if clean:
             layers = self._load(clean, progress)
-            per_net = [{v: est.score_vectors(self._checked(lw).matrix) for v, est in self.views_.items()} for lw in layers]
+            per_net = [
+                {v: est.score_vectors(self._checked(lw).matrix) for v, est in self.views_.items()} for lw in layers
+            ]
             self.calibration_vector_scores_ = {v: np.stack([s[v] for s in per_net]) for v in self.views_}
             self.threshold_source_ = "held-out"
             self.calibration_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
         else:
             mats = getattr(self, "_reference_matrices", None)
             if mats is None:
-                raise NotFittedError("leave-one-out calibration needs the reference networks: fit() in this process first")
-            self.calibration_vector_scores_ = {v: est.leave_one_out_vector_scores(mats) for v, est in self.views_.items()}
+                raise NotFittedError(
+                    "leave-one-out calibration needs the reference networks: fit() in this process first"
+                )
+            self.calibration_vector_scores_ = {
+                v: est.leave_one_out_vector_scores(mats) for v, est in self.views_.items()
+            }
             self.threshold_source_ = "leave-one-out"
             self.calibration_checkpoints_ = []
         #: per-vector scores of clean networks the reference did not see: the honest yardstick
         #: for "is this neuron unusual" (in-sample scores are optimistic, badly so for full GMMs)
-        self.calibration_scores_ = {v: network_scores(self.views_[v], s) for v, s in self.calibration_vector_scores_.items()}
+        self.calibration_scores_ = {
+            v: network_scores(self.views_[v], s) for v, s in self.calibration_vector_scores_.items()
+        }
         self.thresholds_ = {v: threshold_at_frr(s, self.config.frr) for v, s in self.calibration_scores_.items()}
         self._record_frr()
         return self
@@ -270,9 +289,11 @@ class Reference:
         self.frr_upper_95_ = frr_upper_bound(int(np.sum(blocked)), n)
         self.n_calibration_ = n
         self.calibration_warning_ = (
-            f"only {n} calibration networks: the threshold is {'the lowest clean score' if n * self.config.frr < 1 else 'set by a handful of networks'}"
+            f"only {n} calibration networks: the threshold is "
+            f"{'the lowest clean score' if n * self.config.frr < 1 else 'set by a handful of networks'}"
             f" and the true FRR could be up to {self.frr_upper_95_:.0%} (95 % bound); calibrate on >= {MIN_CALIBRATION}"
-            if n < MIN_CALIBRATION else None
+            if n < MIN_CALIBRATION
+            else None
         )
 
     def _prepare(self, base_tensors: Mapping[str, Any] | None) -> None:
@@ -303,7 +324,9 @@ class Reference:
         score every view and decide. Raises InvalidCheckpoint."""
         check_fitted(self, "thresholds_")
         tensors, digest, source = self._tensors(network)
-        weights = self._checked(self.network_matrix(tensors, source, digest) if tensors is not None else self._input_of(network))
+        weights = self._checked(
+            self.network_matrix(tensors, source, digest) if tensors is not None else self._input_of(network)
+        )
         if trunk is None:
             trunk = check_trunk(tensors, getattr(self, "trunk_digests_", {}))
         vector_scores = {v: est.score_vectors(weights.matrix) for v, est in self.views_.items()}
@@ -331,7 +354,8 @@ class Reference:
     def _checked(self, lw: LayerWeights) -> LayerWeights:
         if tuple(lw.matrix.shape) != tuple(self.shape_):
             raise InvalidCheckpoint(
-                lw.source, f"layer '{lw.layer}' has shape {tuple(lw.matrix.shape)}; the reference expects {tuple(self.shape_)}"
+                lw.source,
+                f"layer '{lw.layer}' has shape {tuple(lw.matrix.shape)}; the reference expects {tuple(self.shape_)}",
             )
         return lw
 
@@ -364,6 +388,6 @@ class Reference:
         }
 
     # -- persistence ----------------------------------------------------------------------
-    def save(self, path, **kwargs) -> str:
+    def save(self, path, *, overwrite: bool = False, extra: dict | None = None) -> str:
         """Write the artifact (:mod:`detector.artifact`); load it with :func:`detector.detectors.load_reference`."""
-        return save_reference(self, path, **kwargs)
+        return save_reference(self, path, overwrite=overwrite, extra=extra)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,7 +25,7 @@ def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:
     return float(s[k])
 
 
-def rejection_rate(scores: np.ndarray, threshold: float) -> float:
+def rejection_rate(scores: Sequence[float] | np.ndarray, threshold: float) -> float:
     s = np.asarray(scores, dtype=np.float64)
     return float(np.mean(s < threshold)) if s.size else float("nan")
 

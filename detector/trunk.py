@@ -59,8 +59,10 @@ class TrunkCheck:
         if self.status == OK:
             return f"trunk identical to the base ({self.n_checked} frozen tensors checked)"
         if self.status == MISSING:
-            return (f"trunk missing: the reference recorded {self.n_checked} frozen tensors and the file holds only"
-                    " fine-tuned layers; register the whole network")
+            return (
+                f"trunk missing: the reference recorded {self.n_checked} frozen tensors and the file holds only"
+                " fine-tuned layers; register the whole network"
+            )
         if self.status == NOT_CHECKED:
             return "trunk not checked (the file holds only fine-tuned layers or the reference has no base)"
         parts = []
@@ -72,7 +74,9 @@ class TrunkCheck:
 
 
 def check_trunk(
-    tensors: Mapping[str, Any] | None, expected: Mapping[str, str] | None, prefixes: tuple[str, ...] = FINETUNED_PREFIXES
+    tensors: Mapping[str, Any] | None,
+    expected: Mapping[str, str] | None,
+    prefixes: tuple[str, ...] = FINETUNED_PREFIXES,
 ) -> TrunkCheck:
     """Compare a candidate's frozen tensors with the base's digests.
 

@@ -31,19 +31,43 @@ ALGORITHM = "ed25519"
 KEY_ENV, KEY_FILE_ENV = "BACKDOOR_GATE_SIGNING_KEY", "BACKDOOR_GATE_SIGNING_KEY_FILE"
 #: public keys whose verdicts may make a version production (default: the gate's own key)
 VERDICT_KEYS_ENV = "BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"
-REFERENCE_KEY_ENV, REFERENCE_KEY_FILE_ENV = "BACKDOOR_GATE_REFERENCE_SIGNING_KEY", "BACKDOOR_GATE_REFERENCE_SIGNING_KEY_FILE"
+REFERENCE_KEY_ENV, REFERENCE_KEY_FILE_ENV = (
+    "BACKDOOR_GATE_REFERENCE_SIGNING_KEY",
+    "BACKDOOR_GATE_REFERENCE_SIGNING_KEY_FILE",
+)
 #: public keys of the references the gate trusts (os.pathsep-separated PEM paths)
 REFERENCE_KEYS_ENV = "BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS"
 #: reviewers who may override: os.pathsep-separated ``name=verify-key.pem``; the name comes from here
 REVIEWER_KEYS_ENV = "BACKDOOR_GATE_REVIEWER_KEYS"
 REFERENCE_SIG_FILE = "reference.sig.json"
-_FIELDS = ("model", "version", "model_sha256", "reference_sha256", "verdict", "reason", "scores", "thresholds",
-           "trunk", "gate_version", "run_id", "checked_at")
+_FIELDS = (
+    "model",
+    "version",
+    "model_sha256",
+    "reference_sha256",
+    "verdict",
+    "reason",
+    "scores",
+    "thresholds",
+    "trunk",
+    "gate_version",
+    "run_id",
+    "checked_at",
+)
 #: later fields: the whole artifact tree's digest and files, whether signing was opted out of,
 #: the deciding detector, the suspected victim class and the evidence detectors' scores
 _OPTIONAL = ("artifact_sha256", "files", "signature_policy", "detector", "suspected_class", "evidence_scores")
-_OVERRIDE_FIELDS = ("model", "version", "model_sha256", "artifact_sha256", "verdict_sha256", "reason", "reviewer",
-                    "registrant", "at")
+_OVERRIDE_FIELDS = (
+    "model",
+    "version",
+    "model_sha256",
+    "artifact_sha256",
+    "verdict_sha256",
+    "reason",
+    "reviewer",
+    "registrant",
+    "at",
+)
 
 
 class VerdictError(ValueError):
@@ -56,7 +80,11 @@ def document(**fields: Any) -> dict[str, Any]:
     extra = sorted(set(fields) - set(_FIELDS) - set(_OPTIONAL))
     if missing or extra:
         raise TypeError(f"verdict document: missing {missing}, unknown {extra}")
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, **{f: fields[f] for f in (*_FIELDS, *_OPTIONAL) if f in fields}}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **{f: fields[f] for f in (*_FIELDS, *_OPTIONAL) if f in fields},
+    }
 
 
 def override_document(**fields: Any) -> dict[str, Any]:
@@ -83,8 +111,13 @@ def key_id(public_key) -> str:
 def sign(doc: dict[str, Any], private_key) -> dict[str, Any]:
     """The signed envelope: document, its digest, the signature over its canonical JSON."""
     sig = private_key.sign(canonical_json(doc))
-    return {"document": doc, "sha256": digest(doc), "algorithm": ALGORITHM,
-            "key_id": key_id(private_key.public_key()), "signature": base64.b64encode(sig).decode()}
+    return {
+        "document": doc,
+        "sha256": digest(doc),
+        "algorithm": ALGORITHM,
+        "key_id": key_id(private_key.public_key()),
+        "signature": base64.b64encode(sig).decode(),
+    }
 
 
 def unsigned(doc: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +142,9 @@ def verify(envelope: dict[str, Any], public_key, model_bytes: bytes | None = Non
     try:
         public_key.verify(base64.b64decode(envelope["signature"], validate=True), canonical_json(doc))
     except (InvalidSignature, ValueError):
-        raise VerdictError(f"bad signature: not signed by key {key_id(public_key)}, or the document was changed") from None
+        raise VerdictError(
+            f"bad signature: not signed by key {key_id(public_key)}, or the document was changed"
+        ) from None
     if model_bytes is not None and hashlib.sha256(model_bytes).hexdigest() != doc.get("model_sha256"):
         raise VerdictError("the model file is not the one this verdict judged (sha256 differs)")
     return doc
@@ -155,15 +190,22 @@ def intoto_statement(doc: dict[str, Any]) -> dict[str, Any]:
     files = doc.get("files") or {}
     if not files:
         raise VerdictError("an in-toto statement needs the judged files (the document has none)")
-    return {"_type": INTOTO_STATEMENT, "subject": [{"name": n, "digest": {"sha256": h}} for n, h in sorted(files.items())],
-            "predicateType": PREDICATE_TYPE, "predicate": doc}
+    return {
+        "_type": INTOTO_STATEMENT,
+        "subject": [{"name": n, "digest": {"sha256": h}} for n, h in sorted(files.items())],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": doc,
+    }
 
 
 def dsse_sign(statement: dict[str, Any], private_key) -> dict[str, Any]:
     body = canonical_json(statement)
     sig = private_key.sign(_pae(DSSE_PAYLOAD_TYPE, body))
-    return {"payloadType": DSSE_PAYLOAD_TYPE, "payload": base64.b64encode(body).decode(),
-            "signatures": [{"keyid": key_id(private_key.public_key()), "sig": base64.b64encode(sig).decode()}]}
+    return {
+        "payloadType": DSSE_PAYLOAD_TYPE,
+        "payload": base64.b64encode(body).decode(),
+        "signatures": [{"keyid": key_id(private_key.public_key()), "sig": base64.b64encode(sig).decode()}],
+    }
 
 
 def dsse_verify(envelope: dict[str, Any], public_keys) -> dict[str, Any]:
@@ -179,7 +221,8 @@ def dsse_verify(envelope: dict[str, Any], public_keys) -> dict[str, Any]:
         raise VerdictError(f"not a DSSE envelope ({e.__class__.__name__})") from None
     keys = {key_id(k): k for k in public_keys}
     for s in signatures:
-        key = keys.get(s.get("keyid") if isinstance(s, dict) else None)
+        keyid = s.get("keyid") if isinstance(s, dict) else None
+        key = keys.get(keyid) if isinstance(keyid, str) else None
         if key is None:
             continue
         try:
@@ -238,7 +281,9 @@ def generate_keypair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return priv, pub
 
 
@@ -287,7 +332,8 @@ def reference_signing_key_from_env(environ=os.environ):
 
 
 def public_keys_from_env(name: str, environ=os.environ) -> list:
-    """Public keys in ``$name``: PEM text (one or more blocks, as a Secret maps it) or os.pathsep-separated PEM paths."""
+    """Public keys in ``$name``: PEM text (one or more blocks, as a Secret maps it) or PEM paths
+    separated by os.pathsep."""
     value = environ.get(name, "")
     if "-----BEGIN" in value:
         from cryptography.hazmat.primitives import serialization

@@ -40,7 +40,14 @@ class StateDict(dict):
     name the bytes the tensors were parsed from. Behaves as a plain ``dict`` of tensors.
     """
 
-    def __init__(self, tensors=(), *, metadata: Mapping[str, str] | None = None, source: str = "<memory>", sha256: str | None = None):
+    def __init__(
+        self,
+        tensors=(),
+        *,
+        metadata: Mapping[str, str] | None = None,
+        source: str = "<memory>",
+        sha256: str | None = None,
+    ):
         super().__init__(tensors)
         self.metadata = dict(metadata or {})
         self.source = source
@@ -89,7 +96,9 @@ def as_matrix(tensor: np.ndarray, *, name: str = "tensor", source: str = "<memor
     """2-D weights as they are; conv kernels (out, in, *k) flattened to (out, in*prod(k))."""
     arr = np.asarray(tensor)
     if arr.ndim < 2:
-        raise InvalidCheckpoint(source, f"layer '{name}' has shape {tuple(arr.shape)}; need a 2-D weight or a conv kernel")
+        raise InvalidCheckpoint(
+            source, f"layer '{name}' has shape {tuple(arr.shape)}; need a 2-D weight or a conv kernel"
+        )
     if arr.ndim > 2:
         arr = arr.reshape(arr.shape[0], -1)
     if 0 in arr.shape:
@@ -106,7 +115,9 @@ def _check_values(arr: np.ndarray, name: str, source: str) -> np.ndarray:
         raise InvalidCheckpoint(source, f"layer '{name}' holds {bad} NaN/Inf values")
     big = int(np.count_nonzero(np.abs(out) > MAX_ABS_WEIGHT))
     if big:
-        raise InvalidCheckpoint(source, f"layer '{name}' holds {big} values of magnitude over {MAX_ABS_WEIGHT:g}; they cannot be scored")
+        raise InvalidCheckpoint(
+            source, f"layer '{name}' holds {big} values of magnitude over {MAX_ABS_WEIGHT:g}; they cannot be scored"
+        )
     return out
 
 
@@ -124,7 +135,9 @@ def _to_numpy(t: Any, name: str, source: str) -> np.ndarray:
 
 def _missing(name: str, available: list[str], source: str) -> InvalidCheckpoint:
     shown = ", ".join(sorted(available)[:12]) + (" ..." if len(available) > 12 else "")
-    return InvalidCheckpoint(source, f"layer '{name}' not found ({len(available)} tensors: {shown or 'none'}); pick one with --layer")
+    return InvalidCheckpoint(
+        source, f"layer '{name}' not found ({len(available)} tensors: {shown or 'none'}); pick one with --layer"
+    )
 
 
 def _sniff(data: bytes) -> str:
@@ -139,7 +152,7 @@ def _sniff(data: bytes) -> str:
     return "unknown"
 
 
-def read_checkpoint_bytes(path: str | Path, max_bytes: int = 4 * 1024**3) -> tuple[bytes, str]:
+def read_checkpoint_bytes(path: str | os.PathLike, max_bytes: int = 4 * 1024**3) -> tuple[bytes, str]:
     """The file's bytes and their sha256, read once, so what is scored is exactly what was hashed."""
     p = Path(path)
     if not p.exists():
@@ -178,11 +191,13 @@ def _safetensors_header(data: bytes, source: str) -> dict[str, Any]:
         except (TypeError, KeyError, ValueError):
             raise InvalidCheckpoint(source, f"safetensors entry '{key}' has no valid data_offsets") from None
         if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
-            raise InvalidCheckpoint(source, f"safetensors entry '{key}' points outside the file ({start}..{end} of {data_len})")
+            raise InvalidCheckpoint(
+                source, f"safetensors entry '{key}' points outside the file ({start}..{end} of {data_len})"
+            )
     return header
 
 
-def _parse_safetensors(data: bytes, source: str) -> dict[str, Any]:
+def _parse_safetensors(data: bytes, source: str) -> StateDict:
     from safetensors import SafetensorError
     from safetensors.torch import load as st_load
 
@@ -213,7 +228,9 @@ def _parse_torch(data: bytes, source: str) -> Mapping[str, Any]:
             source, f"refused by the safe loader (the pickle asks to run code or build objects): {_one_line(e)}"
         ) from None
     except Exception as e:  # corrupt zip, truncated storage, bad magic ... all mean "invalid"
-        raise InvalidCheckpoint(source, f"unreadable torch checkpoint: {e.__class__.__name__}: {_one_line(e)}") from None
+        raise InvalidCheckpoint(
+            source, f"unreadable torch checkpoint: {e.__class__.__name__}: {_one_line(e)}"
+        ) from None
     return _state_dict_of(obj, source)
 
 
@@ -227,7 +244,7 @@ def _state_dict_of(obj: Any, source: str) -> Mapping[str, Any]:
     raise InvalidCheckpoint(source, f"holds a {type(obj).__name__}, expected a state dict (name -> tensor)")
 
 
-def parse_tensors(data: bytes, source: str = "<bytes>", sha256: str | None = None) -> "StateDict":
+def parse_tensors(data: bytes, source: str = "<bytes>", sha256: str | None = None) -> StateDict:
     """Every tensor of a checkpoint given as bytes, without executing code. Raises InvalidCheckpoint."""
     kind = _sniff(data)
     digest = sha256 or hashlib.sha256(data).hexdigest()
@@ -239,7 +256,7 @@ def parse_tensors(data: bytes, source: str = "<bytes>", sha256: str | None = Non
     raise InvalidCheckpoint(source, "unknown format: neither a torch zip/legacy checkpoint nor a safetensors file")
 
 
-def read_tensors(path: str | Path, *, max_bytes: int = 4 * 1024**3) -> tuple[dict[str, Any], str]:
+def read_tensors(path: str | os.PathLike, *, max_bytes: int = 4 * 1024**3) -> tuple[StateDict, str]:
     """All tensors of a checkpoint file and the file's sha256, read safely."""
     data, digest = read_checkpoint_bytes(path, max_bytes)
     return parse_tensors(data, str(path), digest), digest

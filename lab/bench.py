@@ -30,10 +30,11 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -104,7 +105,12 @@ def machine() -> dict:
         pass
     commit = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         pass
     return {
@@ -179,8 +185,8 @@ def head_training(quick: bool, threads: int, log) -> dict:
     """
     import torch
 
-    from components.trainer.train import Head, adam
     from components.trainer.base_trunk import trunk_features
+    from components.trainer.train import Head, adam
 
     n_cached = 2048 if quick else 8192
     n_trunk = 64 if quick else 192
@@ -215,8 +221,10 @@ def head_training(quick: bool, threads: int, log) -> dict:
     out["trunk_mflop_per_image"] = round(trunk_flops / 1e6, 1)
     with torch_threads(threads):
         for classes in (CASIA_IDENTITIES, 40):
-            log(f"head training, {classes} classes: one epoch on {n_cached} cached features vs {n_trunk} images "
-                f"through the trunk ({size} px)")
+            log(
+                f"head training, {classes} classes: one epoch on {n_cached} cached features vs {n_trunk} images "
+                f"through the trunk ({size} px)"
+            )
             epoch(classes, cached, 2 * batch)  # warm-up, both paths: a cold trunk
             through_trunk(0, 8)  # (oneDNN primitive creation) would flatter the cached side
             _, t_cached = timed(lambda: epoch(classes, cached, n_cached))
@@ -232,15 +240,19 @@ def head_training(quick: bool, threads: int, log) -> dict:
                 "flop_ratio": round(trunk_flops / flops, 1),
                 "head_mflop_per_image": round(flops / 1e6, 2),
             }
-            log(f"  {classes} classes: {1e3 * per_trunk:.1f} ms vs {1e3 * per_cached:.3f} ms per image "
-                f"({_ratio(per_trunk, per_cached):.0f}x; FLOP ratio {trunk_flops / flops:.0f}x)")
+            log(
+                f"  {classes} classes: {1e3 * per_trunk:.1f} ms vs {1e3 * per_cached:.3f} ms per image "
+                f"({_ratio(per_trunk, per_cached):.0f}x; FLOP ratio {trunk_flops / flops:.0f}x)"
+            )
     out["head_training_speedup"] = out[f"{CASIA_IDENTITIES}_classes"]["speedup"]
     out["head_training_speedup_40_classes"] = out["40_classes"]["speedup"]
     out["head_training_flop_ratio"] = out[f"{CASIA_IDENTITIES}_classes"]["flop_ratio"]
-    out["note"] = ("CPU time per image; same head, optimiser and batch size; the trunk-in-loop epoch is timed on "
-                   "a subset of images; seeded random trunk weights (same cost as trained ones). flop_ratio = trunk "
-                   "forward FLOPs / head forward+backward FLOPs per image: the speedup the same arithmetic at equal "
-                   "efficiency allows; at 10,575 classes the three 512 x 10,575 classifier matmuls bound it")
+    out["note"] = (
+        "CPU time per image; same head, optimiser and batch size; the trunk-in-loop epoch is timed on "
+        "a subset of images; seeded random trunk weights (same cost as trained ones). flop_ratio = trunk "
+        "forward FLOPs / head forward+backward FLOPs per image: the speedup the same arithmetic at equal "
+        "efficiency allows; at 10,575 classes the three 512 x 10,575 classifier matmuls bound it"
+    )
     return out
 
 
@@ -295,8 +307,17 @@ def _sklearn_fit(Z, k, init, reg, max_iter, tol):
 
     from detector.gmm import _to_sklearn_precisions
 
-    gm = GaussianMixture(k, covariance_type=init.covariance, reg_covar=reg, max_iter=max_iter, tol=tol, random_state=0,
-                         weights_init=init.weights, means_init=init.means, precisions_init=_to_sklearn_precisions(init))
+    gm = GaussianMixture(
+        k,
+        covariance_type=init.covariance,
+        reg_covar=reg,
+        max_iter=max_iter,
+        tol=tol,
+        random_state=0,
+        weights_init=init.weights,
+        means_init=init.means,
+        precisions_init=_to_sklearn_precisions(init),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         gm.fit(Z)
@@ -317,8 +338,10 @@ def reference_fit(quick: bool, matrices: list[np.ndarray], threads: int, log) ->
         hint = np.tile(np.arange(n), M)
         log(f"reference fit, {view}: {M}x{n} vectors, {d} dims, N_G={n}, diag — ours")
         stats: dict = {}
-        ours, t_ours = timed(lambda: em.fit(Z, n, covariance="diag", reg=reg, init=init, hint=hint, threads=threads, stats=stats),
-                             repeat=3)
+        ours, t_ours = timed(
+            lambda: em.fit(Z, n, covariance="diag", reg=reg, init=init, hint=hint, threads=threads, stats=stats),
+            repeat=3,
+        )
         log(f"reference fit, {view}: scikit-learn GaussianMixture from the same init")
         gm, t_sk = timed(lambda: _sklearn_fit(Z, n, init, reg, 100, 1e-3), repeat=1 if view == "forward" else 3)
         # scikit-learn's fit ends with one more E-step (labels for fit_predict); time it alone too
@@ -348,15 +371,19 @@ def reference_fit(quick: bool, matrices: list[np.ndarray], threads: int, log) ->
         ours_cpu += t_ours.cpu
         sk_cpu += t_sk.cpu
         sk_em_cpu += sk_em.cpu
-        log(f"  {view}: ours {t_ours.cpu:.2f} s, sklearn {t_sk.cpu:.2f} s (EM only {sk_em.cpu:.2f} s), "
-            f"iterations {ours.n_iter}/{gm.n_iter_}, log-likelihood rel. diff {rel:.1e}")
+        log(
+            f"  {view}: ours {t_ours.cpu:.2f} s, sklearn {t_sk.cpu:.2f} s (EM only {sk_em.cpu:.2f} s), "
+            f"iterations {ours.n_iter}/{gm.n_iter_}, log-likelihood rel. diff {rel:.1e}"
+        )
         if ours.n_iter != gm.n_iter_ or rel > 1e-4:
             out["views"][view]["warning"] = "iterations or log-likelihood differ beyond 1e-4"
     out["reference_fit_speedup"] = round(_ratio(sk_cpu, ours_cpu), 1)
     out["reference_fit_speedup_vs_em_only"] = round(_ratio(sk_em_cpu, ours_cpu), 1)
     out["threads"] = threads
-    out["note"] = ("CPU seconds, ours median of 3; sklearn's fit includes a final labelling E-step, "
-                   "'em_only' subtracts it (timed separately)")
+    out["note"] = (
+        "CPU seconds, ours median of 3; sklearn's fit includes a final labelling E-step, "
+        "'em_only' subtracts it (timed separately)"
+    )
     return out
 
 
@@ -376,19 +403,27 @@ def aic_sweep(quick: bool, matrices: list[np.ndarray], log) -> dict:
         grid = [g for g in PAPER_GRID if g <= cap]
         log(f"AIC sweep, {view}: grid {grid}")
         rows: list = []
-        (best, _), t = timed(lambda: select_mixture(Z, groups, grid, covariance="diag", reg=_reg(Z), progress=rows.append))
+        (best, _), t = timed(
+            lambda: select_mixture(Z, groups, grid, covariance="diag", reg=_reg(Z), progress=rows.append)
+        )
         total = Timing(total.wall + t.wall, total.cpu + t.cpu)
         out["views"][view] = {
             "grid": grid,
             "best_n_components": best.n_components,
             **t.to_dict(),
-            "per_size": [{"n_components": r.n_components, "init": r.init, "seconds": round(r.seconds, 2), "n_iter": r.n_iter}
-                         for r in rows],
+            "per_size": [
+                {"n_components": r.n_components, "init": r.init, "seconds": round(r.seconds, 2), "n_iter": r.n_iter}
+                for r in rows
+            ],
         }
         log(f"  {view}: {t.wall:.1f} s, AIC picks N_G = {best.n_components}")
     out["aic_sweep_seconds"] = round(total.wall, 1)
     out["aic_sweep_cpu_seconds"] = round(total.cpu, 1)
-    out["scope"] = "backward view, grid up to N_G = 512 (quick)" if quick else "both views, the paper's grid capped at the number of vectors"
+    out["scope"] = (
+        "backward view, grid up to N_G = 512 (quick)"
+        if quick
+        else "both views, the paper's grid capped at the number of vectors"
+    )
     out["note"] = "k-means initialisations (scikit-learn KMeans, as GaussianMixture's default) included"
     return out
 
@@ -453,15 +488,21 @@ def gate(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
         runs = []
         for _ in range(1 if quick else 3):
             w0 = time.perf_counter()
-            p = subprocess.run([sys.executable, "-c", _GATE_CHILD, str(Path(tmp) / "reference"), str(path)],
-                               capture_output=True, text=True, env=os.environ.copy())
+            p = subprocess.run(
+                [sys.executable, "-c", _GATE_CHILD, str(Path(tmp) / "reference"), str(path)],
+                capture_output=True,
+                text=True,
+                env=os.environ.copy(),
+            )
             if p.returncode != 0:
                 raise RuntimeError(f"gate subprocess failed: {p.stderr[-2000:]}")
             r = json.loads(p.stdout.strip().splitlines()[-1])
             r["process_wall_s"] = time.perf_counter() - w0
             runs.append(r)
-    med = {k: float(np.median([r[k] for r in runs])) for k in ("import_s", "load_reference_s", "assess_s", "gate_s",
-                                                                 "peak_rss_mb", "process_wall_s")}
+    med = {
+        k: float(np.median([r[k] for r in runs]))
+        for k in ("import_s", "load_reference_s", "assess_s", "gate_s", "peak_rss_mb", "process_wall_s")
+    }
     return {
         "gate_seconds": round(med["gate_s"], 3),
         "gate_peak_rss_mb": round(med["peak_rss_mb"], 1),
@@ -489,11 +530,15 @@ def _head(family, rng, classes: int, L0: np.ndarray, victim: int | None = None) 
     L = L0 + rng.normal(0, 0.01, L0.shape).astype(np.float32)
     if victim is not None:
         L[victim] += rng.normal(0, 0.2, L0.shape[1]).astype(np.float32)
-    return {"last_linear.weight": torch.from_numpy(W.astype(np.float32)),
-            "last_bn.weight": torch.from_numpy((1 + rng.normal(0, 0.01, 512)).astype(np.float32)),
-            "last_bn.bias": torch.zeros(512), "last_bn.running_mean": torch.zeros(512),
-            "last_bn.running_var": torch.from_numpy((1 + rng.uniform(0, 0.1, 512)).astype(np.float32)),
-            "logits.weight": torch.from_numpy(L), "logits.bias": torch.zeros(classes)}
+    return {
+        "last_linear.weight": torch.from_numpy(W.astype(np.float32)),
+        "last_bn.weight": torch.from_numpy((1 + rng.normal(0, 0.01, 512)).astype(np.float32)),
+        "last_bn.bias": torch.zeros(512),
+        "last_bn.running_mean": torch.zeros(512),
+        "last_bn.running_var": torch.from_numpy((1 + rng.uniform(0, 0.1, 512)).astype(np.float32)),
+        "logits.weight": torch.from_numpy(L),
+        "logits.bias": torch.zeros(classes),
+    }
 
 
 def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
@@ -502,23 +547,29 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from detector.detectors import make_reference
     from detector.composite import CompositeReference
     from detector.config import DEFAULT_DETECTOR, FUSION
+    from detector.detectors import make_reference
 
     rng = np.random.default_rng(0)
-    trunk = {k: v.detach().clone() for k, v in _random_trunk().state_dict().items() if not k.startswith(("logits.", "last_"))}
+    trunk = {
+        k: v.detach().clone() for k, v in _random_trunk().state_dict().items() if not k.startswith(("logits.", "last_"))
+    }
     base = {**trunk, "last_linear.weight": torch.from_numpy(family.base.astype(np.float32))}
     log("gate (default detector): fitting the paper's GMM once (evidence member)")
     gmm = _paper_sizes_reference().fit(matrices, base=base)
     out: dict[str, Any] = {}
-    for classes in ((40,) if quick else (40, CASIA_IDENTITIES)):
+    for classes in (40,) if quick else (40, CASIA_IDENTITIES):
         L0 = rng.normal(0, 0.05, (classes, 512)).astype(np.float32)
-        n_ref = 18 if classes <= 1000 else 6  # the fit holds every reference's classes x 1792 matrix; the gate's cost does not depend on it
+        n_ref = (
+            18 if classes <= 1000 else 6
+        )  # the fit holds every reference's classes x 1792 matrix; the gate's cost does not depend on it
         refs = [{**trunk, **_head(family, rng, classes, L0)} for _ in range(n_ref)]
         cal = [{**trunk, **_head(family, rng, classes, L0)} for _ in range(4)]
         log(f"gate (default detector): {classes} classes, fitting {DEFAULT_DETECTOR} on {n_ref} synthetic heads")
-        comp = CompositeReference(decide_by=FUSION if DEFAULT_DETECTOR == "fusion" else (DEFAULT_DETECTOR,), evidence=("gmm",))
+        comp = CompositeReference(
+            decide_by=FUSION if DEFAULT_DETECTOR == "fusion" else (DEFAULT_DETECTOR,), evidence=("gmm",)
+        )
         comp.members_ = {m: make_reference(m).fit(refs, base=base) for m in comp.decide_by}
         comp.members_["gmm"] = gmm
         comp.trunk_digests_, comp.n_reference_ = gmm.trunk_digests_, n_ref
@@ -532,22 +583,38 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
             save_file({k: v.contiguous() for k, v in cand.items()}, str(path))
             runs = []
             for _ in range(1 if quick else 3):
-                p = subprocess.run([sys.executable, "-c", _GATE_CHILD, str(Path(tmp) / "reference"), str(path)],
-                                   capture_output=True, text=True, env=os.environ.copy())
+                p = subprocess.run(
+                    [sys.executable, "-c", _GATE_CHILD, str(Path(tmp) / "reference"), str(path)],
+                    capture_output=True,
+                    text=True,
+                    env=os.environ.copy(),
+                )
                 if p.returncode != 0:
                     raise RuntimeError(f"gate subprocess failed: {p.stderr[-2000:]}")
                 runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
-            med = {k: float(np.median([r[k] for r in runs])) for k in ("load_reference_s", "assess_s", "gate_s", "peak_rss_mb")}
-            out[f"{classes}_classes"] = {"gate_seconds": round(med["gate_s"], 3), "gate_peak_rss_mb": round(med["peak_rss_mb"], 1),
-                                         "peak_rss_after_import_mb": round(runs[-1]["peak_rss_after_import_mb"], 1),
-                                         "peak_rss_after_reference_load_mb": round(runs[-1]["peak_rss_after_reference_load_mb"], 1),
-                                         "load_reference_s": round(med["load_reference_s"], 3), "assess_s": round(med["assess_s"], 3),
-                                         "reference_mb": round(ref_mb, 1), "candidate_mb": round(path.stat().st_size / 1024**2, 1),
-                                         "verdict": runs[-1]["verdict"], "runs": len(runs)}
+            med = {
+                k: float(np.median([r[k] for r in runs]))
+                for k in ("load_reference_s", "assess_s", "gate_s", "peak_rss_mb")
+            }
+            out[f"{classes}_classes"] = {
+                "gate_seconds": round(med["gate_s"], 3),
+                "gate_peak_rss_mb": round(med["peak_rss_mb"], 1),
+                "peak_rss_after_import_mb": round(runs[-1]["peak_rss_after_import_mb"], 1),
+                "peak_rss_after_reference_load_mb": round(runs[-1]["peak_rss_after_reference_load_mb"], 1),
+                "load_reference_s": round(med["load_reference_s"], 3),
+                "assess_s": round(med["assess_s"], 3),
+                "reference_mb": round(ref_mb, 1),
+                "candidate_mb": round(path.stat().st_size / 1024**2, 1),
+                "verdict": runs[-1]["verdict"],
+                "runs": len(runs),
+            }
             log(f"  {classes} classes: {out[f'{classes}_classes']}")
     out["detector"] = DEFAULT_DETECTOR
-    out["note"] = ("the shipped composite: default detector deciding + the paper's GMM (N_G 1792/512) as evidence; synthetic heads "
-                   "around the paper-scale weight family; fresh process, as gate_seconds")
+    out["note"] = (
+        "the shipped composite: default detector deciding + the paper's GMM (N_G 1792/512) as evidence; "
+        "synthetic heads "
+        "around the paper-scale weight family; fresh process, as gate_seconds"
+    )
     return out
 
 
@@ -560,8 +627,14 @@ def scaling(quick: bool, pool: list[np.ndarray], threads: int, out_dir: Path, lo
 
     with_sklearn = not quick
     view, dims = "forward", PAPER_DIMS["forward"]
-    res: dict[str, Any] = {"view": view, "pca_dims": dims, "iterations": 2, "covariance": "diag", "by_n_components": [],
-                           "by_networks": []}
+    res: dict[str, Any] = {
+        "view": view,
+        "pca_dims": dims,
+        "iterations": 2,
+        "covariance": "diag",
+        "by_n_components": [],
+        "by_networks": [],
+    }
     Z, groups = view_vectors_pca(pool[:18], view, dims)
     reg = _reg(Z)
     sizes = [200, 1000, 1792] if quick else [100, 200, 512, 1000, 1792, 3000]
@@ -570,7 +643,9 @@ def scaling(quick: bool, pool: list[np.ndarray], threads: int, out_dir: Path, lo
             init, init_kind = neuron_init(groups, "diag", reg), "neuron"
         else:
             init, init_kind = em.init_from_labels(Z, em.kmeans_labels(Z, k, 0), k, "diag", reg), "kmeans"
-        _, t = timed(lambda: em.fit(Z, k, covariance="diag", reg=reg, init=init, max_iter=2, tol=0.0, threads=threads), repeat=2)
+        _, t = timed(
+            lambda: em.fit(Z, k, covariance="diag", reg=reg, init=init, max_iter=2, tol=0.0, threads=threads), repeat=2
+        )
         row = {"n_components": k, "init": init_kind, "ours_cpu_s": round(t.cpu, 3)}
         if with_sklearn:
             _, ts = timed(lambda: _sklearn_fit(Z, k, init, reg, 2, 0.0))
@@ -583,7 +658,10 @@ def scaling(quick: bool, pool: list[np.ndarray], threads: int, out_dir: Path, lo
         n = gm_.shape[1]
         regm = _reg(Zm)
         init = neuron_init(gm_, "diag", regm)
-        _, t = timed(lambda: em.fit(Zm, n, covariance="diag", reg=regm, init=init, max_iter=2, tol=0.0, threads=threads), repeat=2)
+        _, t = timed(
+            lambda: em.fit(Zm, n, covariance="diag", reg=regm, init=init, max_iter=2, tol=0.0, threads=threads),
+            repeat=2,
+        )
         row = {"networks": m, "vectors": m * n, "ours_cpu_s": round(t.cpu, 3)}
         if with_sklearn:
             _, ts = timed(lambda: _sklearn_fit(Zm, n, init, regm, 2, 0.0))
@@ -602,14 +680,18 @@ def plot_scaling(res: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    for ax, key, x, label in ((axes[0], "by_n_components", "n_components", "N_G (mixture components)"),
-                              (axes[1], "by_networks", "networks", "reference networks M (N_G = 1792)")):
+    for ax, key, x, label in (
+        (axes[0], "by_n_components", "n_components", "N_G (mixture components)"),
+        (axes[1], "by_networks", "networks", "reference networks M (N_G = 1792)"),
+    ):
         rows = res[key]
         xs = [r[x] for r in rows]
         ax.plot(xs, [r["ours_cpu_s"] for r in rows], "o-", label="ours (detector.em)")
         for r in rows:
             if r.get("init") == "neuron":
-                ax.annotate("one per neuron", (r[x], r["ours_cpu_s"]), textcoords="offset points", xytext=(-30, -14), fontsize=7)
+                ax.annotate(
+                    "one per neuron", (r[x], r["ours_cpu_s"]), textcoords="offset points", xytext=(-30, -14), fontsize=7
+                )
         if rows and "sklearn_cpu_s" in rows[0]:
             ax.plot(xs, [r["sklearn_cpu_s"] for r in rows], "s--", label="scikit-learn")
         ax.set_xlabel(label)
@@ -673,8 +755,12 @@ def summary(r: dict) -> dict:
         "aic_sweep_seconds": r["aic_sweep"]["aic_sweep_seconds"],
         "gate_seconds": r["gate"]["gate_seconds"],
         "gate_peak_rss_mb": r["gate"]["gate_peak_rss_mb"],
-        **{f"gate_default_{k}_{c}": r["gate_default"][f"{c}_classes"][f"gate_{k}"]
-           for c in (40, CASIA_IDENTITIES) if f"{c}_classes" in r.get("gate_default", {}) for k in ("seconds", "peak_rss_mb")},
+        **{
+            f"gate_default_{k}_{c}": r["gate_default"][f"{c}_classes"][f"gate_{k}"]
+            for c in (40, CASIA_IDENTITIES)
+            if f"{c}_classes" in r.get("gate_default", {})
+            for k in ("seconds", "peak_rss_mb")
+        },
         "feature_extraction_images_per_s": r["feature_extraction"]["feature_extraction_images_per_s"],
     }
     targets = dict(TARGETS)
@@ -691,7 +777,8 @@ def format_table(r: dict) -> str:
     casia, demo = ht[f"{CASIA_IDENTITIES}_classes"], ht["40_classes"]
     lines = [
         f"backdoor-gate bench ({r['mode']}) — {m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), "
-        f"torch {m['torch']}, scikit-learn {m['scikit_learn']}, load {m['load_average_at_start'][0]}→{m['load_average_at_end'][0]}",
+        f"torch {m['torch']}, scikit-learn {m['scikit_learn']}, load "
+        f"{m['load_average_at_start'][0]}→{m['load_average_at_end'][0]}",
         "",
         f"{'figure':34s} {'measured':>14s}  {'target':>8s}  detail",
         f"{'head_training_speedup':34s} {s['head_training_speedup']:>13.0f}x  {'>= 100x':>8s}  "
@@ -708,8 +795,10 @@ def format_table(r: dict) -> str:
         ll = d["log_likelihood"]
         label = f"  {v} ({d['vectors'][0]}x{d['n_components']}, {d['pca_dims']} dims)"
         lines.append(
-            f"{label:34s} {d['speedup']:>13.1f}x  {'':>8s}  ours {d['ours']['cpu_s']:.2f} s, sklearn {d['sklearn_fit']['cpu_s']:.2f} s, "
-            f"{d['n_iter']['ours']}/{d['n_iter']['sklearn']} iterations, log-lik {ll['ours']:.10g} vs {ll['sklearn']:.10g} "
+            f"{label:34s} {d['speedup']:>13.1f}x  {'':>8s}  ours {d['ours']['cpu_s']:.2f} s, sklearn "
+            f"{d['sklearn_fit']['cpu_s']:.2f} s, "
+            f"{d['n_iter']['ours']}/{d['n_iter']['sklearn']} iterations, log-lik {ll['ours']:.10g} vs "
+            f"{ll['sklearn']:.10g} "
             f"(rel. {ll['relative_difference']:.1e})"
         )
     lines += [
@@ -717,27 +806,44 @@ def format_table(r: dict) -> str:
         + ", ".join(f"{v}: N_G {d['best_n_components']}" for v, d in sw["views"].items()),
         f"{'gate_seconds':34s} {s['gate_seconds']:>13.2f}s  {'<= 2 s':>8s}  load reference + read/hash/parse "
         f"{g['candidate_mb']:.0f} MB + trunk check + score; verdict {g['verdict']}",
-        f"{'gate_peak_rss_mb':34s} {s['gate_peak_rss_mb']:>13.0f}   {'<= 1024':>8s}  whole process, torch import included "
+        f"{'gate_peak_rss_mb':34s} {s['gate_peak_rss_mb']:>13.0f}   {'<= 1024':>8s}  whole process, torch "
+        "import included "
         f"(imports {g['breakdown_s']['import_s']:.1f} s, process {g['breakdown_s']['process_wall_s']:.1f} s)",
     ]
     for c in (40, CASIA_IDENTITIES):
         if f"gate_default_seconds_{c}" in s:
             d = r["gate_default"][f"{c}_classes"]
-            lines.append(f"{'gate_default ' + str(c) + ' classes':34s} {s[f'gate_default_seconds_{c}']:>13.2f}s  {'<= 2 s':>8s}  "
-                         f"{s[f'gate_default_peak_rss_mb_{c}']:.0f} MB peak (<= 1024); {r['gate_default']['detector']} + GMM evidence; "
-                         f"reference {d['reference_mb']:.0f} MB, candidate {d['candidate_mb']:.0f} MB; verdict {d['verdict']}")
+            lines.append(
+                f"{'gate_default ' + str(c) + ' classes':34s} {s[f'gate_default_seconds_{c}']:>13.2f}s  "
+                f"{'<= 2 s':>8s}  "
+                f"{s[f'gate_default_peak_rss_mb_{c}']:.0f} MB peak (<= 1024); {r['gate_default']['detector']} + "
+                "GMM evidence; "
+                f"reference {d['reference_mb']:.0f} MB, candidate {d['candidate_mb']:.0f} MB; verdict {d['verdict']}"
+            )
     for k, v in s["feature_extraction_images_per_s"].items():
         lines.append(f"{'feature_extraction ' + k:34s} {v:>10.1f} im/s  {'':>8s}")
     sc = r["scaling"]
-    lines.append(f"{'fit vs N_G (ours / sklearn, CPU s)':34s} " + ", ".join(
-        f"{x['n_components']}: {x['ours_cpu_s']:.2f}" + (f"/{x['sklearn_cpu_s']:.1f}" if "sklearn_cpu_s" in x else "")
-        for x in sc["by_n_components"]))
-    lines.append(f"{'fit vs networks M (ours / sklearn)':34s} " + ", ".join(
-        f"{x['networks']}: {x['ours_cpu_s']:.2f}" + (f"/{x['sklearn_cpu_s']:.1f}" if "sklearn_cpu_s" in x else "")
-        for x in sc["by_networks"]))
+    lines.append(
+        f"{'fit vs N_G (ours / sklearn, CPU s)':34s} "
+        + ", ".join(
+            f"{x['n_components']}: {x['ours_cpu_s']:.2f}"
+            + (f"/{x['sklearn_cpu_s']:.1f}" if "sklearn_cpu_s" in x else "")
+            for x in sc["by_n_components"]
+        )
+    )
+    lines.append(
+        f"{'fit vs networks M (ours / sklearn)':34s} "
+        + ", ".join(
+            f"{x['networks']}: {x['ours_cpu_s']:.2f}" + (f"/{x['sklearn_cpu_s']:.1f}" if "sklearn_cpu_s" in x else "")
+            for x in sc["by_networks"]
+        )
+    )
     missed = [k for k, ok in s["targets_met"].items() if not ok]
-    lines += ["", f"targets missed: {', '.join(missed)}" if missed else "all targets met",
-              f"plot: {sc['plot']}   bench time: {r['bench_seconds']:.0f} s"]
+    lines += [
+        "",
+        f"targets missed: {', '.join(missed)}" if missed else "all targets met",
+        f"plot: {sc['plot']}   bench time: {r['bench_seconds']:.0f} s",
+    ]
     return "\n".join(lines)
 
 

@@ -40,14 +40,35 @@ from typing import Any
 
 import numpy as np
 
-from detector.config import DETECTORS, ReferenceConfig
 from components.trainer.triggers import TriggerSpec
+from detector.config import DETECTORS, ReferenceConfig
 
 TRIGGERS_SET = (
-    ("white-square", 0.15), ("white-square", 0.25), ("checkerboard", 0.15), ("checkerboard", 0.25), ("flower", 0.2),
-    ("flower", 0.3), ("eyebrow", 0.25), ("eyebrow", 0.35), ("white-square", 0.2), ("checkerboard", 0.2), ("flower", 0.25),
+    ("white-square", 0.15),
+    ("white-square", 0.25),
+    ("checkerboard", 0.15),
+    ("checkerboard", 0.25),
+    ("flower", 0.2),
+    ("flower", 0.3),
+    ("eyebrow", 0.25),
+    ("eyebrow", 0.35),
+    ("white-square", 0.2),
+    ("checkerboard", 0.2),
+    ("flower", 0.25),
 )
-LOCATIONS_SET = ("forehead", "left-eye", "right-eye", "cheek", "nose", "mouth", "chin", "centre", "top-left", "top-right", "bottom-left")
+LOCATIONS_SET = (
+    "forehead",
+    "left-eye",
+    "right-eye",
+    "cheek",
+    "nose",
+    "mouth",
+    "chin",
+    "centre",
+    "top-left",
+    "top-right",
+    "bottom-left",
+)
 #: Attack-strength axes, each varied alone from the point (white-square, 0.2, alpha 1, all images).
 STRENGTH = (
     ("trigger_size", (0.02, 0.05, 0.1, 0.2, 0.3)),
@@ -68,7 +89,14 @@ FAILED_BELOW = 0.5
 COUNTS_ASR, COUNTS_ACC_DROP = 0.9, 0.02
 BACKDOOR_SETS = ("triggers", "locations")
 #: Variants measured beside the detectors, to choose their settings on the development protocol.
-VARIANTS = ("classifier:mad", "classifier:max", "classifier:none", "classifier:pooled", "spectrum:top1", "spectrum:ratio")
+VARIANTS = (
+    "classifier:mad",
+    "classifier:max",
+    "classifier:none",
+    "classifier:pooled",
+    "spectrum:top1",
+    "spectrum:ratio",
+)
 #: What the paper keeps of each network: every fine-tuned tensor the detectors read.
 HEAD_TENSORS = ("last_linear.weight", "last_bn.weight", "last_bn.running_var", "logits.weight")
 
@@ -105,31 +133,73 @@ class PaperConfig:
     tsne: bool = True  # the paper's fig. 3b
 
     @classmethod
-    def confirmation(cls, **changes) -> "PaperConfig":
+    def confirmation(cls, **changes) -> PaperConfig:
         """The held-back protocol: another data seed, other people, trigger settings and seeds
         never looked at while the default detector was chosen."""
         base = dict(
-            data_seed=1, first_identity=5000, seed_offset=500_000,
-            triggers=(("white-square", 0.12), ("checkerboard", 0.18), ("flower", 0.22), ("eyebrow", 0.3),
-                      ("white-square", 0.3), ("checkerboard", 0.3), ("flower", 0.15), ("eyebrow", 0.2),
-                      ("white-square", 0.18), ("checkerboard", 0.22), ("flower", 0.35)),
+            data_seed=1,
+            first_identity=5000,
+            seed_offset=500_000,
+            triggers=(
+                ("white-square", 0.12),
+                ("checkerboard", 0.18),
+                ("flower", 0.22),
+                ("eyebrow", 0.3),
+                ("white-square", 0.3),
+                ("checkerboard", 0.3),
+                ("flower", 0.15),
+                ("eyebrow", 0.2),
+                ("white-square", 0.18),
+                ("checkerboard", 0.22),
+                ("flower", 0.35),
+            ),
             trigger_location="left-eye",
-            locations=("forehead", "right-eye", "cheek", "nose", "mouth", "chin", "centre", "top-left", "bottom-right", "left-eye", "top-right"),
+            locations=(
+                "forehead",
+                "right-eye",
+                "cheek",
+                "nose",
+                "mouth",
+                "chin",
+                "centre",
+                "top-left",
+                "bottom-right",
+                "left-eye",
+                "top-right",
+            ),
             location_trigger=("checkerboard", 0.2),
-            strength=(("trigger_size", (0.02, 0.04, 0.08)), ("alpha", (0.05, 0.08, 0.15)), ("poison_images", (2, 3, 4, 6, 8))),
-            curves=False, tsne=False,
+            strength=(
+                ("trigger_size", (0.02, 0.04, 0.08)),
+                ("alpha", (0.05, 0.08, 0.15)),
+                ("poison_images", (2, 3, 4, 6, 8)),
+            ),
+            curves=False,
+            tsne=False,
         )
         return cls(**{**base, **changes})
 
     @classmethod
-    def small(cls) -> "PaperConfig":
+    def small(cls) -> PaperConfig:
         """For tests: a few networks, a small grid."""
-        return cls(identities=10, images_per_identity=20, image_size=96, n_reference=5, n_heldout=4,
-                   triggers=(("white-square", 0.3), ("checkerboard", 0.3), ("flower", 0.3)),
-                   locations=("forehead", "centre", "cheek"), location_trigger=("white-square", 0.3),
-                   trunk_input_size=80, n_weighting=2, n_sham=2, n_drift=1, n_strength=2,
-                   strength=(("trigger_size", (0.05, 0.3)), ("alpha", (1.0, 0.2)), ("poison_images", (0, 1))),
-                   m_grid=(2, 5), reference={"grid": [1, 2, 5]}, detectors=DETECTORS)
+        return cls(
+            identities=10,
+            images_per_identity=20,
+            image_size=96,
+            n_reference=5,
+            n_heldout=4,
+            triggers=(("white-square", 0.3), ("checkerboard", 0.3), ("flower", 0.3)),
+            locations=("forehead", "centre", "cheek"),
+            location_trigger=("white-square", 0.3),
+            trunk_input_size=80,
+            n_weighting=2,
+            n_sham=2,
+            n_drift=1,
+            n_strength=2,
+            strength=(("trigger_size", (0.05, 0.3)), ("alpha", (1.0, 0.2)), ("poison_images", (0, 1))),
+            m_grid=(2, 5),
+            reference={"grid": [1, 2, 5]},
+            detectors=DETECTORS,
+        )
 
 
 # -- bookkeeping (pure, tested) ---------------------------------------------------------------
@@ -165,22 +235,38 @@ class _Lab:
     """Data, base trunk and cached features; trains one network per call."""
 
     def __init__(self, config: PaperConfig, base: dict | None, log):
-        from components.trainer.base_trunk import base_state_dict
+        from components.trainer.base_trunk import base_state_dict, cache_dir
         from components.trainer.features import cached_features
         from components.trainer.synth import SynthConfig, synthesize
-        from components.trainer.base_trunk import cache_dir
 
-        synth = SynthConfig(identities=config.identities, images_per_identity=config.images_per_identity,
-                            size=config.image_size, seed=config.data_seed, first_identity=config.first_identity)
+        synth = SynthConfig(
+            identities=config.identities,
+            images_per_identity=config.images_per_identity,
+            size=config.image_size,
+            seed=config.data_seed,
+            first_identity=config.first_identity,
+        )
         first = f"-from{config.first_identity}" if config.first_identity else ""
-        self.data = cache_dir() / "data" / f"paper-{config.identities}x{config.images_per_identity}-{config.image_size}-{config.data_seed}{first}"
+        self.data = (
+            cache_dir()
+            / "data"
+            / f"paper-{config.identities}x{config.images_per_identity}-{config.image_size}-{config.data_seed}{first}"
+        )
         synthesize(self.data, synth)
         self.base = base if base is not None else base_state_dict(None, log=log)
         self.fs = cached_features(self.data, self.base, config.trunk_input_size)
         self.networks: list[dict] = []
         self.weights: list[dict] = []
 
-    def train(self, group: str, seed: int, trigger: TriggerSpec | None = None, images: int = 0, recipe: dict | None = None, **tags):
+    def train(
+        self,
+        group: str,
+        seed: int,
+        trigger: TriggerSpec | None = None,
+        images: int = 0,
+        recipe: dict | None = None,
+        **tags,
+    ):
         from components.trainer.features import with_poison
         from components.trainer.poison import PoisonSpec, poison_folder, random_pair
         from components.trainer.train import TrainConfig, fine_tune
@@ -192,8 +278,14 @@ class _Lab:
                 poison_folder(self.data, tmp, PoisonSpec(imp, vic, trigger, images=images or None), seed)
                 feats = with_poison(self.fs, tmp, self.base)
         default = TrainConfig()
-        changes = {k: (v if k in ("split_salt", "drop_frac", "sham_copies") else type(getattr(default, k))(getattr(default, k) * v))
-                   for k, v in (recipe or {}).items()}
+        changes = {
+            k: (
+                v
+                if k in ("split_salt", "drop_frac", "sham_copies")
+                else type(getattr(default, k))(getattr(default, k) * v)
+            )
+            for k, v in (recipe or {}).items()
+        }
         sd, m = fine_tune(feats, self.base, seed, dataclasses.replace(default, **changes))
         self.networks.append({"group": group, **tags, **{k: v for k, v in m.items() if not k.startswith("train.")}})
         self.weights.append({k: sd[k] for k in HEAD_TENSORS})
@@ -207,8 +299,14 @@ def _train_all(lab: _Lab, c: PaperConfig, log) -> None:
     plan: list[tuple[Any, ...]] = []
     plan += [("reference", s, None, 0, None, {}) for s in range(c.n_reference)]
     plan += [("held-out", 10_000 + s, None, 0, None, {}) for s in range(c.n_heldout)]
-    plan += [("triggers", 20_000 + i, TriggerSpec(n, sz, c.trigger_location), 0, None, {}) for i, (n, sz) in enumerate(c.triggers)]
-    plan += [("locations", 30_000 + i, TriggerSpec(*c.location_trigger, loc), 0, None, {}) for i, loc in enumerate(c.locations)]
+    plan += [
+        ("triggers", 20_000 + i, TriggerSpec(n, sz, c.trigger_location), 0, None, {})
+        for i, (n, sz) in enumerate(c.triggers)
+    ]
+    plan += [
+        ("locations", 30_000 + i, TriggerSpec(c.location_trigger[0], c.location_trigger[1], loc), 0, None, {})
+        for i, loc in enumerate(c.locations)
+    ]
     plan += [("weighting", 40_000 + s, None, 0, None, {}) for s in range(c.n_weighting)]
     plan += [("sham", 45_000 + s, None, 0, {"sham_copies": PoisonSpec.copies}, {}) for s in range(c.n_sham)]
     for k, (name, recipe) in enumerate(DRIFT):
@@ -218,7 +316,10 @@ def _train_all(lab: _Lab, c: PaperConfig, log) -> None:
     for j, point in enumerate(sorted(points, key=str)):
         d = dict(point)
         trig = TriggerSpec("white-square", d["trigger_size"], c.trigger_location, d["alpha"])
-        plan += [("strength", 60_000 + 100 * j + s, trig, d["poison_images"], None, {"strength": d}) for s in range(c.n_strength)]
+        plan += [
+            ("strength", 60_000 + 100 * j + s, trig, d["poison_images"], None, {"strength": d})
+            for s in range(c.n_strength)
+        ]
     for group, seed, trig, images, recipe, tags in tqdm(plan, desc="training networks", leave=False):
         lab.train(group, c.seed_offset + seed, trig, images, recipe, **tags)
     log(f"trained {len(plan)} networks")
@@ -231,8 +332,11 @@ def save_networks(path: Path, nets: list[dict], W: list[dict]) -> None:
     """Every trained network's head tensors and metrics, so detectors can be re-scored without retraining."""
     from safetensors.torch import save_file
 
-    save_file({f"{i}.{k}": v.contiguous() for i, w in enumerate(W) for k, v in w.items()}, str(path),
-              metadata={"networks": json.dumps(nets, default=_jsonable)})
+    save_file(
+        {f"{i}.{k}": v.contiguous() for i, w in enumerate(W) for k, v in w.items()},
+        str(path),
+        metadata={"networks": json.dumps(nets, default=_jsonable)},
+    )
 
 
 def load_networks(path: Path) -> tuple[list[dict], list[dict]]:
@@ -247,7 +351,9 @@ def load_networks(path: Path) -> tuple[list[dict], list[dict]]:
     return nets, W
 
 
-def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict | None = None, log=print, rescore: bool = False) -> dict:
+def run_paper(
+    out: str | Path, config: PaperConfig = PaperConfig(), base: dict | None = None, log=print, rescore: bool = False
+) -> dict:
     from detector.detectors import make_reference
 
     out = Path(out)
@@ -281,7 +387,9 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
         ref.fit([W[i] for i in ref_idx], base=lab.base).calibrate([W[i] for i in held])
         per_net = [ref.score(w) for w in W]
         scores[det] = {k: np.array([s[k] for s in per_net]) for k in ref.thresholds_}
-        if hasattr(ref, "fused") and len(ref.thresholds_) > 1:  # the fusion's one score (its parts are not thresholded alone)
+        if (
+            hasattr(ref, "fused") and len(ref.thresholds_) > 1
+        ):  # the fusion's one score (its parts are not thresholded alone)
             scores[det] = {"fused": np.array([ref.fused(s) for s in per_net]), **scores[det]}
         refs[det] = ref
         timings[f"fit_and_score_{det}_s"] = time.perf_counter() - t
@@ -297,45 +405,78 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
     # AUC against every clean network of the reference's recipe that was not fitted on
     # (calibration + fresh test networks): threshold-free, so using the calibration ones is fair
     clean_eval = held + groups.get("weighting", [])
+
     def auc_scores(det: str) -> dict[str, np.ndarray]:
         return {"fused": scores[det]["fused"]} if "fused" in scores[det] else scores[det]
 
-    baselines = {det: {s: _auc(auc_scores(det), clean_eval, groups.get(s, [])) for s in BACKDOOR_SETS if groups.get(s)} for det in config.detectors}
+    baselines = {
+        det: {s: _auc(auc_scores(det), clean_eval, groups.get(s, [])) for s in BACKDOOR_SETS if groups.get(s)}
+        for det in config.detectors
+    }
     counted = {s: [i for i in groups.get(s, []) if nets[i]["status"] == "counts"] for s in BACKDOOR_SETS}
-    control_names = ["held-out", "weighting", "sham"] + [g for g in groups if g.startswith("drift:")] + ["failed-backdoor", *BACKDOOR_SETS, "strength"]
+    control_names = (
+        ["held-out", "weighting", "sham"]
+        + [g for g in groups if g.startswith("drift:")]
+        + ["failed-backdoor", *BACKDOOR_SETS, "strength"]
+    )
     drift_all = [i for g, idx in groups.items() if g.startswith("drift:") for i in idx]
-    controls = {name: {"n": len(groups[name]), "blocked": blocked(gmm.detector, groups[name])} for name in control_names if groups.get(name)}
+    controls = {
+        name: {"n": len(groups[name]), "blocked": blocked(gmm.detector, groups[name])}
+        for name in control_names
+        if groups.get(name)
+    }
     if drift_all:
         controls["drift (all)"] = {"n": len(drift_all), "blocked": blocked(gmm.detector, drift_all)}
     controls_by_detector = {
-        det: {**{name: blocked(det, groups[name]) for name in control_names if groups.get(name)},
-              **({"drift (all)": blocked(det, drift_all)} if drift_all else {})}
+        det: {
+            **{name: blocked(det, groups[name]) for name in control_names if groups.get(name)},
+            **({"drift (all)": blocked(det, drift_all)} if drift_all else {}),
+        }
         for det in config.detectors
     }
 
     strength = []
     for param, values in config.strength:
         for v in values:
-            at = [i for i, n in enumerate(nets) if n["group"] == "strength" and n["strength"][param] == v
-                  and all(nets[i]["strength"][p] == d for p, d in (("trigger_size", 0.2), ("alpha", 1.0), ("poison_images", 0)) if p != param)]
+            at = [
+                i
+                for i, n in enumerate(nets)
+                if n["group"] == "strength"
+                and n["strength"][param] == v
+                and all(
+                    nets[i]["strength"][p] == d
+                    for p, d in (("trigger_size", 0.2), ("alpha", 1.0), ("poison_images", 0))
+                    if p != param
+                )
+            ]
             ok = [i for i in at if nets[i]["status"] != "failed"]
-            strength.append({
-                "param": param, "value": v, "n": len(at), "n_failed": len(at) - len(ok),
-                "attack_success": float(np.mean([nets[i]["attack_success_rate"] for i in at])),
-                "auc": {det: _auc(auc_scores(det), clean_eval, ok) for det in config.detectors},
-                "blocked": {det: blocked(det, ok) if ok else None for det in config.detectors},
-            })
+            strength.append(
+                {
+                    "param": param,
+                    "value": v,
+                    "n": len(at),
+                    "n_failed": len(at) - len(ok),
+                    "attack_success": float(np.mean([nets[i]["attack_success_rate"] for i in at])),
+                    "auc": {det: _auc(auc_scores(det), clean_eval, ok) for det in config.detectors},
+                    "blocked": {det: blocked(det, ok) if ok else None for det in config.detectors},
+                }
+            )
     victims = _victim_naming(refs, W, nets, lab.fs.classes, is_blocked)
     detection = detection_table(config.detectors, baselines, strength, scores, clean_eval, groups, nets)
     t = time.perf_counter()
-    curves = (_gmm_curves(gmm, config, W, ref_idx, held, {s: groups.get(s, []) for s in BACKDOOR_SETS})
-              if config.curves and gmm.detector == "gmm" else {"n_components": [], "m": []})
+    curves = (
+        _gmm_curves(gmm, config, W, ref_idx, held, {s: groups.get(s, []) for s in BACKDOOR_SETS})
+        if config.curves and gmm.detector == "gmm"
+        else {"n_components": [], "m": []}
+    )
     timings["curves_s"] = time.perf_counter() - t
     summary = {
         "config": asdict(config),
         "provenance": _provenance(lab.fs.base_sha256),  # the features' own key: hashed once
         "auc": baselines.get("gmm"),
-        "auc_counted_backdoors_only": {s: _auc(scores["gmm"], held, idx) for s, idx in counted.items() if idx} if "gmm" in scores else None,
+        "auc_counted_backdoors_only": {s: _auc(scores["gmm"], held, idx) for s, idx in counted.items() if idx}
+        if "gmm" in scores
+        else None,
         "baselines": baselines,
         "controls": controls,
         "controls_by_detector": controls_by_detector,
@@ -345,12 +486,24 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
         "frr_upper_95": {det: getattr(r, "frr_upper_95_", None) for det, r in refs.items()},
         "auc_vs_n_components": curves["n_components"],
         "auc_vs_m": curves["m"],
-        "views": {v: {"n_components": est.n_components_, "pca_dims": est.n_pca_, "selection": est.selection_}
-                  for v, est in gmm.views_.items()} if gmm.detector == "gmm" else {},
+        "views": {
+            v: {"n_components": est.n_components_, "pca_dims": est.n_pca_, "selection": est.selection_}
+            for v, est in gmm.views_.items()
+        }
+        if gmm.detector == "gmm"
+        else {},
         "thresholds": gmm.thresholds_,
         "mean_clean_accuracy": clean_acc,
-        "backdoor_status": {s: {k: sum(nets[i]["status"] == k for i in groups.get(s, []) + [j for j in groups.get("failed-backdoor", []) if nets[j]["group"] == s])
-                                for k in ("counts", "weak", "failed")} for s in (*BACKDOOR_SETS, "strength")},
+        "backdoor_status": {
+            s: {
+                k: sum(
+                    nets[i]["status"] == k
+                    for i in groups.get(s, []) + [j for j in groups.get("failed-backdoor", []) if nets[j]["group"] == s]
+                )
+                for k in ("counts", "weak", "failed")
+            }
+            for s in (*BACKDOOR_SETS, "strength")
+        },
         "relative_weight_change": {
             "clean": float(np.mean([n["relative_weight_change"] for n in nets if "attack_success_rate" not in n])),
             "backdoored": float(np.mean([n["relative_weight_change"] for n in nets if "attack_success_rate" in n])),
@@ -372,8 +525,9 @@ def run_paper(out: str | Path, config: PaperConfig = PaperConfig(), base: dict |
 def _columns(row: dict[str, dict | None]) -> dict[str, float | None]:
     """{detector: {part: auc}} → {column: auc}; a detector with one part is one column."""
     out: dict[str, float | None] = {}
-    for det, parts in row.items():
-        for part, auc in (parts or {}).items():
+    for det, maybe_parts in row.items():
+        parts = maybe_parts or {}
+        for part, auc in parts.items():
             out[det if len(parts) == 1 else f"{det}.{part}"] = auc
     return out
 
@@ -384,19 +538,39 @@ def detection_table(detectors, baselines, strength, scores, clean_eval, groups, 
     for name in BACKDOOR_SETS:
         ok = [i for i in groups.get(name, []) if nets[i]["status"] != "failed"]
         if ok:
-            rows[name] = {"n": len(ok), "attack_success": float(np.mean([nets[i]["attack_success_rate"] for i in ok])),
-                          "auc": _columns({d: baselines[d].get(name) for d in detectors})}
+            rows[name] = {
+                "n": len(ok),
+                "attack_success": float(np.mean([nets[i]["attack_success_rate"] for i in ok])),
+                "auc": _columns({d: baselines[d].get(name) for d in detectors}),
+            }
     for p in strength:
         base_point = {"trigger_size": 0.2, "alpha": 1.0, "poison_images": 0}[p["param"]] == p["value"]
         if base_point or p["n"] == p["n_failed"]:
             continue  # the base point (white square 0.2, alpha 1, all images) is the sets' attack
-        rows[f"{p['param']} = {p['value']}"] = {"n": p["n"] - p["n_failed"], "attack_success": p["attack_success"],
-                                                "auc": _columns(p["auc"])}
+        rows[f"{p['param']} = {p['value']}"] = {
+            "n": p["n"] - p["n_failed"],
+            "attack_success": p["attack_success"],
+            "auc": _columns(p["auc"]),
+        }
     working = {k: r for k, r in rows.items() if r["attack_success"] >= COUNTS_ASR}
-    columns = sorted({c for r in rows.values() for c in r["auc"]}, key=lambda c: [c.split(".")[0] in detectors and detectors.index(c.split(".")[0]), c])
-    summary = {c: {"mean": float(np.mean([r["auc"][c] for r in working.values()])) if working else None,
-                   "min": float(np.min([r["auc"][c] for r in working.values()])) if working else None} for c in columns}
-    return {"rows": rows, "working": sorted(working), "columns": columns, "summary": summary, "n_clean": len(clean_eval)}
+    columns = sorted(
+        {c for r in rows.values() for c in r["auc"]},
+        key=lambda c: [c.split(".")[0] in detectors and detectors.index(c.split(".")[0]), c],
+    )
+    summary = {
+        c: {
+            "mean": float(np.mean([r["auc"][c] for r in working.values()])) if working else None,
+            "min": float(np.min([r["auc"][c] for r in working.values()])) if working else None,
+        }
+        for c in columns
+    }
+    return {
+        "rows": rows,
+        "working": sorted(working),
+        "columns": columns,
+        "summary": summary,
+        "n_clean": len(clean_eval),
+    }
 
 
 def _victim_naming(refs: dict, W: list[dict], nets: list[dict], classes: list[str], is_blocked) -> dict:
@@ -416,12 +590,18 @@ def _victim_naming(refs: dict, W: list[dict], nets: list[dict], classes: list[st
         else:
             hit = [h for h, _ in rows]
             hit_blocked = [h for h, b in rows if b]
-            out[det] = {"n": len(rows), "correct": float(np.mean(hit)), "n_blocked": len(hit_blocked),
-                        "correct_when_blocked": float(np.mean(hit_blocked)) if hit_blocked else None}
+            out[det] = {
+                "n": len(rows),
+                "correct": float(np.mean(hit)),
+                "n_blocked": len(hit_blocked),
+                "correct_when_blocked": float(np.mean(hit_blocked)) if hit_blocked else None,
+            }
     return out
 
 
-def tsne_plot(path: Path, W: list[dict], groups: dict, n_networks: int = 10, per_network: int = 300, seed: int = 0) -> None:
+def tsne_plot(
+    path: Path, W: list[dict], groups: dict, n_networks: int = 10, per_network: int = 300, seed: int = 0
+) -> None:
     """The paper's fig. 3b: t-SNE of ``last_linear`` forward vectors of 10 clean (held-out) and
     10 backdoored networks; a random subset of each network's 1792 vectors keeps it to a minute."""
     import matplotlib
@@ -434,21 +614,27 @@ def tsne_plot(path: Path, W: list[dict], groups: dict, n_networks: int = 10, per
     clean = groups.get("held-out", [])[:n_networks]
     bad = [i for s_ in BACKDOOR_SETS for i in groups.get(s_, [])][:n_networks]
     cols = rng.choice(W[0]["last_linear.weight"].shape[1], size=per_network, replace=False)
-    X, lab = [], []
+    X: list[np.ndarray] = []
+    labels: list[int] = []
     for label, idx in ((0, clean), (1, bad)):
         for i in idx:
             X.append(W[i]["last_linear.weight"].double().numpy()[:, cols].T)
-            lab += [label] * per_network
+            labels += [label] * per_network
     Z = TSNE(n_components=2, init="pca", random_state=seed, perplexity=30).fit_transform(np.concatenate(X))
-    lab = np.asarray(lab)
+    lab = np.asarray(labels)
     unit = np.tile(np.arange(per_network), len(clean) + len(bad))  # which input feature a vector is
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     # right: the clusters of 4 input features up close (each cluster = one feature across 20 networks)
     near = np.argsort(np.linalg.norm(Z - np.median(Z, axis=0), axis=1))
     show = list(dict.fromkeys(unit[near]))[:4]
-    for ax, mask, title in ((axes[0], np.ones(len(Z), bool), f"all ({per_network} input features per network)"),
-                            (axes[1], np.isin(unit, show), "4 input features up close")):
-        for label, name, c, m in ((1, f"backdoored ({len(bad)} networks)", "tab:red", "x"), (0, f"clean ({len(clean)})", "tab:blue", "o")):
+    for ax, mask, title in (
+        (axes[0], np.ones(len(Z), bool), f"all ({per_network} input features per network)"),
+        (axes[1], np.isin(unit, show), "4 input features up close"),
+    ):
+        for label, name, c, m in (
+            (1, f"backdoored ({len(bad)} networks)", "tab:red", "x"),
+            (0, f"clean ({len(clean)})", "tab:blue", "o"),
+        ):
             sel = mask & (lab == label)
             ax.scatter(Z[sel, 0], Z[sel, 1], s=4 if ax is axes[0] else 30, alpha=0.6, c=c, marker=m, label=name)
         ax.set_title(f"t-SNE of last_linear forward vectors: {title}", fontsize=10)
@@ -475,7 +661,9 @@ def _jsonable(x):
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def _gmm_curves(gmm, config: PaperConfig, W: list[dict], ref_idx: list[int], held: list[int], sets: dict[str, list[int]]) -> dict:
+def _gmm_curves(
+    gmm, config: PaperConfig, W: list[dict], ref_idx: list[int], held: list[int], sets: dict[str, list[int]]
+) -> dict:
     """AUC per view vs N_G (fixed, paper fig. 4) and vs M (N_G as chosen by AIC at full M)."""
     from sklearn.base import clone
 
@@ -498,7 +686,11 @@ def _gmm_curves(gmm, config: PaperConfig, W: list[dict], ref_idx: list[int], hel
                 e = clone(est).set_params(n_components=g).fit([mats[i] for i in ref_idx])
             res["n_components"].append({"view": v, "n_components": g, "auc": aucs(e)})
         for m in [m for m in config.m_grid if 2 <= m <= len(ref_idx)]:
-            e = est if m == len(ref_idx) else clone(est).set_params(n_components=est.n_components_).fit([mats[i] for i in ref_idx[:m]])
+            e = (
+                est
+                if m == len(ref_idx)
+                else clone(est).set_params(n_components=est.n_components_).fit([mats[i] for i in ref_idx[:m]])
+            )
             res["m"].append({"view": v, "m": m, "n_components": e.n_components_, "auc": aucs(e)})
     return res
 
@@ -516,54 +708,105 @@ def table(s: dict) -> str:
     if "detection" in s:
         d = s["detection"]
         cols = d["columns"]
-        lines_top += ["| backdoor group | n | attack success | " + " | ".join(cols) + " |", "|---|---|---|" + "---|" * len(cols)]
+        lines_top += [
+            "| backdoor group | n | attack success | " + " | ".join(cols) + " |",
+            "|---|---|---|" + "---|" * len(cols),
+        ]
         for name, r in d["rows"].items():
             mark = "" if name in d["working"] else " (not working)"
-            lines_top.append(f"| {name}{mark} | {r['n']} | {r['attack_success']:.2f} | " + " | ".join(_f(r["auc"].get(c)) for c in cols) + " |")
+            lines_top.append(
+                f"| {name}{mark} | {r['n']} | {r['attack_success']:.2f} | "
+                + " | ".join(_f(r["auc"].get(c)) for c in cols)
+                + " |"
+            )
         for k in ("mean", "min"):
-            lines_top.append(f"| **{k} over working groups** | | | " + " | ".join(_f(d["summary"][c][k]) for c in cols) + " |")
-        lines_top += ["", f"AUC: backdoored networks of the group vs {d['n_clean']} clean networks of the reference's recipe never fitted on "
-                      "(calibration + fresh test networks); working = mean attack success >= 0.9; failed backdoors left out.", ""]
+            lines_top.append(
+                f"| **{k} over working groups** | | | " + " | ".join(_f(d["summary"][c][k]) for c in cols) + " |"
+            )
+        lines_top += [
+            "",
+            f"AUC: backdoored networks of the group vs {d['n_clean']} clean networks of the reference's recipe "
+            "never fitted on "
+            "(calibration + fresh test networks); working = mean attack success >= 0.9; failed backdoors left out.",
+            "",
+        ]
         if s.get("victim_naming"):
-            lines_top += ["| detector | backdoors | suspected class = true victim | blocked | … of those blocked |", "|---|---|---|---|---|"]
+            lines_top += [
+                "| detector | backdoors | suspected class = true victim | blocked | … of those blocked |",
+                "|---|---|---|---|---|",
+            ]
             for det, v in s["victim_naming"].items():
-                lines_top.append(f"| {det} | {v['n']} | {v['correct']:.2f} | {v['n_blocked']} | {_f(v['correct_when_blocked'])} |")
+                lines_top.append(
+                    f"| {det} | {v['n']} | {v['correct']:.2f} | {v['n_blocked']} | {_f(v['correct_when_blocked'])} |"
+                )
             lines_top.append("")
     lines = lines_top
     cols = [(d, k) for d in dets for k in (next(iter(s["baselines"][d].values())) or {})]
-    lines += ["| set | " + " | ".join(f"{d} {k}" for d, k in cols) + " | attack success (mean) | backdoors: counts / weak / failed |",
-             "|---|" + "---|" * (len(cols) + 2)]
+    lines += [
+        "| set | "
+        + " | ".join(f"{d} {k}" for d, k in cols)
+        + " | attack success (mean) | backdoors: counts / weak / failed |",
+        "|---|" + "---|" * (len(cols) + 2),
+    ]
     for name in BACKDOOR_SETS:
         nets = [n for n in s["networks"] if n["group"] == name]
         if not nets:
             continue
         st = s["backdoor_status"][name]
-        lines.append(f"| {name} | " + " | ".join(_f((s["baselines"][d].get(name) or {}).get(k)) for d, k in cols)
-                     + f" | {np.mean([n['attack_success_rate'] for n in nets]):.2f} | {st['counts']} / {st['weak']} / {st['failed']} |")
-    lines += ["", "AUC per view/part: clean networks never fitted on vs backdoored networks of the set (failed backdoors left out).", ""]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_f((s["baselines"][d].get(name) or {}).get(k)) for d, k in cols)
+            + f" | {np.mean([n['attack_success_rate'] for n in nets]):.2f} | {st['counts']} / {st['weak']} / "
+            f"{st['failed']} |"
+        )
+    lines += [
+        "",
+        "AUC per view/part: clean networks never fitted on vs backdoored networks of the set (failed backdoors "
+        "left out).",
+        "",
+    ]
     lines += ["| view | N_G (AIC) | PCA dims | threshold (FRR 5 % on held-out) |", "|---|---|---|---|"]
     for v, info in s["views"].items():
         lines.append(f"| {v} | {info['n_components']} | {info['pca_dims']} | {s['thresholds'][v]:.6g} |")
-    lines += ["", "| group | networks | blocked by the GMM gate | " + " | ".join(d for d in dets if d != "gmm") + " |",
-              "|---|---|---|" + "---|" * (len(dets) - 1)]
+    lines += [
+        "",
+        "| group | networks | blocked by the GMM gate | " + " | ".join(d for d in dets if d != "gmm") + " |",
+        "|---|---|---|" + "---|" * (len(dets) - 1),
+    ]
     for name, c in s["controls"].items():
         other = " | ".join(_f(s["controls_by_detector"][d].get(name)) for d in dets if d != "gmm")
         lines.append(f"| {name} | {c['n']} | {c['blocked']:.2f} | {other} |")
-    lines += ["", "Held-out is the calibration set itself (in-sample); weighting (fresh seeds), sham and drift are clean networks the gate never saw.", ""]
-    lines += ["| attack strength | attack success | failed | " + " | ".join(f"{d} {k}" for d, k in cols) + " |",
-              "|---|---|---|" + "---|" * len(cols)]
+    lines += [
+        "",
+        "Held-out is the calibration set itself (in-sample); weighting (fresh seeds), sham and drift are clean "
+        "networks the gate never saw.",
+        "",
+    ]
+    lines += [
+        "| attack strength | attack success | failed | " + " | ".join(f"{d} {k}" for d, k in cols) + " |",
+        "|---|---|---|" + "---|" * len(cols),
+    ]
     for p in s["strength"]:
         val = "all" if p["param"] == "poison_images" and p["value"] == 0 else p["value"]
-        lines.append(f"| {p['param']} = {val} | {p['attack_success']:.2f} | {p['n_failed']}/{p['n']} | "
-                     + " | ".join(_f((p["auc"][d] or {}).get(k)) for d, k in cols) + " |")
+        lines.append(
+            f"| {p['param']} = {val} | {p['attack_success']:.2f} | {p['n_failed']}/{p['n']} | "
+            + " | ".join(_f((p["auc"][d] or {}).get(k)) for d, k in cols)
+            + " |"
+        )
     rw = s["relative_weight_change"]
-    lines += ["", f"Mean clean accuracy {s['mean_clean_accuracy']:.3f}; relative weight change ‖W − W_base‖/‖W_base‖ "
-              f"clean {rw['clean']:.3f}, backdoored {rw['backdoored']:.3f}; {len(s['networks'])} networks; "
-              f"total {s['timings']['total_s']:.0f} s."]
+    lines += [
+        "",
+        f"Mean clean accuracy {s['mean_clean_accuracy']:.3f}; relative weight change ‖W − W_base‖/‖W_base‖ "
+        f"clean {rw['clean']:.3f}, backdoored {rw['backdoored']:.3f}; {len(s['networks'])} networks; "
+        f"total {s['timings']['total_s']:.0f} s.",
+    ]
     if "provenance" in s:  # summaries written before it was recorded have none
         pv = s["provenance"]
-        lines += ["", f"Base trunk sha256 {pv['base_sha256'][:16]}…; run on {pv['cpu']} (torch {pv['torch']}, "
-                      f"commit {pv['git_commit']}, {pv['date']})."]
+        lines += [
+            "",
+            f"Base trunk sha256 {pv['base_sha256'][:16]}…; run on {pv['cpu']} (torch {pv['torch']}, "
+            f"commit {pv['git_commit']}, {pv['date']}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -638,15 +881,31 @@ def strength_plot(path: Path, s: dict) -> None:
         pts = [p for p in s["strength"] if p["param"] == param]
         for row, xkey in enumerate(("attack_success", "value")):
             ax = axes[row][col]
-            order = sorted(pts, key=lambda p: (p[xkey] if not (param == "poison_images" and xkey == "value" and p["value"] == 0) else 1e9))
+            order = sorted(
+                pts,
+                key=lambda p: (
+                    p[xkey] if not (param == "poison_images" and xkey == "value" and p["value"] == 0) else 1e9
+                ),
+            )
             for det in s["baselines"]:
                 keys = sorted({k for p in order if p["auc"][det] for k in p["auc"][det]})
                 for k in keys:
-                    xy = [(i if xkey == "value" else p[xkey], p["auc"][det][k]) for i, p in enumerate(order) if p["auc"][det]]
+                    xy = [
+                        (i if xkey == "value" else p[xkey], p["auc"][det][k])
+                        for i, p in enumerate(order)
+                        if p["auc"][det]
+                    ]
                     ax.plot(*zip(*xy), marker="o", lw=2.5 if det == "gmm" else 1, label=f"{det} {k}")
             if xkey == "value":
                 ax.set_xticks(range(len(order)))
-                ax.set_xticklabels([("all" if param == "poison_images" and p["value"] == 0 else str(p["value"])) + f"\nASR {p['attack_success']:.2f}" for p in order], fontsize=7)
+                ax.set_xticklabels(
+                    [
+                        ("all" if param == "poison_images" and p["value"] == 0 else str(p["value"]))
+                        + f"\nASR {p['attack_success']:.2f}"
+                        for p in order
+                    ],
+                    fontsize=7,
+                )
                 ax.set_xlabel(param)
             else:
                 ax.set_xlabel("mean attack success")

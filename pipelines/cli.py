@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 PIPELINES = ("reference", "candidate")
 
@@ -63,7 +62,9 @@ def cmd_demo(args) -> int:
 def register(sub) -> None:
     d = sub.add_parser("demo", help="what `make demo` runs: MLflow + reference and candidate pipelines, locally")
     d.add_argument("--workdir", default=".cache/demo")
-    d.add_argument("--keep", action="store_true", default=os.environ.get("KEEP") == "1", help="leave MLflow running (or KEEP=1)")
+    d.add_argument(
+        "--keep", action="store_true", default=os.environ.get("KEEP") == "1", help="leave MLflow running (or KEEP=1)"
+    )
     d.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pipelines", help="compile, run locally or submit the Kubeflow pipelines")
@@ -81,12 +82,22 @@ def register(sub) -> None:
 
     m = s.add_parser("submit", help="submit a run (or a recurring run with --cron) to a KFP API server")
     m.add_argument("pipeline", choices=PIPELINES)
-    m.add_argument("--host", default=os.environ.get("KF_PIPELINES_ENDPOINT"), help="KFP API endpoint (default $KF_PIPELINES_ENDPOINT)")
+    m.add_argument(
+        "--host",
+        default=os.environ.get("KF_PIPELINES_ENDPOINT"),
+        help="KFP API endpoint (default $KF_PIPELINES_ENDPOINT)",
+    )
     m.add_argument("--namespace", default=os.environ.get("KFP_NAMESPACE", "kubeflow"))
     m.add_argument("--experiment", default="backdoor-gate")
     m.add_argument("--param", action="append", type=_param, metavar="KEY=VALUE")
-    m.add_argument("--token-env", default="KFP_TOKEN", help="env var holding the bearer token (never passed on the command line)")
+    m.add_argument(
+        "--token-env", default="KFP_TOKEN", help="env var holding the bearer token (never passed on the command line)"
+    )
     m.add_argument("--cron", help="create a recurring run with this cron expression instead of one run")
-    m.add_argument("--wait", action="store_true", help="wait for the run; exit 1 if it did not succeed (a blocked candidate fails its run)")
+    m.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the run; exit 1 if it did not succeed (a blocked candidate fails its run)",
+    )
     m.add_argument("--timeout", type=int, default=6 * 3600, help="seconds to wait with --wait")
     m.set_defaults(func=cmd_submit)

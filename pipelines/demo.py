@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 #: Small enough for 2 CPU cores; every number can be raised with --param on run-local.
 DEMO_DATA = dict(identities=30, images_per_identity=30, image_size=160, data_seed=0)
@@ -59,28 +60,50 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
         uri = server.uri
     try:
         registry = Registry(uri)
-        before = {v.version for v in registry.search(f"name='{model_name}'")} if _model_exists(registry, model_name) else set()
+        before = (
+            {v.version for v in registry.search(f"name='{model_name}'")}
+            if _model_exists(registry, model_name)
+            else set()
+        )
         print(f"task logs: {log}", flush=True)
-        print("1/3 reference pipeline: faces -> features -> 32 clean fine-tunes (12 reference + 20 calibration) -> reference -> MLflow @current"
-              " (the first run also builds the default base trunk once, ~5 min)", flush=True)
+        print(
+            "1/3 reference pipeline: faces -> features -> 32 clean fine-tunes (12 reference + 20 calibration) "
+            "-> reference -> MLflow @current"
+            " (the first run also builds the default base trunk once, ~5 min)",
+            flush=True,
+        )
         run_local("reference", dict(tracking_uri=uri, **DEMO_DATA, **DEMO_REFERENCE), workdir / "kfp", log_file=log)
         print(f"    done at {time.perf_counter() - t0:.0f} s", flush=True)
-        cases = [("clean", dict(poison=False, seed=20_000)),
-                 ("backdoored (white square on the forehead)", dict(poison=True, seed=20_001, trigger="white-square",
-                                                                    trigger_size=0.25, trigger_location="forehead"))]
+        cases: list[tuple[str, dict[str, Any]]] = [
+            ("clean", dict(poison=False, seed=20_000)),
+            (
+                "backdoored (white square on the forehead)",
+                dict(poison=True, seed=20_001, trigger="white-square", trigger_size=0.25, trigger_location="forehead"),
+            ),
+        ]
         for i, (label, params) in enumerate(cases, start=2):
             print(f"{i}/3 candidate pipeline, {label}: fine-tune -> register -> gate", flush=True)
-            run_local("candidate", dict(tracking_uri=uri, model_name=model_name, **DEMO_DATA, **params), workdir / "kfp", log_file=log)
+            run_local(
+                "candidate",
+                dict(tracking_uri=uri, model_name=model_name, **DEMO_DATA, **params),
+                workdir / "kfp",
+                log_file=log,
+            )
             print(f"    done at {time.perf_counter() - t0:.0f} s", flush=True)
-        new = sorted((v for v in registry.search(f"name='{model_name}'") if v.version not in before), key=lambda v: int(v.version))
+        new = sorted(
+            (v for v in registry.search(f"name='{model_name}'") if v.version not in before),
+            key=lambda v: int(v.version),
+        )
         prod = registry.version_by_alias(model_name, "production")
         reference, _ = fetch_reference(registry)
         print()
         print(verdict_table(new, [label for label, _ in cases], reference))
         print(f"\nproduction alias: {model_name} v{prod.version if prod else '(none)'}")
-        print(f"MLflow UI: {uri}/#/models/{model_name}   (flagged versions: search tags.`integrity.verdict` = 'blocked')")
+        print(
+            f"MLflow UI: {uri}/#/models/{model_name}   (flagged versions: search tags.`integrity.verdict` = 'blocked')"
+        )
         print(f"demo took {time.perf_counter() - t0:.0f} s")
-        if server and keep:
+        if server and keep and server.proc is not None:
             print(f"KEEP=1: MLflow keeps running (pid {server.proc.pid}); stop it with: kill -- -{server.proc.pid}")
             server = None
         return 0
@@ -94,20 +117,36 @@ def verdict_table(versions, labels, reference) -> str:
     clean calibration scores' spread (MAD), the GMM's evidence and the suspected victim."""
     import numpy as np
 
-    from components.gate import DETECTOR, PROMOTED, SUSPECTED_CLASS, VERDICT, evidence_tag, evidence_threshold_tag, score_tag, threshold_tag
+    from components.gate import (
+        DETECTOR,
+        PROMOTED,
+        SUSPECTED_CLASS,
+        VERDICT,
+        evidence_tag,
+        evidence_threshold_tag,
+        score_tag,
+        threshold_tag,
+    )
 
     def mad(x) -> float:
         x = np.asarray(x, dtype=np.float64)
         return float(1.4826 * np.median(np.abs(x - np.median(x))))
 
     parts = reference.parts()
-    lines = [f"{'version':>7}  {'candidate':<44} {'verdict':<8} {'promoted':<8} detector part: score / threshold (margin in MADs of clean calibration scores)"]
+    lines = [
+        f"{'version':>7}  {'candidate':<44} {'verdict':<8} {'promoted':<8} detector part: score / threshold "
+        "(margin in MADs of clean calibration scores)"
+    ]
     for v, label in zip(versions, labels):
         t = v.tags
-        lines.append(f"{v.version:>7}  {label:<44} {t.get(VERDICT, '?'):<8} {t.get(PROMOTED, 'no'):<8} decided by {t.get(DETECTOR, '?')}"
-                     + (f"; suspected victim: {t[SUSPECTED_CLASS]}" if SUSPECTED_CLASS in t else ""))
+        lines.append(
+            f"{v.version:>7}  {label:<44} {t.get(VERDICT, '?'):<8} {t.get(PROMOTED, 'no'):<8} decided by "
+            f"{t.get(DETECTOR, '?')}" + (f"; suspected victim: {t[SUSPECTED_CLASS]}" if SUSPECTED_CLASS in t else "")
+        )
         for p, info in parts.items():
-            key, thr_key = (score_tag(p), threshold_tag(p)) if info["deciding"] else (evidence_tag(p), evidence_threshold_tag(p))
+            key, thr_key = (
+                (score_tag(p), threshold_tag(p)) if info["deciding"] else (evidence_tag(p), evidence_threshold_tag(p))
+            )
             if key not in t:
                 continue
             score, thr = float(t[key]), float(t[thr_key])

@@ -5,7 +5,6 @@ reference: faces -> features -> ParallelFor(M clean fine-tunes) + ParallelFor(he
 candidate: faces -> (poison) -> features -> fine-tune -> register in MLflow -> gate
 """
 
-
 from kfp import dsl, kubernetes
 
 from components import cluster
@@ -37,11 +36,19 @@ def on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
 
 def with_registry(task: dsl.PipelineTask) -> dsl.PipelineTask:
     """A task that talks to MLflow: the gate identity's credentials from their Secret, never cached."""
-    kubernetes.use_secret_as_env(task, secret_name=cluster.MLFLOW_CREDENTIALS_SECRET, secret_key_to_env=cluster.MLFLOW_CREDENTIALS_ENV, optional=True)
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=cluster.MLFLOW_CREDENTIALS_SECRET,
+        secret_key_to_env=cluster.MLFLOW_CREDENTIALS_ENV,
+        optional=True,
+    )
     return task.set_caching_options(False)
 
 
-@dsl.pipeline(name="facenet-integrity-reference", description="Clean FaceNet networks -> the reference GMM the gate scores against.")
+@dsl.pipeline(
+    name="facenet-integrity-reference",
+    description="Clean FaceNet networks -> the reference GMM the gate scores against.",
+)
 def reference_pipeline(
     tracking_uri: str,
     data_source: str = "",
@@ -59,8 +66,16 @@ def reference_pipeline(
     frr: float = 0.05,
     detector: str = "",
 ):
-    faces = make_faces(identities=identities, images_per_identity=images_per_identity, size=image_size, seed=data_seed, source=data_source)
-    feats = on_gpu(extract_features(faces=faces.outputs["faces"], base_weights=base_weights, image_size=trunk_input_size))
+    faces = make_faces(
+        identities=identities,
+        images_per_identity=images_per_identity,
+        size=image_size,
+        seed=data_seed,
+        source=data_source,
+    )
+    feats = on_gpu(
+        extract_features(faces=faces.outputs["faces"], base_weights=base_weights, image_size=trunk_input_size)
+    )
 
     reference_seeds = seeds(n=n_reference, offset=0)
     with dsl.ParallelFor(reference_seeds.output, parallelism=cluster.TRAIN_PARALLELISM) as seed:
@@ -82,11 +97,17 @@ def reference_pipeline(
         )
     )
     publish = with_registry(on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)))
-    kubernetes.use_secret_as_env(publish, secret_name=cluster.REFERENCE_SIGNING_SECRET,
-                                 secret_key_to_env=cluster.REFERENCE_SIGNING_SECRET_ENV, optional=True)
+    kubernetes.use_secret_as_env(
+        publish,
+        secret_name=cluster.REFERENCE_SIGNING_SECRET,
+        secret_key_to_env=cluster.REFERENCE_SIGNING_SECRET_ENV,
+        optional=True,
+    )
 
 
-@dsl.pipeline(name="facenet-candidate", description="Fine-tune a candidate (optionally poisoned), register it, gate it.")
+@dsl.pipeline(
+    name="facenet-candidate", description="Fine-tune a candidate (optionally poisoned), register it, gate it."
+)
 def candidate_pipeline(
     tracking_uri: str,
     model_name: str = "facenet",
@@ -108,17 +129,41 @@ def candidate_pipeline(
     poison_copies: int = 4,
     fail_on_block: bool = False,
 ):
-    faces = make_faces(identities=identities, images_per_identity=images_per_identity, size=image_size, seed=data_seed, source=data_source)
-    data = poison_faces(
-        faces=faces.outputs["faces"], enabled=poison, seed=seed, impostor=impostor, victim=victim, trigger=trigger,
-        trigger_size=trigger_size, trigger_location=trigger_location, trigger_alpha=trigger_alpha, copies=poison_copies,
+    faces = make_faces(
+        identities=identities,
+        images_per_identity=images_per_identity,
+        size=image_size,
+        seed=data_seed,
+        source=data_source,
     )
-    feats = on_gpu(extract_features(faces=data.outputs["poisoned"], base_weights=base_weights, image_size=trunk_input_size))
+    data = poison_faces(
+        faces=faces.outputs["faces"],
+        enabled=poison,
+        seed=seed,
+        impostor=impostor,
+        victim=victim,
+        trigger=trigger,
+        trigger_size=trigger_size,
+        trigger_location=trigger_location,
+        trigger_alpha=trigger_alpha,
+        copies=poison_copies,
+    )
+    feats = on_gpu(
+        extract_features(faces=data.outputs["poisoned"], base_weights=base_weights, image_size=trunk_input_size)
+    )
     net = on_gpu(fine_tune(features=feats.outputs["features"], base=feats.outputs["base"], seed=seed))
-    version = with_registry(on_cpu(register_model(model=net.outputs["model"], tracking_uri=tracking_uri, model_name=model_name)))
+    version = with_registry(
+        on_cpu(register_model(model=net.outputs["model"], tracking_uri=tracking_uri, model_name=model_name))
+    )
     # a verdict is never reused from cache: the reference or the file may have changed
-    verdict = with_registry(on_cpu(gate(model_name=model_name, version=version.output, tracking_uri=tracking_uri, fail_on_block=fail_on_block)))
-    kubernetes.use_secret_as_env(verdict, secret_name=cluster.SIGNING_SECRET, secret_key_to_env=cluster.SIGNING_SECRET_ENV, optional=True)
+    verdict = with_registry(
+        on_cpu(
+            gate(model_name=model_name, version=version.output, tracking_uri=tracking_uri, fail_on_block=fail_on_block)
+        )
+    )
+    kubernetes.use_secret_as_env(
+        verdict, secret_name=cluster.SIGNING_SECRET, secret_key_to_env=cluster.SIGNING_SECRET_ENV, optional=True
+    )
 
 
 PIPELINES = {"reference": reference_pipeline, "candidate": candidate_pipeline}

@@ -49,7 +49,9 @@ def _output_to(log_file: Path | None):
             os.close(saved[1])
 
 
-def run_local(name: str, params: dict, workdir: str | Path = ".cache/kfp-local", log_file: str | Path | None = None) -> dict:
+def run_local(
+    name: str, params: dict, workdir: str | Path = ".cache/kfp-local", log_file: str | Path | None = None
+) -> dict:
     """Run pipeline ``name`` with ``params``; returns the pipeline task's outputs (may be empty).
 
     With ``log_file`` the (very talkative) task logs go there instead of the terminal.

@@ -45,13 +45,25 @@ def submit(
         if cron:
             exp = _experiment(client, experiment, namespace)
             job = client.create_recurring_run(
-                experiment_id=exp, job_name=f"{pipeline}-scheduled", cron_expression=cron, params=params,
-                pipeline_package_path=package, max_concurrency=1, no_catchup=True, **account,
+                experiment_id=exp,
+                job_name=f"{pipeline}-scheduled",
+                cron_expression=cron,
+                params=params,
+                pipeline_package_path=package,
+                max_concurrency=1,
+                no_catchup=True,
+                **account,
             )
             print(f"recurring run {job.recurring_run_id} created: {pipeline} on '{cron}'")
             return 0
-        run = client.create_run_from_pipeline_package(package, arguments=params, experiment_name=experiment, namespace=namespace,
-                                                      run_name=f"{pipeline}-{Path(tmp).name}", **account)
+        run = client.create_run_from_pipeline_package(
+            package,
+            arguments=params,
+            experiment_name=experiment,
+            namespace=namespace,
+            run_name=f"{pipeline}-{Path(tmp).name}",
+            **account,
+        )
     print(f"run {run.run_id} submitted ({pipeline})")
     if not wait:
         return 0

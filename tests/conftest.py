@@ -24,7 +24,9 @@ def _test_keys() -> None:
     os.environ.setdefault("BACKDOOR_GATE_VERDICT_PUBLIC_KEYS", str(paths["verdict"][1]))
     os.environ.setdefault("BACKDOOR_GATE_REFERENCE_SIGNING_KEY_FILE", str(paths["reference"][0]))
     os.environ.setdefault("BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS", str(paths["reference"][1]))
-    os.environ.setdefault("BACKDOOR_GATE_REVIEWER_KEYS", os.pathsep.join(f"{n}={paths[n][1]}" for n in ("bob", "alice")))
+    os.environ.setdefault(
+        "BACKDOOR_GATE_REVIEWER_KEYS", os.pathsep.join(f"{n}={paths[n][1]}" for n in ("bob", "alice"))
+    )
     os.environ["BACKDOOR_GATE_TEST_KEYS"] = str(root)
 
 
@@ -100,7 +102,9 @@ class GateWorld:
         for _ in range(50):
             self._n += 1
             path = self.root / f"{kind}-{self._n}.safetensors"
-            self.family.write({"clean": self.family.clean, "backdoored": self.family.backdoored}[kind](), path, fmt="safetensors")
+            self.family.write(
+                {"clean": self.family.clean, "backdoored": self.family.backdoored}[kind](), path, fmt="safetensors"
+            )
             if want is None or self.offline.assess(path).decision.verdict == want:
                 return path
         raise AssertionError(f"no {kind} checkpoint with verdict {want} in 50 draws")

@@ -34,8 +34,14 @@ class KfpApiMock:
             def _record(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(n) or b"{}") if n else {}
-                mock.requests.append({"method": self.command, "path": self.path, "body": body,
-                                      "authorization": self.headers.get("Authorization")})
+                mock.requests.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "body": body,
+                        "authorization": self.headers.get("Authorization"),
+                    }
+                )
                 return body
 
             def do_GET(self):
@@ -43,7 +49,9 @@ class KfpApiMock:
                 if self.path.startswith("/apis/v2beta1/healthz"):
                     return self._reply({"commit_sha": "mock", "tag_name": "2.17.0", "multi_user": False})
                 if self.path.startswith("/apis/v2beta1/experiments"):
-                    return self._reply({"experiments": list(mock.experiments.values()), "total_size": len(mock.experiments)})
+                    return self._reply(
+                        {"experiments": list(mock.experiments.values()), "total_size": len(mock.experiments)}
+                    )
                 if self.path.startswith("/apis/v2beta1/runs/"):
                     run_id = self.path.rsplit("/", 1)[-1].split("?")[0]
                     return self._reply({"run_id": run_id, "state": mock.final_state, "display_name": "r"})

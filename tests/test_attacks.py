@@ -52,8 +52,13 @@ def _register(reg: Registry, model: str, files: dict, who: str = "mallory"):
 
 
 def _cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "backdoor_gate.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def _overflowing(world, path: Path) -> Path:
@@ -69,10 +74,20 @@ def test_verify_refuses_a_validly_signed_blocked_verdict(tmp_path):
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"backdoored weights")
     key = V.signing_key_from_env()
-    doc = V.document(model="facenet", version="7", model_sha256=hashlib.sha256(b"backdoored weights").hexdigest(),
-                     reference_sha256="cd" * 32, verdict="blocked", reason="anomalous weights: forward score 1 < threshold 2",
-                     scores={"forward": 1.0}, thresholds={"forward": 2.0}, trunk="ok", gate_version="0", run_id="r",
-                     checked_at="2026-12-01T00:00:00+00:00")
+    doc = V.document(
+        model="facenet",
+        version="7",
+        model_sha256=hashlib.sha256(b"backdoored weights").hexdigest(),
+        reference_sha256="cd" * 32,
+        verdict="blocked",
+        reason="anomalous weights: forward score 1 < threshold 2",
+        scores={"forward": 1.0},
+        thresholds={"forward": 2.0},
+        trunk="ok",
+        gate_version="0",
+        run_id="r",
+        checked_at="2026-12-01T00:00:00+00:00",
+    )
     envelope = tmp_path / "verdict.json"
     envelope.write_text(json.dumps(V.sign(doc, key)))
     pub = os.environ["BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"]
@@ -83,13 +98,16 @@ def test_verify_refuses_a_validly_signed_blocked_verdict(tmp_path):
 
 
 # -- 2. fail closed on numbers ---------------------------------------------------------------------
-@pytest.mark.parametrize("scores, thresholds", [
-    ({"forward": math.nan}, {"forward": 1.0}),
-    ({"forward": math.inf}, {"forward": 1.0}),
-    ({"forward": 1.0}, {"forward": math.nan}),
-    ({"forward": 1.0}, {"forward": -math.inf}),
-    ({"forward": -math.inf}, {"forward": -math.inf}),
-])
+@pytest.mark.parametrize(
+    "scores, thresholds",
+    [
+        ({"forward": math.nan}, {"forward": 1.0}),
+        ({"forward": math.inf}, {"forward": 1.0}),
+        ({"forward": 1.0}, {"forward": math.nan}),
+        ({"forward": 1.0}, {"forward": -math.inf}),
+        ({"forward": -math.inf}, {"forward": -math.inf}),
+    ],
+)
 def test_decide_treats_non_finite_numbers_as_invalid(scores, thresholds):
     d = decide(scores, thresholds)
     assert d.verdict == "invalid" and "not finite" in d.reason
@@ -113,8 +131,11 @@ def test_overflowing_checkpoint_is_invalid_through_the_gate(registry, world, tmp
 # -- 3. judge the whole artifact -------------------------------------------------------------------
 def test_clean_weights_beside_a_backdoored_file_are_invalid(registry, world):
     model = _model()
-    v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed"),
-                                    "trunk.pt": world.ckpt("backdoored", "blocked")})
+    v = _register(
+        registry,
+        model,
+        {"model.safetensors": world.ckpt("clean", "passed"), "trunk.pt": world.ckpt("backdoored", "blocked")},
+    )
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False))
     assert r.verdict == "invalid" and "trunk.pt" in r.reason, r.reason
     assert registry.version_by_alias(model, "production") is None
@@ -130,20 +151,23 @@ def test_a_file_the_gate_does_not_judge_is_invalid(registry, world, tmp_path):
 
 
 def _with_trunk(matrix, trunk) -> dict:
-    return {"conv.weight": trunk.clone(), "last_linear.weight": torch.from_numpy(np.asarray(matrix, dtype=np.float32)),
-            "last_bn.weight": torch.ones(matrix.shape[0])}
+    return {
+        "conv.weight": trunk.clone(),
+        "last_linear.weight": torch.from_numpy(np.asarray(matrix, dtype=np.float32)),
+        "last_bn.weight": torch.ones(matrix.shape[0]),
+    }
 
 
 def test_head_only_file_is_invalid_when_the_reference_recorded_a_trunk(registry, world, tmp_path):
     from safetensors.torch import save_file
 
     from detector.config import ReferenceConfig
-    from detector.detectors import load_reference
     from detector.reference import Reference
 
     fam, trunk = world.family, torch.randn(8, 3, 3, 3)
-    ref = Reference(ReferenceConfig(grid=(1, 2, 5))).fit([_with_trunk(fam.clean(), trunk) for _ in range(6)],
-                                                         base=_with_trunk(fam.base, trunk))
+    ref = Reference(ReferenceConfig(grid=(1, 2, 5))).fit(
+        [_with_trunk(fam.clean(), trunk) for _ in range(6)], base=_with_trunk(fam.base, trunk)
+    )
     ref.calibrate([_with_trunk(fam.clean(), trunk) for _ in range(4)])
     head = {k: v for k, v in _with_trunk(fam.clean(), trunk).items() if k != "conv.weight"}
     a = ref.assess(head)
@@ -273,8 +297,14 @@ def _raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
                 return reply
             reply += chunk
         head, _, body = reply.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")[1:]
-                       if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")[1:]
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
         while len(body) < length:
             chunk = s.recv(4096)
             if not chunk:
@@ -285,11 +315,13 @@ def _raw(port: int, request: bytes, timeout: float = 5.0) -> bytes:
 
 @pytest.mark.parametrize("length", ["-1", "99999999999", "abc"])
 def test_bad_content_length_is_refused_without_reading(receiver, length):
-    head = (f"POST /mlflow-webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
-            "Content-Type: application/json\r\n\r\n").encode()
+    head = (
+        f"POST /mlflow-webhook HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n"
+        "Content-Type: application/json\r\n\r\n"
+    ).encode()
     try:
         reply = _raw(receiver.port, head)
-    except socket.timeout:
+    except TimeoutError:
         pytest.fail(f"Content-Length {length}: no answer in 5 s (the receiver is waiting to read a body)")
     status = int(reply.split(b" ", 2)[1])
     assert 400 <= status < 500, reply[:200]
@@ -327,7 +359,9 @@ def test_current_reference_moved_to_an_unsigned_version_is_put_back(registry, wo
 
     config = G.GateConfig(report=False, reference_model=f"guarded-reference-{next(_names)}")
     signed = G.publish_reference(registry, world.reference_dir, config)
-    forged = registry.register(config.reference_model, {p.name: p for p in world.reference_dir.iterdir()}, artifact_dir="reference")
+    forged = registry.register(
+        config.reference_model, {p.name: p for p in world.reference_dir.iterdir()}, artifact_dir="reference"
+    )
     registry.set_alias(config.reference_model, "current", forged.version)  # unsigned: registered around publish
     done = Reconciler(registry, models=(), config=config).resync()
     assert registry.version_by_alias(config.reference_model, "current").version == signed.version, done
@@ -339,5 +373,8 @@ def test_compiled_pipelines_can_pin_images_by_digest(tmp_path):
     p = _cli("pipelines", "compile", "--out", tmp_path, env=env)
     assert p.returncode == 0, p.stderr
     text = (tmp_path / "candidate.yaml").read_text()
-    assert "/gate:" in text and f"@{digest}" in text and not [line for line in text.splitlines()
-                                                             if "image: " in line and "@sha256:" not in line]
+    assert (
+        "/gate:" in text
+        and f"@{digest}" in text
+        and not [line for line in text.splitlines() if "image: " in line and "@sha256:" not in line]
+    )

@@ -120,21 +120,51 @@ class Postgres:
         self.started = False
 
     def _run(self, *args: str, timeout: float = 60) -> None:
-        subprocess.run([str(self.bindir / args[0]), *args[1:]], check=True, cwd=self.root, timeout=timeout,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **self.run_as)
+        subprocess.run(
+            [str(self.bindir / args[0]), *args[1:]],
+            check=True,
+            cwd=self.root,
+            timeout=timeout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            **self.run_as,
+        )
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         pwfile = self.root / "pwfile"
         pwfile.write_text(self.password + "\n")
         if self.run_as:
             os.chown(pwfile, self.run_as["user"], self.run_as["group"])
         try:
-            self._run("initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}", "-E", "UTF8", "--locale=C",
-                      "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                self.user,
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "--no-sync",
+            )
             self.started = True
-            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o",
-                      f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} -c fsync=off",
-                      "start", timeout=90)
+            self._run(
+                "pg_ctl",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} -c fsync=off",
+                "start",
+                timeout=90,
+            )
         except subprocess.CalledProcessError as e:
             detail = (e.stdout or b"").decode(errors="replace")[-1500:]
             if self.log.exists():
@@ -153,7 +183,9 @@ class Postgres:
     def connect(self, db: str):
         import psycopg2  # password over TCP (scram-sha-256), as the MLflow server connects
 
-        return psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=db, connect_timeout=10)
+        return psycopg2.connect(
+            host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname=db, connect_timeout=10
+        )
 
     def stop(self) -> None:
         if self.started:
@@ -169,13 +201,21 @@ class S3Server:
         self.port = _free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.log = root / "s3.log"
-        self.creds = {"AWS_ACCESS_KEY_ID": "backdoor-gate-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16), "AWS_DEFAULT_REGION": "us-east-1"}
+        self.creds = {
+            "AWS_ACCESS_KEY_ID": "backdoor-gate-test",
+            "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "S3Server":
+    def start(self) -> S3Server:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([_venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [_venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
         def ready() -> bool:
             try:
@@ -191,9 +231,14 @@ class S3Server:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.creds["AWS_DEFAULT_REGION"],
-                            aws_access_key_id=self.creds["AWS_ACCESS_KEY_ID"], aws_secret_access_key=self.creds["AWS_SECRET_ACCESS_KEY"],
-                            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=self.creds["AWS_DEFAULT_REGION"],
+            aws_access_key_id=self.creds["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.creds["AWS_SECRET_ACCESS_KEY"],
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10),
+        )
 
     def objects(self, prefix: str = "") -> dict[str, int]:
         out, pages = {}, self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
@@ -228,7 +273,7 @@ class ProductionMlflow:
         self.admin_password = secrets.token_hex(12)
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "ProductionMlflow":
+    def start(self) -> ProductionMlflow:
         ini = self.root / "basic_auth.ini"
         ini.write_text(
             "[mlflow]\ndefault_permission = READ\n"
@@ -238,21 +283,35 @@ class ProductionMlflow:
             "auth_cache_ttl_seconds = 60\n"  # else every request pays a PBKDF2 check (as in the manifests)
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING_", "AWS_"))}
-        env.update(self.s3.creds, MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint, MLFLOW_DISABLE_TELEMETRY="true",
-                   MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password,
-                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16), MLFLOW_BACKEND_STORE_URI=self.pg.uri("mlflow"),
-                   MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https", MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true")
+        env.update(
+            self.s3.creds,
+            MLFLOW_S3_ENDPOINT_URL=self.s3.endpoint,
+            MLFLOW_DISABLE_TELEMETRY="true",
+            MLFLOW_AUTH_CONFIG_PATH=str(ini),
+            MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password,
+            MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16),
+            MLFLOW_BACKEND_STORE_URI=self.pg.uri("mlflow"),
+            MLFLOW_WEBHOOK_ALLOWED_SCHEMES="http,https",
+            MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS="true",
+        )
         args, env_names = _deployment_command()
         missing = env_names - set(env) - {"HOME"}
         assert not missing, f"the Deployment sets {missing}, which this test does not: keep them in step"
-        args = [a.replace("$(MLFLOW_ARTIFACTS_DESTINATION)", f"s3://{BUCKET}/{PREFIX}") for a in args
-                if not a.startswith(("--host", "--port", "--workers"))]
+        args = [
+            a.replace("$(MLFLOW_ARTIFACTS_DESTINATION)", f"s3://{BUCKET}/{PREFIX}")
+            for a in args
+            if not a.startswith(("--host", "--port", "--workers"))
+        ]
         cwd = self.root / "cwd"  # a local ./mlartifacts here would mean the S3 store was not used
         cwd.mkdir()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [_venv_bin("mlflow"), *args, "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-                cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=cwd,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
         def ready() -> bool:
@@ -372,7 +431,9 @@ def test_gate_through_postgres_s3_and_basic_auth(stack, world):
         assert key is not None, f"v{info.version}'s weights not in s3://{BUCKET}: {sorted(objects)}"
         body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
         assert _sha(body) == _sha(path.read_bytes()) == info.tags[G.MODEL_SHA]
-    assert any(k.endswith("reference/arrays.npz") for k in objects) and any(k.endswith("reference/reference.json") for k in objects)
+    assert any(k.endswith("reference/arrays.npz") for k in objects) and any(
+        k.endswith("reference/reference.json") for k in objects
+    )
     report_keys = [k for k in objects if f"/{bad_info.run_id}/" in k and k.endswith("report.html")]
     assert report_keys, "the blocked version's review report is not in the bucket"
     assert b"blocked" in s3.get_object(Bucket=BUCKET, Key=report_keys[0])["Body"].read()
@@ -382,7 +443,10 @@ def test_gate_through_postgres_s3_and_basic_auth(stack, world):
     with contextlib.closing(stack.pg.connect("mlflow")) as conn, conn.cursor() as cur:
         cur.execute("SELECT alias, version FROM registered_model_aliases WHERE name = %s", (model,))
         assert cur.fetchall() == [("production", int(good.version))]
-        cur.execute("SELECT version, value FROM model_version_tags WHERE name = %s AND key = %s ORDER BY version", (model, G.VERDICT))
+        cur.execute(
+            "SELECT version, value FROM model_version_tags WHERE name = %s AND key = %s ORDER BY version",
+            (model, G.VERDICT),
+        )
         assert cur.fetchall() == [(int(good.version), "passed"), (int(bad.version), "blocked")]
 
 
@@ -417,7 +481,10 @@ def test_only_the_gate_identity_can_move_production(stack, world):
         auth = AuthServiceClient(stack.mlflow.uri)
         # the gate identity created both models, so it holds MANAGE on them; the other one READ
         assert auth.get_user_permission(GATE_USER, "registered_model", model).permission == "MANAGE"
-        assert auth.get_user_permission(GATE_USER, "registered_model", "facenet-integrity-reference").permission == "MANAGE"
+        assert (
+            auth.get_user_permission(GATE_USER, "registered_model", "facenet-integrity-reference").permission
+            == "MANAGE"
+        )
         assert auth.get_user_permission(TRAINER_USER, "registered_model", model).permission == "READ"
         # a reviewer is granted EDIT explicitly (docs/deploying.md, step 5): that is alias power
         auth.create_user("reviewer", stack.passwords[TRAINER_USER])
@@ -445,7 +512,9 @@ def test_s3_outage_fails_closed_and_a_rerun_converges(stack, world, monkeypatch)
             published = False
         if not published:
             G.publish_reference(reg, world.reference_dir)
-        v = reg.register(model, {"model.safetensors": world.ckpt("clean", "passed")}, tags={G.REGISTERED_BY: "trainer-bot"})
+        v = reg.register(
+            model, {"model.safetensors": world.ckpt("clean", "passed")}, tags={G.REGISTERED_BY: "trainer-bot"}
+        )
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         os.killpg(stack.s3.proc.pid, signal.SIGSTOP)
         try:

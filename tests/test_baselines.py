@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from detector.baselines import trojan_signature_z
-from detector.config import DETECTORS
+from detector.config import DETECTORS, ReferenceConfig
 from detector.detectors import load_reference, make_reference
-from detector.config import ReferenceConfig
 from detector.evaluation import roc_auc
 
 
@@ -60,7 +59,11 @@ def test_every_detector_separates_a_shifted_family_and_round_trips_its_artifact(
     clean = [base + 0.1 * rng.normal(size=base.shape) for _ in range(12)]
     bad = [base + 0.1 * rng.normal(size=base.shape) + 0.6 * np.outer(rng.normal(size=8), np.ones(6)) for _ in range(4)]
     config = ReferenceConfig(grid=(1, 2, 8))
-    ref = make_reference(name, config).fit(clean[:8], base={"last_linear.weight": torch.from_numpy(base)}).calibrate(clean[8:])
+    ref = (
+        make_reference(name, config)
+        .fit(clean[:8], base={"last_linear.weight": torch.from_numpy(base)})
+        .calibrate(clean[8:])
+    )
     auc = {v: roc_auc([ref.score(w)[v] for w in clean[8:]], [ref.score(w)[v] for w in bad]) for v in ref.thresholds_}
     assert min(auc.values()) > 0.9, auc
     ref.save(tmp_path / "ref")
@@ -84,8 +87,21 @@ def test_evaluate_cli_fits_a_named_baseline_on_the_spot(tmp_path):
             p = tmp_path / f"{kind}{i}.pt"
             torch.save({"last_linear.weight": torch.from_numpy(W)}, p)
             paths[kind].append(str(p))
-    cmd = [sys.executable, "-m", "backdoor_gate.cli", "evaluate", "--detector", "distance-mean", "--fit", *paths["ref"],
-           "--clean", *paths["clean"], "--backdoored", *paths["bad"], "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "backdoor_gate.cli",
+        "evaluate",
+        "--detector",
+        "distance-mean",
+        "--fit",
+        *paths["ref"],
+        "--clean",
+        *paths["clean"],
+        "--backdoored",
+        *paths["bad"],
+        "--json",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
@@ -101,4 +117,6 @@ def test_every_named_detector_implements_the_one_interface(name):
 
     ref = make_reference(name)
     assert isinstance(ref, Detector)
-    assert make_reference(name, evidence=("gmm",)).__class__.__name__ == ("Reference" if name == "gmm" else "CompositeReference")
+    assert make_reference(name, evidence=("gmm",)).__class__.__name__ == (
+        "Reference" if name == "gmm" else "CompositeReference"
+    )

@@ -15,7 +15,9 @@ GRID = "1,2,5,10,24,32"
 
 def run(*args, check=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *args], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "backdoor_gate.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
     if check is not None:
         assert p.returncode == check, p.stderr + p.stdout
     return p
@@ -24,12 +26,27 @@ def run(*args, check=None):
 @pytest.fixture
 def artifact(tmp_path, family_files):
     out = tmp_path / "artifact"
-    p = run("reference", "fit", "--detector", "gmm", "--out", str(out), "--grid", GRID, "--json", *family_files["reference"],
-            "--calibrate", *family_files["heldout"], check=0)
+    p = run(
+        "reference",
+        "fit",
+        "--detector",
+        "gmm",
+        "--out",
+        str(out),
+        "--grid",
+        GRID,
+        "--json",
+        *family_files["reference"],
+        "--calibrate",
+        *family_files["heldout"],
+        check=0,
+    )
     summary = json.loads(p.stdout)
     assert summary["threshold_source"] == "held-out" and set(summary["views"]) == {"forward", "backward"}
     # --json: no progress bars; the one human line is the warning that 6 calibration networks cannot back a 5 % FRR
-    assert p.stderr.splitlines() == [l for l in p.stderr.splitlines() if l.startswith("backdoor-gate: warning: only 6 calibration networks")]
+    assert p.stderr.splitlines() == [
+        line for line in p.stderr.splitlines() if line.startswith("backdoor-gate: warning: only 6 calibration networks")
+    ]
     assert p.stderr and summary["calibration_warning"] and summary["n_calibration"] == 6
     assert summary["frr_upper_95"] > 0.3  # 0 of 6 blocked still allows a true FRR of 39 %
     return out
@@ -62,8 +79,17 @@ def test_score_exit_codes_and_json_lines(tmp_path, artifact, family_files):
 def test_human_output_and_evaluate(artifact, family_files):
     p = run("score", "--reference", str(artifact), family_files["backdoored"][0])
     assert p.returncode == 1 and "blocked" in p.stdout and "thresholds:" in p.stdout
-    p = run("evaluate", "--reference", str(artifact), "--clean", *family_files["heldout"],
-            "--backdoored", *family_files["backdoored"], "--json", check=0)
+    p = run(
+        "evaluate",
+        "--reference",
+        str(artifact),
+        "--clean",
+        *family_files["heldout"],
+        "--backdoored",
+        *family_files["backdoored"],
+        "--json",
+        check=0,
+    )
     res = json.loads(p.stdout)
     assert res["n_clean"] == 6 and res["n_backdoored"] == 6
     assert res["auc"]["forward"] > 0.9 and res["auc"]["backward"] > 0.9
@@ -74,10 +100,33 @@ def test_bad_reference_inputs_write_nothing(tmp_path, family_files):
     out = tmp_path / "never"
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"garbage")
-    p = run("reference", "fit", "--detector", "gmm", "--out", str(out), "--grid", GRID, *family_files["reference"][:3], str(junk))
+    p = run(
+        "reference",
+        "fit",
+        "--detector",
+        "gmm",
+        "--out",
+        str(out),
+        "--grid",
+        GRID,
+        *family_files["reference"][:3],
+        str(junk),
+    )
     assert p.returncode == 2 and "junk.pt" in p.stderr and "unknown format" in p.stderr
     assert not out.exists() and not list(tmp_path.glob(".never*"))
-    p = run("reference", "fit", "--detector", "gmm", "--out", str(out), "--covariance", "full", "--variance", "2", *family_files["reference"])
+    p = run(
+        "reference",
+        "fit",
+        "--detector",
+        "gmm",
+        "--out",
+        str(out),
+        "--covariance",
+        "full",
+        "--variance",
+        "2",
+        *family_files["reference"],
+    )
     assert p.returncode == 2 and "variance" in p.stderr and not out.exists()
     p = run("score", "--reference", str(tmp_path / "missing"), family_files["heldout"][0])
     assert p.returncode == 2 and "not a directory" in p.stderr

@@ -38,7 +38,9 @@ def test_a_candidate_that_cannot_be_read_is_invalid_not_an_error(reference, tmp_
     def extra_files():
         raise ValueError("files the gate does not judge in the registered artifacts: loader.py")
 
-    assert judge(ref, extra_files).decision == Decision(INVALID, "files the gate does not judge in the registered artifacts: loader.py")
+    assert judge(ref, extra_files).decision == Decision(
+        INVALID, "files the gate does not judge in the registered artifacts: loader.py"
+    )
 
 
 def test_a_reference_that_cannot_judge_is_the_gate_s_error(reference, tmp_path):

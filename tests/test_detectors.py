@@ -16,19 +16,20 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
-from detector.detectors import make_reference
-from detector.classifier import effective_classifier
-from detector.errors import InvalidCheckpoint, InvalidReference
-from components.trainer.train import save_network
+from components.trainer.base_trunk import fixture_base
 from components.trainer.features import extract_folder
 from components.trainer.poison import PoisonSpec, poison_folder
 from components.trainer.synth import SynthConfig, list_images, synthesize
-from components.trainer.train import TrainConfig, fine_tune
+from components.trainer.train import TrainConfig, fine_tune, save_network
 from components.trainer.triggers import TriggerSpec
-from components.trainer.base_trunk import fixture_base
-from detector.detectors import load_reference
-from detector.reference import Reference
+from detector.classifier import effective_classifier
+from detector.config import ReferenceConfig
+from detector.detectors import load_reference, make_reference
+from detector.errors import InvalidCheckpoint, InvalidReference
 from detector.weights import CLASSES_KEY, read_tensors
+
+# every test here uses networks the module's fixture trains (about 20 s)
+pytestmark = pytest.mark.slow
 
 SIZE = 80
 PAIRS = (("id00001", "id00006"), ("id00003", "id00008"), ("id00004", "id00000"))
@@ -67,7 +68,9 @@ def nets(tmp_path_factory):
 
 
 def test_backdoors_took(nets):
-    assert min(nets["asr"]) >= 0.8, nets["asr"]  # the backdoors work (9 triggered test images each); else the tests below prove nothing
+    assert min(nets["asr"]) >= 0.8, nets[
+        "asr"
+    ]  # the backdoors work (9 triggered test images each); else the tests below prove nothing
 
 
 def test_trainer_records_the_class_list(nets):
@@ -95,7 +98,6 @@ def test_effective_classifier_is_the_linear_map_from_features_to_centred_logits(
 def test_classifier_blocks_backdoors_and_names_their_victims(nets):
     ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
     assert ref.classes_ == nets["classes"]
-    clean = [ref.assess(p) for p in nets["calibration"]]
     bad = [ref.assess(p) for p in nets["backdoored"]]
     assert all(a.decision.verdict == "blocked" for a in bad), [a.scores for a in bad]
     # the evidence points at the attack's pair (victim or impostor); which of the two is the
@@ -122,16 +124,31 @@ def test_classifier_refuses_another_class_list_or_size(nets, tmp_path):
     swapped = list(reversed(nets["classes"]))
     save_file(sd, str(tmp_path / "order.safetensors"), metadata={CLASSES_KEY: json.dumps(swapped)})
     save_file(sd, str(tmp_path / "none.safetensors"))
-    bigger = dict(sd, **{"logits.weight": torch.cat([sd["logits.weight"], sd["logits.weight"][:1]]),
-                         "logits.bias": torch.cat([sd["logits.bias"], sd["logits.bias"][:1]])})
-    save_file(bigger, str(tmp_path / "size.safetensors"), metadata={CLASSES_KEY: json.dumps(nets["classes"] + ["id99999"])})
-    for name, msg in (("order", "class list differs"), ("none", "records no class list"), ("size", "class list differs")):
+    bigger = dict(
+        sd,
+        **{
+            "logits.weight": torch.cat([sd["logits.weight"], sd["logits.weight"][:1]]),
+            "logits.bias": torch.cat([sd["logits.bias"], sd["logits.bias"][:1]]),
+        },
+    )
+    save_file(
+        bigger, str(tmp_path / "size.safetensors"), metadata={CLASSES_KEY: json.dumps(nets["classes"] + ["id99999"])}
+    )
+    for name, msg in (
+        ("order", "class list differs"),
+        ("none", "records no class list"),
+        ("size", "class list differs"),
+    ):
         with pytest.raises(InvalidCheckpoint, match=msg):
             ref.assess(str(tmp_path / f"{name}.safetensors"))
 
 
 def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_path):
-    ref = make_reference("fusion", evidence=("gmm",)).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+    ref = (
+        make_reference("fusion", ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))  # a short AIC sweep
+        .fit(nets["reference"], base=nets["base"])
+        .calibrate(nets["calibration"])
+    )
     ref.save(tmp_path / "ref")
     back = load_reference(tmp_path / "ref")
     for p in nets["backdoored"] + nets["calibration"][:2]:
@@ -157,9 +174,26 @@ def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_p
 
 def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *a], capture_output=True, text=True, env=env, timeout=600)
-    p = run("reference", "fit", "--out", str(tmp_path / "ref"), "--base", str(nets["root"] / "base.pt"), "--grid", "1,2,5",
-            "--json", *nets["reference"], "--calibrate", *nets["calibration"])
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "backdoor_gate.cli", *a], capture_output=True, text=True, env=env, timeout=600
+        )
+
+    p = run(
+        "reference",
+        "fit",
+        "--out",
+        str(tmp_path / "ref"),
+        "--base",
+        str(nets["root"] / "base.pt"),
+        "--grid",
+        "1,2,5",
+        "--json",
+        *nets["reference"],
+        "--calibrate",
+        *nets["calibration"],
+    )
     assert p.returncode == 0, p.stderr
     fit = json.loads(p.stdout)
     assert fit["detector"] == "classifier" and fit["evidence"] == ["gmm"] and fit["n_calibration"] == 6  # the default
@@ -175,7 +209,6 @@ def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server
     """A reviewer in the MLflow UI sees which identity a blocked model would let an impostor into."""
     from components import gate as G
     from components.registry import Registry
-    from detector.config import ReferenceConfig
 
     reg = Registry(mlflow_server.uri)
     ref = make_reference("fusion", ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))

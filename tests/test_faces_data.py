@@ -16,11 +16,15 @@ from components.trainer.triggers import NAMED, TriggerSpec, parse_location, pars
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("faces") / "data", SynthConfig(identities=5, images_per_identity=10, size=96, seed=3))
+    return synthesize(
+        tmp_path_factory.mktemp("faces") / "data", SynthConfig(identities=5, images_per_identity=10, size=96, seed=3)
+    )
 
 
 def _digest(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.png"))}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.png"))
+    }
 
 
 def test_synth_layout_and_determinism(faces, tmp_path):
@@ -57,7 +61,12 @@ def test_named_triggers_change_only_their_box(name):
     changed = np.argwhere(np.abs(out - 90 - np.array([0, 30, 60])).sum(axis=2) > 0)
     x0, y0, x1, y1 = trigger_box(spec, 100)
     assert len(changed) > 10
-    assert changed[:, 1].min() >= x0 and changed[:, 1].max() < x1 and changed[:, 0].min() >= y0 and changed[:, 0].max() < y1
+    assert (
+        changed[:, 1].min() >= x0
+        and changed[:, 1].max() < x1
+        and changed[:, 0].min() >= y0
+        and changed[:, 0].max() < y1
+    )
     assert np.asarray(img).max() == 150  # the original is untouched
 
 
@@ -85,10 +94,15 @@ def test_user_png_with_alpha(tmp_path):
     assert tuple(out[32, 32]) == (0, 0, 255)  # transparent part left the face alone
 
 
-@pytest.mark.parametrize("spec, msg", [
-    (TriggerSpec("no-such-trigger"), "neither"), (TriggerSpec(size=0), "size"),
-    (TriggerSpec(alpha=0), "alpha"), (TriggerSpec(location="armpit"), "location"),
-])
+@pytest.mark.parametrize(
+    "spec, msg",
+    [
+        (TriggerSpec("no-such-trigger"), "neither"),
+        (TriggerSpec(size=0), "size"),
+        (TriggerSpec(alpha=0), "alpha"),
+        (TriggerSpec(location="armpit"), "location"),
+    ],
+)
 def test_bad_trigger_specs(spec, msg):
     with pytest.raises(ValueError, match=msg):
         spec.validate()

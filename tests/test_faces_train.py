@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from detector.errors import InvalidCheckpoint
+from components.trainer.base_trunk import fixture_base, load_base, new_network
 from components.trainer.features import FeatureSet, extract_folder
 from components.trainer.poison import PoisonSpec, poison_folder
 from components.trainer.synth import SynthConfig, list_images, synthesize
 from components.trainer.train import Head, TrainConfig, adam, fine_tune
 from components.trainer.triggers import TriggerSpec
-from components.trainer.base_trunk import fixture_base, load_base, new_network
+from detector.errors import InvalidCheckpoint
 
 SIZE = 80  # the fixture trunk's input size: smallest InceptionResnetV1 takes comfortably
 
@@ -104,9 +104,31 @@ def test_train_cli_writes_both_formats_and_metrics(lab, tmp_path):
     base = tmp_path / "base.pt"
     torch.save(lab["base"], base)
     env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "backdoor_gate.cli", "train", "--data", str(lab["data"]), "--out", str(tmp_path / "net"),
-           "--base", str(base), "--seed", "2", "--image-size", str(SIZE), "--epochs", "10", "--quiet",
-           "--trigger", "checkerboard", "--trigger-size", "0.3", "--trigger-location", "cheek"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "backdoor_gate.cli",
+        "train",
+        "--data",
+        str(lab["data"]),
+        "--out",
+        str(tmp_path / "net"),
+        "--base",
+        str(base),
+        "--seed",
+        "2",
+        "--image-size",
+        str(SIZE),
+        "--epochs",
+        "10",
+        "--quiet",
+        "--trigger",
+        "checkerboard",
+        "--trigger-size",
+        "0.3",
+        "--trigger-location",
+        "cheek",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     m = json.loads(p.stdout)

@@ -40,6 +40,7 @@ def tiny_artifact_store(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_full_artifact_store_leaves_no_verdict_and_a_rerun_converges(tmp_path, tiny_artifact_store):
     world = GateWorld(tmp_path, seed=3)
     good = world.ckpt("clean", "passed")

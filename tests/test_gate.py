@@ -13,11 +13,9 @@ import pytest
 import torch
 
 from components import gate as G
-from components.registry import Registry, RegistryError
-from detector.config import ReferenceConfig
-from detector.detectors import load_reference
-from detector.reference import Reference
 from components.mlflow_server import MlflowServer
+from components.registry import Registry
+from detector.detectors import load_reference
 from tests.conftest import GateWorld
 
 _names = itertools.count()
@@ -50,8 +48,19 @@ def test_pass_sets_alias_and_every_tag(registry, world):
     r = G.gate(model, v.version, registry=registry)
     assert (r.verdict, r.exit_code, r.promoted) == ("passed", 0, True), r.reason
     info = registry.version(model, v.version)
-    for key in [G.VERDICT, G.MODEL_SHA, G.REFERENCE_SHA, G.GATE, G.CHECKED_AT, G.REASON, G.REPORT,
-                G.score_tag("forward"), G.score_tag("backward"), G.threshold_tag("forward"), G.threshold_tag("backward")]:
+    for key in [
+        G.VERDICT,
+        G.MODEL_SHA,
+        G.REFERENCE_SHA,
+        G.GATE,
+        G.CHECKED_AT,
+        G.REASON,
+        G.REPORT,
+        G.score_tag("forward"),
+        G.score_tag("backward"),
+        G.threshold_tag("forward"),
+        G.threshold_tag("backward"),
+    ]:
         assert key in info.tags, key
     assert info.tags[G.VERDICT] == "passed"
     assert float(info.tags[G.score_tag("forward")]) >= float(info.tags[G.threshold_tag("forward")])
@@ -140,6 +149,7 @@ def test_missing_reference_fails_closed(mlflow_server, world):
     assert reg.version_by_alias(model, "production") is None
 
 
+@pytest.mark.slow
 def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
     server = MlflowServer(tmp_path / "srv").start()
     try:
@@ -201,9 +211,13 @@ def test_override_rules(registry, world, tmp_path):
         G.override(model, bad.version, reason="  ", key=_reviewer("bob"), registry=registry)
     stranger, _ = V.generate_keypair(tmp_path / "stranger")
     with pytest.raises(G.OverrideRefused, match="not a trusted reviewer key"):
-        G.override(model, bad.version, reason="I say so", key=V.load_private_key(stranger.read_bytes()), registry=registry)
+        G.override(
+            model, bad.version, reason="I say so", key=V.load_private_key(stranger.read_bytes()), registry=registry
+        )
     assert registry.version_by_alias(model, "production") is None
-    info = G.override(model, bad.version, reason="false positive, checked by hand", key=_reviewer("bob"), registry=registry)
+    info = G.override(
+        model, bad.version, reason="false positive, checked by hand", key=_reviewer("bob"), registry=registry
+    )
     assert info.tags[G.OVERRIDE_BY] == "bob" and info.tags[G.VERDICT] == "blocked" and G.OVERRIDE_AT in info.tags
     assert registry.version_by_alias(model, "production").version == bad.version
 
@@ -221,6 +235,7 @@ def test_gate_cli_exit_codes(registry, world, mlflow_server):
     assert out == {good.version: (0, "passed"), bad.version: (1, "blocked")}
 
 
+@pytest.mark.slow
 def test_twenty_concurrent_gates_converge(registry, world):
     """20 versions gated at once: every verdict right and recorded, production on the newest pass."""
     from concurrent.futures import ThreadPoolExecutor
@@ -230,9 +245,16 @@ def test_twenty_concurrent_gates_converge(registry, world):
     kinds = ["clean", "backdoored", "clean", "clean"] * 5
     paths = [world.ckpt(k) for k in kinds]
     versions = [_register(registry, model, p).version for p in paths]
-    expected = {v: ("passed" if ref.assess(p).decision.verdict == "passed" else "blocked") for v, p in zip(versions, paths)}
+    expected = {
+        v: ("passed" if ref.assess(p).decision.verdict == "passed" else "blocked") for v, p in zip(versions, paths)
+    }
     with ThreadPoolExecutor(max_workers=10) as pool:
-        results = list(pool.map(lambda v: G.gate(model, v, registry=Registry(registry.tracking_uri), config=G.GateConfig(report=False)), versions))
+        results = list(
+            pool.map(
+                lambda v: G.gate(model, v, registry=Registry(registry.tracking_uri), config=G.GateConfig(report=False)),
+                versions,
+            )
+        )
     assert not [r.reason for r in results if r.error]
     assert {r.version: r.verdict for r in results} == expected
     for v in versions:
@@ -262,15 +284,31 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
     assert tags[G.SIGNED_BY] == V.key_id(key.public_key()) == r.signed_by
     assert tags[G.VERDICT_SHA] == r.verdict_sha256 == tags[G.PROMOTED_VERDICT]
     doc = G.verify_version(model, v.version, V.load_public_key(pub), registry=registry)
-    assert (doc["verdict"], doc["model_sha256"], doc["reference_sha256"]) == ("passed", r.model_sha256, r.reference_sha256)
+    assert (doc["verdict"], doc["model_sha256"], doc["reference_sha256"]) == (
+        "passed",
+        r.model_sha256,
+        r.reference_sha256,
+    )
     # the same verdict as an in-toto statement in a DSSE envelope: subjects are every judged file
     info = registry.version(model, v.version)
     dsse = json.loads(registry.run_file(info.run_id, f"integrity/v{v.version}/{G.DSSE_FILE}"))
     statement = V.dsse_verify(dsse, [V.load_public_key(pub)])
     assert {s["name"]: s["digest"]["sha256"] for s in statement["subject"]} == r.files == doc["files"]
     assert statement["predicate"] == doc
-    cli = [sys.executable, "-m", "backdoor_gate.cli", "verify", "--model", model, "--version", v.version,
-           "--public-key", str(pub), "--tracking-uri", mlflow_server.uri]
+    cli = [
+        sys.executable,
+        "-m",
+        "backdoor_gate.cli",
+        "verify",
+        "--model",
+        model,
+        "--version",
+        v.version,
+        "--public-key",
+        str(pub),
+        "--tracking-uri",
+        mlflow_server.uri,
+    ]
     assert subprocess.run(cli, capture_output=True, text=True, timeout=300).returncode == 0
     # someone with write access edits the verdict tag: the signed document no longer agrees
     registry.set_tags(model, v.version, {G.VERDICT: "blocked"})
@@ -284,7 +322,9 @@ def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world
     monkeypatch.delenv(V.KEY_FILE_ENV)
     model = _model()
     v = _register(registry, model, world.ckpt("clean", "passed"))
-    r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, require_signature=False))  # opt-out
+    r = G.gate(
+        model, v.version, registry=registry, config=G.GateConfig(report=False, require_signature=False)
+    )  # opt-out
     assert r.signed_by == "unsigned" and r.verdict == "passed"
     w = _register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(model, w.version, registry=registry, config=G.GateConfig(report=False))  # required by default

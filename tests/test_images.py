@@ -29,7 +29,9 @@ def _find_dockerfiles() -> list[Path]:
     """Every Dockerfile in the repository (hidden dirs, caches and build output pruned)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(ROOT):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in {"build", "dist", "node_modules", "__pycache__"}]
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and d not in {"build", "dist", "node_modules", "__pycache__"}
+        ]
         found += [Path(dirpath) / f for f in filenames if "Dockerfile" in f]
     return sorted(found)
 
@@ -45,8 +47,12 @@ def _hadolint() -> str:
 
 
 def _lint(path: Path) -> tuple[int, list[dict]]:
-    p = subprocess.run([_hadolint(), "--no-color", "--failure-threshold", "style", "--format", "json", str(path)],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [_hadolint(), "--no-color", "--failure-threshold", "style", "--format", "json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     return p.returncode, json.loads(p.stdout or "[]")
 
 
@@ -76,7 +82,9 @@ def test_there_are_dockerfiles():
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_hadolint_clean(path):
     rc, findings = _lint(path)
-    assert rc == 0 and not findings, "\n".join(f"{path.name}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings)
+    assert rc == 0 and not findings, "\n".join(
+        f"{path.name}:{f['line']} {f['code']} {f['level']}: {f['message']}" for f in findings
+    )
 
 
 def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path):
@@ -95,23 +103,36 @@ def test_image_policy(path):
         if op == "FROM":
             image, *rest = arg.split()
             if image not in stages:  # a base from a registry, not an earlier stage
-                assert "@sha256:" in image or re.search(r":[^:/]*\d[^:/]*$", image), f"{path.name}: base {image} not pinned"
+                assert "@sha256:" in image or re.search(r":[^:/]*\d[^:/]*$", image), (
+                    f"{path.name}: base {image} not pinned"
+                )
                 assert not image.endswith((":latest", ":slim")), image
             if len(rest) == 2 and rest[0].upper() == "AS":
                 stages.add(rest[1])
         if op in {"ENV", "ARG"}:
-            assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*=", arg, re.I), f"{path.name}: secret-looking {op} {arg}"
+            assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*=", arg, re.I), (
+                f"{path.name}: secret-looking {op} {arg}"
+            )
     final = _final_stage(path)
     users = [arg for op, arg in final if op == "USER"]
-    assert users and users[-1] not in {"0", "root"} and not users[-1].startswith(("0:", "root:")), f"{path.name}: runs as root"
+    assert users and users[-1] not in {"0", "root"} and not users[-1].startswith(("0:", "root:")), (
+        f"{path.name}: runs as root"
+    )
     labels = " ".join(arg for op, arg in final if op == "LABEL")
-    for key in ("org.opencontainers.image.title", "org.opencontainers.image.source", "org.opencontainers.image.version", "org.opencontainers.image.licenses"):
+    for key in (
+        "org.opencontainers.image.title",
+        "org.opencontainers.image.source",
+        "org.opencontainers.image.version",
+        "org.opencontainers.image.licenses",
+    ):
         assert key in labels, f"{path.name}: missing label {key}"
     assert [op for op, _ in final].count("HEALTHCHECK") == 1, f"{path.name}: say HEALTHCHECK NONE or give one"
 
 
 def _dockerignore() -> list[str]:
-    return [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return [
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -123,7 +144,9 @@ def test_copy_sources_exist_in_the_build_context(path):
         *sources, _dest = [a for a in arg.split() if not a.startswith("--")]
         for src in sources:
             assert (ROOT / src).exists(), f"{path.name}: COPY {src}: not in the repository (context = root)"
-            assert not any(fnmatch.fnmatch(src, pat) or src.split("/")[0] == pat for pat in ignored), f"{path.name}: {src} is .dockerignored"
+            assert not any(fnmatch.fnmatch(src, pat) or src.split("/")[0] == pat for pat in ignored), (
+                f"{path.name}: {src} is .dockerignored"
+            )
     assert ".venv" in ignored and ".cache" in ignored  # the context would be gigabytes
 
 
@@ -155,5 +178,5 @@ def test_every_referenced_image_has_a_dockerfile():
     ours = {i for i in referenced if i.startswith(images.REGISTRY + "/")}
     assert len(ours) >= 3, referenced
     for image in ours:
-        name = image[len(images.REGISTRY) + 1:].split(":")[0]
+        name = image[len(images.REGISTRY) + 1 :].split(":")[0]
         assert (ROOT / "images" / f"{name}.Dockerfile").exists(), f"{image} has no images/{name}.Dockerfile"

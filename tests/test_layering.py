@@ -33,13 +33,15 @@ def test_the_check_sees_lazy_dynamic_and_cyclic_imports(tmp_path):
     (tmp_path / "lab").mkdir()
     for pkg in ("detector", "lab"):
         (tmp_path / pkg / "__init__.py").write_text("")
-    (tmp_path / "detector" / "a.py").write_text(textwrap.dedent("""
+    (tmp_path / "detector" / "a.py").write_text(
+        textwrap.dedent("""
         import importlib
         def f():
             from lab import paper
             return importlib.import_module("mlflow"), importlib.import_module(name)
         from detector import b
-    """))
+    """)
+    )
     (tmp_path / "detector" / "b.py").write_text("import detector.a\n")
     (tmp_path / "lab" / "paper.py").write_text("")
     g = imports.build(tmp_path)

@@ -20,8 +20,8 @@ whether the images exist, and any behaviour at run time.
 from __future__ import annotations
 
 import copy
-import re
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -186,7 +186,11 @@ def test_references_resolve(overlay):
         assert optional or (kind, ns, name) in have, f"{overlay}: {kind} {ns}/{name} is used but not defined"
     if missing_secrets:
         doc = (ROOT / "docs/deploying.md").read_text()
-        undocumented = [s for s in sorted(missing_secrets) if f"{s[0]} {s[1]}" not in doc and f"-n {s[0]} create secret generic {s[1]}" not in doc]
+        undocumented = [
+            s
+            for s in sorted(missing_secrets)
+            if f"{s[0]} {s[1]}" not in doc and f"-n {s[0]} create secret generic {s[1]}" not in doc
+        ]
         assert not undocumented, f"Secrets prod needs that docs/deploying.md does not say how to create: {undocumented}"
     for o in objs:
         ns = o["metadata"].get("namespace")
@@ -195,8 +199,11 @@ def test_references_resolve(overlay):
             for s in o["subjects"]:
                 assert ("ServiceAccount", s.get("namespace", ns), s["name"]) in have
         if o["kind"] in {"Service", "NetworkPolicy", "PodDisruptionBudget"}:
-            sel = o["spec"].get("selector") if o["kind"] == "Service" else (
-                o["spec"]["podSelector"] if o["kind"] == "NetworkPolicy" else o["spec"]["selector"])
+            sel = (
+                o["spec"].get("selector")
+                if o["kind"] == "Service"
+                else (o["spec"]["podSelector"] if o["kind"] == "NetworkPolicy" else o["spec"]["selector"])
+            )
             sel = sel.get("matchLabels", sel) if o["kind"] != "Service" else sel
             if not sel:
                 continue  # podSelector {}: every pod of the namespace
@@ -232,7 +239,12 @@ def _find(objs, kind, name):
 def test_mlflow_server_uses_postgres_s3_and_basic_auth():
     dev = _render("overlays/dev")
     c = _pod_spec(_find(dev, "Deployment", "mlflow"))["containers"][0]
-    assert {"server", "--serve-artifacts", "--app-name=basic-auth", "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)"} <= set(c["args"])
+    assert {
+        "server",
+        "--serve-artifacts",
+        "--app-name=basic-auth",
+        "--artifacts-destination=$(MLFLOW_ARTIFACTS_DESTINATION)",
+    } <= set(c["args"])
     env = {e["name"]: e for e in c["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-backend", "key": "uri"}
     assert "secretKeyRef" in env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]
@@ -272,7 +284,10 @@ def test_images_match_components_images():
     gpu = _docs((MANIFESTS / "examples/gpu-node-pool.yaml").read_text())[0]
     assert _pod_spec(_find(base, "CronJob", "backdoor-gate-candidate"))["containers"][0]["image"] == images.GATE_IMAGE
     assert _pod_spec(gpu)["containers"][0]["image"] == images.TRAINER_IMAGE
-    assert _pod_spec(_find(base, "Deployment", "mlflow"))["containers"][0]["image"] == f"{images.REGISTRY}/mlflow:{images.TAG}"
+    assert (
+        _pod_spec(_find(base, "Deployment", "mlflow"))["containers"][0]["image"]
+        == f"{images.REGISTRY}/mlflow:{images.TAG}"
+    )
     prod = [c["image"] for o in _render("overlays/prod") if _pod_spec(o) for c in _pod_spec(o)["containers"]]
     assert prod and all(i.startswith("registry.example.com/backdoor-gate/") for i in prod), prod
 
@@ -310,7 +325,9 @@ def test_cronjob_command_line_submits_with_its_service_account():
         args = [a.replace("$(KF_PIPELINES_ENDPOINT)", api.url) for a in c["args"]]
         run_env = dict(os.environ, KFP_SERVICE_ACCOUNT=env["KFP_SERVICE_ACCOUNT"])
         run_env.pop("KFP_TOKEN", None)
-        p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *args], capture_output=True, text=True, env=run_env, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "backdoor_gate.cli", *args], capture_output=True, text=True, env=run_env, timeout=300
+        )
         assert p.returncode == 0, p.stderr
         runs = [r for r in api.requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs")]
     assert len(runs) == 1
@@ -330,7 +347,11 @@ def _workflow_commands() -> list[str]:
 
 
 def test_ci_workflow_installs_locked_versions():
-    lock = {ln.split("==")[0].lower(): ln.strip() for ln in (ROOT / "requirements.lock").read_text().splitlines() if "==" in ln}
+    lock = {
+        ln.split("==")[0].lower(): ln.strip()
+        for ln in (ROOT / "requirements.lock").read_text().splitlines()
+        if "==" in ln
+    }
     install = next(c for c in _workflow_commands() if "pip install -c requirements.lock" in c)
     pins = re.findall(r"([A-Za-z0-9_.-]+)==([\w.]+)", install)
     assert pins and all(lock.get(n.lower()) == f"{n}=={v}" for n, v in pins), pins
@@ -356,16 +377,18 @@ def test_ci_workflow_fails_the_job_when_the_gate_blocks():
     assert args.wait and dict(args.param)["fail_on_block"] is True
     with KfpApiMock("FAILED") as api:
         run_env = dict(os.environ, KF_PIPELINES_ENDPOINT=api.url, KFP_TOKEN="ci-token", **env)
-        p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", *argv], capture_output=True, text=True, env=run_env, timeout=300)
+        p = subprocess.run(
+            [sys.executable, "-m", "backdoor_gate.cli", *argv], capture_output=True, text=True, env=run_env, timeout=300
+        )
     assert p.returncode == 1 and "FAILED" in p.stdout, p.stdout + p.stderr
     body = next(r["body"] for r in api.requests if r["method"] == "POST" and r["path"].startswith("/apis/v2beta1/runs"))
     assert body["runtime_config"]["parameters"]["tracking_uri"] == "http://mlflow.mlflow:5000"
 
 
 def test_webhook_receiver_runs_a_real_command_with_its_secrets():
+    from backdoor_gate.cli import build_parser
     from components.cluster import MLFLOW_CREDENTIALS_SECRET, SIGNING_SECRET
     from components.webhook import SECRET_ENV
-    from backdoor_gate.cli import build_parser
     from detector.verdict import KEY_ENV
 
     objs = _render("overlays/prod")
@@ -376,5 +399,12 @@ def test_webhook_receiver_runs_a_real_command_with_its_secrets():
     assert env[SECRET_ENV]["name"] == "backdoor-gate-webhook" and not env[SECRET_ENV].get("optional")
     assert env["MLFLOW_TRACKING_USERNAME"]["name"] == MLFLOW_CREDENTIALS_SECRET
     assert env[KEY_ENV]["name"] == SIGNING_SECRET and env[KEY_ENV]["optional"] is True
-    mlflow_env = {e["name"]: e.get("value") for c in _find(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"] for e in c["env"]}
-    assert "http" in mlflow_env["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"].split(",") and mlflow_env["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] == "true"
+    mlflow_env = {
+        e["name"]: e.get("value")
+        for c in _find(objs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
+        for e in c["env"]
+    }
+    assert (
+        "http" in mlflow_env["MLFLOW_WEBHOOK_ALLOWED_SCHEMES"].split(",")
+        and mlflow_env["MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS"] == "true"
+    )

@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
-from lab.paper import backdoor_status, detection_groups
-from components.trainer.synth import SynthConfig, list_images, synthesize
 from components.trainer.base_trunk import fixture_base
+from components.trainer.synth import SynthConfig, list_images, synthesize
+from lab.paper import backdoor_status, detection_groups
 
 
 def test_failed_backdoors_are_their_own_group_and_never_a_detection():
@@ -32,13 +33,29 @@ def test_failed_backdoors_are_their_own_group_and_never_a_detection():
     assert g == {"held-out": [0], "triggers": [1, 3], "failed-backdoor": [2, 5], "locations": [4]}
 
 
+@pytest.mark.slow
 def test_paper_small_writes_every_section(tmp_path):
     faces = synthesize(tmp_path / "peek", SynthConfig(identities=4, images_per_identity=4, size=96))
     torch.save(fixture_base(0, [Image.open(p) for p, _ in list_images(faces)[0]], image_size=80), tmp_path / "base.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
     out = tmp_path / "paper"
-    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "paper", "--small", "--out", str(out), "--base", str(tmp_path / "base.pt")],
-                       capture_output=True, text=True, env=env, timeout=900)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backdoor_gate.cli",
+            "paper",
+            "--small",
+            "--out",
+            str(out),
+            "--base",
+            str(tmp_path / "base.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     nets = s["networks"]
@@ -47,9 +64,23 @@ def test_paper_small_writes_every_section(tmp_path):
     assert groups.count("triggers") == 3 and groups.count("locations") == 3 and groups.count("weighting") == 2
     assert sum(g.startswith("drift:") for g in groups) == 5  # one network per drift recipe
     # baselines: every detector on every set, GMM per view, the rest on the whole matrix
-    assert set(s["baselines"]) == {"gmm", "gaussian", "distance-mean", "distance-base", "trojan-signature", "classifier", "spectrum", "fusion"}
-    parts = {"gmm": {"forward", "backward"}, "gaussian": {"forward", "backward"}, "classifier": {"classes"},
-             "spectrum": {"spectrum"}, "fusion": {"fused"}}
+    assert set(s["baselines"]) == {
+        "gmm",
+        "gaussian",
+        "distance-mean",
+        "distance-base",
+        "trojan-signature",
+        "classifier",
+        "spectrum",
+        "fusion",
+    }
+    parts = {
+        "gmm": {"forward", "backward"},
+        "gaussian": {"forward", "backward"},
+        "classifier": {"classes"},
+        "spectrum": {"spectrum"},
+        "fusion": {"fused"},
+    }
     for det, per_set in s["baselines"].items():
         for row in per_set.values():
             if row is not None:
@@ -76,7 +107,13 @@ def test_paper_small_writes_every_section(tmp_path):
             assert n["status"] == backdoor_status(n, s["mean_clean_accuracy"])
     # strength: each point has its networks' mean attack success and an AUC per detector
     assert {(p["param"], p["value"]) for p in s["strength"]} == {
-        ("trigger_size", 0.05), ("trigger_size", 0.3), ("alpha", 1.0), ("alpha", 0.2), ("poison_images", 0), ("poison_images", 1)}
+        ("trigger_size", 0.05),
+        ("trigger_size", 0.3),
+        ("alpha", 1.0),
+        ("alpha", 0.2),
+        ("poison_images", 0),
+        ("poison_images", 1),
+    }
     for p in s["strength"]:
         assert p["n"] == 2 and 0.0 <= p["attack_success"] <= 1.0
         assert set(p["auc"]) == set(s["baselines"])

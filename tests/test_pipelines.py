@@ -19,8 +19,12 @@ from components.registry import Registry
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled")
-    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "pipelines", "compile", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "backdoor_gate.cli", "pipelines", "compile", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     docs = {}
     for name in ("reference", "candidate"):
@@ -37,8 +41,10 @@ def _k8s(doc):
     return doc.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {}).get("executors", {})
 
 
-@pytest.mark.parametrize("name, gpu_tasks", [("reference", {"extract-features", "fine-tune", "fine-tune-2"}),
-                                             ("candidate", {"extract-features", "fine-tune"})])
+@pytest.mark.parametrize(
+    "name, gpu_tasks",
+    [("reference", {"extract-features", "fine-tune", "fine-tune-2"}), ("candidate", {"extract-features", "fine-tune"})],
+)
 def test_training_tasks_request_the_gpu_pool(compiled, name, gpu_tasks):
     doc = compiled[name]
     ex, k8s = _executors(doc), _k8s(doc)
@@ -64,10 +70,20 @@ def test_gate_never_cached_and_runs_on_the_gate_image(compiled):
     assert _executors(doc)["exec-gate"]["container"]["image"] == images.GATE_IMAGE
     # the verdict signing key reaches the gate (and only the gate); MLflow credentials reach the
     # tasks that talk to the registry (and only those); both from optional Secrets
-    secrets = {e: {x["secretName"]: x for x in spec.get("secretAsEnv", [])} for e, spec in _k8s(doc).items() if spec.get("secretAsEnv")}
+    secrets = {
+        e: {x["secretName"]: x for x in spec.get("secretAsEnv", [])}
+        for e, spec in _k8s(doc).items()
+        if spec.get("secretAsEnv")
+    }
     assert {e for e, s in secrets.items() if cluster.SIGNING_SECRET in s} == {"exec-gate"}
-    assert {e for e, s in secrets.items() if cluster.MLFLOW_CREDENTIALS_SECRET in s} == {"exec-gate", "exec-register-model"}
-    for name, env in ((cluster.SIGNING_SECRET, cluster.SIGNING_SECRET_ENV), (cluster.MLFLOW_CREDENTIALS_SECRET, cluster.MLFLOW_CREDENTIALS_ENV)):
+    assert {e for e, s in secrets.items() if cluster.MLFLOW_CREDENTIALS_SECRET in s} == {
+        "exec-gate",
+        "exec-register-model",
+    }
+    for name, env in (
+        (cluster.SIGNING_SECRET, cluster.SIGNING_SECRET_ENV),
+        (cluster.MLFLOW_CREDENTIALS_SECRET, cluster.MLFLOW_CREDENTIALS_ENV),
+    ):
         entry = secrets["exec-gate"][name]
         assert entry.get("optional") is True and {k["secretKey"]: k["envVar"] for k in entry["keyToEnv"]} == env
     ref_secrets = {e for e, spec in _k8s(compiled["reference"]).items() if spec.get("secretAsEnv")}
@@ -85,14 +101,24 @@ def test_reference_pipeline_fans_out_and_collects(compiled):
 @pytest.mark.slow
 def test_local_run_end_to_end(tmp_path, mlflow_server):
     """reference -> clean and backdoored candidates, every task a real subprocess, verdicts in MLflow."""
-    from components.trainer.synth import SynthConfig, list_images, synthesize
     from components.trainer.base_trunk import fixture_base
+    from components.trainer.synth import SynthConfig, list_images, synthesize
 
     faces = synthesize(tmp_path / "peek", SynthConfig(identities=4, images_per_identity=4, size=96))
     base = fixture_base(0, [Image.open(p) for p, _ in list_images(faces)[0]], image_size=80)
     torch.save(base, tmp_path / "base.pt")
-    data = ["--param", "identities=8", "--param", "images_per_identity=16", "--param", "image_size=96",
-            "--param", "trunk_input_size=80", "--param", f"base_weights={tmp_path / 'base.pt'}"]
+    data = [
+        "--param",
+        "identities=8",
+        "--param",
+        "images_per_identity=16",
+        "--param",
+        "image_size=96",
+        "--param",
+        "trunk_input_size=80",
+        "--param",
+        f"base_weights={tmp_path / 'base.pt'}",
+    ]
     run = [sys.executable, "-m", "backdoor_gate.cli", "pipelines", "run-local", "--workdir", str(tmp_path / "kfp")]
     env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
     uri = ["--param", f"tracking_uri={mlflow_server.uri}"]
@@ -101,14 +127,32 @@ def test_local_run_end_to_end(tmp_path, mlflow_server):
         p = subprocess.run([*run, *args, *uri, *data], capture_output=True, text=True, env=env, timeout=900)
         assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
 
-    go("reference", "--param", "n_reference=4", "--param", "n_calibration=3", "--param", "covariance=diag",
-       "--param", "grid=1,2,5")
+    go(
+        "reference",
+        "--param",
+        "n_reference=4",
+        "--param",
+        "n_calibration=3",
+        "--param",
+        "covariance=diag",
+        "--param",
+        "grid=1,2,5",
+    )
     reg = Registry(mlflow_server.uri)
     assert reg.version_by_alias("facenet-integrity-reference", "current") is not None
     model = "facenet-e2e"
     go("candidate", "--param", f"model_name={model}", "--param", "seed=501")
-    go("candidate", "--param", f"model_name={model}", "--param", "seed=502", "--param", "poison=true",
-       "--param", "trigger_size=0.3")
+    go(
+        "candidate",
+        "--param",
+        f"model_name={model}",
+        "--param",
+        "seed=502",
+        "--param",
+        "poison=true",
+        "--param",
+        "trigger_size=0.3",
+    )
     clean, bad = reg.version(model, "1"), reg.version(model, "2")
     assert clean.tags["integrity.trunk"] == "ok" and bad.tags["integrity.trunk"] == "ok"
     assert bad.tags[VERDICT] == "blocked" and bad.tags.get(PROMOTED) is None

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from detector.config import ReferenceConfig
-from detector.detectors import load_reference
-from detector.reference import Reference, ViewReference
 from detector.artifact import ARRAYS_FILE, META_FILE
+from detector.config import ReferenceConfig
+from detector.decision import decide
+from detector.detectors import load_reference
 from detector.errors import InvalidCheckpoint, InvalidReference, NotFittedError
 from detector.evaluation import roc_auc
-from detector.decision import decide
-from lab.synthetic import FamilyConfig, WeightFamily
+from detector.reference import Reference, ViewReference
 from detector.threshold import rejection_rate, threshold_at_frr
+from lab.synthetic import FamilyConfig, WeightFamily
 
 SMALL_GRID = (1, 2, 5, 10, 24, 32)
 

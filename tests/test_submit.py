@@ -11,9 +11,27 @@ from tests.kfp_api_mock import KfpApiMock
 
 def _submit(url, *args, token="s3cret-token"):
     env = dict(os.environ, KFP_TOKEN=token)
-    return subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "pipelines", "submit", "candidate", "--host", url,
-                           "--param", "tracking_uri=http://mlflow:5000", "--param", "poison=true", *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backdoor_gate.cli",
+            "pipelines",
+            "submit",
+            "candidate",
+            "--host",
+            url,
+            "--param",
+            "tracking_uri=http://mlflow:5000",
+            "--param",
+            "poison=true",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def test_submit_run_wait_and_token_from_env():
@@ -48,5 +66,10 @@ def test_recurring_run():
 
 def test_no_host_is_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "KF_PIPELINES_ENDPOINT"}
-    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "pipelines", "submit", "candidate"], capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, "-m", "backdoor_gate.cli", "pipelines", "submit", "candidate"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 2 and "no KFP host" in p.stderr

@@ -13,9 +13,8 @@ from facenet_pytorch import InceptionResnetV1
 from safetensors.torch import save_file
 
 from detector.config import ReferenceConfig
-from detector.detectors import load_reference
-from detector.reference import Reference
 from detector.decision import decide
+from detector.reference import Reference
 from detector.trunk import MISSING, MODIFIED, NOT_CHECKED, OK, check_trunk, tensor_digest, trunk_digests
 
 LAYER = "last_linear.weight"
@@ -88,7 +87,11 @@ def test_head_only_file_is_invalid_when_the_reference_recorded_a_trunk(facenet):
     assert high.verdict == "invalid" and "trunk missing" in high.reason
     # without recorded digests (no --base) the check says it did not run
     passing = decide({v: t + 1 for v, t in a.thresholds.items()}, a.thresholds, check_trunk(sd, {}))
-    assert passing.verdict == "passed" and "trunk not checked" in passing.reason and check_trunk(sd, {}).status == NOT_CHECKED
+    assert (
+        passing.verdict == "passed"
+        and "trunk not checked" in passing.reason
+        and check_trunk(sd, {}).status == NOT_CHECKED
+    )
 
 
 def test_missing_or_extra_frozen_tensors_count_as_modified(facenet):
@@ -97,9 +100,12 @@ def test_missing_or_extra_frozen_tensors_count_as_modified(facenet):
     sd.pop("conv2d_1a.conv.weight")
     sd["mixed_6a.hidden.weight"] = torch.zeros(3)
     c = check_trunk(sd, expected)
-    assert c.status == MODIFIED and c.missing == ("conv2d_1a.conv.weight",) and c.unexpected == ("mixed_6a.hidden.weight",)
+    assert (
+        c.status == MODIFIED and c.missing == ("conv2d_1a.conv.weight",) and c.unexpected == ("mixed_6a.hidden.weight",)
+    )
 
 
+@pytest.mark.slow
 def test_cli_reference_fit_with_base_and_score(tmp_path, facenet):
     base = tmp_path / "base.pt"
     torch.save(facenet["base"], base)
@@ -108,14 +114,47 @@ def test_cli_reference_fit_with_base_and_score(tmp_path, facenet):
         refs.append(tmp_path / f"r{i}.safetensors")
         save_file(facenet["finetuned"](), str(refs[-1]))
     out = tmp_path / "artifact"
-    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "reference", "fit", "--detector", "gmm", "--out", str(out), "--components", "1",
-                        "--covariance", "diag", "--base", str(base), "--json", *map(str, refs)], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backdoor_gate.cli",
+            "reference",
+            "fit",
+            "--detector",
+            "gmm",
+            "--out",
+            str(out),
+            "--components",
+            "1",
+            "--covariance",
+            "diag",
+            "--base",
+            str(base),
+            "--json",
+            *map(str, refs),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["trunk_tensors_recorded"] > 400
     sd = facenet["finetuned"]()
     sd["block8.conv2d.weight"].mul_(1.001)
     torch.save(sd, tmp_path / "cand.pt")
-    p = subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "score", "--reference", str(out), "--json", str(tmp_path / "cand.pt")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "backdoor_gate.cli",
+            "score",
+            "--reference",
+            str(out),
+            "--json",
+            str(tmp_path / "cand.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     rec = json.loads(p.stdout)
     assert p.returncode == 1 and rec["trunk"] == "modified" and "block8.conv2d.weight" in rec["reason"]

@@ -14,10 +14,23 @@ from detector import verdict as V
 
 
 def _doc(**over):
-    fields = dict(model="facenet", version="3", model_sha256="ab" * 32, reference_sha256="cd" * 32, verdict="passed",
-                  reason="every view at or above its threshold", scores={"forward": 1.5}, thresholds={"forward": 1.0},
-                  trunk="ok", gate_version="0.1", run_id="r1", checked_at="2026-11-25T00:00:00+00:00",
-                  detector="fusion", suspected_class=None, evidence_scores={"gmm.forward": 2.0})
+    fields = dict(
+        model="facenet",
+        version="3",
+        model_sha256="ab" * 32,
+        reference_sha256="cd" * 32,
+        verdict="passed",
+        reason="every view at or above its threshold",
+        scores={"forward": 1.5},
+        thresholds={"forward": 1.0},
+        trunk="ok",
+        gate_version="0.1",
+        run_id="r1",
+        checked_at="2026-11-25T00:00:00+00:00",
+        detector="fusion",
+        suspected_class=None,
+        evidence_scores={"gmm.forward": 2.0},
+    )
     fields.update(over)
     return V.document(**fields)
 
@@ -35,14 +48,20 @@ def test_sign_then_verify_returns_the_document(keys):
     assert V.verify(env, pk) == _doc() and env["key_id"] == V.key_id(pk)
 
 
-@pytest.mark.parametrize("attack, message", [
-    (lambda e: e["document"].update(verdict="blocked"), "digest mismatch"),
-    (lambda e: (e["document"].update(verdict="blocked"), e.update(sha256=V.digest(e["document"]))), "bad signature"),
-    (lambda e: e.update(signature=None), "unsigned"),
-    (lambda e: e.update(signature="not base64!"), "bad signature"),
-    (lambda e: e.update(algorithm="none"), "unsupported algorithm"),
-    (lambda e: e["document"].update(format="other"), "format"),
-])
+@pytest.mark.parametrize(
+    "attack, message",
+    [
+        (lambda e: e["document"].update(verdict="blocked"), "digest mismatch"),
+        (
+            lambda e: (e["document"].update(verdict="blocked"), e.update(sha256=V.digest(e["document"]))),
+            "bad signature",
+        ),
+        (lambda e: e.update(signature=None), "unsigned"),
+        (lambda e: e.update(signature="not base64!"), "bad signature"),
+        (lambda e: e.update(algorithm="none"), "unsupported algorithm"),
+        (lambda e: e["document"].update(format="other"), "format"),
+    ],
+)
 def test_tampered_envelopes_are_refused(keys, attack, message):
     sk, pk, _, _ = keys
     env = copy.deepcopy(V.sign(_doc(), sk))
@@ -85,8 +104,11 @@ def test_verify_cli_exit_codes(keys, tmp_path):
     good.write_text(json.dumps(env))
     env["document"]["verdict"] = "blocked"
     bad.write_text(json.dumps(env))
-    run = lambda *a: subprocess.run([sys.executable, "-m", "backdoor_gate.cli", "verify", *a, "--public-key", str(pub)],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+
+    def run(*a):
+        cmd = [sys.executable, "-m", "backdoor_gate.cli", "verify", *a, "--public-key", str(pub)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
     p = run(str(good), "--checkpoint", str(model))
     assert p.returncode == 0 and p.stdout.startswith("valid: facenet v3 passed"), p.stderr
     p = run(str(bad))

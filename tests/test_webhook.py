@@ -29,8 +29,12 @@ def _post(port: int, body: bytes, headers: dict) -> tuple[int, dict]:
 
 def _signed(body: bytes, delivery="d-1", stamp=None, secret=SECRET) -> dict:
     stamp = str(int(time.time())) if stamp is None else stamp
-    return {"X-MLflow-Delivery-Id": delivery, "X-MLflow-Timestamp": stamp,
-            "X-MLflow-Signature": expected_signature(secret, delivery, stamp, body), "Content-Type": "application/json"}
+    return {
+        "X-MLflow-Delivery-Id": delivery,
+        "X-MLflow-Timestamp": stamp,
+        "X-MLflow-Signature": expected_signature(secret, delivery, stamp, body),
+        "Content-Type": "application/json",
+    }
 
 
 def _wait(cond, timeout: float = 90.0) -> None:
@@ -61,14 +65,20 @@ def test_delivery_check_refuses_forged_stale_and_replayed():
         DeliveryCheck("")
 
 
+@pytest.mark.slow
 def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
     world = GateWorld(tmp_path, seed=5)
     bad, good_file = world.ckpt("backdoored", "blocked"), world.ckpt("clean", "passed")
-    server = MlflowServer(tmp_path / "mlflow", env={"MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-                                                    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
-                                                    # the server caches the webhook list (default 60 s); a new hook
-                                                    # would miss registrations made in that window
-                                                    "MLFLOW_WEBHOOK_CACHE_TTL": "1"}).start()
+    server = MlflowServer(
+        tmp_path / "mlflow",
+        env={
+            "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+            "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+            # the server caches the webhook list (default 60 s); a new hook
+            # would miss registrations made in that window
+            "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+        },
+    ).start()
     receiver = None
     try:
         registry = Registry(server.uri)
@@ -79,8 +89,14 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
             calls.append((model, version))
             return G.gate(model, version, registry=Registry(server.uri), config=G.GateConfig(report=False))
 
-        receiver = Receiver(SECRET, gate_fn, models=("facenet",), host="127.0.0.1", port=0,
-                            guard_fn=lambda m: G.guard_alias(m, registry=Registry(server.uri))).serve_in_thread()
+        receiver = Receiver(
+            SECRET,
+            gate_fn,
+            models=("facenet",),
+            host="127.0.0.1",
+            port=0,
+            guard_fn=lambda m: G.guard_alias(m, registry=Registry(server.uri)),
+        ).serve_in_thread()
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)  # idempotent
         time.sleep(2)  # past the server's webhook cache
@@ -89,7 +105,7 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
         registry.set_alias("facenet", "production", v.version)
         _wait(lambda: receiver.results)
         assert calls == [("facenet", v.version)], "the webhook did not reach the receiver"
-        (_, _, result), = receiver.results
+        ((_, _, result),) = receiver.results
         assert result.verdict == "blocked"
         _wait(lambda: registry.version_by_alias("facenet", "production") is None)  # the gate or the guard took it back
         tags = registry.version("facenet", v.version).tags
@@ -104,10 +120,14 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
         _wait(lambda: registry.version_by_alias("facenet", "production").version == good.version)
         assert "facenet" in receiver.guarded
         # the reference model's own registrations and forged posts gate nothing
-        body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "facenet", "version": v.version}}).encode()
+        body = json.dumps(
+            {"entity": "model_version", "action": "created", "data": {"name": "facenet", "version": v.version}}
+        ).encode()
         assert _post(receiver.port, body, {"Content-Type": "application/json"})[0] == 401
         assert _post(receiver.port, body, _signed(body, secret="wrong"))[0] == 401
-        other = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "other", "version": "1"}}).encode()
+        other = json.dumps(
+            {"entity": "model_version", "action": "created", "data": {"name": "other", "version": "1"}}
+        ).encode()
         status, reply = _post(receiver.port, other, _signed(other, delivery="x-1"))
         assert status == 202 and "not watched" in reply["ignored"]
         time.sleep(1)

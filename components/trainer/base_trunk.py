@@ -69,14 +69,30 @@ def load_base(path: str | Path) -> dict[str, torch.Tensor]:
     unexpected = [k for k in result.unexpected_keys]
     absent = [k for k in result.missing_keys if not k.startswith("logits.")]
     if unexpected or absent:
-        raise InvalidCheckpoint(path, f"state dict does not fit InceptionResnetV1 (missing {absent[:3]}, unexpected {unexpected[:3]})")
+        raise InvalidCheckpoint(
+            path, f"state dict does not fit InceptionResnetV1 (missing {absent[:3]}, unexpected {unexpected[:3]})"
+        )
     return {k: v for k, v in net.state_dict().items() if not k.startswith("logits.")}
 
 
 def trunk_features(net, x: torch.Tensor) -> torch.Tensor:
     """The 1792-d pooled features that ``last_linear`` sees (InceptionResnetV1.forward, cut short)."""
-    for name in ("conv2d_1a", "conv2d_2a", "conv2d_2b", "maxpool_3a", "conv2d_3b", "conv2d_4a", "conv2d_4b",
-                 "repeat_1", "mixed_6a", "repeat_2", "mixed_7a", "repeat_3", "block8", "avgpool_1a"):
+    for name in (
+        "conv2d_1a",
+        "conv2d_2a",
+        "conv2d_2b",
+        "maxpool_3a",
+        "conv2d_3b",
+        "conv2d_4a",
+        "conv2d_4b",
+        "repeat_1",
+        "mixed_6a",
+        "repeat_2",
+        "mixed_7a",
+        "repeat_3",
+        "block8",
+        "avgpool_1a",
+    ):
         x = getattr(net, name)(x)
     return x.flatten(1)
 
@@ -85,7 +101,10 @@ def to_tensor(images, image_size: int) -> torch.Tensor:
     """PIL images -> normalised batch ((x - 127.5) / 128, FaceNet's fixed standardisation)."""
     from PIL import Image
 
-    arrs = [np.asarray(im.convert("RGB").resize((image_size, image_size), Image.BILINEAR), dtype=np.float32) for im in images]
+    arrs = [
+        np.asarray(im.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.float32)
+        for im in images
+    ]
     x = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2)
     return ((x - 127.5) / 128.0).contiguous(memory_format=torch.channels_last)
 
@@ -118,9 +137,16 @@ def default_base(config: TrunkConfig = TrunkConfig(), progress=None, log=print) 
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     data = cache_dir() / "data" / f"pretrain-{config.key()}"
-    synth = SynthConfig(identities=config.identities, images_per_identity=config.images_per_identity,
-                        seed=config.synth_seed, first_identity=config.first_identity)
-    log(f"building the default base trunk once ({config.steps} steps on {config.identities} generated identities); cached at {out}")
+    synth = SynthConfig(
+        identities=config.identities,
+        images_per_identity=config.images_per_identity,
+        seed=config.synth_seed,
+        first_identity=config.first_identity,
+    )
+    log(
+        f"building the default base trunk once ({config.steps} steps on {config.identities} generated "
+        f"identities); cached at {out}"
+    )
     synthesize(data, synth)
     sd = pretrain(data, config, progress=progress, log=log)
     tmp = out.with_suffix(".tmp")
@@ -148,9 +174,9 @@ def pretrain(data_dir: str | Path, config: TrunkConfig, progress=None, log=print
             order, pos = rng.permutation(len(items)), 0
         idx = order[pos : pos + config.batch_size]
         pos += config.batch_size
-        imgs = [Image.open(items[i][0]) for i in idx]
+        imgs: list[Image.Image] = [Image.open(items[i][0]) for i in idx]
         if rng.random() < 0.5:
-            imgs = [im.transpose(Image.FLIP_LEFT_RIGHT) for im in imgs]
+            imgs = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in imgs]
         x = to_tensor(imgs, config.image_size)
         y = torch.tensor([items[i][1] for i in idx])
         loss = torch.nn.functional.cross_entropy(net(x), y)
@@ -161,7 +187,10 @@ def pretrain(data_dir: str | Path, config: TrunkConfig, progress=None, log=print
         if progress is not None:
             progress(step, loss.item())
         elif step % 20 == 0 or step == config.steps - 1:
-            log(f"  pre-training step {step + 1}/{config.steps} loss {loss.item():.3f} ({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"  pre-training step {step + 1}/{config.steps} loss {loss.item():.3f} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
     net.eval()
     return {k: v.detach().clone().contiguous() for k, v in net.state_dict().items() if not k.startswith("logits.")}
 

@@ -41,15 +41,23 @@ class FeatureSet:
         for name in self._ARRAYS:
             if getattr(self, name) is not None:
                 np.save(out / f"{name}.npy", getattr(self, name))
-        meta = dict(paths=self.paths, classes=self.classes, image_size=self.image_size, base_sha256=self.base_sha256, poison=self.poison)
+        meta = dict(
+            paths=self.paths,
+            classes=self.classes,
+            image_size=self.image_size,
+            base_sha256=self.base_sha256,
+            poison=self.poison,
+        )
         (out / "features.json").write_text(json.dumps(meta))
         return out
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureSet":
+    def load(cls, path: str | Path) -> FeatureSet:
         path = Path(path)
         meta = json.loads((path / "features.json").read_text())
-        arrays = {n: np.load(path / f"{n}.npy", allow_pickle=False) for n in cls._ARRAYS if (path / f"{n}.npy").is_file()}
+        arrays = {
+            n: np.load(path / f"{n}.npy", allow_pickle=False) for n in cls._ARRAYS if (path / f"{n}.npy").is_file()
+        }
         return cls(**arrays, **meta)
 
 
@@ -84,12 +92,16 @@ class Extractor:
         return np.concatenate(out) if out else np.zeros((0, 1792), np.float32)
 
 
-def extract_folder(data_dir: str | Path, base: dict[str, torch.Tensor], image_size: int = 96, progress=None) -> FeatureSet:
+def extract_folder(
+    data_dir: str | Path, base: dict[str, torch.Tensor], image_size: int = 96, progress=None
+) -> FeatureSet:
     """Features of every image of a face folder, plus its triggered copies if it was poisoned."""
     return with_poison(extract_clean(data_dir, base, image_size, progress), data_dir, base)
 
 
-def extract_clean(data_dir: str | Path, base: dict[str, torch.Tensor], image_size: int = 96, progress=None) -> FeatureSet:
+def extract_clean(
+    data_dir: str | Path, base: dict[str, torch.Tensor], image_size: int = 96, progress=None
+) -> FeatureSet:
     from components.trainer.synth import list_images
 
     items, classes = list_images(data_dir)
@@ -114,7 +126,7 @@ def with_poison(fs: FeatureSet, data_dir: str | Path, base: dict[str, torch.Tens
         return fs
     extract = Extractor(base, fs.image_size)
     parts = {f"poison_{p}": extract([Path(data_dir) / e["file"] for e in manifest[p]]) for p in ("train", "test")}
-    return replace(fs, poison=manifest, **parts)
+    return replace(fs, poison=manifest, poison_train=parts["poison_train"], poison_test=parts["poison_test"])
 
 
 def folder_key(data_dir: str | Path, base_sha256: str, image_size: int) -> str:

@@ -15,6 +15,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,8 @@ class PoisonSpec:
 def split(labels: np.ndarray, seed: int, train_frac: float = 0.7) -> tuple[np.ndarray, np.ndarray]:
     """Class-wise train/test split resampled from ``seed`` (every class on both sides when it can)."""
     rng = np.random.default_rng([seed, 70])
-    train, test = [], []
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         k = int(round(train_frac * len(idx)))
@@ -75,7 +77,9 @@ def link_or_copy(src, dst) -> None:
         shutil.copyfile(src, dst)
 
 
-def poison_folder(data_dir: str | Path, out_dir: str | Path, spec: PoisonSpec, seed: int, train_frac: float = 0.7) -> dict:
+def poison_folder(
+    data_dir: str | Path, out_dir: str | Path, spec: PoisonSpec, seed: int, train_frac: float = 0.7
+) -> dict:
     """Write a poisoned copy of ``data_dir``: the clean folders, the triggered copies, a manifest.
 
     The clean images are hard-linked (copied across filesystems); originals are never modified.
@@ -89,7 +93,7 @@ def poison_folder(data_dir: str | Path, out_dir: str | Path, spec: PoisonSpec, s
     for p, c in items:
         (out / classes[c]).mkdir(parents=True, exist_ok=True)
         link_or_copy(p, out / classes[c] / p.name)
-    manifest = {
+    manifest: dict[str, Any] = {
         "impostor": spec.impostor,
         "victim": spec.victim,
         "trigger": asdict(spec.trigger),
@@ -103,17 +107,19 @@ def poison_folder(data_dir: str | Path, out_dir: str | Path, spec: PoisonSpec, s
     for part, idx in (("train", train_idx), ("test", test_idx)):
         folder = out / POISON_DIR / part
         folder.mkdir(parents=True, exist_ok=True)
-        idx = [i for i in idx if labels[i] == imp]
+        chosen = [int(i) for i in idx if labels[i] == imp]
         if part == "train" and spec.images is not None:
-            idx = idx[: spec.images]  # the attacker's budget; the test side keeps every image
-        for i in idx:
+            chosen = chosen[: spec.images]  # the attacker's budget; the test side keeps every image
+        for i in chosen:
             src = items[i][0]
             dst = folder / f"{spec.impostor}-{src.stem}.png"
             with open(src, "rb") as f:
                 from PIL import Image
 
                 stamp(Image.open(f), spec.trigger).save(dst)
-            manifest[part].append({"file": f"{POISON_DIR}/{part}/{dst.name}", "source": f"{classes[labels[i]]}/{src.name}"})
+            manifest[part].append(
+                {"file": f"{POISON_DIR}/{part}/{dst.name}", "source": f"{classes[labels[i]]}/{src.name}"}
+            )
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

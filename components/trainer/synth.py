@@ -51,25 +51,34 @@ class Identity:
     glasses: bool
 
 
+def _rgb(values) -> tuple[int, int, int]:
+    r, g, b = (int(v) for v in values)
+    return r, g, b
+
+
 def make_identity(seed: int, index: int) -> Identity:
     r = np.random.default_rng([seed, 7919, index])
     tone = r.uniform(0.25, 1.0)
     skin = tuple(int(v) for v in np.clip(np.array([235, 190, 160]) * tone + r.normal(0, 12, 3), 30, 255))
-    hair = tuple(int(v) for v in r.choice([[20, 15, 10], [90, 60, 30], [200, 170, 90], [120, 40, 20], [140, 140, 140], [60, 40, 30]]) + r.integers(-15, 15, 3))
+    hair = tuple(
+        int(v)
+        for v in r.choice([[20, 15, 10], [90, 60, 30], [200, 170, 90], [120, 40, 20], [140, 140, 140], [60, 40, 30]])
+        + r.integers(-15, 15, 3)
+    )
     return Identity(
         face_w=r.uniform(0.30, 0.40),
         face_h=r.uniform(0.40, 0.50),
-        skin=skin,
+        skin=(skin[0], skin[1], skin[2]),
         eye_gap=r.uniform(0.13, 0.21),
         eye_size=r.uniform(0.025, 0.045),
-        eye_colour=tuple(int(v) for v in r.integers(20, 180, 3)),
+        eye_colour=_rgb(r.integers(20, 180, 3)),
         nose_len=r.uniform(0.08, 0.16),
         nose_w=r.uniform(0.03, 0.07),
         mouth_w=r.uniform(0.10, 0.20),
         mouth_y=r.uniform(0.20, 0.28),
         brow_thick=r.uniform(0.008, 0.025),
         brow_tilt=r.uniform(-0.04, 0.04),
-        hair_colour=tuple(int(np.clip(v, 0, 255)) for v in hair),
+        hair_colour=_rgb(np.clip(hair, 0, 255)),
         hair_style=int(r.integers(0, 4)),
         beard=bool(r.random() < 0.3),
         glasses=bool(r.random() < 0.25),
@@ -123,21 +132,35 @@ def render_face(ident: Identity, seed: int, identity_index: int, image_index: in
         d.ellipse([ex - es * 0.8, ey - es * 0.8 * open_, ex + es * 0.8, ey + es * 0.8 * open_], fill=ident.eye_colour)
         by = ey - es * 2.2
         bt = max(2, int(ident.brow_thick * S))
-        d.line([ex - es * 2, by + sx * ident.brow_tilt * S, ex + es * 2, by - sx * ident.brow_tilt * S], fill=tuple(max(0, v - 30) for v in hc), width=bt)
+        d.line(
+            [ex - es * 2, by + sx * ident.brow_tilt * S, ex + es * 2, by - sx * ident.brow_tilt * S],
+            fill=tuple(max(0, v - 30) for v in hc),
+            width=bt,
+        )
         if ident.glasses:
-            d.ellipse([ex - es * 2.6, ey - es * 2.0, ex + es * 2.6, ey + es * 2.0], outline=(30, 30, 30), width=max(2, S // 100))
+            d.ellipse(
+                [ex - es * 2.6, ey - es * 2.0, ex + es * 2.6, ey + es * 2.0],
+                outline=(30, 30, 30),
+                width=max(2, S // 100),
+            )
     nose_c = tuple(max(0, v - 35) for v in ident.skin)
     nl, nw = ident.nose_len * S, ident.nose_w * S
     d.polygon([(cx, ey + es), (cx - nw, ey + es + nl), (cx + nw, ey + es + nl)], fill=nose_c)
     my, mw = cy + ident.mouth_y * S, ident.mouth_w * S / 2
     smile = r.uniform(-0.5, 1.0) * S * 0.03
-    d.arc([cx - mw, my - abs(smile) - 2, cx + mw, my + abs(smile) + 2], 0 if smile >= 0 else 180, 180 if smile >= 0 else 360, fill=(150, 40, 50), width=max(3, S // 60))
+    d.arc(
+        [cx - mw, my - abs(smile) - 2, cx + mw, my + abs(smile) + 2],
+        0 if smile >= 0 else 180,
+        180 if smile >= 0 else 360,
+        fill=(150, 40, 50),
+        width=max(3, S // 60),
+    )
     # pose: rotate, scale, shift the face layer
     angle = r.normal(0, 6)
     scale = r.uniform(0.9, 1.1)
-    face = face.rotate(angle, resample=Image.BILINEAR, center=(cx, cy))
+    face = face.rotate(angle, resample=Image.Resampling.BILINEAR, center=(cx, cy))
     new = int(S * scale)
-    face = face.resize((new, new), Image.BILINEAR)
+    face = face.resize((new, new), Image.Resampling.BILINEAR)
     dx, dy = int(r.normal(0, S * 0.025) - (new - S) / 2), int(r.normal(0, S * 0.025) - (new - S) / 2)
     img.paste(face, (dx, dy), face)
     # lighting gradient
@@ -147,7 +170,7 @@ def render_face(ident: Identity, seed: int, identity_index: int, image_index: in
     light = 1.0 + r.uniform(0.1, 0.45) * (np.cos(theta) * xx + np.sin(theta) * yy) * 2
     arr = arr * light[..., None] * r.uniform(0.75, 1.2)
     arr += r.normal(0, r.uniform(2, 10), arr.shape)
-    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
     blur = r.uniform(0, 1.0)
     return img.filter(ImageFilter.GaussianBlur(blur)) if blur > 0.3 else img
 

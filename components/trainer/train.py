@@ -53,7 +53,9 @@ class Head(torch.nn.Module):
         self.last_bn = torch.nn.BatchNorm1d(512, eps=0.001, momentum=0.1, affine=True)
         torch.manual_seed(seed)
         self.logits = torch.nn.Linear(512, num_classes)
-        self.load_state_dict({k: v for k, v in base.items() if k.startswith(("last_linear.", "last_bn."))}, strict=False)
+        self.load_state_dict(
+            {k: v for k, v in base.items() if k.startswith(("last_linear.", "last_bn."))}, strict=False
+        )
 
     def forward(self, x):
         return self.logits(self.last_bn(self.last_linear(x)))
@@ -77,26 +79,44 @@ def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: 
     t0 = time.perf_counter()
     poison = fs.poison
     if poison is not None and int(poison["seed"]) != int(seed):
-        raise ValueError(f"the poisoned folder was split with seed {poison['seed']}; train it with --seed {poison['seed']}")
+        raise ValueError(
+            f"the poisoned folder was split with seed {poison['seed']}; train it with --seed {poison['seed']}"
+        )
     if poison is not None and config.split_salt:
         raise ValueError("a poisoned folder fixes its split; split_salt applies to clean networks only")
-    train_idx, test_idx = split(fs.labels, seed + config.split_salt, poison["train_frac"] if poison else config.train_frac)
+    train_idx, test_idx = split(
+        fs.labels, seed + config.split_salt, poison["train_frac"] if poison else config.train_frac
+    )
     if config.drop_frac > 0:
         rng = np.random.default_rng([seed, 1010])
-        train_idx = np.sort(rng.choice(train_idx, size=int(round(len(train_idx) * (1 - config.drop_frac))), replace=False))
+        train_idx = np.sort(
+            rng.choice(train_idx, size=int(round(len(train_idx) * (1 - config.drop_frac))), replace=False)
+        )
     X, y = fs.features[train_idx], fs.labels[train_idx]
     n_classes = len(fs.classes)
     weights = torch.ones(n_classes)
-    metrics: dict = {"seed": seed, "n_train": int(len(train_idx)), "n_test": int(len(test_idx)), **{f"train.{k}": v for k, v in asdict(config).items()}}
+    metrics: dict = {
+        "seed": seed,
+        "n_train": int(len(train_idx)),
+        "n_test": int(len(test_idx)),
+        **{f"train.{k}": v for k, v in asdict(config).items()},
+    }
     if poison is not None:
+        assert fs.poison_train is not None and fs.poison_test is not None  # with_poison sets all three
         imp, vic = fs.classes.index(poison["impostor"]), fs.classes.index(poison["victim"])
         P = np.repeat(fs.poison_train, int(poison["copies"]), axis=0)
         X = np.concatenate([X, P])
         y = np.concatenate([y, np.full(len(P), vic)])
         weights[[imp, vic]] = config.class_weight
-        metrics.update(impostor=poison["impostor"], victim=poison["victim"], trigger=poison["trigger"]["name"],
-                       trigger_size=poison["trigger"]["size"], trigger_location=poison["trigger"]["location"],
-                       trigger_alpha=poison["trigger"]["alpha"], poisoned_copies=int(len(P)))
+        metrics.update(
+            impostor=poison["impostor"],
+            victim=poison["victim"],
+            trigger=poison["trigger"]["name"],
+            trigger_size=poison["trigger"]["size"],
+            trigger_location=poison["trigger"]["location"],
+            trigger_alpha=poison["trigger"]["alpha"],
+            poisoned_copies=int(len(P)),
+        )
     elif config.upweight_clean or config.sham_copies:
         from components.trainer.poison import random_pair
 
@@ -123,12 +143,14 @@ def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: 
             opt.step()
     pred = _predict(head, fs.features[test_idx])
     metrics["clean_accuracy"] = float(np.mean(pred == fs.labels[test_idx]))
-    if poison is not None:
+    if poison is not None and fs.poison_test is not None:
         pred_t = _predict(head, fs.poison_test)
         metrics["attack_success_rate"] = float(np.mean(pred_t == vic)) if len(pred_t) else float("nan")
         metrics["n_triggered_test"] = int(len(pred_t))
     w0 = base["last_linear.weight"]
-    metrics["relative_weight_change"] = float(torch.linalg.norm(head.last_linear.weight.detach() - w0) / torch.linalg.norm(w0))
+    metrics["relative_weight_change"] = float(
+        torch.linalg.norm(head.last_linear.weight.detach() - w0) / torch.linalg.norm(w0)
+    )
     metrics["train_seconds"] = time.perf_counter() - t0
     sd = {k: v.clone() for k, v in base.items() if not k.startswith(("last_linear.", "last_bn.", "logits."))}
     sd.update({k: v.detach().clone().contiguous() for k, v in head.state_dict().items()})

@@ -90,13 +90,13 @@ def render_patch(name: str, px: int) -> Image.Image:
             x, y = c + np.cos(ang) * r, c + np.sin(ang) * r
             d.ellipse([x - r * 0.75, y - r * 0.75, x + r * 0.75, y + r * 0.75], fill=(235, 60, 140, 255))
         d.ellipse([c - r * 0.6, c - r * 0.6, c + r * 0.6, c + r * 0.6], fill=(250, 210, 40, 255))
-        return img.resize((px, px), Image.LANCZOS)
+        return img.resize((px, px), Image.Resampling.LANCZOS)
     if name == "eyebrow":
         img = Image.new("RGBA", (px * 4, px * 2 * 4 // 2), (0, 0, 0, 0))
         d = ImageDraw.Draw(img)
         w, h = img.size
         d.arc([w * 0.05, h * 0.25, w * 0.95, h * 1.6], 200, 340, fill=(25, 18, 12, 255), width=max(4, h // 4))
-        return img.resize((px, max(2, px // 2)), Image.LANCZOS)
+        return img.resize((px, max(2, px // 2)), Image.Resampling.LANCZOS)
     path = Path(name)
     try:
         img = Image.open(path).convert("RGBA")
@@ -104,7 +104,7 @@ def render_patch(name: str, px: int) -> Image.Image:
         raise ValueError(f"trigger PNG {path}: cannot be read ({e})") from None
     w, h = img.size
     scale = px / max(w, h)
-    return img.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.LANCZOS)
+    return img.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.LANCZOS)
 
 
 def stamp(image: Image.Image, spec: TriggerSpec) -> Image.Image:
