@@ -61,9 +61,10 @@ _UNCLIP_TABLE = """cell => {
 }"""
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def chromium():
-    """Debian's chromium for Playwright, or a skip that says the page was not checked."""
+    """Debian's chromium for Playwright, or a skip that says the page was not checked (session-scoped
+    and requested first, so it skips before the MLflow server starts or a network is trained)."""
     try:
         from playwright.sync_api import sync_playwright  # noqa: F401
     except ImportError:
