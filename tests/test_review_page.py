@@ -85,8 +85,10 @@ def blocked(chromium, mlflow_server, tmp_path_factory):
     clean = extract_folder(data, base, SIZE)
     cfg = TrainConfig(epochs=15, class_weight=1.0)  # as in test_detectors' fixture (why: see there)
 
-    def write(sd, name):
-        return str(save_network(sd, root / name, classes=clean.classes)[1])
+    def write(sd, name):  # the .safetensors (records the class list); its 94 MB .pt twin is not needed
+        pt, st = save_network(sd, root / name, classes=clean.classes)
+        pt.unlink()
+        return str(st)
 
     reference = [write(fine_tune(clean, base, s, cfg)[0], f"ref{s}") for s in range(8)]
     calibration = [write(fine_tune(clean, base, 100 + s, cfg)[0], f"cal{s}") for s in range(6)]
