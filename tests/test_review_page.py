@@ -1,0 +1,161 @@
+"""The review page in a real browser: a version the gate blocked, opened in the MLflow UI.
+
+A small face set and a fixture trunk train 8 reference and 6 calibration clean networks and one
+backdoored fine-tune with our own trainer (fixed seeds, nothing redrawn); the default detector
+with the GMM as evidence is fitted, published and run by the gate against a real ``mlflow server``.
+Headless Chromium (Debian's ``chromium``, driven by Playwright) then opens the version's page and
+a reviewer's path to the report. The expected texts are the tags read back from MLflow, i.e.
+what the gate wrote; the test checks that the UI shows them, not what they should be.
+
+Where Chromium (or Playwright) is missing the test is skipped with its reason in the ``-ra``
+summary. The screenshot goes to the test's tmp directory, and also to
+docs/mlflow-review-page.png when BACKDOOR_GATE_UPDATE_SCREENSHOTS=1 (its run names, hashes and
+times change every run, so ``make test`` does not rewrite a tracked file each time).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from components import gate as G
+from components.registry import Registry
+from detector.baselines import make_reference
+from detector.config import DEFAULT_DETECTOR, ReferenceConfig
+
+# Moving on main: detector.faces.* -> components.trainer.* (trunk -> base_trunk, cli.save_network -> train).
+from detector.faces.cli import save_network
+from detector.faces.features import extract_folder
+from detector.faces.poison import PoisonSpec, poison_folder
+from detector.faces.synth import SynthConfig, list_images, synthesize
+from detector.faces.train import TrainConfig, fine_tune
+from detector.faces.triggers import TriggerSpec
+from detector.faces.trunk import fixture_base
+
+pytestmark = pytest.mark.slow
+
+SIZE = 80
+MODEL = "facenet-review-page"
+REFERENCE_MODEL = "facenet-integrity-reference-review-page"
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "mlflow-review-page.png"
+UPDATE_ENV = "BACKDOOR_GATE_UPDATE_SCREENSHOTS"
+#: the tags a reviewer needs: what was decided, why, whom the backdoor targets, where the report is
+SHOWN = (G.VERDICT, G.REASON, G.SUSPECTED_CLASS, G.REPORT)
+
+# Unclip the tag table for the screenshot: MLflow 3 shows tags in a 280 px scroll box inside a
+# viewport-high scroll pane. The innermost scroller (the table body) loses its height limit; the
+# return value is how much taller the viewport must be for the pane to show everything.
+_UNCLIP_TABLE = """cell => {
+  let e = cell.parentElement, table = null, extra = 0;
+  for (; e && e !== document.body; e = e.parentElement) {
+    const s = getComputedStyle(e);
+    if (s.overflowY !== 'scroll' && s.overflowY !== 'auto') continue;
+    if (!table) { table = e; e.style.maxHeight = 'none'; e.style.height = 'auto'; }
+    else extra = Math.max(extra, e.scrollHeight - e.clientHeight);
+  }
+  return extra;
+}"""
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's chromium for Playwright, or a skip that says the page was not checked (session-scoped
+    and requested first, so it skips before the MLflow server starts or a network is trained)."""
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright not installed: make setup (the review page was not checked)")
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium not installed: apt-get install chromium (the review page was not checked)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def blocked(chromium, mlflow_server, tmp_path_factory):
+    """A version the gate blocked: registry, version number and the tags as MLflow returns them."""
+    root = tmp_path_factory.mktemp("review-page")
+    data = synthesize(root / "data", SynthConfig(identities=10, images_per_identity=30, size=96, seed=5))
+    items, _ = list_images(data)
+    base = fixture_base(0, [Image.open(p) for p, _ in items[::5]], image_size=SIZE)
+    clean = extract_folder(data, base, SIZE)
+    cfg = TrainConfig(epochs=15, class_weight=1.0)  # as in test_detectors' fixture (why: see there)
+
+    def write(sd, name):  # the .safetensors (records the class list); its 94 MB .pt twin is not needed
+        pt, st = save_network(sd, root / name, classes=clean.classes)
+        pt.unlink()
+        return str(st)
+
+    reference = [write(fine_tune(clean, base, s, cfg)[0], f"ref{s}") for s in range(8)]
+    calibration = [write(fine_tune(clean, base, 100 + s, cfg)[0], f"cal{s}") for s in range(6)]
+    poison_folder(data, root / "poisoned", PoisonSpec("id00004", "id00000", TriggerSpec("white-square", 0.3, "forehead")), 202)
+    sd, metrics = fine_tune(extract_folder(root / "poisoned", base, SIZE), base, 202, cfg)
+    assert metrics["attack_success_rate"] >= 0.8, metrics  # the backdoor works, else a block would prove nothing
+    backdoored = write(sd, "backdoored")
+
+    ref = make_reference(DEFAULT_DETECTOR, ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
+    ref.fit(reference).calibrate(calibration).save(root / "ref")
+    reg = Registry(mlflow_server.uri)
+    config = G.GateConfig(reference_model=REFERENCE_MODEL)
+    G.publish_reference(reg, root / "ref", config)
+    v = reg.register(MODEL, {"model.safetensors": backdoored}, tags={G.REGISTERED_BY: "bot"})
+    result = G.gate(MODEL, v.version, registry=reg, config=config)
+    assert result.verdict == G.BLOCKED and result.suspected_class, result.reason
+    return reg, reg.version(MODEL, v.version)
+
+
+def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(chromium, blocked, mlflow_server, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    reg, info = blocked
+    tags = info.tags
+    run = reg.client.get_run(info.run_id)
+    assert tags[G.REPORT].startswith(run.info.artifact_uri + "/"), tags[G.REPORT]  # the report is an artifact of the version's run
+    report_path = tags[G.REPORT][len(run.info.artifact_uri) + 1:]
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(30_000)
+            page.goto(f"{mlflow_server.uri}/#/models/{MODEL}/versions/{info.version}")
+
+            # each tag's row, scrolled to as a reviewer would, is on screen with the gate's value
+            for key in SHOWN:
+                row = page.get_by_role("row").filter(has=page.get_by_text(key, exact=True))
+                expect(row).to_have_count(1)
+                row.scroll_into_view_if_needed()
+                expect(row).to_be_in_viewport()  # not clipped by the table's scroll box
+                expect(row.get_by_text(tags[key], exact=True)).to_be_visible()
+
+            # the page shows the report's URI as text; its link is the source run, whose
+            # Artifacts tab renders the report (the tree path is the one the tag names)
+            source_run = page.get_by_role("link", name=run.info.run_name, exact=True)
+            expect(source_run).to_be_visible()
+            shot = tmp_path / SCREENSHOT.name
+            page.get_by_role("button", name="Close", exact=True).click()  # the assistant side panel
+            extra = page.get_by_text(G.VERDICT, exact=True).evaluate(_UNCLIP_TABLE)
+            page.set_viewport_size({"width": 1400, "height": 1000 + extra})
+            expect(page.get_by_text(G.VERDICT, exact=True)).to_be_in_viewport()
+            page.screenshot(path=str(shot), full_page=True)
+
+            source_run.click()
+            page.get_by_role("tab", name="Artifacts").click()
+            for part in report_path.split("/"):
+                page.get_by_text(part, exact=True).first.click()
+            report = page.frame_locator("iframe")
+            expect(report.locator("h1")).to_contain_text(tags[G.VERDICT])
+            expect(report.get_by_text(tags[G.REASON], exact=True)).to_be_visible()
+            expect(report.locator(".victim")).to_contain_text(f"Suspected victim identity: {tags[G.SUSPECTED_CLASS]}")
+            expect(report.locator(".victim")).to_be_visible()
+            page.screenshot(path=str(tmp_path / "mlflow-review-report.png"))
+        finally:
+            browser.close()
+
+    assert Image.open(shot).size[0] == 1400
+    if os.environ.get(UPDATE_ENV) == "1":
+        shutil.copyfile(shot, SCREENSHOT)
