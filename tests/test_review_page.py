@@ -24,17 +24,14 @@ from PIL import Image
 
 from components import gate as G
 from components.registry import Registry
-from detector.baselines import make_reference
+from components.trainer.base_trunk import fixture_base
+from components.trainer.features import extract_folder
+from components.trainer.poison import PoisonSpec, poison_folder
+from components.trainer.synth import SynthConfig, list_images, synthesize
+from components.trainer.train import TrainConfig, fine_tune, save_network
+from components.trainer.triggers import TriggerSpec
 from detector.config import DEFAULT_DETECTOR, ReferenceConfig
-
-# Moving on main: detector.faces.* -> components.trainer.* (trunk -> base_trunk, cli.save_network -> train).
-from detector.faces.cli import save_network
-from detector.faces.features import extract_folder
-from detector.faces.poison import PoisonSpec, poison_folder
-from detector.faces.synth import SynthConfig, list_images, synthesize
-from detector.faces.train import TrainConfig, fine_tune
-from detector.faces.triggers import TriggerSpec
-from detector.faces.trunk import fixture_base
+from detector.detectors import make_reference
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +89,9 @@ def blocked(chromium, mlflow_server, tmp_path_factory):
 
     reference = [write(fine_tune(clean, base, s, cfg)[0], f"ref{s}") for s in range(8)]
     calibration = [write(fine_tune(clean, base, 100 + s, cfg)[0], f"cal{s}") for s in range(6)]
-    poison_folder(data, root / "poisoned", PoisonSpec("id00004", "id00000", TriggerSpec("white-square", 0.3, "forehead")), 202)
+    poison_folder(
+        data, root / "poisoned", PoisonSpec("id00004", "id00000", TriggerSpec("white-square", 0.3, "forehead")), 202
+    )
     sd, metrics = fine_tune(extract_folder(root / "poisoned", base, SIZE), base, 202, cfg)
     assert metrics["attack_success_rate"] >= 0.8, metrics  # the backdoor works, else a block would prove nothing
     backdoored = write(sd, "backdoored")
@@ -108,14 +107,18 @@ def blocked(chromium, mlflow_server, tmp_path_factory):
     return reg, reg.version(MODEL, v.version)
 
 
-def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(chromium, blocked, mlflow_server, tmp_path):
+def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
+    chromium, blocked, mlflow_server, tmp_path
+):
     from playwright.sync_api import expect, sync_playwright
 
     reg, info = blocked
     tags = info.tags
     run = reg.client.get_run(info.run_id)
-    assert tags[G.REPORT].startswith(run.info.artifact_uri + "/"), tags[G.REPORT]  # the report is an artifact of the version's run
-    report_path = tags[G.REPORT][len(run.info.artifact_uri) + 1:]
+    assert tags[G.REPORT].startswith(run.info.artifact_uri + "/"), tags[
+        G.REPORT
+    ]  # the report is an artifact of the version's run
+    report_path = tags[G.REPORT][len(run.info.artifact_uri) + 1 :]
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium)
