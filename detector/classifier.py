@@ -249,23 +249,25 @@ class ClassifierReference(BaselineReference):
         return self
 
     def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
-        """The suspected victim, with its z and the runner-up's.
+        """The suspected victim, with its z and the other most deviant class's (``runner_up_z``).
 
         A one-to-one backdoor moves two rows: the victim's learns to fire on the impostor's
-        (triggered) features, the impostor's learns not to. So of the two most deviant classes,
-        the victim is the one whose deviation points toward the *other's* clean row; the other is
-        named the suspected impostor.
+        (triggered) features, the impostor's learns not to. So when the two most deviant classes
+        are *both* anomalous on their own (each beyond the z the threshold allows), the victim is
+        the one whose deviation points toward the *other's* clean row, and the other is named the
+        suspected impostor. When only one class is anomalous, it is the suspect and no impostor is
+        named: the second class is then just the largest of the clean rows' noise.
         """
         z = -np.asarray(vector_scores[CLASSES])
         order = np.argsort(z)[::-1]
         names = getattr(self, "classes_", None) or [str(i) for i in range(z.size)]
         i = int(order[0])
-        out: dict[str, Any] = {
-            "runner_up_z": float(z[order[1]]) if len(order) > 1 else None,
-            "median_z": float(np.median(z)),
-        }
-        if matrix is not None and len(order) > 1 and self.victim_rule == "toward-impostor":
-            a, b = int(order[0]), int(order[1])
+        other = int(order[1]) if len(order) > 1 else None
+        out: dict[str, Any] = {"median_z": float(np.median(z)), "suspected_impostor": None}
+        #: the z a single class may reach in a network that passes (score = -max z >= threshold)
+        z_cut = -self.thresholds_[CLASSES] if hasattr(self, "thresholds_") else -np.inf
+        if matrix is not None and other is not None and self.victim_rule == "toward-impostor" and z[other] > z_cut:
+            a, b = i, other
             est = self.views_[CLASSES]
             d = {c: np.asarray(matrix[c], dtype=np.float64) - est.center_[c] for c in (a, b)}
 
@@ -274,7 +276,8 @@ class ClassifierReference(BaselineReference):
                 return float(d[x] @ cy / max(np.linalg.norm(d[x]) * np.linalg.norm(cy), 1e-300))
 
             if toward(b, a) > toward(a, b):
-                i = b
-            out["suspected_impostor"] = names[a if i == b else b]
+                i, other = b, a
+            out["suspected_impostor"] = names[other]
+        out["runner_up_z"] = float(z[other]) if other is not None else None
         out.update(suspected_class=names[i], suspected_index=i, suspected_z=float(z[i]))
         return out
