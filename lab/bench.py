@@ -514,7 +514,7 @@ def gate(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
         "n_components": {v: est.n_components_ for v, est in ref.views_.items()},
         "reference_fit_seconds": round(t_fit.wall, 1),
         "runs": len(runs),
-        "note": "fresh Python process: Reference.load (digests verified) + assess (read, sha256, parse without "
+        "note": "fresh Python process: load_reference (digests verified) + assess (read, sha256, parse without "
         "pickle, frozen-trunk check of every tensor, both views scored); gate_seconds excludes the interpreter and "
         "the imports of torch, safetensors and detector (import_s, paid once per process); peak RSS (VmHWM) is the "
         "whole process's, imports included (torch alone is ~650 MB resident here)",
