@@ -35,6 +35,7 @@ from sklearn.base import BaseEstimator
 from detector.config import ReferenceConfig
 from detector.protocol import check_fitted
 from detector.reference import Reference
+from detector.threshold import median_mad
 
 #: The one pseudo-view of the whole-matrix baselines.
 MATRIX = "matrix"
@@ -106,9 +107,8 @@ class DistanceView(BaseEstimator):
 def trojan_signature_z(matrix: np.ndarray) -> np.ndarray:
     """Robust z-score of each row's mean weight: |s_c − median(s)| / (1.4826 · MAD(s))."""
     s = np.asarray(matrix, dtype=np.float64).mean(axis=1)
-    med = np.median(s)
-    mad = 1.4826 * np.median(np.abs(s - med))
-    return np.abs(s - med) / max(mad, 1e-12 * max(np.abs(s).max(), 1e-300))
+    med, mad = median_mad(s)
+    return np.abs(s - med) / max(float(mad), 1e-12 * max(np.abs(s).max(), 1e-300))
 
 
 def spectrum(delta: np.ndarray, statistic: str = "top5") -> float:
@@ -142,8 +142,9 @@ class SpectrumView(BaseEstimator):
             raise ValueError("spectrum needs the base network (pass base=, or --base on the command line)")
         self.base_ = np.asarray(base_matrix, dtype=np.float32).astype(np.float64)  # as the artifact keeps it
         stats = np.array([self.statistic_of(W) for W in matrices])
-        self.median_ = float(np.median(stats))
-        self.scale_ = float(max(1.4826 * np.median(np.abs(stats - self.median_)), 1e-6 * abs(self.median_), 1e-300))
+        med, mad = median_mad(stats)
+        self.median_ = float(med)
+        self.scale_ = float(max(float(mad), 1e-6 * abs(self.median_), 1e-300))
         self.reference_statistics_ = stats
         self.n_networks_, self.shape_ = len(stats), tuple(self.base_.shape)
         return self

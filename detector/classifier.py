@@ -32,6 +32,7 @@ from sklearn.base import BaseEstimator, clone
 from detector.baselines import BaselineReference
 from detector.errors import InvalidCheckpoint
 from detector.protocol import check_fitted
+from detector.threshold import median_mad
 from detector.weights import CLASSES_KEY, LayerWeights, StateDict, _check_values, _to_numpy, classes_of, layer_of
 
 #: The detector's one pseudo-view: one "vector" per class.
@@ -81,8 +82,7 @@ def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>", r
 
 def _robust(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Median and 1.4826·MAD along ``axis``, the MAD floored so a constant class cannot divide by 0."""
-    med = np.median(x, axis=axis)
-    mad = 1.4826 * np.median(np.abs(x - np.expand_dims(med, axis)), axis=axis)
+    med, mad = median_mad(x, axis=axis)
     floor = 1e-6 * np.maximum(np.abs(med), np.median(np.abs(med)) + 1e-300)
     return med, np.maximum(mad, floor)
 
@@ -229,24 +229,24 @@ class ClassifierReference(BaselineReference):
         A = effective_classifier(tensors, source)
         if expected is not None and A.shape[0] != len(expected):
             raise InvalidCheckpoint(source, f"logits has {A.shape[0]} classes; the reference expects {len(expected)}")
-        if classes is not None and hasattr(self, "_seen_classes"):
-            self._seen_classes.append((source, classes))
         return LayerWeights(
-            matrix=A, layer="effective classifier", source=source, sha256=sha256, original_shape=tuple(A.shape)
+            matrix=A,
+            layer="effective classifier",
+            source=source,
+            sha256=sha256,
+            original_shape=tuple(A.shape),
+            classes=classes,
         )
 
-    def fit(self, networks, progress=None, base=None):
-        self._seen_classes: list[tuple[str, list[str]]] = []
-        super().fit(networks, progress=progress, base=base)
-        lists = {tuple(c) for _, c in self._seen_classes}
-        if len(lists) > 1:
+    def _fitted_on(self, layers: Sequence[LayerWeights]) -> None:
+        """The reference networks' class list, which every candidate must then share."""
+        named = [lw for lw in layers if lw.classes is not None]
+        if len({tuple(lw.classes or ()) for lw in named}) > 1:
             raise ValueError(
                 "reference networks disagree on the class list: "
-                + "; ".join(f"{s}: {len(c)} classes" for s, c in self._seen_classes[:4])
+                + "; ".join(f"{lw.source}: {len(lw.classes or ())} classes" for lw in named[:4])
             )
-        self.classes_ = list(next(iter(lists))) if lists else None
-        del self._seen_classes
-        return self
+        self.classes_ = list(named[0].classes or ()) if named else None
 
     def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
         """The suspected victim, with its z and the other most deviant class's (``runner_up_z``).

@@ -37,7 +37,7 @@ from detector.decision import BLOCKED, PASSED, decide
 from detector.errors import InvalidReference
 from detector.protocol import check_fitted
 from detector.reference import Assessment, Reference
-from detector.threshold import threshold_at_frr
+from detector.threshold import median_mad, threshold_at_frr
 from detector.trunk import TrunkCheck, check_trunk, is_finetuned
 from detector.weights import StateDict, read_tensors
 
@@ -47,9 +47,8 @@ def part_name(member: str, view: str, n_views: int) -> str:
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
-    med = float(np.median(x))
-    mad = 1.4826 * float(np.median(np.abs(x - med)))
-    return med, max(mad, 1e-9 * max(abs(med), 1e-300))
+    med, mad = median_mad(x)
+    return float(med), max(float(mad), 1e-9 * max(abs(float(med)), 1e-300))
 
 
 class CompositeReference(Reference):

@@ -235,12 +235,16 @@ class Reference:
         layers = self._load(networks, progress)
         if len(layers) < 1:
             raise ValueError("a reference needs clean networks to fit on")
+        self._fitted_on(layers)
         self._reference_matrices = [lw.matrix for lw in layers]
         self.views_ = self._fit_views(self._reference_matrices, base_tensors)
         self.shape_ = tuple(int(s) for s in np.shape(self._reference_matrices[0]))
         self.n_reference_ = len(layers)
         self.reference_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
         return self
+
+    def _fitted_on(self, layers: Sequence[LayerWeights]) -> None:
+        """What a detector learns from the reference networks' files beyond their matrices (none here)."""
 
     def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> Reference:
         """Set each view's threshold at ``config.frr`` on held-out clean networks.

@@ -30,6 +30,19 @@ def rejection_rate(scores: Sequence[float] | np.ndarray, threshold: float) -> fl
     return float(np.mean(s < threshold)) if s.size else float("nan")
 
 
+#: MAD x 1.4826 estimates a normal distribution's standard deviation
+MAD_TO_STD = 1.4826
+
+
+def median_mad(x: np.ndarray, axis: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Median and scaled MAD (a robust centre and spread) along ``axis``, not floored: each
+    caller floors the MAD at what "no spread" means for its own numbers."""
+    x = np.asarray(x)
+    med = np.median(x, axis=axis)
+    centred = x - (med if axis is None else np.expand_dims(med, axis))
+    return med, MAD_TO_STD * np.median(np.abs(centred), axis=axis)
+
+
 def frr_upper_bound(rejected: int, n: int, confidence: float = 0.95) -> float:
     """One-sided Clopper–Pearson upper bound on the true FRR after ``rejected`` of ``n`` clean
     networks were blocked: what an observed "FRR 0 of 12" actually promises (up to 22 %)."""

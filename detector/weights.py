@@ -82,6 +82,8 @@ class LayerWeights:
     source: str
     sha256: str | None
     original_shape: tuple[int, ...]
+    #: the ordered class list the checkpoint records (logit i = classes[i]), when it records one
+    classes: list[str] | None = None
 
 
 def sha256_file(path: str | Path) -> str:

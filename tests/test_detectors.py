@@ -110,6 +110,18 @@ def test_classifier_blocks_backdoors_and_names_their_victims(nets):
         assert sorted([a.evidence["suspected_z"], a.evidence["runner_up_z"]], reverse=True) == [z[0], z[1]]
 
 
+def test_reference_networks_with_different_class_lists_are_refused(nets, tmp_path):
+    other = list(reversed(nets["classes"]))
+    relabelled = []
+    for i, path in enumerate(nets["reference"][:3]):
+        tensors, _ = read_tensors(path)
+        relabelled.append(str(tmp_path / f"relabelled{i}.safetensors"))
+        save_file(dict(tensors), relabelled[-1], metadata={CLASSES_KEY: json.dumps(other)})
+    with pytest.raises(ValueError, match="disagree on the class list"):
+        make_reference("classifier").fit([*nets["reference"][:3], relabelled[0]])
+    assert make_reference("classifier").fit(relabelled).classes_ == other
+
+
 def test_spectrum_sees_a_low_rank_update(nets):
     ref = make_reference("spectrum").fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
     clean = [ref.score(p)["spectrum"] for p in nets["calibration"]]

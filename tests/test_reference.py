@@ -15,7 +15,7 @@ from detector.detectors import load_reference
 from detector.errors import InvalidCheckpoint, InvalidReference, NotFittedError
 from detector.evaluation import roc_auc
 from detector.reference import Reference, ViewReference
-from detector.threshold import rejection_rate, threshold_at_frr
+from detector.threshold import median_mad, rejection_rate, threshold_at_frr
 from lab.synthetic import FamilyConfig, WeightFamily
 
 SMALL_GRID = (1, 2, 5, 10, 24, 32)
@@ -68,6 +68,14 @@ def test_threshold_arithmetic():
         assert rejection_rate(s, threshold_at_frr(s, frr)) <= frr
     with pytest.raises(ValueError):
         threshold_at_frr([], 0.05)
+
+
+def test_median_mad_is_the_scaled_median_absolute_deviation():
+    # by hand: median 3; |x - 3| = 2, 1, 0, 1, 97 -> median 1; times 1.4826
+    med, mad = median_mad(np.array([1.0, 2.0, 3.0, 4.0, 100.0]))
+    assert med == 3.0 and mad == pytest.approx(1.4826)
+    med, mad = median_mad(np.array([[1.0, 10.0], [2.0, 10.0], [4.0, 13.0]]), axis=0)
+    assert med.tolist() == [2.0, 10.0] and mad == pytest.approx([1.4826, 0.0])
 
 
 def test_decision_rule_blocks_if_any_view_is_below():
