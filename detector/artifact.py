@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,36 +62,32 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
     """Write ``ref`` atomically (temp dir + rename); returns the artifact's sha256."""
     check_fitted(ref, "thresholds_")
     out = Path(path)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
-    arrays: dict[str, Any] = {}
-    views: dict[str, Any] = {}
-    detector = getattr(ref, "detector", "gmm")
-    for v, est in ref.views_.items():
-        arrays[f"{v}.calibration_vector_scores"] = np.asarray(ref.calibration_vector_scores_[v])
-        if detector not in GMM_DETECTORS:  # a baseline: its own few arrays and fields
-            arrays.update({f"{v}.{k}": a for k, a in est.arrays().items()})
-            views[v] = {**est.info(), "threshold": ref.thresholds_[v], "frr_empirical": ref.frr_empirical_[v]}
-            continue
-        arrays.update(_view_arrays(v, est))
-        views[v] = {
-            "n_vectors": est.n_vectors_,
-            "vector_dim": int(est.pca_mean_.shape[0]),
-            "pca_dims": est.n_pca_,
-            "explained_variance": est.explained_variance_,
-            "n_components": est.n_components_,
-            "covariance": est.mixture_.covariance,
-            "reg_covar_absolute": est.reg_,
-            "em_iterations": est.mixture_.n_iter,
-            "em_converged": est.mixture_.converged,
-            "selection": est.selection_,
-            "fit_seconds": est.fit_seconds_,
-            "threshold": ref.thresholds_[v],
-            "frr_empirical": ref.frr_empirical_[v],
-        }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out, overwrite) as tmp:
+        arrays: dict[str, Any] = {}
+        views: dict[str, Any] = {}
+        detector = getattr(ref, "detector", "gmm")
+        for v, est in ref.views_.items():
+            arrays[f"{v}.calibration_vector_scores"] = np.asarray(ref.calibration_vector_scores_[v])
+            if detector not in GMM_DETECTORS:  # a baseline: its own few arrays and fields
+                arrays.update({f"{v}.{k}": a for k, a in est.arrays().items()})
+                views[v] = {**est.info(), "threshold": ref.thresholds_[v], "frr_empirical": ref.frr_empirical_[v]}
+                continue
+            arrays.update(_view_arrays(v, est))
+            views[v] = {
+                "n_vectors": est.n_vectors_,
+                "vector_dim": int(est.pca_mean_.shape[0]),
+                "pca_dims": est.n_pca_,
+                "explained_variance": est.explained_variance_,
+                "n_components": est.n_components_,
+                "covariance": est.mixture_.covariance,
+                "reg_covar_absolute": est.reg_,
+                "em_iterations": est.mixture_.n_iter,
+                "em_converged": est.mixture_.converged,
+                "selection": est.selection_,
+                "fit_seconds": est.fit_seconds_,
+                "threshold": ref.thresholds_[v],
+                "frr_empirical": ref.frr_empirical_[v],
+            }
         arrays_sha = save_arrays(tmp, arrays)
         meta: dict[str, Any] = {
             "format": FORMAT,
@@ -122,6 +120,18 @@ def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, ext
             "extra": extra or {},
         }
         return finish_artifact(tmp, out, meta)
+
+
+@contextmanager
+def staged(out: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary directory beside ``out`` to build an artifact in (``finish_artifact`` swaps it
+    in); removed if building fails. Refuses an existing ``out`` unless ``overwrite``."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

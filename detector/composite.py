@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import datetime as _dt
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from detector import __version__
-from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifact, save_arrays
+from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifact, save_arrays, staged
 from detector.config import FUSION, ReferenceConfig
 from detector.decision import BLOCKED, PASSED, decide
 from detector.errors import InvalidReference
@@ -240,11 +238,7 @@ class CompositeReference(Reference):
     def save(self, path, *, overwrite: bool = False, extra: dict | None = None) -> str:
         check_fitted(self, "thresholds_")
         out = Path(path)
-        if out.exists() and not overwrite:
-            raise FileExistsError(f"{out} exists; choose a new --out or pass overwrite")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+        with staged(out, overwrite) as tmp:
             members = {m: ref.save(tmp / "members" / m) for m, ref in self.members_.items()}
             arrays_sha = save_arrays(tmp, {f"{p}.calibration_scores": s for p, s in self.calibration_scores_.items()})
             meta: dict[str, Any] = {
@@ -275,9 +269,6 @@ class CompositeReference(Reference):
                 "extra": extra or {},
             }
             return finish_artifact(tmp, out, meta)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def restore(cls, root: Path, meta: Mapping[str, Any], load_member: Callable[[Path], Any]) -> CompositeReference:

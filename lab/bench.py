@@ -455,6 +455,26 @@ print(json.dumps({"import_s": t1 - t0, "load_reference_s": t2 - t1, "assess_s": 
 """
 
 
+def _gate_child_runs(reference: Path, candidate: Path, n: int) -> list[dict]:
+    """Gate ``candidate`` ``n`` times, each in a fresh process (_GATE_CHILD); its JSON lines, plus
+    each process's wall time (``process_wall_s``)."""
+    runs = []
+    for _ in range(n):
+        w0 = time.perf_counter()
+        p = subprocess.run(
+            [sys.executable, "-c", _GATE_CHILD, str(reference), str(candidate)],
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+        )
+        if p.returncode != 0:
+            raise RuntimeError(f"gate subprocess failed: {p.stderr[-2000:]}")
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+        r["process_wall_s"] = time.perf_counter() - w0
+        runs.append(r)
+    return runs
+
+
 def _paper_sizes_reference():
     """A GMM reference with N_G fixed at the paper's choice per view (the sweep is measured apart)."""
     from detector.config import ReferenceConfig
@@ -485,20 +505,7 @@ def gate(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
         save_file({k: v.contiguous() for k, v in candidate.items()}, str(path))
         size_mb = path.stat().st_size / 1024**2
         log(f"gate: scoring a {size_mb:.0f} MB candidate in a fresh process")
-        runs = []
-        for _ in range(1 if quick else 3):
-            w0 = time.perf_counter()
-            p = subprocess.run(
-                [sys.executable, "-c", _GATE_CHILD, str(Path(tmp) / "reference"), str(path)],
-                capture_output=True,
-                text=True,
-                env=os.environ.copy(),
-            )
-            if p.returncode != 0:
-                raise RuntimeError(f"gate subprocess failed: {p.stderr[-2000:]}")
-            r = json.loads(p.stdout.strip().splitlines()[-1])
-            r["process_wall_s"] = time.perf_counter() - w0
-            runs.append(r)
+        runs = _gate_child_runs(Path(tmp) / "reference", path, 1 if quick else 3)
     med = {
         k: float(np.median([r[k] for r in runs]))
         for k in ("import_s", "load_reference_s", "assess_s", "gate_s", "peak_rss_mb", "process_wall_s")
@@ -581,17 +588,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
             cand = {**trunk, **_head(family, rng, classes, L0, victim=3)}
             path = Path(tmp) / "candidate.safetensors"
             save_file({k: v.contiguous() for k, v in cand.items()}, str(path))
-            runs = []
-            for _ in range(1 if quick else 3):
-                p = subprocess.run(
-                    [sys.executable, "-c", _GATE_CHILD, str(Path(tmp) / "reference"), str(path)],
-                    capture_output=True,
-                    text=True,
-                    env=os.environ.copy(),
-                )
-                if p.returncode != 0:
-                    raise RuntimeError(f"gate subprocess failed: {p.stderr[-2000:]}")
-                runs.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            runs = _gate_child_runs(Path(tmp) / "reference", path, 1 if quick else 3)
             med = {
                 k: float(np.median([r[k] for r in runs]))
                 for k in ("load_reference_s", "assess_s", "gate_s", "peak_rss_mb")
