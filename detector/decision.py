@@ -56,10 +56,6 @@ class Decision:
     reason: str
     below: tuple[str, ...] = ()
 
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.verdict]
-
 
 def decide(scores: Mapping[str, float], thresholds: Mapping[str, float], trunk: TrunkCheck | None = None) -> Decision:
     """The rule, applied to one network's per-part scores and its trunk check."""
