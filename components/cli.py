@@ -106,7 +106,6 @@ def cmd_verify(args) -> int:
     1 no (a validly signed blocked / invalid verdict: the reason is printed); 2 anything forged,
     tampered, unsigned, malformed or uncheckable."""
     from components.gate import NotDeployable
-    from components.registry import RegistryError
     from detector.verdict import VerdictError, load_public_key, read_envelope, verify
 
     try:
@@ -115,6 +114,8 @@ def cmd_verify(args) -> int:
         print(f"backdoor-gate: {e}", file=sys.stderr)
         return 2
     try:
+        if args.attestation:
+            return _verify_attestation(args, key)
         if args.verdict:
             doc = verify(read_envelope(args.verdict), key)
             if not args.checkpoint:
@@ -135,8 +136,8 @@ def cmd_verify(args) -> int:
     except VerdictError as e:
         print(f"INVALID: {e}", file=sys.stderr)
         return 2
-    except (RegistryError, OSError, ValueError) as e:
-        print(f"backdoor-gate: cannot verify: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 — RegistryError, OSError, anything unexpected: could not check (2)
+        print(f"backdoor-gate: cannot verify: {e.__class__.__name__}: {e}", file=sys.stderr)
         return 2
     how = f", override by {doc['override']['reviewer']}" if doc.get("override") else ""
     print(
@@ -146,6 +147,55 @@ def cmd_verify(args) -> int:
         f"(model sha256 {str(doc['model_sha256'])[:12]}…, reference {str(doc['reference_sha256'])[:12]}…, "
         f"{doc['checked_at']})"
     )
+    return 0
+
+
+def _verify_attestation(args, key) -> int:
+    """Admission check of an in-toto/DSSE attestation: exit 0 only for a signed pass of these bytes."""
+    import hashlib
+
+    from detector.verdict import VerdictError, admitted, dsse_verify, read_envelope
+
+    if not args.checkpoint:
+        print(
+            "REFUSED: give --checkpoint: an attestation admits nothing until checked against the bytes", file=sys.stderr
+        )
+        return 2
+    try:
+        statement = dsse_verify(read_envelope(args.attestation), [key])
+        with open(args.checkpoint, "rb") as f:
+            sha = hashlib.sha256(f.read()).hexdigest()
+    except (VerdictError, OSError, ValueError) as e:
+        print(f"INVALID: {e}", file=sys.stderr)
+        return 2
+    try:
+        doc = admitted(statement, sha)
+    except VerdictError as e:
+        refusal = 1 if "not 'passed'" in str(e) else 2
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return refusal
+    print(json.dumps({**doc, "admitted": True}) if args.json else f"admitted: {doc['model']} v{doc['version']} passed")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    """Deploy step: write the weights of MODEL@ALIAS (or a version) to --out only after checking
+    those very bytes against the signed records. Exit 0 written; 1 a validly signed refusal;
+    2 forged, swapped, unsigned or unreadable (nothing written)."""
+    from components.gate import NotDeployable, fetch_deployable
+    from components.registry import Registry
+    from detector.verdict import load_public_key
+
+    try:
+        key = load_public_key(args.public_key)
+        doc = fetch_deployable(args.model, args.ref, args.out, key, registry=Registry(args.tracking_uri))
+    except NotDeployable as e:
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 — forged, swapped, unreadable or unexpected: nothing written (2)
+        print(f"REFUSED: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: doc[k] for k in ("model", "version", "verdict", "path", "sha256")}))
     return 0
 
 
@@ -273,9 +323,28 @@ def register(sub) -> None:
     v.add_argument("--checkpoint", help="with VERDICT_JSON: the model file; its sha256 must be the judged one")
     v.add_argument("--model", default="facenet")
     v.add_argument("--version", help="verify this registered version instead of a file")
+    v.add_argument(
+        "--attestation",
+        metavar="DSSE_JSON",
+        help="admission mode: an in-toto/DSSE attestation (verdict.intoto.dsse.json) with --checkpoint; "
+        "exit 0 only for a signed pass of exactly those bytes",
+    )
     v.add_argument("--json", action="store_true")
     _common(v)
-    v.set_defaults(func=lambda a: cmd_verify(a) if (a.verdict is None) != (a.version is None) else _usage(v))
+    v.set_defaults(
+        func=lambda a: cmd_verify(a) if [a.verdict, a.version, a.attestation].count(None) == 2 else _usage(v)
+    )
+    pl = sub.add_parser(
+        "pull",
+        help="download a version's weights for deployment, verified against its signed verdict "
+        "(exit 0 written, 1 refused, 2 forged/swapped/unreadable)",
+    )
+    pl.add_argument("--model", default="facenet")
+    pl.add_argument("--ref", default="production", help="an alias or a version number (default production)")
+    pl.add_argument("--out", required=True, metavar="DIR", help="where the verified weight file is written")
+    pl.add_argument("--public-key", required=True, metavar="PEM", help="the gate's verify key")
+    _common(pl)
+    pl.set_defaults(func=cmd_pull)
     _register_webhook_commands(sub)
 
 
@@ -304,5 +373,5 @@ def _register_webhook_commands(sub) -> None:
 
 def _usage(parser) -> int:
     parser.print_usage(sys.stderr)
-    print("backdoor-gate verify: give either VERDICT_JSON or --version", file=sys.stderr)
+    print("backdoor-gate verify: give exactly one of VERDICT_JSON, --version or --attestation", file=sys.stderr)
     return 2

@@ -19,14 +19,19 @@ registry and guards the ``production`` alias:
 8. anything else writes ``blocked`` or ``invalid`` (verdict always last) and never puts the
    alias on the version; if someone else had put ``production`` on it, the alias goes back to
    the newest promotable version (or is deleted) and ``integrity.alias_violation`` says so.
-   A gate fault (registry, unreadable or unsigned reference) is the gate's, not the
-   candidate's: no verdict is written (the tag stays ``pending``), the alias is guarded, exit 2.
+   A gate fault (registry, unreadable or unsigned reference, a reference with no recorded
+   trunk, no signing key) is the gate's, not the candidate's: verdict ``error`` in every output
+   (tag, result, exit 2), no verdict document, and the alias is guarded.
 
 **Production is a function of signed state** (:func:`production_status`): a version may be
 ``production`` only with a verdict document signed by a trusted gate key that says ``passed``
 for the exact artifact tree now registered, or a ``blocked`` one plus an override signed by a
 trusted reviewer key whose reviewer did not register the version. Tags mirror these records
 for people and filter candidates; they never make a version promotable.
+
+**Deploy from verified bytes** (:func:`fetch_deployable`): MLflow lets a registrant overwrite
+their own run's artifacts after a pass, and no event fires; so what a deployment loads is
+downloaded once, hashed, checked against the signed records, and only then handed over.
 
 Exit codes: 0 passed, 1 blocked, 2 invalid or gate error.
 """
@@ -46,7 +51,7 @@ from detector import __version__ as GATE_VERSION
 from detector import verdict as V
 from detector.decision import BLOCKED, ERROR, EXIT_CODES, INVALID, PASSED, Decision, Judgement, confirm_unchanged, judge
 from detector.detectors import load_reference
-from detector.errors import DetectorError, InvalidReference
+from detector.errors import InvalidReference
 from detector.reference import Reference
 from detector.verdict import KEY_ENV, KEY_FILE_ENV, VerdictError, signing_key_from_env
 from detector.verdict import document as verdict_document
@@ -137,7 +142,7 @@ class GateConfig:
 class GateResult:
     model: str
     version: str
-    verdict: str = BLOCKED
+    verdict: str = ERROR  # until decision.judge says otherwise: a gate that stops early has failed
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
@@ -179,6 +184,11 @@ def publish_reference(
     refused unless ``config.require_signed_reference`` is off.
     """
     ref = load_reference(ref_dir)  # refuses a tampered artifact before it can be published
+    if not getattr(ref, "trunk_digests_", None):
+        raise InvalidReference(
+            ref_dir,
+            "not published: it records no frozen trunk, so the gate could pass nothing; fit it on whole networks",
+        )
     files = {p.relative_to(ref_dir).as_posix(): p for p in sorted(Path(ref_dir).rglob("*")) if p.is_file()}
     signing_key = signing_key or V.reference_signing_key_from_env()
     tmp = tempfile.TemporaryDirectory(prefix="backdoor-gate-refsig-")
@@ -262,14 +272,14 @@ def gate(
             signing_key = signing_key_from_env()
         if signing_key is None and config.require_signature:
             raise VerdictError(f"no signing key: set {KEY_ENV} or {KEY_FILE_ENV} (require_signature is on)")
-    except (VerdictError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 — whatever the key loader raises, the gate has failed
         result.error, result.reason = True, f"gate error: {e}"
         return result  # a misconfigured gate judges nothing and touches nothing
     try:
         registry = registry or Registry()
         info = registry.version(model, version)
         registry.set_tags(model, version, {VERDICT: PENDING, CHECKED_AT: _now(), GATE: GATE_VERSION})
-    except RegistryError as e:
+    except Exception as e:  # noqa: BLE001
         result.error, result.reason = True, f"gate error: {e}"
         return result  # nothing could be written; the alias was not touched
 
@@ -282,7 +292,7 @@ def gate(
         result.reference_sha256 = reference.artifact_sha256_
         tags.update({REFERENCE_SHA: reference.artifact_sha256_, REFERENCE_VERSION: ref_version})
         result.thresholds = dict(reference.thresholds_)
-    except (RegistryError, DetectorError, VerdictError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 — no reference, no judgement: the gate's fault, whatever the type
         return _gate_fault(registry, info, result, f"gate error: {e}", config)
     try:
         artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
@@ -298,15 +308,15 @@ def gate(
         judgement = judge(reference, read_candidate)  # the verdict: detector/decision.py
     except ValueError as e:  # the artifact tree is over the size limit
         judgement = Judgement(Decision(INVALID, str(e)))
-    except RegistryError as e:
-        return _gate_fault(registry, info, result, f"gate error: {e}", config)
+    except Exception as e:  # noqa: BLE001 — registry down, or anything judge() did not expect: never a pass
+        return _gate_fault(registry, info, result, f"gate error: {e.__class__.__name__}: {e}", config)
     if judgement.decision.verdict == ERROR:
         return _gate_fault(registry, info, result, judgement.decision.reason, config)
     result.verdict, result.reason = judgement.decision.verdict, judgement.decision.reason
     try:
         if judgement.assessment is not None:
             _record_assessment(registry, info, reference, judgement.assessment, result, tags, config)
-    except (RegistryError, DetectorError) as e:
+    except Exception as e:  # noqa: BLE001
         return _gate_fault(registry, info, result, f"gate error: {e}", config)
 
     try:
@@ -325,13 +335,16 @@ def gate(
             registry.set_tags(model, version, promoted)
         else:
             _enforce_alias(registry, model, version, config)
-    except (RegistryError, VerdictError) as e:
+    except Exception as e:  # noqa: BLE001 — recording failed: the gate's fault, whatever was raised
         # a signed pass may already be stored: promotion derives from it, so a rerun or the
         # reconciler finishes the job; this run reports an error and claims no promotion
-        result.error, result.promoted = True, False
+        result.error, result.promoted, result.verdict = True, False, ERROR
         result.reason = f"{result.reason}; gate error while recording: {e}"
-        if result.verdict == PASSED:
-            result.verdict = ERROR
+        try:
+            registry.set_tags(model, version, {REASON: result.reason[:5000]})
+            registry.set_tags(model, version, {VERDICT: ERROR})
+        except Exception:  # noqa: BLE001, S110 — the registry is down: the tag stays pending
+            pass
     return result
 
 
@@ -375,8 +388,9 @@ def _gate_fault(
     result.verdict, result.error, result.reason, result.scores = ERROR, True, reason, {}
     try:
         registry.set_tags(info.name, info.version, {REASON: reason[:5000]})
+        registry.set_tags(info.name, info.version, {VERDICT: ERROR})
         _enforce_alias(registry, info.name, info.version, config)
-    except (RegistryError, VerdictError) as e:
+    except Exception as e:  # noqa: BLE001 — already failing closed; say what else went wrong
         result.reason = f"{reason}; and while guarding the alias: {e}"
     return result
 
@@ -422,9 +436,9 @@ def _record_verdict(
         return
     with tempfile.TemporaryDirectory(prefix="backdoor-gate-verdict-") as tmp:
         (Path(tmp) / VERDICT_FILE).write_text(json.dumps(envelope, indent=2, sort_keys=True) + "\n")
-        if signing_key is not None and doc.get(
-            "files"
-        ):  # the same verdict as in-toto in DSSE, for admission controllers
+        if signing_key is not None and doc.get("files") and result.verdict == PASSED:
+            # the same pass as in-toto in DSSE, for admission controllers; only a pass is attested,
+            # so a policy that checks the signature alone cannot admit a blocked model
             dsse = V.dsse_sign(V.intoto_statement(doc), signing_key)
             (Path(tmp) / DSSE_FILE).write_text(json.dumps(dsse, indent=2, sort_keys=True) + "\n")
         uri = registry.log_artifacts_to_run(info.run_id, tmp, f"integrity/v{info.version}")
@@ -503,8 +517,8 @@ def production_status(registry: Registry, info: VersionInfo, config: GateConfig 
         if odoc.get("artifact_sha256") != artifact.sha256:
             return False, "the override was signed for other bytes"
         return True, f"signed override by {odoc['reviewer']}"
-    except (VerdictError, ValueError) as e:
-        return False, str(e)
+    except Exception as e:  # noqa: BLE001 — any record that cannot be read, parsed or verified: not promotable
+        return False, f"{e.__class__.__name__}: {e}" if not isinstance(e, (VerdictError, ValueError)) else str(e)
 
 
 def _newest_promotable(
@@ -610,6 +624,35 @@ class NotDeployable(Exception):
         super().__init__(f"{doc.get('model')} v{doc.get('version')} {doc.get('verdict')}: {doc.get('reason')}")
 
 
+def _deployable(registry: Registry, info: VersionInfo, config: GateConfig, *, tags: bool = False):
+    """The signed document that allows deploying ``info`` and the artifact it allows, read once.
+
+    The artifact returned is the one that was checked: hand *these* bytes to the deployment.
+    Raises :class:`NotDeployable` for a validly signed refusal, ``VerdictError`` for anything
+    forged, malformed or bound to other bytes, ``RegistryError``/``ValueError`` when unreadable.
+    """
+    envelope, doc = signed_verdict(registry, info, config)
+    artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
+    if doc.get("artifact_sha256") != artifact.sha256:
+        raise VerdictError("the registered artifacts are not the ones this verdict judged (artifact sha256 differs)")
+    if tags and (info.tags.get(VERDICT_SHA) != envelope["sha256"] or info.tags.get(VERDICT) != doc["verdict"]):
+        raise VerdictError("the version's tags disagree with its signed verdict (tags were edited after the gate ran)")
+    if doc["verdict"] == PASSED:
+        return doc, artifact
+    if doc["verdict"] == BLOCKED:
+        try:
+            odoc = signed_override(registry, info, envelope, config)
+        except VerdictError:
+            raise NotDeployable(doc) from None
+        if odoc.get("artifact_sha256") == artifact.sha256:
+            return {**doc, "override": odoc}, artifact
+    raise NotDeployable(doc)
+
+
+def _verify_config(config: GateConfig, public_key) -> GateConfig:
+    return GateConfig(**{**config.__dict__, "verdict_keys": (public_key,), "require_signature": True})
+
+
 def verify_version(
     model: str, version: str | int, public_key, *, registry: Registry | None = None, config: GateConfig = GateConfig()
 ) -> dict[str, Any]:
@@ -618,27 +661,42 @@ def verify_version(
     Returns the document of a signed ``passed`` verdict (or a blocked one with a valid signed
     override) bound to the artifact registered now; raises :class:`NotDeployable` for a validly
     signed refusal and :class:`detector.verdict.VerdictError` for anything forged or malformed.
+    The bytes can still change after this returns: deploy with :func:`fetch_deployable`.
     """
     registry = registry or Registry()
     info = registry.version(model, str(version))
-    envelope, doc = signed_verdict(
-        registry, info, GateConfig(**{**config.__dict__, "verdict_keys": (public_key,), "require_signature": True})
-    )
-    artifact = registry.download_artifact(info, config.max_checkpoint_bytes)
-    if doc.get("artifact_sha256") != artifact.sha256:
-        raise VerdictError("the registered artifacts are not the ones this verdict judged (artifact sha256 differs)")
-    if info.tags.get(VERDICT_SHA) != envelope["sha256"] or info.tags.get(VERDICT) != doc["verdict"]:
-        raise VerdictError("the version's tags disagree with its signed verdict (tags were edited after the gate ran)")
-    if doc["verdict"] == PASSED:
-        return doc
-    if doc["verdict"] == BLOCKED:
-        try:
-            odoc = signed_override(registry, info, envelope, config)
-        except VerdictError:
-            raise NotDeployable(doc) from None
-        if odoc.get("artifact_sha256") == artifact.sha256:
-            return {**doc, "override": odoc}
-    raise NotDeployable(doc)
+    return _deployable(registry, info, _verify_config(config, public_key), tags=True)[0]
+
+
+def fetch_deployable(
+    model: str,
+    ref: str,
+    dst: str | Path,
+    public_key,
+    *,
+    registry: Registry | None = None,
+    config: GateConfig = GateConfig(),
+) -> dict[str, Any]:
+    """Download ``model`` at ``ref`` (an alias or a version number) for deployment, verified.
+
+    The artifact is downloaded once, checked against the version's signed pass (or signed
+    override) and only then its weight file is written to ``dst`` (a directory), under a
+    temporary name first: bytes swapped after the gate ran are refused here, at deploy time,
+    not at the next resync. Returns the allowing document plus ``path`` and ``sha256``.
+    """
+    registry = registry or Registry()
+    info = registry.version(model, ref) if str(ref).isdigit() else registry.version_by_alias(model, ref)
+    if info is None:
+        raise VerdictError(f"{model}@{ref}: no such alias")
+    doc, artifact = _deployable(registry, info, _verify_config(config, public_key))
+    name, data = artifact.weight_file()
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / Path(name).name
+    partial = out / f".{final.name}.partial"
+    partial.write_bytes(data)
+    partial.replace(final)
+    return {**doc, "path": str(final), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 # -- human override ----------------------------------------------------------------------------

@@ -5,27 +5,29 @@ moved, and MLflow does not redeliver forever. The reconciler re-derives the trut
 records on every delivery *and* on a periodic resync (default every 60 s), so a missed
 delivery heals within one interval:
 
-- every version of a watched model with no verdict (never gated, or ``pending`` for longer
-  than ``stale_after`` seconds: a gate that died) is gated;
+- every version of a watched model without a valid signed verdict is gated, whatever its tags
+  say (a hand-written ``integrity.verdict=passed`` hides nothing), and so is every version
+  whose signed verdict allows promotion but whose registered bytes are no longer the judged
+  ones (swapped after the pass);
 - ``production`` is re-derived (:func:`components.gate.guard_alias`): it stays only on a
   version with a signed pass or a signed override for its exact bytes, else goes back to the
   newest such version or is deleted;
 - the reference alias (``@current``) stays only on a reference signed by a trusted key.
 
-It is idempotent (each step reads state, then converges it), so two replicas are safe.
+It is idempotent (each step reads state, then converges it), so two replicas are safe, and
+it fails closed: a version whose records cannot be read is gated again or left unpromotable,
+and one version's failure never stops the pass over the others.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import tempfile
 import threading
 from collections.abc import Callable
 
 from components import gate as G
-from components.registry import Registry, RegistryError
-from detector.errors import InvalidReference
+from components.registry import Registry
 
 log = logging.getLogger("backdoor_gate.reconciler")
 
@@ -38,10 +40,9 @@ class Reconciler:
         config: G.GateConfig = G.GateConfig(),
         interval: float = 60.0,
         gate_fn: Callable[[str, str], object] | None = None,
-        stale_after: float = 600.0,
     ):
         self.registry, self.models, self.config = registry, tuple(models), config
-        self.interval, self.stale_after = interval, stale_after
+        self.interval = interval
         self.gate_fn = gate_fn or (lambda m, v: G.gate(m, v, registry=self.registry, config=self.config))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -50,31 +51,40 @@ class Reconciler:
 
     # -- one pass ------------------------------------------------------------------------------
     def reconcile(self, model: str) -> list[str]:
-        """Gate what has no verdict, then re-derive ``production``. Returns what it did."""
+        """Gate what has no valid signed verdict for its bytes, then re-derive ``production``."""
         if model not in self._locks:
             return []
         done = []
         with self._locks[model]:
             for info in self.registry.versions(model):
-                if self._needs_gate(info):
-                    result = self.gate_fn(model, info.version)
-                    done.append(f"gated v{info.version}: {getattr(result, 'verdict', result)}")
+                try:
+                    why = self._needs_gate(info)
+                    if why:
+                        result = self.gate_fn(model, info.version)
+                        done.append(f"gated v{info.version} ({why}): {getattr(result, 'verdict', result)}")
+                except Exception as e:  # noqa: BLE001 — one version's fault never stops the others
+                    log.warning("%s v%s: %s", model, info.version, e)
+                    done.append(f"v{info.version}: {e.__class__.__name__}: {e}")
             violation = G.guard_alias(model, registry=self.registry, config=self.config)
             if violation:
                 done.append(violation)
         return done
 
-    def _needs_gate(self, info) -> bool:
-        verdict = info.tags.get(G.VERDICT)
-        if verdict in (G.PASSED, G.BLOCKED, G.INVALID):
-            return False
-        if verdict == G.PENDING:  # a gate at work, or one that died: retry once it is stale
-            try:
-                at = _dt.datetime.fromisoformat(info.tags.get(G.CHECKED_AT, ""))
-            except ValueError:
-                return True
-            return (_dt.datetime.now(_dt.UTC) - at).total_seconds() > self.stale_after
-        return True
+    def _needs_gate(self, info) -> str | None:
+        """Why ``info`` must be gated (None when its signed records stand). Tags are never read.
+
+        Bytes are re-hashed only where the signed verdict allows promotion: those are the bytes
+        that can reach production; a blocked or invalid verdict allows nothing whatever the bytes.
+        """
+        try:
+            envelope, doc = G.signed_verdict(self.registry, info, self.config)
+        except Exception as e:  # noqa: BLE001 — missing, oversized, forged, unparsable: judge it
+            return f"no valid signed verdict: {e}"
+        if doc.get("verdict") == G.PASSED or (doc.get("verdict") == G.BLOCKED and info.tags.get(G.OVERRIDE_BY)):
+            artifact = self.registry.download_artifact(info, self.config.max_checkpoint_bytes)
+            if doc.get("artifact_sha256") != artifact.sha256:
+                return "registered bytes are not the ones the signed verdict judged"
+        return None
 
     def guard_reference(self) -> str | None:
         """``@current`` on a reference no trusted key signed goes back to the newest signed one (or is removed)."""
@@ -94,7 +104,7 @@ class Reconciler:
             try:
                 G.check_reference_dir(self.registry.download(info.source, tmp), self.config)
                 return True
-            except (InvalidReference, RegistryError):
+            except Exception:  # noqa: BLE001 — unreadable or unverifiable counts as unsigned
                 return False
 
     def resync(self) -> list[str]:
@@ -102,12 +112,12 @@ class Reconciler:
         try:
             if msg := self.guard_reference():
                 done.append(msg)
-        except RegistryError as e:
+        except Exception as e:  # noqa: BLE001 — the next model is still resynced
             log.warning("reference guard: %s", e)
         for model in self.models:
             try:
                 done += self.reconcile(model)
-            except RegistryError as e:  # the registry is down: nothing can be judged; try next time
+            except Exception as e:  # noqa: BLE001 — registry down: nothing can be judged; try next time
                 log.warning("resync of %s: %s", model, e)
         self.resyncs += 1
         for line in done:

@@ -13,12 +13,17 @@ over ``delivery_id.timestamp.body`` with the shared secret), a timestamp no olde
 ``max_age`` seconds, and a delivery id not seen before (replays are refused). Unsigned,
 forged, stale or replayed requests are answered 401/409 and gate nothing.
 
-It runs on uvicorn (h11): a Content-Length that is missing, negative, malformed or over 1 MiB
-is answered 4xx before a byte of the body is read; a body that trickles in is cut off after
-``body_timeout`` seconds; idle connections close after 5 s; at most ``limit_concurrency``
-connections and ``max_pending`` queued jobs (503 past that); every list it keeps is bounded.
-Work runs on a thread pool so MLflow gets its 202 at once; one version is never gated twice
-at the same time here, and the gate itself is idempotent, so two replicas are safe.
+Any client of the network can reach it, so every bad request gets a 4xx, never a 500, and
+slow clients cannot starve signed ones. It is a small asyncio server over h11 (one request per
+connection, ``Connection: close``): a request head must arrive within ``header_timeout``
+seconds and a body within ``body_timeout`` (408 otherwise); a Content-Length that is missing,
+negative, malformed or over 1 MiB is answered 4xx before a byte of the body is read; at most
+``max_connections`` sockets are held, and when a new one arrives at the limit the oldest one
+still sending its head (idle or slowloris) is dropped first, so a delivery that sends its
+request promptly is served while hundreds of half-open sockets are held. At most
+``max_pending`` jobs queue (503 past that); every list it keeps is bounded. Work runs on a
+thread pool so MLflow gets its 202 at once; one version is never gated twice at the same time
+here, and the gate itself is idempotent, so two replicas are safe.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 SECRET_ENV = "BACKDOOR_GATE_WEBHOOK_SECRET"
@@ -82,7 +88,9 @@ class DeliveryCheck:
         )
         if not (delivery and stamp and sig):
             raise Rejected(401, "unsigned delivery (missing signature, timestamp or delivery id)")
-        if not hmac.compare_digest(sig, expected_signature(self.secret, delivery, stamp, body)):
+        # bytes, not str: compare_digest raises on a non-ASCII str (an attacker's header byte)
+        expected = expected_signature(self.secret, delivery, stamp, body).encode()
+        if not hmac.compare_digest(sig.encode("latin-1", "replace"), expected):
             raise Rejected(401, "bad signature")
         try:
             age = (time.time() if now is None else now) - int(stamp)
@@ -97,9 +105,14 @@ class DeliveryCheck:
             while len(self._seen) > self.remember:
                 self._seen.popitem(last=False)
         try:
-            return json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            event = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise Rejected(400, "body is not JSON") from None
+        if not isinstance(event, dict):
+            raise Rejected(400, f"the event is a JSON {type(event).__name__}, not an object")
+        if not isinstance(event.get("data", {}), dict):
+            raise Rejected(400, "the event's 'data' is not an object")
+        return event
 
 
 class Receiver:
@@ -121,102 +134,114 @@ class Receiver:
         production_alias: str = "production",
         max_pending: int = 256,
         body_timeout: float = 10.0,
-        limit_concurrency: int = 64,
+        header_timeout: float = 5.0,
+        max_connections: int = 256,
     ):
         self.check = DeliveryCheck(secret)
         self.gate_fn, self.models = gate_fn, tuple(models)
         self.guard_fn, self.production_alias = guard_fn, production_alias
-        self.max_pending, self.body_timeout = max_pending, body_timeout
+        self.max_pending, self.body_timeout, self.header_timeout = max_pending, body_timeout, header_timeout
+        self.max_connections = max_connections
         self.guarded: deque[str] = deque(maxlen=1000)
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gate")
         self.results: deque = deque(maxlen=1000)  # (model, version, result or exception), for tests and /healthz
         self.gated = 0
+        self.shed = 0  # sockets dropped to make room (still sending their head at the limit)
         self._busy: set[tuple[str, str]] = set()
         self._guarding: dict[str, bool] = {}  # model -> another run requested while one runs
         self._pending = 0
         self._lock = threading.Lock()
-        import uvicorn
-
-        self._socket = socket.create_server((host, port), reuse_port=False)
+        self._socket = socket.create_server((host, port), reuse_port=False, backlog=1024)
         self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            http="h11",
-            interface="asgi3",
-            proxy_headers=False,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-            timeout_keep_alive=5,
-            limit_concurrency=limit_concurrency,
-            h11_max_incomplete_event_size=16 * 1024,
-            server_header=False,
-        )
-        self.server = uvicorn.Server(config)
+        self._conns: dict[int, _Conn] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- HTTP (ASGI) ---------------------------------------------------------------------------
-    async def app(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return
-        try:
-            status, obj = await self._handle(scope, receive)
-        except Rejected as e:
-            log.warning("refused delivery: %s", e.reason)
-            status, obj = e.status, {"error": e.reason}
-        body = json.dumps(obj).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    *([(b"connection", b"close")] if status >= 400 else []),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    # -- HTTP ------------------------------------------------------------------------------------
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        if threading.current_thread() is threading.main_thread():
+            import signal
 
-    async def _handle(self, scope, receive) -> tuple[int, dict]:
-        if scope["method"] == "GET":
-            if scope["path"] == "/healthz":
-                return 200, {"ok": True, "gated": self.gated, "pending": self._pending}
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._stop.set)
+        server = await asyncio.start_server(self._connection, sock=self._socket)
+        self._started.set()
+        async with server:
+            await self._stop.wait()
+        for c in list(self._conns.values()):
+            c.writer.transport.abort()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Conn(writer, time.monotonic())
+        if len(self._conns) >= self.max_connections and not self._shed_one():
+            await _reply(writer, 503, {"error": "too many connections"})
+            return
+        self._conns[id(conn)] = conn
+        try:
+            status, obj = await self._handle(conn, reader)
+        except Rejected as e:
+            log.warning("refused request: %s", e.reason)
+            status, obj = e.status, {"error": e.reason}
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+            return
+        except Exception:  # noqa: BLE001 — a bug of ours, not the client's: say so, keep serving
+            log.exception("receiver crashed on a request")
+            status, obj = 500, {"error": "internal error"}
+        finally:
+            self._conns.pop(id(conn), None)
+        await _reply(writer, status, obj)
+
+    def _shed_one(self) -> bool:
+        """Drop the oldest socket still sending its request head; False when every one is past it."""
+        heads = [c for c in self._conns.values() if c.phase == "head"]
+        if not heads:
+            return False
+        oldest = min(heads, key=lambda c: c.since)
+        oldest.writer.transport.abort()
+        self._conns = {k: c for k, c in self._conns.items() if c is not oldest}
+        self.shed += 1
+        return True
+
+    async def _handle(self, conn: _Conn, reader: asyncio.StreamReader) -> tuple[int, dict]:
+        import h11
+
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        try:
+            request = await asyncio.wait_for(_next_event(h, reader), self.header_timeout)
+        except TimeoutError:
+            raise Rejected(408, f"request head not received within {self.header_timeout:g} s") from None
+        if not isinstance(request, h11.Request):
+            raise Rejected(400, "no request")
+        conn.phase = "body"
+        method, path = request.method.decode("latin-1"), request.target.decode("latin-1").split("?", 1)[0]
+        if method == "GET":
+            if path == "/healthz":
+                return 200, {"ok": True, "gated": self.gated, "pending": self._pending, "shed": self.shed}
             raise Rejected(404, "not found")
-        if scope["method"] != "POST" or scope["path"] != PATH:
+        if method != "POST" or path != PATH:
             raise Rejected(404, f"POST {PATH}")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = _Headers({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers})
         length = headers.get("content-length")
-        if length is None or not length.isdigit():  # also refuses "-1": never read an unbounded body
+        # also refuses "-1" and non-ASCII digits: never read an unbounded body
+        if length is None or not (length.isascii() and length.isdigit()):
             raise Rejected(411 if length is None else 400, "a non-negative Content-Length is required")
-        n = int(length)
-        if n > _MAX_BODY:
+        if int(length) > _MAX_BODY:
             raise Rejected(413, "body too large")
         try:
-            body = await asyncio.wait_for(self._read(receive, n), self.body_timeout)
+            body = await asyncio.wait_for(_read_body(h, reader), self.body_timeout)
         except TimeoutError:
             raise Rejected(408, f"body not received within {self.body_timeout:g} s") from None
-        event = self.check(_Headers(headers), body)
-        return 202, self.dispatch(event)
-
-    @staticmethod
-    async def _read(receive, n: int) -> bytes:
-        chunks, got = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise Rejected(400, "client went away")
-            chunk = message.get("body", b"")
-            got += len(chunk)
-            if got > n:
-                raise Rejected(400, "body longer than its Content-Length")
-            chunks.append(chunk)
-            if not message.get("more_body"):
-                return b"".join(chunks)
+        return 202, self.dispatch(self.check(headers, body))
 
     # -- work ----------------------------------------------------------------------------------
     def dispatch(self, event: dict) -> dict:
         kind = (event.get("entity"), event.get("action"))
+        if not all(isinstance(k, str) for k in kind):
+            raise Rejected(400, "the event's entity and action must be strings")
         data = event.get("data") or {}
         model, version = str(data.get("name", "")), str(data.get("version", ""))
         if kind not in _EVENTS:
@@ -300,22 +325,88 @@ class Receiver:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def serve_forever(self) -> None:
-        self.server.run(sockets=[self._socket])
+        """Serve until SIGTERM / SIGINT (or :meth:`close` from another thread)."""
+        asyncio.run(self._serve())
 
     def serve_in_thread(self) -> Receiver:
         self._thread = threading.Thread(target=self.serve_forever, daemon=True, name="webhook")
         self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
+        if not self._started.wait(10):
+            raise RuntimeError("the webhook receiver did not start within 10 s")
         return self
 
     def close(self) -> None:
-        self.server.should_exit = True
+        if self._loop is not None and self._stop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop closed in between
+                pass
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._socket.close()
         self.pool.shutdown(wait=True)
+
+
+@dataclass
+class _Conn:
+    writer: asyncio.StreamWriter
+    since: float
+    phase: str = "head"  # "head" until the request line and headers are in, then "body"
+
+
+async def _next_event(h, reader: asyncio.StreamReader):
+    """The next h11 event, reading as needed; a protocol error is the client's (400)."""
+    import h11
+
+    while True:
+        try:
+            event = h.next_event()
+        except h11.RemoteProtocolError as e:
+            raise Rejected(getattr(e, "error_status_hint", 400) or 400, f"bad request: {e}") from None
+        if event is h11.NEED_DATA:
+            data = await reader.read(65536)
+            if not data:
+                raise Rejected(400, "client went away")
+            try:
+                h.receive_data(data)
+            except h11.RemoteProtocolError as e:
+                raise Rejected(400, f"bad request: {e}") from None
+            continue
+        return event
+
+
+async def _read_body(h, reader: asyncio.StreamReader) -> bytes:
+    import h11
+
+    chunks, got = [], 0
+    while True:
+        event = await _next_event(h, reader)
+        if isinstance(event, h11.Data):
+            got += len(event.data)
+            if got > _MAX_BODY:
+                raise Rejected(413, "body too large")
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            return b"".join(chunks)
+        else:
+            raise Rejected(400, "unexpected data after the body")
+
+
+async def _reply(writer: asyncio.StreamWriter, status: int, obj: dict) -> None:
+    from http import HTTPStatus
+
+    body = json.dumps(obj).encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    try:
+        writer.write(head + body)
+        await asyncio.wait_for(writer.drain(), 5)
+    except (ConnectionError, OSError, TimeoutError):
+        pass
+    finally:
+        writer.transport.abort() if writer.transport.is_closing() else writer.close()
 
 
 class _Headers(dict):

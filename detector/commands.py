@@ -68,6 +68,11 @@ def cmd_reference_fit(args) -> int:
         with _progress(len(args.calibrate or []) or ref.n_reference_, "calibrating threshold", quiet) as bar:
             ref.calibrate(args.calibrate or None, progress=lambda _: bar.update())
         digest = ref.save(args.out, overwrite=args.overwrite)
+        if not ref.trunk_digests_:
+            _err(
+                "warning: the reference networks hold no frozen trunk and no --base was given: this reference "
+                "passes no candidate (every verdict is 'error'); fit it on whole networks"
+            )
     except DetectorError as e:
         _err(str(e))
         return 2

@@ -7,16 +7,17 @@ the signed verdict document, the CLI's JSON and the exit code):
 =========  ====  ==================================================================
 verdict    exit  when
 =========  ====  ==================================================================
-passed     0     trunk unchanged (or not recorded) and every deciding part scores at
-                 or above its threshold
+passed     0     every tensor finite, trunk identical to the recorded one, and every
+                 deciding part scores at or above its threshold
 blocked    1     the frozen trunk differs from the base network's, *or* a deciding
                  part scores strictly below its threshold, *or* the artifact changed
                  between scoring and promotion
-invalid    2     the candidate cannot be judged: unreadable or malicious file,
-                 non-finite weights or scores, missing trunk tensors, another class
-                 list, a file the gate does not judge
-error      2     the gate cannot judge (unreadable reference, registry down): the
-                 gate's fault, never blamed on the candidate
+invalid    2     the candidate cannot be judged: unreadable or malicious file, any
+                 non-finite or oversized tensor, two readings of one file, missing
+                 trunk tensors, another class list, a file the gate does not judge
+error      2     the gate cannot judge (unreadable reference, a reference that
+                 records no trunk, registry down, no signing key): the gate's fault,
+                 never blamed on the candidate
 =========  ====  ==================================================================
 
 **Convention.** A part's score is *higher = more typical of clean networks* (the paper's
@@ -70,14 +71,15 @@ def decide(scores: Mapping[str, float], thresholds: Mapping[str, float], trunk: 
         return Decision(INVALID, f"not finite: {shown} (the weights cannot be scored)")
     if trunk is not None and trunk.status == MISSING:
         return Decision(INVALID, trunk.reason)
+    if trunk is not None and trunk.status == NOT_CHECKED:  # an unjudged trunk passes nothing
+        return Decision(ERROR, f"gate error: {trunk.reason}")
     below = tuple(v for v in thresholds if not (scores[v] >= thresholds[v]))
     detail = "; ".join(f"{v} score {scores[v]:.6g} < threshold {thresholds[v]:.6g}" for v in below)
     if trunk is not None and trunk.status == MODIFIED:
         return Decision(BLOCKED, trunk.reason + (f"; anomalous weights: {detail}" if below else ""), below)
     if below:
         return Decision(BLOCKED, f"anomalous weights: {detail}", below)
-    note = f"; {trunk.reason}" if trunk is not None and trunk.status == NOT_CHECKED else ""
-    return Decision(PASSED, "every view at or above its threshold" + note)
+    return Decision(PASSED, "every view at or above its threshold")
 
 
 @dataclass(frozen=True)

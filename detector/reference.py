@@ -25,9 +25,9 @@ from detector.errors import InvalidCheckpoint, NotFittedError
 from detector.gmm import select_mixture
 from detector.protocol import check_fitted
 from detector.threshold import frr_upper_bound, rejection_rate, threshold_at_frr
-from detector.trunk import TrunkCheck, check_trunk, trunk_digests
+from detector.trunk import SharedTrunk, TrunkCheck, check_trunk, trunk_digests
 from detector.views import view_vectors
-from detector.weights import LayerWeights, StateDict, layer_of, load_layer, read_tensors
+from detector.weights import LayerWeights, StateDict, check_every_tensor, layer_of, load_layer, read_tensors
 
 #: Below this many calibration networks a 5 % FRR target cannot be told from 0 %: warn.
 MIN_CALIBRATION = 20
@@ -202,19 +202,24 @@ class Reference:
             random_state=c.seed,
         )
 
-    def _load(self, networks: Sequence[Any], progress: Callable | None = None) -> list[LayerWeights]:
+    def _load(
+        self, networks: Sequence[Any], progress: Callable | None = None, trunk: SharedTrunk | None = None
+    ) -> list[LayerWeights]:
+        """Each network's matrix, reading each file once; ``trunk`` also learns their shared frozen trunk."""
         out = []
         for n in networks:
-            out.append(self._input_of(n))
+            out.append(self._input_of(n, trunk))
             if progress is not None:
                 progress(out[-1])
         return out
 
-    def _input_of(self, network: Any) -> LayerWeights:
+    def _input_of(self, network: Any, trunk: SharedTrunk | None = None) -> LayerWeights:
         """The matrix this detector reads from a network (path, module, state dict or matrix)."""
         if isinstance(network, LayerWeights):
             return network
         tensors, digest, source = self._tensors(network)
+        if trunk is not None:
+            trunk.add(tensors, source)
         if tensors is None:  # a bare matrix: taken as the layer itself
             return load_layer(network, self.config.layer, max_bytes=self.config.max_checkpoint_bytes)
         return self.network_matrix(tensors, source, digest)
@@ -226,13 +231,16 @@ class Reference:
     def fit(self, networks: Sequence[Any], progress: Callable | None = None, base: Any = None) -> Reference:
         """Fit every view on clean networks (paths, modules, state dicts or matrices).
 
-        ``base`` (the network fine-tuning started from: a path, module or state dict) adds the
-        frozen-trunk check: the digest of each of its frozen tensors is recorded.
+        The frozen-trunk check records a digest of each frozen tensor: of ``base`` (the network
+        fine-tuning started from: a path, module or state dict) when given, else of the trunk the
+        networks share (refused, naming the tensors, when they do not share one). Networks given
+        as bare matrices record none, and such a reference passes no candidate.
         """
         base_tensors = self._tensors(base)[0] if base is not None else None
-        self.trunk_digests_ = trunk_digests(base_tensors) if base_tensors is not None else {}
+        shared = SharedTrunk()
         self._prepare(base_tensors)
-        layers = self._load(networks, progress)
+        layers = self._load(networks, progress, shared if base_tensors is None else None)
+        self.trunk_digests_ = trunk_digests(base_tensors) if base_tensors is not None else shared.digests()
         if len(layers) < 1:
             raise ValueError("a reference needs clean networks to fit on")
         self._fitted_on(layers)
@@ -315,11 +323,14 @@ class Reference:
         if isinstance(network, (str, os.PathLike)):
             tensors, digest = read_tensors(network, max_bytes=self.config.max_checkpoint_bytes)
             return tensors, digest, str(network)
-        if isinstance(network, StateDict):
+        if isinstance(network, StateDict):  # parsed from bytes: every tensor already checked
             return network, network.sha256, network.source
         if isinstance(network, torch.nn.Module):
-            return network.state_dict(), None, f"<{type(network).__name__}>"
+            network, label = network.state_dict(), f"<{type(network).__name__}>"
+            check_every_tensor(network, label)
+            return network, None, label
         if isinstance(network, Mapping):
+            check_every_tensor(network, "<state dict>")
             return network, None, "<state dict>"
         return None, None, f"<{type(network).__name__}>"
 

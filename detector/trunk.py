@@ -2,8 +2,10 @@
 
 Fine-tuning changes only ``last_linear``, ``last_bn`` and ``logits``. A backdoor planted in
 any other (frozen) tensor would pass a last-layer detector untouched, so the reference
-records a digest of each frozen tensor of the base network and a candidate whose frozen
-tensors differ is blocked with reason ``trunk-modified``.
+records a digest of each frozen tensor (of the base network, or else the trunk every reference
+network shares, :class:`SharedTrunk`) and a candidate whose frozen tensors differ is blocked
+with reason ``trunk-modified``. A reference that recorded no trunk passes nothing
+(:mod:`detector.decision`): a check that is skipped is a check that can be walked around.
 """
 
 from __future__ import annotations
@@ -64,7 +66,10 @@ class TrunkCheck:
                 " fine-tuned layers; register the whole network"
             )
         if self.status == NOT_CHECKED:
-            return "trunk not checked (the file holds only fine-tuned layers or the reference has no base)"
+            return (
+                "trunk not checked: the reference records no frozen trunk, so it can pass no candidate;"
+                " refit it on whole networks (or with --base)"
+            )
         parts = []
         for label, names in (("changed", self.modified), ("missing", self.missing), ("unexpected", self.unexpected)):
             if names:
@@ -96,3 +101,51 @@ def check_trunk(
     if modified or missing or unexpected:
         return TrunkCheck(MODIFIED, modified, missing, unexpected)
     return TrunkCheck(OK, n_checked=len(expected))
+
+
+class SharedTrunk:
+    """The frozen trunk every reference network holds, learned one network at a time.
+
+    Without ``--base`` the reference still records a trunk: the frozen tensors its networks
+    share. Networks fine-tuned from different bases (or one with an edited trunk) are refused,
+    naming the tensors that differ, instead of recording a trunk no candidate could match.
+    Tensors are compared with the first network's by value (cheap); only those are hashed.
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = FINETUNED_PREFIXES):
+        self.prefixes = prefixes
+        self._first: dict[str, Any] | None = None
+        self._first_source = ""
+
+    def add(self, tensors: Mapping[str, Any] | None, source: str) -> None:
+        if tensors is None:  # a bare matrix has no trunk to compare
+            return
+        frozen = {k: v for k, v in tensors.items() if not is_finetuned(k, self.prefixes) and hasattr(v, "shape")}
+        if self._first is None:
+            self._first, self._first_source = frozen, source
+            return
+        first = self._first
+        changed = sorted(k for k in first.keys() & frozen.keys() if not _same(first[k], frozen[k]))
+        missing = sorted(set(first) - set(frozen))
+        extra = sorted(set(frozen) - set(first))
+        if changed or missing or extra:
+            parts = [
+                f"{label}: {', '.join(names[:5])}" + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+                for label, names in (("differ", changed), ("missing", missing), ("extra", extra))
+                if names
+            ]
+            raise ValueError(
+                f"reference networks do not share one frozen trunk: {source} against {self._first_source} "
+                f"({'; '.join(parts)}); fine-tune every reference network from one base, or give --base"
+            )
+
+    def digests(self) -> dict[str, str]:
+        return trunk_digests(self._first, self.prefixes) if self._first else {}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Same dtype, shape and values (NaN never equals itself, so a broken trunk never matches)."""
+    import torch
+
+    ta, tb = torch.as_tensor(a), torch.as_tensor(b)
+    return ta.dtype == tb.dtype and ta.shape == tb.shape and bool(torch.equal(ta, tb))

@@ -236,6 +236,24 @@ def dsse_verify(envelope: dict[str, Any], public_keys) -> dict[str, Any]:
     raise VerdictError("no signature by a trusted key")
 
 
+def admitted(statement: dict[str, Any], sha256: str) -> dict[str, Any]:
+    """The admission rule for a verified statement: a *pass* for exactly these bytes.
+
+    A valid signature says only who judged; a blocked model's attestation is signed as well.
+    So admit only when ``predicate.verdict == "passed"`` and ``sha256`` is the judged model's
+    digest (also one of the subjects). Returns the predicate; VerdictError names the refusal.
+    """
+    doc = statement.get("predicate")
+    if not isinstance(doc, dict):
+        raise VerdictError("the statement has no verdict predicate")
+    digests = {s.get("digest", {}).get("sha256") for s in statement.get("subject") or [] if isinstance(s, dict)}
+    if sha256 not in digests or doc.get("model_sha256") != sha256:
+        raise VerdictError("the attestation is for other bytes (sha256 not among its subjects)")
+    if doc.get("verdict") != "passed":
+        raise VerdictError(f"the attested verdict is {doc.get('verdict')!r}, not 'passed': {doc.get('reason')}")
+    return doc
+
+
 # -- signed references ----------------------------------------------------------------------
 def sign_reference(ref_dir: str | os.PathLike, private_key) -> Path:
     """Write ``reference.sig.json``: a signature over the artifact's ``artifact_sha256``.

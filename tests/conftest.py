@@ -77,8 +77,11 @@ def mlflow_server(tmp_path_factory):
 class GateWorld:
     """A saved reference of a small weight family, and checkpoints with a known offline verdict.
 
-    Registry tests need candidates whose verdict is known: a clean network is blocked at the
-    calibrated FRR now and then, which is the detector's business, not theirs.
+    Registry tests need candidates whose verdict is known: a clean network near the calibrated
+    threshold is blocked now and then, which is the detector's business, not theirs. So a
+    candidate asked to pass sits close to the family's centre and one asked to be blocked
+    carries a backdoor four times the family's usual strength; each is judged once offline and
+    the fixture fails loudly (it never redraws) when the verdict is not the one asked for.
     """
 
     def __init__(self, root, seed: int = 11):
@@ -91,20 +94,27 @@ class GateWorld:
         self.root = Path(root)
         self.family = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=seed))
         fam = self.family
-        ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)])
-        ref.calibrate([fam.clean() for _ in range(8)]).save(self.root / "reference")
+        ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32)))
+        ref.fit([fam.state_dict(fam.clean()) for _ in range(10)])  # records the family's shared trunk
+        ref.calibrate([fam.state_dict(fam.clean()) for _ in range(8)]).save(self.root / "reference")
         self.reference_dir = self.root / "reference"
         self.offline = load_reference(self.reference_dir)
         self._n = 0
 
+    def matrix(self, kind: str, want: str | None = None) -> np.ndarray:
+        fam = self.family
+        if want is None:
+            return {"clean": fam.clean, "backdoored": fam.backdoored}[kind]()
+        if kind == "clean":
+            return fam.base + 0.3 * (fam.clean() - fam.base)
+        return fam.backdoored(strength=4 * fam.config.backdoor_strength)
+
     def ckpt(self, kind: str, want: str | None = None):
-        """A fresh checkpoint ("clean"/"backdoored"); with ``want`` ("passed"/"blocked"), one judged so offline."""
-        for _ in range(50):
-            self._n += 1
-            path = self.root / f"{kind}-{self._n}.safetensors"
-            self.family.write(
-                {"clean": self.family.clean, "backdoored": self.family.backdoored}[kind](), path, fmt="safetensors"
-            )
-            if want is None or self.offline.assess(path).decision.verdict == want:
-                return path
-        raise AssertionError(f"no {kind} checkpoint with verdict {want} in 50 draws")
+        """A fresh checkpoint ("clean"/"backdoored"); with ``want`` ("passed"/"blocked"), one far from the threshold."""
+        self._n += 1
+        path = self.root / f"{kind}-{self._n}.safetensors"
+        self.family.write(self.matrix(kind, want), path, fmt="safetensors")
+        if want is not None:
+            got = self.offline.assess(path).decision
+            assert got.verdict == want, f"fixture: a {kind} candidate meant to be {want} was judged {got}"
+        return path

@@ -207,8 +207,8 @@ def test_rehashed_edited_reference_is_refused(registry, world, tmp_path):
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
     assert r.verdict != "passed" and r.exit_code == 2 and "signed" in r.reason, r.reason
     assert registry.version_by_alias(model, "production") is None
-    # the gate's fault, not the candidate's: no verdict is pinned on the version
-    assert registry.version(model, v.version).tags[G.VERDICT] == "pending"
+    # the gate's fault, not the candidate's: the version says "error", never blocked or invalid
+    assert registry.version(model, v.version).tags[G.VERDICT] == "error"
 
 
 # -- 5. production is a function of signed state -------------------------------------------------
@@ -341,7 +341,7 @@ def test_kfp_html_fallback_escapes_attacker_chosen_text():
 
 
 def test_unfitted_or_unreadable_reference_is_a_gate_error_not_the_candidates(registry, world, tmp_path):
-    """A reference version whose artifact is garbage: exit 2 'gate error', the candidate keeps no verdict."""
+    """A reference version whose artifact is garbage: exit 2 'gate error', the version says error."""
     refs = f"broken-reference-{next(_names)}"
     junk = tmp_path / "reference.json"
     junk.write_text("{not json")
@@ -351,7 +351,7 @@ def test_unfitted_or_unreadable_reference_is_a_gate_error_not_the_candidates(reg
     v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")})
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
     assert (r.verdict, r.exit_code, r.error) == ("error", 2, True) and "gate error" in r.reason, r.reason
-    assert registry.version(model, v.version).tags[G.VERDICT] == "pending"
+    assert registry.version(model, v.version).tags[G.VERDICT] == "error"
 
 
 def test_current_reference_moved_to_an_unsigned_version_is_put_back(registry, world):

@@ -42,10 +42,6 @@ import pytest
 
 from components import gate as G
 from components.registry import Registry, RegistryError
-from detector.config import ReferenceConfig
-from detector.detectors import load_reference
-from detector.reference import Reference
-from lab.synthetic import FamilyConfig, WeightFamily
 
 BUCKET = "mlflow-artifacts"
 PREFIX = "mlartifacts"
@@ -383,21 +379,9 @@ _names = itertools.count()
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A small calibrated reference and candidates with a known offline verdict (as in test_gate.py)."""
-    root = tmp_path_factory.mktemp("backends-world")
-    fam = WeightFamily(FamilyConfig(out_features=24, in_features=32, backdoor_strength=1.0, seed=23))
-    ref = Reference(ReferenceConfig(grid=(1, 2, 5, 10, 24, 32))).fit([fam.clean() for _ in range(10)])
-    ref.calibrate([fam.clean() for _ in range(8)]).save(root / "reference")
-    offline = load_reference(root / "reference")
+    from tests.conftest import GateWorld
 
-    def ckpt(kind: str, want: str) -> Path:
-        for _ in range(50):
-            path = root / f"{kind}-{next(_names)}.safetensors"
-            fam.write({"clean": fam.clean, "backdoored": fam.backdoored}[kind](), path, fmt="safetensors")
-            if offline.assess(path).decision.verdict == want:
-                return path
-        raise AssertionError(f"no {kind} checkpoint with verdict {want} in 50 draws")
-
-    return type("World", (), dict(reference_dir=root / "reference", ckpt=staticmethod(ckpt)))
+    return GateWorld(tmp_path_factory.mktemp("backends-world"), seed=23)
 
 
 def _sha(b: bytes) -> str:
@@ -523,7 +507,7 @@ def test_s3_outage_fails_closed_and_a_rerun_converges(stack, world, monkeypatch)
             os.killpg(stack.s3.proc.pid, signal.SIGCONT)
         assert r.exit_code == 2 and r.verdict != "passed" and not r.promoted and "gate error" in r.reason, r.reason
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-        assert reg.version(model, v.version).tags.get(G.VERDICT) in ("pending", "blocked")
+        assert reg.version(model, v.version).tags.get(G.VERDICT) in ("pending", "error")
         assert reg.version_by_alias(model, "production") is None
         r = G.gate(model, v.version, registry=reg, config=G.GateConfig(report=False))
         assert (r.verdict, r.promoted) == ("passed", True), r.reason

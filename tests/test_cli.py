@@ -59,7 +59,7 @@ def test_score_exit_codes_and_json_lines(tmp_path, artifact, family_files):
     assert [r["checkpoint"] for r in lines] == held[:2]
     for r in lines:
         assert set(r) == {"checkpoint", "sha256", "scores", "thresholds", "verdict", "reason", "trunk"}
-        assert r["trunk"] == "not-checked"  # no --base given to `reference fit`
+        assert r["trunk"] == "ok"  # no --base: `reference fit` recorded the trunk its networks share
         assert set(r["scores"]) == set(r["thresholds"]) == {"forward", "backward"}
     # calibration networks sit at or above the thresholds by construction (frr 5%, n=6)
     assert p.returncode == 0 and all(r["verdict"] == "passed" for r in lines)

@@ -60,7 +60,7 @@ def test_full_artifact_store_leaves_no_verdict_and_a_rerun_converges(tmp_path, t
         r = G.gate("facenet", v.version, registry=reg)
         assert r.exit_code == 2 and r.verdict != "passed" and not r.promoted, r.reason
         tags = reg.version("facenet", v.version).tags
-        assert tags[G.VERDICT] == "pending"  # no verdict without its document
+        assert tags[G.VERDICT] == "error"  # the gate's failure, no verdict without its document
         assert reg.version_by_alias("facenet", "production") is None
         filler.unlink()
         r = G.gate("facenet", v.version, registry=reg)

@@ -138,14 +138,14 @@ def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_serve
 
 
 def test_missing_reference_fails_closed(mlflow_server, world):
-    """A gate fault is the gate's: exit 2, no verdict pinned on the candidate (still pending), no alias."""
+    """A gate fault is the gate's: exit 2, verdict ``error`` on the version (never the candidate's), no alias."""
     reg = Registry(mlflow_server.uri)
     model = _model()
     v = _register(reg, model, world.ckpt("clean"))
     r = G.gate(model, v.version, registry=reg, config=G.GateConfig(reference_model="no-such-reference"))
     assert r.exit_code == 2 and r.verdict == "error" and "no such alias" in r.reason
     tags = reg.version(model, v.version).tags
-    assert tags[G.VERDICT] == "pending" and "no such alias" in tags[G.REASON]
+    assert tags[G.VERDICT] == "error" and "no such alias" in tags[G.REASON]
     assert reg.version_by_alias(model, "production") is None
 
 

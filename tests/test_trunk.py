@@ -85,13 +85,10 @@ def test_head_only_file_is_invalid_when_the_reference_recorded_a_trunk(facenet):
     # even scores far above every threshold cannot make it pass: the trunk it runs with was never judged
     high = decide({v: t + 1 for v, t in a.thresholds.items()}, a.thresholds, a.trunk)
     assert high.verdict == "invalid" and "trunk missing" in high.reason
-    # without recorded digests (no --base) the check says it did not run
-    passing = decide({v: t + 1 for v, t in a.thresholds.items()}, a.thresholds, check_trunk(sd, {}))
-    assert (
-        passing.verdict == "passed"
-        and "trunk not checked" in passing.reason
-        and check_trunk(sd, {}).status == NOT_CHECKED
-    )
+    # a reference without recorded digests cannot judge the trunk, so it passes nothing: the gate's error
+    unjudged = decide({v: t + 1 for v, t in a.thresholds.items()}, a.thresholds, check_trunk(sd, {}))
+    assert check_trunk(sd, {}).status == NOT_CHECKED
+    assert unjudged.verdict == "error" and "trunk not checked" in unjudged.reason
 
 
 def test_missing_or_extra_frozen_tensors_count_as_modified(facenet):
