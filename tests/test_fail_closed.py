@@ -174,12 +174,18 @@ def _oversized_verdict(registry: Registry, info, tmp_path: Path) -> None:
     registry.client.log_artifacts(info.run_id, str(folder), f"integrity/v{info.version}")
 
 
-def test_an_unreadable_verdict_does_not_keep_production_on_a_blocked_version(registry, world, tmp_path):
+def _promoted_then_blocked(registry, world):
+    """A model whose v1 passed (production) and whose v2, the attacker's, was blocked."""
     model = _model()
     good = _register(registry, model, world.ckpt("clean", "passed"), who="ci")
     assert G.gate(model, good.version, registry=registry, config=NO_REPORT).promoted
     bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
     assert G.gate(model, bad.version, registry=registry, config=NO_REPORT).verdict == "blocked"
+    return model, good, bad
+
+
+def test_an_unreadable_verdict_does_not_keep_production_on_a_blocked_version(registry, world, tmp_path):
+    model, good, bad = _promoted_then_blocked(registry, world)
     _oversized_verdict(registry, bad, tmp_path)
     registry.set_alias(model, "production", bad.version)
     # the guard alone (the webhook's path) ...
@@ -192,11 +198,7 @@ def test_an_unreadable_verdict_does_not_keep_production_on_a_blocked_version(reg
 
 
 def test_an_unreadable_record_on_a_decoy_does_not_stop_the_guard(registry, world, tmp_path):
-    model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"), who="ci")
-    assert G.gate(model, good.version, registry=registry, config=NO_REPORT).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
-    assert G.gate(model, bad.version, registry=registry, config=NO_REPORT).verdict == "blocked"
+    model, good, bad = _promoted_then_blocked(registry, world)
     decoy = _register(registry, model, world.ckpt("backdoored", "blocked"))
     registry.set_tags(model, decoy.version, {G.VERDICT: "passed"})  # so the guard looks at it first
     _oversized_verdict(registry, decoy, tmp_path)
