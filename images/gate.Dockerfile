@@ -27,7 +27,9 @@ COPY components ./components
 COPY pipelines ./pipelines
 COPY lab ./lab
 COPY backdoor_gate ./backdoor_gate
+# triton only serves torch.compile on GPUs, which the gate never uses: out of the CPU image.
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
+ && /opt/venv/bin/pip uninstall -y triton \
  && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/bin/pip* /opt/venv/lib/python3.11/site-packages/pip
 
