@@ -13,15 +13,16 @@ FROM ${BASE_IMAGE} AS build
 ARG TORCH_VERSION=2.14.1
 ARG TORCH_INDEX_URL=""
 ARG PIP_INDEX_URL
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
 WORKDIR /src
-COPY requirements.lock images/gate-requirements.txt pyproject.toml README.md ./
-# pip's download cache is a BuildKit cache mount shared by the three builds: not part of any layer.
-RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=backdoor-gate-pip,target=/root/.cache/pip \
+# only the pins come before the dependency install: a code or README change keeps that layer
+COPY requirements.lock images/gate-requirements.txt ./
+RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
       -c requirements.lock "torch==${TORCH_VERSION}" -r gate-requirements.txt
+COPY pyproject.toml README.md ./
 COPY detector ./detector
 COPY components ./components
 COPY pipelines ./pipelines
@@ -30,7 +31,6 @@ COPY backdoor_gate ./backdoor_gate
 # triton only serves torch.compile on GPUs, which the gate never uses: out of the CPU image.
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
  && /opt/venv/bin/pip uninstall -y triton \
- && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/bin/pip* /opt/venv/lib/python3.11/site-packages/pip
 
 ARG BASE_IMAGE=python:3.11.9-slim-bookworm
@@ -43,7 +43,7 @@ LABEL org.opencontainers.image.title="backdoor-gate gate" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --create-home app
 COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS=1 \
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 \
     MLFLOW_DISABLE_TELEMETRY=true
 USER 10001
 WORKDIR /home/app

@@ -6,14 +6,13 @@
 ARG BASE_IMAGE=python:3.11.9-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ARG PIP_INDEX_URL
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
 WORKDIR /src
 COPY requirements.lock images/mlflow-requirements.txt ./
-RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=backdoor-gate-pip,target=/root/.cache/pip \
+RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -c requirements.lock -r mlflow-requirements.txt \
- && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/bin/pip* /opt/venv/lib/python3.11/site-packages/pip
 
 ARG BASE_IMAGE=python:3.11.9-slim-bookworm
@@ -26,7 +25,7 @@ LABEL org.opencontainers.image.title="backdoor-gate mlflow" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --create-home app
 COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MLFLOW_DISABLE_TELEMETRY=true
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true
 USER 10001
 WORKDIR /home/app
 EXPOSE 5000

