@@ -48,6 +48,7 @@ for name in "${names[@]}"; do
   [ -f "images/$name.Dockerfile" ] || { echo "images: no images/$name.Dockerfile" >&2; exit 1; }
   image=$REGISTRY/$name:$TAG
   echo "images: building $image from images/$name.Dockerfile on $BASE_IMAGE (log: /tmp/backdoor-gate-build-$name.log)"
+  old=$($DOCKER image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)
   start=$(date +%s)
   if ! $DOCKER build --progress plain -f "images/$name.Dockerfile" "${args[@]}" -t "$image" . \
        > "/tmp/backdoor-gate-build-$name.log" 2>&1; then
@@ -55,4 +56,8 @@ for name in "${names[@]}"; do
   fi
   size=$($DOCKER image inspect -f '{{.Size}}' "$image" | awk '{printf "%.2f GB", $1/1e9}')
   echo "images: $image built in $(( $(date +%s) - start )) s, $size"
+  # the image this tag replaced is GBs of disk: remove it unless something still uses it
+  if [ -n "$old" ] && [ "$old" != "$($DOCKER image inspect -f '{{.Id}}' "$image")" ]; then
+    $DOCKER image rm "$old" >/dev/null 2>&1 || true
+  fi
 done

@@ -69,8 +69,10 @@ def init_local(workdir: str | Path, runner: str = "subprocess") -> Path:
             raise RuntimeError(f"runner docker: no usable docker daemon ({e}); start one (make images does)") from e
         # the images run as a non-root user (uid 10001): it writes its outputs under the root
         root.chmod(0o777)
+        # entrypoint [""]: the task's command replaces the image's ENTRYPOINT, as a pod's `command`
+        # does on Kubernetes (docker alone would append it to ENTRYPOINT)
         local.init(
-            runner=local.DockerRunner(network_mode="host", environment=container_env(root)),
+            runner=local.DockerRunner(network_mode="host", entrypoint=[""], environment=container_env(root)),
             pipeline_root=str(root),
             raise_on_error=True,
         )
