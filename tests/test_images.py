@@ -215,3 +215,28 @@ def test_base_pin_is_checked_through_an_arg(tmp_path):
 def test_build_scripts_parse(script):
     p = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
     assert p.returncode == 0, p.stderr
+
+
+def test_container_env_carries_keys_as_text_and_a_cache_under_the_root(tmp_path, monkeypatch):
+    """A container sees no host path: key files become PEM text, the trunk cache lies under the root."""
+    from detector import verdict as V
+    from pipelines.local import container_env, init_local
+
+    priv, pub = V.generate_keypair(tmp_path / "keys")
+    host_cache = tmp_path / "host-cache"
+    (host_cache / "trunks").mkdir(parents=True)
+    (host_cache / "trunks" / "default-x.safetensors").write_bytes(b"trunk")
+    monkeypatch.setenv("BACKDOOR_GATE_CACHE", str(host_cache))
+    monkeypatch.setenv(V.KEY_FILE_ENV, str(priv))
+    monkeypatch.delenv(V.KEY_ENV, raising=False)
+    monkeypatch.setenv(V.REFERENCE_KEYS_ENV, str(pub))
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    root = tmp_path / "root"
+    env = container_env(root)
+    assert env[V.KEY_ENV] == Path(priv).read_text() and V.KEY_FILE_ENV not in env
+    assert env[V.REFERENCE_KEYS_ENV] == Path(pub).read_text() and "-----BEGIN" in env[V.REFERENCE_KEYS_ENV]
+    assert "UNRELATED_SECRET" not in env
+    assert env["BACKDOOR_GATE_CACHE"] == str(root / "cache")
+    assert (root / "cache" / "trunks" / "default-x.safetensors").read_bytes() == b"trunk"
+    with pytest.raises(ValueError, match="unknown runner"):
+        init_local(tmp_path / "x", runner="podman")
