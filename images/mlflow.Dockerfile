@@ -1,16 +1,22 @@
-# syntax=docker/dockerfile:1
 # MLflow tracking server for manifests/base/mlflow/deployment.yaml: PostgreSQL backend store
 # (psycopg2; use postgresql+psycopg2:// URIs), S3 artifacts (boto3), basic auth (Flask-WTF).
 # Configured entirely by arguments and environment from the Deployment; no secret is baked in.
-# Build context: the repository root (make images).
-FROM python:3.11.9-slim-bookworm AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# Build context: the repository root; build with images/build.sh (make images); build arguments
+# and the pip_cert secret as in images/gate.Dockerfile.
+ARG BASE_IMAGE=python:3.11.9-slim-bookworm
+FROM ${BASE_IMAGE} AS build
+ARG PIP_INDEX_URL
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_DEFAULT_TIMEOUT=180
 WORKDIR /src
 COPY requirements.lock images/mlflow-requirements.txt ./
-RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -c requirements.lock -r mlflow-requirements.txt
+RUN --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install -c requirements.lock -r mlflow-requirements.txt \
+ && rm -rf /opt/venv/bin/pip* /opt/venv/lib/python3.11/site-packages/pip
 
-FROM python:3.11.9-slim-bookworm
+ARG BASE_IMAGE=python:3.11.9-slim-bookworm
+FROM ${BASE_IMAGE}
 ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="backdoor-gate mlflow" \
       org.opencontainers.image.description="MLflow 3.17.2 tracking server with PostgreSQL, S3 and basic-auth support" \

@@ -32,7 +32,7 @@ def cmd_compile(args) -> int:
 def cmd_run_local(args) -> int:
     from pipelines.local import run_local
 
-    outputs = run_local(args.pipeline, dict(args.param or []), workdir=args.workdir)
+    outputs = run_local(args.pipeline, dict(args.param or []), workdir=args.workdir, runner=args.runner)
     print(json.dumps(outputs, default=str))
     return 0
 
@@ -78,6 +78,13 @@ def register(sub) -> None:
     r.add_argument("pipeline", choices=PIPELINES)
     r.add_argument("--param", action="append", type=_param, metavar="KEY=VALUE", help="pipeline parameter (repeatable)")
     r.add_argument("--workdir", default=".cache/kfp-local", help="kfp.local pipeline root")
+    r.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default=None,
+        help="subprocess (default, or $BACKDOOR_GATE_LOCAL_RUNNER): tasks run here; "
+        "docker: each task in its image (make images), host network",
+    )
     r.set_defaults(func=cmd_run_local)
 
     m = s.add_parser("submit", help="submit a run (or a recurring run with --cron) to a KFP API server")

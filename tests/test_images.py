@@ -1,11 +1,12 @@
 """Container images: every Dockerfile is lint-clean (hadolint) and follows the image policy.
 
-No image engine runs here (no docker daemon, no registry to pull bases from), so the images are
-not built in tests; `make images` builds them where docker or podman works. Checked instead:
-hadolint at its strictest threshold, bases pinned by exact tag or digest, a non-root final user,
-OCI labels, an explicit HEALTHCHECK decision, COPY sources that exist and are not excluded by
-.dockerignore, no secret-looking ENV/ARG, pins that agree with requirements.lock, and a
-Dockerfile for every image that components/ and manifests/ reference.
+Static checks, fast, part of `make test`; building and running the images is
+tests/test_images_run.py (`make test-images`). Checked here: hadolint at its strictest
+threshold, bases pinned by exact tag or digest (also through an ``ARG BASE_IMAGE`` default), a
+non-root final user, OCI labels, an explicit HEALTHCHECK decision, COPY sources that exist and are
+not excluded by .dockerignore, no secret-looking ENV/ARG, pip reaching the index only through the
+BuildKit secret (no CA file copied in), pins that agree with requirements.lock, a Dockerfile for
+every image that components/ and manifests/ reference, and shell scripts that pass ``bash -n``.
 """
 
 from __future__ import annotations
@@ -95,13 +96,25 @@ def test_hadolint_does_fail_on_a_bad_dockerfile(tmp_path):
     assert rc != 0 and {"DL3007", "DL3008", "DL3025"} <= codes, codes
 
 
+def _resolve_args(image: str, defaults: dict[str, str]) -> str:
+    """``${NAME}`` / ``$NAME`` in a FROM replaced by the ARG's default (a base the build uses
+    when no --build-arg is given must be pinned too)."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), m.group(0)), image)
+
+
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_image_policy(path):
     ins = _instructions(path)
     stages = set()
+    arg_defaults: dict[str, str] = {}
     for op, arg in ins:
+        if op == "ARG" and "=" in arg:
+            name, _, value = arg.partition("=")
+            arg_defaults[name.strip()] = value.strip().strip('"')
         if op == "FROM":
             image, *rest = arg.split()
+            image = _resolve_args(image, arg_defaults)
+            assert "$" not in image, f"{path.name}: FROM {image}: an ARG without a default"
             if image not in stages:  # a base from a registry, not an earlier stage
                 assert "@sha256:" in image or re.search(r":[^:/]*\d[^:/]*$", image), (
                     f"{path.name}: base {image} not pinned"
@@ -110,8 +123,15 @@ def test_image_policy(path):
             if len(rest) == 2 and rest[0].upper() == "AS":
                 stages.add(rest[1])
         if op in {"ENV", "ARG"}:
-            assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*=", arg, re.I), (
+            assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY|CERT)\w*=", arg, re.I), (
                 f"{path.name}: secret-looking {op} {arg}"
+            )
+        if op in {"COPY", "ADD"}:
+            assert not re.search(r"\.(crt|pem)\b|ca-certificates|/etc/ssl", arg), f"{path.name}: {op} {arg}"
+        if op == "RUN" and "pip install" in arg and "--no-deps --no-build-isolation ." not in arg:
+            # pip reaches the index with the CA bundle mounted as a BuildKit secret, never a file in a layer
+            assert "--mount=type=secret,id=pip_cert" in arg and "PIP_CERT=/run/secrets/pip_cert" in arg, (
+                f"{path.name}: pip install without the pip_cert secret: {arg[:80]}"
             )
     final = _final_stage(path)
     users = [arg for op, arg in final if op == "USER"]
@@ -180,3 +200,43 @@ def test_every_referenced_image_has_a_dockerfile():
     for image in ours:
         name = image[len(images.REGISTRY) + 1 :].split(":")[0]
         assert (ROOT / "images" / f"{name}.Dockerfile").exists(), f"{image} has no images/{name}.Dockerfile"
+
+
+def test_base_pin_is_checked_through_an_arg(tmp_path):
+    """The pin check follows ARG defaults: an unpinned default or an ARG without one fails."""
+    for text in ("ARG BASE_IMAGE=python:slim\nFROM ${BASE_IMAGE}\n", "ARG BASE_IMAGE\nFROM ${BASE_IMAGE}\n"):
+        bad = tmp_path / "x.Dockerfile"
+        bad.write_text(text + "USER 10001\nHEALTHCHECK NONE\n")
+        with pytest.raises(AssertionError, match="not pinned|without a default"):
+            test_image_policy(bad)
+
+
+@pytest.mark.parametrize("script", sorted((ROOT / "images").glob("*.sh")), ids=lambda p: p.name)
+def test_build_scripts_parse(script):
+    p = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+
+
+def test_container_env_carries_keys_as_text_and_a_cache_under_the_root(tmp_path, monkeypatch):
+    """A container sees no host path: key files become PEM text, the trunk cache lies under the root."""
+    from detector import verdict as V
+    from pipelines.local import container_env, init_local
+
+    priv, pub = V.generate_keypair(tmp_path / "keys")
+    host_cache = tmp_path / "host-cache"
+    (host_cache / "trunks").mkdir(parents=True)
+    (host_cache / "trunks" / "default-x.safetensors").write_bytes(b"trunk")
+    monkeypatch.setenv("BACKDOOR_GATE_CACHE", str(host_cache))
+    monkeypatch.setenv(V.KEY_FILE_ENV, str(priv))
+    monkeypatch.delenv(V.KEY_ENV, raising=False)
+    monkeypatch.setenv(V.REFERENCE_KEYS_ENV, str(pub))
+    monkeypatch.setenv("UNRELATED_SECRET", "x")
+    root = tmp_path / "root"
+    env = container_env(root)
+    assert env[V.KEY_ENV] == Path(priv).read_text() and V.KEY_FILE_ENV not in env
+    assert env[V.REFERENCE_KEYS_ENV] == Path(pub).read_text() and "-----BEGIN" in env[V.REFERENCE_KEYS_ENV]
+    assert "UNRELATED_SECRET" not in env
+    assert env["BACKDOOR_GATE_CACHE"] == str(root / "cache")
+    assert (root / "cache" / "trunks" / "default-x.safetensors").read_bytes() == b"trunk"
+    with pytest.raises(ValueError, match="unknown runner"):
+        init_local(tmp_path / "x", runner="podman")
