@@ -43,15 +43,18 @@ class ExplainConfig:
     """How the trigger is searched for (chosen on development networks, see lab/explain.py)."""
 
     image_size: int = 96  # the trunk's input size (the default trunk is pre-trained at 96 px)
+    locate_size: float = 0.2  # patch side (fraction of the width) while looking for where the trigger is
+    grid: int = 5  # grid x grid candidate positions
+    steps: int = 5  # pattern optimisation steps at every grid position
+    locate_faces: int = 4  # faces the grid is scored on
+    refine_steps: int = 10  # steps at the best position and its half-grid-step neighbours
     #: patch side as a fraction of the image width, tried smallest first until one works
-    sizes: tuple[float, ...] = (0.12, 0.2, 0.3)
-    grid: int = 5  # grid x grid candidate positions per size
-    steps: int = 10  # pattern optimisation steps at every grid position
-    refine_steps: int = 20  # steps at the best position and its half-grid-step neighbours
-    faces: int = 10  # faces the pattern is optimised on
+    sizes: tuple[float, ...] = (0.1, 0.15, 0.2, 0.3)
+    size_steps: int = 10  # steps per size
+    faces: int = 8  # faces the pattern is optimised on
     heldout: int = 16  # faces the reconstructed attack success is measured on (never optimised on)
     controls: int = 3  # control classes for the anomaly index
-    control_faces: int = 6  # faces per control search (cheaper than the victim's)
+    control_faces: int = 4  # faces per control search (cheaper than the victim's)
     asr_target: float = 0.8  # a patch "works" when this share of faces is sent to the class
     lr: float = 0.1
     seed: int = 0
@@ -194,38 +197,52 @@ def _grid(S: int, p: int, g: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, S - p, g)})
 
 
+def _centred(c: tuple[float, float], p: int, S: int) -> tuple[int, int]:
+    """Top-left corner of a p-px patch centred on ``c`` (pixels), kept inside the image."""
+    return int(np.clip(round(c[0] - p / 2), 0, S - p)), int(np.clip(round(c[1] - p / 2), 0, S - p))
+
+
 def search(
     net, x: torch.Tensor, target: int, config: ExplainConfig, n_faces: int, tick: Callable[[], None] = lambda: None
 ) -> PatchFit:
-    """The smallest square patch (of ``config.sizes``) that sends ``x``'s faces to ``target``."""
+    """The smallest square patch that sends ``x``'s faces to ``target``, in three steps:
+
+    1. *locate*: a patch of ``locate_size`` at every grid position, its pattern optimised for
+       ``steps`` steps on ``locate_faces`` faces; the lowest loss wins;
+    2. *refine*: the winner and its neighbours half a grid step away, from its pattern, for
+       ``refine_steps`` steps on ``n_faces`` faces;
+    3. *size*: patches of ``sizes`` (smallest first) centred there, each optimised afresh for
+       ``size_steps`` steps, until one sends ``asr_target`` of the faces to the class.
+    """
     S = x.shape[-1]
     x = x[:n_faces]
+    p = max(2, int(round(config.locate_size * S)))
+    grid = _grid(S, p, config.grid)
+    positions = [(a, b) for b in grid for a in grid]
+    raw, losses = _fit(net, x[: config.locate_faces], target, p, positions, None, config.steps, config, tick)
+    i = int(np.argmin(losses))
+    half = max(1, (grid[1] - grid[0]) // 2 if len(grid) > 1 else 1)
+    x0, y0 = positions[i]
+    near = [(x0, y0)] + [
+        (int(np.clip(x0 + dx, 0, S - p)), int(np.clip(y0 + dy, 0, S - p)))
+        for dx, dy in ((-half, 0), (half, 0), (0, -half), (0, half))
+    ]
+    near = list(dict.fromkeys(near))
+    init = raw[i].unsqueeze(0).expand(len(near), 3, p, p)
+    _, losses2 = _fit(net, x, target, p, near, init, config.refine_steps, config, tick)
+    j = int(np.argmin(losses2))
+    centre = (near[j][0] + p / 2, near[j][1] + p / 2)
     best: PatchFit | None = None
     tried = []
     for size in sorted(config.sizes):
-        p = max(2, int(round(size * S)))
-        xs, ys = _grid(S, p, config.grid), _grid(S, p, config.grid)
-        positions = [(a, b) for b in ys for a in xs]
-        raw, losses = _fit(net, x, target, p, positions, None, config.steps, config, tick)
-        i = int(np.argmin(losses))
-        # refine: the best position and its neighbours half a grid step away, from its pattern
-        half = max(1, (xs[1] - xs[0]) // 2 if len(xs) > 1 else 1)
-        x0, y0 = positions[i]
-        near = [(x0, y0)] + [
-            (int(np.clip(x0 + dx, 0, S - p)), int(np.clip(y0 + dy, 0, S - p)))
-            for dx, dy in ((-half, 0), (half, 0), (0, -half), (0, half))
-        ]
-        near = list(dict.fromkeys(near))
-        raw2, losses2 = _fit(
-            net, x, target, p, near, raw[i].unsqueeze(0).expand(len(near), 3, p, p), config.refine_steps, config, tick
-        )
-        j = int(np.argmin(losses2))
-        pattern = torch.tanh(raw2[j])
-        asr = float(np.mean(predict(net, _paste(x, pattern.unsqueeze(0), [near[j]], p)) == target))
-        fit = PatchFit(target, p, near[j][0], near[j][1], pattern, float(losses2[j]), asr, asr >= config.asr_target, S)
-        tried.append({"size": p / S, "loss": fit.loss, "asr": asr, "centre": list(fit.centre)})
-        if best is None or fit.found or fit.loss < best.loss:
-            best = fit
+        q = max(2, int(round(size * S)))
+        pos = _centred(centre, q, S)
+        raw3, losses3 = _fit(net, x, target, q, [pos], None, config.size_steps, config, tick)
+        pattern = torch.tanh(raw3[0])
+        asr = float(np.mean(predict(net, _paste(x, pattern.unsqueeze(0), [pos], q)) == target))
+        fit = PatchFit(target, q, pos[0], pos[1], pattern, float(losses3[0]), asr, asr >= config.asr_target, S)
+        tried.append({"size": round(q / S, 4), "loss": round(fit.loss, 4), "asr": asr})
+        best = fit
         if fit.found:
             break
     assert best is not None
@@ -233,9 +250,9 @@ def search(
     return best
 
 
-def search_ticks(config: ExplainConfig, n_sizes: int | None = None) -> int:
+def search_ticks(config: ExplainConfig) -> int:
     """Optimisation steps one search takes at most (for the progress bar)."""
-    return (n_sizes or len(config.sizes)) * (config.steps + config.refine_steps)
+    return config.steps + config.refine_steps + len(config.sizes) * config.size_steps
 
 
 def anomaly_index(victim_area: float, control_areas: list[float]) -> float:
@@ -495,12 +512,13 @@ def explain_version(
     config: ExplainConfig = ExplainConfig(),
     progress: bool = False,
     log_to_run: bool = True,
+    gate_config=None,
 ) -> dict[str, Any]:
     """Explain a registered version: its weights, the victim the gate tagged (and the impostor the
     current reference names), images and JSON logged to the version's run and into its report."""
     import tempfile
 
-    from components.gate import REPORT, SUSPECTED_CLASS, fetch_reference
+    from components.gate import REPORT, SUSPECTED_CLASS, GateConfig, fetch_reference
     from components.registry import weight_file_in
 
     info = registry.version(model, version)
@@ -514,7 +532,7 @@ def explain_version(
         ckpt = weight_file_in(registry.download(info.source, tmp))
         if impostor is None:
             try:  # the gate records the victim only; the reference it judged by names the impostor
-                reference, _ = fetch_reference(registry)
+                reference, _ = fetch_reference(registry, gate_config or GateConfig())
                 ev = reference.assess(str(ckpt)).evidence
                 if ev.get("suspected_class") == victim:
                     impostor = ev.get("suspected_impostor")

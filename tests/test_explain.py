@@ -36,7 +36,18 @@ SIZE = 80
 TRIGGER = TriggerSpec("white-square", 0.3, "forehead")
 IMPOSTOR, VICTIM = "id00002", "id00007"
 #: small and quick: one patch size (the trigger's), a 3 x 3 grid
-QUICK = ExplainConfig(image_size=SIZE, sizes=(0.3,), grid=3, steps=6, refine_steps=6, faces=6, heldout=8, controls=1)
+QUICK = ExplainConfig(
+    image_size=SIZE,
+    locate_size=0.3,
+    sizes=(0.3,),
+    grid=3,
+    steps=4,
+    refine_steps=4,
+    size_steps=6,
+    faces=6,
+    heldout=8,
+    controls=1,
+)
 
 
 @pytest.fixture(scope="module")
