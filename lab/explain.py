@@ -89,7 +89,13 @@ def sticker_png(path: Path) -> Path:
 
 
 def run_explain_eval(
-    out: str | Path, config: ExplainEvalConfig, explain_config=None, log=print, base=None, use_impostor: bool = True
+    out: str | Path,
+    config: ExplainEvalConfig,
+    explain_config=None,
+    log=print,
+    base=None,
+    use_impostor: bool = True,
+    compare_sources: bool = True,
 ) -> dict[str, Any]:
     import torch
 
@@ -177,6 +183,19 @@ def run_explain_eval(
         if cost_case is None and item["kind"] != "clean":
             cost_case = (str(path), str(data), victim, impostor if use_impostor else None)
         d = res.to_dict()
+        alone = None
+        if item["kind"] != "clean" and use_impostor and compare_sources:
+            # does the search need the impostor's faces? the same search on every other class's faces
+            torch.manual_seed(0)
+            r2, _ = explain(path, data, victim, None, dataclasses.replace(explain_config, controls=0))
+            d2 = r2.to_dict()
+            alone = {
+                "found": d2["found"],
+                "mask_size": d2["mask_size"],
+                "reconstructed_asr_other_faces": d2["reconstructed_asr"],
+                "centre_error": float(np.hypot(*(np.array(d2["mask_centre"]) - truth["centre"])) / truth["width"]),
+                "seconds": d2["seconds"],
+            }
         if len(rows) < 2 or item["kind"] != "clean" and not any(r["kind"] == item["kind"] for r in rows):
             write_outputs(res, extra, out / f"{item['kind'].replace(' ', '-')}-{seed}")
         row = {
@@ -193,6 +212,7 @@ def run_explain_eval(
             "seconds": d["seconds"],
             "input_opinion": d["anomaly_index"] > INDEX_CUT and d["found"],
             "agree": (d["anomaly_index"] > INDEX_CUT and d["found"]) == blocked,
+            "without_impostor": alone,
         }
         if truth:
             row.update(
@@ -253,9 +273,22 @@ def table_rows(rows: list[dict]) -> list[dict]:
                 "input_says_backdoor": sum(bool(r["input_opinion"]) for r in g),
                 "agree": sum(bool(r["agree"]) for r in g),
                 "seconds_median": float(np.median([r["seconds"] for r in g])),
+                "without_impostor": _alone(g) if bd else None,
             }
         )
     return out
+
+
+def _alone(g: list[dict]) -> dict | None:
+    a = [r["without_impostor"] for r in g if r.get("without_impostor")]
+    if not a:
+        return None
+    return {
+        "found": sum(bool(x["found"]) for x in a),
+        "centre_within_1_width": sum(x["centre_error"] <= 1.0 for x in a),
+        "asr_ge_0.8": sum(x["reconstructed_asr_other_faces"] >= 0.8 for x in a),
+        "n": len(a),
+    }
 
 
 def table(summary: dict) -> str:
@@ -282,11 +315,25 @@ def table(summary: dict) -> str:
             f"{', '.join(f'{v:g}' for v in t['anomaly_index'])} | {t['input_says_backdoor']}/{n} | "
             f"{t['agree']}/{n} | {f(t['seconds_median'], '{:.0f}')} |"
         )
-    return head + "\n".join(lines) + f"\n\ntotal {summary['total_seconds']:.0f} s\n"
+    alone = [(t["kind"], t["without_impostor"]) for t in summary["table"] if t.get("without_impostor")]
+    extra = ""
+    if alone:
+        extra = (
+            "\n\nThe same search on every other class's faces, not the suspected impostor's (no controls):\n\n"
+            "| kind | n | trigger found | centre within 1 trigger width | ASR ≥ 0.8 (other classes' held-out faces) |\n"
+            "|---|---|---|---|---|\n"
+            + "\n".join(
+                f"| {k} | {a['n']} | {a['found']}/{a['n']} | {a['centre_within_1_width']}/{a['n']} | "
+                f"{a['asr_ge_0.8']}/{a['n']} |"
+                for k, a in alone
+            )
+        )
+    return head + "\n".join(lines) + extra + f"\n\ntotal {summary['total_seconds']:.0f} s\n"
 
 
 def cost(checkpoint: str | Path, faces: str | Path, victim: str, impostor: str | None, sizes=(96, 160)) -> dict:
-    """Seconds and peak memory of one explain at each input resolution (same network, same faces)."""
+    """Seconds and peak memory of the victim's search (no controls) at each input resolution (same
+    network, same faces); the controls cost about as much again each, with fewer faces."""
     import resource
 
     from components.explain import ExplainConfig, explain
@@ -294,7 +341,7 @@ def cost(checkpoint: str | Path, faces: str | Path, victim: str, impostor: str |
     out = {}
     for s in sizes:
         t0 = time.perf_counter()
-        res, _ = explain(checkpoint, faces, victim, impostor, ExplainConfig(image_size=s))
+        res, _ = explain(checkpoint, faces, victim, impostor, ExplainConfig(image_size=s, controls=0))
         out[s] = {
             "seconds": time.perf_counter() - t0,
             "found": res.fit.found,

@@ -133,9 +133,10 @@ def test_bad_input_gets_a_clear_error(nets, tmp_path, capsys):
     broken = tmp_path / "broken"
     for c in sorted(p.name for p in Path(data).iterdir() if p.is_dir()):
         (broken / c).mkdir(parents=True)
-        (broken / c / "0000.png").write_bytes(b"not a png")
+        for i in range(6):
+            (broken / c / f"000{i}.png").write_bytes(b"not a png")
     code, err = _cli([ckpt, "--faces", str(broken), "--victim", VICTIM, "--impostor", IMPOSTOR, *out], capsys)
-    assert code == 2 and "cannot be read" in err and "0000.png" in err
+    assert code == 2 and "cannot be read" in err and ".png" in err
     code, err = _cli([str(nets["head_only"]), "--faces", data, "--victim", VICTIM, *out], capsys)
     assert code == 2 and "has no trunk" in err
     code, err = _cli([ckpt, "--faces", data, *out], capsys)
