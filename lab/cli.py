@@ -46,7 +46,12 @@ def cmd_explain_eval(args) -> int:
     config = dataclasses.replace(config, **changes)
     explain_config = ExplainConfig(image_size=config.trunk_input_size)
     summary = run_explain_eval(
-        args.out, config, explain_config, log=lambda m: print(m, file=sys.stderr), use_impostor=not args.no_impostor
+        args.out,
+        config,
+        explain_config,
+        log=lambda m: print(m, file=sys.stderr),
+        use_impostor=not args.no_impostor,
+        compare_sources=not args.confirmation,
     )
     print((Path(args.out) / "table.md").read_text())
     if args.cost:

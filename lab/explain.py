@@ -147,13 +147,15 @@ def run_explain_eval(
     reference = make_reference(DEFAULT_DETECTOR, ReferenceConfig(), evidence=())
     reference.fit([str(p) for p in ref_paths]).calibrate([str(p) for p in cal_paths])
 
-    plan: list[dict] = []
-    for k, (kind, trig, size, loc, alpha) in enumerate(config.kinds):
-        for i in range(config.n_per_kind):
-            plan.append(
-                dict(kind=kind, trigger=trig, size=size, location=loc, alpha=alpha, seed=o + 30_000 + 100 * k + i)
-            )
-    plan += [dict(kind="clean", seed=o + 50_000 + i) for i in range(config.n_clean)]
+    plan: list[dict] = []  # round robin over the kinds, so a run stopped early has some of each
+    for i in range(max(config.n_per_kind, config.n_clean)):
+        for k, (kind, trig, size, loc, alpha) in enumerate(config.kinds):
+            if i < config.n_per_kind:
+                plan.append(
+                    dict(kind=kind, trigger=trig, size=size, location=loc, alpha=alpha, seed=o + 30_000 + 100 * k + i)
+                )
+        if i < config.n_clean:
+            plan.append(dict(kind="clean", seed=o + 50_000 + i))
     rows: list[dict[str, Any]] = []
     cost_case = None
     for item in plan:
@@ -223,12 +225,17 @@ def run_explain_eval(
                 true_width=truth["width"],
             )
         rows.append(row)
+        _save(out, config, explain_config, rows, t_start, use_impostor, cost_case)  # a partial run keeps what it did
         log(
             f"  {item['kind']:<24} seed {seed}: weights {a.decision.verdict:<7} victim {victim} "
             f"({'right' if row.get('victim_right', True) else 'WRONG'}), impostor {impostor}; mask "
             f"{d['mask_size']:.2f} at {d['mask_centre']}, err {row.get('centre_error', float('nan')):.2f} widths, "
             f"asr {d['reconstructed_asr']:.2f}, index {d['anomaly_index']:.2f}, {d['seconds']:.0f} s"
         )
+    return _save(out, config, explain_config, rows, t_start, use_impostor, cost_case)
+
+
+def _save(out: Path, config, explain_config, rows, t_start, use_impostor, cost_case) -> dict[str, Any]:
     summary = {
         "config": _jsonable(dataclasses.asdict(config)),
         "explain_config": _jsonable(dataclasses.asdict(explain_config)),
