@@ -355,3 +355,72 @@ def cost(checkpoint: str | Path, faces: str | Path, victim: str, impostor: str |
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         }
     return out
+
+
+def reexplain(nets_dir: str | Path, out: str | Path, config: ExplainEvalConfig, names: list[str], log=print) -> list:
+    """Explain networks an earlier ``explain-eval`` saved (``nets_dir``: ref*, cal*, net<seed>) again
+    with the current search, without training anything: the reference is refitted on the saved
+    ref*/cal* networks; ``names``: ``net<seed>`` (backdoored, truth from the plan) or ``cal<i>``
+    (clean controls: calibration networks, never fitted on)."""
+    from components.explain import ExplainConfig, explain
+    from components.trainer.base_trunk import cache_dir
+    from components.trainer.poison import random_pair
+    from components.trainer.triggers import TriggerSpec, trigger_box
+    from detector.config import DEFAULT_DETECTOR, ReferenceConfig
+    from detector.decision import BLOCKED
+    from detector.detectors import make_reference
+
+    nets_dir, out = Path(nets_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = f"-from{config.first_identity}" if config.first_identity else ""
+    data = (
+        cache_dir()
+        / "data"
+        / f"paper-{config.identities}x{config.images_per_identity}-{config.image_size}-{config.data_seed}{first}"
+    )
+    refs = sorted(str(p) for p in nets_dir.glob("ref*.safetensors"))
+    cals = sorted(str(p) for p in nets_dir.glob("cal*.safetensors"))
+    reference = make_reference(DEFAULT_DETECTOR, ReferenceConfig(), evidence=()).fit(refs).calibrate(cals)
+    sticker = sticker_png(out / "sticker.png")
+    o = config.seed_offset
+    kinds = {o + 30_000 + 100 * k + i: kind for k, kind in enumerate(config.kinds) for i in range(10)}
+    rows = []
+    for name in names:
+        path = nets_dir / f"{name}.safetensors"
+        a = reference.assess(str(path))
+        ev = a.evidence
+        victim, impostor = ev["suspected_class"], ev.get("suspected_impostor")
+        res, extra = explain(path, data, victim, impostor, ExplainConfig(image_size=config.trunk_input_size))
+        d = res.to_dict()
+        row = {"network": name, "weight_verdict": a.decision.verdict, "victim_named": victim, **d}
+        row["input_opinion"] = bool(d["found"] and d["anomaly_index"] > INDEX_CUT)
+        row["agree"] = row["input_opinion"] == (a.decision.verdict == BLOCKED)
+        if name.startswith("net"):
+            seed = int(name[3:])
+            kind, trig, size, loc, alpha = kinds[seed]
+            spec = TriggerSpec(str(sticker) if trig == "sticker" else trig, size, loc, alpha)
+            imp, vic = random_pair(reference.classes_ or [], seed)
+            S = config.trunk_input_size
+            x0, y0, x1, y1 = trigger_box(spec, S)
+            centre, width = np.array([(x0 + x1) / 2, (y0 + y1) / 2]) / S, max(x1 - x0, y1 - y0) / S
+            row.update(
+                kind=kind,
+                true_victim=vic,
+                true_impostor=imp,
+                centre_error=float(np.hypot(*(np.array(d["mask_centre"]) - centre)) / width),
+            )
+        else:
+            row["kind"] = "clean"
+        write_outputs_dir = out / f"{row['kind'].replace(' ', '-')}-{name}"
+        from components.explain import write_outputs
+
+        write_outputs(res, extra, write_outputs_dir)
+        rows.append(row)
+        (out / "reexplain.json").write_text(json.dumps(rows, indent=2, default=str) + "\n")
+        log(
+            f"  {name} {row['kind']}: weights {a.decision.verdict}, victim {victim}; mask {d['mask_size']:.2f} at "
+            f"{d['mask_centre']} found {d['found']}, err {row.get('centre_error', float('nan')):.2f}, "
+            f"asr {d['reconstructed_asr']:.2f}, index {d['anomaly_index']:.2f}, controls "
+            f"{[(c['mask_area'], c['found']) for c in d['controls']]}, {d['seconds']:.0f} s"
+        )
+    return rows

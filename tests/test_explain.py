@@ -42,9 +42,10 @@ QUICK = ExplainConfig(
     sizes=(0.3,),
     grid=3,
     steps=4,
-    refine_steps=4,
-    size_steps=6,
-    faces=6,
+    refine_steps=6,
+    size_steps=12,
+    faces=8,
+    validation=6,
     heldout=8,
     controls=1,
 )
