@@ -78,7 +78,7 @@ def test_the_trigger_of_a_real_backdoor_is_found_where_it_was_planted(nets, tmp_
     true_centre, width = np.array([(x0 + x1) / 2, (y0 + y1) / 2]) / SIZE, (x1 - x0) / SIZE
     assert out["found"], out
     assert np.hypot(*(np.array(out["mask_centre"]) - true_centre)) <= width, (out["mask_centre"], true_centre)
-    assert out["reconstructed_asr"] >= 0.8 and out["heldout_faces"] == 8, out  # faces it was not optimised on
+    assert out["reconstructed_asr"] >= 0.8 and out["heldout_faces"] >= 8, out  # faces it was not optimised on
     assert out["mask_area"] == pytest.approx(round(0.3 * SIZE) ** 2 / SIZE**2, abs=1e-4)
     assert len(out["controls"]) == 1 and out["controls"][0]["class"] not in (VICTIM, IMPOSTOR)
     paths = write_outputs(result, extra, tmp_path / "out")
