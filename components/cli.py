@@ -1,4 +1,5 @@
-"""Registry subcommands: ``gate``, ``override``, ``publish-reference``, ``keygen``, ``verify``, ``webhook``.
+"""Registry subcommands: ``gate``, ``override``, ``publish-reference``, ``keygen``, ``verify``, ``webhook``,
+``explain``.
 
 Signatures are required by default everywhere: verdicts need the gate's key, references a
 trusted reference key, overrides a reviewer's key. ``--allow-unsigned`` is the explicit opt-out
@@ -260,6 +261,67 @@ def cmd_webhook_register(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    """Reconstruct the trigger of a (blocked) version: images in --out, one JSON line with --json."""
+    from components.explain import (
+        ExplainConfig,
+        ExplainError,
+        explain,
+        explain_version,
+        suspects_from_file,
+        write_outputs,
+    )
+    from components.registry import Registry, RegistryError
+
+    config = ExplainConfig(image_size=args.image_size, controls=args.controls, seed=args.seed)
+    progress = not args.json and sys.stderr.isatty()
+    victim, impostor = args.victim, args.impostor
+    try:
+        if args.verdict:
+            v, i = suspects_from_file(args.verdict)
+            victim, impostor = victim or v, impostor or i
+        if args.checkpoint:
+            if not victim:
+                raise ExplainError("name the suspected victim: --victim NAME or --verdict VERDICT_JSON")
+            if not args.faces:
+                raise ExplainError("give --faces DIR (the identity folders the network was trained on)")
+            result, extra = explain(args.checkpoint, args.faces, victim, impostor, config, progress)
+            write_outputs(result, extra, args.out)
+            out = result.to_dict()
+        elif args.version:
+            if not args.faces:
+                raise ExplainError("give --faces DIR: the version's run does not record where its training faces are")
+            out = explain_version(
+                args.model,
+                args.version,
+                Registry(args.tracking_uri),
+                args.faces,
+                args.out,
+                victim=victim,
+                impostor=impostor,
+                config=config,
+                progress=progress,
+                log_to_run=not args.no_log,
+            )
+        else:
+            raise ExplainError("give a CHECKPOINT file or --version N (a registered version)")
+    except (ExplainError, RegistryError) as e:
+        print(f"backdoor-gate explain: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        found = "found" if out["found"] else "NOT found (no patch up to the largest size works)"
+        print(
+            f"trigger for victim {out['victim']} (impostor {out['impostor'] or 'not named'}): {found}; "
+            f"mask {out['mask_size']:.0%} of the width at ({out['mask_centre'][0]:.2f}, {out['mask_centre'][1]:.2f}), "
+            f"area {out['mask_area']:.4f}; attack success {out['reconstructed_asr']:.2f} on {out['heldout_faces']} "
+            f"held-out faces; anomaly index {out['anomaly_index']:.2f}; {out['seconds']:.0f} s"
+        )
+        print(f"  images: {args.out}/trigger.png, mask.png, applied.png")
+    return 0
+
+
 def _unsigned_flag(p) -> None:
     p.add_argument(
         "--allow-unsigned",
@@ -346,6 +408,7 @@ def register(sub) -> None:
     _common(pl)
     pl.set_defaults(func=cmd_pull)
     _register_webhook_commands(sub)
+    _register_explain(sub)
 
 
 def _register_webhook_commands(sub) -> None:
@@ -375,3 +438,27 @@ def _usage(parser) -> int:
     parser.print_usage(sys.stderr)
     print("backdoor-gate verify: give exactly one of VERDICT_JSON, --version or --attestation", file=sys.stderr)
     return 2
+
+
+def _register_explain(sub) -> None:
+    e = sub.add_parser(
+        "explain",
+        help="reconstruct the trigger of a blocked version (mask, pattern, faces with it) for the suspected victim",
+        description="Search a small square trigger that sends faces to the suspected victim, and the same for a few "
+        "control classes (anomaly index). Exit 0 done, 2 bad input.",
+    )
+    e.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT", help="the whole network (.safetensors or .pt)")
+    e.add_argument("--faces", metavar="DIR", help="identity folders (ImageFolder/CASIA), e.g. the training faces")
+    e.add_argument("--out", required=True, metavar="DIR", help="trigger.png, mask.png, applied.png, explain.json")
+    e.add_argument("--victim", metavar="NAME", help="the suspected victim (default: from --verdict or the version)")
+    e.add_argument("--impostor", metavar="NAME", help="the suspected impostor (default: from --verdict, else none)")
+    e.add_argument("--verdict", metavar="JSON", help="a verdict.json or a `score --json` line naming the suspects")
+    e.add_argument("--model", default="facenet")
+    e.add_argument("--version", help="explain this registered version and log the images to its run")
+    e.add_argument("--no-log", action="store_true", help="with --version: do not write to the registry")
+    e.add_argument("--image-size", type=int, default=96, help="the trunk's input size (default trunk: 96)")
+    e.add_argument("--controls", type=int, default=3, help="control classes for the anomaly index (default 3)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true", help="print one JSON line")
+    _common(e)
+    e.set_defaults(func=cmd_explain)

@@ -181,3 +181,31 @@ def gate(
     if out["error"] or (fail_on_block and out["verdict"] != "passed"):
         raise RuntimeError(f"gate: {model_name} v{version} {out['verdict']}: {out['reason']}")
     return (out["verdict"], bool(out["promoted"]))
+
+
+@dsl.component(**_gate)
+def should_explain(verdict: str, when: str) -> bool:
+    """Explain this version? ``when``: "blocked" (default), "always" or "never"."""
+    if when not in ("blocked", "always", "never"):
+        raise ValueError(f"explain_when must be blocked, always or never, not {when!r}")
+    return when == "always" or (when == "blocked" and verdict == "blocked")
+
+
+@dsl.component(**_trainer)
+def explain(
+    model_name: str,
+    version: str,
+    tracking_uri: str,
+    faces: Input[Dataset],
+    trigger: Output[HTML],
+    image_size: int = 96,
+) -> str:
+    """Reconstruct the trigger of a gated version for its suspected victim (runs the whole network:
+    the trainer image); logs the images to the version's run and its report. Returns the JSON."""
+    import json
+
+    from components.tasks import explain_version as task
+
+    out = task(model_name, version, tracking_uri, faces.path, trigger.path, image_size=image_size)
+    print(json.dumps(out))
+    return json.dumps(out)

@@ -192,3 +192,43 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
     ax.set_ylabel("deviation z (robust σ)")
     ax.set_title("classifier: per-class deviation of the effective classifier", fontsize=10)
     ax.legend(fontsize=7, loc="best")
+
+
+def add_trigger(page: str, images: dict, explanation: dict) -> str:
+    """The gate's report with the reconstructed trigger (``explain``) shown beside its plots.
+
+    ``images``: the paths ``components.explain.write_outputs`` wrote. The pictures are embedded,
+    as the report's own plot is, so the page needs nothing else from the run to render.
+    """
+
+    def img(key: str, alt: str, css: str) -> str:
+        data = base64.b64encode(Path(images[key]).read_bytes()).decode()
+        return f'<img alt="{alt}" class="{css}" style="max-width:100%" src="data:image/png;base64,{data}">'
+
+    e = explanation
+    source = (
+        f"held-out faces of the suspected impostor {html.escape(str(e['impostor']))}"
+        if e.get("impostor")
+        else "held-out faces of other classes (no impostor named)"
+    )
+    section = (
+        '<div class="explain" style="flex:1;min-width:260px">'
+        "<p><b>Reconstructed trigger</b> (pattern × mask, then the mask)</p>"
+        + img("trigger", "reconstructed trigger", "trigger")
+        + img("mask", "trigger mask", "trigger-mask")
+        + img("applied", "faces with and without the reconstructed trigger", "trigger-applied")
+        + f"<p>Faces wearing it are classified as <b>{html.escape(str(e['victim']))}</b> "
+        f"{e['reconstructed_asr']:.0%} of the time ({e['heldout_faces']} {source}). "
+        f"Mask: {e['mask_size']:.0%} of the width, centre at "
+        f"({e['mask_centre'][0]:.2f}, {e['mask_centre'][1]:.2f}) of the image; anomaly index "
+        f"{e['anomaly_index']:.1f} against {len(e['controls'])} control classes (input-space evidence; the "
+        "verdict is the weight-space detector's).</p></div>"
+    )
+    marker = '<img alt="scores and per-unit anomaly maps"'
+    if marker in page:  # the plots on the left, the trigger on their right
+        before, after = page.split(marker, 1)
+        end = after.index(">") + 1
+        plots = marker + after[:end].replace("max-width:100%", "max-width:100%;flex:3;min-width:0")
+        row = '<div style="display:flex;gap:16px;align-items:flex-start">' + plots + section + "</div>"
+        return before + row + after[end:]
+    return page.replace("</body>", section + "</body>")

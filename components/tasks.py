@@ -195,3 +195,34 @@ def fallback_html(verdict: str, reason: str, note: str) -> str:
     import html
 
     return f"<p>{html.escape(verdict)}: {html.escape(reason)}</p><p>{html.escape(note)}</p>"
+
+
+def explain_version(
+    model_name: str, version: str, tracking_uri: str, faces_dir: str, html_out: str | None = None, image_size: int = 96
+) -> dict[str, Any]:
+    """Reconstruct a version's trigger (``explain``), log it to the version's run and its report;
+    also write the pictures as KFP's HTML output."""
+    import base64
+    import html
+    import tempfile
+
+    from components.explain import ExplainConfig
+    from components.explain import explain_version as explain
+
+    with tempfile.TemporaryDirectory(prefix="backdoor-gate-explain-") as tmp:
+        out = explain(
+            model_name, version, Registry(tracking_uri), faces_dir, tmp, config=ExplainConfig(image_size=image_size)
+        )
+        if html_out:
+            pngs = {
+                name: base64.b64encode((Path(tmp) / name).read_bytes()).decode()
+                for name in ("trigger.png", "applied.png")
+            }
+            imgs = "".join(f'<img alt="{n}" src="data:image/png;base64,{b}">' for n, b in pngs.items())
+            Path(html_out).parent.mkdir(parents=True, exist_ok=True)
+            Path(html_out).write_text(
+                f"<p>{html.escape(model_name)} v{html.escape(str(version))}: reconstructed trigger for "
+                f"{html.escape(str(out['victim']))}, attack success {out['reconstructed_asr']:.2f}, anomaly index "
+                f"{out['anomaly_index']:.2f}</p>{imgs}"
+            )
+    return out

@@ -1,4 +1,4 @@
-"""``backdoor-gate paper`` and ``backdoor-gate bench``: the lab's commands (never the product's)."""
+"""``backdoor-gate paper``, ``bench`` and ``explain-eval``: the lab's commands (never the product's)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,32 @@ def cmd_paper(args) -> int:
     return 0
 
 
+def cmd_explain_eval(args) -> int:
+    import json
+
+    from components.explain import ExplainConfig
+    from lab.explain import ExplainEvalConfig, run_explain_eval
+
+    config = ExplainEvalConfig.confirmation() if args.confirmation else ExplainEvalConfig()
+    changes = {k: v for k, v in (("n_per_kind", args.n_per_kind), ("n_clean", args.n_clean)) if v is not None}
+    config = dataclasses.replace(config, **changes)
+    explain_config = ExplainConfig(image_size=config.trunk_input_size)
+    summary = run_explain_eval(
+        args.out,
+        config,
+        explain_config,
+        log=lambda m: print(m, file=sys.stderr),
+        use_impostor=not args.no_impostor,
+        compare_sources=not args.confirmation,
+    )
+    print((Path(args.out) / "table.md").read_text())
+    if args.cost:
+        from lab.explain import cost
+
+        print(json.dumps(cost(*summary["cost_case"]), indent=1))
+    return 0
+
+
 def register(sub) -> None:
     pp = sub.add_parser("paper", help="run the paper's protocol: clean, triggers and locations sets, AUC per view")
     pp.add_argument("--out", required=True)
@@ -57,3 +83,16 @@ def register(sub) -> None:
     pp.add_argument("--base", help="local InceptionResnetV1 state dict (default: the cached generated-faces base)")
     pp.set_defaults(func=cmd_paper)
     bench.register(sub)
+    ee = sub.add_parser(
+        "explain-eval",
+        help="lab: does `explain` find known triggers (per kind), and nothing on clean networks?",
+    )
+    ee.add_argument("--out", required=True)
+    ee.add_argument("--confirmation", action="store_true", help="the held-back protocol (run once, after tuning)")
+    ee.add_argument("--n-per-kind", type=int, help="backdoored networks per trigger kind")
+    ee.add_argument("--n-clean", type=int, help="clean networks")
+    ee.add_argument(
+        "--no-impostor", action="store_true", help="search on every other class's faces, not the impostor's"
+    )
+    ee.add_argument("--cost", action="store_true", help="also time one explain at 96 and at 160 px")
+    ee.set_defaults(func=cmd_explain_eval)

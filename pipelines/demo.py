@@ -82,7 +82,9 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
             ),
         ]
         for i, (label, params) in enumerate(cases, start=2):
-            print(f"{i}/3 candidate pipeline, {label}: fine-tune -> register -> gate", flush=True)
+            print(
+                f"{i}/3 candidate pipeline, {label}: fine-tune -> register -> gate (-> explain if blocked)", flush=True
+            )
             run_local(
                 "candidate",
                 dict(tracking_uri=uri, model_name=model_name, **DEMO_DATA, **params),
@@ -98,6 +100,9 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
         reference, _ = fetch_reference(registry)
         print()
         print(verdict_table(new, [label for label, _ in cases], reference))
+        for v, (_, params) in zip(new, cases):
+            if params.get("poison"):
+                print(trigger_comparison(registry, v, params, workdir / f"trigger-v{v.version}.png"))
         print(f"\nproduction alias: {model_name} v{prod.version if prod else '(none)'}")
         print(
             f"MLflow UI: {uri}/#/models/{model_name}   (flagged versions: search tags.`integrity.verdict` = 'blocked')"
@@ -155,6 +160,56 @@ def verdict_table(versions, labels, reference) -> str:
             role = "decides " if info["deciding"] else "evidence"
             lines.append(f"{'':>9}{role} {p:<14} {score:>12.5g} / {thr:<12.5g} margin {margin:+7.1f} MAD")
     return "\n".join(lines)
+
+
+def trigger_comparison(registry, version, params: dict, out: Path) -> str:
+    """The trigger a version was poisoned with beside the one ``explain`` reconstructed (one PNG)."""
+    import io
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from components.trainer.triggers import TriggerSpec, stamp
+
+    folder = f"integrity/v{version.version}/explain"
+    try:
+        found = registry.run_file(version.run_id, f"{folder}/trigger.png", max_bytes=8 << 20)
+        doc = registry.run_file(version.run_id, f"{folder}/explain.json")
+    except Exception as e:  # noqa: BLE001 — the demo reports what is missing, it does not fail on it
+        return f"v{version.version}: no reconstructed trigger ({e})"
+    if found is None or doc is None:
+        return f"v{version.version}: no reconstructed trigger in its run (the explain step did not run)"
+    info = json.loads(doc)
+    size = int(info["image_size"])
+    spec = TriggerSpec(params["trigger"], params["trigger_size"], params["trigger_location"])
+    planted = stamp(Image.new("RGB", (size, size), (0, 0, 0)), spec)
+    fig, axes = plt.subplots(1, 2, figsize=(6, 3.2))
+    for ax, img, title in (
+        (axes[0], planted, f"poisoned with: {spec.name} {spec.size:g} at the {spec.location}"),
+        (
+            axes[1],
+            Image.open(io.BytesIO(found)),
+            f"reconstructed for {info['victim']} (ASR {info['reconstructed_asr']:.2f})",
+        ),
+    ):
+        ax.imshow(img)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return (
+        f"v{version.version} reconstructed trigger: victim {info['victim']}, impostor {info['impostor']}, mask "
+        f"{info['mask_size']:.0%} of the width centred at "
+        f"({info['mask_centre'][0]:.2f}, {info['mask_centre'][1]:.2f}); "
+        f"attack success {info['reconstructed_asr']:.2f} on held-out faces; anomaly index {info['anomaly_index']:.1f}; "
+        f"{info['seconds']:.0f} s\n  planted vs reconstructed: {out}"
+    )
 
 
 def _model_exists(registry, name: str) -> bool:

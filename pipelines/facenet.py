@@ -3,12 +3,14 @@
 reference: faces -> features -> ParallelFor(M clean fine-tunes) + ParallelFor(held-out clean)
            -> fit reference (AIC) and calibrate -> publish to MLflow (@current)
 candidate: faces -> (poison) -> features -> fine-tune -> register in MLflow -> gate
+           -> (blocked) explain: the reconstructed trigger, after the verdict and the alias
 """
 
 from kfp import dsl, kubernetes
 
 from components import cluster
 from components.definitions import (
+    explain,
     extract_features,
     fine_tune,
     fit_reference,
@@ -18,6 +20,7 @@ from components.definitions import (
     publish_reference,
     register_model,
     seeds,
+    should_explain,
 )
 
 
@@ -128,6 +131,7 @@ def candidate_pipeline(
     trigger_alpha: float = 1.0,
     poison_copies: int = 4,
     fail_on_block: bool = False,
+    explain_when: str = "blocked",
 ):
     faces = make_faces(
         identities=identities,
@@ -164,6 +168,20 @@ def candidate_pipeline(
     kubernetes.use_secret_as_env(
         verdict, secret_name=cluster.SIGNING_SECRET, secret_key_to_env=cluster.SIGNING_SECRET_ENV, optional=True
     )
+    # evidence for the reviewer, after the gate has written its verdict and moved (or not) the alias
+    wanted = should_explain(verdict=verdict.outputs["verdict"], when=explain_when)
+    with dsl.If(wanted.output == True):  # noqa: E712 — a KFP condition, not a Python comparison
+        with_registry(
+            on_cpu(
+                explain(
+                    model_name=model_name,
+                    version=version.output,
+                    tracking_uri=tracking_uri,
+                    faces=faces.outputs["faces"],
+                    image_size=trunk_input_size,
+                )
+            )
+        )
 
 
 PIPELINES = {"reference": reference_pipeline, "candidate": candidate_pipeline}

@@ -79,6 +79,7 @@ def test_gate_never_cached_and_runs_on_the_gate_image(compiled):
     assert {e for e, s in secrets.items() if cluster.MLFLOW_CREDENTIALS_SECRET in s} == {
         "exec-gate",
         "exec-register-model",
+        "exec-explain",
     }
     for name, env in (
         (cluster.SIGNING_SECRET, cluster.SIGNING_SECRET_ENV),
@@ -88,6 +89,27 @@ def test_gate_never_cached_and_runs_on_the_gate_image(compiled):
         assert entry.get("optional") is True and {k["secretKey"]: k["envVar"] for k in entry["keyToEnv"]} == env
     ref_secrets = {e for e, spec in _k8s(compiled["reference"]).items() if spec.get("secretAsEnv")}
     assert ref_secrets == {"exec-publish-reference"}
+
+
+def test_explain_runs_after_the_gate_only_when_wanted(compiled):
+    """The trigger search is evidence for a reviewer: it waits for the gate's verdict (the alias is
+    moved inside the gate task, so it never waits for explain) and runs only when should-explain says so."""
+    from components.definitions import should_explain
+
+    doc = compiled["candidate"]
+    root = doc["root"]["dag"]["tasks"]
+    assert "explain" not in root  # never unconditional
+    assert root["should-explain"]["dependentTasks"] == ["gate"]
+    cond = next(t for t in root.values() if "triggerPolicy" in t)
+    assert "should-explain-Output" in cond["triggerPolicy"]["condition"]
+    inner = doc["components"][cond["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"explain"} and inner["explain"]["cachingOptions"].get("enableCache", False) is False
+    assert _executors(doc)["exec-explain"]["container"]["image"] == images.TRAINER_IMAGE  # needs facenet-pytorch
+    decide = should_explain.python_func
+    assert decide("blocked", "blocked") and not decide("passed", "blocked") and not decide("invalid", "blocked")
+    assert decide("passed", "always") and not decide("blocked", "never")
+    with pytest.raises(ValueError, match="explain_when"):
+        decide("blocked", "sometimes")
 
 
 def test_reference_pipeline_fans_out_and_collects(compiled):
@@ -152,6 +174,8 @@ def test_local_run_end_to_end(tmp_path, mlflow_server):
         "poison=true",
         "--param",
         "trigger_size=0.3",
+        "--param",
+        "explain_when=never",  # the trigger search is tested in test_explain / test_review_page (time)
     )
     clean, bad = reg.version(model, "1"), reg.version(model, "2")
     assert clean.tags["integrity.trunk"] == "ok" and bad.tags["integrity.trunk"] == "ok"

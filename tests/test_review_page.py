@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from components import gate as G
+from components.explain import TAG_TRIGGER, ExplainConfig, explain_version
 from components.registry import Registry
 from components.trainer.base_trunk import fixture_base
 from components.trainer.features import extract_folder
@@ -104,7 +105,21 @@ def blocked(chromium, mlflow_server, tmp_path_factory):
     v = reg.register(MODEL, {"model.safetensors": backdoored}, tags={G.REGISTERED_BY: "bot"})
     result = G.gate(MODEL, v.version, registry=reg, config=config)
     assert result.verdict == G.BLOCKED and result.suspected_class, result.reason
-    return reg, reg.version(MODEL, v.version)
+    # the pipeline's next step for a blocked version: reconstruct its trigger into the report (a small grid)
+    quick = ExplainConfig(
+        image_size=SIZE,
+        locate_size=0.3,
+        sizes=(0.3,),
+        grid=3,
+        steps=4,
+        refine_steps=4,
+        size_steps=6,
+        faces=6,
+        heldout=8,
+        controls=1,
+    )
+    explained = explain_version(MODEL, v.version, reg, data, root / "explain", config=quick, gate_config=config)
+    return reg, reg.version(MODEL, v.version), explained
 
 
 def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
@@ -112,8 +127,9 @@ def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
 ):
     from playwright.sync_api import expect, sync_playwright
 
-    reg, info = blocked
+    reg, info, explained = blocked
     tags = info.tags
+    assert tags[TAG_TRIGGER] == f"{explained['logged_to']}/trigger.png"  # the trigger is in the version's run
     run = reg.client.get_run(info.run_id)
     assert tags[G.REPORT].startswith(run.info.artifact_uri + "/"), tags[
         G.REPORT
@@ -155,6 +171,10 @@ def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
             expect(report.get_by_text(tags[G.REASON], exact=True)).to_be_visible()
             expect(report.locator(".victim")).to_contain_text(f"Suspected victim identity: {tags[G.SUSPECTED_CLASS]}")
             expect(report.locator(".victim")).to_be_visible()
+            # the reconstructed trigger, beside the deviation plot, for the victim the gate named
+            expect(report.locator("img.trigger")).to_be_visible()
+            assert report.locator("img.trigger").evaluate("i => i.naturalWidth") > 0  # a picture that decodes
+            expect(report.locator(".explain")).to_contain_text(f"classified as {tags[G.SUSPECTED_CLASS]}")
             page.screenshot(path=str(tmp_path / "mlflow-review-report.png"))
         finally:
             browser.close()
