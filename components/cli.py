@@ -155,7 +155,7 @@ def _verify_attestation(args, key) -> int:
     """Admission check of an in-toto/DSSE attestation: exit 0 only for a signed pass of these bytes."""
     import hashlib
 
-    from detector.verdict import VerdictError, admitted, dsse_verify, read_envelope
+    from detector.verdict import NotAdmitted, VerdictError, admitted, dsse_verify, read_envelope
 
     if not args.checkpoint:
         print(
@@ -171,10 +171,9 @@ def _verify_attestation(args, key) -> int:
         return 2
     try:
         doc = admitted(statement, sha)
-    except VerdictError as e:
-        refusal = 1 if "not 'passed'" in str(e) else 2
+    except VerdictError as e:  # NotAdmitted: a signed refusal (1); anything else, e.g. other bytes (2)
         print(f"REFUSED: {e}", file=sys.stderr)
-        return refusal
+        return 1 if isinstance(e, NotAdmitted) else 2
     print(json.dumps({**doc, "admitted": True}) if args.json else f"admitted: {doc['model']} v{doc['version']} passed")
     return 0
 

@@ -202,7 +202,7 @@ class Receiver:
             return False
         oldest = min(heads, key=lambda c: c.since)
         oldest.writer.transport.abort()
-        self._conns = {k: c for k, c in self._conns.items() if c is not oldest}
+        self._conns.pop(id(oldest), None)
         self.shed += 1
         return True
 
@@ -406,7 +406,7 @@ async def _reply(writer: asyncio.StreamWriter, status: int, obj: dict) -> None:
     except (ConnectionError, OSError, TimeoutError):
         pass
     finally:
-        writer.transport.abort() if writer.transport.is_closing() else writer.close()
+        writer.close()  # a no-op on a transport already closing
 
 
 class _Headers(dict):

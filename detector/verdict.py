@@ -236,6 +236,10 @@ def dsse_verify(envelope: dict[str, Any], public_keys) -> dict[str, Any]:
     raise VerdictError("no signature by a trusted key")
 
 
+class NotAdmitted(VerdictError):
+    """A validly signed attestation of these bytes whose verdict is not ``passed``."""
+
+
 def admitted(statement: dict[str, Any], sha256: str) -> dict[str, Any]:
     """The admission rule for a verified statement: a *pass* for exactly these bytes.
 
@@ -250,7 +254,7 @@ def admitted(statement: dict[str, Any], sha256: str) -> dict[str, Any]:
     if sha256 not in digests or doc.get("model_sha256") != sha256:
         raise VerdictError("the attestation is for other bytes (sha256 not among its subjects)")
     if doc.get("verdict") != "passed":
-        raise VerdictError(f"the attested verdict is {doc.get('verdict')!r}, not 'passed': {doc.get('reason')}")
+        raise NotAdmitted(f"the attested verdict is {doc.get('verdict')!r}, not 'passed': {doc.get('reason')}")
     return doc
 
 
