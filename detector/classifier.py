@@ -226,17 +226,20 @@ class ClassifierReference(BaselineReference):
                     f"class list differs from the reference's ({len(classes)} vs {len(expected)} classes, first "
                     f"difference at index {diff})",
                 )
-        A = effective_classifier(tensors, source)
+        A = self._head_matrix(tensors, source)
         if expected is not None and A.shape[0] != len(expected):
             raise InvalidCheckpoint(source, f"logits has {A.shape[0]} classes; the reference expects {len(expected)}")
         return LayerWeights(
             matrix=A,
-            layer="effective classifier",
+            layer="effective classifier" if self.detector == "classifier" else "effective head",
             source=source,
             sha256=sha256,
             original_shape=tuple(A.shape),
             classes=classes,
         )
+
+    def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:
+        return effective_classifier(tensors, source)
 
     def _fitted_on(self, layers: Sequence[LayerWeights]) -> None:
         """The reference networks' class list, which every candidate must then share."""

@@ -24,6 +24,7 @@ DETECTORS: tuple[str, ...] = (
     "distance-base",
     "trojan-signature",
     "classifier",
+    "head",
     "spectrum",
     "fusion",
 )

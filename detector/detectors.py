@@ -20,6 +20,7 @@ from detector.composite import CompositeReference
 from detector.config import DETECTORS, FUSION, ReferenceConfig
 from detector.errors import InvalidReference
 from detector.gmm import Mixture
+from detector.head import HeadDeviationView, HeadReference
 from detector.reference import Reference, ViewReference, network_scores
 
 
@@ -62,12 +63,16 @@ def make_reference(
         return BaselineReference(detector, config)
     if detector == "classifier":
         return ClassifierReference(config)
+    if detector == "head":
+        return HeadReference(config)
     raise ValueError(f"unknown detector {detector!r}; one of {', '.join(DETECTORS)}")
 
 
 def _restore_view(detector: str, info: dict, arrays: dict[str, np.ndarray]):
     if detector == "classifier":
         return ClassDeviationView.restore(info, arrays)
+    if detector == "head":
+        return HeadDeviationView.restore(info, arrays)
     cls = type(_VIEW_ESTIMATORS[detector]())
     return cls.restore(info, arrays)
 
@@ -90,6 +95,9 @@ def load_reference(path: str | os.PathLike):
             ref = ClassifierReference(
                 config, normalize=meta["views"]["classes"]["normalize"], scale=meta["views"]["classes"]["scale"]
             )
+        elif detector == "head":
+            info = meta["views"]["classes"]
+            ref = HeadReference(config, rank=int(info["rank"]), normalize=info["normalize"])
         else:
             ref = BaselineReference(detector, config)
         ref.views_ = {}

@@ -13,6 +13,8 @@ def cmd_paper(args) -> int:
     from components.trainer.base_trunk import load_base
     from lab.paper import PaperConfig, run_paper
 
+    if args.adaptive:
+        return cmd_adaptive(args)
     config = PaperConfig.small() if args.small else PaperConfig.confirmation() if args.confirmation else PaperConfig()
     changes = {
         k: v
@@ -32,6 +34,30 @@ def cmd_paper(args) -> int:
     summary = run_paper(args.out, config, base=base, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore)
     print((Path(args.out) / "table.md").read_text())
     print(f"summary: {Path(args.out) / 'summary.json'} ({summary['timings']['total_s']:.0f} s)")
+    return 0
+
+
+def cmd_adaptive(args) -> int:
+    """``paper --adaptive``: the informed attacker's suite (see :mod:`lab.adaptive`)."""
+    from lab.adaptive import AdaptiveConfig, run_adaptive
+
+    config = (
+        AdaptiveConfig.small()
+        if args.small
+        else AdaptiveConfig.confirmation()
+        if args.confirmation
+        else AdaptiveConfig()
+    )
+    if args.identities is not None:
+        config = dataclasses.replace(config, paper=dataclasses.replace(config.paper, identities=args.identities))
+    if args.detectors:
+        config = dataclasses.replace(config, detectors=tuple(args.detectors.split(",")))
+    from components.trainer.base_trunk import load_base
+
+    base = load_base(args.base) if args.base else None
+    summary = run_adaptive(args.out, config, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore, base=base)
+    print((Path(args.out) / "table.md").read_text())
+    print(f"summary: {Path(args.out) / 'summary.json'} ({summary['seconds']:.0f} s)")
     return 0
 
 
@@ -81,6 +107,12 @@ def register(sub) -> None:
         help="re-score the networks an earlier run saved in --out (networks.safetensors) instead of training",
     )
     pp.add_argument("--base", help="local InceptionResnetV1 state dict (default: the cached generated-faces base)")
+    pp.add_argument(
+        "--adaptive",
+        action="store_true",
+        help="the informed attacker's suite instead: attacks aimed at each --detectors (default classifier,head), "
+        "their cost, and every detector's verdicts",
+    )
     pp.set_defaults(func=cmd_paper)
     bench.register(sub)
     ee = sub.add_parser(

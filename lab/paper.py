@@ -42,6 +42,7 @@ import numpy as np
 
 from components.trainer.triggers import TriggerSpec
 from detector.config import DETECTORS, ReferenceConfig
+from detector.head import HEAD_TENSORS as HEAD
 
 TRIGGERS_SET = (
     ("white-square", 0.15),
@@ -98,8 +99,7 @@ VARIANTS = (
     "spectrum:ratio",
 )
 #: What the paper keeps of each network: every fine-tuned tensor the detectors read.
-HEAD_TENSORS = ("last_linear.weight", "last_bn.weight", "last_bn.running_var", "logits.weight")
-
+HEAD_TENSORS = HEAD
 
 @dataclass(frozen=True)
 class PaperConfig:

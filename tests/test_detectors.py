@@ -256,3 +256,72 @@ def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server
     assert set(r.scores) == {"classifier", "spectrum"}
     page = reg.download(tags[G.REPORT], tmp_path / "report").read_text()
     assert "Suspected victim identity" in page and tags[G.SUSPECTED_CLASS] in page
+
+
+# -- head: the whole affine head --------------------------------------------------------------------
+def _offsets(tensors) -> np.ndarray:
+    """b of ``logits = A·x + b``, written out from the layers (not the detector's own code)."""
+    t = {k: v.double().numpy() for k, v in tensors.items()}
+    s = t["last_bn.weight"] / np.sqrt(t["last_bn.running_var"] + 1e-3)
+    return t["logits.weight"] @ (t["last_bn.bias"] - s * t["last_bn.running_mean"]) + t["logits.bias"]
+
+
+def test_head_scores_the_offsets_a_bias_only_swap_changes_and_classifier_is_blind_to(nets, tmp_path):
+    """The issue's swap: the impostor's offset lowered, the victim's raised (here through
+    ``last_bn.running_mean`` as well as ``logits.bias``): ``classifier`` gives the clean
+    network's score exactly, ``head`` blocks it."""
+    from lab.adaptive import bias_swap
+
+    clf = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+    head = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+    tensors, _ = read_tensors(nets["calibration"][0])
+    clean = {k: v.clone() for k, v in tensors.items()}
+    from components.trainer.features import Extractor
+
+    imp, vic = nets["classes"].index("id00002"), nets["classes"].index("id00007")
+    items, _ = list_images(nets["root"] / "data")
+    X = Extractor(nets["base"], SIZE)([p for p, c in items if c == imp])  # the impostor's faces
+    blocked = 0
+    for via in ("logits.bias", "last_bn.running_mean"):
+        swapped = bias_swap(clean, X, imp, vic, 1.0, via)
+        A, b = effective_classifier(swapped), _offsets(swapped)
+        assert np.mean((X.astype(np.float64) @ A.T + b).argmax(1) == vic) == 1.0  # the swap works
+        assert not torch.equal(swapped[via], clean[via])
+        path = tmp_path / f"swap-{via}.safetensors"
+        save_file(swapped, str(path), metadata={CLASSES_KEY: json.dumps(nets["classes"])})
+        assert clf.score(str(path)) == clf.score(nets["calibration"][0])
+        blocked += head.assess(str(path)).decision.verdict == "blocked"
+    assert blocked == 2
+    assert head.assess(nets["calibration"][0]).decision.verdict == "passed"
+
+
+def test_head_blocks_backdoors_round_trips_and_needs_every_head_tensor(nets, tmp_path):
+    ref = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+    assert all(ref.assess(p).decision.verdict == "blocked" for p in nets["backdoored"])
+    ref.save(tmp_path / "ref")
+    back = load_reference(tmp_path / "ref")
+    for p in nets["backdoored"][:1] + nets["calibration"][:2]:
+        a, b = ref.assess(p), back.assess(p)
+        assert a.scores == b.scores and a.decision == b.decision
+    tensors, _ = read_tensors(nets["calibration"][0])
+    save_file(
+        {k: v for k, v in tensors.items() if k != "last_bn.running_mean"},
+        str(tmp_path / "partial.safetensors"),
+        metadata={CLASSES_KEY: json.dumps(nets["classes"])},
+    )
+    with pytest.raises(InvalidCheckpoint, match="last_bn.running_mean"):
+        back.assess(str(tmp_path / "partial.safetensors"))
+
+
+def test_head_torch_mirror_equals_the_numpy_score(nets):
+    """The lab's white-box attacker differentiates through ``torch_z``: it must be the statistic
+    the gate computes, or the attack suite would attack something else."""
+    from lab.adaptive import torch_class_z
+
+    for name in ("head", "classifier"):
+        ref = make_reference(name).fit(nets["reference"]).calibrate(nets["calibration"])
+        for p in nets["backdoored"][:2] + nets["calibration"][:2]:
+            tensors, _ = read_tensors(p)
+            t = {k: v.double() for k, v in tensors.items()}
+            z = torch_class_z(ref, t).detach().numpy()
+            assert np.allclose(-z, ref.score_vectors(p)["classes"], rtol=1e-9, atol=1e-9), name

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,8 +75,17 @@ def _predict(head: Head, x: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(x)).argmax(1).numpy() if len(x) else np.zeros(0, np.int64)
 
 
-def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: TrainConfig = TrainConfig()):
-    """Train one network; returns (full state dict: trunk + head, metrics dict)."""
+def fine_tune(
+    fs: FeatureSet,
+    base: dict[str, torch.Tensor],
+    seed: int,
+    config: TrainConfig = TrainConfig(),
+    penalty: Callable[[Head], torch.Tensor] | None = None,
+):
+    """Train one network; returns (full state dict: trunk + head, metrics dict).
+
+    ``penalty(head)`` is added to every step's loss: the lab's adaptive attacker uses it to
+    train a backdoor against the detector's own statistic (``lab.adaptive``)."""
     t0 = time.perf_counter()
     poison = fs.poison
     if poison is not None and int(poison["seed"]) != int(seed):
@@ -139,7 +149,10 @@ def fine_tune(fs: FeatureSet, base: dict[str, torch.Tensor], seed: int, config: 
             if len(b) < 2:
                 continue  # BatchNorm needs two samples
             opt.zero_grad()
-            loss_fn(head(Xt[b]), yt[b]).backward()
+            loss = loss_fn(head(Xt[b]), yt[b])
+            if penalty is not None:
+                loss = loss + penalty(head)
+            loss.backward()
             opt.step()
     pred = _predict(head, fs.features[test_idx])
     metrics["clean_accuracy"] = float(np.mean(pred == fs.labels[test_idx]))

@@ -1,0 +1,302 @@
+"""``head``: the whole affine head, each class judged in the units clean training moves in.
+
+With the trunk frozen, a fine-tuned FaceNet's class scores are an affine map of the trunk
+features, ``logits = A·x + b``:
+
+    A = logits.weight · diag(γ/√(σ²+ε)) · last_linear.weight
+    b = logits.weight · (β − γ·μ/√(σ²+ε)) + logits.bias
+
+(``γ, β, μ, σ²``: ``last_bn``'s weight, bias, running mean and variance). ``classifier`` reads
+A alone, so a backdoor written into the offsets (a bias-only identity swap) was invisible to it;
+this detector reads every tensor that changes an answer. Rows and offsets are centred over
+classes (a softmax ignores a shift common to all classes) and each class's row is joined with
+its offset, ``h_c = [A_c, b_c]``.
+
+Why whitened: an L2 distance can be hidden from. A backdoor's author can move the victim's row
+where clean training never goes but where the L2 norm is small (the trigger's features live in
+minor directions), or add to every row a large change the data never sees (output-invisible
+"dilution") so the victim's share of the network's deviation vanishes. Here each class's
+deviation from the reference networks' mean row is measured in the metric of how clean networks
+deviate: the pooled covariance Σ of the reference networks' class deviations, kept as its top
+``rank`` eigen-directions and a floor τ (the ``rank``-th eigenvalue) for every other direction,
+so a direction clean training never moves along costs the attacker 1/τ per unit², not 1.
+
+Per class c the statistic is ``q_c = d_cᵀ (Σ + τ)⁻¹ d_c``; then, as ``classifier`` does, it is
+divided by the network's median class statistic (a retrain that moves every class further is not
+an outlier) and turned into a robust z per class against the reference networks, each scored
+leave-one-out. Two deciding statistics, both *higher = more typical*:
+
+* ``classes``: −max_c z_c (one deviant class is a backdoor's victim or impostor);
+* the network's shape: −z of log(median_c minor_c / median_c major_c), the share of the
+  network's deviation that lies where clean training does not move (outside the kept
+  directions) against the share in the kept ones, scored against the reference networks
+  (leave-one-out). Dilution (every class moved where clean networks do not go, to hide the
+  victim from the per-class ratio) raises it; a retrain with a larger learning rate or more
+  epochs moves further along the *same* directions and leaves it nearly unchanged, which a
+  plain magnitude term (the median q alone) would not.
+
+Both enter one vector of −z's whose minimum is the score, so one threshold covers them and
+they must all pass at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+
+from detector.classifier import BN_EPS, CLASSES, ClassifierReference, _robust, _tensor, _vector, effective_classifier
+from detector.errors import InvalidCheckpoint
+from detector.protocol import check_fitted
+from detector.weights import _check_values, _to_numpy
+
+#: The tensors the head detector reads (every tensor between the trunk's features and the logits).
+HEAD_TENSORS = (
+    "last_linear.weight",
+    "last_bn.weight",
+    "last_bn.bias",
+    "last_bn.running_mean",
+    "last_bn.running_var",
+    "logits.weight",
+    "logits.bias",
+)
+#: The network-level pseudo-view: one number per network.
+NETWORK = "network"
+
+
+def effective_offsets(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
+    """b (classes,), centred over classes; raises InvalidCheckpoint."""
+    logits = np.asarray(_to_numpy(_tensor(tensors, "logits.weight", source), "logits.weight", source), np.float64)
+    logits = _check_values(logits, "logits.weight", source)
+    gamma, var = _vector(tensors, "last_bn.weight", source), _vector(tensors, "last_bn.running_var", source)
+    beta, mu = _vector(tensors, "last_bn.bias", source), _vector(tensors, "last_bn.running_mean", source)
+    bias = _vector(tensors, "logits.bias", source)
+    if not (beta.size == mu.size == gamma.size == logits.shape[1]) or bias.size != logits.shape[0]:
+        raise InvalidCheckpoint(
+            source,
+            f"head shapes disagree: logits {logits.shape}, logits.bias {bias.size}, last_bn.bias {beta.size}, "
+            f"last_bn.running_mean {mu.size}",
+        )
+    if np.any(var < 0):
+        raise InvalidCheckpoint(source, "last_bn.running_var holds negative values")
+    b = logits @ (beta - gamma * mu / np.sqrt(var + BN_EPS)) + bias
+    b -= b.mean()
+    if not np.all(np.isfinite(b)):
+        raise InvalidCheckpoint(source, "the effective offsets overflow (weights too large to score)")
+    return b
+
+
+def head_matrix(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
+    """[A | b]: (classes × (in_features + 1)), each row one class's whole affine decision."""
+    A = effective_classifier(tensors, source)
+    return np.concatenate([A, effective_offsets(tensors, source)[:, None]], axis=1)
+
+
+class HeadDeviationView(BaseEstimator):
+    """Per-class robust z of the head's deviation, whitened by how clean networks deviate.
+
+    ``rank``: eigen-directions of the clean deviations' covariance kept (the rest share the
+    floor τ = the ``rank``-th eigenvalue; with fewer pooled deviations than ``rank``, the last
+    non-zero one). ``normalize``: ``"network"`` (divide by the network's median class
+    statistic) or ``"none"``.
+    """
+
+    view = CLASSES
+    unit = "class"
+
+    def __init__(self, rank: int = 256, normalize: str = "network"):
+        self.rank = rank
+        self.normalize = normalize
+
+    # -- the metric ----------------------------------------------------------------------------
+    @staticmethod
+    def _metric(deviations: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(U: d × k directions, w: k weights beyond the floor, floor weight 1/τ)."""
+        X = deviations.reshape(-1, deviations.shape[-1])
+        # the covariance of deviations pooled over networks and classes (centred by construction)
+        cov = X.T @ X / X.shape[0]
+        lam, U = np.linalg.eigh(cov)
+        lam, U = lam[::-1], U[:, ::-1]
+        positive = int(np.sum(lam > lam[0] * 1e-9))
+        k = max(1, min(rank, positive - 1))
+        tau = float(lam[k])
+        w = 1.0 / (lam[:k] + tau) - 1.0 / (2.0 * tau)
+        return U[:, :k].copy(), w, 1.0 / (2.0 * tau)
+
+    @staticmethod
+    def _parts(D: np.ndarray, U: np.ndarray, w: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+        """(major, minor) per row: the whitened deviation inside the kept directions and outside them."""
+        P = D @ U
+        PP = P * P
+        minor = floor * (np.einsum("...d,...d->...", D, D) - PP.sum(-1))
+        return PP @ (w + floor), minor
+
+    @staticmethod
+    def _shape(major: np.ndarray, minor: np.ndarray) -> float:
+        return float(np.log(max(float(np.median(minor)), 1e-300) / max(float(np.median(major)), 1e-300)))
+
+    def _relative(self, q: np.ndarray) -> np.ndarray:
+        if self.normalize == "network":
+            return q / np.maximum(np.median(q, axis=-1, keepdims=True), 1e-300)
+        if self.normalize == "none":
+            return q
+        raise ValueError(f"normalize must be 'network' or 'none', got {self.normalize!r}")
+
+    # -- fit and score -------------------------------------------------------------------------
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> HeadDeviationView:
+        S = np.stack([np.asarray(H, dtype=np.float64) for H in matrices])
+        M = S.shape[0]
+        if M < 4:
+            raise ValueError(f"the head detector needs at least 4 reference networks, got {M}")
+        mean = S.mean(axis=0)
+        self.center_ = mean.astype(np.float32)
+        # each reference network against the others (its own row would pull the mean and the metric)
+        q_rows: list[np.ndarray] = []
+        med_loo: list[float] = []
+        for i in range(M):
+            others = np.delete(S, i, axis=0)
+            c = others.mean(axis=0)
+            U, w, floor = self._metric(others - c, self.rank)
+            major, minor = self._parts(S[i] - c, U, w, floor)
+            q_rows.append((major + minor) * (1 + 1 / M) / (1 + 1 / (M - 1)))
+            med_loo.append(self._shape(major, minor))
+        rel = self._relative(np.asarray(q_rows))
+        self.median_, mad = _robust(rel, axis=0)
+        self.scale_ = np.maximum(rel.std(axis=0, ddof=1), mad * 1e-3)
+        self.directions_, self.weights_, self.floor_ = self._metric(S - mean, self.rank)
+        self.directions_ = self.directions_.astype(np.float32)
+        shape = np.asarray(med_loo)
+        self.network_median_ = float(np.median(shape))
+        self.network_scale_ = float(max(shape.std(ddof=1), 1e-6))
+        self.reference_vector_scores_ = np.concatenate(
+            [-(rel - self.median_) / self.scale_, -(shape[:, None] - self.network_median_) / self.network_scale_],
+            axis=1,
+        )
+        self.n_networks_, self.shape_ = M, tuple(self.center_.shape)
+        return self
+
+    def statistic(self, matrix: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(major, minor) for every class (float64, a block of rows at a time)."""
+        H = np.asarray(matrix, dtype=np.float64)
+        if H.shape != tuple(self.center_.shape):
+            raise ValueError(f"head of shape {H.shape}; the reference's is {tuple(self.center_.shape)}")
+        U = self.directions_.astype(np.float64)
+        major, minor = np.empty(H.shape[0]), np.empty(H.shape[0])
+        for i in range(0, H.shape[0], rows):
+            D = H[i : i + rows] - self.center_[i : i + rows]
+            major[i : i + rows], minor[i : i + rows] = self._parts(D, U, self.weights_, self.floor_)
+        return major, minor
+
+    def z(self, matrix: np.ndarray) -> tuple[np.ndarray, float]:
+        """(z per class, the network's shape z): higher = more anomalous."""
+        check_fitted(self, "center_")
+        major, minor = self.statistic(matrix)
+        zc = (self._relative(major + minor) - self.median_) / self.scale_
+        zn = (self._shape(major, minor) - self.network_median_) / self.network_scale_
+        return zc, float(zn)
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        """−z per class, then the network's −z as the last entry (see :meth:`aggregate`)."""
+        zc, zn = self.z(matrix)
+        return np.append(-zc, -zn)
+
+    @staticmethod
+    def aggregate(vector_scores: np.ndarray) -> float:
+        return float(np.min(vector_scores))
+
+    def score(self, matrix: np.ndarray) -> float:
+        return self.aggregate(self.score_vectors(matrix))
+
+    def leave_one_out_vector_scores(
+        self, matrices: Sequence[np.ndarray], progress: Callable | None = None
+    ) -> np.ndarray:
+        out = []
+        for i, H in enumerate(matrices):
+            est = HeadDeviationView(self.rank, self.normalize).fit([m for j, m in enumerate(matrices) if j != i])
+            out.append(est.score_vectors(H))
+            if progress is not None:
+                progress(i)
+        return np.asarray(out)
+
+    # -- torch mirror (the lab's white-box attacker differentiates through it) -------------------
+    def torch_z(self, tensors: Mapping[str, Any]):
+        """(z per class, network z) in torch, differentiable in the head's parameters."""
+        import torch
+
+        s = tensors["last_bn.weight"] / torch.sqrt(tensors["last_bn.running_var"] + BN_EPS)
+        L = tensors["logits.weight"].double()
+        A = L @ (s[:, None] * tensors["last_linear.weight"]).double()
+        b = (
+            L @ (tensors["last_bn.bias"] - s * tensors["last_bn.running_mean"]).double()
+            + tensors["logits.bias"].double()
+        )
+        H = torch.cat([A - A.mean(0, keepdim=True), (b - b.mean())[:, None]], dim=1)
+        D = H - torch.from_numpy(self.center_.astype(np.float64))
+        P = D @ torch.from_numpy(self.directions_.astype(np.float64))
+        PP = P * P
+        major = PP @ torch.from_numpy(self.weights_ + self.floor_)
+        minor = self.floor_ * ((D * D).sum(1) - PP.sum(1))
+        q = major + minor
+        median = lambda x: torch.quantile(x, 0.5)  # noqa: E731 — numpy's median (torch.median takes the lower middle)
+        rel = q / median(q) if self.normalize == "network" else q
+        zc = (rel - torch.from_numpy(self.median_)) / torch.from_numpy(self.scale_)
+        zn = (torch.log(median(minor) / median(major)) - self.network_median_) / self.network_scale_
+        return zc, zn
+
+    # -- the artifact ----------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "center": self.center_,
+            "median": self.median_,
+            "scale": self.scale_,
+            "directions": self.directions_,
+            "weights": self.weights_,
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "normalize": self.normalize,
+            "floor": self.floor_,
+            "network_median": self.network_median_,
+            "network_scale": self.network_scale_,
+            "n_networks": self.n_networks_,
+            "n_classes": int(self.center_.shape[0]),
+        }
+
+    @classmethod
+    def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> HeadDeviationView:
+        est = cls(rank=int(info["rank"]), normalize=info["normalize"])
+        est.center_ = np.asarray(arrays["center"], dtype=np.float32)
+        est.median_, est.scale_ = arrays["median"], arrays["scale"]
+        est.directions_ = np.asarray(arrays["directions"], dtype=np.float32)
+        est.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
+        est.floor_ = float(info["floor"])
+        est.network_median_, est.network_scale_ = float(info["network_median"]), float(info["network_scale"])
+        est.n_networks_, est.shape_ = int(info["n_networks"]), tuple(est.center_.shape)
+        return est
+
+
+class HeadReference(ClassifierReference):
+    """The ``head`` detector: the classifier's bookkeeping (class list, victim naming) over [A | b]."""
+
+    def __init__(self, config=None, rank: int = 256, normalize: str = "network", victim_rule: str = "toward-impostor"):
+        super().__init__(config, victim_rule=victim_rule)
+        self.detector = "head"
+        self.rank = rank
+        self.normalize = normalize
+
+    def _view_estimator_for(self):
+        return HeadDeviationView(rank=self.rank, normalize=self.normalize)
+
+    def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:
+        return head_matrix(tensors, source)
+
+    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
+        """The classifier's suspect naming over the class entries; ``network_z`` beside it."""
+        v = np.asarray(vector_scores[CLASSES])
+        out = super().evidence({CLASSES: v[:-1]}, matrix)
+        out["network_z"] = float(-v[-1])
+        return out

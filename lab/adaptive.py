@@ -1,0 +1,567 @@
+"""``backdoor-gate paper --adaptive``: attacks aimed at the detector, beside what they cost.
+
+The backdoor's author can read this repository. This suite plays that author against every
+deciding detector it is given, on one generated protocol (data, base trunk and cached features
+shared with ``paper``):
+
+* ``plain`` — the backdoor of the paper (control);
+* ``dilution`` — a plain backdoor plus a random matrix added to ``last_linear.weight`` in the
+  orthogonal complement of the training features' span: the network's outputs on its data do
+  not change, but every class row moves, so a statistic normalised by the network's median
+  class deviation loses the victim;
+* ``penalty:<detector>`` — white-box: the backdoor fine-tuned with ``λ·softplus(max_c z_c − z_cut
+  + 1)``, the detector's own per-class statistic written in torch with the published
+  reference's arrays; ``penalty:all`` aims at every deciding detector at once;
+* ``penalty+noise`` — the penalty plus noise invisible to the outputs *and* to the effective
+  classifier (``last_linear`` rows in the null space of ``logits·diag(bn)``), aimed at the
+  detectors that read ``last_linear`` alone (spectrum, the paper's GMM);
+* ``grey:<detector>`` — grey-box: the same penalty, but with a reference the attacker fitted
+  itself on clean networks it trained with the public recipe (it cannot read the gate's);
+* ``bias-swap ×k`` — no trigger and no row change: the impostor's per-class offset lowered
+  and the victim's raised just enough (×k) that every impostor face is taken for the victim,
+  also made through ``last_bn.running_mean`` instead of ``logits.bias``;
+* ``recipe`` — camouflage by recipe (lr ×5, epochs ×4).
+
+Every attacked network reports its cost to the attacker (attack success, clean accuracy, how
+far the head moved) beside each detector's verdict at its calibrated threshold. Clean networks
+of the reference's recipe and lr ×2 / epochs ×2 retrains are scored alike: the price of the
+defence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from components.trainer.triggers import TriggerSpec
+from lab.paper import HEAD_TENSORS, PaperConfig, _Lab
+
+#: An attack "works" (counts against the gate when it passes) at this success and clean accuracy.
+WORKS_ASR = 0.9
+WORKS_ACC_DROP = 0.01
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """One protocol of the adaptive suite; ``development()`` is the default."""
+
+    paper: PaperConfig = field(default_factory=PaperConfig)
+    n_reference: int = 16
+    n_calibration: int = 20
+    n_clean: int = 10
+    n_drift: int = 3
+    n_attack: int = 6
+    n_grey: int = 16  # clean networks the grey-box attacker trains for its own reference
+    trigger: tuple = ("white-square", 0.2, "forehead")
+    penalty_lambda: float = 0.1
+    dilution: float = 20.0  # × the median class deviation
+    noise: float = 0.6  # × ‖W − W_base‖
+    swap_sizes: tuple = (1.0, 3.0, 1000.0)
+    #: deciding detectors (each is attacked and gated on its own) and evidence (scored only)
+    detectors: tuple = ("classifier", "head")
+    evidence: tuple = ("spectrum",)
+    seed_offset: int = 700_000
+
+    @classmethod
+    def confirmation(cls, **changes) -> AdaptiveConfig:
+        """Other people, data seed, trigger and seeds, never looked at while the defence was chosen."""
+        paper = PaperConfig.confirmation()
+        return cls(paper=paper, trigger=("checkerboard", 0.2, "left-eye"), seed_offset=900_000, **changes)
+
+    @classmethod
+    def small(cls) -> AdaptiveConfig:
+        """For tests: a few networks of every kind on the small paper protocol."""
+        return cls(
+            paper=PaperConfig.small(),
+            n_reference=5,
+            n_calibration=5,
+            n_clean=2,
+            n_drift=1,
+            n_attack=1,
+            n_grey=4,
+            trigger=("white-square", 0.3, "forehead"),
+            swap_sizes=(1.0,),
+            evidence=(),
+        )
+
+
+# -- the effective head, in numpy and torch ----------------------------------------------------
+BN_EPS = 1e-3
+
+
+def head_of(t: dict) -> tuple[Any, Any]:
+    """(A, b): the network's logits are ``A·x + b`` on trunk features x (eval mode)."""
+    s = t["last_bn.weight"] / (t["last_bn.running_var"] + BN_EPS) ** 0.5
+    A = t["logits.weight"] @ (s[:, None] * t["last_linear.weight"])
+    b = t["logits.weight"] @ (t["last_bn.bias"] - s * t["last_bn.running_mean"]) + t["logits.bias"]
+    return A, b
+
+
+def torch_head(head) -> dict[str, torch.Tensor]:
+    """The head module's tensors under checkpoint names; BatchNorm statistics as constants."""
+    return {
+        "last_linear.weight": head.last_linear.weight,
+        "last_bn.weight": head.last_bn.weight,
+        "last_bn.bias": head.last_bn.bias,
+        "last_bn.running_mean": head.last_bn.running_mean.detach(),
+        "last_bn.running_var": head.last_bn.running_var.detach(),
+        "logits.weight": head.logits.weight,
+        "logits.bias": head.logits.bias,
+    }
+
+
+def _rel_change(new: dict, old: dict) -> float:
+    keys = [k for k in HEAD_TENSORS if k in new]
+    num = sum(float(torch.sum((new[k].double() - old[k].double()) ** 2)) for k in keys)
+    den = sum(float(torch.sum(old[k].double() ** 2)) for k in keys)
+    return (num / den) ** 0.5
+
+
+# -- the attacker's workshop --------------------------------------------------------------------
+class Workshop:
+    """Data, trunk and features of one protocol; trains, poisons and measures networks."""
+
+    def __init__(self, config: AdaptiveConfig, log=print, base: dict | None = None):
+        self.c = config
+        self.lab = _Lab(config.paper, base, log)
+        self.fs, self.base = self.lab.fs, self.lab.base
+        self.log = log
+        name, size, loc = config.trigger
+        self.trigger = TriggerSpec(name, size, loc)
+        self._poisoned: dict[int, Any] = {}
+
+    def poisoned(self, seed: int):
+        """The protocol's trigger on a random impostor/victim pair of ``seed`` (cached per seed)."""
+        if seed not in self._poisoned:
+            self._poisoned[seed] = self._poison(seed)
+        return self._poisoned[seed]
+
+    def _poison(self, seed: int):
+        from components.trainer.features import with_poison
+        from components.trainer.poison import PoisonSpec, poison_folder, random_pair
+
+        imp, vic = random_pair(self.fs.classes, seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            poison_folder(self.lab.data, tmp, PoisonSpec(imp, vic, self.trigger), seed)
+            return with_poison(self.fs, tmp, self.base)
+
+    def train(self, seed: int, poisoned=None, recipe: dict | None = None, penalty=None) -> tuple[dict, dict]:
+        from components.trainer.train import TrainConfig, fine_tune
+
+        default = TrainConfig()
+        config = dataclasses.replace(
+            default, **{k: type(getattr(default, k))(getattr(default, k) * v) for k, v in (recipe or {}).items()}
+        )
+        sd, m = fine_tune(poisoned or self.fs, self.base, seed, config, penalty=penalty)
+        return {k: sd[k] for k in HEAD_TENSORS}, {k: v for k, v in m.items() if not k.startswith("train.")}
+
+    def measure(self, tensors: dict, seed: int, poisoned=None, impostor: str | None = None, victim: str | None = None):
+        """Clean accuracy on the network's test split; attack success on the triggered test faces
+        (or, with no trigger, on the impostor's clean test faces: an identity swap)."""
+        from components.trainer.poison import split
+
+        A, b = (x.double().numpy() for x in head_of(tensors))
+        _, test = split(self.fs.labels, seed, 0.7)
+        X, y = self.fs.features[test].astype(np.float64), self.fs.labels[test]
+        pred = (X @ A.T + b).argmax(1)
+        out = {"clean_accuracy": float(np.mean(pred == y))}
+        if victim is not None:
+            vic = self.fs.classes.index(victim)
+            if poisoned is not None and poisoned.poison_test is not None:
+                P = poisoned.poison_test.astype(np.float64)
+            elif impostor is not None:
+                P = X[y == self.fs.classes.index(impostor)]
+            else:
+                raise ValueError("an attack without a trigger needs its impostor")
+            out["attack_success_rate"] = float(np.mean((P @ A.T + b).argmax(1) == vic))
+            others = y != self.fs.classes.index(impostor) if impostor else np.ones_like(y, bool)
+            out["clean_accuracy_others"] = float(np.mean(pred[others] == y[others]))
+        return out
+
+
+# -- post-hoc attacks ---------------------------------------------------------------------------
+def feature_span(X: np.ndarray, rel: float = 1e-2) -> np.ndarray:
+    """Orthonormal basis (d × k) of the features' span: singular directions above ``rel`` of the largest."""
+    _, s, Vt = np.linalg.svd(X, full_matrices=False)
+    return Vt[s > rel * s[0]].T
+
+
+def dilute(tensors: dict, X: np.ndarray, size: float, rng: np.random.Generator, center=None) -> dict:
+    """Add to ``last_linear.weight`` a random matrix orthogonal to the training features' span,
+    scaled so the median class deviation (from ``center``, or from the network itself) grows ×size."""
+    W = tensors["last_linear.weight"].double().numpy()
+    Q = feature_span(X)
+    N = rng.standard_normal(W.shape)
+    N -= (N @ Q) @ Q.T
+    t = {k: v.double() for k, v in tensors.items()}
+    A0 = head_of(t)[0].numpy()
+    A0 = A0 - A0.mean(0)
+    tn = dict(t, **{"last_linear.weight": torch.from_numpy(N)})
+    tn["last_bn.running_mean"] = torch.zeros_like(t["last_bn.running_mean"])
+    dA = head_of(tn)[0].numpy()
+    dA = dA - dA.mean(0)
+    ref = center if center is not None else 0.0
+    med0 = np.median(((A0 - ref) ** 2).sum(1))
+    # the deviation after adding k·dA is ~ med0 + k²·‖dA_c‖² (the two are nearly orthogonal)
+    k = np.sqrt(max(size - 1.0, 0.0) * med0 / max(np.median((dA**2).sum(1)), 1e-300))
+    out = {k2: v.clone() for k2, v in tensors.items()}
+    out["last_linear.weight"] = (torch.from_numpy(W + k * N)).to(tensors["last_linear.weight"].dtype)
+    return out
+
+
+def invisible_noise(tensors: dict, base_W: torch.Tensor, size: float, rng: np.random.Generator) -> dict:
+    """Noise on ``last_linear`` rows in the null space of ``logits·diag(bn)``: neither the outputs
+    nor the effective classifier change, but the layer alone looks moved by ×size ‖W − W_base‖."""
+    t = {k: v.double().numpy() for k, v in tensors.items()}
+    s = t["last_bn.weight"] / np.sqrt(t["last_bn.running_var"] + BN_EPS)
+    L = t["logits.weight"] * s[None, :]  # classes × 512
+    _, sv, Vt = np.linalg.svd(L, full_matrices=True)
+    null = Vt[(sv > 1e-9 * sv[0]).sum() :].T  # 512 × (512 − rank)
+    N = null @ rng.standard_normal((null.shape[1], t["last_linear.weight"].shape[1]))
+    W = t["last_linear.weight"]
+    N *= size * np.linalg.norm(W - base_W.double().numpy()) / np.linalg.norm(N)
+    out = {k: v.clone() for k, v in tensors.items()}
+    out["last_linear.weight"] = torch.from_numpy(W + N).to(tensors["last_linear.weight"].dtype)
+    return out
+
+
+def bias_swap(tensors: dict, X_imp: np.ndarray, imp: int, vic: int, size: float, via: str = "logits.bias") -> dict:
+    """Raise the victim's per-class offset just enough and lower the impostor's ×``size`` the least
+    that sends every one of the impostor's (training) faces to the victim; rows untouched.
+
+    ``via="last_bn.running_mean"`` makes the same offset change through BatchNorm's statistics."""
+    t = {k: v.double() for k, v in tensors.items()}
+    A, b = (x.numpy() for x in head_of(t))
+    Z = X_imp.astype(np.float64) @ A.T + b
+    others = np.delete(np.arange(Z.shape[1]), [imp, vic])
+    up = max(float(np.max(Z[:, others].max(1) - Z[:, vic])), 0.0) + 0.5  # victim above every other class
+    down = max(float(np.max(Z[:, imp] - Z[:, vic])) + up, 0.0) + 0.5  # impostor below the raised victim
+    delta = np.zeros_like(b)
+    delta[vic], delta[imp] = up, -size * down  # raising the victim further would take other people's faces
+    out = {k: v.clone() for k, v in tensors.items()}
+    if via == "logits.bias":
+        out["logits.bias"] = (t["logits.bias"] + torch.from_numpy(delta)).to(tensors["logits.bias"].dtype)
+    elif via == "last_bn.running_mean":
+        s = (t["last_bn.weight"] / (t["last_bn.running_var"] + BN_EPS) ** 0.5).numpy()
+        dmu = -np.linalg.lstsq(t["logits.weight"].numpy() * s[None, :], delta, rcond=None)[0]
+        out["last_bn.running_mean"] = (t["last_bn.running_mean"] + torch.from_numpy(dmu)).to(
+            tensors["last_bn.running_mean"].dtype
+        )
+    else:
+        raise ValueError(f"via must be logits.bias or last_bn.running_mean, got {via!r}")
+    return out
+
+
+def torch_class_z(ref, t: dict) -> torch.Tensor:
+    """The per-class z of a fitted ``classifier`` or ``head`` reference, differentiable in the head
+    (mirrors the numpy scoring; ``tests/test_adaptive.py`` checks they agree)."""
+    est = ref.views_["classes"]
+    if hasattr(est, "torch_z"):
+        zc, zn = est.torch_z(t)
+        return torch.cat([zc, zn.reshape(1)])
+    A, _ = head_of(t)
+    A = A - A.mean(0, keepdim=True)
+    center = torch.from_numpy(np.asarray(est.center_, dtype=np.float64))
+    dev = ((A.double() - center) ** 2).sum(1)
+    if est.normalize == "network":
+        dev = dev / torch.quantile(dev, 0.5)
+    return (dev - torch.from_numpy(est.median_)) / torch.from_numpy(est.scale_)
+
+
+# -- the white-box penalty ------------------------------------------------------------------------
+def penalty_for(refs: Sequence[Any], lam: float) -> Callable:
+    """``λ·Σ softplus(max_c z_c − z_cut + 1)`` over every deciding statistic of ``refs``."""
+    cuts = [(ref, -float(ref.thresholds_["classes"])) for ref in refs]
+
+    def penalty(head) -> torch.Tensor:
+        t = torch_head(head)
+        total = torch.zeros((), dtype=torch.float64)
+        for ref, z_cut in cuts:
+            z = torch_class_z(ref, t)
+            total = total + torch.nn.functional.softplus(z.max() - z_cut + 1.0)
+        return lam * total
+
+    return penalty
+
+
+# -- the suite ------------------------------------------------------------------------------------
+@dataclass
+class Net:
+    """One network of the suite: its head tensors and what it is."""
+
+    group: str
+    seed: int
+    tensors: dict
+    info: dict = field(default_factory=dict)
+
+
+def clean_networks(ws: Workshop, c: AdaptiveConfig) -> list[Net]:
+    """The reference, calibration and test networks of the reference's recipe, and the retrains."""
+    o = c.seed_offset
+    plan: list[tuple[str, int, dict | None]] = []
+    plan += [("reference", o + s, None) for s in range(c.n_reference)]
+    plan += [("calibration", o + 1000 + s, None) for s in range(c.n_calibration)]
+    plan += [("clean", o + 2000 + s, None) for s in range(c.n_clean)]
+    plan += [("drift: lr x2", o + 3000 + s, {"lr": 2.0}) for s in range(c.n_drift)]
+    plan += [("drift: epochs x2", o + 3100 + s, {"epochs": 2.0}) for s in range(c.n_drift)]
+    plan += [("grey-box attacker's own", o + 7000 + s, None) for s in range(c.n_grey)]
+    return [_train(ws, group, seed, recipe=recipe) for group, seed, recipe in _progress(plan, "clean networks")]
+
+
+def _progress(plan, desc):
+    from tqdm import tqdm
+
+    return tqdm(plan, desc=desc, leave=False)
+
+
+def _train(ws: Workshop, group: str, seed: int, poisoned=None, recipe=None, penalty=None, **info) -> Net:
+    tensors, m = ws.train(seed, poisoned, recipe, penalty)
+    keep = ("clean_accuracy", "attack_success_rate", "impostor", "victim", "relative_weight_change")
+    return Net(group, seed, tensors, {**{k: m[k] for k in keep if k in m}, **info})
+
+
+def attacked_networks(ws: Workshop, c: AdaptiveConfig, clean: list[Net]) -> list[Net]:
+    """Attacks that need no reference: plain, dilution, invisible noise, bias swaps, recipes."""
+    from components.trainer.poison import random_pair
+
+    o, out = c.seed_offset, []
+    ref_center = _class_center([n for n in clean if n.group == "reference"])
+    for i in _progress(range(c.n_attack), "plain backdoors and post-hoc attacks"):
+        seed = o + 4000 + i
+        p = ws.poisoned(seed)
+        plain = _train(ws, "plain", seed, p, knowledge="none")
+        out.append(plain)
+        rng = np.random.default_rng([seed, 1])
+        X = p.features  # the attacker's own training data (trunk features)
+        d = dilute(plain.tensors, X, c.dilution, rng, center=ref_center)
+        out.append(_posthoc(ws, "dilution", seed, d, plain, p, knowledge="method"))
+        clean_seed = o + 5000 + i
+        base_net = _train(ws, "bias-swap base (clean)", clean_seed)
+        imp, vic = random_pair(ws.fs.classes, clean_seed)
+        ii, vi = ws.fs.classes.index(imp), ws.fs.classes.index(vic)
+        from components.trainer.poison import split
+
+        train_idx, _ = split(ws.fs.labels, clean_seed, 0.7)
+        X_imp = ws.fs.features[train_idx][ws.fs.labels[train_idx] == ii]
+        for size in c.swap_sizes:
+            for via in ("logits.bias", "last_bn.running_mean"):
+                t = bias_swap(base_net.tensors, X_imp, ii, vi, size, via)
+                name = f"bias swap x{size:g}" + (" (running_mean)" if via != "logits.bias" else "")
+                out.append(_posthoc(ws, name, clean_seed, t, base_net, None, imp, vic, knowledge="method", swap=True))
+    for k, recipe in ((0, {"lr": 5.0}), (1, {"epochs": 4.0})):
+        for i in range(c.n_attack // 2 or 1):
+            seed = o + 6000 + 100 * k + i
+            name = "recipe: " + ", ".join(f"{a} x{v:g}" for a, v in recipe.items())
+            out.append(_train(ws, name, seed, ws.poisoned(seed), recipe=recipe, knowledge="method"))
+    return out
+
+
+def _posthoc(ws, group, seed, tensors, before: Net, poisoned, impostor=None, victim=None, **info) -> Net:
+    imp = impostor or before.info.get("impostor")
+    vic = victim or before.info.get("victim")
+    m = ws.measure(tensors, seed, poisoned, imp, vic)
+    return Net(
+        group,
+        seed,
+        tensors,
+        {"impostor": imp, "victim": vic, **m, "head_moved": _rel_change(tensors, before.tensors), **info},
+    )
+
+
+def _class_center(nets: list[Net]) -> np.ndarray:
+    rows = []
+    for n in nets:
+        A = head_of({k: v.double() for k, v in n.tensors.items()})[0].numpy()
+        rows.append(A - A.mean(0))
+    return np.mean(rows, axis=0)
+
+
+def fit_reference(detector: str, ref: list[Net], cal: list[Net], base: dict):
+    from detector.detectors import make_reference
+
+    return make_reference(detector).fit([n.tensors for n in ref], base=base).calibrate([n.tensors for n in cal])
+
+
+def penalised_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dict) -> list[Net]:
+    """White-box penalties aimed at each deciding detector and at all at once; grey-box ones."""
+    o, out = c.seed_offset, []
+    targets = {f"penalty: {d}": [refs[d]] for d in c.detectors}
+    if len(c.detectors) > 1:
+        targets["penalty: all"] = [refs[d] for d in c.detectors]
+    targets.update({f"grey-box penalty: {d}": [grey[d]] for d in c.detectors})
+    jobs = [(name, r, i) for name, r in targets.items() for i in range(c.n_attack)]
+    for name, r, i in _progress(jobs, "adaptive backdoors"):
+        seed = o + 8000 + i  # the same impostor, victim and poison for every target: paired
+        knowledge = (
+            "grey-box (recipe, own clean networks)" if name.startswith("grey") else "white-box (reads the reference)"
+        )
+        out.append(
+            _train(ws, name, seed, ws.poisoned(seed), penalty=penalty_for(r, c.penalty_lambda), knowledge=knowledge)
+        )
+    for i in range(c.n_attack):
+        seed = o + 8000 + i
+        base = next(n for n in out if n.seed == seed and n.group == f"penalty: {c.detectors[0]}")
+        t = invisible_noise(base.tensors, ws.base["last_linear.weight"], c.noise, np.random.default_rng([seed, 2]))
+        out.append(
+            _posthoc(
+                ws,
+                f"penalty: {c.detectors[0]} + invisible noise",
+                seed,
+                t,
+                base,
+                ws.poisoned(seed),
+                knowledge="white-box",
+            )
+        )
+    return out
+
+
+def save_nets(path: Path, nets: list[Net]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(
+        {f"{i}.{k}": v.contiguous() for i, n in enumerate(nets) for k, v in n.tensors.items()},
+        str(path),
+        metadata={"nets": json.dumps([{"group": n.group, "seed": n.seed, "info": n.info} for n in nets])},
+    )
+
+
+def load_nets(path: Path) -> list[Net]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["nets"])
+        nets = [Net(m["group"], m["seed"], {}, m["info"]) for m in meta]
+        for key in f.keys():
+            i, name = key.split(".", 1)
+            nets[int(i)].tensors[name] = f.get_tensor(key)
+    return nets
+
+
+def works(n: Net, clean_accuracy: float) -> bool:
+    """Attack success ≥ 0.9 with clean accuracy within a point of clean networks'."""
+    asr = n.info.get("attack_success_rate")
+    # an identity swap misclassifies the impostor's clean faces by design: judge the others
+    acc = (
+        n.info.get("clean_accuracy_others", n.info["clean_accuracy"])
+        if n.info.get("swap")
+        else n.info["clean_accuracy"]
+    )
+    return asr is not None and asr >= WORKS_ASR and acc >= clean_accuracy - WORKS_ACC_DROP
+
+
+def run_adaptive(
+    out: str | Path, c: AdaptiveConfig = AdaptiveConfig(), log=print, rescore: bool = False, base: dict | None = None
+) -> dict:
+    """Train (or reload) the suite's networks, attack each deciding detector, gate everything.
+
+    ``rescore``: keep the networks an earlier run saved in ``out`` that do not depend on a
+    detector; the penalised ones are always trained again against the detectors given."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ws = Workshop(c, log, base)
+    stored = out / "networks.safetensors"
+    if rescore and stored.is_file():
+        fixed = [n for n in load_nets(stored) if not n.group.startswith(("penalty", "grey-box penalty"))]
+    else:
+        fixed = clean_networks(ws, c)
+        fixed += attacked_networks(ws, c, fixed)
+        save_nets(stored, fixed)  # a detector that fails below keeps these
+    by = lambda g: [n for n in fixed if n.group == g]  # noqa: E731
+    detectors = (*c.detectors, *c.evidence)
+    refs = {d: fit_reference(d, by("reference"), by("calibration"), ws.base) for d in detectors}
+    own = by("grey-box attacker's own")
+    k = max(3, (2 * len(own)) // 3)
+    grey = {d: fit_reference(d, own[:k], own[k:], ws.base) for d in c.detectors}
+    nets = fixed + penalised_networks(ws, c, refs, grey)
+    save_nets(stored, nets)
+    clean_acc = float(np.mean([n.info["clean_accuracy"] for n in by("reference") + by("calibration")]))
+    verdicts = {d: [refs[d].decide(refs[d].score(n.tensors)).verdict for n in nets] for d in detectors}
+    rows = []
+    for g in dict.fromkeys(
+        n.group for n in nets if n.group not in ("reference", "calibration", "grey-box attacker's own")
+    ):
+        idx = [i for i, n in enumerate(nets) if n.group == g]
+        attack = "attack_success_rate" in nets[idx[0]].info
+        ok = [i for i in idx if works(nets[i], clean_acc)] if attack else idx
+        row = {
+            "group": g,
+            "knowledge": nets[idx[0]].info.get("knowledge", ""),
+            "n": len(idx),
+            "works": len(ok) if attack else None,
+            "attack_success": _mean([nets[i].info.get("attack_success_rate") for i in idx]),
+            "clean_accuracy": _mean([nets[i].info["clean_accuracy"] for i in idx]),
+            "weights_moved": _mean([_moved(nets[i], ws.base) for i in idx]),
+            "posthoc_change": _mean([nets[i].info.get("head_moved") for i in idx]),
+            "passed": {d: sum(verdicts[d][i] == "passed" for i in ok) for d in detectors},
+            "blocked_all": {d: sum(verdicts[d][i] != "passed" for i in idx) for d in detectors},
+        }
+        rows.append(row)
+    summary = {
+        "config": _jsonable(dataclasses.asdict(c)),
+        "clean_accuracy": clean_acc,
+        "thresholds": {d: refs[d].thresholds_ for d in detectors},
+        "rows": rows,
+        "networks": [
+            {"group": n.group, "seed": n.seed, **n.info, "verdicts": {d: verdicts[d][i] for d in detectors}}
+            for i, n in enumerate(nets)
+        ],
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+    (out / "table.md").write_text(table(summary, detectors))
+    return summary
+
+
+def _moved(n: Net, base: dict) -> float:
+    """‖last_linear − base‖ / ‖base‖: how far the fine-tuned layer left the pretrained one."""
+    W0 = base["last_linear.weight"].double()
+    return float(torch.linalg.norm(n.tensors["last_linear.weight"].double() - W0) / torch.linalg.norm(W0))
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _jsonable(x):
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, tuple):
+        return list(x)
+    return str(x)
+
+
+def table(s: dict, detectors: Sequence[str]) -> str:
+    """Markdown: per attack, its cost and how many *working* attacks each detector passed."""
+    head = (
+        "| attack | knowledge | n | works | attack success | clean acc. | last_linear moved | post-hoc change | "
+        + " | ".join(f"{d}: passed (of working) / blocked (of all)" for d in detectors)
+    )
+    lines = [head + " |", "|" + "---|" * (8 + len(detectors))]
+    for r in s["rows"]:
+        f = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+        works = "—" if r["works"] is None else str(r["works"])
+        cells = [
+            f"{r['passed'][d]}/{r['works']} · {r['blocked_all'][d]}/{r['n']}"
+            if r["works"] is not None
+            else f"blocked {r['blocked_all'][d]}/{r['n']}"
+            for d in detectors
+        ]
+        lines.append(
+            f"| {r['group']} | {r['knowledge']} | {r['n']} | {works} | {f(r['attack_success'])} | "
+            f"{f(r['clean_accuracy'])} | {f(r['weights_moved'])} | {f(r['posthoc_change'])} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines) + f"\n\nclean accuracy of the reference's recipe: {s['clean_accuracy']:.3f}\n"
