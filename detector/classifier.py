@@ -52,11 +52,14 @@ def _vector(tensors: Mapping[str, Any], name: str, source: str) -> np.ndarray:
     return _check_values(np.asarray(_to_numpy(_tensor(tensors, name, source), name, source)).reshape(-1), name, source)
 
 
-def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>", rows: int = 1024) -> np.ndarray:
+def effective_classifier(
+    tensors: Mapping[str, Any], source: str = "<memory>", rows: int = 1024, out: np.ndarray | None = None
+) -> np.ndarray:
     """A (classes × in_features), rows centred over classes; raises InvalidCheckpoint.
 
     Computed in float64 a block of classes at a time, so that at CASIA's 10,575 classes no
-    float64 copy of ``logits.weight`` sits beside A (the gate's memory target)."""
+    float64 copy of ``logits.weight`` sits beside A (the gate's memory target); ``out`` (a
+    float64 array of A's shape, e.g. a view into a wider matrix) receives A without a copy."""
     W = layer_of(tensors, "last_linear.weight", source=source).matrix
     logits = _tensor(tensors, "logits.weight", source)
     gamma, var = _vector(tensors, "last_bn.weight", source), _vector(tensors, "last_bn.running_var", source)
@@ -68,7 +71,9 @@ def effective_classifier(tensors: Mapping[str, Any], source: str = "<memory>", r
     if np.any(var < 0):
         raise InvalidCheckpoint(source, "last_bn.running_var holds negative values")
     M = (gamma / np.sqrt(var + BN_EPS))[:, None] * W
-    A = np.empty((shape[0], W.shape[1]))
+    A = np.empty((shape[0], W.shape[1])) if out is None else out
+    if A.shape != (shape[0], W.shape[1]) or A.dtype != np.float64:
+        raise ValueError(f"out must be float64 of shape {(shape[0], W.shape[1])}, got {A.dtype} {A.shape}")
     for i in range(0, shape[0], rows):
         block = _check_values(
             np.asarray(_to_numpy(logits[i : i + rows], "logits.weight", source)), "logits.weight", source

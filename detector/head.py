@@ -50,7 +50,7 @@ from sklearn.base import BaseEstimator
 from detector.classifier import BN_EPS, CLASSES, ClassifierReference, _robust, _tensor, _vector, effective_classifier
 from detector.errors import InvalidCheckpoint
 from detector.protocol import check_fitted
-from detector.weights import _check_values, _to_numpy
+from detector.weights import _check_values, _to_numpy, layer_of
 
 #: The tensors the head detector reads (every tensor between the trunk's features and the logits).
 HEAD_TENSORS = (
@@ -89,9 +89,15 @@ def effective_offsets(tensors: Mapping[str, Any], source: str = "<memory>") -> n
 
 
 def head_matrix(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
-    """[A | b]: (classes × (in_features + 1)), each row one class's whole affine decision."""
-    A = effective_classifier(tensors, source)
-    return np.concatenate([A, effective_offsets(tensors, source)[:, None]], axis=1)
+    """[A | b]: (classes × (in_features + 1)), each row one class's whole affine decision.
+
+    Filled in place (no second classes × 1792 float64 copy: the gate's memory target at CASIA size)."""
+    b = effective_offsets(tensors, source)
+    W = layer_of(tensors, "last_linear.weight", source=source).matrix  # validated 2-D (a small copy)
+    H = np.empty((b.size, W.shape[1] + 1))
+    effective_classifier(tensors, source, out=H[:, :-1])
+    H[:, -1] = b
+    return H
 
 
 class HeadDeviationView(BaseEstimator):

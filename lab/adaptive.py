@@ -60,9 +60,14 @@ class AdaptiveConfig:
     n_clean: int = 10
     n_drift: int = 3
     n_attack: int = 6
-    n_grey: int = 16  # clean networks the grey-box attacker trains for its own reference
+    #: clean networks the grey-box attacker trains for its own reference (as many as the gate's:
+    #: the first ``n_reference`` fit it, the rest calibrate it)
+    n_grey: int = 36
     trigger: tuple = ("white-square", 0.2, "forehead")
     penalty_lambda: float = 0.1
+    #: the strong grey-box attacker: a larger weight and a safety margin below its estimated cut
+    strong_lambda: float = 1.0
+    strong_margin: float = 3.0
     dilution: float = 20.0  # × the median class deviation
     noise: float = 0.6  # × ‖W − W_base‖
     swap_sizes: tuple = (1.0, 3.0, 1000.0)
@@ -87,7 +92,7 @@ class AdaptiveConfig:
             n_clean=2,
             n_drift=1,
             n_attack=1,
-            n_grey=4,
+            n_grey=8,
             trigger=("white-square", 0.3, "forehead"),
             swap_sizes=(1.0,),
             evidence=(),
@@ -278,8 +283,8 @@ def torch_class_z(ref, t: dict) -> torch.Tensor:
 
 
 # -- the white-box penalty ------------------------------------------------------------------------
-def penalty_for(refs: Sequence[Any], lam: float) -> Callable:
-    """``λ·Σ softplus(max_c z_c − z_cut + 1)`` over every deciding statistic of ``refs``."""
+def penalty_for(refs: Sequence[Any], lam: float, margin: float = 1.0) -> Callable:
+    """``λ·Σ softplus(max_c z_c − z_cut + margin)`` over every deciding statistic of ``refs``."""
     cuts = [(ref, -float(ref.thresholds_["classes"])) for ref in refs]
 
     def penalty(head) -> torch.Tensor:
@@ -287,7 +292,7 @@ def penalty_for(refs: Sequence[Any], lam: float) -> Callable:
         total = torch.zeros((), dtype=torch.float64)
         for ref, z_cut in cuts:
             z = torch_class_z(ref, t)
-            total = total + torch.nn.functional.softplus(z.max() - z_cut + 1.0)
+            total = total + torch.nn.functional.softplus(z.max() - z_cut + margin)
         return lam * total
 
     return penalty
@@ -346,6 +351,7 @@ def attacked_networks(ws: Workshop, c: AdaptiveConfig, clean: list[Net]) -> list
         out.append(_posthoc(ws, "dilution", seed, d, plain, p, knowledge="method"))
         clean_seed = o + 5000 + i
         base_net = _train(ws, "bias-swap base (clean)", clean_seed)
+        out.append(base_net)  # a clean control too, and what each swap's score is compared with
         imp, vic = random_pair(ws.fs.classes, clean_seed)
         ii, vi = ws.fs.classes.index(imp), ws.fs.classes.index(vic)
         from components.trainer.poison import split
@@ -394,19 +400,21 @@ def fit_reference(detector: str, ref: list[Net], cal: list[Net], base: dict):
 def penalised_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dict) -> list[Net]:
     """White-box penalties aimed at each deciding detector and at all at once; grey-box ones."""
     o, out = c.seed_offset, []
-    targets = {f"penalty: {d}": [refs[d]] for d in c.detectors}
+    weak, strong = (c.penalty_lambda, 1.0), (c.strong_lambda, c.strong_margin)
+    targets = {f"penalty: {d}": ([refs[d]], weak) for d in c.detectors}
     if len(c.detectors) > 1:
-        targets["penalty: all"] = [refs[d] for d in c.detectors]
-    targets.update({f"grey-box penalty: {d}": [grey[d]] for d in c.detectors})
+        targets["penalty: all"] = ([refs[d] for d in c.detectors], weak)
+    targets.update({f"grey-box penalty: {d}": ([grey[d]], weak) for d in c.detectors})
+    targets.update({f"grey-box penalty (strong): {d}": ([grey[d]], strong) for d in c.detectors})
     jobs = [(name, r, i) for name, r in targets.items() for i in range(c.n_attack)]
-    for name, r, i in _progress(jobs, "adaptive backdoors"):
+    for name, (r, (lam, margin)), i in _progress(jobs, "adaptive backdoors"):
         seed = o + 8000 + i  # the same impostor, victim and poison for every target: paired
         knowledge = (
-            "grey-box (recipe, own clean networks)" if name.startswith("grey") else "white-box (reads the reference)"
+            f"grey-box (recipe, own clean networks; λ {lam:g}, margin {margin:g})"
+            if name.startswith("grey")
+            else f"white-box (reads the reference; λ {lam:g})"
         )
-        out.append(
-            _train(ws, name, seed, ws.poisoned(seed), penalty=penalty_for(r, c.penalty_lambda), knowledge=knowledge)
-        )
+        out.append(_train(ws, name, seed, ws.poisoned(seed), penalty=penalty_for(r, lam, margin), knowledge=knowledge))
     for i in range(c.n_attack):
         seed = o + 8000 + i
         base = next(n for n in out if n.seed == seed and n.group == f"penalty: {c.detectors[0]}")
@@ -481,12 +489,13 @@ def run_adaptive(
     detectors = (*c.detectors, *c.evidence)
     refs = {d: fit_reference(d, by("reference"), by("calibration"), ws.base) for d in detectors}
     own = by("grey-box attacker's own")
-    k = max(3, (2 * len(own)) // 3)
+    k = min(c.n_reference, max(4, (2 * len(own)) // 3))
     grey = {d: fit_reference(d, own[:k], own[k:], ws.base) for d in c.detectors}
     nets = fixed + penalised_networks(ws, c, refs, grey)
     save_nets(stored, nets)
     clean_acc = float(np.mean([n.info["clean_accuracy"] for n in by("reference") + by("calibration")]))
-    verdicts = {d: [refs[d].decide(refs[d].score(n.tensors)).verdict for n in nets] for d in detectors}
+    scores = {d: [refs[d].score(n.tensors) for n in nets] for d in detectors}
+    verdicts = {d: [refs[d].decide(s).verdict for s in scores[d]] for d in detectors}
     rows = []
     for g in dict.fromkeys(
         n.group for n in nets if n.group not in ("reference", "calibration", "grey-box attacker's own")
@@ -508,12 +517,18 @@ def run_adaptive(
         }
         rows.append(row)
     summary = {
-        "config": _jsonable(dataclasses.asdict(c)),
+        "config": dataclasses.asdict(c),
         "clean_accuracy": clean_acc,
         "thresholds": {d: refs[d].thresholds_ for d in detectors},
         "rows": rows,
         "networks": [
-            {"group": n.group, "seed": n.seed, **n.info, "verdicts": {d: verdicts[d][i] for d in detectors}}
+            {
+                "group": n.group,
+                "seed": n.seed,
+                **n.info,
+                "verdicts": {d: verdicts[d][i] for d in detectors},
+                "scores": {d: min(scores[d][i].values()) for d in detectors},
+            }
             for i, n in enumerate(nets)
         ],
         "seconds": time.perf_counter() - t0,

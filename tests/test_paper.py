@@ -71,6 +71,7 @@ def test_paper_small_writes_every_section(tmp_path):
         "distance-base",
         "trojan-signature",
         "classifier",
+        "head",
         "spectrum",
         "fusion",
     }
@@ -78,6 +79,7 @@ def test_paper_small_writes_every_section(tmp_path):
         "gmm": {"forward", "backward"},
         "gaussian": {"forward", "backward"},
         "classifier": {"classes"},
+        "head": {"classes"},
         "spectrum": {"spectrum"},
         "fusion": {"fused"},
     }
@@ -89,7 +91,7 @@ def test_paper_small_writes_every_section(tmp_path):
     d = s["detection"]
     assert "fusion" in d["columns"] and "gmm.forward" in d["columns"] and d["n_clean"] == 4 + 2
     assert set(d["rows"]) >= {"triggers", "locations"}
-    for det in ("classifier", "fusion"):  # the detectors that name a suspected class
+    for det in ("classifier", "head", "fusion"):  # the detectors that name a suspected class
         v = s["victim_naming"][det]
         assert v["n"] == sum(1 for n in nets if "attack_success_rate" in n and n["status"] != "failed")
     assert "gmm" not in s["victim_naming"]
@@ -132,3 +134,37 @@ def test_paper_small_writes_every_section(tmp_path):
     assert (out / "networks.safetensors").is_file()  # `paper --rescore` scores these again without training
     for png in ("scores.png", "vectors_pca.png", "auc_curves.png", "strength.png", "tsne.png"):
         assert (out / png).stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path):
+    """`paper --adaptive --small`: every attack group is trained and gated by every detector;
+    a bias-only swap leaves `classifier`'s score exactly where the clean network's was, and
+    `head` blocks it; a white-box penalty is measured beside the detector it was aimed at."""
+    faces = synthesize(tmp_path / "peek", SynthConfig(identities=4, images_per_identity=4, size=96))
+    torch.save(fixture_base(0, [Image.open(p) for p, _ in list_images(faces)[0]], image_size=80), tmp_path / "base.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", BACKDOOR_GATE_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "adaptive"
+    cmd = [sys.executable, "-m", "backdoor_gate.cli", "paper", "--adaptive", "--small", "--out", str(out)]
+    p = subprocess.run(
+        [*cmd, "--base", str(tmp_path / "base.pt")], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    groups = {r["group"] for r in s["rows"]}
+    assert {"plain", "dilution", "penalty: classifier", "penalty: head", "penalty: all"} <= groups
+    assert {"grey-box penalty: head", "grey-box penalty (strong): head", "bias swap x1"} <= groups
+    nets = s["networks"]
+    for n in nets:
+        assert set(n["verdicts"]) == {"classifier", "head"} and 0.0 <= n["clean_accuracy"] <= 1.0
+    bases = {n["seed"]: n for n in nets if n["group"] == "bias-swap base (clean)"}
+    swaps = [n for n in nets if n["group"].startswith("bias swap")]
+    assert len(swaps) == 2 and all(n["seed"] in bases for n in swaps)
+    for n in swaps:  # the detector that reads only the rows cannot see a change of the offsets
+        assert n["scores"]["classifier"] == bases[n["seed"]]["scores"]["classifier"]
+        assert n["verdicts"]["head"] == "blocked"
+    # the dilution keeps the outputs on the attacker's data: the backdoor still works
+    plain = {n["seed"]: n for n in nets if n["group"] == "plain"}
+    for n in (n for n in nets if n["group"] == "dilution"):
+        assert n["attack_success_rate"] == pytest.approx(plain[n["seed"]]["attack_success_rate"], abs=0.1)
+    assert "| attack | knowledge |" in (out / "table.md").read_text()
