@@ -117,7 +117,10 @@ def write_report(
 
     def unit_name(v: str, i: int) -> str:
         classes = parts[v]["classes"]
-        return html.escape(classes[i]) if parts[v]["unit"] == "class" and classes else f"#{i}"
+        if parts[v]["unit"] == "class" and classes:
+            # past the classes: a network-level statistic of the same part (head's shape z)
+            return html.escape(classes[i]) if i < len(classes) else "the network's shape"
+        return f"#{i}"
 
     def least_typical(v: str) -> str:
         shown = worst[v][: (1 if len(vector_scores[v]) == 1 else 10)]
@@ -173,6 +176,9 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
     """Per class: the candidate's z against the clean calibration networks' spread for that class."""
     z = -vector_scores
     cal_z = -np.asarray(info["calibration_vector_scores"])
+    n = len(info["classes"]) if info.get("classes") else z.size
+    network_z = z[n:]  # head: the network's shape z after the classes
+    z, cal_z = z[:n], cal_z[:, :n]
     x = np.arange(z.size)
     ax.fill_between(
         x,
@@ -190,7 +196,8 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
         ax.scatter([suspected], [z[suspected]], color="red", s=60, zorder=5, label=f"suspected victim: {name}")
     ax.set_xlabel("class (logit index)")
     ax.set_ylabel("deviation z (robust σ)")
-    ax.set_title("classifier: per-class deviation of the effective classifier", fontsize=10)
+    shape = f"; the network's shape z = {network_z[0]:.1f}" if network_z.size else ""
+    ax.set_title(f"per-class deviation of the decision rule{shape}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
 
 

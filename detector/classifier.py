@@ -246,6 +246,11 @@ class ClassifierReference(BaselineReference):
     def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:
         return effective_classifier(tensors, source)
 
+    @staticmethod
+    def _row(v: np.ndarray) -> np.ndarray:
+        """The part of a class's vector that is its row of A (where "points at" is measured)."""
+        return v
+
     def _fitted_on(self, layers: Sequence[LayerWeights]) -> None:
         """The reference networks' class list, which every candidate must then share."""
         named = [lw for lw in layers if lw.classes is not None]
@@ -277,10 +282,10 @@ class ClassifierReference(BaselineReference):
         if matrix is not None and other is not None and self.victim_rule == "toward-impostor" and z[other] > z_cut:
             a, b = i, other
             est = self.views_[CLASSES]
-            d = {c: np.asarray(matrix[c], dtype=np.float64) - est.center_[c] for c in (a, b)}
+            d = {c: self._row(np.asarray(matrix[c], dtype=np.float64) - est.center_[c]) for c in (a, b)}
 
             def toward(x: int, y: int) -> float:  # does row x's change point at class y's clean row?
-                cy = est.center_[y].astype(np.float64)
+                cy = self._row(est.center_[y].astype(np.float64))
                 return float(d[x] @ cy / max(np.linalg.norm(d[x]) * np.linalg.norm(cy), 1e-300))
 
             if toward(b, a) > toward(a, b):

@@ -181,6 +181,8 @@ class HeadDeviationView(BaseEstimator):
             axis=1,
         )
         self.n_networks_, self.shape_ = M, tuple(self.center_.shape)
+        # what leave_one_out_vector_scores reuses (never saved: the artifact keeps the fitted state only)
+        self._loo = (S, rel, shape)
         return self
 
     def statistic(self, matrix: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
@@ -218,10 +220,25 @@ class HeadDeviationView(BaseEstimator):
     def leave_one_out_vector_scores(
         self, matrices: Sequence[np.ndarray], progress: Callable | None = None
     ) -> np.ndarray:
+        """Each reference network scored without itself: its deviation from the others' mean in the
+        others' metric (computed by ``fit``), z-scored with the others' statistics.
+
+        Refitting a view per left-out network would cost M² eigendecompositions (each fit scores
+        its own networks leave-one-out); the others' statistics here were each computed with the
+        left-out network among *their* references, a second-order difference."""
+        check_fitted(self, "center_")
+        fitted_on = getattr(self, "_loo", None)
+        given = np.stack([np.asarray(H, dtype=np.float64) for H in matrices])
+        if fitted_on is None or given.shape != fitted_on[0].shape or not np.array_equal(given, fitted_on[0]):
+            raise ValueError("leave-one-out scores are for the networks this view was fitted on, in that order")
+        S, rel, shape = fitted_on
         out = []
-        for i, H in enumerate(matrices):
-            est = HeadDeviationView(self.rank, self.normalize).fit([m for j, m in enumerate(matrices) if j != i])
-            out.append(est.score_vectors(H))
+        for i in range(len(S)):
+            keep = np.arange(len(S)) != i
+            med, mad = _robust(rel[keep], axis=0)
+            scale = np.maximum(rel[keep].std(axis=0, ddof=1), mad * 1e-3)
+            n_med, n_scale = float(np.median(shape[keep])), float(max(shape[keep].std(ddof=1), 1e-6))
+            out.append(np.append(-(rel[i] - med) / scale, -(shape[i] - n_med) / n_scale))
             if progress is not None:
                 progress(i)
         return np.asarray(out)
@@ -299,6 +316,11 @@ class HeadReference(ClassifierReference):
 
     def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:
         return head_matrix(tensors, source)
+
+    @staticmethod
+    def _row(v: np.ndarray) -> np.ndarray:
+        """The row of A without the offset: an offset has no direction to point at a class with."""
+        return v[:-1]
 
     def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
         """The classifier's suspect naming over the class entries; ``network_z`` beside it."""

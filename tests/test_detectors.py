@@ -325,3 +325,30 @@ def test_head_torch_mirror_equals_the_numpy_score(nets):
             t = {k: v.double() for k, v in tensors.items()}
             z = torch_class_z(ref, t).detach().numpy()
             assert np.allclose(-z, ref.score_vectors(p)["classes"], rtol=1e-9, atol=1e-9), name
+
+
+def test_head_report_plots_the_classes_and_names_the_network_shape(nets, tmp_path):
+    """head's vector scores end with the network's shape z: the report must not take it for a
+    class (it once indexed the class list with it)."""
+    from components.gate import GateResult
+    from components.report import write_report
+
+    ref = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+    a = ref.assess(nets["backdoored"][0])
+    assert a.vector_scores["classes"].size == len(nets["classes"]) + 1
+    result = GateResult(
+        model="facenet", version="1", verdict=a.decision.verdict, reason=a.decision.reason, scores=a.scores
+    )
+    _, page = write_report(tmp_path, ref, a.vector_scores, result, a.evidence)
+    # 10 classes + the shape: the 10 least typical entries listed on the page include the shape
+    assert "the network&#x27;s shape" in page.read_text()
+
+
+def test_head_leave_one_out_threshold_without_held_out_networks(nets):
+    """`reference fit` without --calibrate: each reference network scored in the others' metric."""
+    ref = make_reference("head").fit(nets["reference"]).calibrate()
+    assert ref.threshold_source_ == "leave-one-out" and np.isfinite(ref.thresholds_["classes"])
+    assert ref.calibration_vector_scores_["classes"].shape == (len(nets["reference"]), len(nets["classes"]) + 1)
+    est = ref.views_["classes"]
+    with pytest.raises(ValueError, match="fitted on"):
+        est.leave_one_out_vector_scores(ref._reference_matrices[::-1])
