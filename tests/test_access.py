@@ -183,8 +183,10 @@ def _reference_run(deployment) -> dict:
     with as_user("gate"):
         reg = Registry(deployment.server.uri)
         info = reg.version_by_alias(G.GateConfig().reference_model, "current")
+        assert info is not None and info.run_id, "no published reference"
         run = reg.client.get_run(info.run_id)
         candidates = reg.client.get_experiment_by_name(CANDIDATE_EXPERIMENT)
+        assert candidates is not None
     return dict(
         info=info,
         run_id=info.run_id,
@@ -296,6 +298,19 @@ def test_registrants_cannot_read_the_reference(deployment):
             assert not reference_files & set(seen.values()), sorted(seen)
             page = (root / f"integrity/v{v.version}/report.html").read_text()
         assert world.offline.artifact_sha256_ in page
+    # `access grant` notices a grant made by hand that lets an outsider read the reference, and unknown users
+    policy = A.AccessPolicy("gate", "publisher", ("trainer",), ("reviewer",), ("viewer",))
+    with as_user("admin"):
+        auth = A._Server(uri).auth
+        auth.grant_user_permission("viewer", A.MODEL, config.reference_model, "READ")
+        try:
+            changes, problems = A.apply(policy, uri)
+        finally:
+            auth.revoke_user_permission("viewer", A.MODEL, config.reference_model)
+        assert changes == [] and len(problems) == 1 and problems[0].startswith("viewer has READ"), problems
+        assert A.apply(policy, uri) == ([], [])
+        with pytest.raises(A.AccessError, match="no such MLflow user: nobody"):
+            A.apply(A.AccessPolicy("gate", "publisher", readers=("nobody",)), uri)
 
 
 def test_access_policy_keeps_the_reference_to_the_gate_and_its_publisher():
