@@ -1,5 +1,5 @@
 """Registry subcommands: ``gate``, ``override``, ``publish-reference``, ``keygen``, ``verify``, ``webhook``,
-``explain``.
+``explain``, ``access``.
 
 Signatures are required by default everywhere: verdicts need the gate's key, references a
 trusted reference key, overrides a reviewer's key. ``--allow-unsigned`` is the explicit opt-out
@@ -88,6 +88,36 @@ def cmd_publish_reference(args) -> int:
         return 2
     print(f"published {info.name} v{info.version} as @current")
     return 0
+
+
+def cmd_access_grant(args) -> int:
+    """Apply the deployment's MLflow permissions (components/access.py); exit 0 applied and the
+    reference is hidden from every named registrant, reviewer and reader, 1 someone of them can
+    still read it, 2 could not apply."""
+    from components.access import AccessError, AccessPolicy, apply, table
+
+    policy = AccessPolicy(
+        gate=args.gate,
+        publisher=args.publisher,
+        registrants=tuple(args.registrant),
+        reviewers=tuple(args.reviewer),
+        readers=tuple(args.reader),
+        models=tuple(args.model or ("facenet",)),
+    )
+    try:
+        grants = policy.grants()
+        if args.dry_run:
+            print(table(grants))
+            return 0
+        changes, problems = apply(policy, args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""))
+    except (AccessError, ValueError) as e:
+        print(f"backdoor-gate: {e}", file=sys.stderr)
+        return 2
+    for line in changes or ["no change: every grant was already in place"]:
+        print(line)
+    for line in problems:
+        print(f"backdoor-gate: {line}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def cmd_keygen(args) -> int:
@@ -408,6 +438,26 @@ def register(sub) -> None:
     pl.set_defaults(func=cmd_pull)
     _register_webhook_commands(sub)
     _register_explain(sub)
+    _register_access(sub)
+
+
+def _register_access(sub) -> None:
+    a = sub.add_parser("access", help="MLflow permissions of a deployment: only the gate reads the reference")
+    asub = a.add_subparsers(dest="access_command", metavar="ACTION", required=True)
+    g = asub.add_parser(
+        "grant",
+        help="as the MLflow admin: create the experiments and models, grant each identity what it needs "
+        "(exit 0 done, 1 someone named can still read the reference, 2 could not apply)",
+    )
+    g.add_argument("--gate", default="backdoor-gate", help="the gate identity (reads the reference)")
+    g.add_argument("--publisher", default="backdoor-gate-publisher", help="the identity that publishes the reference")
+    g.add_argument("--registrant", action="append", default=[], metavar="USER", help="may register versions")
+    g.add_argument("--reviewer", action="append", default=[], metavar="USER", help="may override a blocked version")
+    g.add_argument("--reader", action="append", default=[], metavar="USER", help="may read versions (pull, verify)")
+    g.add_argument("--model", action="append", metavar="NAME", help="a gated registered model (default facenet)")
+    g.add_argument("--dry-run", action="store_true", help="print the grants, touch nothing")
+    _common(g)
+    g.set_defaults(func=cmd_access_grant)
 
 
 def _register_webhook_commands(sub) -> None:

@@ -39,3 +39,6 @@ MLFLOW_CREDENTIALS_ENV = {
     "MLFLOW_TRACKING_USERNAME": "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD": "MLFLOW_TRACKING_PASSWORD",
 }
+#: The reference publisher's MLflow credentials (same keys), for publish_reference only: the gate
+#: identity may read the reference but not write it, and registrants may not read it (components/access.py).
+MLFLOW_PUBLISHER_SECRET = "mlflow-reference-credentials"

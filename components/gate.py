@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.registry import REFERENCE_DIR, Registry, RegistryError, VersionInfo
+from components.registry import REFERENCE_DIR, REFERENCE_EXPERIMENT, Registry, RegistryError, VersionInfo
 from detector import __version__ as GATE_VERSION
 from detector import verdict as V
 from detector.decision import BLOCKED, ERROR, EXIT_CODES, INVALID, PASSED, Decision, Judgement, confirm_unchanged, judge
@@ -111,6 +111,9 @@ class GateConfig:
 
     reference_model: str = "facenet-integrity-reference"
     reference_alias: str = "current"
+    #: the reference's run lives in its own experiment, apart from candidates' runs, so that
+    #: experiment permissions can hide its arrays from registrants (components/access.py)
+    reference_experiment: str = REFERENCE_EXPERIMENT
     production_alias: str = "production"
     max_checkpoint_bytes: int = 4 * 1024**3
     report: bool = True
@@ -217,6 +220,7 @@ def _register_reference(registry: Registry, ref: Reference, files: dict, config:
         config.reference_model,
         files,
         artifact_dir=REFERENCE_DIR,
+        experiment=config.reference_experiment,
         run_name="reference",
         params={"layer": ref.config.layer, "n_reference": ref.n_reference_, "threshold_source": ref.threshold_source_},
         tags={REFERENCE_SHA: ref.artifact_sha256_},

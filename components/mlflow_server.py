@@ -28,7 +28,7 @@ class MlflowServer:
         self, root: Path, port: int | None = None, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
     ):
         self.extra_env, self.extra_args = dict(env or {}), tuple(args)
-        self.root = Path(root)
+        self.root = Path(root).resolve()  # absolute: the server runs in it (cwd)
         self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.db = self.root / "mlflow.db"
@@ -60,6 +60,9 @@ class MlflowServer:
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,
+            # in its own directory: a server that falls back to a default store (./mlflow.db, ./mlruns)
+            # writes it there, not into the caller's working tree
+            cwd=self.root,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout

@@ -29,6 +29,10 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 WEIGHTS_DIR = "weights"
 WEIGHT_FILE = "model.safetensors"
 REFERENCE_DIR = "reference"
+#: Candidates' runs (registered versions, verdicts, reports) and the reference's run live in
+#: different experiments: registrants may read and write the first, only the gate may read the second.
+CANDIDATE_EXPERIMENT = "backdoor-gate"
+REFERENCE_EXPERIMENT = "backdoor-gate-reference"
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
@@ -141,15 +145,30 @@ class Registry:
     def download(self, source: str, dst: str | Path) -> Path:
         import mlflow
 
+        uri = self._resolve_models_uri(source) if source.startswith("models:") else source
         return Path(
             self._call(
                 f"downloading {source}",
                 mlflow.artifacts.download_artifacts,
-                artifact_uri=source,
+                artifact_uri=uri,
                 dst_path=str(dst),
                 tracking_uri=self.tracking_uri,
             )
         )
+
+    def _resolve_models_uri(self, source: str) -> str:
+        """``models:/name@alias[/path]`` or ``models:/name/version[/path]`` -> where its files are, asked of
+        *this* registry: MLflow resolves ``models:/`` against the process-wide registry URI instead, which
+        is not this one unless $MLFLOW_TRACKING_URI happens to name it."""
+        from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+        from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+        base, path = self._call(f"parsing {source}", ModelsArtifactRepository.split_models_uri, source)
+        found = self._call(f"resolving {base}", get_model_name_and_version, self.client, base)
+        if len(found) != 2:
+            raise RegistryError(f"{source}: only registered models (name@alias or name/version) are supported")
+        where = self._call(f"resolving {base}", self.client.get_model_version_download_uri, *found)
+        return f"{where.rstrip('/')}/{path}" if path else where
 
     def download_weights(self, info: VersionInfo, max_bytes: int) -> tuple[bytes, str]:
         """The version's weight file as bytes plus its file name. Raises RegistryError/ValueError."""
@@ -204,7 +223,7 @@ class Registry:
         files: Mapping[str, str | Path],
         *,
         artifact_dir: str = WEIGHTS_DIR,
-        experiment: str = "backdoor-gate",
+        experiment: str = CANDIDATE_EXPERIMENT,
         run_name: str | None = None,
         params: dict[str, Any] | None = None,
         metrics: dict[str, float] | None = None,
@@ -213,7 +232,7 @@ class Registry:
         """Log ``files`` (name in the artifact dir -> local path) in a new run and register them."""
         from mlflow.exceptions import MlflowException
 
-        exp = self.client.get_experiment_by_name(experiment)
+        exp = self._call(f"reading experiment {experiment}", self.client.get_experiment_by_name, experiment)
         exp_id = (
             exp.experiment_id if exp else self._call("creating experiment", self.client.create_experiment, experiment)
         )

@@ -37,11 +37,12 @@ def on_cpu(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return task.set_cpu_request(cluster.GATE_CPU).set_memory_request(cluster.GATE_MEMORY)
 
 
-def with_registry(task: dsl.PipelineTask) -> dsl.PipelineTask:
-    """A task that talks to MLflow: the gate identity's credentials from their Secret, never cached."""
+def with_registry(task: dsl.PipelineTask, secret: str = cluster.MLFLOW_CREDENTIALS_SECRET) -> dsl.PipelineTask:
+    """A task that talks to MLflow: an identity's credentials from their Secret (by default the
+    gate's; the reference's publisher has its own), never cached."""
     kubernetes.use_secret_as_env(
         task,
-        secret_name=cluster.MLFLOW_CREDENTIALS_SECRET,
+        secret_name=secret,
         secret_key_to_env=cluster.MLFLOW_CREDENTIALS_ENV,
         optional=True,
     )
@@ -99,7 +100,10 @@ def reference_pipeline(
             detector=detector,
         )
     )
-    publish = with_registry(on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)))
+    publish = with_registry(
+        on_cpu(publish_reference(reference=ref.outputs["reference"], tracking_uri=tracking_uri)),
+        cluster.MLFLOW_PUBLISHER_SECRET,
+    )
     kubernetes.use_secret_as_env(
         publish,
         secret_name=cluster.REFERENCE_SIGNING_SECRET,

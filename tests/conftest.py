@@ -74,6 +74,21 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
+def deployed_auth_settings():
+    """The [mlflow] section of the dev overlay's basic_auth.ini (the Secret the MLflow Deployment mounts),
+    so tests run the server with the permission default the manifests deploy."""
+    import configparser
+    from pathlib import Path
+
+    import yaml
+
+    docs = yaml.safe_load_all((Path(__file__).resolve().parents[1] / "manifests/overlays/dev/secrets.yaml").read_text())
+    secret = next(d for d in docs if d and d["metadata"]["name"] == "mlflow-auth")
+    ini = configparser.ConfigParser()
+    ini.read_string(secret["stringData"]["basic_auth.ini"])
+    return ini["mlflow"]
+
+
 class GateWorld:
     """A saved reference of a small weight family, and checkpoints with a known offline verdict.
 

@@ -14,8 +14,9 @@ The gate code is the project's own, unchanged (:mod:`components.gate`); only the
 and the credentials in the environment differ from the sqlite tests in ``test_gate.py``.
 What is proved: versions registered and gated through that stack, the weight files and reports
 really in the bucket (listed with boto3, bytes compared), the alias and tags really in
-PostgreSQL (read with psycopg2), ``production`` set only on a pass, and that an identity with
-MLflow's default READ permission can neither move ``production`` nor register a version.
+PostgreSQL (read with psycopg2), ``production`` set only on a pass, and, with the manifests'
+``default_permission`` and the grants of ``backdoor-gate access grant``, that an identity granted
+READ can neither move ``production`` nor register a version, nor read the reference.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ from components.registry import Registry, RegistryError
 
 BUCKET = "mlflow-artifacts"
 PREFIX = "mlartifacts"
-GATE_USER = "backdoor-gate"  # the gate identity: the only one with EDIT on the registered models
-TRAINER_USER = "data-scientist"  # default permission (READ) only
+GATE_USER = "backdoor-gate"  # the gate identity: MANAGE on facenet, READ on the reference
+PUBLISHER_USER = "backdoor-gate-publisher"  # publishes the reference, and only that
+TRAINER_USER = "data-scientist"  # a reader: READ on facenet and its experiment, nothing on the reference
 ADMIN_USER = "admin"
 STARTUP_TIMEOUT = 60.0
 
@@ -271,8 +273,10 @@ class ProductionMlflow:
 
     def start(self) -> ProductionMlflow:
         ini = self.root / "basic_auth.ini"
+        from tests.conftest import deployed_auth_settings
+
         ini.write_text(
-            "[mlflow]\ndefault_permission = READ\n"
+            f"[mlflow]\ndefault_permission = {deployed_auth_settings()['default_permission']}\n"
             f"database_uri = {self.pg.uri('mlflow_auth')}\n"
             f"admin_username = {ADMIN_USER}\n"
             "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
@@ -356,11 +360,17 @@ def stack(tmp_path_factory):
         mlflow = ProductionMlflow(root, pg, s3).start()
         from mlflow.server.auth.client import AuthServiceClient
 
-        passwords = {GATE_USER: secrets.token_hex(12), TRAINER_USER: secrets.token_hex(12)}
+        from components.access import AccessPolicy, apply
+
+        users = (GATE_USER, PUBLISHER_USER, TRAINER_USER)
+        passwords = {name: secrets.token_hex(12) for name in users}
         with as_user(ADMIN_USER, mlflow.admin_password):
             auth = AuthServiceClient(mlflow.uri)
             for name, password in passwords.items():
                 auth.create_user(name, password)
+            policy = AccessPolicy(gate=GATE_USER, publisher=PUBLISHER_USER, readers=(TRAINER_USER,))
+            _, problems = apply(policy, mlflow.uri)
+            assert not problems, problems
         yield type("Stack", (), dict(pg=pg, s3=s3, mlflow=mlflow, passwords=passwords, root=root))
     finally:
         if retries is None:
@@ -384,17 +394,23 @@ def world(tmp_path_factory):
     return GateWorld(tmp_path_factory.mktemp("backends-world"), seed=23)
 
 
+@pytest.fixture(scope="module")
+def published(stack, world):
+    """The reference, published once by its publisher (the gate may only read it)."""
+    with as_user(PUBLISHER_USER, stack.passwords[PUBLISHER_USER]):
+        return G.publish_reference(Registry(stack.mlflow.uri), world.reference_dir)
+
+
 def _sha(b: bytes) -> str:
     return hashlib.sha256(b).hexdigest()
 
 
-def test_gate_through_postgres_s3_and_basic_auth(stack, world):
+def test_gate_through_postgres_s3_and_basic_auth(stack, world, published):
     model = "facenet"
     reg = Registry(stack.mlflow.uri)
     clean, backdoored = world.ckpt("clean", "passed"), world.ckpt("backdoored", "blocked")
 
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
-        G.publish_reference(reg, world.reference_dir)
         good = reg.register(model, {"model.safetensors": clean}, tags={G.REGISTERED_BY: "trainer-bot"})
         r = G.gate(model, good.version, registry=reg)
         assert (r.verdict, r.exit_code, r.promoted) == ("passed", 0, True), r.reason
@@ -434,8 +450,8 @@ def test_gate_through_postgres_s3_and_basic_auth(stack, world):
         assert cur.fetchall() == [(int(good.version), "passed"), (int(bad.version), "blocked")]
 
 
-def test_only_the_gate_identity_can_move_production(stack, world):
-    """default_permission = READ: another identity can read, but not move aliases nor add versions."""
+def test_only_the_gate_identity_can_move_production(stack, world, published):
+    """A reader (READ granted) can read, but not move aliases nor add versions, nor read the reference."""
     model = "facenet"
     reg = Registry(stack.mlflow.uri)
     before = None
@@ -445,7 +461,6 @@ def test_only_the_gate_identity_can_move_production(stack, world):
         except RegistryError:  # with basic auth, asking about a model that does not exist yet is a 403
             promoted = None
         if promoted is None:  # this test alone: make a promoted version
-            G.publish_reference(reg, world.reference_dir)
             v = reg.register(model, {"model.safetensors": world.ckpt("clean", "passed")})
             assert G.gate(model, v.version, registry=reg).promoted
         before = reg.version_by_alias(model, "production").version
@@ -459,17 +474,21 @@ def test_only_the_gate_identity_can_move_production(stack, world):
         source = reg.version(model, target)
         with pytest.raises(RegistryError, match="PERMISSION_DENIED|403|ermission"):  # no new versions either
             reg._call("registering", reg.client.create_model_version, model, source=source.source, run_id=source.run_id)
+        with pytest.raises(RegistryError, match="PERMISSION_DENIED|403"):  # the reference is the gate's to read
+            reg.version_by_alias(published.name, "current")
+        with tempfile.TemporaryDirectory() as tmp, pytest.raises(RegistryError, match="PERMISSION_DENIED|403"):
+            reg.download(published.source, tmp)  # its run's artifacts, proxied from the bucket
     from mlflow.server.auth.client import AuthServiceClient
 
     with as_user(ADMIN_USER, stack.mlflow.admin_password):
         auth = AuthServiceClient(stack.mlflow.uri)
-        # the gate identity created both models, so it holds MANAGE on them; the other one READ
+        # what `access grant` gave: the gate MANAGE on facenet (it deletes `production` when no version may
+        # hold it) and READ on the reference, which only its publisher writes; the reader READ on facenet only
         assert auth.get_user_permission(GATE_USER, "registered_model", model).permission == "MANAGE"
-        assert (
-            auth.get_user_permission(GATE_USER, "registered_model", "facenet-integrity-reference").permission
-            == "MANAGE"
-        )
+        assert auth.get_user_permission(GATE_USER, "registered_model", published.name).permission == "READ"
+        assert auth.get_user_permission(PUBLISHER_USER, "registered_model", published.name).permission == "EDIT"
         assert auth.get_user_permission(TRAINER_USER, "registered_model", model).permission == "READ"
+        assert auth.get_user_permission(TRAINER_USER, "registered_model", published.name).permission == "NO_PERMISSIONS"
         # a reviewer is granted EDIT explicitly (docs/deploying.md, step 5): that is alias power
         auth.create_user("reviewer", stack.passwords[TRAINER_USER])
         auth.grant_user_permission("reviewer", "registered_model", model, "EDIT")
@@ -483,19 +502,13 @@ def test_only_the_gate_identity_can_move_production(stack, world):
         assert reg.version_by_alias(model, "production").version == before
 
 
-def test_s3_outage_fails_closed_and_a_rerun_converges(stack, world, monkeypatch):
+def test_s3_outage_fails_closed_and_a_rerun_converges(stack, world, published, monkeypatch):
     """The artifact store stops answering (process frozen) mid-life: no verdict, alias untouched."""
     import signal
 
     model = "facenet-s3-outage"
     reg = Registry(stack.mlflow.uri)
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
-        try:
-            published = reg.version_by_alias("facenet-integrity-reference", "current") is not None
-        except RegistryError:  # 403 for a model that does not exist yet (this test alone)
-            published = False
-        if not published:
-            G.publish_reference(reg, world.reference_dir)
         v = reg.register(
             model, {"model.safetensors": world.ckpt("clean", "passed")}, tags={G.REGISTERED_BY: "trainer-bot"}
         )

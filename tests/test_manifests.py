@@ -253,7 +253,8 @@ def test_mlflow_server_uses_postgres_s3_and_basic_auth():
     # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the image ships psycopg2 (images/mlflow-requirements.txt)
     assert secrets["mlflow-backend"]["stringData"]["uri"].startswith("postgresql+psycopg2://")
     ini = secrets["mlflow-auth"]["stringData"]["basic_auth.ini"]
-    assert "default_permission = READ" in ini and "postgresql+psycopg2://" in ini
+    # nobody reads anything without a grant, so the reference stays the gate's (tests/test_access.py runs this setting)
+    assert re.search(r"^default_permission = NO_PERMISSIONS$", ini, re.M) and "postgresql+psycopg2://" in ini
     assert "psycopg2-binary==" in (ROOT / "images/mlflow-requirements.txt").read_text()
     sts = _find(dev, "StatefulSet", "mlflow-postgres")
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]

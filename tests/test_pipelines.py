@@ -89,6 +89,12 @@ def test_gate_never_cached_and_runs_on_the_gate_image(compiled):
         assert entry.get("optional") is True and {k["secretKey"]: k["envVar"] for k in entry["keyToEnv"]} == env
     ref_secrets = {e for e, spec in _k8s(compiled["reference"]).items() if spec.get("secretAsEnv")}
     assert ref_secrets == {"exec-publish-reference"}
+    # the reference is written by its publisher, never with the gate's credentials (which may only read it)
+    publish = {x["secretName"]: x for x in _k8s(compiled["reference"])["exec-publish-reference"]["secretAsEnv"]}
+    assert cluster.MLFLOW_CREDENTIALS_SECRET not in publish
+    entry = publish[cluster.MLFLOW_PUBLISHER_SECRET]
+    assert entry.get("optional") is True
+    assert {k["secretKey"]: k["envVar"] for k in entry["keyToEnv"]} == cluster.MLFLOW_CREDENTIALS_ENV
 
 
 def test_explain_runs_after_the_gate_only_when_wanted(compiled):
