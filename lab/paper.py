@@ -101,6 +101,7 @@ VARIANTS = (
 #: What the paper keeps of each network: every fine-tuned tensor the detectors read.
 HEAD_TENSORS = HEAD
 
+
 @dataclass(frozen=True)
 class PaperConfig:
     identities: int = 40
