@@ -224,12 +224,12 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
     )
     assert p.returncode == 0, p.stderr
     fit = json.loads(p.stdout)
-    assert fit["detector"] == "classifier" and fit["evidence"] == ["gmm"] and fit["n_calibration"] == 6  # the default
+    assert fit["detector"] == "head" and fit["evidence"] == ["gmm"] and fit["n_calibration"] == 6  # the default
     p = run("score", "--reference", str(tmp_path / "ref"), "--json", nets["backdoored"][0], nets["calibration"][0])
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert p.returncode == 1 and [r["verdict"] for r in lines] == ["blocked", "passed"]
     assert lines[0]["suspected_class"] in nets["classes"] and "suspected_class" not in lines[1]
-    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"classifier"}
+    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"head"}
     assert set(lines[0]["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
 
 
@@ -343,7 +343,7 @@ def test_head_report_plots_the_classes_and_names_the_network_shape(nets, tmp_pat
     diluted = {"classes": a.vector_scores["classes"].copy()}
     diluted["classes"][-1] = diluted["classes"].min() - 50.0
     _, page = write_report(tmp_path, ref, diluted, result, a.evidence)
-    assert "the network&#x27;s shape" in page.read_text()
+    assert "the network's shape" in page.read_text()
 
 
 def test_head_leave_one_out_threshold_without_held_out_networks(nets):
