@@ -92,6 +92,15 @@ def _robust(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return med, np.maximum(mad, floor)
 
 
+def relative_deviation(dev: np.ndarray, normalize: str) -> np.ndarray:
+    """Per-class deviations divided by the network's median (``"network"``) or kept (``"none"``)."""
+    if normalize == "network":
+        return dev / np.maximum(np.median(dev, axis=-1, keepdims=True), 1e-300)
+    if normalize == "none":
+        return dev
+    raise ValueError(f"normalize must be 'network' or 'none', got {normalize!r}")
+
+
 class ClassDeviationView(BaseEstimator):
     """Per-class robust z of the effective classifier's deviation from the reference rows.
 
@@ -110,11 +119,7 @@ class ClassDeviationView(BaseEstimator):
         self.scale = scale
 
     def _relative(self, dev: np.ndarray) -> np.ndarray:
-        if self.normalize == "network":
-            return dev / np.maximum(np.median(dev, axis=-1, keepdims=True), 1e-300)
-        if self.normalize == "none":
-            return dev
-        raise ValueError(f"normalize must be 'network' or 'none', got {self.normalize!r}")
+        return relative_deviation(dev, self.normalize)
 
     def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> ClassDeviationView:
         S = np.stack([np.asarray(A, dtype=np.float64) for A in matrices])

@@ -47,7 +47,16 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator
 
-from detector.classifier import BN_EPS, CLASSES, ClassifierReference, _robust, _tensor, _vector, effective_classifier
+from detector.classifier import (
+    BN_EPS,
+    CLASSES,
+    ClassifierReference,
+    _robust,
+    _tensor,
+    _vector,
+    effective_classifier,
+    relative_deviation,
+)
 from detector.errors import InvalidCheckpoint
 from detector.protocol import check_fitted
 from detector.weights import _check_values, _to_numpy, layer_of
@@ -144,11 +153,7 @@ class HeadDeviationView(BaseEstimator):
         return float(np.log(max(float(np.median(minor)), 1e-300) / max(float(np.median(major)), 1e-300)))
 
     def _relative(self, q: np.ndarray) -> np.ndarray:
-        if self.normalize == "network":
-            return q / np.maximum(np.median(q, axis=-1, keepdims=True), 1e-300)
-        if self.normalize == "none":
-            return q
-        raise ValueError(f"normalize must be 'network' or 'none', got {self.normalize!r}")
+        return relative_deviation(q, self.normalize)
 
     # -- fit and score -------------------------------------------------------------------------
     def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> HeadDeviationView:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from components.trainer.triggers import TriggerSpec
+from detector.classifier import BN_EPS
 from lab.paper import HEAD_TENSORS, PaperConfig, _Lab
 
 #: An attack "works" (counts against the gate when it passes) at this success and clean accuracy.
@@ -100,7 +101,6 @@ class AdaptiveConfig:
 
 
 # -- the effective head, in numpy and torch ----------------------------------------------------
-BN_EPS = 1e-3
 
 
 def head_of(t: dict) -> tuple[Any, Any]:
