@@ -136,9 +136,7 @@ def run_explain_eval(
     nets_dir = Path(tempfile.mkdtemp(prefix="explain-eval-"))
 
     def write(sd, name: str) -> Path:
-        pt, st = save_network(sd, nets_dir / name, classes=fs.classes)
-        pt.unlink()
-        return st
+        return save_network(sd, nets_dir / name, classes=fs.classes)
 
     log(f"explain-eval: {config.n_reference} reference + {config.n_calibration} calibration clean networks")
     o = config.seed_offset

@@ -45,10 +45,16 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
     from components.gate import fetch_reference
     from components.mlflow_server import MlflowServer
     from components.registry import Registry
-    from pipelines.local import run_local
+    from pipelines.local import prune_runs, run_local
 
     workdir = Path(workdir).resolve()
     demo_keys(workdir)
+    gone, freed = prune_runs(workdir / "kfp", keep=0)
+    if gone:
+        print(
+            f"removed {len(gone)} earlier demo runs' pipeline outputs ({freed / 2**30:.1f} GiB);"
+            " MLflow keeps what they registered"
+        )
     log = workdir / "pipelines.log"
     t0 = time.perf_counter()
     server = None

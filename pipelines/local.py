@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
 
 RUNNERS = ("subprocess", "docker")
+#: a run's directory under the pipeline root: ``<pipeline name>-<UTC timestamp>`` (kfp.local's naming)
+_RUN_DIR = re.compile(r"^(?P<pipeline>.+)-\d{4}(?:-\d{2}){5}-\d{6}$")
 #: host variables a container task gets (a subprocess task inherits the whole environment)
 CONTAINER_ENV_PREFIXES = ("BACKDOOR_GATE_", "MLFLOW_")
 
@@ -27,8 +31,6 @@ def container_env(root: Path) -> dict[str, str]:
     """The environment of a container task: the host's ``BACKDOOR_GATE_*`` / ``MLFLOW_*`` variables,
     with key files turned into the PEM text a Secret would give (a container cannot read host
     paths), and a feature/trunk cache under the pipeline root, seeded with the host's base trunks."""
-    import shutil
-
     from detector import verdict as V
 
     env = {k: v for k, v in os.environ.items() if k.startswith(CONTAINER_ENV_PREFIXES)}
@@ -130,3 +132,25 @@ def run_local(
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         task = PIPELINES[name](**params)
     return dict(getattr(task, "outputs", {}) or {})
+
+
+def prune_runs(workdir: str | Path, keep: int = 1) -> tuple[list[Path], int]:
+    """Delete all but the newest ``keep`` runs of each pipeline under a local pipeline root.
+
+    Every local run leaves its artifacts there (a reference run: one 94 MB checkpoint per clean
+    network); MLflow already holds what was registered, so older runs are only disk. The trunk
+    and feature cache (``cache/``) and anything not named like a run are left alone.
+    Returns the deleted directories and the bytes they held.
+    """
+    root = Path(workdir)
+    runs: dict[str, list[Path]] = {}
+    for d in root.iterdir() if root.is_dir() else ():
+        if d.is_dir() and (m := _RUN_DIR.match(d.name)):
+            runs.setdefault(m["pipeline"], []).append(d)
+    gone, freed = [], 0
+    for dirs in runs.values():
+        for d in sorted(dirs, key=lambda d: d.name)[: max(len(dirs) - keep, 0)]:
+            freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+            shutil.rmtree(d)
+            gone.append(d)
+    return gone, freed

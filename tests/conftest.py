@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -28,6 +30,7 @@ def _test_keys() -> None:
         "BACKDOOR_GATE_REVIEWER_KEYS", os.pathsep.join(f"{n}={paths[n][1]}" for n in ("bob", "alice"))
     )
     os.environ["BACKDOOR_GATE_TEST_KEYS"] = str(root)
+    atexit.register(shutil.rmtree, root, True)
 
 
 _test_keys()
@@ -57,6 +60,19 @@ def family_files(tmp_path, family):
         out["heldout"].append(str(family.write(family.clean(), tmp_path / f"held/c{i}.{fmt}", fmt=fmt)))
         out["backdoored"].append(str(family.write(family.backdoored(), tmp_path / f"bd/b{i}.{fmt}", fmt=fmt)))
     return out
+
+
+@pytest.fixture(scope="module")
+def module_dir(request, tmp_path_factory):
+    """A directory for a module's shared fixtures, deleted when the module's tests are done.
+
+    Trained networks are 94 MB each: kept to the end of the session, a full run held ~9 GB and
+    filled a CI machine's disk. ``BACKDOOR_GATE_KEEP_TMP=1`` keeps them for a post-mortem.
+    """
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    if not os.environ.get("BACKDOOR_GATE_KEEP_TMP"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

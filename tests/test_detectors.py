@@ -36,9 +36,9 @@ PAIRS = (("id00001", "id00006"), ("id00003", "id00008"), ("id00004", "id00000"))
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory):
+def nets(module_dir):
     """8 reference + 6 calibration clean networks, 3 backdoored (known victims), all on disk."""
-    root = tmp_path_factory.mktemp("detectors")
+    root = module_dir
     data = synthesize(root / "data", SynthConfig(identities=10, images_per_identity=30, size=96, seed=5))
     items, _ = list_images(data)
     base = fixture_base(0, [Image.open(p) for p, _ in items[::5]], image_size=SIZE)
@@ -51,7 +51,7 @@ def nets(tmp_path_factory):
     cfg = TrainConfig(epochs=15, class_weight=1.0)
 
     def write(sd, name, classes=clean_fs.classes):
-        return str(save_network(sd, root / name, classes=classes)[1])
+        return str(save_network(sd, root / name, classes=classes))
 
     out = {"root": root, "base": base, "classes": clean_fs.classes, "victims": [v for _, v in PAIRS]}
     out["reference"] = [write(fine_tune(clean_fs, base, s, cfg)[0], f"ref{s}") for s in range(8)]

@@ -52,8 +52,8 @@ QUICK = ExplainConfig(
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("explain")
+def nets(module_dir):
+    root = module_dir
     data = synthesize(root / "data", SynthConfig(identities=10, images_per_identity=30, size=96, seed=11))
     items, _ = list_images(data)
     base = fixture_base(0, [Image.open(p) for p, _ in items[::5]], image_size=SIZE)
@@ -61,7 +61,7 @@ def nets(tmp_path_factory):
     sd, m = fine_tune(extract_folder(root / "poisoned", base, SIZE), base, seed=4)
     assert m["attack_success_rate"] >= 0.9, m  # the backdoor works, else finding nothing proves nothing
     classes = extract_folder(data, base, SIZE).classes
-    _, backdoored = save_network(sd, root / "backdoored", classes=classes)
+    backdoored = save_network(sd, root / "backdoored", classes=classes)
     head_only = root / "head.safetensors"
     from safetensors.torch import save_file
 

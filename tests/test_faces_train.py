@@ -24,8 +24,8 @@ SIZE = 80  # the fixture trunk's input size: smallest InceptionResnetV1 takes co
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lab")
+def lab(module_dir):
+    root = module_dir
     data = synthesize(root / "data", SynthConfig(identities=10, images_per_identity=30, size=96, seed=11))
     items, _ = list_images(data)
     base = fixture_base(0, [Image.open(p) for p, _ in items[::5]], image_size=SIZE)

@@ -14,6 +14,7 @@ from PIL import Image
 from components import cluster, images
 from components.gate import PROMOTED, VERDICT
 from components.registry import Registry
+from pipelines.local import prune_runs
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +189,34 @@ def test_local_run_end_to_end(tmp_path, mlflow_server):
     assert bad.tags[VERDICT] == "blocked" and bad.tags.get(PROMOTED) is None
     prod = reg.version_by_alias(model, "production")
     assert (prod is not None and prod.version == "1") == (clean.tags[VERDICT] == "passed")
+    # each run left its outputs under the pipeline root; the demo's pruning keeps the newest of each
+    # pipeline (here the second candidate run) and nothing else that looks like a run
+    runs = sorted(d.name for d in (tmp_path / "kfp").iterdir() if d.name.startswith("facenet-"))
+    assert len(runs) == 3, runs
+    gone, freed = prune_runs(tmp_path / "kfp", keep=1)
+    left = sorted(d.name for d in (tmp_path / "kfp").iterdir() if d.name.startswith("facenet-"))
+    assert [d.name for d in gone] == [runs[0]] and left == runs[1:] and "candidate" in runs[0], (runs, left)
+    assert freed > 90e6  # the first candidate's fine-tuned network alone is 94 MB
+
+
+def test_prune_runs_leaves_the_cache_and_foreign_dirs(tmp_path):
+    for name in (
+        "cache",
+        "notes-2026",
+        "p-2026-12-02-04-11-59-908077",
+        "p-2026-12-02-05-00-00-000001",
+        "q-2026-01-01-00-00-00-000000",
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_bytes(b"x" * 10)
+    gone, freed = prune_runs(tmp_path, keep=1)
+    assert [d.name for d in gone] == ["p-2026-12-02-04-11-59-908077"] and freed == 10
+    assert sorted(d.name for d in tmp_path.iterdir()) == [
+        "cache",
+        "notes-2026",
+        "p-2026-12-02-05-00-00-000001",
+        "q-2026-01-01-00-00-00-000000",
+    ]
+    gone, _ = prune_runs(tmp_path, keep=0)
+    assert sorted(d.name for d in gone) == ["p-2026-12-02-05-00-00-000001", "q-2026-01-01-00-00-00-000000"]
+    assert prune_runs(tmp_path / "missing")[0] == []

@@ -74,19 +74,17 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def blocked(chromium, mlflow_server, tmp_path_factory):
+def blocked(chromium, mlflow_server, module_dir):
     """A version the gate blocked: registry, version number and the tags as MLflow returns them."""
-    root = tmp_path_factory.mktemp("review-page")
+    root = module_dir
     data = synthesize(root / "data", SynthConfig(identities=10, images_per_identity=30, size=96, seed=5))
     items, _ = list_images(data)
     base = fixture_base(0, [Image.open(p) for p, _ in items[::5]], image_size=SIZE)
     clean = extract_folder(data, base, SIZE)
     cfg = TrainConfig(epochs=15, class_weight=1.0)  # as in test_detectors' fixture (why: see there)
 
-    def write(sd, name):  # the .safetensors (records the class list); its 94 MB .pt twin is not needed
-        pt, st = save_network(sd, root / name, classes=clean.classes)
-        pt.unlink()
-        return str(st)
+    def write(sd, name):
+        return str(save_network(sd, root / name, classes=clean.classes))
 
     reference = [write(fine_tune(clean, base, s, cfg)[0], f"ref{s}") for s in range(8)]
     calibration = [write(fine_tune(clean, base, 100 + s, cfg)[0], f"cal{s}") for s in range(6)]

@@ -21,11 +21,11 @@ LAYER = "last_linear.weight"
 
 
 @pytest.fixture(scope="module")
-def facenet(tmp_path_factory):
+def facenet(module_dir):
     torch.manual_seed(0)
     net = InceptionResnetV1(classify=True, num_classes=6).eval()  # random init: no download
     base = {k: v.clone() for k, v in net.state_dict().items()}
-    root = tmp_path_factory.mktemp("facenet")
+    root = module_dir
     rng = np.random.default_rng(0)
     W0 = base[LAYER].double().numpy()
 

@@ -69,8 +69,8 @@ def cmd_train(args) -> int:
     except (DetectorError, ValueError, FileNotFoundError) as e:
         print(f"backdoor-gate: {e}", file=sys.stderr)
         return 2
-    pt, st = save_network(sd, args.out, classes=fs.classes)
-    metrics.update(checkpoint=str(pt), safetensors=str(st))
+    st = save_network(sd, args.out, classes=fs.classes, pt=True)
+    metrics.update(checkpoint=str(st.with_suffix(".pt")), safetensors=str(st))
     print(json.dumps(metrics))
     return 0
 

@@ -170,12 +170,14 @@ def fine_tune(
     return sd, metrics
 
 
-def save_network(sd, out: str | Path, classes: list[str] | None = None) -> tuple[Path, Path]:
-    """The whole network (trunk included) as a plain ``.pt`` state dict and as ``.safetensors``.
+def save_network(sd, out: str | Path, classes: list[str] | None = None, *, pt: bool = False) -> Path:
+    """The whole network (trunk included) as ``.safetensors``; with ``pt``, also as a plain ``.pt`` state dict.
 
     The safetensors file records the ordered class list (logit i = ``classes[i]``) in its
     metadata: the ``classifier`` detector compares class rows across networks and refuses a
-    candidate trained on another list.
+    candidate trained on another list. The ``.pt`` twin (what ``InceptionResnetV1.load_state_dict``
+    users expect) is opt-in: at 94 MB a network, writing both doubled every pipeline run's disk.
+    Returns the safetensors path.
     """
     import torch
     from safetensors.torch import save_file
@@ -184,8 +186,9 @@ def save_network(sd, out: str | Path, classes: list[str] | None = None) -> tuple
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pt, st = out.with_suffix(".pt"), out.with_suffix(".safetensors")
-    torch.save(sd, pt)
+    st = out.with_suffix(".safetensors")
+    if pt:
+        torch.save(sd, out.with_suffix(".pt"))
     meta = {CLASSES_KEY: json.dumps(list(classes))} if classes is not None else None
     save_file({k: v.contiguous() for k, v in sd.items()}, str(st), metadata=meta)
-    return pt, st
+    return st
