@@ -89,7 +89,10 @@ class ViewReference(BaseEstimator):
         V = self._vectors(matrices)
         M, n, d = V.shape
         X = V.reshape(M * n, d)
-        pca = PCA(n_components=self.variance if self.variance < 1.0 else None, svd_solver="full")
+        # with more vectors than dimensions (every view of FaceNet's head) the eigenvectors of the
+        # d x d covariance are the SVD's directions (seen: equal to 4e-15) at 3.5-6x less time
+        solver = "covariance_eigh" if M * n >= d else "full"
+        pca = PCA(n_components=self.variance if self.variance < 1.0 else None, svd_solver=solver)
         pca.fit(X)
         self.pca_mean_ = pca.mean_
         self.pca_components_ = pca.components_

@@ -12,59 +12,26 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import roc_auc_score
 
-from components.trainer.base_trunk import fixture_base
-from components.trainer.features import extract_folder
-from components.trainer.poison import PoisonSpec, poison_folder
-from components.trainer.synth import SynthConfig, list_images, synthesize
-from components.trainer.train import TrainConfig, fine_tune, save_network
-from components.trainer.triggers import TriggerSpec
+from components.trainer.synth import list_images
 from detector.classifier import effective_classifier
 from detector.config import ReferenceConfig
 from detector.detectors import load_reference, make_reference
 from detector.errors import InvalidCheckpoint, InvalidReference
 from detector.weights import CLASSES_KEY, read_tensors
+from tests.conftest import FACE_NETS_PAIRS as PAIRS
+from tests.conftest import FACE_NETS_SIZE as SIZE
 
 # every test here uses networks the module's fixture trains (about 20 s)
 pytestmark = pytest.mark.slow
 
-SIZE = 80
-PAIRS = (("id00001", "id00006"), ("id00003", "id00008"), ("id00004", "id00000"))
-
 
 @pytest.fixture(scope="module")
-def nets(module_dir):
-    """8 reference + 6 calibration clean networks, 3 backdoored (known victims), all on disk."""
-    root = module_dir
-    data = synthesize(root / "data", SynthConfig(identities=10, images_per_identity=30, size=96, seed=5))
-    items, _ = list_images(data)
-    base = fixture_base(0, [Image.open(p) for p, _ in items[::5]], image_size=SIZE)
-    clean_fs = extract_folder(data, base, SIZE)
-    # Clean and backdoored networks are trained alike, here without the impostor/victim
-    # up-weighting: with it, on 10 classes and this random fixture trunk, a clean network's two
-    # up-weighted rows deviated as much as a victim's (seen: clean z up to 23, backdoored 12-16),
-    # which the 40-identity protocol with the pre-trained trunk does not show (README). The
-    # protocol's numbers come from `paper`; this fixture tests the mechanics on real fine-tunes.
-    cfg = TrainConfig(epochs=15, class_weight=1.0)
-
-    def write(sd, name, classes=clean_fs.classes):
-        return str(save_network(sd, root / name, classes=classes))
-
-    out = {"root": root, "base": base, "classes": clean_fs.classes, "victims": [v for _, v in PAIRS]}
-    out["reference"] = [write(fine_tune(clean_fs, base, s, cfg)[0], f"ref{s}") for s in range(8)]
-    out["calibration"] = [write(fine_tune(clean_fs, base, 100 + s, cfg)[0], f"cal{s}") for s in range(6)]
-    out["backdoored"], out["asr"] = [], []
-    for k, (imp, vic) in enumerate(PAIRS):
-        seed = 200 + k
-        poison_folder(data, root / f"p{k}", PoisonSpec(imp, vic, TriggerSpec("white-square", 0.3, "forehead")), seed)
-        sd, m = fine_tune(extract_folder(root / f"p{k}", base, SIZE), base, seed, cfg)
-        out["asr"].append(m["attack_success_rate"])
-        out["backdoored"].append(write(sd, f"bd{k}"))
-    torch.save(base, root / "base.pt")
-    return out
+def nets(face_nets):
+    """8 reference + 6 calibration clean networks, 3 backdoored (known victims), all on disk (conftest)."""
+    return face_nets
 
 
 def test_backdoors_took(nets):
