@@ -305,7 +305,7 @@ class Reference:
         self.n_calibration_ = n
         self.calibration_warning_ = (
             f"only {n} calibration networks: the threshold is "
-            f"{'the lowest clean score' if n * self.config.frr < 1 else 'set by a handful of networks'}"
+            f"{'the lowest clean score' if (n + 1) * self.config.frr < 2 else 'set by a handful of networks'}"
             f" and the true FRR could be up to {self.frr_upper_95_:.0%} (95 % bound); calibrate on >= {MIN_CALIBRATION}"
             if n < MIN_CALIBRATION
             else None

@@ -9,19 +9,21 @@ import numpy as np
 
 
 def threshold_at_frr(clean_scores: np.ndarray, frr: float) -> float:
-    """The highest threshold that rejects at most ``frr`` of ``clean_scores``.
+    """The threshold at which a *new* clean network is rejected with probability at most ``frr``.
 
-    Blocked means ``score < threshold``. With n scores sorted ascending, the threshold is the
-    (floor(frr*n)+1)-th lowest, so at most floor(frr*n) clean networks fall below it. With
-    fewer than 1/frr networks that is the lowest clean score: the empirical FRR is then 0 and
-    the true FRR is only bounded by the sample size — calibrate on more networks to do better.
+    Blocked means ``score < threshold``. With n clean scores sorted ascending, the threshold is
+    the (k+1)-th lowest for the largest k with (k+1)/(n+1) <= frr: a fresh network from the
+    same distribution falls below the (k+1)-th lowest of n with probability (k+1)/(n+1) (its rank
+    among the n+1 is uniform). Counting only the calibration networks instead (k = floor(frr·n))
+    promised 5 % but gave 2/21 = 9.5 % with 20 networks. With fewer than 1/frr − 1 networks the
+    threshold is the lowest clean score and the true FRR about 1/(n+1): calibrate on more.
     """
     s = np.sort(np.asarray(clean_scores, dtype=np.float64))
     if s.size == 0:
         raise ValueError("need at least one clean score to set a threshold")
     if not np.all(np.isfinite(s)):
         raise ValueError("clean scores must be finite")
-    k = min(int(math.floor(frr * s.size + 1e-12)), s.size - 1)
+    k = min(max(int(math.floor(frr * (s.size + 1) + 1e-12)) - 1, 0), s.size - 1)
     return float(s[k])
 
 

@@ -59,15 +59,28 @@ def test_backdoored_networks_score_lower_in_both_views(cov):
 
 def test_threshold_arithmetic():
     s = np.arange(20.0)  # 0..19
-    assert threshold_at_frr(s, 0.05) == 1.0  # floor(0.05*20)=1 network may fall below
-    assert rejection_rate(s, threshold_at_frr(s, 0.05)) == 0.05
+    assert threshold_at_frr(s, 0.05) == 0.0  # (k+1)/21 <= 0.05 only for k = 0: the lowest score
+    assert rejection_rate(s, threshold_at_frr(s, 0.05)) == 0.0
     assert threshold_at_frr(s, 0.0) == 0.0
-    assert threshold_at_frr(s, 0.25) == 5.0 and rejection_rate(s, 5.0) == 0.25
-    assert threshold_at_frr(np.arange(12.0), 0.05) == 0.0  # n < 1/frr: the lowest clean score
+    assert threshold_at_frr(s, 0.25) == 4.0 and rejection_rate(s, 4.0) == 0.2  # (4+1)/21 <= 0.25 < 6/21
+    assert threshold_at_frr(np.arange(41.0), 0.05) == 1.0  # 2/42 <= 0.05: one of 41 may fall below
+    assert threshold_at_frr(np.arange(12.0), 0.05) == 0.0  # n < 1/frr - 1: the lowest clean score
     for frr in (0.01, 0.05, 0.1, 0.3):
         assert rejection_rate(s, threshold_at_frr(s, frr)) <= frr
     with pytest.raises(ValueError):
         threshold_at_frr([], 0.05)
+
+
+def test_a_new_clean_network_is_rejected_at_most_at_the_target_frr():
+    """What the threshold promises is about networks it has not seen: over many draws of 20
+    calibration scores, a fresh clean score falls below it at most 5 % of the time (the old
+    rule, k = floor(0.05·20) = 1, gave 2/21 = 9.5 %)."""
+    rng = np.random.default_rng(0)
+    trials, n = 20000, 20
+    cal = rng.standard_normal((trials, n))
+    fresh = rng.standard_normal(trials)
+    rejected = np.mean([f < threshold_at_frr(c, 0.05) for c, f in zip(cal, fresh)])
+    assert abs(rejected - 1 / 21) < 0.006 and rejected <= 0.05 + 0.003, rejected
 
 
 def test_median_mad_is_the_scaled_median_absolute_deviation():
