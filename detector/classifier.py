@@ -29,7 +29,8 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
-from detector.baselines import BaselineReference
+from detector.baselines import BaselineReference, SpectrumView
+from detector.config import ReferenceConfig
 from detector.errors import InvalidCheckpoint
 from detector.protocol import check_fitted
 from detector.threshold import median_mad
@@ -299,3 +300,69 @@ class ClassifierReference(BaselineReference):
         out["runner_up_z"] = float(z[other]) if other is not None else None
         out.update(suspected_class=names[i], suspected_index=i, suspected_z=float(z[i]))
         return out
+
+
+def output_basis(tensors: Mapping[str, Any], source: str = "<memory>", rel_tol: float = 1e-8) -> np.ndarray:
+    """Orthonormal basis (512 x r) of the directions of ``last_linear``'s output the logits can see.
+
+    The row space of centred ``logits.weight`` · diag(γ/√(σ²+ε)): an update of ``last_linear``
+    outside it changes no class score (a softmax ignores a shift common to all classes), so noise
+    placed there reshapes the update's spectrum for free. Directions whose Gram eigenvalue is below
+    ``rel_tol`` of the largest count as invisible. Built from the 512 x 512 Gram matrix a block of
+    classes at a time, so it costs little at CASIA's 10,575 classes (where r is the full 512).
+    """
+    logits = _tensor(tensors, "logits.weight", source)
+    gamma, var = _vector(tensors, "last_bn.weight", source), _vector(tensors, "last_bn.running_var", source)
+    shape = tuple(int(x) for x in np.shape(logits))
+    if len(shape) != 2 or shape[1] != gamma.size or gamma.size != var.size or shape[0] < 2:
+        raise InvalidCheckpoint(source, f"head shapes disagree: logits {shape}, last_bn {gamma.size}/{var.size}")
+    if np.any(var < 0):
+        raise InvalidCheckpoint(source, "last_bn.running_var holds negative values")
+    G, total = np.zeros((shape[1], shape[1])), np.zeros(shape[1])
+    for i in range(0, shape[0], 1024):
+        block = _check_values(
+            np.asarray(_to_numpy(logits[i : i + 1024], "logits.weight", source)), "logits.weight", source
+        )
+        G += block.T @ block
+        total += block.sum(axis=0)
+    mean = total / shape[0]
+    G -= shape[0] * np.outer(mean, mean)  # the Gram of the class-centred rows
+    s = gamma / np.sqrt(var + BN_EPS)
+    G *= np.outer(s, s)
+    lam, V = np.linalg.eigh(G)
+    if not np.all(np.isfinite(lam)):
+        raise InvalidCheckpoint(source, "the logits overflow (weights too large to score)")
+    return V[:, lam > rel_tol * max(float(lam[-1]), 1e-300)]
+
+
+class OutputSpectrumReference(BaselineReference):
+    """``output-spectrum``: ``spectrum`` on the update the logits can see, P·(W − W_base), P the
+    projector onto :func:`output_basis`. A backdoor must change the outputs, so its low-rank update
+    survives the projection; noise an attacker adds where the logits are blind (the lab's
+    ``invisible noise`` flattened the plain spectrum: 6 of 6 passed) does not. With as many classes
+    as features (CASIA) P is the identity and this is ``spectrum``."""
+
+    def __init__(self, config: ReferenceConfig | None = None):
+        super().__init__("spectrum", config)
+        self.detector = "output-spectrum"
+
+    def _view_estimator_for(self):
+        return SpectrumView(space="outputs")
+
+    def _prepare(self, base_tensors: Mapping[str, Any] | None) -> None:
+        self._base_W = self._base_matrix(base_tensors)
+
+    def network_matrix(self, tensors: Mapping[str, Any], source: str, sha256: str | None) -> LayerWeights:
+        lw = layer_of(tensors, self.config.layer, source=source, sha256=sha256)
+        views = getattr(self, "views_", None)
+        base = views["spectrum"].base_ if views else self._base_W
+        if lw.matrix.shape != base.shape:
+            raise InvalidCheckpoint(source, f"'{lw.layer}' has shape {lw.matrix.shape}; the base's is {base.shape}")
+        Q = output_basis(tensors, source)
+        D = lw.matrix - base
+        if Q.shape[1] < Q.shape[0]:
+            D = Q @ (Q.T @ D)
+        return LayerWeights(matrix=D, layer=lw.layer, source=source, sha256=sha256, original_shape=lw.original_shape)
+
+    def _fit_views(self, matrices: list[np.ndarray], base_tensors) -> dict:
+        return {"spectrum": SpectrumView(space="outputs").fit(matrices, base_matrix=self._base_W)}

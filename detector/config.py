@@ -26,12 +26,16 @@ DETECTORS: tuple[str, ...] = (
     "classifier",
     "head",
     "spectrum",
+    "output-spectrum",
     "fusion",
+    "head+output-spectrum",
 )
 #: The gate's default: the detector that catches the most backdoors on held-out evidence, the
 #: informed attacker's suite included (``paper --adaptive``); see the README's detection and
-#: attacker tables (``classifier`` was the default before ``head`` read the offsets).
-DEFAULT_DETECTOR = "head"
+#: attacker tables. ``head`` and ``output-spectrum`` decide together (a network must pass both,
+#: at one FRR); ``classifier`` was the default before ``head`` read the offsets, and ``head``
+#: alone before the attack suite showed what the spectrum adds. It needs the base network.
+DEFAULT_DETECTOR = "head+output-spectrum"
 #: Scored and tagged on every candidate as evidence, never deciding unless configured to: the
 #: paper's method, which platform teams were promised.
 DEFAULT_EVIDENCE: tuple[str, ...] = ("gmm",)

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from detector.artifact import ARRAYS_FILE, GMM_DETECTORS, read_metadata
-from detector.baselines import _VIEW_ESTIMATORS, CLASSIFIER_LAYER, BaselineReference
-from detector.classifier import ClassDeviationView, ClassifierReference
+from detector.baselines import _VIEW_ESTIMATORS, CLASSIFIER_LAYER, BaselineReference, SpectrumView
+from detector.classifier import ClassDeviationView, ClassifierReference, OutputSpectrumReference
 from detector.composite import CompositeReference
 from detector.config import DETECTORS, FUSION, ReferenceConfig
 from detector.errors import InvalidReference
@@ -65,6 +65,8 @@ def make_reference(
         return ClassifierReference(config)
     if detector == "head":
         return HeadReference(config)
+    if detector == "output-spectrum":
+        return OutputSpectrumReference(config)
     raise ValueError(f"unknown detector {detector!r}; one of {', '.join(DETECTORS)}")
 
 
@@ -73,6 +75,8 @@ def _restore_view(detector: str, info: dict, arrays: dict[str, np.ndarray]):
         return ClassDeviationView.restore(info, arrays)
     if detector == "head":
         return HeadDeviationView.restore(info, arrays)
+    if detector == "output-spectrum":
+        return SpectrumView.restore(info, arrays)
     cls = type(_VIEW_ESTIMATORS[detector]())
     return cls.restore(info, arrays)
 
@@ -98,6 +102,8 @@ def load_reference(path: str | os.PathLike):
         elif detector == "head":
             info = meta["views"]["classes"]
             ref = HeadReference(config, rank=int(info["rank"]), normalize=info["normalize"])
+        elif detector == "output-spectrum":
+            ref = OutputSpectrumReference(config)
         else:
             ref = BaselineReference(detector, config)
         ref.views_ = {}

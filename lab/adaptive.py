@@ -73,8 +73,8 @@ class AdaptiveConfig:
     noise: float = 0.6  # × ‖W − W_base‖
     swap_sizes: tuple = (1.0, 3.0, 1000.0)
     #: deciding detectors (each is attacked and gated on its own) and evidence (scored only)
-    detectors: tuple = ("classifier", "head")
-    evidence: tuple = ("spectrum",)
+    detectors: tuple = ("head", "head+output-spectrum")
+    evidence: tuple = ("classifier", "spectrum", "output-spectrum")
     seed_offset: int = 700_000
 
     @classmethod
@@ -96,7 +96,7 @@ class AdaptiveConfig:
             n_grey=8,
             trigger=("white-square", 0.3, "forehead"),
             swap_sizes=(1.0,),
-            evidence=(),
+            evidence=("classifier",),
         )
 
 
@@ -269,7 +269,44 @@ def bias_swap(tensors: dict, X_imp: np.ndarray, imp: int, vic: int, size: float,
 def torch_class_z(ref, t: dict) -> torch.Tensor:
     """The per-class z of a fitted ``classifier`` or ``head`` reference, differentiable in the head
     (mirrors the numpy scoring; ``tests/test_adaptive.py`` checks they agree)."""
-    est = ref.views_["classes"]
+    return torch_anomaly(ref.views_["classes"], t)
+
+
+def torch_anomaly(est, t: dict, spectrum_basis: dict | None = None) -> torch.Tensor:
+    """A deciding statistic's anomalies (its score's entries negated: higher = more anomalous),
+    differentiable in the head; blocked when the largest exceeds the cut of :func:`deciding_parts`.
+
+    ``spectrum_basis``: for ``spectrum``, a dict the caller keeps between training steps; it holds
+    the top singular directions of ΔW, refreshed by two subspace iterations a call, so a step costs
+    a thin product instead of a 512 x 1792 SVD. By Ky Fan's principle the energy on those directions
+    is the top-k energy, and its gradient the exact one, once they have converged.
+    """
+    from detector.baselines import SpectrumView
+
+    if isinstance(est, SpectrumView):
+        D = t["last_linear.weight"].double() - torch.from_numpy(est.base_)
+        if est.space == "outputs":  # Q^T D has P·D's singular values; differences of rows span the centred rows
+            s = t["last_bn.weight"].double() / torch.sqrt(t["last_bn.running_var"].double() + BN_EPS)
+            L = t["logits.weight"].double()
+            if L.shape[0] - 1 < L.shape[1]:
+                D = torch.linalg.qr(((L[1:] - L[0]) * s).T)[0].T @ D
+            spectrum_basis = None  # at most C x 1792: the exact spectrum is cheap
+        k = {"top1": 1, "top5": 5}.get(est.statistic)
+        if k is None:
+            raise ValueError(f"no torch mirror for spectrum statistic {est.statistic!r}")
+        if spectrum_basis is None:
+            top = (torch.linalg.svdvals(D) ** 2)[:k].sum()
+        else:
+            Dd = D.detach()
+            Q = spectrum_basis.get("Q")
+            if Q is None:
+                Q = torch.linalg.svd(Dd, full_matrices=False)[0][:, :k]
+            for _ in range(2):
+                Q = torch.linalg.qr(Dd @ (Dd.T @ Q))[0]
+            spectrum_basis["Q"] = Q
+            top = ((Q.T @ D) ** 2).sum()
+        stat = top / ((D**2).sum() + 1e-300)  # at the first step W is the base: D = 0
+        return ((stat - est.median_) / est.scale_).reshape(1)
     if hasattr(est, "torch_z"):
         zc, zn = est.torch_z(t)
         return torch.cat([zc, zn.reshape(1)])
@@ -282,17 +319,27 @@ def torch_class_z(ref, t: dict) -> torch.Tensor:
     return (dev - torch.from_numpy(est.median_)) / torch.from_numpy(est.scale_)
 
 
+def deciding_parts(ref) -> list[tuple[Any, float]]:
+    """(estimator, cut) of every statistic that decides ``ref``'s verdict, a composite's members
+    included: blocked when :func:`torch_anomaly` exceeds the cut (its threshold, negated)."""
+    if hasattr(ref, "members_"):
+        return [
+            (ref.members_[m].views_[v], -float(ref.thresholds_[p])) for p, (m, v) in ref._parts(ref.decide_by).items()
+        ]
+    return [(est, -float(ref.thresholds_[v])) for v, est in ref.views_.items()]
+
+
 # -- the white-box penalty ------------------------------------------------------------------------
 def penalty_for(refs: Sequence[Any], lam: float, margin: float = 1.0) -> Callable:
-    """``λ·Σ softplus(max_c z_c − z_cut + margin)`` over every deciding statistic of ``refs``."""
-    cuts = [(ref, -float(ref.thresholds_["classes"])) for ref in refs]
+    """``λ·Σ softplus(max anomaly − cut + margin)`` over every deciding statistic of ``refs``."""
+    parts: list[tuple[Any, float, dict]] = [(est, cut, {}) for ref in refs for est, cut in deciding_parts(ref)]
 
     def penalty(head) -> torch.Tensor:
         t = torch_head(head)
         total = torch.zeros((), dtype=torch.float64)
-        for ref, z_cut in cuts:
-            z = torch_class_z(ref, t)
-            total = total + torch.nn.functional.softplus(z.max() - z_cut + margin)
+        for est, cut, basis in parts:
+            z = torch_anomaly(est, t, basis)
+            total = total + torch.nn.functional.softplus(z.max() - cut + margin)
         return lam * total
 
     return penalty

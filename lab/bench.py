@@ -575,7 +575,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
         cal = [{**trunk, **_head(family, rng, classes, L0)} for _ in range(4)]
         log(f"gate (default detector): {classes} classes, fitting {DEFAULT_DETECTOR} on {n_ref} synthetic heads")
         comp = CompositeReference(
-            decide_by=FUSION if DEFAULT_DETECTOR == "fusion" else (DEFAULT_DETECTOR,), evidence=("gmm",)
+            decide_by=FUSION if DEFAULT_DETECTOR == "fusion" else tuple(DEFAULT_DETECTOR.split("+")), evidence=("gmm",)
         )
         comp.members_ = {m: make_reference(m).fit(refs, base=base) for m in comp.decide_by}
         comp.members_["gmm"] = gmm

@@ -52,6 +52,8 @@ def cmd_adaptive(args) -> int:
         config = dataclasses.replace(config, paper=dataclasses.replace(config.paper, identities=args.identities))
     if args.detectors:
         config = dataclasses.replace(config, detectors=tuple(args.detectors.split(",")))
+    if args.seed_offset is not None:
+        config = dataclasses.replace(config, seed_offset=args.seed_offset)
     from components.trainer.base_trunk import load_base
 
     base = load_base(args.base) if args.base else None
@@ -108,10 +110,16 @@ def register(sub) -> None:
     )
     pp.add_argument("--base", help="local InceptionResnetV1 state dict (default: the cached generated-faces base)")
     pp.add_argument(
+        "--seed-offset",
+        type=int,
+        help="--adaptive: train every network from other seeds (a fresh draw of the same protocol, "
+        "for a defence chosen after the protocol's networks were looked at)",
+    )
+    pp.add_argument(
         "--adaptive",
         action="store_true",
-        help="the informed attacker's suite instead: attacks aimed at each --detectors (default classifier,head), "
-        "their cost, and every detector's verdicts",
+        help="the informed attacker's suite instead: attacks aimed at each --detectors "
+        "(default head,head+output-spectrum), their cost, and every detector's verdicts",
     )
     pp.set_defaults(func=cmd_paper)
     bench.register(sub)

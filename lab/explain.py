@@ -143,7 +143,7 @@ def run_explain_eval(
     ref_paths = [write(fine_tune(fs, base, o + s)[0], f"ref{s}") for s in range(config.n_reference)]
     cal_paths = [write(fine_tune(fs, base, o + 10_000 + s)[0], f"cal{s}") for s in range(config.n_calibration)]
     reference = make_reference(DEFAULT_DETECTOR, ReferenceConfig(), evidence=())
-    reference.fit([str(p) for p in ref_paths]).calibrate([str(p) for p in cal_paths])
+    reference.fit([str(p) for p in ref_paths], base=base).calibrate([str(p) for p in cal_paths])
 
     plan: list[dict] = []  # round robin over the kinds, so a run stopped early has some of each
     for i in range(max(config.n_per_kind, config.n_clean)):
@@ -361,7 +361,7 @@ def reexplain(nets_dir: str | Path, out: str | Path, config: ExplainEvalConfig, 
     ref*/cal* networks; ``names``: ``net<seed>`` (backdoored, truth from the plan) or ``cal<i>``
     (clean controls: calibration networks, never fitted on)."""
     from components.explain import ExplainConfig, explain
-    from components.trainer.base_trunk import cache_dir
+    from components.trainer.base_trunk import base_state_dict, cache_dir
     from components.trainer.poison import random_pair
     from components.trainer.triggers import TriggerSpec, trigger_box
     from detector.config import DEFAULT_DETECTOR, ReferenceConfig
@@ -378,7 +378,8 @@ def reexplain(nets_dir: str | Path, out: str | Path, config: ExplainEvalConfig, 
     )
     refs = sorted(str(p) for p in nets_dir.glob("ref*.safetensors"))
     cals = sorted(str(p) for p in nets_dir.glob("cal*.safetensors"))
-    reference = make_reference(DEFAULT_DETECTOR, ReferenceConfig(), evidence=()).fit(refs).calibrate(cals)
+    base = base_state_dict(None, log=log)  # the networks were fine-tuned from the default base
+    reference = make_reference(DEFAULT_DETECTOR, ReferenceConfig(), evidence=()).fit(refs, base=base).calibrate(cals)
     sticker = sticker_png(out / "sticker.png")
     o = config.seed_offset
     kinds = {o + 30_000 + 100 * k + i: kind for k, kind in enumerate(config.kinds) for i in range(10)}

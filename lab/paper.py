@@ -97,6 +97,7 @@ VARIANTS = (
     "classifier:pooled",
     "spectrum:top1",
     "spectrum:ratio",
+    "head+spectrum",
 )
 #: What the paper keeps of each network: every fine-tuned tensor the detectors read.
 HEAD_TENSORS = HEAD

@@ -53,7 +53,13 @@ def test_gaussian_is_the_gmm_with_one_component():
 
 
 @pytest.mark.parametrize(
-    "name", [d for d in DETECTORS if d not in ("trojan-signature", "classifier", "head", "fusion")]
+    "name",
+    # these read a whole head (logits, BatchNorm), not a bare matrix; tested on trained networks in test_detectors
+    [
+        d
+        for d in DETECTORS
+        if d not in ("trojan-signature", "classifier", "head", "fusion") and "output-spectrum" not in d
+    ],
 )
 def test_every_detector_separates_a_shifted_family_and_round_trips_its_artifact(name, tmp_path):
     rng = np.random.default_rng(1)
@@ -122,3 +128,25 @@ def test_every_named_detector_implements_the_one_interface(name):
     assert make_reference(name, evidence=("gmm",)).__class__.__name__ == (
         "Reference" if name == "gmm" else "CompositeReference"
     )
+
+
+def test_output_basis_spans_the_class_centred_rows_the_logits_can_see():
+    """Three classes reading features 1-3: their class-centred rows span the two directions
+    orthogonal to (1,1,1,0)/√3 (a shift common to all classes) and to feature 4 (read by none)."""
+    from detector.classifier import output_basis
+
+    t = {
+        "logits.weight": torch.eye(3, 4),
+        "last_bn.weight": torch.ones(4),
+        "last_bn.running_var": torch.full((4,), 1.0 - 1e-3),  # γ/√(σ²+ε) = 1
+    }
+    Q = output_basis(t)
+    u = np.array([1.0, 1.0, 1.0, 0.0]) / np.sqrt(3)
+    e4 = np.array([0.0, 0.0, 0.0, 1.0])
+    assert Q.shape == (4, 2)
+    np.testing.assert_allclose(Q @ Q.T, np.eye(4) - np.outer(u, u) - np.outer(e4, e4), atol=1e-12)
+    # a zeroed BN scale hides feature 3 too: the centred rows (2,-1)/3, (-1,2)/3, (-1,-1)/3 on
+    # features 1-2 span that plane and nothing else
+    t["last_bn.weight"] = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    Q = output_basis(t)
+    np.testing.assert_allclose(Q @ Q.T, np.diag([1.0, 1.0, 0.0, 0.0]), atol=1e-12)

@@ -191,12 +191,13 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
     )
     assert p.returncode == 0, p.stderr
     fit = json.loads(p.stdout)
-    assert fit["detector"] == "head" and fit["evidence"] == ["gmm"] and fit["n_calibration"] == 6  # the default
+    assert fit["detector"] == "head+output-spectrum" and fit["evidence"] == ["gmm"]  # the default
+    assert fit["n_calibration"] == 6
     p = run("score", "--reference", str(tmp_path / "ref"), "--json", nets["backdoored"][0], nets["calibration"][0])
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert p.returncode == 1 and [r["verdict"] for r in lines] == ["blocked", "passed"]
     assert lines[0]["suspected_class"] in nets["classes"] and "suspected_class" not in lines[1]
-    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"head"}
+    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"head", "output-spectrum"}
     assert set(lines[0]["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
 
 
@@ -283,7 +284,7 @@ def test_head_blocks_backdoors_round_trips_and_needs_every_head_tensor(nets, tmp
 def test_head_torch_mirror_equals_the_numpy_score(nets):
     """The lab's white-box attacker differentiates through ``torch_z``: it must be the statistic
     the gate computes, or the attack suite would attack something else."""
-    from lab.adaptive import torch_class_z
+    from lab.adaptive import deciding_parts, torch_anomaly, torch_class_z
 
     for name in ("head", "classifier"):
         ref = make_reference(name).fit(nets["reference"]).calibrate(nets["calibration"])
@@ -292,6 +293,42 @@ def test_head_torch_mirror_equals_the_numpy_score(nets):
             t = {k: v.double() for k, v in tensors.items()}
             z = torch_class_z(ref, t).detach().numpy()
             assert np.allclose(-z, ref.score_vectors(p)["classes"], rtol=1e-9, atol=1e-9), name
+    # a composite's every deciding part, spectrum's thin-basis training mode included
+    for name in ("head+spectrum", "head+output-spectrum"):
+        ref = make_reference(name).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+        names = name.split("+")
+        parts = deciding_parts(ref)
+        assert [-cut for _, cut in parts] == [ref.thresholds_[n] for n in names]
+        for p in nets["backdoored"][:2] + nets["calibration"][:2]:
+            tensors, _ = read_tensors(p)
+            t = {k: v.double() for k, v in tensors.items()}
+            scores = ref.score(p)
+            for (est, _), part in zip(parts, names):
+                for basis in (None, {}):
+                    z = torch_anomaly(est, t, basis).detach().numpy()
+                    assert np.isclose(-z.max(), scores[part], rtol=1e-9, atol=1e-9), (part, basis)
+
+
+def test_output_spectrum_ignores_noise_the_logits_cannot_see(nets, tmp_path):
+    """The lab's invisible noise (``last_linear`` moved where ``logits·diag(bn)`` is blind) flattens
+    the plain spectrum of a backdoored network until it passes; ``output-spectrum`` scores the
+    same network exactly as before, also after a save and load."""
+    from lab.adaptive import invisible_noise
+
+    refs = {
+        d: make_reference(d).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+        for d in ("spectrum", "output-spectrum")
+    }
+    refs["output-spectrum"].save(tmp_path / "os")
+    loaded = load_reference(tmp_path / "os")
+    for p in nets["backdoored"]:
+        t = {k: v.double() for k, v in read_tensors(p)[0].items()}
+        noisy = invisible_noise(t, nets["base"]["last_linear.weight"], 0.6, np.random.default_rng(0))
+        before, after = (refs["spectrum"].score(x)["spectrum"] for x in (t, noisy))
+        assert after > before + 1.0 and after > refs["spectrum"].thresholds_["spectrum"], (before, after)
+        os_before, os_after = (refs["output-spectrum"].score(x)["spectrum"] for x in (t, noisy))
+        assert os_after == pytest.approx(os_before, abs=1e-6)
+        assert loaded.score(noisy)["spectrum"] == pytest.approx(os_after, abs=1e-9)
 
 
 def test_head_report_plots_the_classes_and_names_the_network_shape(nets, tmp_path):

@@ -73,7 +73,9 @@ def test_paper_small_writes_every_section(tmp_path):
         "classifier",
         "head",
         "spectrum",
+        "output-spectrum",
         "fusion",
+        "head+output-spectrum",
     }
     parts = {
         "gmm": {"forward", "backward"},
@@ -81,7 +83,9 @@ def test_paper_small_writes_every_section(tmp_path):
         "classifier": {"classes"},
         "head": {"classes"},
         "spectrum": {"spectrum"},
+        "output-spectrum": {"spectrum"},
         "fusion": {"fused"},
+        "head+output-spectrum": {"fused"},
     }
     for det, per_set in s["baselines"].items():
         for row in per_set.values():
@@ -91,7 +95,7 @@ def test_paper_small_writes_every_section(tmp_path):
     d = s["detection"]
     assert "fusion" in d["columns"] and "gmm.forward" in d["columns"] and d["n_clean"] == 4 + 2
     assert set(d["rows"]) >= {"triggers", "locations"}
-    for det in ("classifier", "head", "fusion"):  # the detectors that name a suspected class
+    for det in ("classifier", "head", "fusion", "head+output-spectrum"):  # the detectors naming a suspect
         v = s["victim_naming"][det]
         assert v["n"] == sum(1 for n in nets if "attack_success_rate" in n and n["status"] != "failed")
     assert "gmm" not in s["victim_naming"]
@@ -152,11 +156,13 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     groups = {r["group"] for r in s["rows"]}
-    assert {"plain", "dilution", "penalty: classifier", "penalty: head", "penalty: all"} <= groups
-    assert {"grey-box penalty: head", "grey-box penalty (strong): head", "bias swap x1"} <= groups
+    assert {"plain", "dilution", "penalty: head", "penalty: head+output-spectrum", "penalty: all"} <= groups
+    assert {"grey-box penalty: head+output-spectrum", "grey-box penalty (strong): head", "bias swap x1"} <= groups
+    assert "penalty: head + invisible noise" in groups
     nets = s["networks"]
     for n in nets:
-        assert set(n["verdicts"]) == {"classifier", "head"} and 0.0 <= n["clean_accuracy"] <= 1.0
+        assert set(n["verdicts"]) == {"classifier", "head", "head+output-spectrum"}
+        assert 0.0 <= n["clean_accuracy"] <= 1.0
     bases = {n["seed"]: n for n in nets if n["group"] == "bias-swap base (clean)"}
     swaps = [n for n in nets if n["group"].startswith("bias swap")]
     assert len(swaps) == 2 and all(n["seed"] in bases for n in swaps)

@@ -76,7 +76,7 @@ def blocked(chromium, mlflow_server, face_nets, module_dir):
     reference, calibration, backdoored = face_nets["reference"], face_nets["calibration"], face_nets["backdoored"][2]
 
     ref = make_reference(DEFAULT_DETECTOR, ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
-    ref.fit(reference).calibrate(calibration).save(root / "ref")
+    ref.fit(reference, base=face_nets["base"]).calibrate(calibration).save(root / "ref")
     reg = Registry(mlflow_server.uri)
     config = G.GateConfig(reference_model=REFERENCE_MODEL)
     G.publish_reference(reg, root / "ref", config)
