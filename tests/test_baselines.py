@@ -150,3 +150,18 @@ def test_output_basis_spans_the_class_centred_rows_the_logits_can_see():
     t["last_bn.weight"] = torch.tensor([1.0, 1.0, 0.0, 1.0])
     Q = output_basis(t)
     np.testing.assert_allclose(Q @ Q.T, np.diag([1.0, 1.0, 0.0, 0.0]), atol=1e-12)
+
+
+def test_output_basis_refuses_weights_too_large_to_score():
+    """A float64 checkpoint can hold finite weights whose products overflow the Gram matrix: the
+    value check refuses them first, with a reason, so no eigensolver fails on the promotion path."""
+    from detector.classifier import output_basis
+    from detector.errors import InvalidCheckpoint
+
+    t = {
+        "logits.weight": torch.full((3, 4), 1e200, dtype=torch.float64),
+        "last_bn.weight": torch.ones(4, dtype=torch.float64),
+        "last_bn.running_var": torch.ones(4, dtype=torch.float64),
+    }
+    with pytest.raises(InvalidCheckpoint, match="cannot be scored"):
+        output_basis(t)
