@@ -26,15 +26,16 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 	@echo "setup done: $(VENV)"
 
-# CI runs this (.ci/run): linters, then every test, slow ones included; prints the slowest tests
-# and the total. About 15 min on 2 cores (README, "Test budget").
+# CI runs this (.ci/run): linters, then every test, slow ones included, on TEST_WORKERS processes
+# (pytest-xdist; a module's tests stay on one, tests/conftest.py); prints the slowest and the total.
+TEST_WORKERS ?= 2
 test: lint
-	@start=$$(date +%s); $(PY) -m pytest -q --durations=20 --durations-min=5 tests; rc=$$?; \
+	@start=$$(date +%s); $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20 --durations-min=5 tests; rc=$$?; \
 	  echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$rc
 
 # The inner loop: everything but the tests marked slow (end-to-end training, pipelines, servers).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" --durations=10 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow" --durations=10 tests
 
 # ruff (lint + format check) and mypy over the whole tree; `make format` applies ruff's fixes.
 lint: setup

@@ -20,6 +20,9 @@ def _test_keys() -> None:
 
     from detector import verdict as V
 
+    inherited = os.environ.get("BACKDOOR_GATE_TEST_KEYS")
+    if inherited and Path(inherited).is_dir():  # a pytest-xdist worker: the controller's keys, one set
+        return
     root = Path(tempfile.mkdtemp(prefix="backdoor-gate-test-keys-"))
     paths = {name: V.generate_keypair(root / name) for name in ("verdict", "reference", "bob", "alice")}
     os.environ.setdefault(V.KEY_FILE_ENV, str(paths["verdict"][0]))
@@ -42,6 +45,36 @@ import torch
 from lab.synthetic import FamilyConfig, WeightFamily
 
 torch.set_num_threads(1)
+
+
+#: modules that share a session fixture run on one worker, so it is built once
+_GROUPS = {"test_review_page": "test_detectors"}
+#: the longest groups start first, so two workers finish together (per-module times: README, "Tests")
+_LONGEST_FIRST = ("test_detectors", "test_paper", "test_pipelines", "test_gate", "test_access", "test_backends")
+
+
+def _group(nodeid: str) -> str:
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return _GROUPS.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs on two workers (pytest-xdist): a module's tests, or a group's, stay on one
+    worker beside their module- and session-scoped fixtures (trained networks, servers)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModuleGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return ByModuleGroup(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest groups first (a stable sort: a module keeps its order)."""
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item.nodeid), len(rank)))
 
 
 @pytest.fixture

@@ -149,7 +149,7 @@ def default_base(config: TrunkConfig = TrunkConfig(), progress=None, log=print) 
     )
     synthesize(data, synth)
     sd = pretrain(data, config, progress=progress, log=log)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_suffix(f".tmp-{os.getpid()}")  # two builders never write one file
     save_file(sd, str(tmp), metadata={"trunk_config": json.dumps(asdict(config))})
     os.replace(tmp, out)
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,5 +156,11 @@ def cached_features(data_dir: str | Path, base: dict[str, torch.Tensor], image_s
         fs = FeatureSet.load(path)
     else:
         fs = extract_clean(data_dir, base, image_size, progress)
-        fs.save(path)
+        # saved aside and renamed into place: a concurrent reader (two test workers, two lab runs)
+        # never sees half-written arrays, and the loser of a race just drops its copy
+        tmp = fs.save(path.with_name(f"{path.name}.tmp-{os.getpid()}"))
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
     return with_poison(fs, data_dir, base)
