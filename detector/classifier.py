@@ -23,7 +23,7 @@ detector here; the arg-max names the suspected victim.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,13 @@ def _vector(tensors: Mapping[str, Any], name: str, source: str) -> np.ndarray:
     return _check_values(np.asarray(_to_numpy(_tensor(tensors, name, source), name, source)).reshape(-1), name, source)
 
 
+def row_blocks(t: Any, name: str, source: str, rows: int = 1024) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, float64 block) over a (classes × k) tensor, each block checked finite and
+    bounded: no float64 copy of the whole of ``logits.weight`` at CASIA's 10,575 classes."""
+    for i in range(0, int(np.shape(t)[0]), rows):
+        yield i, _check_values(np.asarray(_to_numpy(t[i : i + rows], name, source)), name, source)
+
+
 def effective_classifier(
     tensors: Mapping[str, Any], source: str = "<memory>", rows: int = 1024, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -75,10 +82,7 @@ def effective_classifier(
     A = np.empty((shape[0], W.shape[1])) if out is None else out
     if A.shape != (shape[0], W.shape[1]) or A.dtype != np.float64:
         raise ValueError(f"out must be float64 of shape {(shape[0], W.shape[1])}, got {A.dtype} {A.shape}")
-    for i in range(0, shape[0], rows):
-        block = _check_values(
-            np.asarray(_to_numpy(logits[i : i + rows], "logits.weight", source)), "logits.weight", source
-        )
+    for i, block in row_blocks(logits, "logits.weight", source, rows):
         A[i : i + rows] = block @ M
     A -= A.mean(axis=0, keepdims=True)
     if not np.isfinite(A.sum()):  # any NaN/inf makes the sum non-finite (no full-size mask)
@@ -319,10 +323,7 @@ def output_basis(tensors: Mapping[str, Any], source: str = "<memory>", rel_tol: 
     if np.any(var < 0):
         raise InvalidCheckpoint(source, "last_bn.running_var holds negative values")
     G, total = np.zeros((shape[1], shape[1])), np.zeros(shape[1])
-    for i in range(0, shape[0], 1024):
-        block = _check_values(
-            np.asarray(_to_numpy(logits[i : i + 1024], "logits.weight", source)), "logits.weight", source
-        )
+    for _, block in row_blocks(logits, "logits.weight", source):
         G += block.T @ block
         total += block.sum(axis=0)
     mean = total / shape[0]

@@ -163,12 +163,12 @@ class CompositeReference(Reference):
         trunk = None
         if tensors is not None:
             # the frozen trunk is checked once, here; the members read only the fine-tuned head,
-            # so the trunk's tensors can be freed first (the gate's memory at 10,575 classes)
+            # copied out so the file's bytes (which parsed tensors are views into) and the trunk
+            # are freed first (the gate's memory at 10,575 classes)
             trunk = check_trunk(tensors, self.trunk_digests_)
             meta = getattr(tensors, "metadata", None)
-            tensors = StateDict(
-                {k: v for k, v in tensors.items() if is_finetuned(k)}, metadata=meta, source=source, sha256=digest
-            )
+            head = {k: (v.clone() if hasattr(v, "clone") else v) for k, v in tensors.items() if is_finetuned(k)}
+            tensors = StateDict(head, metadata=meta, source=source, sha256=digest)
         net = tensors if tensors is not None else network
         scores: dict[str, float] = {}
         vector_scores: dict[str, np.ndarray] = {}

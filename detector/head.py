@@ -56,10 +56,11 @@ from detector.classifier import (
     _vector,
     effective_classifier,
     relative_deviation,
+    row_blocks,
 )
 from detector.errors import InvalidCheckpoint
 from detector.protocol import check_fitted
-from detector.weights import _check_values, _to_numpy, layer_of
+from detector.weights import layer_of
 
 #: The tensors the head detector reads (every tensor between the trunk's features and the logits).
 HEAD_TENSORS = (
@@ -77,20 +78,24 @@ NETWORK = "network"
 
 def effective_offsets(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
     """b (classes,), centred over classes; raises InvalidCheckpoint."""
-    logits = np.asarray(_to_numpy(_tensor(tensors, "logits.weight", source), "logits.weight", source), np.float64)
-    logits = _check_values(logits, "logits.weight", source)
+    logits = _tensor(tensors, "logits.weight", source)
     gamma, var = _vector(tensors, "last_bn.weight", source), _vector(tensors, "last_bn.running_var", source)
     beta, mu = _vector(tensors, "last_bn.bias", source), _vector(tensors, "last_bn.running_mean", source)
     bias = _vector(tensors, "logits.bias", source)
-    if not (beta.size == mu.size == gamma.size == logits.shape[1]) or bias.size != logits.shape[0]:
+    shape = tuple(int(x) for x in np.shape(logits))
+    if len(shape) != 2 or not (beta.size == mu.size == gamma.size == var.size == shape[1]) or bias.size != shape[0]:
         raise InvalidCheckpoint(
             source,
-            f"head shapes disagree: logits {logits.shape}, logits.bias {bias.size}, last_bn.bias {beta.size}, "
+            f"head shapes disagree: logits {shape}, logits.bias {bias.size}, last_bn.bias {beta.size}, "
             f"last_bn.running_mean {mu.size}",
         )
     if np.any(var < 0):
         raise InvalidCheckpoint(source, "last_bn.running_var holds negative values")
-    b = logits @ (beta - gamma * mu / np.sqrt(var + BN_EPS)) + bias
+    v = beta - gamma * mu / np.sqrt(var + BN_EPS)
+    b = np.empty(shape[0])
+    for i, block in row_blocks(logits, "logits.weight", source):
+        b[i : i + len(block)] = block @ v
+    b += bias
     b -= b.mean()
     if not np.all(np.isfinite(b)):
         raise InvalidCheckpoint(source, "the effective offsets overflow (weights too large to score)")

@@ -121,6 +121,61 @@ def test_unreadable_files_are_invalid_with_one_line_reason(tmp_path, make, reaso
     assert "\n" not in str(e.value)
 
 
+def _safetensors(entries: dict[str, tuple[str, list[int], tuple[int, int]]], data: bytes) -> bytes:
+    """A safetensors file written by hand: name -> (dtype, shape, data_offsets), then the data."""
+    header = {k: {"dtype": d, "shape": s, "data_offsets": list(o)} for k, (d, s, o) in entries.items()}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned, as the safetensors library writes it
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+F32_2x2 = struct.pack("<4f", 1.0, 2.0, 3.0, 4.0)
+
+
+@pytest.mark.parametrize(
+    "entries, data, reason",
+    [
+        ({LAYER: ("F32", [2, 2], (0, 16)), "other.weight": ("F32", [2, 2], (0, 16))}, F32_2x2, "overlaps"),
+        ({LAYER: ("F32", [2, 2], (0, 16))}, F32_2x2 + b"\0" * 8, "cover 16 of the file's 24"),
+        ({LAYER: ("F32", [3, 2], (0, 16))}, F32_2x2, "needs another size"),
+        ({LAYER: ("F31", [2, 2], (0, 16))}, F32_2x2, "unknown dtype"),
+        ({LAYER: ("F32", [2, -2], (0, 16))}, F32_2x2, "invalid shape"),
+        ({LAYER: ("F32", [2, 2], (4, 20))}, b"\0" * 4 + F32_2x2, "gap at 0"),
+    ],
+    ids=["overlap", "trailing-bytes", "size", "dtype", "shape", "gap"],
+)
+def test_a_safetensors_header_that_tiles_the_data_wrongly_is_invalid(tmp_path, entries, data, reason):
+    """Tensors are views into the file's bytes, so the header is held to the format: each entry's
+    size matches its dtype and shape, and the entries tile the data exactly (no tensor read twice)."""
+    with pytest.raises(InvalidCheckpoint, match=reason):
+        read_tensors(_write(tmp_path / "bad.safetensors", _safetensors(entries, data)))
+
+
+def test_safetensors_tensors_are_views_into_the_hashed_bytes_and_misaligned_ones_are_copied(tmp_path):
+    """No second copy of a network in memory (the gate's memory at 10,575 classes); a tensor whose
+    offset does not suit its dtype is copied, with the same values."""
+    half = struct.pack("<e", 0.5)  # 2 bytes: the F32 after it starts misaligned
+    entries = {"a.weight": ("F16", [1], (0, 2)), LAYER: ("F32", [2, 2], (2, 18)), "big.weight": ("F64", [2], (18, 34))}
+    data = half + F32_2x2 + struct.pack("<2d", -1.0, 7.0)
+    path = _write(tmp_path / "hand.safetensors", _safetensors(entries, data))
+    sd, digest = read_tensors(path)
+    assert digest == sha256_file(path)
+    assert sd["a.weight"].tolist() == [0.5]
+    assert sd[LAYER].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    assert sd[LAYER].untyped_storage().data_ptr() % 4 == 0  # 2 bytes into 8-aligned data: copied, aligned
+    assert sd["big.weight"].tolist() == [-1.0, 7.0]
+
+    big = torch.randn(256, 512)
+    save_file({LAYER: big, "last_bn.weight": torch.ones(256)}, str(tmp_path / "aligned.safetensors"))
+    sd, _ = read_tensors(tmp_path / "aligned.safetensors")
+    torch.testing.assert_close(sd[LAYER], big, rtol=0, atol=0)
+    raw = (tmp_path / "aligned.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+    # views into one buffer: the tensors sit as far apart in memory as in the file
+    apart = {k: v.untyped_storage().data_ptr() - header[k]["data_offsets"][0] for k, v in sd.items()}
+    assert len(set(apart.values())) == 1, apart
+
+
 def _zip_with_garbage() -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
