@@ -181,9 +181,10 @@ _ST_DTYPES = {
 }  # fmt: skip
 
 
-def _safetensors_header(data: bytes, source: str) -> tuple[dict[str, Any], int]:
-    """The header and where the tensors' bytes start, checked as the format requires (known
-    dtypes, sizes that match the shapes, tensors that tile the data exactly) before any is read."""
+def _safetensors_header(data: bytes, source: str) -> tuple[dict[str, str], list[tuple[str, Any, list[int], int, int]]]:
+    """The metadata and every tensor as (name, torch dtype, shape, start, end) in ``data``, checked
+    as the format requires (known dtypes, sizes that match the shapes, tensors that tile the data
+    exactly) before any is read."""
     import math
 
     import torch
@@ -197,14 +198,15 @@ def _safetensors_header(data: bytes, source: str) -> tuple[dict[str, Any], int]:
         raise InvalidCheckpoint(source, f"safetensors header is not valid JSON ({e.__class__.__name__})") from None
     if not isinstance(header, dict):
         raise InvalidCheckpoint(source, "safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise InvalidCheckpoint(source, "safetensors __metadata__ is not a map of strings")
     data_len = len(data) - 8 - n
-    spans = []
+    entries = []
     for key, info in header.items():
-        if key == "__metadata__":
-            continue
         try:
             start, end = info["data_offsets"]
-            dtype, shape = info["dtype"], info["shape"]
+            name, shape = info["dtype"], info["shape"]
         except (TypeError, KeyError, ValueError):
             raise InvalidCheckpoint(
                 source, f"safetensors entry '{key}' has no valid data_offsets, dtype and shape"
@@ -213,24 +215,26 @@ def _safetensors_header(data: bytes, source: str) -> tuple[dict[str, Any], int]:
             raise InvalidCheckpoint(
                 source, f"safetensors entry '{key}' points outside the file ({start}..{end} of {data_len})"
             )
-        if dtype not in _ST_DTYPES:
-            raise InvalidCheckpoint(source, f"safetensors entry '{key}' has unknown dtype {dtype!r}")
+        if name not in _ST_DTYPES:
+            raise InvalidCheckpoint(source, f"safetensors entry '{key}' has unknown dtype {name!r}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise InvalidCheckpoint(source, f"safetensors entry '{key}' has an invalid shape {shape!r}")
-        itemsize = torch.empty((), dtype=getattr(torch, _ST_DTYPES[dtype])).element_size()
-        if math.prod(shape) * itemsize != end - start:
+        dtype = getattr(torch, _ST_DTYPES[name])
+        if math.prod(shape) * dtype.itemsize != end - start:
             raise InvalidCheckpoint(
-                source, f"safetensors entry '{key}' holds {end - start} bytes; {dtype} {shape} needs another size"
+                source, f"safetensors entry '{key}' holds {end - start} bytes; {name} {shape} needs another size"
             )
-        spans.append((start, end, key))
-    at = 0
-    for start, end, key in sorted(spans):
+        entries.append((key, dtype, shape, 8 + n + start, 8 + n + end))
+    at = 8 + n
+    for key, _, _, start, end in sorted(entries, key=lambda e: (e[3], e[4])):
         if start != at:
-            raise InvalidCheckpoint(source, f"safetensors entry '{key}' overlaps another or leaves a gap at {at}")
+            raise InvalidCheckpoint(
+                source, f"safetensors entry '{key}' overlaps another or leaves a gap at {at - 8 - n}"
+            )
         at = end
-    if at != data_len:
-        raise InvalidCheckpoint(source, f"safetensors tensors cover {at} of the file's {data_len} data bytes")
-    return header, 8 + n
+    if at != len(data):
+        raise InvalidCheckpoint(source, f"safetensors tensors cover {at - 8 - n} of the file's {data_len} data bytes")
+    return meta, entries
 
 
 def _parse_safetensors(data: bytes, source: str) -> StateDict:
@@ -240,25 +244,18 @@ def _parse_safetensors(data: bytes, source: str) -> StateDict:
 
     import torch
 
-    header, base = _safetensors_header(data, source)
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise InvalidCheckpoint(source, "safetensors __metadata__ is not a map of strings")
+    meta, entries = _safetensors_header(data, source)
     origin = np.frombuffer(data, dtype=np.uint8, count=1).ctypes.data  # the bytes' address, for alignment
     out = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")  # never written to
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            dtype, shape = getattr(torch, _ST_DTYPES[info["dtype"]]), info["shape"]
-            start, end = (base + o for o in info["data_offsets"])
+        for key, dtype, shape, start, end in entries:
             if start == end:
                 out[key] = torch.empty(shape, dtype=dtype)
                 continue
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            buf, offset = (data, start) if (origin + start) % itemsize == 0 else (bytearray(data[start:end]), 0)
-            out[key] = torch.frombuffer(buf, dtype=dtype, count=(end - start) // itemsize, offset=offset).view(shape)
+            buf, offset = (data, start) if (origin + start) % dtype.itemsize == 0 else (bytearray(data[start:end]), 0)
+            flat = torch.frombuffer(buf, dtype=dtype, count=(end - start) // dtype.itemsize, offset=offset)
+            out[key] = flat.view(shape)
     return StateDict(out, metadata=meta)
 
 

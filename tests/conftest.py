@@ -49,7 +49,7 @@ torch.set_num_threads(1)
 
 #: modules that share a session fixture run on one worker, so it is built once
 _GROUPS = {"test_review_page": "test_detectors"}
-#: the longest groups start first, so two workers finish together (per-module times: README, "Tests")
+#: the longest groups start first, so two workers finish together (per-module times: make test's --durations)
 _LONGEST_FIRST = ("test_detectors", "test_paper", "test_pipelines", "test_gate", "test_access", "test_backends")
 
 
