@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from components.gate import GateConfig
+from components.config import GateConfig
 from components.registry import CANDIDATE_EXPERIMENT
 
 MODEL, EXPERIMENT = "registered_model", "experiment"

@@ -14,7 +14,7 @@ import sys
 
 
 def _config(args, **kw):
-    from components.gate import GateConfig
+    from components.config import GateConfig
 
     unsigned = getattr(args, "allow_unsigned", False)
     return GateConfig(require_signature=not unsigned, require_signed_reference=not unsigned, **kw)
@@ -26,13 +26,11 @@ def cmd_gate(args) -> int:
 
     reference = None
     if args.reference:
-        from components.gate import check_reference_dir
-        from detector.detectors import load_reference
+        from components.reference_store import load_trusted_reference
         from detector.errors import InvalidReference
 
         try:
-            check_reference_dir(args.reference, _config(args))
-            reference = load_reference(args.reference)
+            reference = load_trusted_reference(args.reference, _config(args))
         except InvalidReference as e:
             print(f"backdoor-gate: {e}", file=sys.stderr)
             return 2
@@ -61,9 +59,9 @@ def cmd_gate(args) -> int:
 
 
 def cmd_override(args) -> int:
-    from components.gate import OverrideRefused, override
+    from components.policy import OverrideRefused, override
     from components.registry import Registry, RegistryError
-    from detector.verdict import VerdictError, load_private_key
+    from detector.signing import VerdictError, load_private_key
 
     try:
         with open(args.key, "rb") as f:
@@ -77,7 +75,7 @@ def cmd_override(args) -> int:
 
 
 def cmd_publish_reference(args) -> int:
-    from components.gate import publish_reference
+    from components.reference_store import publish_reference
     from components.registry import Registry, RegistryError
     from detector.errors import InvalidReference
 
@@ -121,7 +119,7 @@ def cmd_access_grant(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from detector.verdict import generate_keypair
+    from detector.signing import generate_keypair
 
     try:
         priv, pub = generate_keypair(args.out)
@@ -136,8 +134,9 @@ def cmd_verify(args) -> int:
     """May this be deployed? Exit 0 yes (a signed pass, or a signed override, for these exact bytes);
     1 no (a validly signed blocked / invalid verdict: the reason is printed); 2 anything forged,
     tampered, unsigned, malformed or uncheckable."""
-    from components.gate import NotDeployable
-    from detector.verdict import VerdictError, load_public_key, read_envelope, verify
+    from components.policy import NotDeployable
+    from detector.decision import PASSED
+    from detector.signing import VerdictError, load_public_key, read_envelope, verify
 
     try:
         key = load_public_key(args.public_key)
@@ -153,10 +152,10 @@ def cmd_verify(args) -> int:
                 raise VerdictError("give --checkpoint: a verdict allows nothing until it is checked against the bytes")
             with open(args.checkpoint, "rb") as f:
                 verify(read_envelope(args.verdict), key, model_bytes=f.read())
-            if doc.get("verdict") != "passed":
+            if doc.get("verdict") != PASSED:
                 raise NotDeployable(doc)
         else:
-            from components.gate import verify_version
+            from components.policy import verify_version
             from components.registry import Registry
 
             doc = verify_version(args.model, args.version, key, registry=Registry(args.tracking_uri))
@@ -185,7 +184,7 @@ def _verify_attestation(args, key) -> int:
     """Admission check of an in-toto/DSSE attestation: exit 0 only for a signed pass of these bytes."""
     import hashlib
 
-    from detector.verdict import NotAdmitted, VerdictError, admitted, dsse_verify, read_envelope
+    from detector.signing import NotAdmitted, VerdictError, admitted, dsse_verify, read_envelope
 
     if not args.checkpoint:
         print(
@@ -212,9 +211,9 @@ def cmd_pull(args) -> int:
     """Deploy step: write the weights of MODEL@ALIAS (or a version) to --out only after checking
     those very bytes against the signed records. Exit 0 written; 1 a validly signed refusal;
     2 forged, swapped, unsigned or unreadable (nothing written)."""
-    from components.gate import NotDeployable, fetch_deployable
+    from components.policy import NotDeployable, fetch_deployable
     from components.registry import Registry
-    from detector.verdict import load_public_key
+    from detector.signing import load_public_key
 
     try:
         key = load_public_key(args.public_key)

@@ -20,7 +20,7 @@ TRAIN_PARALLELISM = 4
 TRAIN_CPU, TRAIN_MEMORY = "4", "16G"
 GATE_CPU, GATE_MEMORY = "1", "2G"
 
-#: The gate's Ed25519 signing key (detector.verdict) and the public key of the references it trusts,
+#: The gate's Ed25519 signing key (detector.signing) and the public key of the references it trusts,
 #: from a Secret. Signatures are required: without them the gate refuses to judge (exit 2, a gate
 #: error); the Secret is optional to Kubernetes only so that the task starts and says so.
 SIGNING_SECRET = "backdoor-gate-signing-key"

@@ -172,13 +172,14 @@ def gate(
     invalid version, so a CI job waiting on the run fails when the gate says no.
     """
     from components.tasks import gate_version
+    from detector.decision import PASSED
 
     out = gate_version(model_name, version, tracking_uri, report.path)
     for view, value in out["scores"].items():
         scores.log_metric(f"score.{view}", value)
         scores.log_metric(f"threshold.{view}", out["thresholds"][view])
     print(f"{model_name} v{version}: {out['verdict']} — {out['reason']}")
-    if out["error"] or (fail_on_block and out["verdict"] != "passed"):
+    if out["error"] or (fail_on_block and out["verdict"] != PASSED):
         raise RuntimeError(f"gate: {model_name} v{version} {out['verdict']}: {out['reason']}")
     return (out["verdict"], bool(out["promoted"]))
 
@@ -186,9 +187,11 @@ def gate(
 @dsl.component(**_gate)
 def should_explain(verdict: str, when: str) -> bool:
     """Explain this version? ``when``: "blocked" (default), "always" or "never"."""
+    from detector.decision import BLOCKED
+
     if when not in ("blocked", "always", "never"):
         raise ValueError(f"explain_when must be blocked, always or never, not {when!r}")
-    return when == "always" or (when == "blocked" and verdict == "blocked")
+    return when == "always" or (when == "blocked" and verdict == BLOCKED)
 
 
 @dsl.component(**_trainer)

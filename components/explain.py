@@ -538,8 +538,10 @@ def explain_version(
     current reference names), images and JSON logged to the version's run and into its report."""
     import tempfile
 
-    from components.gate import REPORT, SUSPECTED_CLASS, GateConfig, fetch_reference
+    from components.config import GateConfig
+    from components.reference_store import fetch_reference
     from components.registry import weight_file_in
+    from components.tags import REPORT, SUSPECTED_CLASS
 
     info = registry.version(model, version)
     victim = victim or info.tags.get(SUSPECTED_CLASS)

@@ -9,7 +9,7 @@ delivery heals within one interval:
   say (a hand-written ``integrity.verdict=passed`` hides nothing), and so is every version
   whose signed verdict allows promotion but whose registered bytes are no longer the judged
   ones (swapped after the pass);
-- ``production`` is re-derived (:func:`components.gate.guard_alias`): it stays only on a
+- ``production`` is re-derived (:func:`components.policy.guard_alias`): it stays only on a
   version with a signed pass or a signed override for its exact bytes, else goes back to the
   newest such version or is deleted;
 - the reference alias (``@current``) stays only on a reference signed by a trusted key.
@@ -27,7 +27,12 @@ import threading
 from collections.abc import Callable
 
 from components import gate as G
+from components import policy
+from components import tags as T
+from components.config import GateConfig
+from components.reference_store import check_reference_dir
 from components.registry import Registry
+from detector.decision import BLOCKED, PASSED
 
 log = logging.getLogger("backdoor_gate.reconciler")
 
@@ -37,7 +42,7 @@ class Reconciler:
         self,
         registry: Registry,
         models: tuple[str, ...] = ("facenet",),
-        config: G.GateConfig = G.GateConfig(),
+        config: GateConfig = GateConfig(),
         interval: float = 60.0,
         gate_fn: Callable[[str, str], object] | None = None,
     ):
@@ -65,7 +70,7 @@ class Reconciler:
                 except Exception as e:  # noqa: BLE001 — one version's fault never stops the others
                     log.warning("%s v%s: %s", model, info.version, e)
                     done.append(f"v{info.version}: {e.__class__.__name__}: {e}")
-            violation = G.guard_alias(model, registry=self.registry, config=self.config)
+            violation = policy.guard_alias(model, registry=self.registry, config=self.config)
             if violation:
                 done.append(violation)
         return done
@@ -77,10 +82,10 @@ class Reconciler:
         that can reach production; a blocked or invalid verdict allows nothing whatever the bytes.
         """
         try:
-            envelope, doc = G.signed_verdict(self.registry, info, self.config)
+            envelope, doc = policy.signed_verdict(self.registry, info, self.config)
         except Exception as e:  # noqa: BLE001 — missing, oversized, forged, unparsable: judge it
             return f"no valid signed verdict: {e}"
-        if doc.get("verdict") == G.PASSED or (doc.get("verdict") == G.BLOCKED and info.tags.get(G.OVERRIDE_BY)):
+        if doc.get("verdict") == PASSED or (doc.get("verdict") == BLOCKED and info.tags.get(T.OVERRIDE_BY)):
             artifact = self.registry.download_artifact(info, self.config.max_checkpoint_bytes)
             if doc.get("artifact_sha256") != artifact.sha256:
                 return "registered bytes are not the ones the signed verdict judged"
@@ -102,7 +107,7 @@ class Reconciler:
     def _signed_reference(self, info) -> bool:
         with tempfile.TemporaryDirectory(prefix="backdoor-gate-ref-") as tmp:
             try:
-                G.check_reference_dir(self.registry.download(info.source, tmp), self.config)
+                check_reference_dir(self.registry.download(info.source, tmp), self.config)
                 return True
             except Exception:  # noqa: BLE001 — unreadable or unverifiable counts as unsigned
                 return False

@@ -143,14 +143,14 @@ def fit_reference(
 
 
 def publish_reference(ref_dir: str, tracking_uri: str) -> str:
-    from components.gate import publish_reference as publish
+    from components.reference_store import publish_reference as publish
 
     return publish(Registry(tracking_uri), ref_dir).version
 
 
 def register_model(model_dir: str, tracking_uri: str, model_name: str, *, registered_by: str = "pipeline") -> str:
     """Register the trainer's output as a new version of ``model_name``; returns the version."""
-    from components.gate import REGISTERED_BY
+    from components.tags import REGISTERED_BY
 
     weights = model_file(Path(model_dir))
     metrics_path = Path(model_dir) / MODEL_METRICS

@@ -5,7 +5,7 @@ version directly (``mlflow.register_model``), bypassing the pipeline; MLflow (3.
 backend) then POSTs a ``model_version.created`` event here and the receiver gates the version
 like the pipeline would. MLflow lets anyone who may register versions also move aliases and
 write tags, so alias and tag events re-derive ``production`` from signed state
-(:func:`components.gate.guard_alias`, :mod:`components.reconciler`): a version without a
+(:func:`components.policy.guard_alias`, :mod:`components.reconciler`): a version without a
 signed pass or a signed override loses the alias at once.
 
 Every delivery must carry MLflow's HMAC-SHA256 signature (``X-MLflow-Signature: v1,<b64>``
@@ -118,7 +118,7 @@ class DeliveryCheck:
 class Receiver:
     """HTTP endpoint: verified events of watched models -> ``gate`` (new versions) and ``guard_fn``.
 
-    ``guard_fn(model)`` (the reconciler, or :func:`components.gate.guard_alias`) runs after
+    ``guard_fn(model)`` (the reconciler, or :func:`components.policy.guard_alias`) runs after
     every gate and on every alias or tag event; runs for one model are coalesced.
     """
 

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+#: the largest checkpoint file the library reads (a FaceNet checkpoint is far smaller)
+MAX_CHECKPOINT_BYTES = 4 * 1024**3
+
 #: The paper's grid of mixture sizes N_G, searched by AIC (capped at the number of vectors).
 PAPER_GRID: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 512, 1000, 1792, 3000)
 
@@ -66,7 +69,7 @@ class ReferenceConfig:
     tol: float = 1e-3
     frr: float = 0.05
     seed: int = 0
-    max_checkpoint_bytes: int = 4 * 1024**3
+    max_checkpoint_bytes: int = MAX_CHECKPOINT_BYTES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "views", tuple(self.views))

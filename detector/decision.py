@@ -31,8 +31,9 @@ cause is ``invalid``, every exception the reference can cause is ``error``.
 
 Steps: :func:`judge` parses the candidate's bytes without unpickling, asks the reference to
 check the trunk and score every part (``assess``), and applies :func:`decide`;
-:func:`confirm_unchanged` is the last check before promotion. The gate
-(:mod:`components.gate`) calls these and records what they say.
+:func:`confirm_unchanged` is the last check before promotion; :func:`fault` is the verdict of a
+gate that could not judge. The gate (:mod:`components.gate`) calls these and records what they
+say; it writes no verdict of its own.
 """
 
 from __future__ import annotations
@@ -114,6 +115,12 @@ def confirm_unchanged(decision: Decision, scored_sha256: str | None, current_sha
     if decision.verdict == PASSED and current_sha256 != scored_sha256:
         return Decision(BLOCKED, "registered artifact changed after it was scored; re-run the gate")
     return decision
+
+
+def fault(reason: str) -> Decision:
+    """The gate could not judge or record (registry, reference, keys): verdict ``error``, the
+    gate's fault and never the candidate's, so it exits 2 and is never promotable."""
+    return Decision(ERROR, reason if reason.startswith("gate error") else f"gate error: {reason}")
 
 
 def _finite(x) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.config import DEFAULT_LAYER
+from detector.config import DEFAULT_LAYER, MAX_CHECKPOINT_BYTES
 from detector.errors import InvalidCheckpoint
 
 _ZIP_MAGIC = b"PK\x03\x04"
@@ -154,7 +154,7 @@ def _sniff(data: bytes) -> str:
     return "unknown"
 
 
-def read_checkpoint_bytes(path: str | os.PathLike, max_bytes: int = 4 * 1024**3) -> tuple[bytes, str]:
+def read_checkpoint_bytes(path: str | os.PathLike, max_bytes: int = MAX_CHECKPOINT_BYTES) -> tuple[bytes, str]:
     """The file's bytes and their sha256, read once, so what is scored is exactly what was hashed."""
     p = Path(path)
     if not p.exists():
@@ -367,7 +367,7 @@ def parse_tensors(data: bytes, source: str = "<bytes>", sha256: str | None = Non
     return out
 
 
-def read_tensors(path: str | os.PathLike, *, max_bytes: int = 4 * 1024**3) -> tuple[StateDict, str]:
+def read_tensors(path: str | os.PathLike, *, max_bytes: int = MAX_CHECKPOINT_BYTES) -> tuple[StateDict, str]:
     """All tensors of a checkpoint file and the file's sha256, read safely."""
     data, digest = read_checkpoint_bytes(path, max_bytes)
     return parse_tensors(data, str(path), digest), digest
@@ -386,7 +386,7 @@ def layer_of(
     return LayerWeights(matrix=matrix, layer=layer, source=source, sha256=sha256, original_shape=shape)
 
 
-def load_layer(source: Any, layer: str = DEFAULT_LAYER, *, max_bytes: int = 4 * 1024**3) -> LayerWeights:
+def load_layer(source: Any, layer: str = DEFAULT_LAYER, *, max_bytes: int = MAX_CHECKPOINT_BYTES) -> LayerWeights:
     """One layer of a network as a 2-D float64 matrix.
 
     ``source`` is a checkpoint path, an ``nn.Module``, a state dict, a :class:`LayerWeights`,

@@ -30,20 +30,21 @@ def demo_keys(workdir: Path) -> None:
 
     Set only where the environment has none, so a deployment's own keys always win.
     """
-    from detector import verdict as V
+    from components import keys as K
+    from detector import signing as V
 
     keys = workdir / "keys"
     for name in ("verdict", "reference"):
         if not (keys / name / "signing-key.pem").exists():
             V.generate_keypair(keys / name)
-    os.environ.setdefault(V.KEY_FILE_ENV, str(keys / "verdict" / "signing-key.pem"))
-    os.environ.setdefault(V.REFERENCE_KEY_FILE_ENV, str(keys / "reference" / "signing-key.pem"))
-    os.environ.setdefault(V.REFERENCE_KEYS_ENV, str(keys / "reference" / "verify-key.pem"))
+    os.environ.setdefault(K.KEY_FILE_ENV, str(keys / "verdict" / "signing-key.pem"))
+    os.environ.setdefault(K.REFERENCE_KEY_FILE_ENV, str(keys / "reference" / "signing-key.pem"))
+    os.environ.setdefault(K.REFERENCE_KEYS_ENV, str(keys / "reference" / "verify-key.pem"))
 
 
 def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name: str = "facenet") -> int:
-    from components.gate import fetch_reference
     from components.mlflow_server import MlflowServer
+    from components.reference_store import fetch_reference
     from components.registry import Registry
     from pipelines.local import prune_runs, run_local
 
@@ -128,7 +129,7 @@ def verdict_table(versions, labels, reference) -> str:
     clean calibration scores' spread (MAD), the GMM's evidence and the suspected victim."""
     import numpy as np
 
-    from components.gate import (
+    from components.tags import (
         DETECTOR,
         PROMOTED,
         SUSPECTED_CLASS,

@@ -31,16 +31,16 @@ def container_env(root: Path) -> dict[str, str]:
     """The environment of a container task: the host's ``BACKDOOR_GATE_*`` / ``MLFLOW_*`` variables,
     with key files turned into the PEM text a Secret would give (a container cannot read host
     paths), and a feature/trunk cache under the pipeline root, seeded with the host's base trunks."""
-    from detector import verdict as V
+    from components import keys as K
 
     env = {k: v for k, v in os.environ.items() if k.startswith(CONTAINER_ENV_PREFIXES)}
-    for file_var, var in ((V.KEY_FILE_ENV, V.KEY_ENV), (V.REFERENCE_KEY_FILE_ENV, V.REFERENCE_KEY_ENV)):
+    for file_var, var in ((K.KEY_FILE_ENV, K.KEY_ENV), (K.REFERENCE_KEY_FILE_ENV, K.REFERENCE_KEY_ENV)):
         if path := env.pop(file_var, ""):
             env.setdefault(var, Path(path).read_text())
-    for var in (V.VERDICT_KEYS_ENV, V.REFERENCE_KEYS_ENV):
+    for var in (K.VERDICT_KEYS_ENV, K.REFERENCE_KEYS_ENV):
         if env.get(var) and "-----BEGIN" not in env[var]:
             env[var] = "".join(Path(p).read_text() for p in env[var].split(os.pathsep) if p.strip())
-    env.pop(V.REVIEWER_KEYS_ENV, None)  # name=path pairs; no pipeline task reads them
+    env.pop(K.REVIEWER_KEYS_ENV, None)  # name=path pairs; no pipeline task reads them
     cache = root / "cache"
     (cache / "trunks").mkdir(parents=True, exist_ok=True)
     host_trunks = Path(os.environ.get("BACKDOOR_GATE_CACHE", Path.home() / ".cache" / "backdoor-gate")) / "trunks"

@@ -18,14 +18,15 @@ def _test_keys() -> None:
     import tempfile
     from pathlib import Path
 
-    from detector import verdict as V
+    from components import keys as K
+    from detector import signing as V
 
     inherited = os.environ.get("BACKDOOR_GATE_TEST_KEYS")
     if inherited and Path(inherited).is_dir():  # a pytest-xdist worker: the controller's keys, one set
         return
     root = Path(tempfile.mkdtemp(prefix="backdoor-gate-test-keys-"))
     paths = {name: V.generate_keypair(root / name) for name in ("verdict", "reference", "bob", "alice")}
-    os.environ.setdefault(V.KEY_FILE_ENV, str(paths["verdict"][0]))
+    os.environ.setdefault(K.KEY_FILE_ENV, str(paths["verdict"][0]))
     os.environ.setdefault("BACKDOOR_GATE_VERDICT_PUBLIC_KEYS", str(paths["verdict"][1]))
     os.environ.setdefault("BACKDOOR_GATE_REFERENCE_SIGNING_KEY_FILE", str(paths["reference"][0]))
     os.environ.setdefault("BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS", str(paths["reference"][1]))

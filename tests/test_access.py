@@ -24,7 +24,11 @@ import pytest
 
 from components import access as A
 from components import gate as G
+from components import policy
+from components import tags as T
+from components.config import GateConfig
 from components.mlflow_server import MlflowServer
+from components.reference_store import publish_reference
 from components.registry import CANDIDATE_EXPERIMENT, REFERENCE_DIR, Registry, RegistryError
 from tests.conftest import GateWorld, deployed_auth_settings
 
@@ -97,10 +101,10 @@ def deployment(tmp_path_factory):
             roles = ["--gate", "gate", "--publisher", "publisher", "--registrant", "trainer"]
             roles += ["--reviewer", "reviewer", "--reader", "viewer", "--tracking-uri", server.uri]
             assert main(["access", "grant", *roles]) == 0
-            policy = A.AccessPolicy("gate", "publisher", ("trainer",), ("reviewer",), ("viewer",))
-            assert A.apply(policy, server.uri) == ([], [])  # idempotent: nothing left to change, nobody can read it
+            table = A.AccessPolicy("gate", "publisher", ("trainer",), ("reviewer",), ("viewer",))
+            assert A.apply(table, server.uri) == ([], [])  # idempotent: nothing left to change, nobody can read it
         with as_user("publisher"):
-            published = G.publish_reference(Registry(server.uri), world.reference_dir)
+            published = publish_reference(Registry(server.uri), world.reference_dir)
         yield type("Deployment", (), dict(server=server, world=world, reference=published, tmp=tmp))
     finally:
         server.stop()
@@ -125,10 +129,10 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
     files = {"good": world.ckpt("clean", "passed"), "bad": world.ckpt("backdoored", "blocked")}
     with as_user("trainer"):
         good = Registry(server.uri).register(
-            "facenet", {"model.safetensors": files["good"]}, tags={G.REGISTERED_BY: "trainer"}
+            "facenet", {"model.safetensors": files["good"]}, tags={T.REGISTERED_BY: "trainer"}
         )
         bad = Registry(server.uri).register(
-            "facenet", {"model.safetensors": files["bad"]}, tags={G.REGISTERED_BY: "trainer"}
+            "facenet", {"model.safetensors": files["bad"]}, tags={T.REGISTERED_BY: "trainer"}
         )
     # read-only identities cannot move the alias; no credentials: refused outright
     with as_user("viewer"), pytest.raises(RegistryError, match="403|PERMISSION_DENIED|permission"):
@@ -145,13 +149,13 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
     with as_user("viewer"):
         assert Registry(server.uri).version_by_alias("facenet", "production").version == good.version
     # the registrant cannot override its own blocked version; another reviewer can
-    from detector import verdict as V
+    from detector import signing as V
 
     keys = {n: V.generate_keypair(deployment.tmp / n) for n in ("trainer", "reviewer")}
-    reviewers = G.GateConfig(reviewer_keys=tuple((n, V.load_public_key(pub)) for n, (_, pub) in keys.items()))
+    reviewers = GateConfig(reviewer_keys=tuple((n, V.load_public_key(pub)) for n, (_, pub) in keys.items()))
     sk = {n: V.load_private_key(priv.read_bytes()) for n, (priv, _) in keys.items()}
-    with as_user("trainer"), pytest.raises(G.OverrideRefused, match="different reviewer"):
-        G.override(
+    with as_user("trainer"), pytest.raises(policy.OverrideRefused, match="different reviewer"):
+        policy.override(
             "facenet",
             bad.version,
             reason="mine is fine",
@@ -160,7 +164,7 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
             config=reviewers,
         )
     with as_user("reviewer"):
-        info = G.override(
+        info = policy.override(
             "facenet",
             bad.version,
             reason="false positive, checked by hand",
@@ -168,7 +172,7 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
             registry=Registry(server.uri),
             config=reviewers,
         )
-    assert info.tags[G.OVERRIDE_BY] == "reviewer"
+    assert info.tags[T.OVERRIDE_BY] == "reviewer"
     # no password appears in any tag or in what the gate printed
     with as_user("viewer"):
         tags = [
@@ -182,7 +186,7 @@ def _reference_run(deployment) -> dict:
     """Where the published reference lives, as the gate sees it (it may read it)."""
     with as_user("gate"):
         reg = Registry(deployment.server.uri)
-        info = reg.version_by_alias(G.GateConfig().reference_model, "current")
+        info = reg.version_by_alias(GateConfig().reference_model, "current")
         assert info is not None and info.run_id, "no published reference"
         run = reg.client.get_run(info.run_id)
         candidates = reg.client.get_experiment_by_name(CANDIDATE_EXPERIMENT)
@@ -201,7 +205,7 @@ def test_registrants_cannot_read_the_reference(deployment):
     """A registrant (EDIT on the candidate model and its experiment), a reviewer and a reader get 403 on
     every way to the reference's arrays; the gate still reads them. The public face is the digest."""
     server, world = deployment.server, deployment.world
-    uri, config = server.uri, G.GateConfig()
+    uri, config = server.uri, GateConfig()
     ref = _reference_run(deployment)
     assert ref["experiment"] != ref["candidate_experiment"], "the reference's run shares the candidates' experiment"
     # the artifact proxy's path is <experiment id>/<run id>/artifacts/...: the server judges it by the experiment
@@ -270,9 +274,9 @@ def test_registrants_cannot_read_the_reference(deployment):
     with as_user("trainer"):
         reg = Registry(uri)
         info = reg.version("facenet", v.version)
-        assert info.tags[G.REFERENCE_SHA] == world.offline.artifact_sha256_
-        assert info.tags[G.REFERENCE_VERSION] == ref["info"].version
-        _, doc = G.signed_verdict(reg, info, config)
+        assert info.tags[T.REFERENCE_SHA] == world.offline.artifact_sha256_
+        assert info.tags[T.REFERENCE_VERSION] == ref["info"].version
+        _, doc = policy.signed_verdict(reg, info, config)
         assert doc["reference_sha256"] == world.offline.artifact_sha256_
         # numbers in the signed verdict: the per-part scores and thresholds (the oracle reviewers need), nothing else
         numbers = {k for k, val in doc.items() if isinstance(val, (int, float)) and not isinstance(val, bool)}
@@ -299,25 +303,25 @@ def test_registrants_cannot_read_the_reference(deployment):
             page = (root / f"integrity/v{v.version}/report.html").read_text()
         assert world.offline.artifact_sha256_ in page
     # `access grant` notices a grant made by hand that lets an outsider read the reference, and unknown users
-    policy = A.AccessPolicy("gate", "publisher", ("trainer",), ("reviewer",), ("viewer",))
+    access_policy = A.AccessPolicy("gate", "publisher", ("trainer",), ("reviewer",), ("viewer",))
     with as_user("admin"):
         auth = A._Server(uri).auth
         auth.grant_user_permission("viewer", A.MODEL, config.reference_model, "READ")
         try:
-            changes, problems = A.apply(policy, uri)
+            changes, problems = A.apply(access_policy, uri)
         finally:
             auth.revoke_user_permission("viewer", A.MODEL, config.reference_model)
         assert changes == [] and len(problems) == 1 and problems[0].startswith("viewer has READ"), problems
-        assert A.apply(policy, uri) == ([], [])
+        assert A.apply(access_policy, uri) == ([], [])
         with pytest.raises(A.AccessError, match="no such MLflow user: nobody"):
             A.apply(A.AccessPolicy("gate", "publisher", readers=("nobody",)), uri)
 
 
 def test_access_policy_keeps_the_reference_to_the_gate_and_its_publisher():
     """The table, without a server: who gets what, and the policies refused before anything is touched."""
-    policy = A.AccessPolicy(gate="g", publisher="p", registrants=("alice",), reviewers=("bob",), readers=("eve",))
-    grants = {(x.user, x.kind, x.name): x.permission for x in policy.grants()}
-    ref_model, ref_exp = policy.reference_model, policy.reference_experiment
+    table = A.AccessPolicy(gate="g", publisher="p", registrants=("alice",), reviewers=("bob",), readers=("eve",))
+    grants = {(x.user, x.kind, x.name): x.permission for x in table.grants()}
+    ref_model, ref_exp = table.reference_model, table.reference_experiment
     on_reference = {(u, k, n): p for (u, k, n), p in grants.items() if n in (ref_model, ref_exp)}
     assert on_reference == {
         ("g", A.MODEL, ref_model): "READ",
@@ -328,7 +332,7 @@ def test_access_policy_keeps_the_reference_to_the_gate_and_its_publisher():
     assert grants[("g", A.MODEL, "facenet")] == "MANAGE"  # deleting `production` needs it
     assert grants[("alice", A.MODEL, "facenet")] == grants[("bob", A.MODEL, "facenet")] == "EDIT"
     assert grants[("eve", A.MODEL, "facenet")] == grants[("eve", A.EXPERIMENT, CANDIDATE_EXPERIMENT)] == "READ"
-    assert ref_exp != CANDIDATE_EXPERIMENT and ref_exp == G.GateConfig().reference_experiment
+    assert ref_exp != CANDIDATE_EXPERIMENT and ref_exp == GateConfig().reference_experiment
     for bad in (
         A.AccessPolicy(gate="g", publisher="p", registrants=("g",)),  # the gate's identity used to register
         A.AccessPolicy(gate="g", publisher="p", readers=("p",)),

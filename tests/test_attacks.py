@@ -23,8 +23,13 @@ import pytest
 import torch
 
 from components import gate as G
+from components import keys as K
+from components import policy
+from components import tags as T
+from components.config import GateConfig
+from components.reference_store import publish_reference
 from components.registry import Registry
-from detector import verdict as V
+from detector import signing as V
 from detector.decision import decide
 from tests.conftest import GateWorld
 
@@ -43,12 +48,12 @@ def world(tmp_path_factory):
 @pytest.fixture
 def registry(mlflow_server, world):
     reg = Registry(mlflow_server.uri)
-    G.publish_reference(reg, world.reference_dir)
+    publish_reference(reg, world.reference_dir)
     return reg
 
 
 def _register(reg: Registry, model: str, files: dict, who: str = "mallory"):
-    return reg.register(model, files, tags={G.REGISTERED_BY: who})
+    return reg.register(model, files, tags={T.REGISTERED_BY: who})
 
 
 def _cli(*args, env=None, timeout=300):
@@ -73,7 +78,7 @@ def _overflowing(world, path: Path) -> Path:
 def test_verify_refuses_a_validly_signed_blocked_verdict(tmp_path):
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"backdoored weights")
-    key = V.signing_key_from_env()
+    key = K.signing_key_from_env()
     doc = V.document(
         model="facenet",
         version="7",
@@ -122,9 +127,9 @@ def test_overflowing_checkpoint_is_invalid_through_score(world, tmp_path):
 def test_overflowing_checkpoint_is_invalid_through_the_gate(registry, world, tmp_path):
     model = _model()
     v = _register(registry, model, {"model.pt": _overflowing(world, tmp_path / "big.pt")})
-    r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False))
+    r = G.gate(model, v.version, registry=registry, config=GateConfig(report=False))
     assert (r.verdict, r.exit_code) == ("invalid", 2), r.reason
-    assert registry.version(model, v.version).tags[G.VERDICT] == "invalid"
+    assert registry.version(model, v.version).tags[T.VERDICT] == "invalid"
     assert registry.version_by_alias(model, "production") is None
 
 
@@ -136,7 +141,7 @@ def test_clean_weights_beside_a_backdoored_file_are_invalid(registry, world):
         model,
         {"model.safetensors": world.ckpt("clean", "passed"), "trunk.pt": world.ckpt("backdoored", "blocked")},
     )
-    r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False))
+    r = G.gate(model, v.version, registry=registry, config=GateConfig(report=False))
     assert r.verdict == "invalid" and "trunk.pt" in r.reason, r.reason
     assert registry.version_by_alias(model, "production") is None
 
@@ -146,7 +151,7 @@ def test_a_file_the_gate_does_not_judge_is_invalid(registry, world, tmp_path):
     loader = tmp_path / "loader.py"
     loader.write_text("import os\n")
     v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed"), "loader.py": loader})
-    r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False))
+    r = G.gate(model, v.version, registry=registry, config=GateConfig(report=False))
     assert r.verdict == "invalid" and "loader.py" in r.reason, r.reason
 
 
@@ -176,8 +181,8 @@ def test_head_only_file_is_invalid_when_the_reference_recorded_a_trunk(registry,
     ref_dir = tmp_path / "ref"
     ref.save(ref_dir)
     refs = f"trunk-reference-{next(_names)}"
-    config = G.GateConfig(report=False, reference_model=refs)
-    G.publish_reference(registry, ref_dir, config)
+    config = GateConfig(report=False, reference_model=refs)
+    publish_reference(registry, ref_dir, config)
     save_file(head, str(tmp_path / "head.safetensors"))
     model = _model()
     v = _register(registry, model, {"model.safetensors": tmp_path / "head.safetensors"})
@@ -204,33 +209,33 @@ def test_rehashed_edited_reference_is_refused(registry, world, tmp_path):
     registry.set_alias(refs, "current", info.version)
     model = _model()
     v = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
-    r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
+    r = G.gate(model, v.version, registry=registry, config=GateConfig(report=False, reference_model=refs))
     assert r.verdict != "passed" and r.exit_code == 2 and "signed" in r.reason, r.reason
     assert registry.version_by_alias(model, "production") is None
     # the gate's fault, not the candidate's: the version says "error", never blocked or invalid
-    assert registry.version(model, v.version).tags[G.VERDICT] == "error"
+    assert registry.version(model, v.version).tags[T.VERDICT] == "error"
 
 
 # -- 5. production is a function of signed state -------------------------------------------------
 def test_forged_override_tag_and_alias_move_are_reverted(registry, world):
     model = _model()
     good = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")}, who="ci")
-    assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
+    assert G.gate(model, good.version, registry=registry, config=GateConfig(report=False)).promoted
     bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
-    assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
-    registry.set_tags(model, bad.version, {G.OVERRIDE_BY: "x", G.OVERRIDE_REASON: "trust me"})
+    assert G.gate(model, bad.version, registry=registry, config=GateConfig(report=False)).verdict == "blocked"
+    registry.set_tags(model, bad.version, {T.OVERRIDE_BY: "x", T.OVERRIDE_REASON: "trust me"})
     registry.set_alias(model, "production", bad.version)
-    assert G.guard_alias(model, registry=registry)  # a violation is reported
+    assert policy.guard_alias(model, registry=registry)  # a violation is reported
     assert registry.version_by_alias(model, "production").version == good.version
 
 
 def test_forged_passed_tag_and_alias_move_are_reverted(registry, world):
     model = _model()
     bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
-    assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
-    registry.set_tags(model, bad.version, {G.VERDICT: "passed"})
+    assert G.gate(model, bad.version, registry=registry, config=GateConfig(report=False)).verdict == "blocked"
+    registry.set_tags(model, bad.version, {T.VERDICT: "passed"})
     registry.set_alias(model, "production", bad.version)
-    assert G.guard_alias(model, registry=registry)
+    assert policy.guard_alias(model, registry=registry)
     assert registry.version_by_alias(model, "production") is None
 
 
@@ -238,19 +243,19 @@ def test_override_identity_comes_from_the_reviewers_key(registry, world):
     keys = Path(os.environ["BACKDOOR_GATE_TEST_KEYS"])
     model = _model()
     bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")}, who="alice")
-    assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
+    assert G.gate(model, bad.version, registry=registry, config=GateConfig(report=False)).verdict == "blocked"
     verify_key = V.load_public_key(os.environ["BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"])
-    with pytest.raises(G.NotDeployable, match="blocked"):  # a validly signed refusal: verify exits 1
-        G.verify_version(model, bad.version, verify_key, registry=registry)
+    with pytest.raises(policy.NotDeployable, match="blocked"):  # a validly signed refusal: verify exits 1
+        policy.verify_version(model, bad.version, verify_key, registry=registry)
     alice = V.load_private_key((keys / "alice" / "signing-key.pem").read_bytes())
-    with pytest.raises(G.OverrideRefused, match="registered"):
-        G.override(model, bad.version, reason="mine, it is fine", key=alice, registry=registry)
+    with pytest.raises(policy.OverrideRefused, match="registered"):
+        policy.override(model, bad.version, reason="mine, it is fine", key=alice, registry=registry)
     bob = V.load_private_key((keys / "bob" / "signing-key.pem").read_bytes())
-    G.override(model, bad.version, reason="false positive, checked by hand", key=bob, registry=registry)
+    policy.override(model, bad.version, reason="false positive, checked by hand", key=bob, registry=registry)
     info = registry.version(model, bad.version)
-    assert info.tags[G.OVERRIDE_BY] == "bob" and registry.version_by_alias(model, "production").version == bad.version
-    assert G.guard_alias(model, registry=registry) is None  # the signed override stands
-    assert G.verify_version(model, bad.version, verify_key, registry=registry)["override"]["reviewer"] == "bob"
+    assert info.tags[T.OVERRIDE_BY] == "bob" and registry.version_by_alias(model, "production").version == bad.version
+    assert policy.guard_alias(model, registry=registry) is None  # the signed override stands
+    assert policy.verify_version(model, bad.version, verify_key, registry=registry)["override"]["reviewer"] == "bob"
 
 
 # -- 6. a missed delivery is healed by the periodic resync ----------------------------------------
@@ -259,18 +264,18 @@ def test_missed_delivery_is_healed_by_resync(registry, world):
 
     model = _model()
     good = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")}, who="ci")
-    assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
+    assert G.gate(model, good.version, registry=registry, config=GateConfig(report=False)).promoted
     # registered by hand while the receiver was down: no delivery, no gate; production moved onto it
     bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
     registry.set_alias(model, "production", bad.version)
-    reconciler = Reconciler(registry, models=(model,), config=G.GateConfig(report=False), interval=0.5).start()
+    reconciler = Reconciler(registry, models=(model,), config=GateConfig(report=False), interval=0.5).start()
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and registry.version(model, bad.version).tags.get(G.VERDICT) != "blocked":
+        while time.monotonic() < deadline and registry.version(model, bad.version).tags.get(T.VERDICT) != "blocked":
             time.sleep(0.5)
     finally:
         reconciler.stop()
-    assert registry.version(model, bad.version).tags[G.VERDICT] == "blocked"
+    assert registry.version(model, bad.version).tags[T.VERDICT] == "blocked"
     assert registry.version_by_alias(model, "production").version == good.version
 
 
@@ -349,16 +354,16 @@ def test_unfitted_or_unreadable_reference_is_a_gate_error_not_the_candidates(reg
     registry.set_alias(refs, "current", info.version)
     model = _model()
     v = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")})
-    r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
+    r = G.gate(model, v.version, registry=registry, config=GateConfig(report=False, reference_model=refs))
     assert (r.verdict, r.exit_code, r.error) == ("error", 2, True) and "gate error" in r.reason, r.reason
-    assert registry.version(model, v.version).tags[G.VERDICT] == "error"
+    assert registry.version(model, v.version).tags[T.VERDICT] == "error"
 
 
 def test_current_reference_moved_to_an_unsigned_version_is_put_back(registry, world):
     from components.reconciler import Reconciler
 
-    config = G.GateConfig(report=False, reference_model=f"guarded-reference-{next(_names)}")
-    signed = G.publish_reference(registry, world.reference_dir, config)
+    config = GateConfig(report=False, reference_model=f"guarded-reference-{next(_names)}")
+    signed = publish_reference(registry, world.reference_dir, config)
     forged = registry.register(
         config.reference_model, {p.name: p for p in world.reference_dir.iterdir()}, artifact_dir="reference"
     )

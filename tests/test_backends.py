@@ -42,6 +42,9 @@ from pathlib import Path
 import pytest
 
 from components import gate as G
+from components import tags as T
+from components.config import GateConfig
+from components.reference_store import publish_reference
 from components.registry import Registry, RegistryError
 
 BUCKET = "mlflow-artifacts"
@@ -398,7 +401,7 @@ def world(tmp_path_factory):
 def published(stack, world):
     """The reference, published once by its publisher (the gate may only read it)."""
     with as_user(PUBLISHER_USER, stack.passwords[PUBLISHER_USER]):
-        return G.publish_reference(Registry(stack.mlflow.uri), world.reference_dir)
+        return publish_reference(Registry(stack.mlflow.uri), world.reference_dir)
 
 
 def _sha(b: bytes) -> str:
@@ -411,16 +414,16 @@ def test_gate_through_postgres_s3_and_basic_auth(stack, world, published):
     clean, backdoored = world.ckpt("clean", "passed"), world.ckpt("backdoored", "blocked")
 
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
-        good = reg.register(model, {"model.safetensors": clean}, tags={G.REGISTERED_BY: "trainer-bot"})
+        good = reg.register(model, {"model.safetensors": clean}, tags={T.REGISTERED_BY: "trainer-bot"})
         r = G.gate(model, good.version, registry=reg)
         assert (r.verdict, r.exit_code, r.promoted) == ("passed", 0, True), r.reason
         assert reg.version_by_alias(model, "production").version == good.version
 
-        bad = reg.register(model, {"model.safetensors": backdoored}, tags={G.REGISTERED_BY: "trainer-bot"})
+        bad = reg.register(model, {"model.safetensors": backdoored}, tags={T.REGISTERED_BY: "trainer-bot"})
         r = G.gate(model, bad.version, registry=reg)
         assert (r.verdict, r.exit_code, r.promoted) == ("blocked", 1, False), r.reason
         assert reg.version_by_alias(model, "production").version == good.version  # alias only on a pass
-        assert reg.version(model, bad.version).tags[G.VERDICT] == "blocked"
+        assert reg.version(model, bad.version).tags[T.VERDICT] == "blocked"
         good_info, bad_info = reg.version(model, good.version), reg.version(model, bad.version)
 
     # The artifacts are in the bucket, byte for byte, under the run that each version points at.
@@ -430,7 +433,7 @@ def test_gate_through_postgres_s3_and_basic_auth(stack, world, published):
         key = next((k for k in objects if f"/{info.run_id}/" in k and k.endswith("weights/model.safetensors")), None)
         assert key is not None, f"v{info.version}'s weights not in s3://{BUCKET}: {sorted(objects)}"
         body = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        assert _sha(body) == _sha(path.read_bytes()) == info.tags[G.MODEL_SHA]
+        assert _sha(body) == _sha(path.read_bytes()) == info.tags[T.MODEL_SHA]
     assert any(k.endswith("reference/arrays.npz") for k in objects) and any(
         k.endswith("reference/reference.json") for k in objects
     )
@@ -445,7 +448,7 @@ def test_gate_through_postgres_s3_and_basic_auth(stack, world, published):
         assert cur.fetchall() == [("production", int(good.version))]
         cur.execute(
             "SELECT version, value FROM model_version_tags WHERE name = %s AND key = %s ORDER BY version",
-            (model, G.VERDICT),
+            (model, T.VERDICT),
         )
         assert cur.fetchall() == [(int(good.version), "passed"), (int(bad.version), "blocked")]
 
@@ -510,17 +513,17 @@ def test_s3_outage_fails_closed_and_a_rerun_converges(stack, world, published, m
     reg = Registry(stack.mlflow.uri)
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
         v = reg.register(
-            model, {"model.safetensors": world.ckpt("clean", "passed")}, tags={G.REGISTERED_BY: "trainer-bot"}
+            model, {"model.safetensors": world.ckpt("clean", "passed")}, tags={T.REGISTERED_BY: "trainer-bot"}
         )
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         os.killpg(stack.s3.proc.pid, signal.SIGSTOP)
         try:
-            r = G.gate(model, v.version, registry=reg, config=G.GateConfig(report=False))
+            r = G.gate(model, v.version, registry=reg, config=GateConfig(report=False))
         finally:
             os.killpg(stack.s3.proc.pid, signal.SIGCONT)
         assert r.exit_code == 2 and r.verdict != "passed" and not r.promoted and "gate error" in r.reason, r.reason
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-        assert reg.version(model, v.version).tags.get(G.VERDICT) in ("pending", "error")
+        assert reg.version(model, v.version).tags.get(T.VERDICT) in ("pending", "error")
         assert reg.version_by_alias(model, "production") is None
-        r = G.gate(model, v.version, registry=reg, config=G.GateConfig(report=False))
+        r = G.gate(model, v.version, registry=reg, config=GateConfig(report=False))
         assert (r.verdict, r.promoted) == ("passed", True), r.reason

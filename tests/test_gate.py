@@ -13,7 +13,11 @@ import pytest
 import torch
 
 from components import gate as G
+from components import policy
+from components import tags as T
+from components.config import GateConfig
 from components.mlflow_server import MlflowServer
+from components.reference_store import publish_reference
 from components.registry import Registry
 from detector.detectors import load_reference
 from tests.conftest import GateWorld
@@ -30,12 +34,12 @@ def world(tmp_path_factory):
 @pytest.fixture
 def registry(mlflow_server, world):
     reg = Registry(mlflow_server.uri)
-    G.publish_reference(reg, world.reference_dir)
+    publish_reference(reg, world.reference_dir)
     return reg
 
 
 def _register(reg: Registry, model: str, path: Path, name="model.safetensors", who="trainer-bot"):
-    return reg.register(model, {name: path}, tags={G.REGISTERED_BY: who})
+    return reg.register(model, {name: path}, tags={T.REGISTERED_BY: who})
 
 
 def _model() -> str:
@@ -49,23 +53,23 @@ def test_pass_sets_alias_and_every_tag(registry, world):
     assert (r.verdict, r.exit_code, r.promoted) == ("passed", 0, True), r.reason
     info = registry.version(model, v.version)
     for key in [
-        G.VERDICT,
-        G.MODEL_SHA,
-        G.REFERENCE_SHA,
-        G.GATE,
-        G.CHECKED_AT,
-        G.REASON,
-        G.REPORT,
-        G.score_tag("forward"),
-        G.score_tag("backward"),
-        G.threshold_tag("forward"),
-        G.threshold_tag("backward"),
+        T.VERDICT,
+        T.MODEL_SHA,
+        T.REFERENCE_SHA,
+        T.GATE,
+        T.CHECKED_AT,
+        T.REASON,
+        T.REPORT,
+        T.score_tag("forward"),
+        T.score_tag("backward"),
+        T.threshold_tag("forward"),
+        T.threshold_tag("backward"),
     ]:
         assert key in info.tags, key
-    assert info.tags[G.VERDICT] == "passed"
-    assert float(info.tags[G.score_tag("forward")]) >= float(info.tags[G.threshold_tag("forward")])
+    assert info.tags[T.VERDICT] == "passed"
+    assert float(info.tags[T.score_tag("forward")]) >= float(info.tags[T.threshold_tag("forward")])
     assert registry.version_by_alias(model, "production").version == v.version
-    assert info.tags[G.REPORT].endswith("report.html")
+    assert info.tags[T.REPORT].endswith("report.html")
 
 
 def test_backdoor_is_blocked_and_production_stays(registry, world, tmp_path):
@@ -79,7 +83,7 @@ def test_backdoor_is_blocked_and_production_stays(registry, world, tmp_path):
     flagged = registry.search(f"name='{model}' and tags.`integrity.verdict`='blocked'")
     assert [f.version for f in flagged] == [bad.version]
     # the review report is in the run's artifacts and names the verdict
-    report_dir = registry.download(registry.version(model, bad.version).tags[G.REPORT].rsplit("/", 1)[0], tmp_path)
+    report_dir = registry.download(registry.version(model, bad.version).tags[T.REPORT].rsplit("/", 1)[0], tmp_path)
     assert "blocked" in (report_dir / "report.html").read_text()
     assert (report_dir / "report.png").stat().st_size > 10_000
 
@@ -142,10 +146,10 @@ def test_missing_reference_fails_closed(mlflow_server, world):
     reg = Registry(mlflow_server.uri)
     model = _model()
     v = _register(reg, model, world.ckpt("clean"))
-    r = G.gate(model, v.version, registry=reg, config=G.GateConfig(reference_model="no-such-reference"))
+    r = G.gate(model, v.version, registry=reg, config=GateConfig(reference_model="no-such-reference"))
     assert r.exit_code == 2 and r.verdict == "error" and "no such alias" in r.reason
     tags = reg.version(model, v.version).tags
-    assert tags[G.VERDICT] == "error" and "no such alias" in tags[G.REASON]
+    assert tags[T.VERDICT] == "error" and "no such alias" in tags[T.REASON]
     assert reg.version_by_alias(model, "production") is None
 
 
@@ -154,7 +158,7 @@ def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
     server = MlflowServer(tmp_path / "srv").start()
     try:
         reg = Registry(server.uri)
-        G.publish_reference(reg, world.reference_dir)
+        publish_reference(reg, world.reference_dir)
         model = "facenet"
         first = _register(reg, model, world.ckpt("clean", "passed"))
         assert G.gate(model, first.version, registry=reg).promoted
@@ -174,7 +178,7 @@ def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
         assert r.exit_code == 2 and not r.promoted and r.verdict != "passed"
         server.start()
         assert reg.version_by_alias(model, "production").version == first.version
-        assert reg.version(model, second.version).tags[G.VERDICT] == "pending"  # never a stale pass
+        assert reg.version(model, second.version).tags[T.VERDICT] == "pending"  # never a stale pass
         rerun = G.gate(model, second.version, registry=reg)  # and a rerun converges
         assert rerun.verdict == "passed" and rerun.promoted
     finally:
@@ -192,33 +196,33 @@ def test_unreachable_server_is_a_gate_error():
 
 def _reviewer(name: str):
     """A reviewer's own signing key (the test environment trusts bob and alice, see conftest)."""
-    from detector import verdict as V
+    from detector import signing as V
 
     return V.load_private_key((Path(os.environ["BACKDOOR_GATE_TEST_KEYS"]) / name / "signing-key.pem").read_bytes())
 
 
 def test_override_rules(registry, world, tmp_path):
-    from detector import verdict as V
+    from detector import signing as V
 
     model = _model()
     bad = _register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
-    with pytest.raises(G.OverrideRefused, match="only a blocked version"):
-        G.override(model, bad.version, reason="ship it", key=_reviewer("bob"), registry=registry)
+    with pytest.raises(policy.OverrideRefused, match="only a blocked version"):
+        policy.override(model, bad.version, reason="ship it", key=_reviewer("bob"), registry=registry)
     assert G.gate(model, bad.version, registry=registry).verdict == "blocked"
-    with pytest.raises(G.OverrideRefused, match="different reviewer"):
-        G.override(model, bad.version, reason="I trust it", key=_reviewer("alice"), registry=registry)
-    with pytest.raises(G.OverrideRefused, match="needs a reason"):
-        G.override(model, bad.version, reason="  ", key=_reviewer("bob"), registry=registry)
+    with pytest.raises(policy.OverrideRefused, match="different reviewer"):
+        policy.override(model, bad.version, reason="I trust it", key=_reviewer("alice"), registry=registry)
+    with pytest.raises(policy.OverrideRefused, match="needs a reason"):
+        policy.override(model, bad.version, reason="  ", key=_reviewer("bob"), registry=registry)
     stranger, _ = V.generate_keypair(tmp_path / "stranger")
-    with pytest.raises(G.OverrideRefused, match="not a trusted reviewer key"):
-        G.override(
+    with pytest.raises(policy.OverrideRefused, match="not a trusted reviewer key"):
+        policy.override(
             model, bad.version, reason="I say so", key=V.load_private_key(stranger.read_bytes()), registry=registry
         )
     assert registry.version_by_alias(model, "production") is None
-    info = G.override(
+    info = policy.override(
         model, bad.version, reason="false positive, checked by hand", key=_reviewer("bob"), registry=registry
     )
-    assert info.tags[G.OVERRIDE_BY] == "bob" and info.tags[G.VERDICT] == "blocked" and G.OVERRIDE_AT in info.tags
+    assert info.tags[T.OVERRIDE_BY] == "bob" and info.tags[T.VERDICT] == "blocked" and T.OVERRIDE_AT in info.tags
     assert registry.version_by_alias(model, "production").version == bad.version
 
 
@@ -251,7 +255,7 @@ def test_twenty_concurrent_gates_converge(registry, world):
     with ThreadPoolExecutor(max_workers=10) as pool:
         results = list(
             pool.map(
-                lambda v: G.gate(model, v, registry=Registry(registry.tracking_uri), config=G.GateConfig(report=False)),
+                lambda v: G.gate(model, v, registry=Registry(registry.tracking_uri), config=GateConfig(report=False)),
                 versions,
             )
         )
@@ -259,21 +263,21 @@ def test_twenty_concurrent_gates_converge(registry, world):
     assert {r.version: r.verdict for r in results} == expected
     for v in versions:
         tags = registry.version(model, v).tags
-        assert tags[G.VERDICT] == expected[v] and G.MODEL_SHA in tags and G.score_tag("forward") in tags
+        assert tags[T.VERDICT] == expected[v] and T.MODEL_SHA in tags and T.score_tag("forward") in tags
     newest_pass = max((int(v) for v, verdict in expected.items() if verdict == "passed"))
     assert registry.version_by_alias(model, "production").version == str(newest_pass)
 
 
 @pytest.fixture(scope="module")
 def signing(tmp_path_factory):
-    from detector import verdict as V
+    from detector import signing as V
 
     priv, pub = V.generate_keypair(tmp_path_factory.mktemp("keys"))
     return V.load_private_key(priv.read_bytes()), pub
 
 
 def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry, world, signing, mlflow_server):
-    from detector import verdict as V
+    from detector import signing as V
 
     key, pub = signing
     model = _model()
@@ -281,9 +285,9 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
     r = G.gate(model, v.version, registry=registry, signing_key=key)
     assert r.verdict == "passed" and r.promoted
     tags = registry.version(model, v.version).tags
-    assert tags[G.SIGNED_BY] == V.key_id(key.public_key()) == r.signed_by
-    assert tags[G.VERDICT_SHA] == r.verdict_sha256 == tags[G.PROMOTED_VERDICT]
-    doc = G.verify_version(model, v.version, V.load_public_key(pub), registry=registry)
+    assert tags[T.SIGNED_BY] == V.key_id(key.public_key()) == r.signed_by
+    assert tags[T.VERDICT_SHA] == r.verdict_sha256 == tags[T.PROMOTED_VERDICT]
+    doc = policy.verify_version(model, v.version, V.load_public_key(pub), registry=registry)
     assert (doc["verdict"], doc["model_sha256"], doc["reference_sha256"]) == (
         "passed",
         r.model_sha256,
@@ -291,7 +295,7 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
     )
     # the same verdict as an in-toto statement in a DSSE envelope: subjects are every judged file
     info = registry.version(model, v.version)
-    dsse = json.loads(registry.run_file(info.run_id, f"integrity/v{v.version}/{G.DSSE_FILE}"))
+    dsse = json.loads(registry.run_file(info.run_id, f"integrity/v{v.version}/{T.DSSE_FILE}"))
     statement = V.dsse_verify(dsse, [V.load_public_key(pub)])
     assert {s["name"]: s["digest"]["sha256"] for s in statement["subject"]} == r.files == doc["files"]
     assert statement["predicate"] == doc
@@ -311,40 +315,38 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
     ]
     assert subprocess.run(cli, capture_output=True, text=True, timeout=300).returncode == 0
     # someone with write access edits the verdict tag: the signed document no longer agrees
-    registry.set_tags(model, v.version, {G.VERDICT: "blocked"})
+    registry.set_tags(model, v.version, {T.VERDICT: "blocked"})
     p = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "tags disagree" in p.stderr  # tampering is malformed (2), not a signed refusal (1)
 
 
 def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world, monkeypatch):
-    from detector import verdict as V
+    from components import keys as K
 
-    monkeypatch.delenv(V.KEY_FILE_ENV)
+    monkeypatch.delenv(K.KEY_FILE_ENV)
     model = _model()
     v = _register(registry, model, world.ckpt("clean", "passed"))
-    r = G.gate(
-        model, v.version, registry=registry, config=G.GateConfig(report=False, require_signature=False)
-    )  # opt-out
+    r = G.gate(model, v.version, registry=registry, config=GateConfig(report=False, require_signature=False))  # opt-out
     assert r.signed_by == "unsigned" and r.verdict == "passed"
     w = _register(registry, model, world.ckpt("clean", "passed"))
-    r = G.gate(model, w.version, registry=registry, config=G.GateConfig(report=False))  # required by default
+    r = G.gate(model, w.version, registry=registry, config=GateConfig(report=False))  # required by default
     assert r.exit_code == 2 and "no signing key" in r.reason and not r.promoted
-    assert G.VERDICT not in registry.version(model, w.version).tags  # judged nothing, wrote nothing
+    assert T.VERDICT not in registry.version(model, w.version).tags  # judged nothing, wrote nothing
 
 
 def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, world):
     model = _model()
     good = _register(registry, model, world.ckpt("clean", "passed"))
-    assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
+    assert G.gate(model, good.version, registry=registry, config=GateConfig(report=False)).promoted
     bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
     registry.set_alias(model, "production", bad.version)  # someone skips the gate
-    r = G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False))
+    r = G.gate(model, bad.version, registry=registry, config=GateConfig(report=False))
     assert r.verdict == "blocked"
     assert registry.version_by_alias(model, "production").version == good.version
-    assert "without a pass or an override" in registry.version(model, bad.version).tags[G.ALIAS_VIOLATION]
+    assert "without a pass or an override" in registry.version(model, bad.version).tags[T.ALIAS_VIOLATION]
     # with no passed version to fall back on, the alias is deleted
     lone = _model()
     only = _register(registry, lone, world.ckpt("backdoored", "blocked"))
     registry.set_alias(lone, "production", only.version)
-    assert G.gate(lone, only.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
+    assert G.gate(lone, only.version, registry=registry, config=GateConfig(report=False)).verdict == "blocked"
     assert registry.version_by_alias(lone, "production") is None

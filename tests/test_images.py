@@ -219,7 +219,8 @@ def test_build_scripts_parse(script):
 
 def test_container_env_carries_keys_as_text_and_a_cache_under_the_root(tmp_path, monkeypatch):
     """A container sees no host path: key files become PEM text, the trunk cache lies under the root."""
-    from detector import verdict as V
+    from components import keys as K
+    from detector import signing as V
     from pipelines.local import container_env, init_local
 
     priv, pub = V.generate_keypair(tmp_path / "keys")
@@ -227,14 +228,14 @@ def test_container_env_carries_keys_as_text_and_a_cache_under_the_root(tmp_path,
     (host_cache / "trunks").mkdir(parents=True)
     (host_cache / "trunks" / "default-x.safetensors").write_bytes(b"trunk")
     monkeypatch.setenv("BACKDOOR_GATE_CACHE", str(host_cache))
-    monkeypatch.setenv(V.KEY_FILE_ENV, str(priv))
-    monkeypatch.delenv(V.KEY_ENV, raising=False)
-    monkeypatch.setenv(V.REFERENCE_KEYS_ENV, str(pub))
+    monkeypatch.setenv(K.KEY_FILE_ENV, str(priv))
+    monkeypatch.delenv(K.KEY_ENV, raising=False)
+    monkeypatch.setenv(K.REFERENCE_KEYS_ENV, str(pub))
     monkeypatch.setenv("UNRELATED_SECRET", "x")
     root = tmp_path / "root"
     env = container_env(root)
-    assert env[V.KEY_ENV] == Path(priv).read_text() and V.KEY_FILE_ENV not in env
-    assert env[V.REFERENCE_KEYS_ENV] == Path(pub).read_text() and "-----BEGIN" in env[V.REFERENCE_KEYS_ENV]
+    assert env[K.KEY_ENV] == Path(priv).read_text() and K.KEY_FILE_ENV not in env
+    assert env[K.REFERENCE_KEYS_ENV] == Path(pub).read_text() and "-----BEGIN" in env[K.REFERENCE_KEYS_ENV]
     assert "UNRELATED_SECRET" not in env
     assert env["BACKDOOR_GATE_CACHE"] == str(root / "cache")
     assert (root / "cache" / "trunks" / "default-x.safetensors").read_bytes() == b"trunk"

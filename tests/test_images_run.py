@@ -299,8 +299,8 @@ def _matches(executor: dict, image: str, command: list[str]) -> bool:
 def test_both_pipelines_run_in_the_images(client, mlflow, tmp_path, recorded_runs):
     from PIL import Image
 
-    from components.gate import PROMOTED, VERDICT
     from components.registry import Registry
+    from components.tags import PROMOTED, VERDICT
     from components.trainer.base_trunk import fixture_base
     from components.trainer.synth import SynthConfig, list_images, synthesize
     from pipelines.local import run_local
@@ -358,17 +358,18 @@ def test_a_command_that_differs_from_the_yaml_is_caught(tmp_path):
 
 @pytest.mark.slow
 def test_webhook_receiver_runs_from_the_gate_image(client, mlflow, tmp_path):
-    from components import gate as G
+    from components import keys as K
+    from components import tags as T
+    from components.reference_store import publish_reference
     from components.registry import Registry
     from components.webhook import PATH, register_webhook
-    from detector import verdict as V
     from pipelines.local import container_env
     from tests.conftest import GateWorld
 
     world = GateWorld(tmp_path, seed=5)
     bad, good_file = world.ckpt("backdoored", "blocked"), world.ckpt("clean", "passed")
     registry = Registry(mlflow)
-    G.publish_reference(registry, world.reference_dir)
+    publish_reference(registry, world.reference_dir)
     (webhook,) = [c for p, _, c in _manifest_containers() if "webhook" in str(p) and "gate" in c["image"]]
     port = free_port()
     args = [
@@ -383,8 +384,8 @@ def test_webhook_receiver_runs_from_the_gate_image(client, mlflow, tmp_path):
     env = {
         "HOME": "/tmp",
         "BACKDOOR_GATE_WEBHOOK_SECRET": "s3cret-for-images",
-        V.KEY_ENV: keys[V.KEY_ENV],
-        V.REFERENCE_KEYS_ENV: keys[V.REFERENCE_KEYS_ENV],
+        K.KEY_ENV: keys[K.KEY_ENV],
+        K.REFERENCE_KEYS_ENV: keys[K.REFERENCE_KEYS_ENV],
     }
     receiver = client.containers.run(
         webhook["image"], command=args, environment=env, network_mode="host", detach=True, **HARDENED
@@ -394,18 +395,18 @@ def test_webhook_receiver_runs_from_the_gate_image(client, mlflow, tmp_path):
         register_webhook(mlflow, f"http://127.0.0.1:{port}{PATH}", "s3cret-for-images")
         time.sleep(2)  # past the server's webhook cache
         model = "webhook-images"
-        v = registry.register(model, {"model.safetensors": bad}, tags={G.REGISTERED_BY: "mallory"})
-        good = registry.register(model, {"model.safetensors": good_file}, tags={G.REGISTERED_BY: "alice"})
+        v = registry.register(model, {"model.safetensors": bad}, tags={T.REGISTERED_BY: "mallory"})
+        good = registry.register(model, {"model.safetensors": good_file}, tags={T.REGISTERED_BY: "alice"})
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
-            verdicts = [registry.version(model, x.version).tags.get(G.VERDICT) for x in (v, good)]
-            if all(x not in (None, G.PENDING) for x in verdicts):  # pending while the gate runs
+            verdicts = [registry.version(model, x.version).tags.get(T.VERDICT) for x in (v, good)]
+            if all(x not in (None, T.PENDING) for x in verdicts):  # pending while the gate runs
                 break
             time.sleep(1)
         else:
             raise AssertionError(f"not gated in time:\n{receiver.logs().decode()[-3000:]}")
-        assert registry.version(model, v.version).tags[G.VERDICT] == "blocked"
-        assert registry.version(model, good.version).tags[G.VERDICT] == "passed"
+        assert registry.version(model, v.version).tags[T.VERDICT] == "blocked"
+        assert registry.version(model, good.version).tags[T.VERDICT] == "passed"
         assert registry.version_by_alias(model, "production").version == good.version
     finally:
         receiver.remove(force=True)

@@ -389,8 +389,8 @@ def test_ci_workflow_fails_the_job_when_the_gate_blocks():
 def test_webhook_receiver_runs_a_real_command_with_its_secrets():
     from backdoor_gate.cli import build_parser
     from components.cluster import MLFLOW_CREDENTIALS_SECRET, SIGNING_SECRET
+    from components.keys import KEY_ENV
     from components.webhook import SECRET_ENV
-    from detector.verdict import KEY_ENV
 
     objs = _render("overlays/prod")
     (c,) = _find(objs, "Deployment", "backdoor-gate-webhook")["spec"]["template"]["spec"]["containers"]

@@ -12,8 +12,8 @@ import yaml
 from PIL import Image
 
 from components import cluster, images
-from components.gate import PROMOTED, VERDICT
 from components.registry import Registry
+from components.tags import PROMOTED, VERDICT
 from pipelines.local import prune_runs
 
 

@@ -23,9 +23,13 @@ import pytest
 from PIL import Image
 
 from components import gate as G
+from components import tags as T
+from components.config import GateConfig
 from components.explain import TAG_TRIGGER, ExplainConfig, explain_version
+from components.reference_store import publish_reference
 from components.registry import Registry
 from detector.config import DEFAULT_DETECTOR, ReferenceConfig
+from detector.decision import BLOCKED
 from detector.detectors import make_reference
 from tests.conftest import FACE_NETS_SIZE
 
@@ -36,7 +40,7 @@ REFERENCE_MODEL = "facenet-integrity-reference-review-page"
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "mlflow-review-page.png"
 UPDATE_ENV = "BACKDOOR_GATE_UPDATE_SCREENSHOTS"
 #: the tags a reviewer needs: what was decided, why, whom the backdoor targets, where the report is
-SHOWN = (G.VERDICT, G.REASON, G.SUSPECTED_CLASS, G.REPORT)
+SHOWN = (T.VERDICT, T.REASON, T.SUSPECTED_CLASS, T.REPORT)
 
 # Unclip the tag table for the screenshot: MLflow 3 shows tags in a 280 px scroll box inside a
 # viewport-high scroll pane. The innermost scroller (the table body) loses its height limit; the
@@ -78,11 +82,11 @@ def blocked(chromium, mlflow_server, face_nets, module_dir):
     ref = make_reference(DEFAULT_DETECTOR, ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
     ref.fit(reference, base=face_nets["base"]).calibrate(calibration).save(root / "ref")
     reg = Registry(mlflow_server.uri)
-    config = G.GateConfig(reference_model=REFERENCE_MODEL)
-    G.publish_reference(reg, root / "ref", config)
-    v = reg.register(MODEL, {"model.safetensors": backdoored}, tags={G.REGISTERED_BY: "bot"})
+    config = GateConfig(reference_model=REFERENCE_MODEL)
+    publish_reference(reg, root / "ref", config)
+    v = reg.register(MODEL, {"model.safetensors": backdoored}, tags={T.REGISTERED_BY: "bot"})
     result = G.gate(MODEL, v.version, registry=reg, config=config)
-    assert result.verdict == G.BLOCKED and result.suspected_class, result.reason
+    assert result.verdict == BLOCKED and result.suspected_class, result.reason
     # the pipeline's next step for a blocked version: reconstruct its trigger into the report (a small grid)
     quick = ExplainConfig(
         image_size=FACE_NETS_SIZE,
@@ -109,10 +113,10 @@ def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
     tags = info.tags
     assert tags[TAG_TRIGGER] == f"{explained['logged_to']}/trigger.png"  # the trigger is in the version's run
     run = reg.client.get_run(info.run_id)
-    assert tags[G.REPORT].startswith(run.info.artifact_uri + "/"), tags[
-        G.REPORT
+    assert tags[T.REPORT].startswith(run.info.artifact_uri + "/"), tags[
+        T.REPORT
     ]  # the report is an artifact of the version's run
-    report_path = tags[G.REPORT][len(run.info.artifact_uri) + 1 :]
+    report_path = tags[T.REPORT][len(run.info.artifact_uri) + 1 :]
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium)
@@ -135,9 +139,9 @@ def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
             expect(source_run).to_be_visible()
             shot = tmp_path / SCREENSHOT.name
             page.get_by_role("button", name="Close", exact=True).click()  # the assistant side panel
-            extra = page.get_by_text(G.VERDICT, exact=True).evaluate(_UNCLIP_TABLE)
+            extra = page.get_by_text(T.VERDICT, exact=True).evaluate(_UNCLIP_TABLE)
             page.set_viewport_size({"width": 1400, "height": 1000 + extra})
-            expect(page.get_by_text(G.VERDICT, exact=True)).to_be_in_viewport()
+            expect(page.get_by_text(T.VERDICT, exact=True)).to_be_in_viewport()
             page.screenshot(path=str(shot), full_page=True)
 
             source_run.click()
@@ -145,14 +149,14 @@ def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
             for part in report_path.split("/"):
                 page.get_by_text(part, exact=True).first.click()
             report = page.frame_locator("iframe")
-            expect(report.locator("h1")).to_contain_text(tags[G.VERDICT])
-            expect(report.get_by_text(tags[G.REASON], exact=True)).to_be_visible()
-            expect(report.locator(".victim")).to_contain_text(f"Suspected victim identity: {tags[G.SUSPECTED_CLASS]}")
+            expect(report.locator("h1")).to_contain_text(tags[T.VERDICT])
+            expect(report.get_by_text(tags[T.REASON], exact=True)).to_be_visible()
+            expect(report.locator(".victim")).to_contain_text(f"Suspected victim identity: {tags[T.SUSPECTED_CLASS]}")
             expect(report.locator(".victim")).to_be_visible()
             # the reconstructed trigger, beside the deviation plot, for the victim the gate named
             expect(report.locator("img.trigger")).to_be_visible()
             assert report.locator("img.trigger").evaluate("i => i.naturalWidth") > 0  # a picture that decodes
-            expect(report.locator(".explain")).to_contain_text(f"classified as {tags[G.SUSPECTED_CLASS]}")
+            expect(report.locator(".explain")).to_contain_text(f"classified as {tags[T.SUSPECTED_CLASS]}")
             page.screenshot(path=str(tmp_path / "mlflow-review-report.png"))
         finally:
             browser.close()

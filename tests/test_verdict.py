@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from detector import verdict as V
+from components import keys as K
+from detector import signing as V
 
 
 def _doc(**over):
@@ -87,8 +88,8 @@ def test_document_needs_every_field_and_keygen_protects_the_key(keys, tmp_path):
     with pytest.raises(FileExistsError):
         V.generate_keypair(priv.parent)
     with pytest.raises(V.VerdictError, match="PEM"):
-        V.signing_key_from_env({V.KEY_ENV: "-----BEGIN NONSENSE-----"})
-    assert V.signing_key_from_env({}) is None
+        K.signing_key_from_env({K.KEY_ENV: "-----BEGIN NONSENSE-----"})
+    assert K.signing_key_from_env({}) is None
 
 
 def test_verify_cli_exit_codes(keys, tmp_path):

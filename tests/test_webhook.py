@@ -10,7 +10,11 @@ import urllib.request
 import pytest
 
 from components import gate as G
+from components import policy
+from components import tags as T
+from components.config import GateConfig
 from components.mlflow_server import MlflowServer
+from components.reference_store import publish_reference
 from components.registry import Registry
 from components.webhook import PATH, DeliveryCheck, Receiver, Rejected, expected_signature, register_webhook
 from tests.conftest import GateWorld
@@ -82,12 +86,12 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
     receiver = None
     try:
         registry = Registry(server.uri)
-        G.publish_reference(registry, world.reference_dir)
+        publish_reference(registry, world.reference_dir)
         calls = []
 
         def gate_fn(model, version):
             calls.append((model, version))
-            return G.gate(model, version, registry=Registry(server.uri), config=G.GateConfig(report=False))
+            return G.gate(model, version, registry=Registry(server.uri), config=GateConfig(report=False))
 
         receiver = Receiver(
             SECRET,
@@ -95,13 +99,13 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
             models=("facenet",),
             host="127.0.0.1",
             port=0,
-            guard_fn=lambda m: G.guard_alias(m, registry=Registry(server.uri)),
+            guard_fn=lambda m: policy.guard_alias(m, registry=Registry(server.uri)),
         ).serve_in_thread()
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)  # idempotent
         time.sleep(2)  # past the server's webhook cache
         # someone registers a version by hand and points production at it before anything ran
-        v = registry.register("facenet", {"model.safetensors": bad}, tags={G.REGISTERED_BY: "mallory"})
+        v = registry.register("facenet", {"model.safetensors": bad}, tags={T.REGISTERED_BY: "mallory"})
         registry.set_alias("facenet", "production", v.version)
         _wait(lambda: receiver.results)
         assert calls == [("facenet", v.version)], "the webhook did not reach the receiver"
@@ -109,9 +113,9 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
         assert result.verdict == "blocked"
         _wait(lambda: registry.version_by_alias("facenet", "production") is None)  # the gate or the guard took it back
         tags = registry.version("facenet", v.version).tags
-        assert tags[G.VERDICT] == "blocked" and G.ALIAS_VIOLATION in tags
+        assert tags[T.VERDICT] == "blocked" and T.ALIAS_VIOLATION in tags
         # a clean version registered by hand passes through the same path and gets production
-        good = registry.register("facenet", {"model.safetensors": good_file}, tags={G.REGISTERED_BY: "alice"})
+        good = registry.register("facenet", {"model.safetensors": good_file}, tags={T.REGISTERED_BY: "alice"})
         _wait(lambda: len(receiver.results) == 2)
         assert receiver.results[1][2].verdict == "passed"
         assert registry.version_by_alias("facenet", "production").version == good.version

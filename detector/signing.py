@@ -1,4 +1,4 @@
-"""Signed verdicts: the gate's decision as a document anyone can check later, offline.
+"""Signing primitives: the gate's decision as a document anyone can check later, offline.
 
 A verdict document holds what was decided about which bytes with which reference (model
 sha256, reference sha256, scores, thresholds, verdict, reason, trunk check, gate version,
@@ -8,8 +8,8 @@ the digest. ``backdoor-gate verify`` checks the signature, the digest and, given
 file, that the file is the one that was judged. Tags in a registry can be edited by anyone
 with write access; a signature cannot be forged without the key.
 
-The signing key comes from ``BACKDOOR_GATE_SIGNING_KEY`` (PEM text) or
-``BACKDOOR_GATE_SIGNING_KEY_FILE`` (a path); ``backdoor-gate keygen`` makes a pair.
+Keys are passed in: this library reads no environment (the service reads the keys a deployment
+configures, :mod:`components.keys`); ``backdoor-gate keygen`` makes a pair.
 """
 
 from __future__ import annotations
@@ -22,23 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from detector.artifact import canonical_json
+from detector.decision import PASSED
 
 FORMAT = "backdoor-gate/verdict"
 OVERRIDE_FORMAT = "backdoor-gate/override"
 REFERENCE_SIG_FORMAT = "backdoor-gate/reference-signature"
 FORMAT_VERSION = 1
 ALGORITHM = "ed25519"
-KEY_ENV, KEY_FILE_ENV = "BACKDOOR_GATE_SIGNING_KEY", "BACKDOOR_GATE_SIGNING_KEY_FILE"
-#: public keys whose verdicts may make a version production (default: the gate's own key)
-VERDICT_KEYS_ENV = "BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"
-REFERENCE_KEY_ENV, REFERENCE_KEY_FILE_ENV = (
-    "BACKDOOR_GATE_REFERENCE_SIGNING_KEY",
-    "BACKDOOR_GATE_REFERENCE_SIGNING_KEY_FILE",
-)
-#: public keys of the references the gate trusts (os.pathsep-separated PEM paths)
-REFERENCE_KEYS_ENV = "BACKDOOR_GATE_REFERENCE_PUBLIC_KEYS"
-#: reviewers who may override: os.pathsep-separated ``name=verify-key.pem``; the name comes from here
-REVIEWER_KEYS_ENV = "BACKDOOR_GATE_REVIEWER_KEYS"
 REFERENCE_SIG_FILE = "reference.sig.json"
 _FIELDS = (
     "model",
@@ -253,8 +243,8 @@ def admitted(statement: dict[str, Any], sha256: str) -> dict[str, Any]:
     digests = {s.get("digest", {}).get("sha256") for s in statement.get("subject") or [] if isinstance(s, dict)}
     if sha256 not in digests or doc.get("model_sha256") != sha256:
         raise VerdictError("the attestation is for other bytes (sha256 not among its subjects)")
-    if doc.get("verdict") != "passed":
-        raise NotAdmitted(f"the attested verdict is {doc.get('verdict')!r}, not 'passed': {doc.get('reason')}")
+    if doc.get("verdict") != PASSED:
+        raise NotAdmitted(f"the attested verdict is {doc.get('verdict')!r}, not {PASSED!r}: {doc.get('reason')}")
     return doc
 
 
@@ -335,28 +325,9 @@ def load_public_key(path: str | os.PathLike):
     return key
 
 
-def signing_key_from_env(environ=os.environ):
-    """The gate's signing key from the environment, or None when none is configured."""
-    if environ.get(KEY_ENV):
-        return load_private_key(environ[KEY_ENV].encode())
-    if environ.get(KEY_FILE_ENV):
-        return load_private_key(Path(environ[KEY_FILE_ENV]).read_bytes())
-    return None
-
-
-def reference_signing_key_from_env(environ=os.environ):
-    """The reference pipeline's signing key, or None."""
-    if environ.get(REFERENCE_KEY_ENV):
-        return load_private_key(environ[REFERENCE_KEY_ENV].encode())
-    if environ.get(REFERENCE_KEY_FILE_ENV):
-        return load_private_key(Path(environ[REFERENCE_KEY_FILE_ENV]).read_bytes())
-    return None
-
-
-def public_keys_from_env(name: str, environ=os.environ) -> list:
-    """Public keys in ``$name``: PEM text (one or more blocks, as a Secret maps it) or PEM paths
-    separated by os.pathsep."""
-    value = environ.get(name, "")
+def load_public_keys(value: str, what: str) -> list:
+    """Public keys from PEM text (one or more blocks, as a Secret maps them) or from PEM paths
+    separated by os.pathsep; ``what`` names the source in errors."""
     if "-----BEGIN" in value:
         from cryptography.hazmat.primitives import serialization
 
@@ -364,28 +335,19 @@ def public_keys_from_env(name: str, environ=os.environ) -> list:
         try:
             return [serialization.load_pem_public_key(b.strip().encode()) for b in blocks]
         except (ValueError, TypeError) as e:
-            raise VerdictError(f"${name}: not PEM public keys ({e.__class__.__name__})") from None
+            raise VerdictError(f"{what}: not PEM public keys ({e.__class__.__name__})") from None
     return [load_public_key(p) for p in value.split(os.pathsep) if p.strip()]
 
 
-def verdict_keys_from_env(environ=os.environ) -> list:
-    """Keys whose verdicts count: ``$BACKDOOR_GATE_VERDICT_PUBLIC_KEYS``, plus the gate's own key."""
-    keys = public_keys_from_env(VERDICT_KEYS_ENV, environ)
-    own = signing_key_from_env(environ)
-    if own is not None:
-        keys.append(own.public_key())
-    return keys
-
-
-def reviewer_keys_from_env(environ=os.environ) -> dict[str, tuple[str, Any]]:
-    """key id -> (reviewer name, public key) from ``$BACKDOOR_GATE_REVIEWER_KEYS`` (``name=path``)."""
+def load_reviewer_keys(value: str, what: str) -> dict[str, tuple[str, Any]]:
+    """key id -> (reviewer name, public key) from ``name=path`` entries separated by os.pathsep."""
     out = {}
-    for entry in environ.get(REVIEWER_KEYS_ENV, "").split(os.pathsep):
+    for entry in value.split(os.pathsep):
         if not entry.strip():
             continue
         name, sep, path = entry.partition("=")
         if not sep or not name.strip():
-            raise VerdictError(f"{REVIEWER_KEYS_ENV}: entry {entry!r} is not name=path")
+            raise VerdictError(f"{what}: entry {entry!r} is not name=path")
         key = load_public_key(path)
         out[key_id(key)] = (name.strip(), key)
     return out
