@@ -28,8 +28,9 @@ def _verdict_writes(path: Path, root: Path = ROOT) -> list[str]:
             continue
         if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Decision":
             found.append((node.lineno, "makes a Decision"))
-        for t in node.targets if isinstance(node, ast.Assign) else []:
-            if any(isinstance(el, ast.Attribute) and el.attr == "verdict" for el in getattr(t, "elts", [t])):
+        if isinstance(node, ast.Assign):
+            elts = [el for t in node.targets for el in getattr(t, "elts", [t])]
+            if any(isinstance(el, ast.Attribute) and el.attr == "verdict" for el in elts):
                 found.append((node.lineno, "assigns .verdict"))
     return [f"{path.relative_to(root)}:{line} {what}" for line, what in sorted(found)]
 
