@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import backdoor_gate.detector_cli
 import components.cli
 import components.trainer.cli
-import detector.commands
 import lab.cli
 import pipelines.cli
 from detector import __version__
 
 #: Modules that contribute subcommands, in help order.
-_SUBCOMMAND_MODULES = (detector.commands, lab.cli, components.trainer.cli, components.cli, pipelines.cli)
+_SUBCOMMAND_MODULES = (backdoor_gate.detector_cli, lab.cli, components.trainer.cli, components.cli, pipelines.cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

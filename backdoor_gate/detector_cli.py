@@ -1,4 +1,4 @@
-"""Detector subcommands: ``reference fit``, ``score``, ``evaluate`` (``bench``: :mod:`lab.bench`).
+"""The library's subcommands: ``reference fit``, ``score``, ``evaluate`` (``bench``: :mod:`lab.bench`).
 
 Exit codes (``score``): 0 every checkpoint passed, 1 some were blocked, 2 some were invalid
 or the reference itself could not be used. Machine output (``--json``) goes to stdout,
