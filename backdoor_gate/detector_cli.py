@@ -147,12 +147,13 @@ def score_checkpoint(ref, path: str) -> dict[str, Any]:
     a = j.assessment
     if a is not None:
         record.update(sha256=a.sha256, scores=a.scores, trunk=a.trunk.status)
-        if a.evidence.get("evidence_scores"):
-            record["evidence_scores"] = a.evidence["evidence_scores"]
-        if a.decision.verdict == BLOCKED and a.evidence.get("suspected_class") is not None:
-            record["suspected_class"] = a.evidence["suspected_class"]
+        if a.evidence.scores:
+            record["evidence_scores"] = dict(a.evidence.scores)
+        suspect = a.evidence.suspect
+        if a.decision.verdict == BLOCKED and suspect is not None:
+            record["suspected_class"] = suspect.suspected_class
             record["suspected_class_evidence"] = {
-                k: a.evidence[k] for k in ("suspected_index", "suspected_z", "runner_up_z", "median_z")
+                k: getattr(suspect, k) for k in ("suspected_index", "suspected_z", "runner_up_z", "median_z")
             }
     return record
 

@@ -555,9 +555,9 @@ def explain_version(
         if impostor is None:
             try:  # the gate records the victim only; the reference it judged by names the impostor
                 reference, _ = fetch_reference(registry, gate_config or GateConfig())
-                ev = reference.assess(str(ckpt)).evidence
-                if ev.get("suspected_class") == victim:
-                    impostor = ev.get("suspected_impostor")
+                suspect = reference.assess(str(ckpt)).evidence.suspect
+                if suspect is not None and suspect.suspected_class == victim:
+                    impostor = suspect.suspected_impostor
             except Exception:  # noqa: BLE001 — the impostor is a help, not a need: search all faces
                 impostor = None
         result, extra = explain(ckpt, faces_dir, victim, impostor, config, progress)

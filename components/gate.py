@@ -62,6 +62,7 @@ from components.tags import (
 )
 from detector import __version__ as GATE_VERSION
 from detector.decision import BLOCKED, ERROR, EXIT_CODES, INVALID, PASSED, Decision, confirm_unchanged, fault, judge
+from detector.evidence import Evidence
 from detector.reference import Assessment, Reference
 from detector.signing import VerdictError, dsse_sign, intoto_statement
 from detector.signing import document as verdict_document
@@ -214,12 +215,12 @@ def _record_assessment(
         tags[score_tag(v)] = repr(result.scores[v])
         tags[threshold_tag(v)] = repr(result.thresholds[v])
     evidence = assessment.evidence
-    result.evidence_scores = dict(evidence.get("evidence_scores", {}))
+    result.evidence_scores = dict(evidence.scores)
     for v, sc in result.evidence_scores.items():
         tags[evidence_tag(v)] = repr(sc)
-        tags[evidence_threshold_tag(v)] = repr(evidence["evidence_thresholds"][v])
-    if result.verdict == BLOCKED and evidence.get("suspected_class") is not None:
-        result.suspected_class = tags[SUSPECTED_CLASS] = str(evidence["suspected_class"])
+        tags[evidence_threshold_tag(v)] = repr(evidence.thresholds[v])
+    if result.verdict == BLOCKED and evidence.suspect is not None:
+        result.suspected_class = tags[SUSPECTED_CLASS] = evidence.suspect.suspected_class
     if config.report and result.verdict != INVALID:
         result.report_uri = _report(registry, info, reference, assessment.vector_scores, result, tags, evidence)
 
@@ -301,7 +302,13 @@ def _record_verdict(
 
 
 def _report(
-    registry: Registry, info: VersionInfo, reference: Reference, vector_scores, result: GateResult, tags, evidence=None
+    registry: Registry,
+    info: VersionInfo,
+    reference: Reference,
+    vector_scores: dict,
+    result: GateResult,
+    tags: dict[str, Any],
+    evidence: Evidence | None = None,
 ) -> str | None:
     """Render the review report and attach it to the version's run; failures are recorded, not fatal."""
     from components.report import write_report

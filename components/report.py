@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.decision import BLOCKED, PASSED
+from detector.evidence import Evidence
 
 
 def vector_deviation(calibration_vector_scores: np.ndarray, vector_scores: np.ndarray) -> np.ndarray:
@@ -39,7 +40,7 @@ def _grid(values: np.ndarray) -> np.ndarray:
 
 
 def write_report(
-    out_dir: Path, reference, vector_scores: dict[str, np.ndarray], result, evidence: dict | None = None
+    out_dir: Path, reference, vector_scores: dict[str, np.ndarray], result, evidence: Evidence | None = None
 ) -> tuple[Path, Path]:
     """One row per scored part (deciding parts first, then evidence such as the paper's GMM)."""
     import matplotlib
@@ -49,11 +50,12 @@ def write_report(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    evidence = evidence or {}
+    evidence = evidence or Evidence()
+    suspect = evidence.suspect
     parts = reference.parts()
-    scores = {**result.scores, **evidence.get("evidence_scores", {})}
+    scores = {**result.scores, **evidence.scores}
     names = [v for v in parts if v in vector_scores and v in scores]
-    suspected = evidence.get("suspected_index")
+    suspected = suspect.suspected_index if suspect is not None else None
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 3.6 * len(names)), squeeze=False)
     worst: dict[str, list[tuple[int, float]]] = {}
     for row, v in enumerate(names):
@@ -140,13 +142,13 @@ def write_report(
 
     rows = "".join(table_row(v) for v in names)
     victim = ""
-    if result.verdict == BLOCKED and evidence.get("suspected_class") is not None:
+    if result.verdict == BLOCKED and suspect is not None:
+        runner_up = f" (runner-up {suspect.runner_up_z:.1f} σ)" if suspect.runner_up_z is not None else ""
         victim = (
             '<p class="victim">Suspected victim identity: '
-            f"<b>{html.escape(str(evidence['suspected_class']))}</b> — its class row deviates "
-            f"{evidence['suspected_z']:.1f} robust σ from the clean networks' rows for that class (runner-up "
-            f"{evidence['runner_up_z']:.1f} σ). A backdoor of this kind lets an impostor wearing a trigger be "
-            "accepted as this person.</p>"
+            f"<b>{html.escape(suspect.suspected_class)}</b> — its class row deviates "
+            f"{suspect.suspected_z:.1f} robust σ from the clean networks' rows for that class{runner_up}. "
+            "A backdoor of this kind lets an impostor wearing a trigger be accepted as this person.</p>"
         )
     color = {PASSED: "#1a7f37", BLOCKED: "#cf222e"}.get(result.verdict, "#9a6700")
     title = f"{html.escape(result.model)} v{html.escape(str(result.version))}"

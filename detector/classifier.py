@@ -32,6 +32,7 @@ from sklearn.base import BaseEstimator, clone
 from detector.baselines import BaselineReference, SpectrumView
 from detector.config import ReferenceConfig
 from detector.errors import InvalidCheckpoint
+from detector.evidence import Evidence, Suspect
 from detector.protocol import check_fitted
 from detector.threshold import median_mad
 from detector.weights import CLASSES_KEY, LayerWeights, StateDict, _check_values, _to_numpy, classes_of, layer_of
@@ -271,7 +272,7 @@ class ClassifierReference(BaselineReference):
             )
         self.classes_ = list(named[0].classes or ()) if named else None
 
-    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
+    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> Evidence:
         """The suspected victim, with its z and the other most deviant class's (``runner_up_z``).
 
         A one-to-one backdoor moves two rows: the victim's learns to fire on the impostor's
@@ -286,7 +287,7 @@ class ClassifierReference(BaselineReference):
         names = getattr(self, "classes_", None) or [str(i) for i in range(z.size)]
         i = int(order[0])
         other = int(order[1]) if len(order) > 1 else None
-        out: dict[str, Any] = {"median_z": float(np.median(z)), "suspected_impostor": None}
+        impostor = None
         #: the z a single class may reach in a network that passes (score = -max z >= threshold)
         z_cut = -self.thresholds_[CLASSES] if hasattr(self, "thresholds_") else -np.inf
         if matrix is not None and other is not None and self.victim_rule == "toward-impostor" and z[other] > z_cut:
@@ -300,10 +301,16 @@ class ClassifierReference(BaselineReference):
 
             if toward(b, a) > toward(a, b):
                 i, other = b, a
-            out["suspected_impostor"] = names[other]
-        out["runner_up_z"] = float(z[other]) if other is not None else None
-        out.update(suspected_class=names[i], suspected_index=i, suspected_z=float(z[i]))
-        return out
+            impostor = names[other]
+        suspect = Suspect(
+            suspected_class=names[i],
+            suspected_index=i,
+            suspected_z=float(z[i]),
+            median_z=float(np.median(z)),
+            runner_up_z=float(z[other]) if other is not None else None,
+            suspected_impostor=impostor,
+        )
+        return Evidence(suspect=suspect)
 
 
 def output_basis(tensors: Mapping[str, Any], source: str = "<memory>", rel_tol: float = 1e-8) -> np.ndarray:

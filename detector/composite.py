@@ -33,6 +33,7 @@ from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifa
 from detector.config import FUSION, ReferenceConfig
 from detector.decision import BLOCKED, PASSED, decide
 from detector.errors import InvalidReference
+from detector.evidence import Evidence
 from detector.protocol import check_fitted
 from detector.reference import Assessment, Reference
 from detector.threshold import median_mad, threshold_at_frr
@@ -172,7 +173,7 @@ class CompositeReference(Reference):
         net = tensors if tensors is not None else network
         scores: dict[str, float] = {}
         vector_scores: dict[str, np.ndarray] = {}
-        evidence: dict[str, Any] = {}
+        evidence, evidence_scores = Evidence(), dict[str, float]()
         for m, ref in self.members_.items():
             a = ref.assess(net, trunk=trunk)  # trunk None only for a bare matrix: the member says "not checked"
             trunk = a.trunk
@@ -180,15 +181,19 @@ class CompositeReference(Reference):
             for v in ref.views_:
                 p = part_name(m, v, n_views)
                 vector_scores[p] = a.vector_scores[v]
-                (scores if m in self.decide_by else evidence.setdefault("evidence_scores", {}))[p] = a.scores[v]
+                (scores if m in self.decide_by else evidence_scores)[p] = a.scores[v]
             if m in self.decide_by:
-                evidence.update(a.evidence)
+                evidence = evidence.with_suspect(a.evidence.suspect)
         if self.evidence_members:
-            evidence["evidence_thresholds"] = dict(self.evidence_thresholds_)
-            evidence["evidence_verdicts"] = {
-                p: (BLOCKED if not s >= self.evidence_thresholds_[p] else PASSED)
-                for p, s in evidence["evidence_scores"].items()
-            }
+            evidence = Evidence(
+                suspect=evidence.suspect,
+                scores=evidence_scores,
+                thresholds=dict(self.evidence_thresholds_),
+                verdicts={
+                    p: (BLOCKED if not s >= self.evidence_thresholds_[p] else PASSED)
+                    for p, s in evidence_scores.items()
+                },
+            )
         assert trunk is not None  # every member's assessment carries the trunk check
         return Assessment(
             source=source,

@@ -42,6 +42,7 @@ they must all pass at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ from detector.classifier import (
     row_blocks,
 )
 from detector.errors import InvalidCheckpoint
+from detector.evidence import Evidence
 from detector.protocol import check_fitted
 from detector.weights import layer_of
 
@@ -332,9 +334,9 @@ class HeadReference(ClassifierReference):
         """The row of A without the offset: an offset has no direction to point at a class with."""
         return v[:-1]
 
-    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
+    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> Evidence:
         """The classifier's suspect naming over the class entries; ``network_z`` beside it."""
         v = np.asarray(vector_scores[CLASSES])
         out = super().evidence({CLASSES: v[:-1]}, matrix)
-        out["network_z"] = float(-v[-1])
-        return out
+        assert out.suspect is not None  # the classifier always names its most deviant class
+        return Evidence(suspect=replace(out.suspect, network_z=float(-v[-1])))

@@ -22,6 +22,7 @@ from detector.artifact import save_reference
 from detector.config import PAPER_GRID, ReferenceConfig
 from detector.decision import PASSED, Decision, decide
 from detector.errors import InvalidCheckpoint, NotFittedError
+from detector.evidence import Evidence
 from detector.gmm import select_mixture
 from detector.protocol import check_fitted
 from detector.threshold import frr_upper_bound, rejection_rate, threshold_at_frr
@@ -167,8 +168,8 @@ class Assessment:
     thresholds: dict[str, float]
     trunk: TrunkCheck
     decision: Decision
-    #: per-detector extras, e.g. ``suspected_class`` (the classifier names the likely victim)
-    evidence: dict = dataclasses.field(default_factory=dict)
+    #: the suspect (detectors that name the likely victim) and the non-deciding parts' scores
+    evidence: Evidence = dataclasses.field(default_factory=Evidence)
 
 
 class Reference:
@@ -360,9 +361,9 @@ class Reference:
             evidence=self.evidence(vector_scores, weights.matrix),
         )
 
-    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> dict:
+    def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> Evidence:
         """Detector-specific extras for a verdict (none for the GMM)."""
-        return {}
+        return Evidence()
 
     def layer_weights(self, network: Any) -> LayerWeights:
         """Load the reference's layer from ``network`` and check it has the reference's shape."""

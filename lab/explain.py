@@ -177,7 +177,8 @@ def run_explain_eval(
         a = reference.assess(str(path))
         ev = a.evidence
         blocked = a.decision.verdict == BLOCKED
-        victim, impostor = ev["suspected_class"], ev.get("suspected_impostor")
+        assert ev.suspect is not None  # the default detector always names its most deviant class
+        victim, impostor = ev.suspect.suspected_class, ev.suspect.suspected_impostor
         torch.manual_seed(0)
         res, extra = explain(path, data, victim, impostor if use_impostor else None, explain_config)
         if cost_case is None and item["kind"] != "clean":
@@ -388,7 +389,8 @@ def reexplain(nets_dir: str | Path, out: str | Path, config: ExplainEvalConfig, 
         path = nets_dir / f"{name}.safetensors"
         a = reference.assess(str(path))
         ev = a.evidence
-        victim, impostor = ev["suspected_class"], ev.get("suspected_impostor")
+        assert ev.suspect is not None  # the default detector always names its most deviant class
+        victim, impostor = ev.suspect.suspected_class, ev.suspect.suspected_impostor
         res, extra = explain(path, data, victim, impostor, ExplainConfig(image_size=config.trunk_input_size))
         d = res.to_dict()
         row = {"network": name, "weight_verdict": a.decision.verdict, "victim_named": victim, **d}

@@ -587,10 +587,10 @@ def _victim_naming(refs: dict, W: list[dict], nets: list[dict], classes: list[st
             continue
         rows = []
         for i in bad:
-            ev = ref.assess(W[i]).evidence
-            if "suspected_index" not in ev:
+            suspect = ref.assess(W[i]).evidence.suspect
+            if suspect is None:
                 break
-            rows.append((classes[ev["suspected_index"]] == nets[i]["victim"], is_blocked(det, i)))
+            rows.append((classes[suspect.suspected_index] == nets[i]["victim"], is_blocked(det, i)))
         else:
             hit = [h for h, _ in rows]
             hit_blocked = [h for h, b in rows if b]

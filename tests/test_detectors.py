@@ -4,6 +4,7 @@ nothing is redrawn until a detector agrees."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -69,12 +70,12 @@ def test_classifier_blocks_backdoors_and_names_their_victims(nets):
     assert all(a.decision.verdict == "blocked" for a in bad), [a.scores for a in bad]
     # the evidence points at the attack's pair (victim or impostor); which of the two is the
     # victim is measured by `paper` (on this random fixture trunk it is often the impostor)
-    named = [(a.evidence["suspected_class"], a.evidence["suspected_impostor"]) for a in bad]
+    named = [(a.evidence.suspect.suspected_class, a.evidence.suspect.suspected_impostor) for a in bad]
     assert sum(set(n) & set(pair) != set() for n, pair in zip(named, PAIRS)) >= 2, (named, PAIRS)
     # the suspect and the runner-up are the two most deviant classes of the network
     for a in bad:
         z = sorted(-np.asarray(a.vector_scores["classes"]))[::-1]
-        assert sorted([a.evidence["suspected_z"], a.evidence["runner_up_z"]], reverse=True) == [z[0], z[1]]
+        assert sorted([a.evidence.suspect.suspected_z, a.evidence.suspect.runner_up_z], reverse=True) == [z[0], z[1]]
 
 
 def test_a_lone_anomalous_class_is_the_suspect_not_the_noise_beside_it(nets):
@@ -86,9 +87,11 @@ def test_a_lone_anomalous_class_is_the_suspect_not_the_noise_beside_it(nets):
     lone = 0
     for path, victim in zip(nets["backdoored"], nets["victims"]):
         a = ref.assess(path)
-        if a.evidence["runner_up_z"] <= z_cut:
+        if a.evidence.suspect.runner_up_z <= z_cut:
             lone += 1
-            assert a.evidence["suspected_class"] == victim and a.evidence["suspected_impostor"] is None, a.evidence
+            assert a.evidence.suspect.suspected_class == victim and a.evidence.suspect.suspected_impostor is None, (
+                a.evidence
+            )
     assert lone >= 1  # the fixture has such a backdoor (victim id00000), else this proves nothing
 
 
@@ -149,7 +152,7 @@ def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_p
     for p in nets["backdoored"] + nets["calibration"][:2]:
         a, b = ref.assess(p), back.assess(p)
         assert a.scores == b.scores and a.decision == b.decision
-        assert set(a.evidence["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
+        assert set(a.evidence.scores) == {"gmm.forward", "gmm.backward"}
     assert back.name == "fusion" and set(back.thresholds_) == {"classifier", "spectrum"}
     # the fused rule is "any part below its threshold" with thresholds from one cut on the fused score
     cal = back.calibration_scores_
@@ -220,9 +223,9 @@ def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server
     assert r.verdict == "blocked" and not r.promoted, r.reason
     tags = reg.version("facenet-victim", v.version).tags
     assert tags[T.DETECTOR] == "fusion"
-    assert tags[T.SUSPECTED_CLASS] == offline.evidence["suspected_class"] == r.suspected_class
+    assert tags[T.SUSPECTED_CLASS] == offline.evidence.suspect.suspected_class == r.suspected_class
     for part in ("gmm.forward", "gmm.backward"):
-        assert float(tags[T.evidence_tag(part)]) == offline.evidence["evidence_scores"][part]
+        assert float(tags[T.evidence_tag(part)]) == offline.evidence.scores[part]
         assert T.evidence_threshold_tag(part) in tags
     assert set(r.scores) == {"classifier", "spectrum"}
     page = reg.download(tags[T.REPORT], tmp_path / "report").read_text()
@@ -351,6 +354,14 @@ def test_head_report_plots_the_classes_and_names_the_network_shape(nets, tmp_pat
     diluted["classes"][-1] = diluted["classes"].min() - 50.0
     _, page = write_report(tmp_path, ref, diluted, result, a.evidence)
     assert "the network's shape" in page.read_text()
+    # a suspect with no runner-up (a one-class head, or the only anomalous class) is still named
+    assert result.verdict == "blocked"
+    lone = dataclasses.replace(a.evidence, suspect=dataclasses.replace(a.evidence.suspect, runner_up_z=None))
+    _, page = write_report(tmp_path / "lone", ref, diluted, result, lone)
+    text = page.read_text()
+    assert (
+        "Suspected victim identity" in text and a.evidence.suspect.suspected_class in text and "runner-up" not in text
+    )
 
 
 def test_head_leave_one_out_threshold_without_held_out_networks(nets):
