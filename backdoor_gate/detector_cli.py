@@ -273,7 +273,7 @@ def register(sub) -> None:
     ref_sub = ref.add_subparsers(dest="reference_command", metavar="ACTION", required=True)
     fit = ref_sub.add_parser(
         "fit",
-        help="fit PCA + GMM per view on clean networks and calibrate thresholds",
+        help="fit the reference (default detector and evidence) on clean networks and calibrate thresholds",
         description="Fit the reference on clean CKPTs. Put the CKPTs before --calibrate, "
         "e.g. `reference fit --out REF ref/*.pt --calibrate heldout/*.pt`.",
     )

@@ -48,7 +48,8 @@ FUSION: tuple[str, ...] = ("classifier", "spectrum")
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """How a reference (PCA + GMM per view) is built and its threshold chosen.
+    """How a reference is built (the layer, views, the GMM's PCA and mixture settings for the
+    paper's detector and the evidence) and how its threshold is chosen.
 
     ``components`` is ``"auto"`` (choose N_G by ``criterion`` over ``grid``) or a fixed int.
     ``reg_covar`` is *relative*: it is multiplied by the mean per-dimension variance of the

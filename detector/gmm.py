@@ -2,8 +2,8 @@
 
 The fitted mixture is kept as plain arrays (:class:`Mixture`) so it can be stored without
 pickle and evaluated without scikit-learn internals. :func:`fit_mixture` runs our EM by
-default (:mod:`detector.em`: scikit-learn's algorithm with an exact pruned E-step; at the
-paper's scale ~50x faster on the forward view, ~8x on the backward one, ``make bench``);
+default (:mod:`detector.em`: scikit-learn's algorithm with an exact pruned E-step, much faster
+at the paper's scale: ``make bench`` prints by how much);
 ``backend="sklearn"`` runs ``sklearn.mixture.GaussianMixture``, the reference implementation
 the tests and the bench compare against.
 """

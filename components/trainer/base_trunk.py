@@ -29,7 +29,7 @@ FINETUNED = ("last_linear.", "last_bn.", "logits.")
 class TrunkConfig:
     """How the default base is pre-trained (the cache key is this whole config)."""
 
-    image_size: int = 96  # the trunk is fully convolutional; 96 px is ~3x cheaper than 160
+    image_size: int = 96  # the trunk is fully convolutional; 96 px costs a fraction of 160 px
     identities: int = 100
     images_per_identity: int = 40
     first_identity: int = 100_000  # disjoint from fine-tuning identities (which start at 0)

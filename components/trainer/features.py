@@ -1,8 +1,8 @@
 """Trunk features, extracted once per image and cached.
 
 The trunk is frozen during fine-tuning, so its 1792-d output for an image never changes:
-computing it once turns each network's fine-tuning into seconds of work on a small matrix
-(~500x cheaper than a trunk pass). Triggered copies are different images and get their own
+computing it once turns each network's fine-tuning into work on a small matrix, orders of
+magnitude cheaper than a trunk pass. Triggered copies are different images and get their own
 features.
 """
 
