@@ -192,7 +192,7 @@ def _upper_cholesky(precision: torch.Tensor) -> torch.Tensor:
     return flip(L).contiguous()
 
 
-def _precision_cholesky(cov: torch.Tensor, covariance: str) -> torch.Tensor:
+def precision_cholesky(cov: torch.Tensor, covariance: str) -> torch.Tensor:
     """scikit-learn's ``_compute_precision_cholesky``: 1/sqrt(var), or inv(chol(cov)).T."""
     if covariance == "diag":
         if bool((cov <= 0.0).any()):
@@ -484,7 +484,7 @@ class _Engine:
 
     def _finish(self, nk, means, cov) -> _Params:
         weights = nk / nk.sum()
-        return _Params(weights, means, _precision_cholesky(cov, self.covariance), self.covariance)
+        return _Params(weights, means, precision_cholesky(cov, self.covariance), self.covariance)
 
 
 # --------------------------------------------------------------------------------------------
@@ -547,7 +547,7 @@ def init_from_labels(X: np.ndarray, labels: np.ndarray, n_components: int, covar
         D = Xt - means[lab]
         cov = torch.zeros(n_components, d, d, dtype=torch.float64).index_add_(0, lab, D[:, :, None] * D[:, None, :])
         cov = cov / nk[:, None, None] + reg * torch.eye(d, dtype=torch.float64)
-    prec = _precision_cholesky(cov, covariance)
+    prec = precision_cholesky(cov, covariance)
     return _Params(nk / n, means, prec, covariance).to_mixture(0, False)
 
 

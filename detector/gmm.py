@@ -44,12 +44,10 @@ def neuron_init(groups: np.ndarray, covariance: str, reg: float) -> Mixture:
 
 
 def _precisions_cholesky(cov: np.ndarray) -> np.ndarray:
-    """Upper-triangular P with P P^T = inv(cov), as scikit-learn stores it."""
-    d = cov.shape[-1]
-    L = np.linalg.cholesky(cov)
-    eye = np.broadcast_to(np.eye(d), cov.shape)
-    inv_L = np.linalg.solve(L, eye)  # L^{-1}
-    return np.transpose(inv_L, (0, 2, 1))
+    """Upper-triangular P with P P^T = inv(cov), as scikit-learn stores it (the EM's own routine)."""
+    import torch
+
+    return em.precision_cholesky(torch.from_numpy(np.ascontiguousarray(cov, dtype=np.float64)), "full").numpy()
 
 
 def _to_sklearn_precisions(m: Mixture) -> np.ndarray:
