@@ -61,6 +61,7 @@ def cmd_gate(args) -> int:
 def cmd_override(args) -> int:
     from components.policy import OverrideRefused, override
     from components.registry import Registry, RegistryError
+    from components.tags import OVERRIDE_BY
     from detector.signing import VerdictError, load_private_key
 
     try:
@@ -70,7 +71,7 @@ def cmd_override(args) -> int:
     except (OverrideRefused, RegistryError, ValueError, VerdictError, OSError) as e:
         print(f"backdoor-gate: override refused: {e}", file=sys.stderr)
         return 2
-    print(f"{info.name} v{info.version} promoted to production by override ({info.tags.get('integrity.override.by')})")
+    print(f"{info.name} v{info.version} promoted to production by override ({info.tags.get(OVERRIDE_BY)})")
     return 0
 
 

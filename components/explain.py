@@ -495,11 +495,8 @@ def write_outputs(result: Explanation, extra: dict, out_dir: str | Path, n_show:
 
 
 # -- a registered version --------------------------------------------------------------------
-#: where a version's explanation goes in its run (beside the gate's report) and its tags
+#: where a version's explanation goes in its run (beside the gate's report)
 EXPLAIN_DIR = "explain"
-TAG_TRIGGER = "integrity.explain.trigger"
-TAG_ANOMALY = "integrity.explain.anomaly_index"
-TAG_ASR = "integrity.explain.reconstructed_asr"
 
 
 def suspects_from_file(path: str | Path) -> tuple[str | None, str | None]:
@@ -541,7 +538,7 @@ def explain_version(
     from components.config import GateConfig
     from components.reference_store import fetch_reference
     from components.registry import weight_file_in
-    from components.tags import REPORT, SUSPECTED_CLASS
+    from components.tags import EXPLAIN_ANOMALY, EXPLAIN_ASR, EXPLAIN_TRIGGER, REPORT, SUSPECTED_CLASS
 
     info = registry.version(model, version)
     victim = victim or info.tags.get(SUSPECTED_CLASS)
@@ -568,7 +565,11 @@ def explain_version(
 
         folder = f"integrity/v{info.version}"
         uri = registry.log_artifacts_to_run(info.run_id, out_dir, f"{folder}/{EXPLAIN_DIR}")
-        tags = {TAG_TRIGGER: f"{uri}/trigger.png", TAG_ANOMALY: out["anomaly_index"], TAG_ASR: out["reconstructed_asr"]}
+        tags = {
+            EXPLAIN_TRIGGER: f"{uri}/trigger.png",
+            EXPLAIN_ANOMALY: out["anomaly_index"],
+            EXPLAIN_ASR: out["reconstructed_asr"],
+        }
         report = registry.run_file(info.run_id, f"{folder}/report.html", max_bytes=16 << 20)
         if report is not None and str(info.tags.get(REPORT, "")).endswith("/report.html"):
             with tempfile.TemporaryDirectory(prefix="backdoor-gate-report-") as tmp:

@@ -47,3 +47,9 @@ def evidence_tag(part: str) -> str:
 
 def evidence_threshold_tag(part: str) -> str:
     return f"{PREFIX}evidence.threshold.{part}"
+
+
+#: what ``explain`` adds to a blocked version (components/explain.py)
+EXPLAIN_TRIGGER = PREFIX + "explain.trigger"
+EXPLAIN_ANOMALY = PREFIX + "explain.anomaly_index"
+EXPLAIN_ASR = PREFIX + "explain.reconstructed_asr"

@@ -25,7 +25,7 @@ from PIL import Image
 from components import gate as G
 from components import tags as T
 from components.config import GateConfig
-from components.explain import TAG_TRIGGER, ExplainConfig, explain_version
+from components.explain import ExplainConfig, explain_version
 from components.reference_store import publish_reference
 from components.registry import Registry
 from detector.config import DEFAULT_DETECTOR, ReferenceConfig
@@ -111,7 +111,7 @@ def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
 
     reg, info, explained = blocked
     tags = info.tags
-    assert tags[TAG_TRIGGER] == f"{explained['logged_to']}/trigger.png"  # the trigger is in the version's run
+    assert tags[T.EXPLAIN_TRIGGER] == f"{explained['logged_to']}/trigger.png"  # the trigger is in the version's run
     run = reg.client.get_run(info.run_id)
     assert tags[T.REPORT].startswith(run.info.artifact_uri + "/"), tags[
         T.REPORT
