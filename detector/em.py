@@ -238,6 +238,51 @@ def _tile_log_joint(
 # --------------------------------------------------------------------------------------------
 # The bound: an upper bound on every log joint from a few leading / chosen dimensions
 # --------------------------------------------------------------------------------------------
+@dataclass
+class _Sums:
+    """Sums over responsibilities of 1, y and y^2 (y = x - centre) for the M-step; ``kept`` holds
+    (y, columns, R) per tile for the full covariance."""
+
+    nk: torch.Tensor
+    S1: torch.Tensor
+    S2: torch.Tensor | None
+    kept: list | None
+
+    @classmethod
+    def empty(cls, k: int, d: int, covariance: str) -> _Sums:
+        diag = covariance == "diag"
+        return cls(
+            torch.zeros(k, dtype=torch.float64),
+            torch.zeros(k, d, dtype=torch.float64),
+            torch.zeros(k, d, dtype=torch.float64) if diag else None,
+            None if diag else [],
+        )
+
+    def add(self, Y: torch.Tensor, Y2: torch.Tensor | None, cols: torch.Tensor | None, R: torch.Tensor, f64: bool):
+        y = Y if f64 else Y.to(torch.float64)
+        y2 = None if self.S2 is None else (Y2 if f64 and Y2 is not None else y * y)
+        if cols is None:
+            self.nk += R.sum(0)
+            self.S1 += R.T @ y
+            if self.S2 is not None and y2 is not None:
+                self.S2 += R.T @ y2
+        else:
+            self.nk.index_add_(0, cols, R.sum(0))
+            self.S1.index_add_(0, cols, R.T @ y)
+            if self.S2 is not None and y2 is not None:
+                self.S2.index_add_(0, cols, R.T @ y2)
+        if self.kept is not None:
+            self.kept.append((y, cols, R))
+
+    def uncentred(self, centre: torch.Tensor):
+        """Back to scikit-learn's sums: sum r x = S1 + c nk, sum r x^2 = S2 + 2 c S1 + c^2 nk."""
+        c = centre.to(torch.float64)
+        if self.S2 is not None:
+            self.S2 += 2.0 * c * self.S1 + (c * c) * self.nk[:, None]
+        self.S1 += c * self.nk[:, None]
+        return self.nk, self.S1, self.S2, self.kept
+
+
 class _Bound:
     """Features of the points (fixed for a fit) and the per-iteration weight matrix."""
 
@@ -353,91 +398,78 @@ class _Engine:
         k, n, d = p.k, self.n, self.d
         bounded = self.use_bound and k > DENSE_MAX_COMPONENTS
         if bounded:
-            b = self._bound_for(p)
-            W64 = b.weights(p)
-            W = W64.to(torch.float32)
-            if hint is None:
-                step = max(1, (1 << 20) // k)
-                hint = torch.cat([(b.F[s : s + step] @ W).argmax(1) for s in range(0, n, step)])
-            order = torch.argsort(hint, stable=True)  # points of one component share a tile
-            view = self._view(order)
-            hint_v = hint[order]
-            # margin for the float32 matmul's rounding (the threshold's own rounding: below)
-            margin_v = (TAU + math.log(k) + b.gamma * (b.absF @ W64.abs().amax(1)))[order]
+            view, hint, bound = self._bounded_view(p, hint)
             tile = self.tile
         else:
-            view = self._view(None)
+            view, bound = self._view(None), None
             tile = max(self.tile, (1 << 18) // max(1, k))
         logp_v = torch.empty(n, dtype=torch.float64)
         new_hint_v = torch.empty(n, dtype=torch.long) if bounded else None
-        # sums over responsibilities of 1, y and y^2 (y = x - centre; turned into sums of x, x^2 below)
-        nk = torch.zeros(k, dtype=torch.float64)
-        S1 = torch.zeros(k, d, dtype=torch.float64) if stats else None
-        S2 = torch.zeros(k, d, dtype=torch.float64) if stats and self.covariance == "diag" else None
-        kept: list | None = [] if stats and self.covariance == "full" else None
-        f64 = self.dtype == torch.float64
+        sums = _Sums.empty(k, d, self.covariance) if stats else None
         evaluated = 0
         for s in range(0, n, tile):
             sl = slice(s, s + tile)
             Y = view.Y[sl]
             Y2 = None if view.Y2 is None else view.Y2[sl]
-            if bounded:
-                # exact first on the tile's hinted components: L = their best <= log p(x)
-                cols = torch.unique_consecutive(hint_v[sl])
-                V = _tile_log_joint(Y, view.centre, p, cols, Y2)
-                thr = V.amax(1) - margin_v[sl]
-                thr = (thr - 2.0**-22 * thr.abs() - 1e-30).to(torch.float32)
-                keep = ((view.F[sl] @ W) - thr[:, None]).amax(0) >= 0  # faster than (U >= thr).any(0)
-                keep[cols] = False
-                more = torch.nonzero(keep).flatten()
-                if len(more):
-                    V = torch.cat([V, _tile_log_joint(Y, view.centre, p, more, Y2)], 1)
-                    cols = torch.cat([cols, more])
+            if bound is not None:
+                cols, V = self._bounded_tile(p, view, bound, sl, Y, Y2)
             else:
-                cols = None
-                V = _tile_log_joint(Y, view.centre, p, None, Y2)
+                cols, V = None, _tile_log_joint(Y, view.centre, p, None, Y2)
             top, best = V.max(1)
             R = torch.exp(V - top[:, None])  # logsumexp by hand: its exp gives the responsibilities
             total = R.sum(1)
             logp_v[sl] = top + torch.log(total)
-            if bounded:
-                assert new_hint_v is not None and cols is not None
+            if new_hint_v is not None:
+                assert cols is not None
                 new_hint_v[sl] = cols[best]
             evaluated += V.numel()
-            if not stats:
-                continue
-            assert S1 is not None
-            R /= total[:, None]
-            y = Y if f64 else Y.to(torch.float64)
-            y2 = None if S2 is None else (Y2 if f64 else y * y)
-            if cols is None:
-                nk += R.sum(0)
-                S1 += R.T @ y
-                if S2 is not None and y2 is not None:
-                    S2 += R.T @ y2
-            else:
-                nk.index_add_(0, cols, R.sum(0))
-                S1.index_add_(0, cols, R.T @ y)
-                if S2 is not None and y2 is not None:
-                    S2.index_add_(0, cols, R.T @ y2)
-            if kept is not None:
-                kept.append((y, cols, R))
+            if sums is not None:
+                R /= total[:, None]
+                sums.add(Y, Y2, cols, R, self.dtype == torch.float64)
         self.columns_per_point.append(evaluated / n)
         if bounded and evaluated > 0.5 * n * k:
             self.use_bound = False  # the bound no longer pays for itself on this mixture
-        if S1 is not None:  # back to scikit-learn's sums: sum r x = S1 + c nk, sum r x^2 = S2 + 2 c S1 + c^2 nk
-            c = self.centre.to(torch.float64)
-            if S2 is not None:
-                S2 += 2.0 * c * S1 + (c * c) * nk[:, None]
-            S1 += c * nk[:, None]
+        out = sums.uncentred(self.centre) if sums is not None else None
         if view.order is None:
-            return logp_v, hint, (nk, S1, S2, kept) if stats else None
+            return logp_v, hint, out
         logp = torch.empty(n, dtype=torch.float64)
         logp[view.order] = logp_v
         new_hint = torch.empty(n, dtype=torch.long)
         assert new_hint_v is not None  # a view has an order only when bounded
         new_hint[view.order] = new_hint_v
-        return logp, new_hint, (nk, S1, S2, kept) if stats else None
+        return logp, new_hint, out
+
+    def _bounded_view(self, p: _Params, hint: torch.Tensor | None):
+        """The points sorted by hinted component, and what the pruning bound needs per point."""
+        k, n = p.k, self.n
+        b = self._bound_for(p)
+        W64 = b.weights(p)
+        W = W64.to(torch.float32)
+        if hint is None:
+            step = max(1, (1 << 20) // k)
+            hint = torch.cat([(b.F[s : s + step] @ W).argmax(1) for s in range(0, n, step)])
+        order = torch.argsort(hint, stable=True)  # points of one component share a tile
+        view = self._view(order)
+        # margin for the float32 matmul's rounding (the threshold's own rounding: _bounded_tile)
+        margin_v = (TAU + math.log(k) + b.gamma * (b.absF @ W64.abs().amax(1)))[order]
+        return view, hint, (W, hint[order], margin_v)
+
+    @staticmethod
+    def _bounded_tile(p: _Params, view, bound, sl: slice, Y: torch.Tensor, Y2: torch.Tensor | None):
+        """Exact log joints of one tile on its hinted components, plus every component the bound
+        cannot rule out: L = the hinted best <= log p(x)."""
+        W, hint_v, margin_v = bound
+        cols = torch.unique_consecutive(hint_v[sl])
+        V = _tile_log_joint(Y, view.centre, p, cols, Y2)
+        thr = V.amax(1) - margin_v[sl]
+        thr = (thr - 2.0**-22 * thr.abs() - 1e-30).to(torch.float32)
+        keep = ((view.F[sl] @ W) - thr[:, None]).amax(0) >= 0  # faster than (U >= thr).any(0)
+        keep[cols] = False
+        more = torch.nonzero(keep).flatten()
+        if len(more):
+            V = torch.cat([V, _tile_log_joint(Y, view.centre, p, more, Y2)], 1)
+            cols = torch.cat([cols, more])
+        return cols, V
 
     # -- M ------------------------------------------------------------------------------
     def m_step(self, p: _Params, logp: torch.Tensor, sums, reg: float) -> _Params:
