@@ -185,10 +185,6 @@ def _safetensors_header(data: bytes, source: str) -> tuple[dict[str, str], list[
     """The metadata and every tensor as (name, torch dtype, shape, start, end) in ``data``, checked
     as the format requires (known dtypes, sizes that match the shapes, tensors that tile the data
     exactly) before any is read."""
-    import math
-
-    import torch
-
     (n,) = struct.unpack("<Q", data[:8])
     if n > min(len(data) - 8, 100 * _CHUNK):
         raise InvalidCheckpoint(source, f"safetensors header claims {n} bytes; file has {len(data)}")
@@ -202,39 +198,44 @@ def _safetensors_header(data: bytes, source: str) -> tuple[dict[str, str], list[
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise InvalidCheckpoint(source, "safetensors __metadata__ is not a map of strings")
     data_len = len(data) - 8 - n
-    entries = []
-    for key, info in header.items():
-        try:
-            start, end = info["data_offsets"]
-            name, shape = info["dtype"], info["shape"]
-        except (TypeError, KeyError, ValueError):
-            raise InvalidCheckpoint(
-                source, f"safetensors entry '{key}' has no valid data_offsets, dtype and shape"
-            ) from None
-        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
-            raise InvalidCheckpoint(
-                source, f"safetensors entry '{key}' points outside the file ({start}..{end} of {data_len})"
-            )
-        if name not in _ST_DTYPES:
-            raise InvalidCheckpoint(source, f"safetensors entry '{key}' has unknown dtype {name!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise InvalidCheckpoint(source, f"safetensors entry '{key}' has an invalid shape {shape!r}")
-        dtype = getattr(torch, _ST_DTYPES[name])
-        if math.prod(shape) * dtype.itemsize != end - start:
-            raise InvalidCheckpoint(
-                source, f"safetensors entry '{key}' holds {end - start} bytes; {name} {shape} needs another size"
-            )
-        entries.append((key, dtype, shape, 8 + n + start, 8 + n + end))
-    at = 8 + n
+    entries = [(key, *_safetensors_entry(key, info, data_len, source)) for key, info in header.items()]
+    at = 0
     for key, _, _, start, end in sorted(entries, key=lambda e: (e[3], e[4])):
         if start != at:
-            raise InvalidCheckpoint(
-                source, f"safetensors entry '{key}' overlaps another or leaves a gap at {at - 8 - n}"
-            )
+            raise InvalidCheckpoint(source, f"safetensors entry '{key}' overlaps another or leaves a gap at {at}")
         at = end
-    if at != len(data):
-        raise InvalidCheckpoint(source, f"safetensors tensors cover {at - 8 - n} of the file's {data_len} data bytes")
-    return meta, entries
+    if at != data_len:
+        raise InvalidCheckpoint(source, f"safetensors tensors cover {at} of the file's {data_len} data bytes")
+    return meta, [(key, dtype, shape, 8 + n + start, 8 + n + end) for key, dtype, shape, start, end in entries]
+
+
+def _safetensors_entry(key: str, info: Any, data_len: int, source: str) -> tuple[Any, list[int], int, int]:
+    """One header entry as (torch dtype, shape, start, end) relative to the data, or InvalidCheckpoint."""
+    import math
+
+    import torch
+
+    try:
+        start, end = info["data_offsets"]
+        name, shape = info["dtype"], info["shape"]
+    except (TypeError, KeyError, ValueError):
+        raise InvalidCheckpoint(
+            source, f"safetensors entry '{key}' has no valid data_offsets, dtype and shape"
+        ) from None
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= data_len):
+        raise InvalidCheckpoint(
+            source, f"safetensors entry '{key}' points outside the file ({start}..{end} of {data_len})"
+        )
+    if name not in _ST_DTYPES:
+        raise InvalidCheckpoint(source, f"safetensors entry '{key}' has unknown dtype {name!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise InvalidCheckpoint(source, f"safetensors entry '{key}' has an invalid shape {shape!r}")
+    dtype = getattr(torch, _ST_DTYPES[name])
+    if math.prod(shape) * dtype.itemsize != end - start:
+        raise InvalidCheckpoint(
+            source, f"safetensors entry '{key}' holds {end - start} bytes; {name} {shape} needs another size"
+        )
+    return dtype, shape, start, end
 
 
 def _parse_safetensors(data: bytes, source: str) -> StateDict:
