@@ -82,7 +82,7 @@ def cmd_reference_fit(args) -> int:
     summary: dict[str, Any] = {
         "artifact": str(args.out),
         "artifact_sha256": digest,
-        "detector": getattr(ref, "name", ref.detector),
+        "detector": ref.detector,
         "evidence": list(getattr(ref, "evidence_members", ())),
         "layer": ref.config.layer,
         "n_reference": ref.n_reference_,

@@ -46,6 +46,7 @@ def test_the_fixture_covers_every_detector_and_the_shipped_composite():
 @pytest.mark.parametrize("name", NAMES)
 def test_an_artifact_of_the_old_code_loads_and_scores_exactly_as_it_did(name):
     ref = load_reference(V1 / name)
+    assert ref.detector == name  # a composite too: its name, the rule that decides
     probes = _probes()
     assert [ref.score(p) for p in probes] == EXPECTED["scores"][name]  # exactly: same arrays, same arithmetic
     assert [ref.assess(p).decision.verdict for p in probes] == EXPECTED["verdicts"][name]
