@@ -196,6 +196,10 @@ class CompositeReference(Reference):
             evidence=evidence,
         )
 
+    def held_detectors(self) -> dict[str, Reference]:
+        """The deciding rule under its name, and each member (with its own thresholds) under its own."""
+        return {**self.members_, self.detector: self}
+
     def fused(self, scores: Mapping[str, float]) -> float:
         """The fusion's one number: the lowest standardised part score (higher = more typical);
         blocked exactly when it is below ``fused_threshold_``."""

@@ -438,6 +438,10 @@ class Reference:
     def score(self, network: Any) -> dict[str, float]:
         return {v: network_score(self.views_[v], s) for v, s in self.score_vectors(network).items()}
 
+    def held_detectors(self) -> dict[str, Reference]:
+        """This reference and any it holds, by name: what ``evaluate --detector`` may pick from an artifact."""
+        return {self.detector: self}
+
     def decide(self, scores: dict[str, float]) -> Decision:
         check_fitted(self, "thresholds_")
         return decide(scores, self.thresholds_)

@@ -95,3 +95,40 @@ def test_a_composite_member_edited_and_rehashed_is_refused(tmp_path):
     member.write_text(json.dumps(meta))
     with pytest.raises(InvalidReference, match="tampered: member gmm"):
         load_reference(tmp_path / "ref")
+
+
+def test_evaluate_reads_the_default_artifact_as_its_rule_or_as_one_member(tmp_path, capsys):
+    """``evaluate --reference`` on the shipped composite: ``--detector`` names the deciding rule or a
+    member (the GMM evidence, say); any other detector is refused, naming those it holds."""
+    from backdoor_gate.cli import main
+    from detector.config import DEFAULT_DETECTOR, DEFAULT_EVIDENCE
+
+    composite = V1 / DEFAULT_DETECTOR
+    assert json.loads((composite / META_FILE).read_text())["evidence"] == list(DEFAULT_EVIDENCE)
+    paths = []
+    for i, net in enumerate(_probes()):
+        paths.append(str(tmp_path / f"probe{i}.pt"))
+        torch.save(net, paths[-1])
+    verdicts = EXPECTED["verdicts"]
+
+    def evaluate(*detector: str) -> tuple[int, dict, str]:
+        clean = [p for p, v in zip(paths, verdicts[DEFAULT_DETECTOR]) if v == "passed"]
+        bad = [p for p, v in zip(paths, verdicts[DEFAULT_DETECTOR]) if v == "blocked"]
+        argv = ["evaluate", "--reference", str(composite), *detector, "--clean", *clean, "--backdoored", *bad]
+        rc = main([*argv, "--json"])
+        out, err = capsys.readouterr()
+        return rc, (json.loads(out) if rc == 0 else {}), err
+
+    for detector, parts in (
+        ((), {"head", "output-spectrum"}),
+        (("--detector", DEFAULT_DETECTOR), {"head", "output-spectrum"}),
+        (("--detector", "head"), {"classes"}),
+        (("--detector", "gmm"), {"forward", "backward"}),
+    ):
+        rc, out, err = evaluate(*detector)
+        assert rc == 0, err
+        assert out["detector"] == (detector[1] if detector else DEFAULT_DETECTOR) and set(out["auc"]) == parts
+    rc, out, _ = evaluate()
+    assert out["detection_rate"]["combined"] == 1.0 and out["false_rejection_rate"]["combined"] == 0.0
+    rc, _, err = evaluate("--detector", "classifier")
+    assert rc == 2 and "not classifier" in err and "gmm, head, head+output-spectrum, output-spectrum" in err
