@@ -42,7 +42,7 @@ they must all pass at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -62,6 +62,9 @@ from detector.config import ReferenceConfig
 from detector.errors import InvalidCheckpoint
 from detector.protocol import check_fitted
 from detector.weights import layer_of
+
+if TYPE_CHECKING:
+    import torch
 
 #: The tensors the head detector reads (every tensor between the trunk's features and the logits).
 HEAD_TENSORS = (
@@ -255,7 +258,7 @@ class HeadDeviationView(BaseEstimator):
         return np.asarray(out)
 
     # -- torch mirror (the lab's white-box attacker differentiates through it) -------------------
-    def torch_z(self, tensors: Mapping[str, Any]):
+    def torch_z(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(z per class, network z) in torch, differentiable in the head's parameters."""
         import torch
 
