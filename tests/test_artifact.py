@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.artifact import ARRAYS_FILE, META_FILE, _digest
+from detector.artifact import ARRAYS_FILE, META_FILE
 from detector.detectors import load_reference
 from detector.errors import InvalidReference
 
@@ -84,17 +84,6 @@ def test_an_edited_old_artifact_is_refused(name, tmp_path):
     (tmp_path / "t2" / ARRAYS_FILE).write_bytes((tmp_path / "t2" / ARRAYS_FILE).read_bytes() + b"\0")
     with pytest.raises(InvalidReference, match="tampered: arrays.npz"):
         load_reference(tmp_path / "t2")
-
-
-def test_a_composite_member_edited_and_rehashed_is_refused(tmp_path):
-    shutil.copytree(V1 / "head+output-spectrum", tmp_path / "ref")
-    member = tmp_path / "ref" / "members" / "gmm" / META_FILE
-    meta = json.loads(member.read_text())
-    meta["views"]["forward"]["threshold"] = -1e300
-    meta["artifact_sha256"] = _digest(meta)
-    member.write_text(json.dumps(meta))
-    with pytest.raises(InvalidReference, match="tampered: member gmm"):
-        load_reference(tmp_path / "ref")
 
 
 def test_evaluate_reads_the_default_artifact_as_its_rule_or_as_one_member(tmp_path, capsys):

@@ -20,20 +20,6 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
-#: every single detector, the composite the gate ships (two deciding members + GMM evidence), fusion
-DETECTORS = (
-    "gmm",
-    "gaussian",
-    "distance-mean",
-    "distance-base",
-    "trojan-signature",
-    "classifier",
-    "head",
-    "spectrum",
-    "output-spectrum",
-    "head+output-spectrum",
-    "fusion",
-)
 
 
 def network(rng: np.random.Generator, base: dict[str, np.ndarray], shift: float = 0.0) -> dict[str, np.ndarray]:
@@ -69,7 +55,7 @@ def torch_net(net: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    from detector.config import ReferenceConfig
+    from detector.config import DETECTORS, ReferenceConfig  # every detector, the shipped composite, fusion
     from detector.detectors import make_reference
 
     nets = family()
