@@ -82,7 +82,7 @@ def cmd_reference_fit(args) -> int:
     summary: dict[str, Any] = {
         "artifact": str(args.out),
         "artifact_sha256": digest,
-        "detector": getattr(ref, "name", ref.detector),
+        "detector": ref.detector,
         "evidence": list(getattr(ref, "evidence_members", ())),
         "layer": ref.config.layer,
         "n_reference": ref.n_reference_,
@@ -191,14 +191,19 @@ def cmd_score(args) -> int:
 
 # -- evaluate ------------------------------------------------------------------------------
 def _evaluation_reference(args):
-    """A saved artifact (``--reference``), or the named detector fitted here (``--fit``)."""
+    """A saved artifact (``--reference``; with ``--detector``, the artifact's deciding rule or one of
+    its members by name), or the named detector fitted here (``--fit``)."""
     from detector.detectors import make_reference
 
     if args.reference:
         ref = _load_reference(args.reference)
-        if args.detector and args.detector != ref.detector:
-            raise ValueError(f"{args.reference} holds a {ref.detector} reference, not {args.detector}")
-        return ref
+        held = ref.held_detectors()
+        if args.detector and args.detector not in held:
+            raise ValueError(
+                f"{args.reference} holds a {ref.detector} reference; --detector may name "
+                f"{', '.join(sorted(held))}, not {args.detector}"
+            )
+        return held[args.detector] if args.detector else ref
     ref = make_reference(args.detector or "gmm", _config_from_args(args))
     ref.fit(args.fit, base=args.base)
     return ref.calibrate(args.calibrate or None)
@@ -221,7 +226,7 @@ def cmd_evaluate(args) -> int:
         _err(f"{e} (evaluate needs every checkpoint to be scorable)")
         return 2
     except ValueError as e:
-        _err(f"cannot build the {args.detector or 'gmm'} reference: {e}")
+        _err(f"cannot evaluate: {e}" if args.reference else f"cannot build the {args.detector or 'gmm'} reference: {e}")
         return 2
     result: dict[str, Any] = {"detector": ref.detector, "auc": {}, "detection_rate": {}, "false_rejection_rate": {}}
     for v, t in ref.thresholds_.items():
@@ -316,7 +321,12 @@ def register(sub) -> None:
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--reference", metavar="REF_DIR", help="a reference artifact made by `reference fit`")
     src.add_argument("--fit", nargs="+", metavar="CKPT", help="clean reference networks to fit --detector on")
-    ev.add_argument("--detector", choices=DETECTORS, help=f"gmm (default), or any of {', '.join(DETECTORS[1:])}")
+    ev.add_argument(
+        "--detector",
+        choices=DETECTORS,
+        help=f"with --fit: gmm (default), or any of {', '.join(DETECTORS[1:])}; with --reference: the artifact's "
+        "detector (default) or a member of it (e.g. gmm, the evidence of the default artifact)",
+    )
     ev.add_argument(
         "--calibrate", nargs="+", metavar="CLEAN_CKPT", help="with --fit: held-out clean networks for the threshold"
     )

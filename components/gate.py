@@ -210,7 +210,7 @@ def _record_assessment(
     """What the reference saw, as tags a reviewer can filter on and a report to look at."""
     result.scores = assessment.scores
     tags[TRUNK] = assessment.trunk.status
-    result.detector = tags[DETECTOR] = getattr(reference, "name", reference.detector)
+    result.detector = tags[DETECTOR] = reference.detector
     for v in result.scores:
         tags[score_tag(v)] = repr(result.scores[v])
         tags[threshold_tag(v)] = repr(result.thresholds[v])

@@ -135,7 +135,7 @@ def fit_reference(
         "n_reference": ref.n_reference_,
         "n_calibration": len(calibration_dirs),
         "threshold_source": ref.threshold_source_,
-        "detector": getattr(ref, "name", ref.detector),
+        "detector": ref.detector,
         "frr_upper_95": ref.frr_upper_95_,
         "calibration_warning": ref.calibration_warning_,
         "parts": {p: {"threshold": info["threshold"], "deciding": info["deciding"]} for p, info in ref.parts().items()},

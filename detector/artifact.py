@@ -5,8 +5,11 @@ AIC table per view, thresholds, FRR, the reference and calibration checkpoints' 
 the sha256 of ``arrays.npz``. ``artifact_sha256`` is the sha256 of the canonical JSON of all
 other fields, so it covers the arrays too. Loading recomputes both and refuses any mismatch.
 
-This module writes and verifies the format; :func:`detector.detectors.load_reference` turns a
-verified artifact back into the detector it names.
+This module writes and reads every reference, once: a reference gives its metadata
+(``info()``), its arrays (``arrays()``) and the references nested in it (a composite's members,
+each a whole artifact under ``members/<name>/`` whose digest the metadata records, so the
+composite's digest covers them); its class rebuilds it (``restore(info, arrays, members)``).
+Which class a name stands for is :data:`detector.detectors.CLASSES`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,16 +29,15 @@ import numpy as np
 
 from detector import __version__
 from detector.errors import InvalidReference
-from detector.gmm import Mixture
 from detector.protocol import check_fitted
 
 FORMAT = "backdoor-gate/reference"
 FORMAT_VERSION = 1
 META_FILE = "reference.json"
 ARRAYS_FILE = "arrays.npz"
+#: where a composite keeps its members' artifacts
+MEMBERS_DIR = "members"
 _MAX_META_BYTES = 16 << 20
-#: Detectors stored as PCA + GMM per view (``gaussian`` is the GMM with N_G = 1).
-GMM_DETECTORS = ("gmm", "gaussian")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -46,80 +48,61 @@ def _digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json({k: v for k, v in meta.items() if k != "artifact_sha256"})).hexdigest()
 
 
-def _view_arrays(view: str, est) -> dict[str, np.ndarray]:
-    m: Mixture = est.mixture_
-    return {
-        f"{view}.pca_mean": est.pca_mean_,
-        f"{view}.pca_components": est.pca_components_,
-        f"{view}.gmm_weights": m.weights,
-        f"{view}.gmm_means": m.means,
-        f"{view}.gmm_precisions_cholesky": m.precisions_cholesky,
-        f"{view}.reference_vector_scores": np.asarray(est.reference_vector_scores_),
-    }
-
-
-def save_reference(ref, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> str:
+def save_reference(ref: Any, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> str:
     """Write ``ref`` atomically (temp dir + rename); returns the artifact's sha256."""
     check_fitted(ref, "thresholds_")
     out = Path(path)
     with staged(out, overwrite) as tmp:
-        arrays: dict[str, Any] = {}
-        views: dict[str, Any] = {}
-        detector = getattr(ref, "detector", "gmm")
-        for v, est in ref.views_.items():
-            arrays[f"{v}.calibration_vector_scores"] = np.asarray(ref.calibration_vector_scores_[v])
-            if detector not in GMM_DETECTORS:  # a baseline: its own few arrays and fields
-                arrays.update({f"{v}.{k}": a for k, a in est.arrays().items()})
-                views[v] = {**est.info(), "threshold": ref.thresholds_[v], "frr_empirical": ref.frr_empirical_[v]}
-                continue
-            arrays.update(_view_arrays(v, est))
-            views[v] = {
-                "n_vectors": est.n_vectors_,
-                "vector_dim": int(est.pca_mean_.shape[0]),
-                "pca_dims": est.n_pca_,
-                "explained_variance": est.explained_variance_,
-                "n_components": est.n_components_,
-                "covariance": est.mixture_.covariance,
-                "reg_covar_absolute": est.reg_,
-                "em_iterations": est.mixture_.n_iter,
-                "em_converged": est.mixture_.converged,
-                "selection": est.selection_,
-                "fit_seconds": est.fit_seconds_,
-                "threshold": ref.thresholds_[v],
-                "frr_empirical": ref.frr_empirical_[v],
-            }
-        arrays_sha = save_arrays(tmp, arrays)
+        members = {m: save_reference(r, tmp / MEMBERS_DIR / m) for m, r in ref.nested_references().items()}
+        arrays_sha = save_arrays(tmp, ref.arrays())
         meta: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "detector": detector,
+            **ref.info(),
+            **({"members": members} if members else {}),
             "library_version": __version__,
             "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "layer": ref.config.layer,
-            "layer_shape": list(ref.shape_),
-            "views": views,
-            "score_convention": (
-                "log-likelihood"
-                if detector in GMM_DETECTORS
-                else f"{detector} (see detector.{'classifier' if detector == 'classifier' else 'baselines'})"
-            )
-            + "; higher = more typical of clean networks; blocked if any view < threshold",
-            "config": ref.config.to_dict(),
-            "frr_target": ref.config.frr,
-            "frr_empirical_combined": ref.frr_empirical_["combined"],
-            "frr_upper_95_combined": getattr(ref, "frr_upper_95_", None),
-            "calibration_warning": getattr(ref, "calibration_warning_", None),
-            "classes": getattr(ref, "classes_", None),
-            "threshold_source": ref.threshold_source_,
-            "n_reference": ref.n_reference_,
-            "n_calibration": int(len(next(iter(ref.calibration_scores_.values())))),
-            "reference_checkpoints": ref.reference_checkpoints_,
-            "calibration_checkpoints": ref.calibration_checkpoints_,
-            "trunk_digests": getattr(ref, "trunk_digests_", {}),
             "files": {ARRAYS_FILE: arrays_sha},
             "extra": extra or {},
         }
         return finish_artifact(tmp, out, meta)
+
+
+def load_reference(path: str | os.PathLike, classes: Mapping[str, Any]) -> Any:
+    """The reference in a verified artifact directory, rebuilt by ``classes[its detector]``.
+
+    Its nested references are loaded alike and must have the digests its metadata records (an
+    edited member is refused even when re-hashed). Raises InvalidReference.
+    """
+    root = Path(path)
+    meta = read_metadata(root)
+    kind = meta.get("detector", "gmm")
+    if kind not in classes:
+        raise InvalidReference(root, f"unknown detector {kind!r}; this version knows {', '.join(sorted(classes))}")
+    try:
+        members = {}
+        for m, want in (meta.get("members") or {}).items():
+            if m in ("", ".", "..") or "/" in m or "\\" in m:
+                raise InvalidReference(root, f"member {m!r} is not a plain name")
+            member = load_reference(root / MEMBERS_DIR / m, classes)
+            if member.artifact_sha256_ != want:
+                raise InvalidReference(
+                    root,
+                    f"tampered: member {m} has artifact_sha256 {member.artifact_sha256_[:12]}…, the composite "
+                    f"records {str(want)[:12]}…",
+                )
+            members[m] = member
+        with np.load(root / ARRAYS_FILE, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        ref = classes[kind].restore(meta, arrays, members)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise InvalidReference(root, f"malformed artifact: {e.__class__.__name__}: {e}") from None
+    thresholds = ref.thresholds_
+    if not thresholds or not all(np.isfinite(t) for t in thresholds.values()):
+        raise InvalidReference(root, f"thresholds must be finite numbers, got {thresholds}")
+    ref.artifact_sha256_ = meta["artifact_sha256"]
+    ref.metadata_ = meta
+    return ref
 
 
 @contextmanager

@@ -26,7 +26,7 @@ the GMM; a monotone transform of ‖·‖ leaves AUC and the thresholded decisio
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -250,25 +250,18 @@ _VIEW_ESTIMATORS = {
 _NEEDS_BASE = ("distance-base", "spectrum")
 
 
-class BaselineReference(Reference):
-    """A :class:`Reference` whose single pseudo-view ``matrix`` is a naive baseline."""
+class OneViewReference(Reference):
+    """A :class:`Reference` whose one estimator (a pseudo-view such as ``matrix`` or ``classes``)
+    takes the place of the GMM's two views; subclasses say which (``_view_estimator_for``)."""
 
-    def __init__(self, detector: str, config: ReferenceConfig | None = None, statistic: str | None = None):
-        """``statistic``: the ``spectrum`` variant (``top1``, ``ratio``; default ``top5``)."""
-        if detector not in _VIEW_ESTIMATORS and detector != "classifier":
-            raise ValueError(f"unknown baseline {detector!r}; one of {sorted(_VIEW_ESTIMATORS)}")
-        if statistic is not None and detector != "spectrum":
-            raise ValueError(f"only spectrum has a statistic, not {detector!r}")
-        super().__init__(config)
-        self.detector = detector
-        self.statistic = statistic
+    def _view_estimator_for(self) -> Any:
+        raise NotImplementedError
 
-    def _view_estimator_for(self):
-        if self.statistic is not None:
-            return SpectrumView(statistic=self.statistic)
-        return _VIEW_ESTIMATORS[self.detector]()
+    def _needs_base(self) -> bool:
+        """Whether the estimator reads the layer of the network fine-tuning started from."""
+        return False
 
-    def _base_matrix(self, base_tensors) -> np.ndarray:
+    def _base_matrix(self, base_tensors: Mapping[str, Any] | None) -> np.ndarray:
         if base_tensors is None:
             raise ValueError(
                 f"{self.detector} needs the base network fine-tuning started from (pass base=, or --base on the "
@@ -278,7 +271,43 @@ class BaselineReference(Reference):
 
         return layer_of(base_tensors, self.config.layer, source="base").matrix
 
-    def _fit_views(self, matrices: list[np.ndarray], base_tensors) -> dict:
-        base_matrix = self._base_matrix(base_tensors) if self.detector in _NEEDS_BASE else None
+    def _fit_views(self, matrices: list[np.ndarray], base_tensors: Mapping[str, Any] | None) -> dict[str, Any]:
+        base_matrix = self._base_matrix(base_tensors) if self._needs_base() else None
         est = self._view_estimator_for()
         return {getattr(est, "view", MATRIX): est.fit(matrices, base_matrix=base_matrix)}
+
+    # -- the artifact: the estimator keeps its own arrays and fields -------------------------------
+    def _scores_are(self) -> str:
+        return f"{self.detector} (see {type(self).__module__})"
+
+    def _saved_views(self, info: Mapping[str, Any]) -> list[str]:
+        return list(info["views"])
+
+    def _restore_view(self, view: str, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Any:
+        return type(self._view_estimator_for()).restore(info, arrays)
+
+
+class BaselineReference(OneViewReference):
+    """The naive baselines: one of :data:`_VIEW_ESTIMATORS` over the whole layer."""
+
+    def __init__(self, detector: str, config: ReferenceConfig | None = None, statistic: str | None = None):
+        """``statistic``: the ``spectrum`` variant (``top1``, ``ratio``; default ``top5``)."""
+        if detector not in _VIEW_ESTIMATORS:
+            raise ValueError(f"unknown baseline {detector!r}; one of {sorted(_VIEW_ESTIMATORS)}")
+        if statistic is not None and detector != "spectrum":
+            raise ValueError(f"only spectrum has a statistic, not {detector!r}")
+        super().__init__(config)
+        self.detector = detector
+        self.statistic = statistic
+
+    def _view_estimator_for(self) -> Any:
+        if self.statistic is not None:
+            return SpectrumView(statistic=self.statistic)
+        return _VIEW_ESTIMATORS[self.detector]()
+
+    def _needs_base(self) -> bool:
+        return self.detector in _NEEDS_BASE
+
+    @classmethod
+    def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> BaselineReference:
+        return cls(info["detector"], config)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, clone
 
-from detector.baselines import BaselineReference, SpectrumView
+from detector.baselines import OneViewReference, SpectrumView
 from detector.config import ReferenceConfig
 from detector.errors import InvalidCheckpoint
 from detector.evidence import Evidence, Suspect
@@ -208,20 +208,32 @@ class ClassDeviationView(BaseEstimator):
         return est
 
 
-class ClassifierReference(BaselineReference):
+class ClassifierReference(OneViewReference):
     """The ``classifier`` detector: reads the effective classifier instead of one layer."""
 
+    detector = "classifier"
+    #: what a report calls the matrix it reads
+    layer_label = "effective classifier"
+
     def __init__(
-        self, config=None, normalize: str = "network", scale: str = "std", victim_rule: str = "toward-impostor"
+        self,
+        config: ReferenceConfig | None = None,
+        normalize: str = "network",
+        scale: str = "std",
+        victim_rule: str = "toward-impostor",
     ):
-        super().__init__("classifier", config)
+        super().__init__(config)
         self.normalize = normalize
         self.scale = scale
         #: how the suspected victim is picked: "toward-impostor" (see evidence) or "max" (the most deviant class)
         self.victim_rule = victim_rule
 
-    def _view_estimator_for(self):
+    def _view_estimator_for(self) -> BaseEstimator:
         return ClassDeviationView(normalize=self.normalize, scale=self.scale)
+
+    @classmethod
+    def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> ClassifierReference:
+        return cls(config, normalize=info["views"][CLASSES]["normalize"], scale=info["views"][CLASSES]["scale"])
 
     def network_matrix(self, tensors: Mapping[str, Any], source: str, sha256: str | None) -> LayerWeights:
         classes = classes_of(tensors)
@@ -247,7 +259,7 @@ class ClassifierReference(BaselineReference):
             raise InvalidCheckpoint(source, f"logits has {A.shape[0]} classes; the reference expects {len(expected)}")
         return LayerWeights(
             matrix=A,
-            layer="effective classifier" if self.detector == "classifier" else "effective head",
+            layer=self.layer_label,
             source=source,
             sha256=sha256,
             original_shape=tuple(A.shape),
@@ -343,18 +355,16 @@ def output_basis(tensors: Mapping[str, Any], source: str = "<memory>", rel_tol: 
     return V[:, lam > rel_tol * max(float(lam[-1]), 1e-300)]
 
 
-class OutputSpectrumReference(BaselineReference):
+class OutputSpectrumReference(OneViewReference):
     """``output-spectrum``: ``spectrum`` on the update the logits can see, P·(W − W_base), P the
     projector onto :func:`output_basis`. A backdoor must change the outputs, so its low-rank update
     survives the projection; noise an attacker adds where the logits are blind (the lab's
     ``invisible noise`` flattened the plain spectrum: 6 of 6 passed) does not. With as many classes
     as features (CASIA) P is the identity and this is ``spectrum``."""
 
-    def __init__(self, config: ReferenceConfig | None = None):
-        super().__init__("spectrum", config)
-        self.detector = "output-spectrum"
+    detector = "output-spectrum"
 
-    def _view_estimator_for(self):
+    def _view_estimator_for(self) -> SpectrumView:
         return SpectrumView(space="outputs")
 
     def _prepare(self, base_tensors: Mapping[str, Any] | None) -> None:
@@ -372,5 +382,5 @@ class OutputSpectrumReference(BaselineReference):
             D = Q @ (Q.T @ D)
         return LayerWeights(matrix=D, layer=lw.layer, source=source, sha256=sha256, original_shape=lw.original_shape)
 
-    def _fit_views(self, matrices: list[np.ndarray], base_tensors) -> dict:
-        return {"spectrum": SpectrumView(space="outputs").fit(matrices, base_matrix=self._base_W)}
+    def _fit_views(self, matrices: list[np.ndarray], base_tensors: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"spectrum": self._view_estimator_for().fit(matrices, base_matrix=self._base_W)}

@@ -14,25 +14,22 @@ were promised) are scored and reported on every candidate but never decide.
 
 The artifact is a directory: ``reference.json`` + ``arrays.npz`` for the composite and one full
 reference artifact per member under ``members/<name>/``, each member's ``artifact_sha256``
-recorded (and so covered by the composite's own digest) and checked on load.
+recorded (and so covered by the composite's own digest) and checked on load
+(:mod:`detector.artifact`). Its ``detector`` field says ``composite`` (which class reads it); its
+``name`` field is the composite's name, the deciding rule.
 """
 
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import os
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from detector import __version__
-from detector.artifact import ARRAYS_FILE, FORMAT, FORMAT_VERSION, finish_artifact, save_arrays, staged
 from detector.config import FUSION, ReferenceConfig
 from detector.decision import BLOCKED, PASSED, decide
-from detector.errors import InvalidReference
 from detector.evidence import Evidence
 from detector.protocol import check_fitted
 from detector.reference import Assessment, Reference
@@ -53,7 +50,8 @@ def _robust(x: np.ndarray) -> tuple[float, float]:
 class CompositeReference(Reference):
     """Member detectors fitted on the same networks; ``decide_by`` decide, ``evidence`` report."""
 
-    detector = "composite"
+    #: what the artifact's ``detector`` field says (its ``name`` field is :attr:`detector`)
+    ARTIFACT_KIND = "composite"
 
     def __init__(
         self,
@@ -73,11 +71,8 @@ class CompositeReference(Reference):
         bad = [m for m in (*self.decide_by, *self.evidence_members) if m == "fusion" or "+" in m]
         if bad:
             raise ValueError(f"members must be single detectors, got {bad}")
-
-    @property
-    def name(self) -> str:
-        """How people call the deciding rule: ``fusion`` or a single detector's name."""
-        return "fusion" if self.decide_by == FUSION else "+".join(self.decide_by)
+        #: how people call the deciding rule: ``fusion``, ``head+output-spectrum``, a single detector's name
+        self.detector = "fusion" if self.decide_by == FUSION else "+".join(self.decide_by)
 
     # -- building -----------------------------------------------------------------------
     def _read(self, networks: Sequence[Any] | None) -> list[Any]:
@@ -206,6 +201,10 @@ class CompositeReference(Reference):
             evidence=evidence,
         )
 
+    def held_detectors(self) -> dict[str, Reference]:
+        """The deciding rule under its name, and each member (with its own thresholds) under its own."""
+        return {**self.members_, self.detector: self}
+
     def fused(self, scores: Mapping[str, float]) -> float:
         """The fusion's one number: the lowest standardised part score (higher = more typical);
         blocked exactly when it is below ``fused_threshold_``."""
@@ -239,82 +238,63 @@ class CompositeReference(Reference):
                 }
         return out
 
-    # -- persistence ----------------------------------------------------------------------
-    def save(self, path, *, overwrite: bool = False, extra: dict | None = None) -> str:
+    # -- persistence (written and read by detector.artifact) -------------------------------------
+    def info(self) -> dict[str, Any]:
         check_fitted(self, "thresholds_")
-        out = Path(path)
-        with staged(out, overwrite) as tmp:
-            members = {m: ref.save(tmp / "members" / m) for m, ref in self.members_.items()}
-            arrays_sha = save_arrays(tmp, {f"{p}.calibration_scores": s for p, s in self.calibration_scores_.items()})
-            meta: dict[str, Any] = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "detector": "composite",
-                "name": self.name,
-                "decide_by": list(self.decide_by),
-                "evidence": list(self.evidence_members),
-                "members": members,
-                "library_version": __version__,
-                "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                "config": self.config.to_dict(),
-                "thresholds": self.thresholds_,
-                "evidence_thresholds": self.evidence_thresholds_,
-                "standardisation": {p: list(v) for p, v in self.standardisation_.items()},
-                "fused_threshold": getattr(self, "fused_threshold_", None),
-                "score_convention": "each part higher = more typical of clean networks; blocked if any deciding "
-                "part < its threshold",
-                "frr_target": self.config.frr,
-                "frr_empirical": self.frr_empirical_,
-                "frr_upper_95_combined": self.frr_upper_95_,
-                "calibration_warning": self.calibration_warning_,
-                "threshold_source": self.threshold_source_,
-                "n_reference": self.n_reference_,
-                "n_calibration": self.n_calibration_,
-                "files": {ARRAYS_FILE: arrays_sha},
-                "extra": extra or {},
-            }
-            return finish_artifact(tmp, out, meta)
+        return {
+            "detector": self.ARTIFACT_KIND,
+            "name": self.detector,
+            "decide_by": list(self.decide_by),
+            "evidence": list(self.evidence_members),
+            "config": self.config.to_dict(),
+            "thresholds": self.thresholds_,
+            "evidence_thresholds": self.evidence_thresholds_,
+            "standardisation": {p: list(v) for p, v in self.standardisation_.items()},
+            "fused_threshold": getattr(self, "fused_threshold_", None),
+            "score_convention": "each part higher = more typical of clean networks; blocked if any deciding "
+            "part < its threshold",
+            "frr_target": self.config.frr,
+            "frr_empirical": self.frr_empirical_,
+            "frr_upper_95_combined": self.frr_upper_95_,
+            "calibration_warning": self.calibration_warning_,
+            "threshold_source": self.threshold_source_,
+            "n_reference": self.n_reference_,
+            "n_calibration": self.n_calibration_,
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        check_fitted(self, "thresholds_")
+        return {f"{p}.calibration_scores": s for p, s in self.calibration_scores_.items()}
+
+    def nested_references(self) -> dict[str, Reference]:
+        return dict(self.members_)
 
     @classmethod
-    def restore(cls, root: Path, meta: Mapping[str, Any], load_member: Callable[[Path], Any]) -> CompositeReference:
-        """The composite saved in ``root`` (``meta`` already verified); ``load_member`` loads a
-        member's nested artifact, whose digest must be the one the composite recorded."""
-        try:
-            ref = cls(
-                decide_by=meta["decide_by"], evidence=meta["evidence"], config=ReferenceConfig.from_dict(meta["config"])
-            )
-            ref.members_ = {}
-            for m, want in meta["members"].items():
-                member = load_member(root / "members" / m)
-                if member.artifact_sha256_ != want:
-                    raise InvalidReference(
-                        root,
-                        f"tampered: member {m} has artifact_sha256 {member.artifact_sha256_[:12]}…, the "
-                        f"composite records {want[:12]}…",
-                    )
-                ref.members_[m] = member
-            with np.load(root / ARRAYS_FILE, allow_pickle=False) as z:
-                ref.calibration_scores_ = {k.rsplit(".calibration_scores", 1)[0]: z[k] for k in z.files}
-            ref.thresholds_ = {p: float(t) for p, t in meta["thresholds"].items()}
-            ref.evidence_thresholds_ = {p: float(t) for p, t in meta["evidence_thresholds"].items()}
-            ref.standardisation_ = {p: tuple(v) for p, v in meta["standardisation"].items()}
-            if meta.get("fused_threshold") is not None:
-                ref.fused_threshold_ = float(meta["fused_threshold"])
-            ref.frr_empirical_ = dict(meta["frr_empirical"])
-            ref.frr_upper_95_ = meta["frr_upper_95_combined"]
-            ref.calibration_warning_ = meta["calibration_warning"]
-            ref.threshold_source_ = meta["threshold_source"]
-            ref.n_reference_, ref.n_calibration_ = int(meta["n_reference"]), int(meta["n_calibration"])
-            first = ref.members_[ref.decide_by[0]]
-            ref.trunk_digests_, ref.shape_ = first.trunk_digests_, first.shape_
-            ref.reference_checkpoints_, ref.calibration_checkpoints_ = (
-                first.reference_checkpoints_,
-                first.calibration_checkpoints_,
-            )
-            ref.classes_ = getattr(first, "classes_", None)
-            ref.views_ = {p: ref.members_[m].views_[v] for p, (m, v) in ref._parts(ref.decide_by).items()}
-        except (KeyError, ValueError, TypeError) as e:
-            raise InvalidReference(root, f"malformed composite artifact: {e.__class__.__name__}: {e}") from None
-        ref.artifact_sha256_ = meta["artifact_sha256"]
-        ref.metadata_ = dict(meta)
+    def restore(
+        cls, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray], members: Mapping[str, Reference] | None = None
+    ) -> CompositeReference:
+        """``members``: the members' references, already loaded from the artifact and checked."""
+        ref = cls(
+            decide_by=info["decide_by"], evidence=info["evidence"], config=ReferenceConfig.from_dict(info["config"])
+        )
+        ref.members_ = dict(members or {})
+        ref.calibration_scores_ = {k.rsplit(".calibration_scores", 1)[0]: a for k, a in arrays.items()}
+        ref.thresholds_ = {p: float(t) for p, t in info["thresholds"].items()}
+        ref.evidence_thresholds_ = {p: float(t) for p, t in info["evidence_thresholds"].items()}
+        ref.standardisation_ = {p: tuple(v) for p, v in info["standardisation"].items()}
+        if info.get("fused_threshold") is not None:
+            ref.fused_threshold_ = float(info["fused_threshold"])
+        ref.frr_empirical_ = dict(info["frr_empirical"])
+        ref.frr_upper_95_ = info["frr_upper_95_combined"]
+        ref.calibration_warning_ = info["calibration_warning"]
+        ref.threshold_source_ = info["threshold_source"]
+        ref.n_reference_, ref.n_calibration_ = int(info["n_reference"]), int(info["n_calibration"])
+        first = ref.members_[ref.decide_by[0]]
+        ref.trunk_digests_, ref.shape_ = first.trunk_digests_, first.shape_
+        ref.reference_checkpoints_, ref.calibration_checkpoints_ = (
+            first.reference_checkpoints_,
+            first.calibration_checkpoints_,
+        )
+        ref.classes_ = getattr(first, "classes_", None)
+        ref.views_ = {p: ref.members_[m].views_[v] for p, (m, v) in ref._parts(ref.decide_by).items()}
         return ref

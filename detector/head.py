@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
@@ -59,10 +59,14 @@ from detector.classifier import (
     relative_deviation,
     row_blocks,
 )
+from detector.config import ReferenceConfig
 from detector.errors import InvalidCheckpoint
 from detector.evidence import Evidence
 from detector.protocol import check_fitted
 from detector.weights import layer_of
+
+if TYPE_CHECKING:
+    import torch
 
 #: The tensors the head detector reads (every tensor between the trunk's features and the logits).
 HEAD_TENSORS = (
@@ -256,7 +260,7 @@ class HeadDeviationView(BaseEstimator):
         return np.asarray(out)
 
     # -- torch mirror (the lab's white-box attacker differentiates through it) -------------------
-    def torch_z(self, tensors: Mapping[str, Any]):
+    def torch_z(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(z per class, network z) in torch, differentiable in the head's parameters."""
         import torch
 
@@ -317,14 +321,26 @@ class HeadDeviationView(BaseEstimator):
 class HeadReference(ClassifierReference):
     """The ``head`` detector: the classifier's bookkeeping (class list, victim naming) over [A | b]."""
 
-    def __init__(self, config=None, rank: int = 256, normalize: str = "network", victim_rule: str = "toward-impostor"):
+    detector = "head"
+    layer_label = "effective head"
+
+    def __init__(
+        self,
+        config: ReferenceConfig | None = None,
+        rank: int = 256,
+        normalize: str = "network",
+        victim_rule: str = "toward-impostor",
+    ):
         super().__init__(config, victim_rule=victim_rule)
-        self.detector = "head"
         self.rank = rank
         self.normalize = normalize
 
-    def _view_estimator_for(self):
+    def _view_estimator_for(self) -> BaseEstimator:
         return HeadDeviationView(rank=self.rank, normalize=self.normalize)
+
+    @classmethod
+    def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> HeadReference:
+        return cls(config, rank=int(info["views"][CLASSES]["rank"]), normalize=info["views"][CLASSES]["normalize"])
 
     def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:
         return head_matrix(tensors, source)

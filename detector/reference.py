@@ -23,7 +23,7 @@ from detector.config import PAPER_GRID, ReferenceConfig
 from detector.decision import PASSED, Decision, decide
 from detector.errors import InvalidCheckpoint, NotFittedError
 from detector.evidence import Evidence
-from detector.gmm import select_mixture
+from detector.gmm import Mixture, select_mixture
 from detector.protocol import check_fitted
 from detector.threshold import frr_upper_bound, rejection_rate, threshold_at_frr
 from detector.trunk import SharedTrunk, TrunkCheck, check_trunk, trunk_digests
@@ -155,6 +155,60 @@ class ViewReference(BaseEstimator):
             if progress is not None:
                 progress(i)
         return np.asarray(out)
+
+    # -- the artifact ----------------------------------------------------------------------------
+    def arrays(self) -> dict[str, np.ndarray]:
+        m: Mixture = self.mixture_
+        return {
+            "pca_mean": self.pca_mean_,
+            "pca_components": self.pca_components_,
+            "gmm_weights": m.weights,
+            "gmm_means": m.means,
+            "gmm_precisions_cholesky": m.precisions_cholesky,
+            "reference_vector_scores": np.asarray(self.reference_vector_scores_),
+        }
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "n_vectors": self.n_vectors_,
+            "vector_dim": int(self.pca_mean_.shape[0]),
+            "pca_dims": self.n_pca_,
+            "explained_variance": self.explained_variance_,
+            "n_components": self.n_components_,
+            "covariance": self.mixture_.covariance,
+            "reg_covar_absolute": self.reg_,
+            "em_iterations": self.mixture_.n_iter,
+            "em_converged": self.mixture_.converged,
+            "selection": self.selection_,
+            "fit_seconds": self.fit_seconds_,
+        }
+
+    @classmethod
+    def restore(cls, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray], view: str) -> ViewReference:
+        """``view``: the artifact names it (the key of ``info``), the estimator does not repeat it."""
+        est = cls(view=view, covariance_type=info["covariance"])
+        est.pca_mean_ = arrays["pca_mean"]
+        est.pca_components_ = arrays["pca_components"]
+        est.mixture_ = Mixture(
+            weights=arrays["gmm_weights"],
+            means=arrays["gmm_means"],
+            precisions_cholesky=arrays["gmm_precisions_cholesky"],
+            covariance=info["covariance"],
+            n_iter=int(info["em_iterations"]),
+            converged=bool(info["em_converged"]),
+        )
+        est.reference_vector_scores_ = arrays["reference_vector_scores"]
+        est.reference_scores_ = est.reference_vector_scores_.sum(axis=1)
+        est.explained_variance_ = float(info["explained_variance"])
+        est.n_components_, est.n_pca_ = int(info["n_components"]), int(info["pca_dims"])
+        est.n_vectors_, est.reg_ = int(info["n_vectors"]), float(info["reg_covar_absolute"])
+        est.selection_, est.fit_seconds_ = info["selection"], float(info["fit_seconds"])
+        # the layer's shape and the reference networks, as fit saw them: (n_networks, n_vectors) scores
+        # of vectors of length vector_dim, the columns (forward) or the rows (backward) of the layer
+        est.n_networks_ = int(est.reference_vector_scores_.shape[0])
+        d = int(est.pca_mean_.shape[0])
+        est.shape_ = (d, est.n_vectors_) if view == "forward" else (est.n_vectors_, d)
+        return est
 
 
 @dataclass(frozen=True)
@@ -385,6 +439,10 @@ class Reference:
     def score(self, network: Any) -> dict[str, float]:
         return {v: network_score(self.views_[v], s) for v, s in self.score_vectors(network).items()}
 
+    def held_detectors(self) -> dict[str, Reference]:
+        """This reference and any it holds, by name: what ``evaluate --detector`` may pick from an artifact."""
+        return {self.detector: self}
+
     def decide(self, scores: dict[str, float]) -> Decision:
         check_fitted(self, "thresholds_")
         return decide(scores, self.thresholds_)
@@ -407,6 +465,99 @@ class Reference:
         }
 
     # -- persistence ----------------------------------------------------------------------
-    def save(self, path, *, overwrite: bool = False, extra: dict | None = None) -> str:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> str:
         """Write the artifact (:mod:`detector.artifact`); load it with :func:`detector.detectors.load_reference`."""
         return save_reference(self, path, overwrite=overwrite, extra=extra)
+
+    def _scores_are(self) -> str:
+        """What a score is, for the artifact's ``score_convention``."""
+        return "log-likelihood"
+
+    def info(self) -> dict[str, Any]:
+        """The artifact's metadata (:mod:`detector.artifact` adds format, version, time and digests)."""
+        check_fitted(self, "thresholds_")
+        return {
+            "detector": self.detector,
+            "layer": self.config.layer,
+            "layer_shape": list(self.shape_),
+            "views": {
+                v: {**est.info(), "threshold": self.thresholds_[v], "frr_empirical": self.frr_empirical_[v]}
+                for v, est in self.views_.items()
+            },
+            "score_convention": self._scores_are()
+            + "; higher = more typical of clean networks; blocked if any view < threshold",
+            "config": self.config.to_dict(),
+            "frr_target": self.config.frr,
+            "frr_empirical_combined": self.frr_empirical_["combined"],
+            "frr_upper_95_combined": getattr(self, "frr_upper_95_", None),
+            "calibration_warning": getattr(self, "calibration_warning_", None),
+            "classes": getattr(self, "classes_", None),
+            "threshold_source": self.threshold_source_,
+            "n_reference": self.n_reference_,
+            "n_calibration": int(len(next(iter(self.calibration_scores_.values())))),
+            "reference_checkpoints": self.reference_checkpoints_,
+            "calibration_checkpoints": self.calibration_checkpoints_,
+            "trunk_digests": getattr(self, "trunk_digests_", {}),
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per view, the clean calibration networks' per-unit scores and the estimator's own arrays."""
+        check_fitted(self, "thresholds_")
+        out: dict[str, np.ndarray] = {}
+        for v, est in self.views_.items():
+            out[f"{v}.calibration_vector_scores"] = np.asarray(self.calibration_vector_scores_[v])
+            out.update({f"{v}.{k}": a for k, a in est.arrays().items()})
+        return out
+
+    def nested_references(self) -> dict[str, Reference]:
+        """References saved whole inside this one's artifact (a composite's members; none here)."""
+        return {}
+
+    @classmethod
+    def restore(
+        cls, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray], members: Mapping[str, Reference] | None = None
+    ) -> Reference:
+        """The calibrated reference an artifact holds (its metadata ``info`` already verified)."""
+        ref = cls._from_info(info, ReferenceConfig.from_dict(info["config"]))
+        ref.views_, ref.calibration_vector_scores_ = {}, {}
+        for v in ref._saved_views(info):
+            prefix = f"{v}."
+            own = {k[len(prefix) :]: a for k, a in arrays.items() if k.startswith(prefix)}
+            ref.views_[v] = ref._restore_view(v, info["views"][v], own)
+            ref.calibration_vector_scores_[v] = arrays[f"{v}.calibration_vector_scores"]
+        ref.calibration_scores_ = {
+            v: network_scores(est, ref.calibration_vector_scores_[v]) for v, est in ref.views_.items()
+        }
+        ref.thresholds_ = {v: float(info["views"][v]["threshold"]) for v in ref.views_}
+        ref.frr_empirical_ = {v: float(info["views"][v]["frr_empirical"]) for v in ref.views_}
+        ref.frr_empirical_["combined"] = float(info["frr_empirical_combined"])
+        ref.frr_upper_95_ = info.get("frr_upper_95_combined")
+        ref.calibration_warning_ = info.get("calibration_warning")
+        ref.n_calibration_ = int(info["n_calibration"])
+        ref.classes_ = info.get("classes")
+        ref.shape_ = tuple(info["layer_shape"])
+        ref.n_reference_ = int(info["n_reference"])
+        ref.reference_checkpoints_ = info["reference_checkpoints"]
+        ref.calibration_checkpoints_ = info["calibration_checkpoints"]
+        ref.threshold_source_ = info["threshold_source"]
+        ref.trunk_digests_ = dict(info.get("trunk_digests") or {})
+        return ref
+
+    @classmethod
+    def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> Reference:
+        """The unfitted reference the artifact's metadata describes (its own parameters)."""
+        return cls(config)
+
+    def _saved_views(self, info: Mapping[str, Any]) -> list[str]:
+        """The views to restore, in the order fit made them (the metadata's keys are sorted)."""
+        return list(self.config.views)
+
+    def _restore_view(self, view: str, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Any:
+        return ViewReference.restore(info, arrays, view=view)
+
+
+class GaussianReference(Reference):
+    """``gaussian``: the paper's GMM with one Gaussian per view (N_G = 1; built with ``components=1``
+    by :func:`detector.detectors.make_reference`): does the mixture add anything?"""
+
+    detector = "gaussian"

@@ -153,7 +153,7 @@ def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_p
         a, b = ref.assess(p), back.assess(p)
         assert a.scores == b.scores and a.decision == b.decision
         assert set(a.evidence.scores) == {"gmm.forward", "gmm.backward"}
-    assert back.name == "fusion" and set(back.thresholds_) == {"classifier", "spectrum"}
+    assert back.detector == "fusion" and set(back.thresholds_) == {"classifier", "spectrum"}
     # the fused rule is "any part below its threshold" with thresholds from one cut on the fused score
     cal = back.calibration_scores_
     fused = np.min([(cal[p] - m) / s for p, (m, s) in back.standardisation_.items()], axis=0)
