@@ -355,11 +355,33 @@ def load_networks(path: Path) -> tuple[list[dict], list[dict]]:
     return nets, W
 
 
+def _fit_and_score(
+    config: PaperConfig, lab: _Lab, ref_idx: list[int], held: list[int], timings: dict[str, float], log
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Every detector fitted on the reference networks, calibrated on the held-out ones, and its
+    scores of every network (a fusion's one score under "fused": its parts are not thresholded alone)."""
+    from detector.detectors import make_reference
+
+    W = lab.weights
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    refs: dict[str, Any] = {}
+    for det in config.detectors:
+        t = time.perf_counter()
+        ref = make_reference(det, ReferenceConfig.from_dict(config.reference))
+        ref.fit([W[i] for i in ref_idx], base=lab.base).calibrate([W[i] for i in held])
+        per_net = [ref.score(w) for w in W]
+        scores[det] = {k: np.array([s[k] for s in per_net]) for k in ref.thresholds_}
+        if hasattr(ref, "fused") and len(ref.thresholds_) > 1:
+            scores[det] = {"fused": np.array([ref.fused(s) for s in per_net]), **scores[det]}
+        refs[det] = ref
+        timings[f"fit_and_score_{det}_s"] = time.perf_counter() - t
+        log(f"{det}: fitted and scored in {timings[f'fit_and_score_{det}_s']:.0f} s")
+    return refs, scores
+
+
 def run_paper(
     out: str | Path, config: PaperConfig = PaperConfig(), base: dict | None = None, log=print, rescore: bool = False
 ) -> dict:
-    from detector.detectors import make_reference
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -382,22 +404,7 @@ def run_paper(
     groups = detection_groups(nets)
     ref_idx, held = groups["reference"], groups["held-out"]
 
-    # every detector: fitted on the reference networks, calibrated on the held-out ones
-    scores: dict[str, dict[str, np.ndarray]] = {}
-    refs = {}
-    for det in config.detectors:
-        t = time.perf_counter()
-        ref = make_reference(det, ReferenceConfig.from_dict(config.reference))
-        ref.fit([W[i] for i in ref_idx], base=lab.base).calibrate([W[i] for i in held])
-        per_net = [ref.score(w) for w in W]
-        scores[det] = {k: np.array([s[k] for s in per_net]) for k in ref.thresholds_}
-        if (
-            hasattr(ref, "fused") and len(ref.thresholds_) > 1
-        ):  # the fusion's one score (its parts are not thresholded alone)
-            scores[det] = {"fused": np.array([ref.fused(s) for s in per_net]), **scores[det]}
-        refs[det] = ref
-        timings[f"fit_and_score_{det}_s"] = time.perf_counter() - t
-        log(f"{det}: fitted and scored in {timings[f'fit_and_score_{det}_s']:.0f} s")
+    refs, scores = _fit_and_score(config, lab, ref_idx, held, timings, log)
     gmm = refs["gmm"] if "gmm" in refs else next(iter(refs.values()))
 
     def is_blocked(det: str, i: int) -> bool:

@@ -159,17 +159,22 @@ def _refs(objs: list[dict]):
             if "configMap" in v:
                 yield "ConfigMap", ns, v["configMap"]["name"], v["configMap"].get("optional", False)
         for c in spec["containers"]:
-            for e in c.get("env", []):
-                ref = e.get("valueFrom", {})
-                if "secretKeyRef" in ref:
-                    yield "Secret", ns, ref["secretKeyRef"]["name"], ref["secretKeyRef"].get("optional", False)
-                if "configMapKeyRef" in ref:
-                    yield "ConfigMap", ns, ref["configMapKeyRef"]["name"], ref["configMapKeyRef"].get("optional", False)
-            for e in c.get("envFrom", []):
-                if "configMapRef" in e:
-                    yield "ConfigMap", ns, e["configMapRef"]["name"], e["configMapRef"].get("optional", False)
-                if "secretRef" in e:
-                    yield "Secret", ns, e["secretRef"]["name"], e["secretRef"].get("optional", False)
+            yield from _container_refs(c, ns)
+
+
+def _container_refs(c: dict, ns: str):
+    """The Secrets and ConfigMaps one container's environment reads."""
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {})
+        if "secretKeyRef" in ref:
+            yield "Secret", ns, ref["secretKeyRef"]["name"], ref["secretKeyRef"].get("optional", False)
+        if "configMapKeyRef" in ref:
+            yield "ConfigMap", ns, ref["configMapKeyRef"]["name"], ref["configMapKeyRef"].get("optional", False)
+    for e in c.get("envFrom", []):
+        if "configMapRef" in e:
+            yield "ConfigMap", ns, e["configMapRef"]["name"], e["configMapRef"].get("optional", False)
+        if "secretRef" in e:
+            yield "Secret", ns, e["secretRef"]["name"], e["secretRef"].get("optional", False)
 
 
 @pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
