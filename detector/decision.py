@@ -123,6 +123,6 @@ def fault(reason: str) -> Decision:
     return Decision(ERROR, reason if reason.startswith("gate error") else f"gate error: {reason}")
 
 
-def _finite(x) -> bool:
+def _finite(x: Any) -> bool:
     """A real, finite number (bools and strings are not scores)."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))

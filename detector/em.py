@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,7 +141,7 @@ def default_threads() -> int:
 
 
 @contextmanager
-def _threads(n: int | None):
+def _threads(n: int | None) -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(int(n) if n else default_threads())
     try:
@@ -154,7 +156,7 @@ def _threads(n: int | None):
 class _Params:
     """weights (k,), means (k, d), prec: (k, d) = 1/sigma for diag, (k, d, d) upper P for full."""
 
-    def __init__(self, weights, means, prec, covariance: str):
+    def __init__(self, weights: torch.Tensor, means: torch.Tensor, prec: torch.Tensor, covariance: str) -> None:
         self.weights, self.means, self.prec, self.covariance = weights, means, prec, covariance
         self.k, self.d = means.shape
         if covariance == "diag":
@@ -238,6 +240,12 @@ def _tile_log_joint(
 # --------------------------------------------------------------------------------------------
 # The bound: an upper bound on every log joint from a few leading / chosen dimensions
 # --------------------------------------------------------------------------------------------
+#: (nk, S1, S2, kept): the M-step's sums, uncentred
+_SumsTuple = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, list | None]
+#: (float32 bound weights, hint per sorted point, margin per sorted point)
+_BoundArrays = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class _Sums:
     """Sums over responsibilities of 1, y and y^2 (y = x - centre) for the M-step; ``kept`` holds
@@ -258,7 +266,9 @@ class _Sums:
             None if diag else [],
         )
 
-    def add(self, Y: torch.Tensor, Y2: torch.Tensor | None, cols: torch.Tensor | None, R: torch.Tensor, f64: bool):
+    def add(
+        self, Y: torch.Tensor, Y2: torch.Tensor | None, cols: torch.Tensor | None, R: torch.Tensor, f64: bool
+    ) -> None:
         y = Y if f64 else Y.to(torch.float64)
         y2 = None if self.S2 is None else (Y2 if f64 and Y2 is not None else y * y)
         if cols is None:
@@ -274,7 +284,7 @@ class _Sums:
         if self.kept is not None:
             self.kept.append((y, cols, R))
 
-    def uncentred(self, centre: torch.Tensor):
+    def uncentred(self, centre: torch.Tensor) -> _SumsTuple:
         """Back to scikit-learn's sums: sum r x = S1 + c nk, sum r x^2 = S2 + 2 c S1 + c^2 nk."""
         c = centre.to(torch.float64)
         if self.S2 is not None:
@@ -393,7 +403,9 @@ class _Engine:
         self._view_cache = _View(self, order)
         return self._view_cache
 
-    def e_step(self, p: _Params, hint: torch.Tensor | None, stats: bool = True):
+    def e_step(
+        self, p: _Params, hint: torch.Tensor | None, stats: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None, _SumsTuple | None]:
         """Returns (logp (n,), new hint (n,) or None, M-step statistics or None)."""
         k, n, d = p.k, self.n, self.d
         bounded = self.use_bound and k > DENSE_MAX_COMPONENTS
@@ -439,7 +451,7 @@ class _Engine:
         new_hint[view.order] = new_hint_v
         return logp, new_hint, out
 
-    def _bounded_view(self, p: _Params, hint: torch.Tensor | None):
+    def _bounded_view(self, p: _Params, hint: torch.Tensor | None) -> tuple[_View, torch.Tensor, _BoundArrays]:
         """The points sorted by hinted component, and what the pruning bound needs per point."""
         k, n = p.k, self.n
         b = self._bound_for(p)
@@ -455,7 +467,9 @@ class _Engine:
         return view, hint, (W, hint[order], margin_v)
 
     @staticmethod
-    def _bounded_tile(p: _Params, view, bound, sl: slice, Y: torch.Tensor, Y2: torch.Tensor | None):
+    def _bounded_tile(
+        p: _Params, view: _View, bound: _BoundArrays, sl: slice, Y: torch.Tensor, Y2: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact log joints of one tile on its hinted components, plus every component the bound
         cannot rule out: L = the hinted best <= log p(x)."""
         W, hint_v, margin_v = bound
@@ -472,7 +486,7 @@ class _Engine:
         return cols, V
 
     # -- M ------------------------------------------------------------------------------
-    def m_step(self, p: _Params, logp: torch.Tensor, sums, reg: float) -> _Params:
+    def m_step(self, p: _Params, logp: torch.Tensor, sums: _SumsTuple, reg: float) -> _Params:
         """scikit-learn's M-step from the gathered sums; weak components recomputed densely."""
         nk, S1, S2, tiles = sums
         X, k, d = self.X64, p.k, self.d
@@ -488,7 +502,9 @@ class _Engine:
         nk = nk + _EPS10
         means = S1 / nk[:, None]
         if self.covariance == "diag":
+            assert S2 is not None  # gathered for the diagonal covariance
             return self._finish(nk, means, S2 / nk[:, None] - means * means + reg)
+        assert tiles is not None  # kept for the full covariance
         cov = torch.zeros(k, d, d, dtype=torch.float64)
         means_c = means - self.centre.to(torch.float64)  # the tiles hold centred points
         for y, cols, R in tiles:
@@ -514,7 +530,7 @@ class _Engine:
             out[s : s + 4096] = _tile_log_joint(v.Y[s : s + 4096], self.centre, p, cols, Y2)
         return out
 
-    def _finish(self, nk, means, cov) -> _Params:
+    def _finish(self, nk: torch.Tensor, means: torch.Tensor, cov: torch.Tensor) -> _Params:
         weights = nk / nk.sum()
         return _Params(weights, means, precision_cholesky(cov, self.covariance), self.covariance)
 
@@ -549,7 +565,7 @@ def _check_init(init: Mixture, n_components: int, d: int, covariance: str) -> No
         raise ValueError(f"init means have shape {init.means.shape}, expected {(n_components, d)}")
 
 
-def _check_hint(hint, n: int, k: int) -> torch.Tensor | None:
+def _check_hint(hint: Any, n: int, k: int) -> torch.Tensor | None:
     if hint is None:
         return None
     h = np.asarray(hint)
@@ -625,6 +641,7 @@ def fit(
         for n_iter in range(1, max_iter + 1):  # noqa: B007 (read after the loop)
             prev = lower_bound
             logp, h, sums = engine.e_step(p, h)
+            assert sums is not None  # gathered by default
             p = engine.m_step(p, logp, sums, reg)
             lower_bound = float(logp.mean())
             lower_bounds.append(lower_bound)

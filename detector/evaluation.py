@@ -6,10 +6,12 @@ Backdoored is the positive class and a *lower* score means more anomalous (see
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 
-def roc_auc(clean_scores, backdoored_scores) -> float:
+def roc_auc(clean_scores: Any, backdoored_scores: Any) -> float:
     c = np.asarray(clean_scores, dtype=np.float64).ravel()
     b = np.asarray(backdoored_scores, dtype=np.float64).ravel()
     if c.size == 0 or b.size == 0:

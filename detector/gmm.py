@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -144,7 +146,7 @@ def select_mixture(
     max_iter: int = 100,
     tol: float = 1e-3,
     seed: int = 0,
-    progress=None,
+    progress: Callable[..., Any] | None = None,
     backend: str | None = None,
 ) -> tuple[Mixture, list[Candidate]]:
     """Fit one mixture per N_G in ``grid`` and keep the one with the lowest AIC (or BIC).

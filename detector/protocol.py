@@ -36,7 +36,7 @@ class Detector(Protocol):
     def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> Detector:
         """Thresholds at the target FRR on held-out clean networks (else leave-one-out)."""
 
-    def assess(self, network: Any):
+    def assess(self, network: Any) -> Any:
         """Trunk check, every part's score and per-unit evidence, the decision: an ``Assessment``."""
 
     def score(self, network: Any) -> dict[str, float]:
@@ -45,11 +45,11 @@ class Detector(Protocol):
     def score_vectors(self, network: Any) -> Mapping[str, np.ndarray]:
         """Per-unit evidence: per vector (GMM views), per class (classifier), one value (spectrum)."""
 
-    def decide(self, scores: dict[str, float]):
+    def decide(self, scores: dict[str, float]) -> Any:
         """The rule of :mod:`detector.decision` applied to these scores and the thresholds."""
 
     def parts(self) -> dict[str, dict[str, Any]]:
         """Per scored part: threshold, whether it decides, the clean calibration scores (for reports)."""
 
-    def save(self, path, **kwargs) -> str:
+    def save(self, path: Any, **kwargs: Any) -> str:
         """Write the artifact atomically; returns its sha256."""

@@ -19,10 +19,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from detector.artifact import canonical_json
 from detector.decision import PASSED
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 FORMAT = "backdoor-gate/verdict"
 OVERRIDE_FORMAT = "backdoor-gate/override"
@@ -90,7 +93,7 @@ def digest(doc: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json(doc)).hexdigest()
 
 
-def key_id(public_key) -> str:
+def key_id(public_key: Ed25519PublicKey) -> str:
     """First 16 hex of the sha256 of the raw public key: names the key without revealing anything."""
     from cryptography.hazmat.primitives import serialization
 
@@ -98,7 +101,7 @@ def key_id(public_key) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
-def sign(doc: dict[str, Any], private_key) -> dict[str, Any]:
+def sign(doc: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
     """The signed envelope: document, its digest, the signature over its canonical JSON."""
     sig = private_key.sign(canonical_json(doc))
     return {
@@ -114,7 +117,9 @@ def unsigned(doc: dict[str, Any]) -> dict[str, Any]:
     return {"document": doc, "sha256": digest(doc), "algorithm": None, "key_id": None, "signature": None}
 
 
-def verify(envelope: dict[str, Any], public_key, model_bytes: bytes | None = None, fmt: str = FORMAT) -> dict[str, Any]:
+def verify(
+    envelope: dict[str, Any], public_key: Ed25519PublicKey, model_bytes: bytes | None = None, fmt: str = FORMAT
+) -> dict[str, Any]:
     """The document, if the envelope is intact and signed by ``public_key``; else VerdictError."""
     from cryptography.exceptions import InvalidSignature
 
@@ -140,7 +145,9 @@ def verify(envelope: dict[str, Any], public_key, model_bytes: bytes | None = Non
     return doc
 
 
-def verify_any(envelope: dict[str, Any], public_keys, fmt: str = FORMAT) -> tuple[dict[str, Any], str]:
+def verify_any(
+    envelope: dict[str, Any], public_keys: list[Ed25519PublicKey], fmt: str = FORMAT
+) -> tuple[dict[str, Any], str]:
     """The document and the id of the trusted key that signed it; VerdictError if none of them did."""
     keys = {key_id(k): k for k in public_keys}
     if not keys:
@@ -188,7 +195,7 @@ def intoto_statement(doc: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def dsse_sign(statement: dict[str, Any], private_key) -> dict[str, Any]:
+def dsse_sign(statement: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
     body = canonical_json(statement)
     sig = private_key.sign(_pae(DSSE_PAYLOAD_TYPE, body))
     return {
@@ -198,7 +205,7 @@ def dsse_sign(statement: dict[str, Any], private_key) -> dict[str, Any]:
     }
 
 
-def dsse_verify(envelope: dict[str, Any], public_keys) -> dict[str, Any]:
+def dsse_verify(envelope: dict[str, Any], public_keys: list[Ed25519PublicKey]) -> dict[str, Any]:
     """The statement, if one signature is by a trusted key over the PAE of the payload; else VerdictError."""
     from cryptography.exceptions import InvalidSignature
 
@@ -249,7 +256,7 @@ def admitted(statement: dict[str, Any], sha256: str) -> dict[str, Any]:
 
 
 # -- signed references ----------------------------------------------------------------------
-def sign_reference(ref_dir: str | os.PathLike, private_key) -> Path:
+def sign_reference(ref_dir: str | os.PathLike, private_key: Ed25519PrivateKey) -> Path:
     """Write ``reference.sig.json``: a signature over the artifact's ``artifact_sha256``.
 
     That digest covers every field of ``reference.json`` and, through it, ``arrays.npz``; the
@@ -264,7 +271,7 @@ def sign_reference(ref_dir: str | os.PathLike, private_key) -> Path:
     return path
 
 
-def verify_reference(ref_dir: str | os.PathLike, public_keys) -> str:
+def verify_reference(ref_dir: str | os.PathLike, public_keys: list[Ed25519PublicKey]) -> str:
     """The id of the trusted key that signed this reference artifact; VerdictError otherwise."""
     from detector.artifact import read_metadata
 
@@ -299,7 +306,7 @@ def generate_keypair(out_dir: str | os.PathLike) -> tuple[Path, Path]:
     return priv, pub
 
 
-def load_private_key(pem: bytes):
+def load_private_key(pem: bytes) -> Ed25519PrivateKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -312,7 +319,7 @@ def load_private_key(pem: bytes):
     return key
 
 
-def load_public_key(path: str | os.PathLike):
+def load_public_key(path: str | os.PathLike) -> Ed25519PublicKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 

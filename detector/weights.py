@@ -42,12 +42,12 @@ class StateDict(dict):
 
     def __init__(
         self,
-        tensors=(),
+        tensors: Any = (),
         *,
         metadata: Mapping[str, str] | None = None,
         source: str = "<memory>",
         sha256: str | None = None,
-    ):
+    ) -> None:
         super().__init__(tensors)
         self.metadata = dict(metadata or {})
         self.source = source
