@@ -25,7 +25,7 @@ import pytest
 from components import access as A
 from components import gate as G
 from components.mlflow_server import MlflowServer
-from components.registry import CANDIDATE_EXPERIMENT, REFERENCE_DIR, Registry, RegistryError
+from components.registry import CANDIDATE_EXPERIMENT, REFERENCE_DIR, MlflowRegistry, RegistryError
 from tests.conftest import GateWorld, deployed_auth_settings
 
 PASSWORDS = {
@@ -100,7 +100,7 @@ def deployment(tmp_path_factory):
             policy = A.AccessPolicy("gate", "publisher", ("trainer",), ("reviewer",), ("viewer",))
             assert A.apply(policy, server.uri) == ([], [])  # idempotent: nothing left to change, nobody can read it
         with as_user("publisher"):
-            published = G.publish_reference(Registry(server.uri), world.reference_dir)
+            published = G.publish_reference(MlflowRegistry(server.uri), world.reference_dir)
         yield type("Deployment", (), dict(server=server, world=world, reference=published, tmp=tmp))
     finally:
         server.stop()
@@ -124,15 +124,15 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
     server, world = deployment.server, deployment.world
     files = {"good": world.ckpt("clean", "passed"), "bad": world.ckpt("backdoored", "blocked")}
     with as_user("trainer"):
-        good = Registry(server.uri).register(
+        good = MlflowRegistry(server.uri).register(
             "facenet", {"model.safetensors": files["good"]}, tags={G.REGISTERED_BY: "trainer"}
         )
-        bad = Registry(server.uri).register(
+        bad = MlflowRegistry(server.uri).register(
             "facenet", {"model.safetensors": files["bad"]}, tags={G.REGISTERED_BY: "trainer"}
         )
     # read-only identities cannot move the alias; no credentials: refused outright
     with as_user("viewer"), pytest.raises(RegistryError, match="403|PERMISSION_DENIED|permission"):
-        Registry(server.uri).set_alias("facenet", "production", good.version)
+        MlflowRegistry(server.uri).set_alias("facenet", "production", good.version)
     p = _gate_cli(server.uri, good.version, None)
     assert p.returncode == 2 and "gate error" in p.stdout + p.stderr
     # the gate identity, credentials from the environment (a Secret in the cluster), reads the
@@ -143,7 +143,7 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
         assert p.returncode == want, p.stdout + p.stderr
         outputs.append(p.stdout + p.stderr)
     with as_user("viewer"):
-        assert Registry(server.uri).version_by_alias("facenet", "production").version == good.version
+        assert MlflowRegistry(server.uri).version_by_alias("facenet", "production").version == good.version
     # the registrant cannot override its own blocked version; another reviewer can
     from detector import verdict as V
 
@@ -156,7 +156,7 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
             bad.version,
             reason="mine is fine",
             key=sk["trainer"],
-            registry=Registry(server.uri),
+            registry=MlflowRegistry(server.uri),
             config=reviewers,
         )
     with as_user("reviewer"):
@@ -165,14 +165,16 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
             bad.version,
             reason="false positive, checked by hand",
             key=sk["reviewer"],
-            registry=Registry(server.uri),
+            registry=MlflowRegistry(server.uri),
             config=reviewers,
         )
     assert info.tags[G.OVERRIDE_BY] == "reviewer"
     # no password appears in any tag or in what the gate printed
     with as_user("viewer"):
         tags = [
-            t for v in (good.version, bad.version) for t in Registry(server.uri).version("facenet", v).tags.values()
+            t
+            for v in (good.version, bad.version)
+            for t in MlflowRegistry(server.uri).version("facenet", v).tags.values()
         ]
     for secret in PASSWORDS.values():
         assert not any(secret in t for t in tags) and not any(secret in o for o in outputs)
@@ -181,7 +183,7 @@ def test_basic_auth_roles_and_no_credential_leaks(deployment):
 def _reference_run(deployment) -> dict:
     """Where the published reference lives, as the gate sees it (it may read it)."""
     with as_user("gate"):
-        reg = Registry(deployment.server.uri)
+        reg = MlflowRegistry(deployment.server.uri)
         info = reg.version_by_alias(G.GateConfig().reference_model, "current")
         assert info is not None and info.run_id, "no published reference"
         run = reg.client.get_run(info.run_id)
@@ -227,14 +229,14 @@ def test_registrants_cannot_read_the_reference(deployment):
         assert status == 200, (what, status, body[:300])
         assert what == "proxy list" or body == arrays, what
     with as_user("gate"), tempfile.TemporaryDirectory() as tmp:
-        got = Registry(uri).download(f"models:/{config.reference_model}@{config.reference_alias}", tmp)
+        got = MlflowRegistry(uri).download(f"models:/{config.reference_model}@{config.reference_alias}", tmp)
         assert (got / "arrays.npz").read_bytes() == arrays
     for user in OUTSIDERS:
         for what, url in urls.items():
             status, body = http_get(url, user)
             assert status == 403, f"{user} read the reference through {what}: HTTP {status} {body[:200]!r}"
         with as_user(user):
-            reg = Registry(uri)
+            reg = MlflowRegistry(uri)
             with pytest.raises(RegistryError, match=DENIED):
                 reg.version_by_alias(config.reference_model, config.reference_alias)
             with pytest.raises(RegistryError, match=DENIED):
@@ -254,7 +256,7 @@ def test_registrants_cannot_read_the_reference(deployment):
             assert reg.client.search_model_versions(f"name='{config.reference_model}'") == []
             assert config.reference_experiment not in [e.name for e in reg.client.search_experiments()]
     with as_user("trainer"):
-        reg = Registry(uri)
+        reg = MlflowRegistry(uri)
         # nor can the registrant make the server copy it into a version it can read
         for source, run_id in (
             (f"runs:/{ref['run_id']}/{REFERENCE_DIR}", ref["run_id"]),
@@ -265,10 +267,10 @@ def test_registrants_cannot_read_the_reference(deployment):
         # what the registrant sees of the reference through its own candidate's verdict: its digest and version
         v = reg.register("facenet", {"model.safetensors": world.ckpt("backdoored", "blocked")})
     with as_user("gate"):
-        result = G.gate("facenet", v.version, registry=Registry(uri))
+        result = G.gate("facenet", v.version, registry=MlflowRegistry(uri))
     assert (result.verdict, result.exit_code) == ("blocked", 1), result.reason
     with as_user("trainer"):
-        reg = Registry(uri)
+        reg = MlflowRegistry(uri)
         info = reg.version("facenet", v.version)
         assert info.tags[G.REFERENCE_SHA] == world.offline.artifact_sha256_
         assert info.tags[G.REFERENCE_VERSION] == ref["info"].version

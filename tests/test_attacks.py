@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from components import gate as G
-from components.registry import Registry
+from components.registry import MlflowRegistry
 from detector import verdict as V
 from detector.decision import decide
 from tests.conftest import GateWorld
@@ -42,12 +42,12 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def registry(mlflow_server, world):
-    reg = Registry(mlflow_server.uri)
+    reg = MlflowRegistry(mlflow_server.uri)
     G.publish_reference(reg, world.reference_dir)
     return reg
 
 
-def _register(reg: Registry, model: str, files: dict, who: str = "mallory"):
+def _register(reg: MlflowRegistry, model: str, files: dict, who: str = "mallory"):
     return reg.register(model, files, tags={G.REGISTERED_BY: who})
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 
 from components import gate as G
-from components.registry import Registry, RegistryError
+from components.registry import MlflowRegistry, RegistryError
 
 BUCKET = "mlflow-artifacts"
 PREFIX = "mlartifacts"
@@ -398,7 +398,7 @@ def world(tmp_path_factory):
 def published(stack, world):
     """The reference, published once by its publisher (the gate may only read it)."""
     with as_user(PUBLISHER_USER, stack.passwords[PUBLISHER_USER]):
-        return G.publish_reference(Registry(stack.mlflow.uri), world.reference_dir)
+        return G.publish_reference(MlflowRegistry(stack.mlflow.uri), world.reference_dir)
 
 
 def _sha(b: bytes) -> str:
@@ -407,7 +407,7 @@ def _sha(b: bytes) -> str:
 
 def test_gate_through_postgres_s3_and_basic_auth(stack, world, published):
     model = "facenet"
-    reg = Registry(stack.mlflow.uri)
+    reg = MlflowRegistry(stack.mlflow.uri)
     clean, backdoored = world.ckpt("clean", "passed"), world.ckpt("backdoored", "blocked")
 
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
@@ -453,7 +453,7 @@ def test_gate_through_postgres_s3_and_basic_auth(stack, world, published):
 def test_only_the_gate_identity_can_move_production(stack, world, published):
     """A reader (READ granted) can read, but not move aliases nor add versions, nor read the reference."""
     model = "facenet"
-    reg = Registry(stack.mlflow.uri)
+    reg = MlflowRegistry(stack.mlflow.uri)
     before = None
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
         try:
@@ -507,7 +507,7 @@ def test_s3_outage_fails_closed_and_a_rerun_converges(stack, world, published, m
     import signal
 
     model = "facenet-s3-outage"
-    reg = Registry(stack.mlflow.uri)
+    reg = MlflowRegistry(stack.mlflow.uri)
     with as_user(GATE_USER, stack.passwords[GATE_USER]):
         v = reg.register(
             model, {"model.safetensors": world.ckpt("clean", "passed")}, tags={G.REGISTERED_BY: "trainer-bot"}

@@ -204,9 +204,9 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
 def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server, tmp_path):
     """A reviewer in the MLflow UI sees which identity a blocked model would let an impostor into."""
     from components import gate as G
-    from components.registry import Registry
+    from components.registry import MlflowRegistry
 
-    reg = Registry(mlflow_server.uri)
+    reg = MlflowRegistry(mlflow_server.uri)
     ref = make_reference("fusion", ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
     ref.fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"]).save(tmp_path / "ref")
     cfg = G.GateConfig(reference_model="facenet-integrity-reference-fusion")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from components import gate as G
 from components.reconciler import Reconciler
-from components.registry import Registry
+from components.registry import MlflowRegistry
 from detector import verdict as V
 from detector.config import ReferenceConfig
 from detector.decision import judge
@@ -49,12 +49,12 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def registry(mlflow_server, world):
-    reg = Registry(mlflow_server.uri)
+    reg = MlflowRegistry(mlflow_server.uri)
     G.publish_reference(reg, world.reference_dir)
     return reg
 
 
-def _register(reg: Registry, model: str, path: Path, who: str = "mallory"):
+def _register(reg: MlflowRegistry, model: str, path: Path, who: str = "mallory"):
     return reg.register(model, {"model.safetensors": path}, tags={G.REGISTERED_BY: who})
 
 
@@ -150,9 +150,9 @@ def test_a_reference_that_recorded_no_trunk_passes_nothing(world):
 def test_the_gates_own_failures_say_error_in_every_output(mlflow_server, monkeypatch):
     monkeypatch.delenv(V.KEY_FILE_ENV, raising=False)
     monkeypatch.delenv(V.KEY_ENV, raising=False)
-    r = G.gate("anything", 1, registry=Registry(mlflow_server.uri))
+    r = G.gate("anything", 1, registry=MlflowRegistry(mlflow_server.uri))
     assert (r.verdict, r.error, r.exit_code, r.to_dict()["verdict"]) == ("error", True, 2, "error"), r
-    r = G.gate("anything", 1, registry=Registry("http://127.0.0.1:9"), signing_key=object())
+    r = G.gate("anything", 1, registry=MlflowRegistry("http://127.0.0.1:9"), signing_key=object())
     assert (r.verdict, r.exit_code) == ("error", 2), r
 
 
@@ -166,7 +166,7 @@ def test_a_gate_fault_writes_error_on_the_version(registry, world):
 
 
 # -- 2. records that cannot be read never keep (or block taking back) production ------------------
-def _oversized_verdict(registry: Registry, info, tmp_path: Path) -> None:
+def _oversized_verdict(registry: MlflowRegistry, info, tmp_path: Path) -> None:
     """The attacker's own run: integrity/vN/verdict.json replaced by a file over the 1 MiB read limit."""
     folder = tmp_path / f"big-{info.version}"
     folder.mkdir()

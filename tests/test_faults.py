@@ -11,7 +11,7 @@ import pytest
 
 from components import gate as G
 from components.mlflow_server import MlflowServer
-from components.registry import Registry
+from components.registry import MlflowRegistry
 from tests.conftest import GateWorld
 
 
@@ -23,7 +23,7 @@ def test_a_hanging_server_times_out_and_fails_closed(monkeypatch):
         hole.bind(("127.0.0.1", 0))
         hole.listen(16)
         t0 = time.monotonic()
-        r = G.gate("facenet", 1, registry=Registry(f"http://127.0.0.1:{hole.getsockname()[1]}"))
+        r = G.gate("facenet", 1, registry=MlflowRegistry(f"http://127.0.0.1:{hole.getsockname()[1]}"))
         elapsed = time.monotonic() - t0
     assert r.exit_code == 2 and "gate error" in r.reason and not r.promoted
     assert elapsed < 30, f"took {elapsed:.0f} s"
@@ -46,7 +46,7 @@ def test_full_artifact_store_leaves_no_verdict_and_a_rerun_converges(tmp_path, t
     good = world.ckpt("clean", "passed")
     server = MlflowServer(tmp_path / "mlflow").start()
     try:
-        reg = Registry(server.uri)
+        reg = MlflowRegistry(server.uri)
         G.publish_reference(reg, world.reference_dir)
         v = reg.register("facenet", {"model.safetensors": good}, tags={G.REGISTERED_BY: "ci"})
         filler = tiny_artifact_store / "filler"

@@ -14,7 +14,7 @@ import torch
 
 from components import gate as G
 from components.mlflow_server import MlflowServer
-from components.registry import Registry
+from components.registry import MlflowRegistry
 from detector.detectors import load_reference
 from tests.conftest import GateWorld
 
@@ -29,12 +29,12 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def registry(mlflow_server, world):
-    reg = Registry(mlflow_server.uri)
+    reg = MlflowRegistry(mlflow_server.uri)
     G.publish_reference(reg, world.reference_dir)
     return reg
 
 
-def _register(reg: Registry, model: str, path: Path, name="model.safetensors", who="trainer-bot"):
+def _register(reg: MlflowRegistry, model: str, path: Path, name="model.safetensors", who="trainer-bot"):
     return reg.register(model, {name: path}, tags={G.REGISTERED_BY: who})
 
 
@@ -121,7 +121,7 @@ def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_serve
     v = _register(registry, model, world.ckpt("clean", "passed"))
     swap_in = world.ckpt("backdoored").read_bytes()
 
-    class SwappingRegistry(Registry):
+    class SwappingRegistry(MlflowRegistry):
         calls = 0
 
         def download_artifact(self, info, max_bytes):
@@ -139,7 +139,7 @@ def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_serve
 
 def test_missing_reference_fails_closed(mlflow_server, world):
     """A gate fault is the gate's: exit 2, verdict ``error`` on the version (never the candidate's), no alias."""
-    reg = Registry(mlflow_server.uri)
+    reg = MlflowRegistry(mlflow_server.uri)
     model = _model()
     v = _register(reg, model, world.ckpt("clean"))
     r = G.gate(model, v.version, registry=reg, config=G.GateConfig(reference_model="no-such-reference"))
@@ -153,14 +153,14 @@ def test_missing_reference_fails_closed(mlflow_server, world):
 def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
     server = MlflowServer(tmp_path / "srv").start()
     try:
-        reg = Registry(server.uri)
+        reg = MlflowRegistry(server.uri)
         G.publish_reference(reg, world.reference_dir)
         model = "facenet"
         first = _register(reg, model, world.ckpt("clean", "passed"))
         assert G.gate(model, first.version, registry=reg).promoted
         second = _register(reg, model, world.ckpt("clean", "passed"))
 
-        class DyingRegistry(Registry):
+        class DyingRegistry(MlflowRegistry):
             def download_artifact(self, info, max_bytes):
                 out = super().download_artifact(info, max_bytes)
                 server.kill()  # the server dies after the candidate was read, before any verdict
@@ -184,7 +184,7 @@ def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
 def test_unreachable_server_is_a_gate_error():
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     try:
-        r = G.gate("facenet", 1, registry=Registry("http://127.0.0.1:9"))
+        r = G.gate("facenet", 1, registry=MlflowRegistry("http://127.0.0.1:9"))
     finally:
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "3"
     assert r.exit_code == 2 and "gate error" in r.reason and not r.promoted
@@ -251,7 +251,9 @@ def test_twenty_concurrent_gates_converge(registry, world):
     with ThreadPoolExecutor(max_workers=10) as pool:
         results = list(
             pool.map(
-                lambda v: G.gate(model, v, registry=Registry(registry.tracking_uri), config=G.GateConfig(report=False)),
+                lambda v: G.gate(
+                    model, v, registry=MlflowRegistry(registry.tracking_uri), config=G.GateConfig(report=False)
+                ),
                 versions,
             )
         )

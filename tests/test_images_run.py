@@ -300,7 +300,7 @@ def test_both_pipelines_run_in_the_images(client, mlflow, tmp_path, recorded_run
     from PIL import Image
 
     from components.gate import PROMOTED, VERDICT
-    from components.registry import Registry
+    from components.registry import MlflowRegistry
     from components.trainer.base_trunk import fixture_base
     from components.trainer.synth import SynthConfig, list_images, synthesize
     from pipelines.local import run_local
@@ -325,7 +325,7 @@ def test_both_pipelines_run_in_the_images(client, mlflow, tmp_path, recorded_run
             raise AssertionError(f"{name} failed: {e}\n{log.read_text()[-4000:]}") from e
 
     run("reference", n_reference=4, n_calibration=3, covariance="diag", grid="1,2,5")
-    reg = Registry(mlflow)
+    reg = MlflowRegistry(mlflow)
     assert reg.version_by_alias("facenet-integrity-reference", "current") is not None
     model = "facenet-images"
     run("candidate", model_name=model, seed=501)
@@ -359,7 +359,7 @@ def test_a_command_that_differs_from_the_yaml_is_caught(tmp_path):
 @pytest.mark.slow
 def test_webhook_receiver_runs_from_the_gate_image(client, mlflow, tmp_path):
     from components import gate as G
-    from components.registry import Registry
+    from components.registry import MlflowRegistry
     from components.webhook import PATH, register_webhook
     from detector import verdict as V
     from pipelines.local import container_env
@@ -367,7 +367,7 @@ def test_webhook_receiver_runs_from_the_gate_image(client, mlflow, tmp_path):
 
     world = GateWorld(tmp_path, seed=5)
     bad, good_file = world.ckpt("backdoored", "blocked"), world.ckpt("clean", "passed")
-    registry = Registry(mlflow)
+    registry = MlflowRegistry(mlflow)
     G.publish_reference(registry, world.reference_dir)
     (webhook,) = [c for p, _, c in _manifest_containers() if "webhook" in str(p) and "gate" in c["image"]]
     port = free_port()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from components import cluster, images
 from components.gate import PROMOTED, VERDICT
-from components.registry import Registry
+from components.registry import MlflowRegistry
 from pipelines.local import prune_runs
 
 
@@ -167,7 +167,7 @@ def test_local_run_end_to_end(tmp_path, mlflow_server):
         "--param",
         "grid=1,2,5",
     )
-    reg = Registry(mlflow_server.uri)
+    reg = MlflowRegistry(mlflow_server.uri)
     assert reg.version_by_alias("facenet-integrity-reference", "current") is not None
     model = "facenet-e2e"
     go("candidate", "--param", f"model_name={model}", "--param", "seed=501")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from components import gate as G
 from components.explain import TAG_TRIGGER, ExplainConfig, explain_version
-from components.registry import Registry
+from components.registry import MlflowRegistry
 from detector.config import DEFAULT_DETECTOR, ReferenceConfig
 from detector.detectors import make_reference
 from tests.conftest import FACE_NETS_SIZE
@@ -77,7 +77,7 @@ def blocked(chromium, mlflow_server, face_nets, module_dir):
 
     ref = make_reference(DEFAULT_DETECTOR, ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
     ref.fit(reference, base=face_nets["base"]).calibrate(calibration).save(root / "ref")
-    reg = Registry(mlflow_server.uri)
+    reg = MlflowRegistry(mlflow_server.uri)
     config = G.GateConfig(reference_model=REFERENCE_MODEL)
     G.publish_reference(reg, root / "ref", config)
     v = reg.register(MODEL, {"model.safetensors": backdoored}, tags={G.REGISTERED_BY: "bot"})

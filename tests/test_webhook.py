@@ -11,7 +11,7 @@ import pytest
 
 from components import gate as G
 from components.mlflow_server import MlflowServer
-from components.registry import Registry
+from components.registry import MlflowRegistry
 from components.webhook import PATH, DeliveryCheck, Receiver, Rejected, expected_signature, register_webhook
 from tests.conftest import GateWorld
 
@@ -81,13 +81,13 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
     ).start()
     receiver = None
     try:
-        registry = Registry(server.uri)
+        registry = MlflowRegistry(server.uri)
         G.publish_reference(registry, world.reference_dir)
         calls = []
 
         def gate_fn(model, version):
             calls.append((model, version))
-            return G.gate(model, version, registry=Registry(server.uri), config=G.GateConfig(report=False))
+            return G.gate(model, version, registry=MlflowRegistry(server.uri), config=G.GateConfig(report=False))
 
         receiver = Receiver(
             SECRET,
@@ -95,7 +95,7 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
             models=("facenet",),
             host="127.0.0.1",
             port=0,
-            guard_fn=lambda m: G.guard_alias(m, registry=Registry(server.uri)),
+            guard_fn=lambda m: G.guard_alias(m, registry=MlflowRegistry(server.uri)),
         ).serve_in_thread()
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)  # idempotent
