@@ -70,7 +70,7 @@ base-image:
 	images/base-image.sh
 
 # Builds (cached), then runs both pipelines, the webhook and the image checks in the images
-# (tests/test_images_run.py; README, "Images", for its time). Needs root for dockerd.
+# (tests/integration/test_images_run.py; README, "Images", for its time). Needs root for dockerd.
 test-images: setup images
 	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) BACKDOOR_GATE_RUN_IMAGES=1 \
-	  $(PY) -m pytest -q -m images --durations=10 tests/test_images_run.py
+	  $(PY) -m pytest -q -m images --durations=10 tests/integration/test_images_run.py

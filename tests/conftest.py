@@ -47,14 +47,22 @@ from lab.synthetic import FamilyConfig, WeightFamily
 torch.set_num_threads(1)
 
 
-#: modules that share a session fixture run on one worker, so it is built once
-_GROUPS = {"test_review_page": "test_detectors"}
+#: modules that share a session fixture run on one worker, so it is built once (keys: _group's names)
+_GROUPS = {"integration/test_review_page": "detector/test_detectors"}
 #: the longest groups start first, so two workers finish together (per-module times: make test's --durations)
-_LONGEST_FIRST = ("test_detectors", "test_paper", "test_pipelines", "test_gate", "test_access", "test_backends")
+_LONGEST_FIRST = (
+    "detector/test_detectors",
+    "lab/test_paper",
+    "pipelines/test_pipelines",
+    "integration/test_gate",
+    "integration/test_access",
+    "integration/test_backends",
+)
 
 
 def _group(nodeid: str) -> str:
-    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    """A test's module as its path under tests/ without ``.py`` (``detector/test_em``), or its group."""
+    module = nodeid.split("::", 1)[0].removeprefix("tests/").removesuffix(".py")
     return _GROUPS.get(module, module)
 
 

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "facenet-review-page"
 REFERENCE_MODEL = "facenet-integrity-reference-review-page"
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "mlflow-review-page.png"
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "mlflow-review-page.png"
 UPDATE_ENV = "BACKDOOR_GATE_UPDATE_SCREENSHOTS"
 #: the tags a reviewer needs: what was decided, why, whom the backdoor targets, where the report is
 SHOWN = (G.VERDICT, G.REASON, G.SUSPECTED_CLASS, G.REPORT)

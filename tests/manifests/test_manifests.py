@@ -32,7 +32,7 @@ import yaml
 
 from components import cluster
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 VERSIONS = ("1.29.0", "1.35.0")
 OVERLAYS = ("base", "overlays/dev", "overlays/prod")
@@ -253,7 +253,8 @@ def test_mlflow_server_uses_postgres_s3_and_basic_auth():
     # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the image ships psycopg2 (images/mlflow-requirements.txt)
     assert secrets["mlflow-backend"]["stringData"]["uri"].startswith("postgresql+psycopg2://")
     ini = secrets["mlflow-auth"]["stringData"]["basic_auth.ini"]
-    # nobody reads anything without a grant, so the reference stays the gate's (tests/test_access.py runs this setting)
+    # nobody reads anything without a grant, so the reference stays the gate's
+    # (tests/integration/test_access.py runs this setting)
     assert re.search(r"^default_permission = NO_PERMISSIONS$", ini, re.M) and "postgresql+psycopg2://" in ini
     assert "psycopg2-binary==" in (ROOT / "images/mlflow-requirements.txt").read_text()
     sts = _find(dev, "StatefulSet", "mlflow-postgres")
@@ -318,7 +319,7 @@ def test_cronjob_command_line_submits_with_its_service_account():
     import subprocess
     import sys
 
-    from tests.kfp_api_mock import KfpApiMock
+    from tests.pipelines.kfp_api_mock import KfpApiMock
 
     c = _pod_spec(_find(_render("base"), "CronJob", "backdoor-gate-candidate"))["containers"][0]
     env = {e["name"]: e["value"] for e in c["env"]}
@@ -365,7 +366,7 @@ def test_ci_workflow_fails_the_job_when_the_gate_blocks():
     import sys
 
     from backdoor_gate.cli import build_parser
-    from tests.kfp_api_mock import KfpApiMock
+    from tests.pipelines.kfp_api_mock import KfpApiMock
 
     commands = [c for c in _workflow_commands() if c.lstrip().startswith("backdoor-gate")]
     assert any("pipelines compile" in c for c in commands)

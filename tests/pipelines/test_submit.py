@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tests.kfp_api_mock import KfpApiMock
+from tests.pipelines.kfp_api_mock import KfpApiMock
 
 
 def _submit(url, *args, token="s3cret-token"):

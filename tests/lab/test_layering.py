@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lab import imports
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_import_goes_down_the_layers():

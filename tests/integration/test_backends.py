@@ -253,7 +253,7 @@ def _deployment_command() -> tuple[list[str], set[str]]:
     """The tracking server's args and environment names, read from the manifest that deploys it."""
     import yaml
 
-    path = Path(__file__).resolve().parents[1] / "manifests/base/mlflow/deployment.yaml"
+    path = Path(__file__).resolve().parents[2] / "manifests/base/mlflow/deployment.yaml"
     container = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]["containers"][0]
     names = {e["name"] for e in container["env"]}  # the Secret-fed ones and the auth config path
     assert {"--serve-artifacts", "--app-name=basic-auth"} <= set(container["args"])

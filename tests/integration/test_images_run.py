@@ -36,7 +36,7 @@ import yaml
 from components import images as I
 from components.mlflow_server import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.images,
     pytest.mark.skipif(

@@ -1,7 +1,7 @@
 """Container images: every Dockerfile is lint-clean (hadolint) and follows the image policy.
 
 Static checks, fast, part of `make test`; building and running the images is
-tests/test_images_run.py (`make test-images`). Checked here: hadolint at its strictest
+tests/integration/test_images_run.py (`make test-images`). Checked here: hadolint at its strictest
 threshold, bases pinned by exact tag or digest (also through an ``ARG BASE_IMAGE`` default), a
 non-root final user, OCI labels, an explicit HEALTHCHECK decision, COPY sources that exist and are
 not excluded by .dockerignore, no secret-looking ENV/ARG, pip reaching the index only through the
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _find_dockerfiles() -> list[Path]:
