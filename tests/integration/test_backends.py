@@ -34,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -43,6 +42,7 @@ import pytest
 
 from components import gate as G
 from components.registry import MlflowRegistry, RegistryError
+from tests.polling import wait_for
 
 BUCKET = "mlflow-artifacts"
 PREFIX = "mlartifacts"
@@ -63,15 +63,14 @@ def _venv_bin(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def _wait(what: str, ready, proc: subprocess.Popen | None, log: Path, timeout: float = STARTUP_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def _running(what: str, proc: subprocess.Popen | None, log: Path):
+    """A wait_for check: waiting is over when the process has exited."""
+
+    def check() -> None:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
-        if ready():
-            return
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} not ready after {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
+
+    return check
 
 
 def _stop_group(proc: subprocess.Popen | None) -> None:
@@ -222,7 +221,14 @@ class S3Server:
             except Exception:
                 return False
 
-        _wait("moto S3 server", ready, self.proc, self.log)
+        wait_for(
+            ready,
+            STARTUP_TIMEOUT,
+            what="moto S3 server ready",
+            interval=0.3,
+            check=_running("moto S3 server", self.proc, self.log),
+            detail=lambda: self.log.read_text(errors="replace")[-2000:],
+        )
         return self
 
     def client(self):
@@ -321,7 +327,14 @@ class ProductionMlflow:
             except (OSError, urllib.error.HTTPError):
                 return False
 
-        _wait("mlflow server", ready, self.proc, self.log, timeout=90)
+        wait_for(
+            ready,
+            90,
+            what="mlflow server ready",
+            interval=0.3,
+            check=_running("mlflow server", self.proc, self.log),
+            detail=lambda: self.log.read_text(errors="replace")[-2000:],
+        )
         return self
 
     def stop(self) -> None:

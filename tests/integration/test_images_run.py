@@ -35,6 +35,7 @@ import yaml
 
 from components import images as I
 from components.mlflow_server import free_port
+from tests.polling import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [
@@ -65,18 +66,26 @@ def client():
 
 
 def _wait_http(url: str, container, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def exited() -> None:
         container.reload()
         if container.status == "exited":
             raise AssertionError(f"{container.image.tags} exited:\n{container.logs().decode()[-3000:]}")
+
+    def healthy() -> bool:
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
+                return r.status == 200
         except (OSError, urllib.error.HTTPError):
-            time.sleep(0.5)
-    raise AssertionError(f"{url} not healthy in {timeout} s:\n{container.logs().decode()[-3000:]}")
+            return False
+
+    wait_for(
+        healthy,
+        timeout,
+        what=f"{url} healthy",
+        interval=0.5,
+        check=exited,
+        detail=lambda: container.logs().decode()[-3000:],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -396,14 +405,15 @@ def test_webhook_receiver_runs_from_the_gate_image(client, mlflow, tmp_path):
         model = "webhook-images"
         v = registry.register(model, {"model.safetensors": bad}, tags={G.REGISTERED_BY: "mallory"})
         good = registry.register(model, {"model.safetensors": good_file}, tags={G.REGISTERED_BY: "alice"})
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            verdicts = [registry.version(model, x.version).tags.get(G.VERDICT) for x in (v, good)]
-            if all(x not in (None, G.PENDING) for x in verdicts):  # pending while the gate runs
-                break
-            time.sleep(1)
-        else:
-            raise AssertionError(f"not gated in time:\n{receiver.logs().decode()[-3000:]}")
+        wait_for(
+            lambda: all(  # pending while the gate runs
+                registry.version(model, x.version).tags.get(G.VERDICT) not in (None, G.PENDING) for x in (v, good)
+            ),
+            180,
+            what="both versions gated",
+            interval=1,
+            detail=lambda: receiver.logs().decode()[-3000:],
+        )
         assert registry.version(model, v.version).tags[G.VERDICT] == "blocked"
         assert registry.version(model, good.version).tags[G.VERDICT] == "passed"
         assert registry.version_by_alias(model, "production").version == good.version

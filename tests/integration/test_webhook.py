@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import urllib.error
@@ -14,8 +15,10 @@ from components.mlflow_server import MlflowServer
 from components.registry import MlflowRegistry
 from components.webhook import PATH, DeliveryCheck, Receiver, Rejected, expected_signature, register_webhook
 from tests.conftest import GateWorld
+from tests.polling import wait_for
 
 SECRET = "s3cret-for-tests"
+PROBE = "webhook-probe"
 
 
 def _post(port: int, body: bytes, headers: dict) -> tuple[int, dict]:
@@ -27,6 +30,11 @@ def _post(port: int, body: bytes, headers: dict) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def _health(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as r:
+        return json.loads(r.read())
+
+
 def _signed(body: bytes, delivery="d-1", stamp=None, secret=SECRET) -> dict:
     stamp = str(int(time.time())) if stamp is None else stamp
     return {
@@ -35,15 +43,6 @@ def _signed(body: bytes, delivery="d-1", stamp=None, secret=SECRET) -> dict:
         "X-MLflow-Signature": expected_signature(secret, delivery, stamp, body),
         "Content-Type": "application/json",
     }
-
-
-def _wait(cond, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.5)
-    raise AssertionError("condition not met in time")
 
 
 def test_delivery_check_refuses_forged_stale_and_replayed():
@@ -89,35 +88,50 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
             calls.append((model, version))
             return G.gate(model, version, registry=MlflowRegistry(server.uri), config=G.GateConfig(report=False))
 
+        # registered before any webhook exists: no delivery; its tag writes below are the probe
+        probe = registry.register(PROBE, {"model.safetensors": good_file}, tags={G.REGISTERED_BY: "ci"})
         receiver = Receiver(
             SECRET,
             gate_fn,
-            models=("facenet",),
+            models=("facenet", PROBE),
             host="127.0.0.1",
             port=0,
             guard_fn=lambda m: G.guard_alias(m, registry=MlflowRegistry(server.uri)),
         ).serve_in_thread()
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)
         register_webhook(server.uri, f"http://127.0.0.1:{receiver.port}{PATH}", SECRET)  # idempotent
-        time.sleep(2)  # past the server's webhook cache
+        # the server caches its webhook list: tag the probe until a delivery reaches the receiver
+        writes = itertools.count()
+        wait_for(
+            lambda: registry.set_tags(PROBE, probe.version, {"probe": next(writes)}) or PROBE in receiver.guarded,
+            60,
+            what="a delivery to the new webhook",
+            interval=0.5,
+        )
         # someone registers a version by hand and points production at it before anything ran
         v = registry.register("facenet", {"model.safetensors": bad}, tags={G.REGISTERED_BY: "mallory"})
         registry.set_alias("facenet", "production", v.version)
-        _wait(lambda: receiver.results)
+        wait_for(lambda: receiver.results, 90, what="the gate run for the hand-registered version")
         assert calls == [("facenet", v.version)], "the webhook did not reach the receiver"
         ((_, _, result),) = receiver.results
         assert result.verdict == "blocked"
-        _wait(lambda: registry.version_by_alias("facenet", "production") is None)  # the gate or the guard took it back
+        wait_for(  # the gate or the guard took it back
+            lambda: registry.version_by_alias("facenet", "production") is None, 90, what="production taken back"
+        )
         tags = registry.version("facenet", v.version).tags
         assert tags[G.VERDICT] == "blocked" and G.ALIAS_VIOLATION in tags
         # a clean version registered by hand passes through the same path and gets production
         good = registry.register("facenet", {"model.safetensors": good_file}, tags={G.REGISTERED_BY: "alice"})
-        _wait(lambda: len(receiver.results) == 2)
+        wait_for(lambda: len(receiver.results) == 2, 90, what="the second gate run")
         assert receiver.results[1][2].verdict == "passed"
         assert registry.version_by_alias("facenet", "production").version == good.version
         # moving production by hand onto the blocked version is reverted by the alias guard
         registry.set_alias("facenet", "production", v.version)
-        _wait(lambda: registry.version_by_alias("facenet", "production").version == good.version)
+        wait_for(
+            lambda: registry.version_by_alias("facenet", "production").version == good.version,
+            90,
+            what="the alias guard reverting production",
+        )
         assert "facenet" in receiver.guarded
         # the reference model's own registrations and forged posts gate nothing
         body = json.dumps(
@@ -130,7 +144,7 @@ def test_hand_registered_version_is_gated_through_a_real_webhook(tmp_path):
         ).encode()
         status, reply = _post(receiver.port, other, _signed(other, delivery="x-1"))
         assert status == 202 and "not watched" in reply["ignored"]
-        time.sleep(1)
+        wait_for(lambda: _health(receiver.port)["pending"] == 0, 90, what="the receiver's queue drained")
         assert len(calls) == 2
     finally:
         if receiver is not None:
