@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -211,69 +210,7 @@ def test_rehashed_edited_reference_is_refused(registry, world, tmp_path):
     assert registry.version(model, v.version).tags[G.VERDICT] == "error"
 
 
-# -- 5. production is a function of signed state -------------------------------------------------
-def test_forged_override_tag_and_alias_move_are_reverted(registry, world):
-    model = _model()
-    good = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")}, who="ci")
-    assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
-    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
-    assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
-    registry.set_tags(model, bad.version, {G.OVERRIDE_BY: "x", G.OVERRIDE_REASON: "trust me"})
-    registry.set_alias(model, "production", bad.version)
-    assert G.guard_alias(model, registry=registry)  # a violation is reported
-    assert registry.version_by_alias(model, "production").version == good.version
-
-
-def test_forged_passed_tag_and_alias_move_are_reverted(registry, world):
-    model = _model()
-    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
-    assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
-    registry.set_tags(model, bad.version, {G.VERDICT: "passed"})
-    registry.set_alias(model, "production", bad.version)
-    assert G.guard_alias(model, registry=registry)
-    assert registry.version_by_alias(model, "production") is None
-
-
-def test_override_identity_comes_from_the_reviewers_key(registry, world):
-    keys = Path(os.environ["BACKDOOR_GATE_TEST_KEYS"])
-    model = _model()
-    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")}, who="alice")
-    assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
-    verify_key = V.load_public_key(os.environ["BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"])
-    with pytest.raises(G.NotDeployable, match="blocked"):  # a validly signed refusal: verify exits 1
-        G.verify_version(model, bad.version, verify_key, registry=registry)
-    alice = V.load_private_key((keys / "alice" / "signing-key.pem").read_bytes())
-    with pytest.raises(G.OverrideRefused, match="registered"):
-        G.override(model, bad.version, reason="mine, it is fine", key=alice, registry=registry)
-    bob = V.load_private_key((keys / "bob" / "signing-key.pem").read_bytes())
-    G.override(model, bad.version, reason="false positive, checked by hand", key=bob, registry=registry)
-    info = registry.version(model, bad.version)
-    assert info.tags[G.OVERRIDE_BY] == "bob" and registry.version_by_alias(model, "production").version == bad.version
-    assert G.guard_alias(model, registry=registry) is None  # the signed override stands
-    assert G.verify_version(model, bad.version, verify_key, registry=registry)["override"]["reviewer"] == "bob"
-
-
-# -- 6. a missed delivery is healed by the periodic resync ----------------------------------------
-def test_missed_delivery_is_healed_by_resync(registry, world):
-    from components.reconciler import Reconciler
-
-    model = _model()
-    good = _register(registry, model, {"model.safetensors": world.ckpt("clean", "passed")}, who="ci")
-    assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
-    # registered by hand while the receiver was down: no delivery, no gate; production moved onto it
-    bad = _register(registry, model, {"model.safetensors": world.ckpt("backdoored", "blocked")})
-    registry.set_alias(model, "production", bad.version)
-    reconciler = Reconciler(registry, models=(model,), config=G.GateConfig(report=False), interval=0.5).start()
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and registry.version(model, bad.version).tags.get(G.VERDICT) != "blocked":
-            time.sleep(0.5)
-    finally:
-        reconciler.stop()
-    assert registry.version(model, bad.version).tags[G.VERDICT] == "blocked"
-    assert registry.version_by_alias(model, "production").version == good.version
-
-
+# -- 5. production is a function of signed state, 6. the resync heals: tests/components/test_promotion.py
 # -- 7. the webhook receiver on a real server ------------------------------------------------------
 @pytest.fixture
 def receiver():
@@ -352,19 +289,6 @@ def test_unfitted_or_unreadable_reference_is_a_gate_error_not_the_candidates(reg
     r = G.gate(model, v.version, registry=registry, config=G.GateConfig(report=False, reference_model=refs))
     assert (r.verdict, r.exit_code, r.error) == ("error", 2, True) and "gate error" in r.reason, r.reason
     assert registry.version(model, v.version).tags[G.VERDICT] == "error"
-
-
-def test_current_reference_moved_to_an_unsigned_version_is_put_back(registry, world):
-    from components.reconciler import Reconciler
-
-    config = G.GateConfig(report=False, reference_model=f"guarded-reference-{next(_names)}")
-    signed = G.publish_reference(registry, world.reference_dir, config)
-    forged = registry.register(
-        config.reference_model, {p.name: p for p in world.reference_dir.iterdir()}, artifact_dir="reference"
-    )
-    registry.set_alias(config.reference_model, "current", forged.version)  # unsigned: registered around publish
-    done = Reconciler(registry, models=(), config=config).resync()
-    assert registry.version_by_alias(config.reference_model, "current").version == signed.version, done
 
 
 def test_compiled_pipelines_can_pin_images_by_digest(tmp_path):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from components import gate as G
 from components.mlflow_server import MlflowServer
@@ -42,79 +41,6 @@ def _model() -> str:
     return f"facenet-{next(_names)}"
 
 
-def test_pass_sets_alias_and_every_tag(registry, world):
-    model = _model()
-    v = _register(registry, model, world.ckpt("clean", "passed"))
-    r = G.gate(model, v.version, registry=registry)
-    assert (r.verdict, r.exit_code, r.promoted) == ("passed", 0, True), r.reason
-    info = registry.version(model, v.version)
-    for key in [
-        G.VERDICT,
-        G.MODEL_SHA,
-        G.REFERENCE_SHA,
-        G.GATE,
-        G.CHECKED_AT,
-        G.REASON,
-        G.REPORT,
-        G.score_tag("forward"),
-        G.score_tag("backward"),
-        G.threshold_tag("forward"),
-        G.threshold_tag("backward"),
-    ]:
-        assert key in info.tags, key
-    assert info.tags[G.VERDICT] == "passed"
-    assert float(info.tags[G.score_tag("forward")]) >= float(info.tags[G.threshold_tag("forward")])
-    assert registry.version_by_alias(model, "production").version == v.version
-    assert info.tags[G.REPORT].endswith("report.html")
-
-
-def test_backdoor_is_blocked_and_production_stays(registry, world, tmp_path):
-    model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"))
-    assert G.gate(model, good.version, registry=registry).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
-    r = G.gate(model, bad.version, registry=registry)
-    assert (r.verdict, r.exit_code, r.promoted) == ("blocked", 1, False)
-    assert registry.version_by_alias(model, "production").version == good.version
-    flagged = registry.search(f"name='{model}' and tags.`integrity.verdict`='blocked'")
-    assert [f.version for f in flagged] == [bad.version]
-    # the review report is in the run's artifacts and names the verdict
-    report_dir = registry.download(registry.version(model, bad.version).tags[G.REPORT].rsplit("/", 1)[0], tmp_path)
-    assert "blocked" in (report_dir / "report.html").read_text()
-    assert (report_dir / "report.png").stat().st_size > 10_000
-
-
-def test_invalid_and_malicious_candidates_never_promote(registry, world, tmp_path):
-    model = _model()
-    nan = tmp_path / "nan.pt"
-    torch.save({"last_linear.weight": torch.full((24, 32), float("nan"))}, nan)
-    v = _register(registry, model, nan, name="model.pt")
-    r = G.gate(model, v.version, registry=registry)
-    assert (r.verdict, r.exit_code) == ("invalid", 2) and "NaN" in r.reason
-    marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    evil = tmp_path / "evil.pt"
-    torch.save({"last_linear.weight": torch.zeros(24, 32), "x": Evil()}, evil)
-    v = _register(registry, model, evil, name="model.pt")
-    r = G.gate(model, v.version, registry=registry)
-    assert r.verdict == "invalid" and "safe loader" in r.reason and not marker.exists()
-    assert registry.version_by_alias(model, "production") is None
-
-
-def test_newest_passed_version_keeps_production(registry, world):
-    model = _model()
-    old = _register(registry, model, world.ckpt("clean", "passed"))
-    new = _register(registry, model, world.ckpt("clean", "passed"))
-    assert G.gate(model, new.version, registry=registry).promoted
-    r = G.gate(model, old.version, registry=registry)
-    assert r.verdict == "passed" and not r.promoted
-    assert registry.version_by_alias(model, "production").version == new.version
-
-
 def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_server):
     """The stored file really changes on the server's disk between scoring and promotion."""
     model = _model()
@@ -135,18 +61,6 @@ def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_serve
     r = G.gate(model, v.version, registry=SwappingRegistry(mlflow_server.uri))
     assert r.verdict == "blocked" and "changed after it was scored" in r.reason
     assert registry.version_by_alias(model, "production") is None
-
-
-def test_missing_reference_fails_closed(mlflow_server, world):
-    """A gate fault is the gate's: exit 2, verdict ``error`` on the version (never the candidate's), no alias."""
-    reg = MlflowRegistry(mlflow_server.uri)
-    model = _model()
-    v = _register(reg, model, world.ckpt("clean"))
-    r = G.gate(model, v.version, registry=reg, config=G.GateConfig(reference_model="no-such-reference"))
-    assert r.exit_code == 2 and r.verdict == "error" and "no such alias" in r.reason
-    tags = reg.version(model, v.version).tags
-    assert tags[G.VERDICT] == "error" and "no such alias" in tags[G.REASON]
-    assert reg.version_by_alias(model, "production") is None
 
 
 @pytest.mark.slow
@@ -188,38 +102,6 @@ def test_unreachable_server_is_a_gate_error():
     finally:
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "3"
     assert r.exit_code == 2 and "gate error" in r.reason and not r.promoted
-
-
-def _reviewer(name: str):
-    """A reviewer's own signing key (the test environment trusts bob and alice, see conftest)."""
-    from detector import verdict as V
-
-    return V.load_private_key((Path(os.environ["BACKDOOR_GATE_TEST_KEYS"]) / name / "signing-key.pem").read_bytes())
-
-
-def test_override_rules(registry, world, tmp_path):
-    from detector import verdict as V
-
-    model = _model()
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
-    with pytest.raises(G.OverrideRefused, match="only a blocked version"):
-        G.override(model, bad.version, reason="ship it", key=_reviewer("bob"), registry=registry)
-    assert G.gate(model, bad.version, registry=registry).verdict == "blocked"
-    with pytest.raises(G.OverrideRefused, match="different reviewer"):
-        G.override(model, bad.version, reason="I trust it", key=_reviewer("alice"), registry=registry)
-    with pytest.raises(G.OverrideRefused, match="needs a reason"):
-        G.override(model, bad.version, reason="  ", key=_reviewer("bob"), registry=registry)
-    stranger, _ = V.generate_keypair(tmp_path / "stranger")
-    with pytest.raises(G.OverrideRefused, match="not a trusted reviewer key"):
-        G.override(
-            model, bad.version, reason="I say so", key=V.load_private_key(stranger.read_bytes()), registry=registry
-        )
-    assert registry.version_by_alias(model, "production") is None
-    info = G.override(
-        model, bad.version, reason="false positive, checked by hand", key=_reviewer("bob"), registry=registry
-    )
-    assert info.tags[G.OVERRIDE_BY] == "bob" and info.tags[G.VERDICT] == "blocked" and G.OVERRIDE_AT in info.tags
-    assert registry.version_by_alias(model, "production").version == bad.version
 
 
 def test_gate_cli_exit_codes(registry, world, mlflow_server):
@@ -316,37 +198,3 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
     registry.set_tags(model, v.version, {G.VERDICT: "blocked"})
     p = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "tags disagree" in p.stderr  # tampering is malformed (2), not a signed refusal (1)
-
-
-def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world, monkeypatch):
-    from detector import verdict as V
-
-    monkeypatch.delenv(V.KEY_FILE_ENV)
-    model = _model()
-    v = _register(registry, model, world.ckpt("clean", "passed"))
-    r = G.gate(
-        model, v.version, registry=registry, config=G.GateConfig(report=False, require_signature=False)
-    )  # opt-out
-    assert r.signed_by == "unsigned" and r.verdict == "passed"
-    w = _register(registry, model, world.ckpt("clean", "passed"))
-    r = G.gate(model, w.version, registry=registry, config=G.GateConfig(report=False))  # required by default
-    assert r.exit_code == 2 and "no signing key" in r.reason and not r.promoted
-    assert G.VERDICT not in registry.version(model, w.version).tags  # judged nothing, wrote nothing
-
-
-def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, world):
-    model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"))
-    assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
-    registry.set_alias(model, "production", bad.version)  # someone skips the gate
-    r = G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False))
-    assert r.verdict == "blocked"
-    assert registry.version_by_alias(model, "production").version == good.version
-    assert "without a pass or an override" in registry.version(model, bad.version).tags[G.ALIAS_VIOLATION]
-    # with no passed version to fall back on, the alias is deleted
-    lone = _model()
-    only = _register(registry, lone, world.ckpt("backdoored", "blocked"))
-    registry.set_alias(lone, "production", only.version)
-    assert G.gate(lone, only.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
-    assert registry.version_by_alias(lone, "production") is None
