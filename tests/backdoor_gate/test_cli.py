@@ -93,7 +93,8 @@ def test_human_output_and_evaluate(artifact, family_files):
     res = json.loads(p.stdout)
     assert res["n_clean"] == 6 and res["n_backdoored"] == 6
     assert res["auc"]["forward"] > 0.9 and res["auc"]["backward"] > 0.9
-    assert 0 <= res["false_rejection_rate"]["combined"] <= 1
+    # the held-out networks calibrated the thresholds (at or above them by construction): none blocked
+    assert res["false_rejection_rate"]["combined"] == 0.0 and res["detection_rate"]["combined"] >= 5 / 6
 
 
 def test_bad_reference_inputs_write_nothing(tmp_path, family_files):

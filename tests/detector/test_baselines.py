@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -124,7 +125,16 @@ def test_every_named_detector_implements_the_one_interface(name):
     from detector.protocol import Detector
 
     ref = make_reference(name)
-    assert isinstance(ref, Detector)
+    # isinstance() with a runtime-checkable Protocol only sees that the names exist: compare the
+    # signatures (named parameters in order; the protocol's **kwargs admits any keywords)
+    positional = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    for member in ("fit", "calibrate", "assess", "score", "score_vectors", "decide", "parts", "save"):
+        want = [
+            q for q, v in inspect.signature(getattr(Detector, member)).parameters.items() if v.kind not in positional
+        ]
+        got = list(inspect.signature(getattr(type(ref), member)).parameters)
+        assert got[: len(want)] == want, (member, want, got)
+    assert getattr(ref, "name", ref.detector) == name  # the name its artifact records, for load_reference
     assert make_reference(name, evidence=("gmm",)).__class__.__name__ == (
         "Reference" if name == "gmm" else "CompositeReference"
     )
