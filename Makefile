@@ -11,7 +11,7 @@ export BACKDOOR_GATE_CACHE ?= $(CURDIR)/.cache/backdoor-gate
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast lint format demo bench clean
+.PHONY: setup test test-browser test-fast lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -26,12 +26,18 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 	@echo "setup done: $(VENV)"
 
-# CI runs this (.ci/run): linters, then every test, slow ones included, on TEST_WORKERS processes
-# (pytest-xdist; a module's tests stay on one, tests/conftest.py); prints the slowest and the total.
+# CI runs this (.ci/run): linters, the system packages the browser test needs, then every test,
+# slow ones included, on TEST_WORKERS processes (pytest-xdist; a module's tests stay on one,
+# tests/conftest.py); prints the slowest and the total.
 TEST_WORKERS ?= 2
-test: lint
+test: lint test-browser
 	@start=$$(date +%s); $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20 --durations-min=5 tests; rc=$$?; \
 	  echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$rc
+
+# Debian's chromium and fonts for tests/integration/test_review_page.py: installed with apt-get when
+# root, else it says before the run that the test will be skipped and why.
+test-browser:
+	@tests/ensure-browser.sh
 
 # The inner loop: everything but the tests marked slow (end-to-end training, pipelines, servers).
 test-fast: setup
