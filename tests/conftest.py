@@ -125,7 +125,7 @@ FACE_NETS_PAIRS = (("id00001", "id00006"), ("id00003", "id00008"), ("id00004", "
 def face_nets(tmp_path_factory):
     """8 reference + 6 calibration clean networks and 3 backdoored ones (known victims), trained on
     10 generated identities through a random fixture trunk; shared by test_detectors and
-    test_review_page (about 60 s to train, 1.5 GB on disk for the session).
+    test_review_page (trained once a session; the slowest fixture of the suite).
 
     Clean and backdoored networks are trained alike, here without the impostor/victim
     up-weighting: with it, on 10 classes and this random fixture trunk, a clean network's two

@@ -123,7 +123,7 @@ def _cli(args, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-@pytest.mark.slow  # the module's networks take ~17 s to train
+@pytest.mark.slow  # the module's networks are trained first
 def test_bad_input_gets_a_clear_error(nets, tmp_path, capsys):
     ckpt, data = str(nets["backdoored"]), str(nets["data"])
     out = ["--out", str(tmp_path / "o")]

@@ -24,7 +24,7 @@ from detector.weights import CLASSES_KEY, read_tensors
 from tests.conftest import FACE_NETS_PAIRS as PAIRS
 from tests.conftest import FACE_NETS_SIZE as SIZE
 
-# every test here uses networks the module's fixture trains (about 20 s)
+# every test here uses networks the module's fixture trains
 pytestmark = pytest.mark.slow
 
 

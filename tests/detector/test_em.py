@@ -1,6 +1,6 @@
 """Our EM (detector.em) against scikit-learn's GaussianMixture: same start, same answer.
 
-Small problems only (each test well under a second with one thread): the paper-scale
+Small problems only (fast with one thread): the paper-scale
 comparison is `backdoor-gate bench`, never a timed test.
 """
 
