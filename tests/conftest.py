@@ -224,6 +224,20 @@ class GateWorld:
         self.offline = load_reference(self.reference_dir)
         self._n = 0
 
+    def publish(self, registry):
+        """``registry``, with this world's reference published (signed) as the gate's current one."""
+        from components import gate as G
+
+        G.publish_reference(registry, self.reference_dir)
+        return registry
+
+    @staticmethod
+    def register(registry, model: str, path, name: str = "model.safetensors", who: str = "trainer-bot"):
+        """One checkpoint file registered as a new version of ``model``, tagged with its registrant."""
+        from components import gate as G
+
+        return registry.register(model, {name: path}, tags={G.REGISTERED_BY: who})
+
     def matrix(self, kind: str, want: str | None = None) -> np.ndarray:
         fam = self.family
         if want is None:

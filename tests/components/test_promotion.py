@@ -38,13 +38,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def registry(world) -> InMemoryRegistry:
-    reg = InMemoryRegistry()
-    G.publish_reference(reg, world.reference_dir)
-    return reg
-
-
-def _register(reg: Registry, model: str, path: Path, name="model.safetensors", who="trainer-bot"):
-    return reg.register(model, {name: path}, tags={G.REGISTERED_BY: who})
+    return world.publish(InMemoryRegistry())
 
 
 def _model() -> str:
@@ -61,7 +55,7 @@ def _swap_weights(reg: Registry, info, path: Path, tmp_path: Path) -> None:
 
 def test_pass_sets_alias_and_every_tag(registry, world):
     model = _model()
-    v = _register(registry, model, world.ckpt("clean", "passed"))
+    v = world.register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(model, v.version, registry=registry)
     assert (r.verdict, r.exit_code, r.promoted) == ("passed", 0, True), r.reason
     info = registry.version(model, v.version)
@@ -87,9 +81,9 @@ def test_pass_sets_alias_and_every_tag(registry, world):
 
 def test_backdoor_is_blocked_and_production_stays(registry, world, tmp_path):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"))
+    good = world.register(registry, model, world.ckpt("clean", "passed"))
     assert G.gate(model, good.version, registry=registry).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     r = G.gate(model, bad.version, registry=registry)
     assert (r.verdict, r.exit_code, r.promoted) == ("blocked", 1, False)
     assert registry.version_by_alias(model, "production").version == good.version
@@ -105,7 +99,7 @@ def test_invalid_and_malicious_candidates_never_promote(registry, world, tmp_pat
     model = _model()
     nan = tmp_path / "nan.pt"
     torch.save({"last_linear.weight": torch.full((24, 32), float("nan"))}, nan)
-    v = _register(registry, model, nan, name="model.pt")
+    v = world.register(registry, model, nan, name="model.pt")
     r = G.gate(model, v.version, registry=registry)
     assert (r.verdict, r.exit_code) == ("invalid", 2) and "NaN" in r.reason
     marker = tmp_path / "pwned"
@@ -116,7 +110,7 @@ def test_invalid_and_malicious_candidates_never_promote(registry, world, tmp_pat
 
     evil = tmp_path / "evil.pt"
     torch.save({"last_linear.weight": torch.zeros(24, 32), "x": Evil()}, evil)
-    v = _register(registry, model, evil, name="model.pt")
+    v = world.register(registry, model, evil, name="model.pt")
     r = G.gate(model, v.version, registry=registry)
     assert r.verdict == "invalid" and "safe loader" in r.reason and not marker.exists()
     assert registry.version_by_alias(model, "production") is None
@@ -124,8 +118,8 @@ def test_invalid_and_malicious_candidates_never_promote(registry, world, tmp_pat
 
 def test_newest_passed_version_keeps_production(registry, world):
     model = _model()
-    old = _register(registry, model, world.ckpt("clean", "passed"))
-    new = _register(registry, model, world.ckpt("clean", "passed"))
+    old = world.register(registry, model, world.ckpt("clean", "passed"))
+    new = world.register(registry, model, world.ckpt("clean", "passed"))
     assert G.gate(model, new.version, registry=registry).promoted
     r = G.gate(model, old.version, registry=registry)
     assert r.verdict == "passed" and not r.promoted
@@ -136,7 +130,7 @@ def test_missing_reference_fails_closed(world):
     """A gate fault is the gate's: exit 2, verdict ``error`` on the version (never the candidate's), no alias."""
     reg = InMemoryRegistry()
     model = _model()
-    v = _register(reg, model, world.ckpt("clean"))
+    v = world.register(reg, model, world.ckpt("clean"))
     r = G.gate(model, v.version, registry=reg, config=G.GateConfig(reference_model="no-such-reference"))
     assert r.exit_code == 2 and r.verdict == "error" and "no such alias" in r.reason
     tags = reg.version(model, v.version).tags
@@ -155,7 +149,7 @@ def test_override_rules(registry, world, tmp_path):
     from detector import verdict as V
 
     model = _model()
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
     with pytest.raises(G.OverrideRefused, match="only a blocked version"):
         G.override(model, bad.version, reason="ship it", key=_reviewer("bob"), registry=registry)
     assert G.gate(model, bad.version, registry=registry).verdict == "blocked"
@@ -181,12 +175,12 @@ def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world
 
     monkeypatch.delenv(V.KEY_FILE_ENV)
     model = _model()
-    v = _register(registry, model, world.ckpt("clean", "passed"))
+    v = world.register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(
         model, v.version, registry=registry, config=G.GateConfig(report=False, require_signature=False)
     )  # opt-out
     assert r.signed_by == "unsigned" and r.verdict == "passed"
-    w = _register(registry, model, world.ckpt("clean", "passed"))
+    w = world.register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(model, w.version, registry=registry, config=G.GateConfig(report=False))  # required by default
     assert r.exit_code == 2 and "no signing key" in r.reason and not r.promoted
     assert G.VERDICT not in registry.version(model, w.version).tags  # judged nothing, wrote nothing
@@ -194,9 +188,9 @@ def test_unsigned_gate_says_so_and_a_required_signature_stops_it(registry, world
 
 def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, world):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"))
+    good = world.register(registry, model, world.ckpt("clean", "passed"))
     assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     registry.set_alias(model, "production", bad.version)  # someone skips the gate
     r = G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False))
     assert r.verdict == "blocked"
@@ -204,7 +198,7 @@ def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, wo
     assert "without a pass or an override" in registry.version(model, bad.version).tags[G.ALIAS_VIOLATION]
     # with no passed version to fall back on, the alias is deleted
     lone = _model()
-    only = _register(registry, lone, world.ckpt("backdoored", "blocked"))
+    only = world.register(registry, lone, world.ckpt("backdoored", "blocked"))
     registry.set_alias(lone, "production", only.version)
     assert G.gate(lone, only.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
     assert registry.version_by_alias(lone, "production") is None
@@ -212,9 +206,9 @@ def test_production_set_by_hand_on_an_ungated_version_is_taken_back(registry, wo
 
 def test_forged_override_tag_and_alias_move_are_reverted(registry, world):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"), who="ci")
+    good = world.register(registry, model, world.ckpt("clean", "passed"), who="ci")
     assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
     registry.set_tags(model, bad.version, {G.OVERRIDE_BY: "x", G.OVERRIDE_REASON: "trust me"})
     registry.set_alias(model, "production", bad.version)
@@ -224,7 +218,7 @@ def test_forged_override_tag_and_alias_move_are_reverted(registry, world):
 
 def test_forged_passed_tag_and_alias_move_are_reverted(registry, world):
     model = _model()
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
     registry.set_tags(model, bad.version, {G.VERDICT: "passed"})
     registry.set_alias(model, "production", bad.version)
@@ -235,7 +229,7 @@ def test_forged_passed_tag_and_alias_move_are_reverted(registry, world):
 def test_override_identity_comes_from_the_reviewers_key(registry, world):
     keys = Path(os.environ["BACKDOOR_GATE_TEST_KEYS"])
     model = _model()
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
     assert G.gate(model, bad.version, registry=registry, config=G.GateConfig(report=False)).verdict == "blocked"
     verify_key = V.load_public_key(os.environ["BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"])
     with pytest.raises(G.NotDeployable, match="blocked"):  # a validly signed refusal: verify exits 1
@@ -253,10 +247,10 @@ def test_override_identity_comes_from_the_reviewers_key(registry, world):
 
 def test_missed_delivery_is_healed_by_resync(registry, world):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"), who="ci")
+    good = world.register(registry, model, world.ckpt("clean", "passed"), who="ci")
     assert G.gate(model, good.version, registry=registry, config=G.GateConfig(report=False)).promoted
     # registered by hand while the receiver was down: no delivery, no gate; production moved onto it
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     registry.set_alias(model, "production", bad.version)
     reconciler = Reconciler(registry, models=(model,), config=G.GateConfig(report=False), interval=0.1).start()
     try:
@@ -289,9 +283,9 @@ def _oversized_verdict(registry: Registry, info, tmp_path: Path) -> None:
 def _promoted_then_blocked(registry, world):
     """A model whose v1 passed (production) and whose v2, the attacker's, was blocked."""
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"), who="ci")
+    good = world.register(registry, model, world.ckpt("clean", "passed"), who="ci")
     assert G.gate(model, good.version, registry=registry, config=NO_REPORT).promoted
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     assert G.gate(model, bad.version, registry=registry, config=NO_REPORT).verdict == "blocked"
     return model, good, bad
 
@@ -311,7 +305,7 @@ def test_an_unreadable_verdict_does_not_keep_production_on_a_blocked_version(reg
 
 def test_an_unreadable_record_on_a_decoy_does_not_stop_the_guard(registry, world, tmp_path):
     model, good, bad = _promoted_then_blocked(registry, world)
-    decoy = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    decoy = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     registry.set_tags(model, decoy.version, {G.VERDICT: "passed"})  # so the guard looks at it first
     _oversized_verdict(registry, decoy, tmp_path)
     registry.set_alias(model, "production", bad.version)
@@ -322,7 +316,7 @@ def test_an_unreadable_record_on_a_decoy_does_not_stop_the_guard(registry, world
 @pytest.mark.parametrize("forged", [{G.VERDICT: "passed"}, {G.VERDICT: "pending", G.CHECKED_AT: "2999-01-01T00:00:00"}])
 def test_forged_tags_do_not_hide_a_version_from_the_reconciler(registry, world, forged):
     model = _model()
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))  # the receiver was down
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))  # the receiver was down
     registry.set_tags(model, bad.version, forged)
     Reconciler(registry, models=(model,), config=NO_REPORT).resync()
     info = registry.version(model, bad.version)
@@ -332,10 +326,10 @@ def test_forged_tags_do_not_hide_a_version_from_the_reconciler(registry, world, 
 
 def test_the_gate_attests_only_a_pass(registry, world):
     model = _model()
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     assert G.gate(model, bad.version, registry=registry, config=NO_REPORT).verdict == "blocked"
     assert registry.run_file(bad.run_id, f"integrity/v{bad.version}/{G.DSSE_FILE}") is None
-    good = _register(registry, model, world.ckpt("clean", "passed"), who="ci")
+    good = world.register(registry, model, world.ckpt("clean", "passed"), who="ci")
     assert G.gate(model, good.version, registry=registry, config=NO_REPORT).promoted
     assert registry.run_file(good.run_id, f"integrity/v{good.version}/{G.DSSE_FILE}") is not None
 
@@ -343,9 +337,9 @@ def test_the_gate_attests_only_a_pass(registry, world):
 # -- rules no server-backed test covered --------------------------------------------------------------
 def test_production_status_reads_signed_records_and_the_bytes_registered_now(registry, world, tmp_path):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"))
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
-    never = _register(registry, model, world.ckpt("clean", "passed"))
+    good = world.register(registry, model, world.ckpt("clean", "passed"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
+    never = world.register(registry, model, world.ckpt("clean", "passed"))
     for v in (good, bad):
         G.gate(model, v.version, registry=registry, config=NO_REPORT)
     ok, why = G.production_status(registry, registry.version(model, good.version))
@@ -370,8 +364,8 @@ def test_production_status_reads_signed_records_and_the_bytes_registered_now(reg
 
 def test_the_alias_goes_back_to_the_newest_version_still_promotable(registry, world, tmp_path):
     model = _model()
-    v1, v2 = (_register(registry, model, world.ckpt("clean", "passed")) for _ in range(2))
-    v3 = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    v1, v2 = (world.register(registry, model, world.ckpt("clean", "passed")) for _ in range(2))
+    v3 = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     for v in (v1, v2, v3):
         G.gate(model, v.version, registry=registry, config=NO_REPORT)
     assert registry.version_by_alias(model, "production").version == v2.version
@@ -387,8 +381,8 @@ def test_the_alias_goes_back_to_the_newest_version_still_promotable(registry, wo
 
 def test_a_newer_override_stands_against_an_older_pass_and_falls_to_a_newer_one(registry, world):
     model = _model()
-    old = _register(registry, model, world.ckpt("clean", "passed"))
-    flagged = _register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
+    old = world.register(registry, model, world.ckpt("clean", "passed"))
+    flagged = world.register(registry, model, world.ckpt("backdoored", "blocked"), who="alice")
     assert G.gate(model, flagged.version, registry=registry, config=NO_REPORT).verdict == "blocked"
     G.override(
         model, flagged.version, reason="false positive, checked by hand", key=_reviewer("bob"), registry=registry
@@ -400,6 +394,6 @@ def test_a_newer_override_stands_against_an_older_pass_and_falls_to_a_newer_one(
     registry.set_tags(model, flagged.version, {G.OVERRIDE_BY: ""})
     assert not G.gate(model, old.version, registry=registry, config=NO_REPORT).promoted
     assert registry.version_by_alias(model, "production").version == flagged.version
-    new = _register(registry, model, world.ckpt("clean", "passed"))
+    new = world.register(registry, model, world.ckpt("clean", "passed"))
     assert G.gate(model, new.version, registry=registry, config=NO_REPORT).promoted
     assert registry.version_by_alias(model, "production").version == new.version

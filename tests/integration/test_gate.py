@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -28,13 +27,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def registry(mlflow_server, world):
-    reg = MlflowRegistry(mlflow_server.uri)
-    G.publish_reference(reg, world.reference_dir)
-    return reg
-
-
-def _register(reg: MlflowRegistry, model: str, path: Path, name="model.safetensors", who="trainer-bot"):
-    return reg.register(model, {name: path}, tags={G.REGISTERED_BY: who})
+    return world.publish(MlflowRegistry(mlflow_server.uri))
 
 
 def _model() -> str:
@@ -44,7 +37,7 @@ def _model() -> str:
 def test_artifact_swapped_after_scoring_is_refused(registry, world, mlflow_server):
     """The stored file really changes on the server's disk between scoring and promotion."""
     model = _model()
-    v = _register(registry, model, world.ckpt("clean", "passed"))
+    v = world.register(registry, model, world.ckpt("clean", "passed"))
     swap_in = world.ckpt("backdoored").read_bytes()
 
     class SwappingRegistry(MlflowRegistry):
@@ -70,9 +63,9 @@ def test_server_killed_mid_gate_leaves_alias_untouched(tmp_path, world):
         reg = MlflowRegistry(server.uri)
         G.publish_reference(reg, world.reference_dir)
         model = "facenet"
-        first = _register(reg, model, world.ckpt("clean", "passed"))
+        first = world.register(reg, model, world.ckpt("clean", "passed"))
         assert G.gate(model, first.version, registry=reg).promoted
-        second = _register(reg, model, world.ckpt("clean", "passed"))
+        second = world.register(reg, model, world.ckpt("clean", "passed"))
 
         class DyingRegistry(MlflowRegistry):
             def download_artifact(self, info, max_bytes):
@@ -106,8 +99,8 @@ def test_unreachable_server_is_a_gate_error():
 
 def test_gate_cli_exit_codes(registry, world, mlflow_server):
     model = _model()
-    good = _register(registry, model, world.ckpt("clean", "passed"))
-    bad = _register(registry, model, world.ckpt("backdoored", "blocked"))
+    good = world.register(registry, model, world.ckpt("clean", "passed"))
+    bad = world.register(registry, model, world.ckpt("backdoored", "blocked"))
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server.uri)
     cli = [sys.executable, "-m", "backdoor_gate.cli", "gate", "--model", model, "--json", "--no-report", "--version"]
     out = {}
@@ -126,7 +119,7 @@ def test_twenty_concurrent_gates_converge(registry, world):
     ref = load_reference(world.reference_dir)
     kinds = ["clean", "backdoored", "clean", "clean"] * 5
     paths = [world.ckpt(k) for k in kinds]
-    versions = [_register(registry, model, p).version for p in paths]
+    versions = [world.register(registry, model, p).version for p in paths]
     expected = {
         v: ("passed" if ref.assess(p).decision.verdict == "passed" else "blocked") for v, p in zip(versions, paths)
     }
@@ -161,7 +154,7 @@ def test_signed_verdict_is_attached_verified_and_recorded_on_promotion(registry,
 
     key, pub = signing
     model = _model()
-    v = _register(registry, model, world.ckpt("clean", "passed"))
+    v = world.register(registry, model, world.ckpt("clean", "passed"))
     r = G.gate(model, v.version, registry=registry, signing_key=key)
     assert r.verdict == "passed" and r.promoted
     tags = registry.version(model, v.version).tags
