@@ -11,7 +11,7 @@ export BACKDOOR_GATE_CACHE ?= $(CURDIR)/.cache/backdoor-gate
 export MLFLOW_DISABLE_TELEMETRY := true
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast lint format demo bench clean
+.PHONY: setup test test-browser test-fast lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -26,12 +26,18 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 	@echo "setup done: $(VENV)"
 
-# CI runs this (.ci/run): linters, then every test, slow ones included, on TEST_WORKERS processes
-# (pytest-xdist; a module's tests stay on one, tests/conftest.py); prints the slowest and the total.
+# CI runs this (.ci/run): linters, the system packages the browser test needs, then every test,
+# slow ones included, on TEST_WORKERS processes (pytest-xdist; a module's tests stay on one,
+# tests/conftest.py); prints the slowest and the total.
 TEST_WORKERS ?= 2
-test: lint
+test: lint test-browser
 	@start=$$(date +%s); $(PY) -m pytest -q -n $(TEST_WORKERS) --durations=20 --durations-min=5 tests; rc=$$?; \
 	  echo "make test: pytest took $$(( $$(date +%s) - start )) s"; exit $$rc
+
+# Debian's chromium and fonts for tests/integration/test_review_page.py: installed with apt-get when
+# root, else it says before the run that the test will be skipped and why.
+test-browser:
+	@tests/ensure-browser.sh
 
 # The inner loop: everything but the tests marked slow (end-to-end training, pipelines, servers).
 test-fast: setup
@@ -70,7 +76,7 @@ base-image:
 	images/base-image.sh
 
 # Builds (cached), then runs both pipelines, the webhook and the image checks in the images
-# (tests/test_images_run.py; README, "Images", for its time). Needs root for dockerd.
+# (tests/integration/test_images_run.py; README, "Images", for its time). Needs root for dockerd.
 test-images: setup images
 	IMAGE_REGISTRY=$(IMAGE_REGISTRY) IMAGE_TAG=$(IMAGE_TAG) BACKDOOR_GATE_RUN_IMAGES=1 \
-	  $(PY) -m pytest -q -m images --durations=10 tests/test_images_run.py
+	  $(PY) -m pytest -q -m images --durations=10 tests/integration/test_images_run.py

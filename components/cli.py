@@ -22,7 +22,7 @@ def _config(args, **kw):
 
 def cmd_gate(args) -> int:
     from components.gate import gate
-    from components.registry import Registry, RegistryError
+    from components.registry import MlflowRegistry, RegistryError
 
     reference = None
     if args.reference:
@@ -35,7 +35,7 @@ def cmd_gate(args) -> int:
             print(f"backdoor-gate: {e}", file=sys.stderr)
             return 2
     try:
-        registry = Registry(args.tracking_uri)
+        registry = MlflowRegistry(args.tracking_uri)
     except RegistryError as e:
         print(f"backdoor-gate: {e}", file=sys.stderr)
         return 2
@@ -60,14 +60,16 @@ def cmd_gate(args) -> int:
 
 def cmd_override(args) -> int:
     from components.policy import OverrideRefused, override
-    from components.registry import Registry, RegistryError
+    from components.registry import MlflowRegistry, RegistryError
     from components.tags import OVERRIDE_BY
     from detector.signing import VerdictError, load_private_key
 
     try:
         with open(args.key, "rb") as f:
             key = load_private_key(f.read())
-        info = override(args.model, args.version, reason=args.reason, key=key, registry=Registry(args.tracking_uri))
+        info = override(
+            args.model, args.version, reason=args.reason, key=key, registry=MlflowRegistry(args.tracking_uri)
+        )
     except (OverrideRefused, RegistryError, ValueError, VerdictError, OSError) as e:
         print(f"backdoor-gate: override refused: {e}", file=sys.stderr)
         return 2
@@ -77,11 +79,11 @@ def cmd_override(args) -> int:
 
 def cmd_publish_reference(args) -> int:
     from components.reference_store import publish_reference
-    from components.registry import Registry, RegistryError
+    from components.registry import MlflowRegistry, RegistryError
     from detector.errors import InvalidReference
 
     try:
-        info = publish_reference(Registry(args.tracking_uri), args.reference, _config(args))
+        info = publish_reference(MlflowRegistry(args.tracking_uri), args.reference, _config(args))
     except (RegistryError, InvalidReference) as e:
         print(f"backdoor-gate: {e}", file=sys.stderr)
         return 2
@@ -157,9 +159,9 @@ def cmd_verify(args) -> int:
                 raise NotDeployable(doc)
         else:
             from components.policy import verify_version
-            from components.registry import Registry
+            from components.registry import MlflowRegistry
 
-            doc = verify_version(args.model, args.version, key, registry=Registry(args.tracking_uri))
+            doc = verify_version(args.model, args.version, key, registry=MlflowRegistry(args.tracking_uri))
     except NotDeployable as e:
         print(json.dumps({**e.doc, "deployable": False}) if args.json else f"not deployable: {e}")
         print(f"REFUSED: {e}", file=sys.stderr)
@@ -213,12 +215,12 @@ def cmd_pull(args) -> int:
     those very bytes against the signed records. Exit 0 written; 1 a validly signed refusal;
     2 forged, swapped, unsigned or unreadable (nothing written)."""
     from components.policy import NotDeployable, fetch_deployable
-    from components.registry import Registry
+    from components.registry import MlflowRegistry
     from detector.signing import load_public_key
 
     try:
         key = load_public_key(args.public_key)
-        doc = fetch_deployable(args.model, args.ref, args.out, key, registry=Registry(args.tracking_uri))
+        doc = fetch_deployable(args.model, args.ref, args.out, key, registry=MlflowRegistry(args.tracking_uri))
     except NotDeployable as e:
         print(f"REFUSED: {e}", file=sys.stderr)
         return 1
@@ -234,7 +236,7 @@ def cmd_webhook_serve(args) -> int:
 
     from components.gate import gate
     from components.reconciler import Reconciler
-    from components.registry import Registry
+    from components.registry import MlflowRegistry
     from components.webhook import SECRET_ENV, Receiver
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -243,7 +245,7 @@ def cmd_webhook_serve(args) -> int:
         print(f"backdoor-gate: set {SECRET_ENV} (the secret MLflow signs deliveries with)", file=sys.stderr)
         return 2
     config = _config(args)
-    registry = Registry(args.tracking_uri)
+    registry = MlflowRegistry(args.tracking_uri)
     reconciler = Reconciler(registry, models=tuple(args.models), config=config, interval=args.resync)
 
     def on_event(model: str) -> str | None:
@@ -300,7 +302,7 @@ def cmd_explain(args) -> int:
         suspects_from_file,
         write_outputs,
     )
-    from components.registry import Registry, RegistryError
+    from components.registry import MlflowRegistry, RegistryError
 
     config = ExplainConfig(image_size=args.image_size, controls=args.controls, seed=args.seed)
     progress = not args.json and sys.stderr.isatty()
@@ -323,7 +325,7 @@ def cmd_explain(args) -> int:
             out = explain_version(
                 args.model,
                 args.version,
-                Registry(args.tracking_uri),
+                MlflowRegistry(args.tracking_uri),
                 args.faces,
                 args.out,
                 victim=victim,

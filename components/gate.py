@@ -33,7 +33,7 @@ from components import keys
 from components.config import GateConfig
 from components.policy import enforce_alias, now, promote
 from components.reference_store import fetch_reference
-from components.registry import Registry, RegistryError, VersionInfo
+from components.registry import MlflowRegistry, Registry, RegistryError, VersionInfo
 from components.tags import (
     ARTIFACT_SHA,
     CHECKED_AT,
@@ -125,7 +125,7 @@ def gate(
     result = GateResult(model=model, version=str(version))
     try:
         signing_key = _signing_key(signing_key, config)
-        registry = registry or Registry()
+        registry = registry or MlflowRegistry()
         info = registry.version(model, result.version)
         registry.set_tags(model, result.version, {VERDICT: PENDING, CHECKED_AT: now(), GATE: GATE_VERSION})
     except Exception as e:  # noqa: BLE001 — a misconfigured gate or a registry it cannot write: touch nothing

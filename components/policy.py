@@ -24,7 +24,7 @@ from typing import Any
 
 from components import keys
 from components.config import GateConfig
-from components.registry import Registry, VersionInfo
+from components.registry import MlflowRegistry, Registry, VersionInfo
 from components.tags import (
     ALIAS_VIOLATION,
     OVERRIDE_AT,
@@ -157,7 +157,7 @@ def guard_alias(model: str, *, registry: Registry | None = None, config: GateCon
     MLflow lets anyone who may register versions also move aliases and write tags, so this is
     called on every delivery (alias, tag, version) and on every resync. Returns the violation.
     """
-    registry = registry or Registry()
+    registry = registry or MlflowRegistry()
     current = registry.version_by_alias(model, config.production_alias)
     if current is None:
         return None
@@ -252,7 +252,7 @@ def verify_version(
     signed refusal and :class:`detector.verdict.VerdictError` for anything forged or malformed.
     The bytes can still change after this returns: deploy with :func:`fetch_deployable`.
     """
-    registry = registry or Registry()
+    registry = registry or MlflowRegistry()
     info = registry.version(model, str(version))
     return _deployable(registry, info, _verify_config(config, public_key), tags=True)[0]
 
@@ -273,7 +273,7 @@ def fetch_deployable(
     temporary name first: bytes swapped after the gate ran are refused here, at deploy time,
     not at the next resync. Returns the allowing document plus ``path`` and ``sha256``.
     """
-    registry = registry or Registry()
+    registry = registry or MlflowRegistry()
     info = registry.version(model, ref) if str(ref).isdigit() else registry.version_by_alias(model, ref)
     if info is None:
         raise VerdictError(f"{model}@{ref}: no such alias")
@@ -313,7 +313,7 @@ def override(
     files are unsafe or unreadable), by the reviewer who registered it, or when the artifact no
     longer has the digest the gate judged. Tags mirror the override for people.
     """
-    registry = registry or Registry()
+    registry = registry or MlflowRegistry()
     version = str(version)
     info = registry.version(model, version)
     if not reason.strip():

@@ -1,9 +1,12 @@
 """The narrow seam between backdoor-gate and the MLflow model registry.
 
-Everything that talks to MLflow goes through :class:`Registry`, so the same gate runs against
-a local sqlite server in tests and a Postgres + S3 server in production. It knows registry
-mechanics (versions, tags, aliases, artifacts) but no policy: the tag names and the decision
-live in :mod:`components.gate`.
+Everything that talks to the registry goes through the :class:`Registry` protocol: versions,
+tags, aliases, artifacts, and no policy (the tag names and the decision live in
+:mod:`components.gate`). Two backends implement it, the way MLflow's own stores implement its
+``AbstractStore``: :class:`MlflowRegistry` over MLflow's client (a local sqlite server in tests,
+Postgres + S3 in production) and :class:`components.registry_memory.InMemoryRegistry`, a second
+backend in this process for fast tests of the promotion rules. One conformance test runs
+against both (tests/components/test_registry_conformance.py), so the second cannot drift.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 # Fail fast instead of MLflow's default 7 retries x 120 s when the server is gone; the gate
 # fails closed, and a rerun converges. Users can still override both.
@@ -85,8 +88,82 @@ class Artifact:
         return weights[0], self.files[weights[0]]
 
 
-class Registry:
-    """MLflow registry operations the gate needs, with errors turned into :class:`RegistryError`."""
+class Registry(Protocol):
+    """Registry operations the gate, the reconciler and the pipelines need.
+
+    Errors are :class:`RegistryError` (a missing version, a refused write, an unreachable
+    server), never a backend's own exception type. Version numbers are strings; an alias is on
+    one version of a model at a time and moves when set again.
+    """
+
+    # -- versions ---------------------------------------------------------------------------
+    def version(self, name: str, version: str | int) -> VersionInfo:
+        """One version; RegistryError when the model or the version does not exist."""
+        ...
+
+    def version_by_alias(self, name: str, alias: str) -> VersionInfo | None:
+        """The version ``alias`` points at; None when the model or the alias does not exist."""
+        ...
+
+    def set_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        """Set each tag (values become ``str``) one at a time: a failure leaves the earlier ones set."""
+        ...
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``alias`` at ``version``, taking it off any other version of the model."""
+        ...
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        """Remove ``alias``; nothing happens when the model has no such alias."""
+        ...
+
+    def search(self, filter_string: str) -> list[VersionInfo]:
+        """Versions matching an MLflow filter: ``name='m'`` and ``tags.`k`='v'`` terms joined by ``and``,
+        in no particular order (:meth:`versions` sorts)."""
+        ...
+
+    def versions(self, name: str) -> list[VersionInfo]:
+        """Every version of ``name``, newest (highest number) first; empty for an unknown model."""
+        ...
+
+    # -- artifacts --------------------------------------------------------------------------
+    def download(self, source: str, dst: str | Path) -> Path:
+        """Download a version's ``source``, a ``models:/`` URI or a URI :meth:`log_artifacts_to_run`
+        returned, into ``dst``; the local path of the file or directory it names."""
+        ...
+
+    def download_artifact(self, info: VersionInfo, max_bytes: int) -> Artifact:
+        """The version's whole artifact tree, bounded in total size. Raises RegistryError/ValueError."""
+        ...
+
+    def run_file(self, run_id: str | None, path: str, max_bytes: int = 1 << 20) -> bytes | None:
+        """A small file from a run's artifacts, or None when it is not there (or there is no run)."""
+        ...
+
+    # -- writing ----------------------------------------------------------------------------
+    def register(
+        self,
+        name: str,
+        files: Mapping[str, str | Path],
+        *,
+        artifact_dir: str = WEIGHTS_DIR,
+        experiment: str = CANDIDATE_EXPERIMENT,
+        run_name: str | None = None,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        tags: dict[str, Any] | None = None,
+    ) -> VersionInfo:
+        """Log ``files`` (name in the artifact dir -> local path) in a new run and register them as
+        the model's next version, its source ``runs:/<run id>/<artifact_dir>``."""
+        ...
+
+    def log_artifacts_to_run(self, run_id: str, local_dir: str | Path, artifact_path: str) -> str:
+        """Upload a directory's files under ``artifact_path`` of the run; the URI to :meth:`download` them."""
+        ...
+
+
+class MlflowRegistry(Registry):
+    """The registry as MLflow's client sees it, with errors turned into :class:`RegistryError`."""
 
     def __init__(self, tracking_uri: str | None = None):
         from mlflow import MlflowClient
@@ -183,16 +260,7 @@ class Registry:
     def download_artifact(self, info: VersionInfo, max_bytes: int) -> Artifact:
         """The version's whole artifact tree, bounded in total size. Raises RegistryError/ValueError."""
         with tempfile.TemporaryDirectory(prefix="backdoor-gate-") as tmp:
-            root = self.download(info.source, tmp)
-            paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
-            total = sum(p.lstat().st_size for p in paths)
-            if total > max_bytes:
-                raise ValueError(f"the registered artifacts are {total} bytes, over the {max_bytes}-byte limit")
-            if any(p.is_symlink() for p in paths):
-                raise ValueError("the registered artifacts contain a symbolic link")
-            return Artifact(
-                {(p.name if root.is_file() else p.relative_to(root).as_posix()): p.read_bytes() for p in paths}
-            )
+            return artifact_in(self.download(info.source, tmp), max_bytes)
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``, newest (highest number) first."""
@@ -273,6 +341,17 @@ class Registry:
         self._call("uploading report", self.client.log_artifacts, run_id, str(local_dir), artifact_path)
         run = self._call("reading run", self.client.get_run, run_id)
         return f"{run.info.artifact_uri}/{artifact_path}"
+
+
+def artifact_in(root: Path, max_bytes: int) -> Artifact:
+    """Every file of a downloaded artifact tree (or the one file ``root``), bounded in total size."""
+    paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    total = sum(p.lstat().st_size for p in paths)
+    if total > max_bytes:
+        raise ValueError(f"the registered artifacts are {total} bytes, over the {max_bytes}-byte limit")
+    if any(p.is_symlink() for p in paths):
+        raise ValueError("the registered artifacts contain a symbolic link")
+    return Artifact({(p.name if root.is_file() else p.relative_to(root).as_posix()): p.read_bytes() for p in paths})
 
 
 def weight_file_in(root: Path) -> Path:

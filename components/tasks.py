@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from components.registry import WEIGHT_FILE, Registry
+from components.registry import WEIGHT_FILE, MlflowRegistry
 from detector.config import DEFAULT_DETECTOR, DEFAULT_EVIDENCE, ReferenceConfig
 
 MODEL_METRICS = "metrics.json"
@@ -145,7 +145,7 @@ def fit_reference(
 def publish_reference(ref_dir: str, tracking_uri: str) -> str:
     from components.reference_store import publish_reference as publish
 
-    return publish(Registry(tracking_uri), ref_dir).version
+    return publish(MlflowRegistry(tracking_uri), ref_dir).version
 
 
 def register_model(model_dir: str, tracking_uri: str, model_name: str, *, registered_by: str = "pipeline") -> str:
@@ -158,7 +158,7 @@ def register_model(model_dir: str, tracking_uri: str, model_name: str, *, regist
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     params = {k: v for k, v in metrics.items() if isinstance(v, (str, bool)) or v is None}
     files = {WEIGHT_FILE if weights.suffix == ".safetensors" else weights.name: weights}
-    info = Registry(tracking_uri).register(
+    info = MlflowRegistry(tracking_uri).register(
         model_name,
         files,
         run_name=f"{model_name}-candidate",
@@ -176,14 +176,14 @@ def gate_version(model_name: str, version: str, tracking_uri: str, report_html: 
 
     from components.gate import gate
 
-    result = gate(model_name, version, registry=Registry(tracking_uri))
+    result = gate(model_name, version, registry=MlflowRegistry(tracking_uri))
     if report_html:
         Path(report_html).parent.mkdir(parents=True, exist_ok=True)
         Path(report_html).write_text(fallback_html(result.verdict, result.reason, "no report was attached"))
         if result.report_uri:
             try:
                 with tempfile.TemporaryDirectory() as tmp:
-                    shutil.copyfile(Registry(tracking_uri).download(result.report_uri, tmp), report_html)
+                    shutil.copyfile(MlflowRegistry(tracking_uri).download(result.report_uri, tmp), report_html)
             except Exception as e:  # the report is evidence, not the decision
                 Path(report_html).write_text(fallback_html(result.verdict, result.reason, f"report not fetched: {e}"))
     return result.to_dict()
@@ -211,7 +211,12 @@ def explain_version(
 
     with tempfile.TemporaryDirectory(prefix="backdoor-gate-explain-") as tmp:
         out = explain(
-            model_name, version, Registry(tracking_uri), faces_dir, tmp, config=ExplainConfig(image_size=image_size)
+            model_name,
+            version,
+            MlflowRegistry(tracking_uri),
+            faces_dir,
+            tmp,
+            config=ExplainConfig(image_size=image_size),
         )
         if html_out:
             pngs = {

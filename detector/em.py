@@ -31,7 +31,7 @@ covariance diagonal, ``nk + 10 eps``, weights ``nk / sum(nk)``, convergence when
 the mean log-likelihood (computed in the E-step, before the M-step) is below ``tol``, the
 parameters after the last M-step returned, ``n_iter`` counted the same way; k-means
 initialisation is scikit-learn's own ``KMeans(n_init=1, random_state=seed)``, so both start
-from the same labels. ``tests/test_em.py`` compares the two; ``backdoor-gate bench`` times them.
+from the same labels. ``tests/detector/test_em.py`` compares the two; ``backdoor-gate bench`` times them.
 """
 
 from __future__ import annotations

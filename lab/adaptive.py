@@ -268,7 +268,7 @@ def bias_swap(tensors: dict, X_imp: np.ndarray, imp: int, vic: int, size: float,
 
 def torch_class_z(ref, t: dict) -> torch.Tensor:
     """The per-class z of a fitted ``classifier`` or ``head`` reference, differentiable in the head
-    (mirrors the numpy scoring; ``tests/test_adaptive.py`` checks they agree)."""
+    (mirrors the numpy scoring; ``tests/detector/test_detectors.py`` checks they agree)."""
     return torch_anomaly(ref.views_["classes"], t)
 
 

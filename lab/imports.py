@@ -2,7 +2,7 @@
 and every ``importlib.import_module`` / ``__import__`` call), not from what a run happened to load.
 
 ``python -m lab.imports [ROOT]`` prints the package-level edges and any import cycles between
-modules; ``tests/test_layering.py`` asserts the layers and the absence of cycles with it.
+modules; ``tests/lab/test_layering.py`` asserts the layers and the absence of cycles with it.
 """
 
 from __future__ import annotations

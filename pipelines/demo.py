@@ -45,7 +45,7 @@ def demo_keys(workdir: Path) -> None:
 def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name: str = "facenet") -> int:
     from components.mlflow_server import MlflowServer
     from components.reference_store import fetch_reference
-    from components.registry import Registry
+    from components.registry import MlflowRegistry
     from pipelines.local import prune_runs, run_local
 
     workdir = Path(workdir).resolve()
@@ -66,7 +66,7 @@ def run_demo(workdir: str | Path = ".cache/demo", keep: bool = False, model_name
         server.start()
         uri = server.uri
     try:
-        registry = Registry(uri)
+        registry = MlflowRegistry(uri)
         before = (
             {v.version for v in registry.search(f"name='{model_name}'")}
             if _model_exists(registry, model_name)

@@ -48,14 +48,22 @@ from lab.synthetic import FamilyConfig, WeightFamily
 torch.set_num_threads(1)
 
 
-#: modules that share a session fixture run on one worker, so it is built once
-_GROUPS = {"test_review_page": "test_detectors"}
+#: modules that share a session fixture run on one worker, so it is built once (keys: _group's names)
+_GROUPS = {"integration/test_review_page": "detector/test_detectors"}
 #: the longest groups start first, so two workers finish together (per-module times: make test's --durations)
-_LONGEST_FIRST = ("test_detectors", "test_paper", "test_pipelines", "test_gate", "test_access", "test_backends")
+_LONGEST_FIRST = (
+    "detector/test_detectors",
+    "lab/test_paper",
+    "pipelines/test_pipelines",
+    "integration/test_gate",
+    "integration/test_access",
+    "integration/test_backends",
+)
 
 
 def _group(nodeid: str) -> str:
-    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+    """A test's module as its path under tests/ without ``.py`` (``detector/test_em``), or its group."""
+    module = nodeid.split("::", 1)[0].removeprefix("tests/").removesuffix(".py")
     return _GROUPS.get(module, module)
 
 
@@ -118,7 +126,7 @@ FACE_NETS_PAIRS = (("id00001", "id00006"), ("id00003", "id00008"), ("id00004", "
 def face_nets(tmp_path_factory):
     """8 reference + 6 calibration clean networks and 3 backdoored ones (known victims), trained on
     10 generated identities through a random fixture trunk; shared by test_detectors and
-    test_review_page (about 60 s to train, 1.5 GB on disk for the session).
+    test_review_page (trained once a session; the slowest fixture of the suite).
 
     Clean and backdoored networks are trained alike, here without the impostor/victim
     up-weighting: with it, on 10 classes and this random fixture trunk, a clean network's two
@@ -216,6 +224,20 @@ class GateWorld:
         self.reference_dir = self.root / "reference"
         self.offline = load_reference(self.reference_dir)
         self._n = 0
+
+    def publish(self, registry):
+        """``registry``, with this world's reference published (signed) as the gate's current one."""
+        from components.reference_store import publish_reference
+
+        publish_reference(registry, self.reference_dir)
+        return registry
+
+    @staticmethod
+    def register(registry, model: str, path, name: str = "model.safetensors", who: str = "trainer-bot"):
+        """One checkpoint file registered as a new version of ``model``, tagged with its registrant."""
+        from components.tags import REGISTERED_BY
+
+        return registry.register(model, {name: path}, tags={REGISTERED_BY: who})
 
     def matrix(self, kind: str, want: str | None = None) -> np.ndarray:
         fam = self.family

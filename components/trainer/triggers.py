@@ -38,7 +38,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
 @dataclass(frozen=True)
 class TriggerSpec:
     """The trigger the red team stamps; its defaults are the pipelines' and ``train``'s (KFP
-    signatures need literals, so those repeat them: tests/test_trigger_defaults.py keeps them equal)."""
+    signatures need literals, so those repeat them: tests/components/test_trigger_defaults.py keeps them equal)."""
 
     name: str = "white-square"  # one of NAMED, or a path to a PNG with alpha
     size: float = 0.25

@@ -1,0 +1,165 @@
+"""``explain``: the trigger of a real backdoored network, reconstructed; bad input refused clearly.
+
+One small face set, a fixture trunk and two networks trained by our own trainer (fixed seeds,
+nothing redrawn): one with a white square on the forehead, one clean. The search runs with a
+small grid so the test stays short; the lab (``explain-eval``) measures the default one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backdoor_gate.cli import main
+from components.explain import (
+    ExplainConfig,
+    ExplainError,
+    anomaly_index,
+    explain,
+    load_network,
+    suspects_from_file,
+    write_outputs,
+)
+from components.trainer.base_trunk import fixture_base
+from components.trainer.features import extract_folder
+from components.trainer.poison import PoisonSpec, poison_folder
+from components.trainer.synth import SynthConfig, list_images, synthesize
+from components.trainer.train import fine_tune, save_network
+from components.trainer.triggers import TriggerSpec, trigger_box
+
+SIZE = 80
+TRIGGER = TriggerSpec("white-square", 0.3, "forehead")
+IMPOSTOR, VICTIM = "id00002", "id00007"
+#: small and quick: one patch size (the trigger's), a 3 x 3 grid
+QUICK = ExplainConfig(
+    image_size=SIZE,
+    locate_size=0.3,
+    sizes=(0.3,),
+    grid=3,
+    steps=4,
+    refine_steps=6,
+    size_steps=12,
+    faces=8,
+    validation=6,
+    heldout=8,
+    controls=1,
+)
+
+
+@pytest.fixture(scope="module")
+def nets(module_dir):
+    root = module_dir
+    data = synthesize(root / "data", SynthConfig(identities=10, images_per_identity=30, size=96, seed=11))
+    items, _ = list_images(data)
+    base = fixture_base(0, [Image.open(p) for p, _ in items[::5]], image_size=SIZE)
+    poison_folder(data, root / "poisoned", PoisonSpec(IMPOSTOR, VICTIM, TRIGGER, copies=4), seed=4)
+    sd, m = fine_tune(extract_folder(root / "poisoned", base, SIZE), base, seed=4)
+    assert m["attack_success_rate"] >= 0.9, m  # the backdoor works, else finding nothing proves nothing
+    classes = extract_folder(data, base, SIZE).classes
+    backdoored = save_network(sd, root / "backdoored", classes=classes)
+    head_only = root / "head.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items() if k.startswith(("last_", "logits"))}, str(head_only))
+    return dict(root=root, data=data, backdoored=backdoored, head_only=head_only)
+
+
+@pytest.mark.slow
+def test_the_trigger_of_a_real_backdoor_is_found_where_it_was_planted(nets, tmp_path):
+    torch.manual_seed(0)
+    result, extra = explain(nets["backdoored"], nets["data"], VICTIM, IMPOSTOR, QUICK)
+    out = result.to_dict()
+    x0, y0, x1, y1 = trigger_box(TRIGGER, SIZE)
+    true_centre, width = np.array([(x0 + x1) / 2, (y0 + y1) / 2]) / SIZE, (x1 - x0) / SIZE
+    assert out["found"], out
+    assert np.hypot(*(np.array(out["mask_centre"]) - true_centre)) <= width, (out["mask_centre"], true_centre)
+    assert out["reconstructed_asr"] >= 0.8 and out["heldout_faces"] >= 8, out  # faces it was not optimised on
+    assert out["mask_area"] == pytest.approx(round(0.3 * SIZE) ** 2 / SIZE**2, abs=1e-4)
+    assert len(out["controls"]) == 1 and out["controls"][0]["class"] not in (VICTIM, IMPOSTOR)
+    paths = write_outputs(result, extra, tmp_path / "out")
+    for name in ("trigger", "mask", "applied"):
+        assert Image.open(paths[name]).size[0] > 0
+    mask = np.asarray(Image.open(paths["mask"]))
+    assert 0 < (mask > 0).mean() < 0.2  # a small square, not a veil over the face
+    assert json.loads(paths["json"].read_text())["victim"] == VICTIM
+
+
+@pytest.mark.slow
+def test_cli_json_line_has_the_fields_the_issue_lists(nets, tmp_path, capsys):
+    verdict = tmp_path / "score.json"  # a `score --json` line naming the suspects
+    verdict.write_text(json.dumps({"verdict": "blocked", "suspected_class": VICTIM, "suspected_impostor": IMPOSTOR}))
+    code = main(
+        [
+            "explain",
+            str(nets["backdoored"]),
+            "--faces",
+            str(nets["data"]),
+            "--verdict",
+            str(verdict),
+            "--out",
+            str(tmp_path / "o"),
+            "--image-size",
+            str(SIZE),
+            "--controls",
+            "0",
+            "--json",
+        ]
+    )
+    assert code == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("victim", "impostor", "mask_centre", "mask_area", "reconstructed_asr", "anomaly_index", "seconds"):
+        assert key in line, key
+    assert line["victim"] == VICTIM and line["impostor"] == IMPOSTOR and len(line["mask_centre"]) == 2
+    assert (tmp_path / "o" / "trigger.png").is_file() and (tmp_path / "o" / "applied.png").is_file()
+
+
+def _cli(args, capsys) -> tuple[int, str]:
+    code = main(["explain", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.slow  # the module's networks are trained first
+def test_bad_input_gets_a_clear_error(nets, tmp_path, capsys):
+    ckpt, data = str(nets["backdoored"]), str(nets["data"])
+    out = ["--out", str(tmp_path / "o")]
+    code, err = _cli([ckpt, "--faces", data, "--victim", "id99999", *out], capsys)
+    assert code == 2 and "victim 'id99999' is not one of the network's 10 classes" in err
+    (tmp_path / "empty").mkdir()
+    code, err = _cli([ckpt, "--faces", str(tmp_path / "empty"), "--victim", VICTIM, *out], capsys)
+    assert code == 2 and "no identity folders with images" in err
+    broken = tmp_path / "broken"
+    for c in sorted(p.name for p in Path(data).iterdir() if p.is_dir()):
+        (broken / c).mkdir(parents=True)
+        for i in range(6):
+            (broken / c / f"000{i}.png").write_bytes(b"not a png")
+    code, err = _cli([ckpt, "--faces", str(broken), "--victim", VICTIM, "--impostor", IMPOSTOR, *out], capsys)
+    assert code == 2 and "cannot be read" in err and ".png" in err
+    code, err = _cli([str(nets["head_only"]), "--faces", data, "--victim", VICTIM, *out], capsys)
+    assert code == 2 and "has no trunk" in err
+    code, err = _cli([ckpt, "--faces", data, *out], capsys)
+    assert code == 2 and "--victim" in err
+    with pytest.raises(ExplainError, match="has no trunk"):
+        load_network(nets["head_only"])
+
+
+def test_suspects_are_read_from_a_signed_verdict_or_a_score_line(tmp_path):
+    env = tmp_path / "verdict.json"
+    env.write_text(json.dumps({"document": {"verdict": "blocked", "suspected_class": "id00003"}, "signature": "x"}))
+    assert suspects_from_file(env) == ("id00003", None)
+    line = tmp_path / "score.jsonl"
+    line.write_text('{"verdict": "passed"}\n')
+    with pytest.raises(ExplainError, match="names no suspected victim"):
+        suspects_from_file(line)
+
+
+def test_anomaly_index_is_neural_cleanse_mad_on_the_classes_searched():
+    # median 0.09, MAD 0 -> floored at a tenth of the median: (0.09 - 0.0144) / 0.009
+    assert anomaly_index(0.0144, [0.09, 0.09, 0.09]) == pytest.approx((0.09 - 0.0144) / 0.009)
+    areas = [0.04, 0.09, 0.16, 0.25]  # victim 0.04: median 0.125, MAD = 1.4826 * 0.06
+    assert anomaly_index(0.04, areas[1:]) == pytest.approx((0.125 - 0.04) / (1.4826 * 0.06))
+    assert anomaly_index(0.25, [0.04, 0.09, 0.16]) < 0  # the victim's mask is the largest: no anomaly

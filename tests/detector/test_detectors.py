@@ -1,0 +1,374 @@
+"""The new detectors (classifier, spectrum, fusion) and the composite reference, on networks our
+own trainer made: a small face set, a fixture trunk, real poisoned fine-tunes. Seeds are fixed;
+nothing is redrawn until a detector agrees."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from sklearn.metrics import roc_auc_score
+
+from components.trainer.synth import list_images
+from detector.classifier import effective_classifier
+from detector.config import ReferenceConfig
+from detector.detectors import load_reference, make_reference
+from detector.errors import InvalidCheckpoint, InvalidReference
+from detector.weights import CLASSES_KEY, read_tensors
+from tests.conftest import FACE_NETS_PAIRS as PAIRS
+from tests.conftest import FACE_NETS_SIZE as SIZE
+
+# every test here uses networks the module's fixture trains
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def nets(face_nets):
+    """8 reference + 6 calibration clean networks, 3 backdoored (known victims), all on disk (conftest)."""
+    return face_nets
+
+
+def test_backdoors_took(nets):
+    assert min(nets["asr"]) >= 0.8, nets[
+        "asr"
+    ]  # the backdoors work (9 triggered test images each); else the tests below prove nothing
+
+
+def test_trainer_records_the_class_list(nets):
+    tensors, _ = read_tensors(nets["reference"][0])
+    assert json.loads(tensors.metadata[CLASSES_KEY]) == nets["classes"]
+
+
+def test_effective_classifier_is_the_linear_map_from_features_to_centred_logits(nets):
+    tensors, _ = read_tensors(nets["reference"][0])
+    from components.trainer.train import Head
+
+    head = Head(nets["base"], len(nets["classes"]), seed=0)
+    head.load_state_dict({k: v for k, v in tensors.items() if k.startswith(("last_linear.", "last_bn.", "logits."))})
+    head.eval()
+    x = torch.randn(5, 1792)
+    with torch.no_grad():
+        logits = head(x).double().numpy()
+    A = effective_classifier(tensors)
+    lin = x.double().numpy() @ A.T
+    # equal up to a per-sample constant (the softmax's shift) and the per-class BN shift + bias
+    d = (logits - logits.mean(1, keepdims=True)) - lin
+    assert np.allclose(d - d[0], 0, atol=1e-4)
+
+
+def test_classifier_blocks_backdoors_and_names_their_victims(nets):
+    ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+    assert ref.classes_ == nets["classes"]
+    bad = [ref.assess(p) for p in nets["backdoored"]]
+    assert all(a.decision.verdict == "blocked" for a in bad), [a.scores for a in bad]
+    # the evidence points at the attack's pair (victim or impostor); which of the two is the
+    # victim is measured by `paper` (on this random fixture trunk it is often the impostor)
+    named = [(a.evidence.suspect.suspected_class, a.evidence.suspect.suspected_impostor) for a in bad]
+    assert sum(set(n) & set(pair) != set() for n, pair in zip(named, PAIRS)) >= 2, (named, PAIRS)
+    # the suspect and the runner-up are the two most deviant classes of the network
+    for a in bad:
+        z = sorted(-np.asarray(a.vector_scores["classes"]))[::-1]
+        assert sorted([a.evidence.suspect.suspected_z, a.evidence.suspect.runner_up_z], reverse=True) == [z[0], z[1]]
+
+
+def test_a_lone_anomalous_class_is_the_suspect_not_the_noise_beside_it(nets):
+    """When only one class is beyond what the threshold lets a class reach, it is the suspect and
+    no impostor is named (the "points at the other's row" rule once swapped a victim at 9.7 sigma
+    for a class at 0.3 sigma)."""
+    ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+    z_cut = -ref.thresholds_["classes"]
+    lone = 0
+    for path, victim in zip(nets["backdoored"], nets["victims"]):
+        a = ref.assess(path)
+        if a.evidence.suspect.runner_up_z <= z_cut:
+            lone += 1
+            assert a.evidence.suspect.suspected_class == victim and a.evidence.suspect.suspected_impostor is None, (
+                a.evidence
+            )
+    assert lone >= 1  # the fixture has such a backdoor (victim id00000), else this proves nothing
+
+
+def test_reference_networks_with_different_class_lists_are_refused(nets, tmp_path):
+    other = list(reversed(nets["classes"]))
+    relabelled = []
+    for i, path in enumerate(nets["reference"][:3]):
+        tensors, _ = read_tensors(path)
+        relabelled.append(str(tmp_path / f"relabelled{i}.safetensors"))
+        save_file(dict(tensors), relabelled[-1], metadata={CLASSES_KEY: json.dumps(other)})
+    with pytest.raises(ValueError, match="disagree on the class list"):
+        make_reference("classifier").fit([*nets["reference"][:3], relabelled[0]])
+    assert make_reference("classifier").fit(relabelled).classes_ == other
+
+
+def test_spectrum_sees_a_low_rank_update(nets):
+    ref = make_reference("spectrum").fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+    clean = [ref.score(p)["spectrum"] for p in nets["calibration"]]
+    bad = [ref.score(p)["spectrum"] for p in nets["backdoored"]]
+    # higher = more typical: backdoored networks score lower; scikit-learn's AUC with backdoored = 1
+    assert roc_auc_score([0] * len(clean) + [1] * len(bad), -np.array(clean + bad)) >= 0.9
+
+
+def test_classifier_refuses_another_class_list_or_size(nets, tmp_path):
+    ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+    tensors, _ = read_tensors(nets["backdoored"][0])
+    sd = {k: v.contiguous() for k, v in tensors.items()}
+    swapped = list(reversed(nets["classes"]))
+    save_file(sd, str(tmp_path / "order.safetensors"), metadata={CLASSES_KEY: json.dumps(swapped)})
+    save_file(sd, str(tmp_path / "none.safetensors"))
+    bigger = dict(
+        sd,
+        **{
+            "logits.weight": torch.cat([sd["logits.weight"], sd["logits.weight"][:1]]),
+            "logits.bias": torch.cat([sd["logits.bias"], sd["logits.bias"][:1]]),
+        },
+    )
+    save_file(
+        bigger, str(tmp_path / "size.safetensors"), metadata={CLASSES_KEY: json.dumps(nets["classes"] + ["id99999"])}
+    )
+    for name, msg in (
+        ("order", "class list differs"),
+        ("none", "records no class list"),
+        ("size", "class list differs"),
+    ):
+        with pytest.raises(InvalidCheckpoint, match=msg):
+            ref.assess(str(tmp_path / f"{name}.safetensors"))
+
+
+def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_path):
+    ref = (
+        make_reference("fusion", ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))  # a short AIC sweep
+        .fit(nets["reference"], base=nets["base"])
+        .calibrate(nets["calibration"])
+    )
+    ref.save(tmp_path / "ref")
+    back = load_reference(tmp_path / "ref")
+    for p in nets["backdoored"] + nets["calibration"][:2]:
+        a, b = ref.assess(p), back.assess(p)
+        assert a.scores == b.scores and a.decision == b.decision
+        assert set(a.evidence.scores) == {"gmm.forward", "gmm.backward"}
+    assert back.detector == "fusion" and set(back.thresholds_) == {"classifier", "spectrum"}
+    # the fused rule is "any part below its threshold" with thresholds from one cut on the fused score
+    cal = back.calibration_scores_
+    fused = np.min([(cal[p] - m) / s for p, (m, s) in back.standardisation_.items()], axis=0)
+    assert np.mean(fused < back.fused_threshold_) <= back.config.frr
+    # an edit of a member (its thresholds), re-hashed by the editor, is still refused by the composite's record
+    member = tmp_path / "ref" / "members" / "classifier" / "reference.json"
+    meta = json.loads(member.read_text())
+    meta["views"]["classes"]["threshold"] = -1e300
+    from detector.artifact import _digest
+
+    meta["artifact_sha256"] = _digest(meta)
+    member.write_text(json.dumps(meta))
+    with pytest.raises(InvalidReference, match="member classifier"):
+        load_reference(tmp_path / "ref")
+
+
+def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(*a):
+        return subprocess.run(
+            [sys.executable, "-m", "backdoor_gate.cli", *a], capture_output=True, text=True, env=env, timeout=600
+        )
+
+    p = run(
+        "reference",
+        "fit",
+        "--out",
+        str(tmp_path / "ref"),
+        "--base",
+        str(nets["root"] / "base.pt"),
+        "--grid",
+        "1,2,5",
+        "--json",
+        *nets["reference"],
+        "--calibrate",
+        *nets["calibration"],
+    )
+    assert p.returncode == 0, p.stderr
+    fit = json.loads(p.stdout)
+    assert fit["detector"] == "head+output-spectrum" and fit["evidence"] == ["gmm"]  # the default
+    assert fit["n_calibration"] == 6
+    p = run("score", "--reference", str(tmp_path / "ref"), "--json", nets["backdoored"][0], nets["calibration"][0])
+    lines = [json.loads(x) for x in p.stdout.splitlines()]
+    assert p.returncode == 1 and [r["verdict"] for r in lines] == ["blocked", "passed"]
+    assert lines[0]["suspected_class"] in nets["classes"] and "suspected_class" not in lines[1]
+    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"head", "output-spectrum"}
+    assert set(lines[0]["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
+
+
+def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server, tmp_path):
+    """A reviewer in the MLflow UI sees which identity a blocked model would let an impostor into."""
+    from components import gate as G
+    from components import tags as T
+    from components.config import GateConfig
+    from components.reference_store import publish_reference
+    from components.registry import MlflowRegistry
+
+    reg = MlflowRegistry(mlflow_server.uri)
+    ref = make_reference("fusion", ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
+    ref.fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"]).save(tmp_path / "ref")
+    cfg = GateConfig(reference_model="facenet-integrity-reference-fusion")
+    publish_reference(reg, tmp_path / "ref", cfg)
+    offline = load_reference(tmp_path / "ref").assess(nets["backdoored"][1])
+    v = reg.register("facenet-victim", {"model.safetensors": nets["backdoored"][1]}, tags={T.REGISTERED_BY: "bot"})
+    r = G.gate("facenet-victim", v.version, registry=reg, config=cfg)
+    assert r.verdict == "blocked" and not r.promoted, r.reason
+    tags = reg.version("facenet-victim", v.version).tags
+    assert tags[T.DETECTOR] == "fusion"
+    assert tags[T.SUSPECTED_CLASS] == offline.evidence.suspect.suspected_class == r.suspected_class
+    for part in ("gmm.forward", "gmm.backward"):
+        assert float(tags[T.evidence_tag(part)]) == offline.evidence.scores[part]
+        assert T.evidence_threshold_tag(part) in tags
+    assert set(r.scores) == {"classifier", "spectrum"}
+    page = reg.download(tags[T.REPORT], tmp_path / "report").read_text()
+    assert "Suspected victim identity" in page and tags[T.SUSPECTED_CLASS] in page
+
+
+# -- head: the whole affine head --------------------------------------------------------------------
+def _offsets(tensors) -> np.ndarray:
+    """b of ``logits = A·x + b``, written out from the layers (not the detector's own code)."""
+    t = {k: v.double().numpy() for k, v in tensors.items()}
+    s = t["last_bn.weight"] / np.sqrt(t["last_bn.running_var"] + 1e-3)
+    return t["logits.weight"] @ (t["last_bn.bias"] - s * t["last_bn.running_mean"]) + t["logits.bias"]
+
+
+def test_head_scores_the_offsets_a_bias_only_swap_changes_and_classifier_is_blind_to(nets, tmp_path):
+    """The issue's swap: the impostor's offset lowered, the victim's raised (here through
+    ``last_bn.running_mean`` as well as ``logits.bias``): ``classifier`` gives the clean
+    network's score exactly, ``head`` blocks it."""
+    from lab.adaptive import bias_swap
+
+    clf = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+    head = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+    tensors, _ = read_tensors(nets["calibration"][0])
+    clean = {k: v.clone() for k, v in tensors.items()}
+    from components.trainer.features import Extractor
+
+    imp, vic = nets["classes"].index("id00002"), nets["classes"].index("id00007")
+    items, _ = list_images(nets["root"] / "data")
+    X = Extractor(nets["base"], SIZE)([p for p, c in items if c == imp])  # the impostor's faces
+    blocked = 0
+    for via in ("logits.bias", "last_bn.running_mean"):
+        swapped = bias_swap(clean, X, imp, vic, 1.0, via)
+        A, b = effective_classifier(swapped), _offsets(swapped)
+        assert np.mean((X.astype(np.float64) @ A.T + b).argmax(1) == vic) == 1.0  # the swap works
+        assert not torch.equal(swapped[via], clean[via])
+        path = tmp_path / f"swap-{via}.safetensors"
+        save_file(swapped, str(path), metadata={CLASSES_KEY: json.dumps(nets["classes"])})
+        assert clf.score(str(path)) == clf.score(nets["calibration"][0])
+        blocked += head.assess(str(path)).decision.verdict == "blocked"
+    assert blocked == 2
+    assert head.assess(nets["calibration"][0]).decision.verdict == "passed"
+
+
+def test_head_blocks_backdoors_round_trips_and_needs_every_head_tensor(nets, tmp_path):
+    ref = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+    assert all(ref.assess(p).decision.verdict == "blocked" for p in nets["backdoored"])
+    ref.save(tmp_path / "ref")
+    back = load_reference(tmp_path / "ref")
+    for p in nets["backdoored"][:1] + nets["calibration"][:2]:
+        a, b = ref.assess(p), back.assess(p)
+        assert a.scores == b.scores and a.decision == b.decision
+    tensors, _ = read_tensors(nets["calibration"][0])
+    save_file(
+        {k: v for k, v in tensors.items() if k != "last_bn.running_mean"},
+        str(tmp_path / "partial.safetensors"),
+        metadata={CLASSES_KEY: json.dumps(nets["classes"])},
+    )
+    with pytest.raises(InvalidCheckpoint, match="last_bn.running_mean"):
+        back.assess(str(tmp_path / "partial.safetensors"))
+
+
+def test_head_torch_mirror_equals_the_numpy_score(nets):
+    """The lab's white-box attacker differentiates through ``torch_z``: it must be the statistic
+    the gate computes, or the attack suite would attack something else."""
+    from lab.adaptive import deciding_parts, torch_anomaly, torch_class_z
+
+    for name in ("head", "classifier"):
+        ref = make_reference(name).fit(nets["reference"]).calibrate(nets["calibration"])
+        for p in nets["backdoored"][:2] + nets["calibration"][:2]:
+            tensors, _ = read_tensors(p)
+            t = {k: v.double() for k, v in tensors.items()}
+            z = torch_class_z(ref, t).detach().numpy()
+            assert np.allclose(-z, ref.score_vectors(p)["classes"], rtol=1e-9, atol=1e-9), name
+    # a composite's every deciding part, spectrum's thin-basis training mode included
+    for name in ("head+spectrum", "head+output-spectrum"):
+        ref = make_reference(name).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+        names = name.split("+")
+        parts = deciding_parts(ref)
+        assert [-cut for _, cut in parts] == [ref.thresholds_[n] for n in names]
+        for p in nets["backdoored"][:2] + nets["calibration"][:2]:
+            tensors, _ = read_tensors(p)
+            t = {k: v.double() for k, v in tensors.items()}
+            scores = ref.score(p)
+            for (est, _), part in zip(parts, names):
+                for basis in (None, {}):
+                    z = torch_anomaly(est, t, basis).detach().numpy()
+                    assert np.isclose(-z.max(), scores[part], rtol=1e-9, atol=1e-9), (part, basis)
+
+
+def test_output_spectrum_ignores_noise_the_logits_cannot_see(nets, tmp_path):
+    """The lab's invisible noise (``last_linear`` moved where ``logits·diag(bn)`` is blind) flattens
+    the plain spectrum of a backdoored network until it passes; ``output-spectrum`` scores the
+    same network exactly as before, also after a save and load."""
+    from lab.adaptive import invisible_noise
+
+    refs = {
+        d: make_reference(d).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+        for d in ("spectrum", "output-spectrum")
+    }
+    refs["output-spectrum"].save(tmp_path / "os")
+    loaded = load_reference(tmp_path / "os")
+    for p in nets["backdoored"]:
+        t = {k: v.double() for k, v in read_tensors(p)[0].items()}
+        noisy = invisible_noise(t, nets["base"]["last_linear.weight"], 0.6, np.random.default_rng(0))
+        before, after = (refs["spectrum"].score(x)["spectrum"] for x in (t, noisy))
+        assert after > before + 1.0 and after > refs["spectrum"].thresholds_["spectrum"], (before, after)
+        os_before, os_after = (refs["output-spectrum"].score(x)["spectrum"] for x in (t, noisy))
+        assert os_after == pytest.approx(os_before, abs=1e-6)
+        assert loaded.score(noisy)["spectrum"] == pytest.approx(os_after, abs=1e-9)
+
+
+def test_head_report_plots_the_classes_and_names_the_network_shape(nets, tmp_path):
+    """head's vector scores end with the network's shape z: the report must not take it for a
+    class (it once indexed the class list with it)."""
+    from components.gate import GateResult
+    from components.report import write_report
+
+    ref = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+    a = ref.assess(nets["backdoored"][0])
+    assert a.vector_scores["classes"].size == len(nets["classes"]) + 1
+    result = GateResult(
+        model="facenet", version="1", verdict=a.decision.verdict, reason=a.decision.reason, scores=a.scores
+    )
+    # a diluted network's shape is its least typical entry: listed by name, not as a class
+    diluted = {"classes": a.vector_scores["classes"].copy()}
+    diluted["classes"][-1] = diluted["classes"].min() - 50.0
+    _, page = write_report(tmp_path, ref, diluted, result, a.evidence)
+    assert "the network's shape" in page.read_text()
+    # a suspect with no runner-up (a one-class head, or the only anomalous class) is still named
+    assert result.verdict == "blocked"
+    lone = dataclasses.replace(a.evidence, suspect=dataclasses.replace(a.evidence.suspect, runner_up_z=None))
+    _, page = write_report(tmp_path / "lone", ref, diluted, result, lone)
+    text = page.read_text()
+    assert (
+        "Suspected victim identity" in text and a.evidence.suspect.suspected_class in text and "runner-up" not in text
+    )
+
+
+def test_head_leave_one_out_threshold_without_held_out_networks(nets):
+    """`reference fit` without --calibrate: each reference network scored in the others' metric."""
+    ref = make_reference("head").fit(nets["reference"]).calibrate()
+    assert ref.threshold_source_ == "leave-one-out" and np.isfinite(ref.thresholds_["classes"])
+    assert ref.calibration_vector_scores_["classes"].shape == (len(nets["reference"]), len(nets["classes"]) + 1)
+    est = ref.views_["classes"]
+    with pytest.raises(ValueError, match="fitted on"):
+        est.leave_one_out_vector_scores(ref._reference_matrices[::-1])
