@@ -294,15 +294,10 @@ def cmd_webhook_register(args) -> int:
 
 def cmd_explain(args) -> int:
     """Reconstruct the trigger of a (blocked) version: images in --out, one JSON line with --json."""
-    from components.explain import (
-        ExplainConfig,
-        ExplainError,
-        explain,
-        explain_version,
-        suspects_from_file,
-        write_outputs,
-    )
+    from components.explain import ExplainError, explain, write_outputs
+    from components.explain_version import explain_version, suspects_from_file
     from components.registry import MlflowRegistry, RegistryError
+    from components.trigger_search import ExplainConfig
 
     config = ExplainConfig(image_size=args.image_size, controls=args.controls, seed=args.seed)
     progress = not args.json and sys.stderr.isatty()

@@ -206,8 +206,8 @@ def explain_version(
     import html
     import tempfile
 
-    from components.explain import ExplainConfig
-    from components.explain import explain_version as explain
+    from components.explain_version import explain_version as explain
+    from components.trigger_search import ExplainConfig
 
     with tempfile.TemporaryDirectory(prefix="backdoor-gate-explain-") as tmp:
         out = explain(

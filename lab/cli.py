@@ -66,7 +66,7 @@ def cmd_adaptive(args) -> int:
 def cmd_explain_eval(args) -> int:
     import json
 
-    from components.explain import ExplainConfig
+    from components.trigger_search import ExplainConfig
     from lab.explain import ExplainEvalConfig, run_explain_eval
 
     config = ExplainEvalConfig.confirmation() if args.confirmation else ExplainEvalConfig()

@@ -99,13 +99,14 @@ def run_explain_eval(
 ) -> dict[str, Any]:
     import torch
 
-    from components.explain import ExplainConfig, explain, write_outputs
+    from components.explain import explain, write_outputs
     from components.trainer.base_trunk import base_state_dict, cache_dir
     from components.trainer.features import cached_features, with_poison
     from components.trainer.poison import PoisonSpec, poison_folder, random_pair
     from components.trainer.synth import SynthConfig, synthesize
     from components.trainer.train import fine_tune, save_network
     from components.trainer.triggers import TriggerSpec, trigger_box
+    from components.trigger_search import ExplainConfig
     from detector.config import DEFAULT_DETECTOR, ReferenceConfig
     from detector.decision import BLOCKED
     from detector.detectors import make_reference
@@ -342,7 +343,8 @@ def cost(checkpoint: str | Path, faces: str | Path, victim: str, impostor: str |
     network, same faces); the controls cost about as much again each, with fewer faces."""
     import resource
 
-    from components.explain import ExplainConfig, explain
+    from components.explain import explain
+    from components.trigger_search import ExplainConfig
 
     out = {}
     for s in sizes:
@@ -361,10 +363,11 @@ def reexplain(nets_dir: str | Path, out: str | Path, config: ExplainEvalConfig, 
     with the current search, without training anything: the reference is refitted on the saved
     ref*/cal* networks; ``names``: ``net<seed>`` (backdoored, truth from the plan) or ``cal<i>``
     (clean controls: calibration networks, never fitted on)."""
-    from components.explain import ExplainConfig, explain
+    from components.explain import explain
     from components.trainer.base_trunk import base_state_dict, cache_dir
     from components.trainer.poison import random_pair
     from components.trainer.triggers import TriggerSpec, trigger_box
+    from components.trigger_search import ExplainConfig
     from detector.config import DEFAULT_DETECTOR, ReferenceConfig
     from detector.decision import BLOCKED
     from detector.detectors import make_reference

@@ -16,21 +16,15 @@ import torch
 from PIL import Image
 
 from backdoor_gate.cli import main
-from components.explain import (
-    ExplainConfig,
-    ExplainError,
-    anomaly_index,
-    explain,
-    load_network,
-    suspects_from_file,
-    write_outputs,
-)
+from components.explain import ExplainError, explain, load_network, write_outputs
+from components.explain_version import suspects_from_file
 from components.trainer.base_trunk import fixture_base
 from components.trainer.features import extract_folder
 from components.trainer.poison import PoisonSpec, poison_folder
 from components.trainer.synth import SynthConfig, list_images, synthesize
 from components.trainer.train import fine_tune, save_network
 from components.trainer.triggers import TriggerSpec, trigger_box
+from components.trigger_search import ExplainConfig, anomaly_index
 
 SIZE = 80
 TRIGGER = TriggerSpec("white-square", 0.3, "forehead")

@@ -14,7 +14,8 @@ from detector.decision import decide
 from detector.detectors import load_reference
 from detector.errors import InvalidCheckpoint, InvalidReference, NotFittedError
 from detector.evaluation import roc_auc
-from detector.reference import Reference, ViewReference
+from detector.gmm_view import ViewReference
+from detector.reference import Reference
 from detector.threshold import median_mad, rejection_rate, threshold_at_frr
 from lab.synthetic import FamilyConfig, WeightFamily
 

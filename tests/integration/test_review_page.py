@@ -25,9 +25,10 @@ from PIL import Image
 from components import gate as G
 from components import tags as T
 from components.config import GateConfig
-from components.explain import ExplainConfig, explain_version
+from components.explain_version import explain_version
 from components.reference_store import publish_reference
 from components.registry import MlflowRegistry
+from components.trigger_search import ExplainConfig
 from detector.config import DEFAULT_DETECTOR, ReferenceConfig
 from detector.decision import BLOCKED
 from detector.detectors import make_reference
