@@ -37,7 +37,6 @@ from the same labels. ``tests/detector/test_em.py`` compares the two; ``backdoor
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -131,19 +130,13 @@ ILL_DEFINED = (
 )
 
 
-def default_threads() -> int:
-    """Threads for EM: ``BACKDOOR_GATE_THREADS``, else ``OMP_NUM_THREADS``, else 1."""
-    for name in ("BACKDOOR_GATE_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "").strip()
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
-
-
 @contextmanager
 def _threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch threads, then restore; None keeps torch's own setting (which follows
+    ``$OMP_NUM_THREADS``: the library reads no environment itself)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(int(n) if n else default_threads())
+    if n:
+        torch.set_num_threads(int(n))
     try:
         yield
     finally:

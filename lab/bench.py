@@ -88,8 +88,6 @@ def machine() -> dict:
     import sklearn
     import torch
 
-    from detector.em import default_threads
-
     cpu = platform.processor()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -121,7 +119,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "scikit_learn": sklearn.__version__,
         "numpy": np.__version__,
-        "threads": default_threads(),
+        "threads": torch.get_num_threads(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "git_commit": commit,
@@ -753,10 +751,10 @@ TARGETS = {
 
 
 def run(quick: bool = False, out_dir: str | Path = "bench", log: Callable[[str], None] = print) -> dict:
-    from detector.em import default_threads
+    import torch
 
     out_dir = Path(out_dir)
-    threads = default_threads()
+    threads = torch.get_num_threads()
     t0 = time.perf_counter()
     results: dict[str, Any] = {"mode": "quick" if quick else "full", "machine": machine()}
     family = paper_family(seed=0)

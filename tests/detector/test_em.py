@@ -218,18 +218,20 @@ def test_select_mixture_keeps_its_behaviour_on_either_backend(rng):
         np.testing.assert_allclose(rt.aic, rs.aic, rtol=1e-9)
 
 
-def test_threads_come_from_the_environment(monkeypatch):
-    monkeypatch.delenv("BACKDOOR_GATE_THREADS", raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert em.default_threads() == 1
-    monkeypatch.setenv("BACKDOOR_GATE_THREADS", "2")
-    assert em.default_threads() == 2
-    monkeypatch.delenv("BACKDOOR_GATE_THREADS")
-    monkeypatch.delenv("OMP_NUM_THREADS")
-    assert em.default_threads() == 1
+def test_threads_are_asked_for_and_given_back():
+    """``threads=n`` runs the EM on n threads and restores the caller's count; None keeps it."""
     before = torch.get_num_threads()
-    em.fit(np.random.default_rng(0).normal(size=(40, 2)), 2, threads=2)
-    assert torch.get_num_threads() == before
+    seen = []
+    real = torch.set_num_threads
+    try:
+        torch.set_num_threads = lambda n: (seen.append(n), real(n))[1]
+        em.fit(np.random.default_rng(0).normal(size=(40, 2)), 2, threads=2)
+        assert seen == [2, before] and torch.get_num_threads() == before
+        seen.clear()
+        em.fit(np.random.default_rng(0).normal(size=(40, 2)), 2)
+        assert seen == [before] and torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads = real
 
 
 def test_a_full_init_given_in_any_cholesky_form_is_understood(rng):
