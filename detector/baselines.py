@@ -33,7 +33,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from detector.config import ReferenceConfig
-from detector.protocol import check_fitted
+from detector.protocol import check_fitted, leave_one_out
 from detector.reference import Reference
 from detector.threshold import median_mad
 
@@ -79,16 +79,9 @@ class DistanceView(BaseEstimator):
     def leave_one_out_vector_scores(
         self, matrices: Sequence[np.ndarray], progress: Callable | None = None
     ) -> np.ndarray:
-        out = []
-        for i, W in enumerate(matrices):
-            if self.center == "mean":
-                rest = [m for j, m in enumerate(matrices) if j != i]
-                out.append(DistanceView("mean").fit(rest).score_vectors(W))
-            else:
-                out.append(self.score_vectors(W))
-            if progress is not None:
-                progress(i)
-        return np.asarray(out)
+        if self.center != "mean":  # the base is no reference network: nothing to leave out
+            return np.asarray([self.score_vectors(W) for W in matrices])
+        return leave_one_out(matrices, lambda rest: DistanceView("mean").fit(rest), progress)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"center": self.center_}
@@ -174,14 +167,9 @@ class SpectrumView(BaseEstimator):
     def leave_one_out_vector_scores(
         self, matrices: Sequence[np.ndarray], progress: Callable | None = None
     ) -> np.ndarray:
-        out = []
-        for i, W in enumerate(matrices):
-            out.append(
-                SpectrumView(self.statistic, self.space)
-                .fit([m for j, m in enumerate(matrices) if j != i], self.base_)
-                .score_vectors(W)
-            )
-        return np.asarray(out)
+        return leave_one_out(
+            matrices, lambda rest: SpectrumView(self.statistic, self.space).fit(rest, self.base_), progress
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"base": self.base_.astype(np.float32), "reference_statistics": self.reference_statistics_}

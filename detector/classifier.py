@@ -33,7 +33,7 @@ from detector.baselines import OneViewReference, SpectrumView
 from detector.config import ReferenceConfig
 from detector.errors import InvalidCheckpoint
 from detector.evidence import Evidence, Suspect
-from detector.protocol import check_fitted
+from detector.protocol import check_fitted, leave_one_out
 from detector.threshold import median_mad
 from detector.weights import CLASSES_KEY, LayerWeights, StateDict, _check_values, _to_numpy, classes_of, layer_of
 
@@ -180,12 +180,7 @@ class ClassDeviationView(BaseEstimator):
     def leave_one_out_vector_scores(
         self, matrices: Sequence[np.ndarray], progress: Callable | None = None
     ) -> np.ndarray:
-        out = []
-        for i, A in enumerate(matrices):
-            out.append(clone(self).fit([m for j, m in enumerate(matrices) if j != i]).score_vectors(A))
-            if progress is not None:
-                progress(i)
-        return np.asarray(out)
+        return leave_one_out(matrices, lambda rest: clone(self).fit(rest), progress)
 
     def arrays(self) -> dict[str, np.ndarray]:
         # float32 centres: half the bytes at CASIA's class count (make bench prints the gate's memory)

@@ -12,7 +12,7 @@ from sklearn.base import BaseEstimator, clone
 
 from detector.config import PAPER_GRID
 from detector.gmm import Mixture, select_mixture
-from detector.protocol import check_fitted
+from detector.protocol import check_fitted, leave_one_out
 from detector.views import view_vectors
 
 
@@ -119,14 +119,9 @@ class ViewReference(BaseEstimator):
     ) -> np.ndarray:
         """(M, n): each network's vectors scored by a reference fitted on the others (same N_G)."""
         check_fitted(self, "mixture_")
-        out = []
-        for i in range(len(matrices)):
-            rest = [W for j, W in enumerate(matrices) if j != i]
-            est = clone(self).set_params(n_components=self.n_components_)
-            out.append(est.fit(rest).score_vectors(matrices[i]))
-            if progress is not None:
-                progress(i)
-        return np.asarray(out)
+        return leave_one_out(
+            matrices, lambda rest: clone(self).set_params(n_components=self.n_components_).fit(rest), progress
+        )
 
     # -- the artifact ----------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:

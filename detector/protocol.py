@@ -24,6 +24,19 @@ def check_fitted(est: Any, attr: str) -> None:
         raise NotFittedError(f"{type(est).__name__} is not fitted yet: call fit() first")
 
 
+def leave_one_out(
+    matrices: Sequence[np.ndarray], refit: Callable[[list[np.ndarray]], Any], progress: Callable | None = None
+) -> np.ndarray:
+    """(M, n): each network's vector scores from ``refit(the other networks)``, an estimator fitted
+    without it, so a reference network is scored as a new one would be (leave-one-out thresholds)."""
+    out = []
+    for i, W in enumerate(matrices):
+        out.append(refit([m for j, m in enumerate(matrices) if j != i]).score_vectors(W))
+        if progress is not None:
+            progress(i)
+    return np.asarray(out)
+
+
 @runtime_checkable
 class Detector(Protocol):
     """Also: ``detector`` (its name, recorded in the artifact) and, once calibrated,

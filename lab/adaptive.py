@@ -44,7 +44,9 @@ import torch
 
 from components.trainer.triggers import TriggerSpec
 from detector.classifier import BN_EPS
-from lab.paper import HEAD_TENSORS, PaperConfig, _Lab
+from detector.decision import PASSED
+from detector.head import HEAD_TENSORS
+from lab.paper import PaperConfig, _Lab
 
 #: An attack "works" (counts against the gate when it passes) at this success and clean accuracy.
 WORKS_ASR = 0.9
@@ -559,8 +561,8 @@ def run_adaptive(
             "clean_accuracy": _mean([nets[i].info["clean_accuracy"] for i in idx]),
             "weights_moved": _mean([_moved(nets[i], ws.base) for i in idx]),
             "posthoc_change": _mean([nets[i].info.get("head_moved") for i in idx]),
-            "passed": {d: sum(verdicts[d][i] == "passed" for i in ok) for d in detectors},
-            "blocked_all": {d: sum(verdicts[d][i] != "passed" for i in idx) for d in detectors},
+            "passed": {d: sum(verdicts[d][i] == PASSED for i in ok) for d in detectors},
+            "blocked_all": {d: sum(verdicts[d][i] != PASSED for i in idx) for d in detectors},
         }
         rows.append(row)
     summary = {

@@ -259,6 +259,8 @@ def _jsonable(x):
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
+    from detector.decision import BLOCKED
+
     out = []
     for kind in dict.fromkeys(r["kind"] for r in rows):
         g = [r for r in rows if r["kind"] == kind]
@@ -268,7 +270,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
                 "kind": kind,
                 "n": len(g),
                 "attack_success": float(np.mean([r["attack_success"] for r in g])) if bd else None,
-                "weights_blocked": sum(r["weight_verdict"] == "blocked" for r in g),
+                "weights_blocked": sum(r["weight_verdict"] == BLOCKED for r in g),
                 "victim_right": sum(r.get("victim_right", False) for r in g) if bd else None,
                 "centre_within_1_width": sum(r["centre_error"] <= 1.0 for r in g) if bd else None,
                 "centre_error_median": float(np.median([r["centre_error"] for r in g])) if bd else None,

@@ -42,7 +42,8 @@ import numpy as np
 
 from components.trainer.triggers import TriggerSpec
 from detector.config import DETECTORS, ReferenceConfig
-from detector.head import HEAD_TENSORS as HEAD
+from detector.decision import PASSED
+from detector.head import HEAD_TENSORS
 from lab.paper_report import BACKDOOR_SETS, _plots, table, tsne_plot
 
 TRIGGERS_SET = (
@@ -99,8 +100,6 @@ VARIANTS = (
     "spectrum:ratio",
     "head+spectrum",
 )
-#: What the paper keeps of each network: every fine-tuned tensor the detectors read.
-HEAD_TENSORS = HEAD
 
 
 @dataclass(frozen=True)
@@ -408,7 +407,7 @@ def run_paper(
     gmm = refs["gmm"] if "gmm" in refs else next(iter(refs.values()))
 
     def is_blocked(det: str, i: int) -> bool:
-        return refs[det].decide({k: float(s[i]) for k, s in scores[det].items()}).verdict != "passed"
+        return refs[det].decide({k: float(s[i]) for k, s in scores[det].items()}).verdict != PASSED
 
     def blocked(det: str, idx: list[int]) -> float:
         return float(np.mean([is_blocked(det, i) for i in idx]))
