@@ -107,7 +107,30 @@ def relative_deviation(dev: np.ndarray, normalize: str) -> np.ndarray:
     raise ValueError(f"normalize must be 'network' or 'none', got {normalize!r}")
 
 
-class ClassDeviationView(BaseEstimator):
+class ClassRows:
+    """The fitted state every per-class view keeps, saved and restored one way: the clean networks'
+    mean row per class (float32, as the artifact keeps it: half the bytes at CASIA's class count)
+    and the median and scale of each class's statistic."""
+
+    center_: np.ndarray
+    median_: np.ndarray
+    scale_: np.ndarray
+    n_networks_: int
+    shape_: tuple[int, ...]
+
+    def _rows_arrays(self) -> dict[str, np.ndarray]:
+        return {"center": self.center_, "median": self.median_, "scale": self.scale_}
+
+    def _rows_info(self) -> dict[str, Any]:
+        return {"n_networks": self.n_networks_, "n_classes": int(self.center_.shape[0])}
+
+    def _restore_rows(self, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+        self.center_ = np.asarray(arrays["center"], dtype=np.float32)
+        self.median_, self.scale_ = arrays["median"], arrays["scale"]
+        self.n_networks_, self.shape_ = int(info["n_networks"]), tuple(self.center_.shape)
+
+
+class ClassDeviationView(ClassRows, BaseEstimator):
     """Per-class robust z of the effective classifier's deviation from the reference rows.
 
     ``normalize="network"`` divides each class's deviation by the network's median class
@@ -183,23 +206,15 @@ class ClassDeviationView(BaseEstimator):
         return leave_one_out(matrices, lambda rest: clone(self).fit(rest), progress)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        # float32 centres: half the bytes at CASIA's class count (make bench prints the gate's memory)
-        return {"center": self.center_, "median": self.median_, "scale": self.scale_}
+        return self._rows_arrays()
 
     def info(self) -> dict[str, Any]:
-        return {
-            "normalize": self.normalize,
-            "scale": self.scale,
-            "n_networks": self.n_networks_,
-            "n_classes": int(self.center_.shape[0]),
-        }
+        return {"normalize": self.normalize, "scale": self.scale, **self._rows_info()}
 
     @classmethod
     def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> ClassDeviationView:
         est = cls(normalize=info["normalize"], scale=info["scale"])
-        est.center_ = np.asarray(arrays["center"], dtype=np.float32)
-        est.median_, est.scale_ = arrays["median"], arrays["scale"]
-        est.n_networks_, est.shape_ = int(info["n_networks"]), tuple(est.center_.shape)
+        est._restore_rows(info, arrays)
         return est
 
 

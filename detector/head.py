@@ -52,6 +52,7 @@ from detector.classifier import (
     BN_EPS,
     CLASSES,
     ClassifierReference,
+    ClassRows,
     _robust,
     _tensor,
     _vector,
@@ -120,7 +121,7 @@ def head_matrix(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndar
     return H
 
 
-class HeadDeviationView(BaseEstimator):
+class HeadDeviationView(ClassRows, BaseEstimator):
     """Per-class robust z of the head's deviation, whitened by how clean networks deviate.
 
     ``rank``: eigen-directions of the clean deviations' covariance kept (the rest share the
@@ -286,13 +287,7 @@ class HeadDeviationView(BaseEstimator):
 
     # -- the artifact ----------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "center": self.center_,
-            "median": self.median_,
-            "scale": self.scale_,
-            "directions": self.directions_,
-            "weights": self.weights_,
-        }
+        return {**self._rows_arrays(), "directions": self.directions_, "weights": self.weights_}
 
     def info(self) -> dict[str, Any]:
         return {
@@ -301,20 +296,17 @@ class HeadDeviationView(BaseEstimator):
             "floor": self.floor_,
             "network_median": self.network_median_,
             "network_scale": self.network_scale_,
-            "n_networks": self.n_networks_,
-            "n_classes": int(self.center_.shape[0]),
+            **self._rows_info(),
         }
 
     @classmethod
     def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> HeadDeviationView:
         est = cls(rank=int(info["rank"]), normalize=info["normalize"])
-        est.center_ = np.asarray(arrays["center"], dtype=np.float32)
-        est.median_, est.scale_ = arrays["median"], arrays["scale"]
+        est._restore_rows(info, arrays)
         est.directions_ = np.asarray(arrays["directions"], dtype=np.float32)
         est.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
         est.floor_ = float(info["floor"])
         est.network_median_, est.network_scale_ = float(info["network_median"]), float(info["network_scale"])
-        est.n_networks_, est.shape_ = int(info["n_networks"]), tuple(est.center_.shape)
         return est
 
 
