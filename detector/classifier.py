@@ -108,15 +108,27 @@ def relative_deviation(dev: np.ndarray, normalize: str) -> np.ndarray:
 
 
 class ClassRows:
-    """The fitted state every per-class view keeps, saved and restored one way: the clean networks'
-    mean row per class (float32, as the artifact keeps it: half the bytes at CASIA's class count)
-    and the median and scale of each class's statistic."""
+    """What every per-class view shares: its fitted state, saved and restored one way (the clean
+    networks' mean row per class, float32 as the artifact keeps it: half the bytes at CASIA's class
+    count; the median and scale of each class's statistic), and its rule that one deviant entry
+    is enough (a backdoor has one victim)."""
 
     center_: np.ndarray
     median_: np.ndarray
     scale_: np.ndarray
     n_networks_: int
     shape_: tuple[int, ...]
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    @staticmethod
+    def aggregate(vector_scores: np.ndarray) -> float:
+        """−max z: the entry that moved most unlike the clean networks decides."""
+        return float(np.min(vector_scores))
+
+    def score(self, matrix: np.ndarray) -> float:
+        return self.aggregate(self.score_vectors(matrix))
 
     def _rows_arrays(self) -> dict[str, np.ndarray]:
         return {"center": self.center_, "median": self.median_, "scale": self.scale_}
@@ -191,14 +203,6 @@ class ClassDeviationView(ClassRows, BaseEstimator):
         """−z per class: the lowest is the class that moved most unlike the clean networks."""
         check_fitted(self, "center_")
         return -(self._relative(self.deviation(matrix)) - self.median_) / self.scale_
-
-    @staticmethod
-    def aggregate(vector_scores: np.ndarray) -> float:
-        """−max_c z_c: one deviant class is enough (a backdoor has one victim)."""
-        return float(np.min(vector_scores))
-
-    def score(self, matrix: np.ndarray) -> float:
-        return self.aggregate(self.score_vectors(matrix))
 
     def leave_one_out_vector_scores(
         self, matrices: Sequence[np.ndarray], progress: Callable | None = None

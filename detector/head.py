@@ -227,13 +227,6 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         zc, zn = self.z(matrix)
         return np.append(-zc, -zn)
 
-    @staticmethod
-    def aggregate(vector_scores: np.ndarray) -> float:
-        return float(np.min(vector_scores))
-
-    def score(self, matrix: np.ndarray) -> float:
-        return self.aggregate(self.score_vectors(matrix))
-
     def leave_one_out_vector_scores(
         self, matrices: Sequence[np.ndarray], progress: Callable | None = None
     ) -> np.ndarray:
