@@ -133,8 +133,11 @@ class Registry(Protocol):
         ...
 
     def download_artifact(self, info: VersionInfo, max_bytes: int) -> Artifact:
-        """The version's whole artifact tree, bounded in total size. Raises RegistryError/ValueError."""
-        ...
+        """The version's whole artifact tree, bounded in total size. Raises RegistryError/ValueError.
+
+        Written once, over :meth:`download`: every backend reads an artifact tree the same way."""
+        with tempfile.TemporaryDirectory(prefix="backdoor-gate-") as tmp:
+            return artifact_in(self.download(info.source, tmp), max_bytes)
 
     def run_file(self, run_id: str | None, path: str, max_bytes: int = 1 << 20) -> bytes | None:
         """A small file from a run's artifacts, or None when it is not there (or there is no run)."""
@@ -256,11 +259,6 @@ class MlflowRegistry(Registry):
             if size > max_bytes:
                 raise ValueError(f"{path.name} is {size} bytes, over the {max_bytes}-byte limit")
             return path.read_bytes(), path.name
-
-    def download_artifact(self, info: VersionInfo, max_bytes: int) -> Artifact:
-        """The version's whole artifact tree, bounded in total size. Raises RegistryError/ValueError."""
-        with tempfile.TemporaryDirectory(prefix="backdoor-gate-") as tmp:
-            return artifact_in(self.download(info.source, tmp), max_bytes)
 
     def versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``, newest (highest number) first."""

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-import tempfile
 import threading
 import uuid
 from collections.abc import Mapping
@@ -32,11 +31,9 @@ from typing import Any
 from components.registry import (
     CANDIDATE_EXPERIMENT,
     WEIGHTS_DIR,
-    Artifact,
     Registry,
     RegistryError,
     VersionInfo,
-    artifact_in,
 )
 
 # MLflow's limits and name rules (mlflow/utils/validation.py)
@@ -218,10 +215,6 @@ class InMemoryRegistry(Registry):
             (Path(dst) / rel).parent.mkdir(parents=True, exist_ok=True)
             (Path(dst) / rel).write_bytes(data)
         return out
-
-    def download_artifact(self, info: VersionInfo, max_bytes: int) -> Artifact:
-        with tempfile.TemporaryDirectory(prefix="backdoor-gate-") as tmp:
-            return artifact_in(self.download(info.source, tmp), max_bytes)
 
     def run_file(self, run_id: str | None, path: str, max_bytes: int = 1 << 20) -> bytes | None:
         if not run_id:
