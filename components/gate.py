@@ -129,11 +129,11 @@ def gate(
         info = registry.version(model, result.version)
         registry.set_tags(model, result.version, {VERDICT: PENDING, CHECKED_AT: now(), GATE: GATE_VERSION})
     except Exception as e:  # noqa: BLE001 — a misconfigured gate or a registry it cannot write: touch nothing
-        return _fault(result, str(e))
+        return _fault(result, fault(str(e)))
     try:
         return _gate(registry, info, result, reference, config, signing_key)
     except Exception as e:  # noqa: BLE001 — whatever was raised, the gate failed: never a pass
-        return _fault(result, f"{e.__class__.__name__}: {e}", registry, info, config)
+        return _fault(result, fault(f"{e.__class__.__name__}: {e}"), registry, info, config)
 
 
 def _signing_key(signing_key: Any, config: GateConfig) -> Any:
@@ -162,7 +162,7 @@ def _gate(
 
     judgement = judge(reference, lambda: _read_candidate(registry, info, result, tags, config))
     if judgement.decision.verdict == ERROR:
-        return _fault(result, judgement.decision.reason, registry, info, config)
+        return _fault(result, judgement.decision, registry, info, config)
     result.record(judgement.decision)
     if judgement.assessment is not None:
         _record_assessment(registry, info, reference, judgement.assessment, result, tags, config)
@@ -227,18 +227,19 @@ def _record_assessment(
 
 def _fault(
     result: GateResult,
-    reason: str,
+    decision: Decision,
     registry: Registry | None = None,
     info: VersionInfo | None = None,
     config: GateConfig = GateConfig(),
 ) -> GateResult:
     """The gate could not judge or record: say so, blame nothing on the candidate.
 
-    The one path of every gate fault. No verdict document is written; once the version is known,
-    the tags say ``error`` and why, and ``production`` is still guarded: a version without a
+    The one path of every gate fault; ``decision`` is an ``error`` made by
+    :func:`detector.decision.fault` (here, or inside ``judge``). No verdict document is written;
+    once the version is known, the tags say ``error`` and why, and ``production`` is still guarded: a version without a
     signed pass never keeps it (a signed pass already stored keeps its promotion).
     """
-    result.record(fault(reason))
+    result.record(decision)
     result.promoted, result.scores = False, {}
     if registry is None or info is None:
         return result  # nothing could be written; the alias was not touched

@@ -73,7 +73,7 @@ def decide(scores: Mapping[str, float], thresholds: Mapping[str, float], trunk: 
     if trunk is not None and trunk.status == MISSING:
         return Decision(INVALID, trunk.reason)
     if trunk is not None and trunk.status == NOT_CHECKED:  # an unjudged trunk passes nothing
-        return Decision(ERROR, f"gate error: {trunk.reason}")
+        return fault(trunk.reason)
     below = tuple(v for v in thresholds if not (scores[v] >= thresholds[v]))
     detail = "; ".join(f"{v} score {scores[v]:.6g} < threshold {thresholds[v]:.6g}" for v in below)
     if trunk is not None and trunk.status == MODIFIED:
@@ -104,7 +104,7 @@ def judge(reference: Any, read_candidate: Callable[[], Any]) -> Judgement:
     except InvalidCheckpoint as e:
         return Judgement(Decision(INVALID, e.reason))
     except DetectorError as e:  # an unfitted or unreadable reference: not the candidate's fault
-        return Judgement(Decision(ERROR, f"gate error: {e}"))
+        return Judgement(fault(str(e)))
     except ValueError as e:  # extra files, no / several / oversized weight files
         return Judgement(Decision(INVALID, str(e)))
     return Judgement(assessment.decision, assessment)
@@ -120,7 +120,7 @@ def confirm_unchanged(decision: Decision, scored_sha256: str | None, current_sha
 def fault(reason: str) -> Decision:
     """The gate could not judge or record (registry, reference, keys): verdict ``error``, the
     gate's fault and never the candidate's, so it exits 2 and is never promotable."""
-    return Decision(ERROR, reason if reason.startswith("gate error") else f"gate error: {reason}")
+    return Decision(ERROR, f"gate error: {reason}")
 
 
 def _finite(x: Any) -> bool:

@@ -4,9 +4,15 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-from components.gate import GateResult
+from components.config import GateConfig
+from components.gate import GateResult, gate
+from components.registry_memory import InMemoryRegistry
+from components.tags import VERDICT
 from detector.decision import ERROR, EXIT_CODES, VERDICTS, Decision, fault
+from detector.errors import DetectorError
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("detector", "components", "pipelines", "backdoor_gate")
@@ -73,6 +79,19 @@ def test_a_result_that_never_heard_the_decision_is_an_error():
     assert (r.verdict, r.error, r.exit_code) == (ERROR, True, 2)
 
 
-def test_a_gate_fault_says_so_once():
+def test_a_gate_fault_says_so_once(tmp_path):
+    """A fault found inside ``judge`` reaches the version's tags as judge said it, once."""
     assert fault("registry down") == Decision(ERROR, "gate error: registry down")
-    assert fault("gate error: no reference").reason == "gate error: no reference"
+
+    class Unreadable:  # a reference that cannot score anything: the gate's fault, not the candidate's
+        artifact_sha256_, thresholds_, detector = "0" * 64, {"v": 0.0}, "gmm"
+
+        def assess(self, network):
+            raise DetectorError("reference arrays unreadable")
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    registry = InMemoryRegistry()
+    v = registry.register("m", {"model.safetensors": tmp_path / "model.safetensors"})
+    r = gate("m", v.version, registry=registry, reference=Unreadable(), config=GateConfig(require_signature=False))
+    assert r.reason == "gate error: reference arrays unreadable" and r.verdict == ERROR
+    assert registry.version("m", v.version).tags[VERDICT] == ERROR
