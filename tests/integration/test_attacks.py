@@ -45,9 +45,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def registry(mlflow_server, world):
-    reg = MlflowRegistry(mlflow_server.uri)
-    publish_reference(reg, world.reference_dir)
-    return reg
+    return world.publish(MlflowRegistry(mlflow_server.uri))
 
 
 def _register(reg: MlflowRegistry, model: str, files: dict, who: str = "mallory"):

@@ -28,7 +28,6 @@ from components import keys as K
 from components import tags as T
 from components.config import GateConfig
 from components.reconciler import Reconciler
-from components.reference_store import publish_reference
 from components.registry import MlflowRegistry
 from detector import signing as V
 from detector.config import ReferenceConfig
@@ -53,13 +52,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture
 def registry(mlflow_server, world):
-    reg = MlflowRegistry(mlflow_server.uri)
-    publish_reference(reg, world.reference_dir)
-    return reg
-
-
-def _register(reg: MlflowRegistry, model: str, path: Path, who: str = "mallory"):
-    return reg.register(model, {"model.safetensors": path}, tags={T.REGISTERED_BY: who})
+    return world.publish(MlflowRegistry(mlflow_server.uri))
 
 
 def _cli(*args, timeout=300):
@@ -172,7 +165,7 @@ def test_bytes_swapped_after_a_pass_are_refused_at_deploy_time(registry, world, 
 
     model = _model()
     clean = world.ckpt("clean", "passed")
-    v = _register(registry, model, clean)
+    v = world.register(registry, model, clean, who="mallory")
     assert G.gate(model, v.version, registry=registry, config=NO_REPORT).promoted
     pub = os.environ["BACKDOOR_GATE_VERDICT_PUBLIC_KEYS"]
     ok = _cli(
