@@ -1,12 +1,13 @@
 """The narrow seam between backdoor-gate and the MLflow model registry.
 
 Everything that talks to the registry goes through the :class:`Registry` protocol: versions,
-tags, aliases, artifacts, and no policy (the tag names and the decision live in
-:mod:`components.gate`). Two backends implement it, the way MLflow's own stores implement its
-``AbstractStore``: :class:`MlflowRegistry` over MLflow's client (a local sqlite server in tests,
-Postgres + S3 in production) and :class:`components.registry_memory.InMemoryRegistry`, a second
-backend in this process for fast tests of the promotion rules. One conformance test runs
-against both (tests/components/test_registry_conformance.py), so the second cannot drift.
+tags, aliases, artifacts, and no policy (the tag names are :mod:`components.tags`, the
+decision :mod:`detector.decision`, the production rules :mod:`components.policy`). Two
+backends implement it, the way MLflow's own stores implement its ``AbstractStore``:
+:class:`MlflowRegistry` over MLflow's client (a local sqlite server in tests, Postgres + S3 in
+production) and :class:`components.registry_memory.InMemoryRegistry`, a second backend in this
+process for fast tests of the promotion rules. One conformance test runs against both
+(tests/components/test_registry_conformance.py), so the second cannot drift.
 """
 
 from __future__ import annotations
