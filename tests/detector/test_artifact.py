@@ -48,7 +48,10 @@ def test_an_artifact_of_the_old_code_loads_and_scores_exactly_as_it_did(name):
     ref = load_reference(V1 / name)
     assert ref.detector == name  # a composite too: its name, the rule that decides
     probes = _probes()
-    assert [ref.score(p) for p in probes] == EXPECTED["scores"][name]  # exactly: same arrays, same arithmetic
+    # the same arrays and arithmetic; only the last bits may differ, where LAPACK's SVD rounds
+    # differently on another CPU (seen: 3e-14 relative on the spectrum's score)
+    scores = [ref.score(p) for p in probes]
+    assert scores == [pytest.approx(s, rel=1e-10, abs=1e-12) for s in EXPECTED["scores"][name]]
     assert [ref.assess(p).decision.verdict for p in probes] == EXPECTED["verdicts"][name]
     assert ref.artifact_sha256_ == json.loads((V1 / name / META_FILE).read_text())["artifact_sha256"]
 
