@@ -260,7 +260,11 @@ def _reference_flags(p) -> None:
     p.add_argument("--config", help="YAML file of reference settings (flags override it)")
     p.add_argument("--layer", help="tensor name (default last_linear.weight; logits.weight for trojan-signature)")
     p.add_argument("--views", type=_csv(str), help="comma list: forward,backward")
-    p.add_argument("--components", help="'auto' (choose N_G by AIC over --grid) or a fixed N_G")
+    p.add_argument(
+        "--components",
+        help="GMM size N_G: 'neurons' (default: one per neuron, the paper's and AIC's choice), "
+        "'auto' (choose by AIC over --grid: minutes) or a number",
+    )
     p.add_argument(
         "--grid", type=_csv(int), help=f"N_G grid for auto (default the paper's {','.join(map(str, PAPER_GRID))})"
     )

@@ -113,7 +113,7 @@ def fit_reference(
     reference: Output[Artifact],
     summary: Output[Metrics],
     covariance: str = "diag",
-    components: str = "auto",
+    components: str = "neurons",
     grid: str = "",
     frr: float = 0.05,
     detector: str = "",

@@ -6,7 +6,7 @@ convention — *higher = more typical of clean networks*, blocked below the thre
 calibrated at the target FRR. What changes is the per-"view" estimator:
 
 ``gmm``
-    the paper's detector: PCA + GMM with N_G by AIC, forward and backward views.
+    the paper's detector: PCA + GMM (one Gaussian per neuron, or N_G by AIC), forward and backward views.
 ``gaussian``
     the same with one Gaussian per view (N_G = 1): does the mixture add anything?
 ``distance-mean``

@@ -13,6 +13,9 @@ MAX_CHECKPOINT_BYTES = 4 * 1024**3
 #: The paper's grid of mixture sizes N_G, searched by AIC (capped at the number of vectors).
 PAPER_GRID: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100, 200, 512, 1000, 1792, 3000)
 
+#: How N_G is chosen when ``components`` is not a number (see :class:`ReferenceConfig`).
+COMPONENT_RULES: tuple[str, ...] = ("neurons", "auto")
+
 #: FaceNet's fine-tuned projection layer (Linear 1792 -> 512, weight shape 512 x 1792).
 DEFAULT_LAYER = "last_linear.weight"
 
@@ -51,7 +54,10 @@ class ReferenceConfig:
     """How a reference is built (the layer, views, the GMM's PCA and mixture settings for the
     paper's detector and the evidence) and how its threshold is chosen.
 
-    ``components`` is ``"auto"`` (choose N_G by ``criterion`` over ``grid``) or a fixed int.
+    ``components`` is ``"neurons"`` (N_G = vectors per network, one Gaussian per neuron started
+    at the neurons' means: the paper's best N_G, and AIC's choice over ``grid`` in every run on
+    record, so the same mixture without the sweep's minutes), ``"auto"`` (choose N_G by
+    ``criterion`` over ``grid``: the paper's procedure, which ``paper`` runs) or a fixed int.
     ``reg_covar`` is *relative*: it is multiplied by the mean per-dimension variance of the
     reduced vectors, so one default works for weights of any scale.
     """
@@ -59,7 +65,7 @@ class ReferenceConfig:
     layer: str = DEFAULT_LAYER
     views: tuple[str, ...] = VIEWS
     variance: float = 0.95
-    components: int | str = "auto"
+    components: int | str = "neurons"
     grid: tuple[int, ...] = PAPER_GRID
     criterion: str = "aic"
     covariance: str = (
@@ -75,8 +81,13 @@ class ReferenceConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "views", tuple(self.views))
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-        if isinstance(self.components, str) and self.components != "auto":
-            object.__setattr__(self, "components", int(self.components))
+        if isinstance(self.components, str) and self.components not in COMPONENT_RULES:
+            try:
+                object.__setattr__(self, "components", int(self.components))
+            except ValueError:
+                raise ValueError(
+                    f"components must be 'neurons', 'auto' or a positive int, got {self.components!r}"
+                ) from None
         self.validate()
 
     def validate(self) -> None:
@@ -87,8 +98,8 @@ class ReferenceConfig:
             raise ValueError(f"views repeated: {self.views}")
         if not 0.0 < self.variance <= 1.0:
             raise ValueError(f"variance must be in (0, 1], got {self.variance}")
-        if self.components != "auto" and (not isinstance(self.components, int) or self.components < 1):
-            raise ValueError(f"components must be 'auto' or a positive int, got {self.components!r}")
+        if self.components not in COMPONENT_RULES and (not isinstance(self.components, int) or self.components < 1):
+            raise ValueError(f"components must be 'neurons', 'auto' or a positive int, got {self.components!r}")
         if not self.grid or min(self.grid) < 1:
             raise ValueError(f"grid must hold positive ints, got {self.grid}")
         if self.criterion not in ("aic", "bic"):

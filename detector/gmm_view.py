@@ -1,5 +1,6 @@
-"""The paper's estimator for one view: PCA to a variance target, then a GMM whose size N_G is
-chosen by AIC, fitted on the view's vectors of several clean networks (scikit-learn style)."""
+"""The paper's estimator for one view: PCA to a variance target, then a GMM of N_G components
+(one per neuron, or chosen by AIC over a grid), fitted on the view's vectors of several clean
+networks (scikit-learn style)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,16 @@ class ViewReference(BaseEstimator):
     """PCA + GMM over one view's vectors of several clean networks.
 
     ``fit`` takes a list of weight matrices (one per network, same shape) and returns self.
+    ``n_components``: ``"neurons"`` (one component per neuron, neuron-initialised: what the
+    sweep picks on every run on record, found in seconds instead of minutes), ``"auto"`` (the
+    lowest ``criterion`` over ``grid``) or an int.
     """
 
     def __init__(
         self,
         view: str = "forward",
         variance: float = 0.95,
-        n_components: int | str = "auto",
+        n_components: int | str = "neurons",
         grid: Sequence[int] = PAPER_GRID,
         criterion: str = "aic",
         covariance_type: str = "diag",
@@ -77,6 +81,8 @@ class ViewReference(BaseEstimator):
             grid = sorted({int(g) for g in self.grid if int(g) <= len(Z)})
             if not grid:
                 raise ValueError(f"no N_G in grid {list(self.grid)} fits {len(Z)} reference vectors")
+        elif self.n_components == "neurons":
+            grid = [n]
         else:
             grid = [min(int(self.n_components), len(Z))]
         self.mixture_, table = select_mixture(

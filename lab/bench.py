@@ -615,7 +615,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log) -> dict:
 
 def reference_fit_default(quick: bool, family, log) -> dict:
     """``reference fit`` as shipped, at our 40 identities: the default detector deciding and the
-    paper's GMM as evidence (the default config: the whole AIC grid), on 10 whole networks; the
+    paper's GMM as evidence (the default config: one Gaussian per neuron), on 10 whole networks; the
     thresholds from leave-one-out (no ``--calibrate``) and from 20 held-out networks."""
     import torch
 
@@ -642,8 +642,9 @@ def reference_fit_default(quick: bool, family, log) -> dict:
         out[f"{label}_seconds"] = round(t.wall, 1)
         log(f"  {t.wall:.0f} s")
     out["note"] = (
-        "fit + calibrate in this process (no file reading); the GMM evidence's AIC sweep over the paper's grid "
-        "is most of it; synthetic heads around the paper-scale weight family"
+        "fit + calibrate in this process (no file reading); the GMM evidence fits one Gaussian per neuron "
+        "(components 'neurons', the AIC sweep's pick; `aic_sweep` times the sweep), and leave-one-out refits "
+        "its PCA + EM once per network; synthetic heads around the paper-scale weight family"
     )
     return out
 

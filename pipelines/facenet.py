@@ -65,7 +65,7 @@ def reference_pipeline(
     n_reference: int = 12,
     n_calibration: int = 20,
     covariance: str = "diag",
-    components: str = "auto",
+    components: str = "neurons",
     grid: str = "",
     frr: float = 0.05,
     detector: str = "",

@@ -28,7 +28,7 @@ def _config(**kw):
 
 def test_view_reference_is_an_sklearn_estimator(family):
     mats = [family.clean() for _ in range(6)]
-    est = ViewReference(view="backward", grid=SMALL_GRID)
+    est = ViewReference(view="backward", n_components="auto", grid=SMALL_GRID)
     assert est.fit(mats) is est
     assert est.get_params()["view"] == "backward"
     assert est.n_vectors_ == 24 and est.n_networks_ == 6
@@ -42,8 +42,34 @@ def test_view_reference_is_an_sklearn_estimator(family):
 
 
 def test_grid_is_capped_at_the_number_of_reference_vectors(family):
-    est = ViewReference(view="backward", grid=(1, 2, 500, 3000)).fit([family.clean() for _ in range(3)])
+    est = ViewReference(view="backward", n_components="auto", grid=(1, 2, 500, 3000))
+    est.fit([family.clean() for _ in range(3)])
     assert [r["n_components"] for r in est.selection_] == [1, 2]  # 3 x 24 = 72 vectors
+
+
+@pytest.mark.parametrize("view", ["forward", "backward"])
+def test_one_gaussian_per_neuron_is_the_mixture_the_aic_sweep_picks(family, view):
+    """The default skips the sweep: where AIC picks N_G = vectors per network (here, as on
+    every run on record), ``neurons`` must give that very mixture, bit for bit."""
+    mats = [family.clean() for _ in range(8)]
+    swept = ViewReference(view=view, n_components="auto", grid=SMALL_GRID).fit(mats)
+    direct = ViewReference(view=view).fit(mats)
+    assert swept.n_components_ == swept.n_vectors_  # the premise: AIC chose one per neuron
+    assert direct.n_components_ == direct.n_vectors_ and len(direct.selection_) == 1
+    assert direct.selection_[0]["init"] == "neuron"
+    for key, a in swept.arrays().items():
+        np.testing.assert_array_equal(direct.arrays()[key], a, err_msg=key)
+
+
+@pytest.mark.parametrize("value, expected", [("neurons", "neurons"), ("auto", "auto"), ("7", 7), (3, 3)])
+def test_components_accepts_a_rule_or_a_size(value, expected):
+    assert ReferenceConfig(components=value).components == expected
+
+
+@pytest.mark.parametrize("value", ["many", "0", -2])
+def test_components_refuses_anything_else_clearly(value):
+    with pytest.raises(ValueError, match="'neurons', 'auto' or a positive int"):
+        ReferenceConfig(components=value)
 
 
 @pytest.mark.parametrize("cov", ["full", "diag"])
