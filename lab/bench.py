@@ -650,6 +650,89 @@ def reference_fit_default(quick: bool, family, log) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
+# 5b. explain: one blocked version's trigger search, at the default trunk's 96 px and FaceNet's 160
+# --------------------------------------------------------------------------------------------
+_EXPLAIN_CHILD = r"""
+import dataclasses, json, sys, time
+from components.explain import explain
+from components.trigger_search import ExplainConfig
+ckpt, faces, size, controls, pass_pixels, short = sys.argv[1:7]
+cfg = ExplainConfig(image_size=int(size), controls=int(controls))
+if int(pass_pixels):
+    cfg = dataclasses.replace(cfg, pass_pixels=int(pass_pixels))
+if short == "1":  # one step of each stage: enough for the peak memory, which every step reaches
+    cfg = dataclasses.replace(cfg, steps=1, refine_steps=1, size_steps=1, polish_steps=0)
+t0 = time.perf_counter()
+result, _ = explain(ckpt, faces, "id00001", "id00000", cfg)
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024,
+                  "faces_per_pass": cfg.batch(), "found": result.fit.found}))
+"""
+
+
+def _explain_child(ckpt: Path, faces: Path, size: int, controls: int, pass_pixels: int = 0, short: bool = False):
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _EXPLAIN_CHILD,
+            str(ckpt),
+            str(faces),
+            str(size),
+            str(controls),
+            str(pass_pixels),
+            "1" if short else "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    if p.returncode != 0:
+        raise RuntimeError(f"explain subprocess failed: {p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def explain_cost(quick: bool, log) -> dict:
+    """``explain`` as shipped (victim + 5 controls), in a fresh process, at 96 and 160 px, on a network
+    with seeded random weights: no patch works for any class, so every patch size is tried and
+    this is the search's longest path. And the peak memory at 160 px with the pixel budget per pass
+    against 64 faces per pass (what it was before), from one short search each."""
+    import torch
+    from PIL import Image
+
+    from components.trainer.train import save_network
+
+    net = _random_trunk(seed=2)
+    net.logits = torch.nn.Linear(512, 40, bias=True)
+    classes = [f"id{i:05d}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"controls": 1 if quick else 5, "classes": 40}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = save_network(net.state_dict(), Path(tmp) / "net.safetensors", classes)
+        faces = Path(tmp) / "faces"
+        for i, c in enumerate(classes):
+            (faces / c).mkdir(parents=True)
+            for j in range(40 if i == 0 else 2):  # the impostor's faces are the ones searched on
+                Image.fromarray(rng.integers(0, 256, (160, 160, 3), dtype=np.uint8)).save(faces / c / f"{j}.png")
+        for size in (96, 160):
+            log(f"explain at {size} px (victim + {out['controls']} controls, a network where no patch works)")
+            r = _explain_child(ckpt, faces, size, out["controls"])
+            out[f"{size}px"] = {k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
+            log(f"  {r['seconds']:.0f} s, peak {r['peak_rss_mb']:.0f} MB, {r['faces_per_pass']} faces per pass")
+        log("explain at 160 px, peak memory: the pixel budget per pass vs 64 faces per pass (short searches)")
+        budget = _explain_child(ckpt, faces, 160, 0, short=True)
+        fixed = _explain_child(ckpt, faces, 160, 0, pass_pixels=64 * 160 * 160, short=True)
+        out["160px_peak_rss_mb_budget_vs_64_faces"] = [round(budget["peak_rss_mb"]), round(fixed["peak_rss_mb"])]
+        out["explain_160px_memory_ratio"] = round(_ratio(fixed["peak_rss_mb"], budget["peak_rss_mb"]), 2)
+        log(f"  {budget['peak_rss_mb']:.0f} MB vs {fixed['peak_rss_mb']:.0f} MB")
+    out["note"] = (
+        "wall seconds and VmHWM of a fresh process running components.explain.explain (import excluded from "
+        "seconds, included in memory); random noise faces, 40 classes; the threads of the bench"
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # 6. how EM cost grows: with N_G and with the number of reference networks
 # --------------------------------------------------------------------------------------------
 def scaling(quick: bool, pool: list[np.ndarray], threads: int, out_dir: Path, log) -> dict:
@@ -748,6 +831,8 @@ TARGETS = {
     "gate_peak_rss_mb": ("<=", 1024),
     "reference_fit_default_leave_one_out_seconds": ("<=", 120),
     "reference_fit_default_calibrated_seconds": ("<=", 120),
+    "explain_96px_seconds": ("<=", 180),
+    "explain_96px_peak_rss_mb": ("<=", 2048),
 }
 
 
@@ -771,6 +856,7 @@ def run(quick: bool = False, out_dir: str | Path = "bench", log: Callable[[str],
         results["gate"] = gate(quick, matrices, family, log)
         results["gate_default"] = gate_default(quick, matrices, family, log)
         results["reference_fit_default"] = reference_fit_default(quick, family, log)
+        results["explain"] = explain_cost(quick, log)
         results["scaling"] = scaling(quick, pool, threads, out_dir, log)
     results["summary"] = summary(results)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -800,6 +886,12 @@ def summary(r: dict) -> dict:
             f"reference_fit_default_{k}_seconds": r["reference_fit_default"][f"{k}_seconds"]
             for k in ("leave_one_out", "calibrated")
             if "reference_fit_default" in r
+        },
+        **{
+            f"explain_{px}_{k}": r["explain"][px][k]
+            for px in ("96px", "160px")
+            if "explain" in r
+            for k in ("seconds", "peak_rss_mb")
         },
     }
     targets = dict(TARGETS)
@@ -867,6 +959,19 @@ def format_table(r: dict) -> str:
                 f"defaults ({d['detector']} + {', '.join(d['evidence'])} evidence), 40 classes, "
                 f"{d['networks']} networks"
             )
+    if "explain" in r:
+        d = r["explain"]
+        for px, target in (("96px", "<= 180 s"), ("160px", "")):
+            lines.append(
+                f"{'explain ' + px:34s} {d[px]['seconds']:>13.1f}s  {target:>8s}  "
+                f"peak {d[px]['peak_rss_mb']:.0f} MB (<= 2048 MB), victim + {d['controls']} controls, "
+                f"{d[px]['faces_per_pass']} faces per pass"
+            )
+        lines.append(
+            f"{'explain 160px peak memory ratio':34s} {d['explain_160px_memory_ratio']:>13.2f}x  {'':>8s}  "
+            f"64 faces per pass / the pixel budget: {d['160px_peak_rss_mb_budget_vs_64_faces'][1]} vs "
+            f"{d['160px_peak_rss_mb_budget_vs_64_faces'][0]} MB"
+        )
     for k, v in s["feature_extraction_images_per_s"].items():
         lines.append(f"{'feature_extraction ' + k:34s} {v:>10.1f} im/s  {'':>8s}")
     sc = r["scaling"]

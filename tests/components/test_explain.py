@@ -157,3 +157,40 @@ def test_anomaly_index_is_neural_cleanse_mad_on_the_classes_searched():
     areas = [0.04, 0.09, 0.16, 0.25]  # victim 0.04: median 0.125, MAD = 1.4826 * 0.06
     assert anomaly_index(0.04, areas[1:]) == pytest.approx((0.125 - 0.04) / (1.4826 * 0.06))
     assert anomaly_index(0.25, [0.04, 0.09, 0.16]) < 0  # the victim's mask is the largest: no anomaly
+
+
+def test_a_pass_holds_the_same_pixels_at_any_resolution_and_the_result_does_not_change():
+    """Peak memory follows the pixels in one forward/backward pass: at 160 px a pass holds fewer
+    faces than at 96 px, and splitting the patch positions over more passes changes nothing."""
+    from components.trigger_search import _fit
+
+    assert ExplainConfig(image_size=96).batch() == 64
+    assert (
+        ExplainConfig(image_size=160).batch() * 160 * 160
+        <= 64 * 96 * 96
+        < (ExplainConfig(image_size=160).batch() + 1) * 160 * 160
+    )
+
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(), torch.nn.Linear(16, 5)
+    )
+    seen: list[int] = []
+
+    def net(x):
+        seen.append(len(x))
+        return body(x)
+
+    x = torch.randn(4, 3, 20, 20)
+    positions = [(0, 0), (5, 5), (10, 2), (3, 12), (12, 12)]
+
+    def fit(pass_pixels):
+        seen.clear()
+        cfg = ExplainConfig(image_size=20, pass_pixels=pass_pixels, lr=0.1)
+        return _fit(net, x, 1, 6, positions, None, 3, cfg, lambda: None), max(seen)
+
+    (raw_one, loss_one), widest_one = fit(20 * 20 * 64)
+    (raw_many, loss_many), widest_many = fit(20 * 20 * 8)
+    assert widest_one == 4 * len(positions) and widest_many == 8  # every position in one pass, or 2 per pass
+    torch.testing.assert_close(raw_many, raw_one)
+    np.testing.assert_allclose(loss_many, loss_one, rtol=1e-6)
