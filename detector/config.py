@@ -55,8 +55,8 @@ class ReferenceConfig:
     paper's detector and the evidence) and how its threshold is chosen.
 
     ``components`` is ``"neurons"`` (N_G = vectors per network, one Gaussian per neuron started
-    at the neurons' means: the paper's best N_G, and AIC's choice over ``grid`` in every run on
-    record, so the same mixture without the sweep's minutes), ``"auto"`` (choose N_G by
+    at the neurons' means: the N_G the paper found best, fitted in seconds where the sweep takes
+    minutes; not always what AIC would pick here: see the README), ``"auto"`` (choose N_G by
     ``criterion`` over ``grid``: the paper's procedure, which ``paper`` runs) or a fixed int.
     ``reg_covar`` is *relative*: it is multiplied by the mean per-dimension variance of the
     reduced vectors, so one default works for weights of any scale.

@@ -21,9 +21,9 @@ class ViewReference(BaseEstimator):
     """PCA + GMM over one view's vectors of several clean networks.
 
     ``fit`` takes a list of weight matrices (one per network, same shape) and returns self.
-    ``n_components``: ``"neurons"`` (one component per neuron, neuron-initialised: what the
-    sweep picks on every run on record, found in seconds instead of minutes), ``"auto"`` (the
-    lowest ``criterion`` over ``grid``) or an int.
+    ``n_components``: ``"neurons"`` (one component per neuron, neuron-initialised: the paper's
+    best N_G, in seconds instead of the sweep's minutes), ``"auto"`` (the lowest ``criterion``
+    over ``grid``) or an int.
     """
 
     def __init__(

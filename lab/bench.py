@@ -643,7 +643,7 @@ def reference_fit_default(quick: bool, family, log) -> dict:
         log(f"  {t.wall:.0f} s")
     out["note"] = (
         "fit + calibrate in this process (no file reading); the GMM evidence fits one Gaussian per neuron "
-        "(components 'neurons', the AIC sweep's pick; `aic_sweep` times the sweep), and leave-one-out refits "
+        "(components 'neurons', the paper's N_G; `aic_sweep` times the sweep), and leave-one-out refits "
         "its PCA + EM once per network; synthetic heads around the paper-scale weight family"
     )
     return out

@@ -129,7 +129,7 @@ class PaperConfig:
     n_strength: int = 4  # networks per strength point
     m_grid: tuple = (2, 4, 8, 12, 18)
     detectors: tuple = DETECTORS + VARIANTS
-    #: the paper's procedure: N_G chosen by AIC (the product's default fits the size it picks)
+    #: the paper's procedure: N_G chosen by AIC (the product's default fits one Gaussian per neuron)
     reference: dict = field(
         default_factory=lambda: {"components": "auto", "grid": [1, 2, 5, 10, 20, 50, 100, 200, 512, 1000, 1792]}
     )

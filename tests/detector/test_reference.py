@@ -49,8 +49,8 @@ def test_grid_is_capped_at_the_number_of_reference_vectors(family):
 
 @pytest.mark.parametrize("view", ["forward", "backward"])
 def test_one_gaussian_per_neuron_is_the_mixture_the_aic_sweep_picks(family, view):
-    """The default skips the sweep: where AIC picks N_G = vectors per network (here, as on
-    every run on record), ``neurons`` must give that very mixture, bit for bit."""
+    """The default skips the sweep: where AIC picks N_G = vectors per network (as on this
+    family), ``neurons`` must give that very mixture, bit for bit."""
     mats = [family.clean() for _ in range(8)]
     swept = ViewReference(view=view, n_components="auto", grid=SMALL_GRID).fit(mats)
     direct = ViewReference(view=view).fit(mats)
