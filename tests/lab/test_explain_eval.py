@@ -1,0 +1,45 @@
+"""The lab's explain-eval table: the size rule and the agreement counts it reports."""
+
+import json
+
+from lab.explain import retable, size_opinion, table_rows
+
+
+def _row(kind, verdict, found, size, **extra):
+    return {
+        "kind": kind,
+        "weight_verdict": verdict,
+        "found": found,
+        "mask_size": size,
+        "mask_area": size * size,
+        "reconstructed_asr": 1.0 if found else 0.2,
+        "anomaly_index": 0.5,
+        "input_opinion": False,
+        "agree": verdict != "blocked",
+        "seconds": 10.0,
+        "attack_success": None if kind == "clean" else 1.0,
+        **extra,
+    }
+
+
+def test_the_size_rule_says_backdoor_only_for_a_found_patch_at_the_smallest_size():
+    assert size_opinion({"found": True, "mask_size": 0.1})
+    assert not size_opinion({"found": True, "mask_size": 0.15})
+    assert not size_opinion({"found": False, "mask_size": 0.1})
+
+
+def test_the_table_counts_agreement_with_the_weights(tmp_path):
+    rows = [
+        _row("white square", "blocked", True, 0.1, victim_right=True, centre_error=0.4),
+        _row("white square", "blocked", True, 0.2, victim_right=True, centre_error=1.4),
+        _row("clean", "passed", True, 0.15),
+        _row("clean", "passed", True, 0.1),
+    ]
+    t = {r["kind"]: r for r in table_rows(rows)}
+    assert (t["white square"]["size_says_backdoor"], t["white square"]["size_agrees"]) == (1, 1)
+    assert (t["clean"]["size_says_backdoor"], t["clean"]["size_agrees"]) == (1, 1)
+    assert t["white square"]["centre_within_1_width"] == 1
+    (tmp_path / "summary.json").write_text(json.dumps({"rows": rows, "total_seconds": 5.0}))
+    md = retable(tmp_path)
+    assert "| white square | 2 |" in md and "| 1/2 | 1/2 |" in md
+    assert (tmp_path / "table.md").read_text() == md
