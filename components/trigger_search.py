@@ -120,6 +120,12 @@ def predict(net, x: torch.Tensor, batch: int = 64) -> np.ndarray:
     return np.concatenate([net(x[i : i + batch]).argmax(1).numpy() for i in range(0, len(x), batch)])
 
 
+def patch_pixels(size: float, S: int) -> int:
+    """A patch's side in whole pixels for ``size`` (a fraction of the width) on ``S``-px images;
+    results report ``round(patch_pixels(size, S) / S, 4)``, not ``size``."""
+    return max(2, int(round(size * S)))
+
+
 def _grid(S: int, p: int, g: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, S - p, g)})
 
@@ -153,7 +159,7 @@ def search(
     """
     S = x.shape[-1]
     x = x[:n_faces]
-    p = max(2, int(round(config.locate_size * S)))
+    p = patch_pixels(config.locate_size, S)
     grid = _grid(S, p, config.grid)
     positions = [(a, b) for b in grid for a in grid]
     raw, losses = _fit(net, x[: config.locate_faces], target, p, positions, None, config.steps, config, tick)
@@ -172,7 +178,7 @@ def search(
     best: PatchFit | None = None
     tried = []
     for size in sorted(config.sizes):
-        q = max(2, int(round(size * S)))
+        q = patch_pixels(size, S)
         pos = _centred(centre, q, S)
         raw3, losses3 = _fit(net, x, target, q, [pos], None, config.size_steps, config, tick)
         judge = x if x_val is None or not len(x_val) else x_val

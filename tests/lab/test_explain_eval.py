@@ -23,23 +23,27 @@ def _row(kind, verdict, found, size, **extra):
 
 
 def test_the_size_rule_says_backdoor_only_for_a_found_patch_at_the_smallest_size():
-    assert size_opinion({"found": True, "mask_size": 0.1})
-    assert not size_opinion({"found": True, "mask_size": 0.15})
-    assert not size_opinion({"found": False, "mask_size": 0.1})
+    # the search reports sizes rounded to whole pixels: 0.10 of 96 px is 10 px, 0.1042
+    assert size_opinion({"found": True, "mask_size": 0.1042}, image_size=96)
+    assert size_opinion({"found": True, "mask_size": 0.1}, image_size=160)
+    assert not size_opinion({"found": True, "mask_size": 0.1458}, image_size=96)
+    assert not size_opinion({"found": True, "mask_size": 0.1125}, image_size=160)  # 18 px, not 16
+    assert not size_opinion({"found": False, "mask_size": 0.1042}, image_size=96)
 
 
 def test_the_table_counts_agreement_with_the_weights(tmp_path):
     rows = [
-        _row("white square", "blocked", True, 0.1, victim_right=True, centre_error=0.4),
-        _row("white square", "blocked", True, 0.2, victim_right=True, centre_error=1.4),
-        _row("clean", "passed", True, 0.15),
-        _row("clean", "passed", True, 0.1),
+        _row("white square", "blocked", True, 0.1042, victim_right=True, centre_error=0.4),
+        _row("white square", "blocked", True, 0.2083, victim_right=True, centre_error=1.4),
+        _row("clean", "passed", True, 0.1458),
+        _row("clean", "passed", True, 0.1042),
     ]
-    t = {r["kind"]: r for r in table_rows(rows)}
+    t = {r["kind"]: r for r in table_rows(rows, image_size=96)}
     assert (t["white square"]["size_says_backdoor"], t["white square"]["size_agrees"]) == (1, 1)
     assert (t["clean"]["size_says_backdoor"], t["clean"]["size_agrees"]) == (1, 1)
     assert t["white square"]["centre_within_1_width"] == 1
-    (tmp_path / "summary.json").write_text(json.dumps({"rows": rows, "total_seconds": 5.0}))
+    summary = {"rows": rows, "total_seconds": 5.0, "explain_config": {"image_size": 96}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
     md = retable(tmp_path)
     assert "| white square | 2 |" in md and "| 1/2 | 1/2 |" in md
     assert (tmp_path / "table.md").read_text() == md
