@@ -342,7 +342,8 @@ def cmd_explain(args) -> int:
             f"trigger for victim {out['victim']} (impostor {out['impostor'] or 'not named'}): {found}; "
             f"mask {out['mask_size']:.0%} of the width at ({out['mask_centre'][0]:.2f}, {out['mask_centre'][1]:.2f}), "
             f"area {out['mask_area']:.4f}; attack success {out['reconstructed_asr']:.2f} on {out['heldout_faces']} "
-            f"held-out faces; anomaly index {out['anomaly_index']:.2f}; {out['seconds']:.0f} s"
+            f"held-out faces; smallest patch fires: {'yes' if out['smallest_patch_fires'] else 'no'}; "
+            f"anomaly index {out['anomaly_index']:.2f}; {out['seconds']:.0f} s"
         )
         print(f"  images: {args.out}/trigger.png, mask.png, applied.png")
     return 0

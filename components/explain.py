@@ -27,7 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from components.trigger_search import ExplainConfig, PatchFit, anomaly_index, paste, predict, search, search_ticks
+from components.trigger_search import (
+    ExplainConfig,
+    PatchFit,
+    anomaly_index,
+    paste,
+    predict,
+    search,
+    search_ticks,
+    smallest_patch_fires,
+)
 
 #: tensors a whole InceptionResnetV1 has and a head-only file does not
 TRUNK_KEYS = ("conv2d_1a.conv.weight", "repeat_1.0.branch0.conv.weight", "block8.conv2d.weight")
@@ -121,6 +130,9 @@ class Explanation:
             "mask_area": round(self.fit.area, 5),
             "mask_size": round(self.fit.size_px / self.fit.image_size, 4),
             "found": self.fit.found,
+            "smallest_patch_fires": smallest_patch_fires(
+                self.fit.found, self.fit.size_px, self.fit.image_size, self.config.sizes
+            ),
             "reconstructed_asr": self.reconstructed_asr,
             "validation_asr": self.fit.asr,
             "heldout_faces": self.n_heldout,

@@ -203,6 +203,17 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
     ax.legend(fontsize=7, loc="best")
 
 
+def _size_rule(e: dict) -> str:
+    if "smallest_patch_fires" not in e:  # an explain.json from before the rule
+        return ""
+    smallest = min(e["config"]["sizes"])
+    fires = "already fires" if e["smallest_patch_fires"] else "does not fire"
+    return (
+        f" The smallest patch tried ({smallest:.0%} of the width) {fires}: in the lab every backdoor's "
+        "trigger fired at that size and no clean network's most deviant class did."
+    )
+
+
 def add_trigger(page: str, images: dict, explanation: dict) -> str:
     """The gate's report with the reconstructed trigger (``explain``) shown beside its plots.
 
@@ -230,8 +241,8 @@ def add_trigger(page: str, images: dict, explanation: dict) -> str:
         f"{e['reconstructed_asr']:.0%} of the time ({e['heldout_faces']} {source}). "
         f"Mask: {e['mask_size']:.0%} of the width, centre at "
         f"({e['mask_centre'][0]:.2f}, {e['mask_centre'][1]:.2f}) of the image; anomaly index "
-        f"{e['anomaly_index']:.1f} against {len(e['controls'])} control classes (input-space evidence; the "
-        "verdict is the weight-space detector's).</p></div>"
+        f"{e['anomaly_index']:.1f} against {len(e['controls'])} control classes.{_size_rule(e)} (Input-space "
+        "evidence; the verdict is the weight-space detector's.)</p></div>"
     )
     marker = '<img alt="scores and per-unit anomaly maps"'
     if marker in page:  # the plots on the left, the trigger on their right

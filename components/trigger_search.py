@@ -126,6 +126,13 @@ def patch_pixels(size: float, S: int) -> int:
     return max(2, int(round(size * S)))
 
 
+def smallest_patch_fires(found: bool, size_px: int, S: int, sizes: tuple[float, ...]) -> bool:
+    """The size rule, an input-space opinion: a patch of the smallest size tried already sends
+    the validation faces to the class. A backdoor's trigger is small by design; on our faces a
+    clean network's most deviant class needed 0.15 of the width or more (docs/explain)."""
+    return bool(found) and size_px <= patch_pixels(min(sizes), S)
+
+
 def _grid(S: int, p: int, g: int) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, S - p, g)})
 

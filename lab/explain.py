@@ -44,10 +44,10 @@ def size_opinion(row: dict, image_size: int, smallest: float = 0.1) -> bool:
     down (and committed) before the second confirmation run (2026-12-03) and is judged on it.
     Rows hold the size in whole pixels (0.1042 at 96 px), so the comparison is in pixels.
     """
-    from components.trigger_search import patch_pixels
+    from components.trigger_search import smallest_patch_fires
 
     side = int(round(float(row["mask_size"]) * image_size))
-    return bool(row["found"]) and side <= patch_pixels(smallest, image_size)
+    return smallest_patch_fires(row["found"], side, image_size, (smallest,))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from components.trainer.poison import PoisonSpec, poison_folder
 from components.trainer.synth import SynthConfig, list_images, synthesize
 from components.trainer.train import fine_tune, save_network
 from components.trainer.triggers import TriggerSpec, trigger_box
-from components.trigger_search import ExplainConfig, anomaly_index
+from components.trigger_search import ExplainConfig, anomaly_index, smallest_patch_fires
 
 SIZE = 80
 TRIGGER = TriggerSpec("white-square", 0.3, "forehead")
@@ -71,6 +71,7 @@ def test_the_trigger_of_a_real_backdoor_is_found_where_it_was_planted(nets, tmp_
     x0, y0, x1, y1 = trigger_box(TRIGGER, SIZE)
     true_centre, width = np.array([(x0 + x1) / 2, (y0 + y1) / 2]) / SIZE, (x1 - x0) / SIZE
     assert out["found"], out
+    assert out["smallest_patch_fires"], out  # QUICK tries one size, the trigger's
     assert np.hypot(*(np.array(out["mask_centre"]) - true_centre)) <= width, (out["mask_centre"], true_centre)
     assert out["reconstructed_asr"] >= 0.8 and out["heldout_faces"] >= 8, out  # faces it was not optimised on
     assert out["mask_area"] == pytest.approx(round(0.3 * SIZE) ** 2 / SIZE**2, abs=1e-4)
@@ -149,6 +150,14 @@ def test_suspects_are_read_from_a_signed_verdict_or_a_score_line(tmp_path):
     line.write_text('{"verdict": "passed"}\n')
     with pytest.raises(ExplainError, match="names no suspected victim"):
         suspects_from_file(line)
+
+
+def test_the_size_rule_compares_whole_pixels_with_the_smallest_size_tried():
+    sizes = (0.15, 0.1, 0.3)
+    assert smallest_patch_fires(True, 10, 96, sizes)  # 0.10 of 96 px is 10 px (0.1042)
+    assert not smallest_patch_fires(True, 14, 96, sizes)
+    assert not smallest_patch_fires(False, 10, 96, sizes)
+    assert smallest_patch_fires(True, 16, 160, sizes) and not smallest_patch_fires(True, 18, 160, sizes)
 
 
 def test_anomaly_index_is_neural_cleanse_mad_on_the_classes_searched():

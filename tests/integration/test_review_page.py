@@ -158,6 +158,7 @@ def test_a_reviewer_sees_the_verdict_reason_suspect_and_report_in_the_browser(
             expect(report.locator("img.trigger")).to_be_visible()
             assert report.locator("img.trigger").evaluate("i => i.naturalWidth") > 0  # a picture that decodes
             expect(report.locator(".explain")).to_contain_text(f"classified as {tags[T.SUSPECTED_CLASS]}")
+            expect(report.locator(".explain")).to_contain_text("The smallest patch tried")  # the size rule's opinion
             page.screenshot(path=str(tmp_path / "mlflow-review-report.png"))
         finally:
             browser.close()
