@@ -209,8 +209,8 @@ def _size_rule(e: dict) -> str:
     smallest = min(e["config"]["sizes"])
     fires = "already fires" if e["smallest_patch_fires"] else "does not fire"
     return (
-        f" The smallest patch tried ({smallest:.0%} of the width) {fires}: in the lab every backdoor's "
-        "trigger fired at that size and no clean network's most deviant class did."
+        f" The smallest patch tried ({smallest:.0%} of the width) {fires}. In the lab (default sizes), "
+        "every backdoor's trigger fired at 10% of the width and no clean network's most deviant class did."
     )
 
 

@@ -33,7 +33,7 @@ import numpy as np
 INDEX_CUT = 2.0
 
 
-def size_opinion(row: dict, image_size: int, smallest: float = 0.1) -> bool:
+def size_opinion(row: dict, image_size: int, sizes: tuple[float, ...]) -> bool:
     """A second input-space rule: "backdoor" when a patch of the search's smallest size (0.10 of
     the width) already sends the held-back validation faces to the class.
 
@@ -42,12 +42,13 @@ def size_opinion(row: dict, image_size: int, smallest: float = 0.1) -> bool:
     backdoors whose controls are reachable. On the development and first confirmation networks
     every correctly named backdoor fired at 0.10 and no clean network did; this rule was written
     down (and committed) before the second confirmation run (2026-12-03) and is judged on it.
-    Rows hold the size in whole pixels (0.1042 at 96 px), so the comparison is in pixels.
+    Rows hold the size in whole pixels (0.1042 at 96 px), so the comparison is in pixels;
+    ``image_size`` and ``sizes`` are the run's explain config.
     """
     from components.trigger_search import smallest_patch_fires
 
     side = int(round(float(row["mask_size"]) * image_size))
-    return smallest_patch_fires(row["found"], side, image_size, (smallest,))
+    return smallest_patch_fires(row["found"], side, image_size, tuple(sizes))
 
 
 @dataclass(frozen=True)
@@ -257,7 +258,7 @@ def _save(out: Path, config, explain_config, rows, t_start, use_impostor, cost_c
         "config": _jsonable(dataclasses.asdict(config)),
         "explain_config": _jsonable(dataclasses.asdict(explain_config)),
         "rows": rows,
-        "table": table_rows(rows, explain_config.image_size),
+        "table": table_rows(rows, explain_config.image_size, explain_config.sizes),
         "total_seconds": time.perf_counter() - t_start,
         "use_impostor": use_impostor,
         "cost_case": cost_case,
@@ -272,7 +273,8 @@ def retable(out: str | Path) -> str:
     version's table code, e.g. for a rule added after the run started."""
     out = Path(out)
     summary = json.loads((out / "summary.json").read_text())
-    summary["table"] = table_rows(summary["rows"], summary["explain_config"]["image_size"])
+    ec = summary["explain_config"]
+    summary["table"] = table_rows(summary["rows"], ec["image_size"], ec["sizes"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (out / "table.md").write_text(table(summary))
     return table(summary)
@@ -286,7 +288,7 @@ def _jsonable(x):
     return x
 
 
-def table_rows(rows: list[dict], image_size: int) -> list[dict]:
+def table_rows(rows: list[dict], image_size: int, sizes: tuple[float, ...]) -> list[dict]:
     from detector.decision import BLOCKED
 
     out = []
@@ -309,8 +311,8 @@ def table_rows(rows: list[dict], image_size: int) -> list[dict]:
                 "anomaly_index": [round(r["anomaly_index"], 2) for r in g],
                 "input_says_backdoor": sum(bool(r["input_opinion"]) for r in g),
                 "agree": sum(bool(r["agree"]) for r in g),
-                "size_says_backdoor": sum(size_opinion(r, image_size) for r in g),
-                "size_agrees": sum(size_opinion(r, image_size) == (r["weight_verdict"] == BLOCKED) for r in g),
+                "size_says_backdoor": sum(size_opinion(r, image_size, sizes) for r in g),
+                "size_agrees": sum(size_opinion(r, image_size, sizes) == (r["weight_verdict"] == BLOCKED) for r in g),
                 "seconds_median": float(np.median([r["seconds"] for r in g])),
                 "without_impostor": _alone(g) if bd else None,
             }
