@@ -75,42 +75,10 @@ def _predict(head: Head, x: np.ndarray) -> np.ndarray:
         return head(torch.from_numpy(x)).argmax(1).numpy() if len(x) else np.zeros(0, np.int64)
 
 
-def fine_tune(
-    fs: FeatureSet,
-    base: dict[str, torch.Tensor],
-    seed: int,
-    config: TrainConfig = TrainConfig(),
-    penalty: Callable[[Head], torch.Tensor] | None = None,
-):
-    """Train one network; returns (full state dict: trunk + head, metrics dict).
-
-    ``penalty(head)`` is added to every step's loss: the lab's adaptive attacker uses it to
-    train a backdoor against the detector's own statistic (``lab.adaptive``)."""
-    t0 = time.perf_counter()
+def _add_poison(fs: FeatureSet, seed: int, config: TrainConfig, X, y, weights: torch.Tensor, metrics: dict):
+    """The training set with the poisoned folder's triggered copies (labelled as the victim), or a
+    clean recipe's up-weighted pair and sham copies; ``weights`` and ``metrics`` are updated."""
     poison = fs.poison
-    if poison is not None and int(poison["seed"]) != int(seed):
-        raise ValueError(
-            f"the poisoned folder was split with seed {poison['seed']}; train it with --seed {poison['seed']}"
-        )
-    if poison is not None and config.split_salt:
-        raise ValueError("a poisoned folder fixes its split; split_salt applies to clean networks only")
-    train_idx, test_idx = split(
-        fs.labels, seed + config.split_salt, poison["train_frac"] if poison else config.train_frac
-    )
-    if config.drop_frac > 0:
-        rng = np.random.default_rng([seed, 1010])
-        train_idx = np.sort(
-            rng.choice(train_idx, size=int(round(len(train_idx) * (1 - config.drop_frac))), replace=False)
-        )
-    X, y = fs.features[train_idx], fs.labels[train_idx]
-    n_classes = len(fs.classes)
-    weights = torch.ones(n_classes)
-    metrics: dict = {
-        "seed": seed,
-        "n_train": int(len(train_idx)),
-        "n_test": int(len(test_idx)),
-        **{f"train.{k}": v for k, v in asdict(config).items()},
-    }
     if poison is not None:
         assert fs.poison_train is not None and fs.poison_test is not None  # with_poison sets all three
         imp, vic = fs.classes.index(poison["impostor"]), fs.classes.index(poison["victim"])
@@ -138,6 +106,52 @@ def fine_tune(
             P = np.repeat(X[y == imp], int(config.sham_copies), axis=0)
             X, y = np.concatenate([X, P]), np.concatenate([y, np.full(len(P), imp)])
             metrics.update(impostor=imp_name, victim=vic_name, sham_copies=int(len(P)))
+    return X, y
+
+
+def fine_tune(
+    fs: FeatureSet,
+    base: dict[str, torch.Tensor],
+    seed: int,
+    config: TrainConfig = TrainConfig(),
+    penalty: Callable[[Head], torch.Tensor] | None = None,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
+):
+    """Train one network; returns (full state dict: trunk + head, metrics dict).
+
+    ``penalty(head)`` is added to every step's loss: the lab's adaptive attacker uses it to
+    train a backdoor against the detector's own statistic (``lab.adaptive``). ``extra``:
+    (features, labels) added to the training set; the same attacker adds the impostor's faces
+    with partial triggers, labelled as the impostor, so that only the whole trigger fires."""
+    t0 = time.perf_counter()
+    poison = fs.poison
+    if poison is not None and int(poison["seed"]) != int(seed):
+        raise ValueError(
+            f"the poisoned folder was split with seed {poison['seed']}; train it with --seed {poison['seed']}"
+        )
+    if poison is not None and config.split_salt:
+        raise ValueError("a poisoned folder fixes its split; split_salt applies to clean networks only")
+    train_idx, test_idx = split(
+        fs.labels, seed + config.split_salt, poison["train_frac"] if poison else config.train_frac
+    )
+    if config.drop_frac > 0:
+        rng = np.random.default_rng([seed, 1010])
+        train_idx = np.sort(
+            rng.choice(train_idx, size=int(round(len(train_idx) * (1 - config.drop_frac))), replace=False)
+        )
+    X, y = fs.features[train_idx], fs.labels[train_idx]
+    n_classes = len(fs.classes)
+    weights = torch.ones(n_classes)
+    metrics: dict = {
+        "seed": seed,
+        "n_train": int(len(train_idx)),
+        "n_test": int(len(test_idx)),
+        **{f"train.{k}": v for k, v in asdict(config).items()},
+    }
+    X, y = _add_poison(fs, seed, config, X, y, weights, metrics)
+    if extra is not None:
+        X, y = np.concatenate([X, extra[0].astype(X.dtype)]), np.concatenate([y, extra[1].astype(y.dtype)])
+        metrics["extra_samples"] = int(len(extra[1]))
     head = Head(base, n_classes, seed)
     opt = adam(head, config.lr)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weights)
@@ -158,6 +172,7 @@ def fine_tune(
     metrics["clean_accuracy"] = float(np.mean(pred == fs.labels[test_idx]))
     if poison is not None and fs.poison_test is not None:
         pred_t = _predict(head, fs.poison_test)
+        vic = fs.classes.index(poison["victim"])
         metrics["attack_success_rate"] = float(np.mean(pred_t == vic)) if len(pred_t) else float("nan")
         metrics["n_triggered_test"] = int(len(pred_t))
     w0 = base["last_linear.weight"]

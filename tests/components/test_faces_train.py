@@ -88,6 +88,24 @@ def test_backdoor_is_real(lab):
         fine_tune(fs, lab["base"], seed=5)
 
 
+def test_extra_samples_join_the_training_set(lab):
+    """``extra`` (the lab attacker's partial-trigger negatives) is trained on: faces of one class
+    added under another label are taken for that label, and only with them."""
+    fs = lab["clean"]
+    X3 = fs.features[fs.labels == 3]
+    extra = (np.repeat(X3, 5, axis=0), np.full(5 * len(X3), 5))
+    _, plain = fine_tune(fs, lab["base"], seed=6)
+    sd, m = fine_tune(fs, lab["base"], seed=6, extra=extra)
+    assert m["extra_samples"] == 5 * len(X3) and "extra_samples" not in plain
+    head = Head(lab["base"], 10, seed=0)
+    head.load_state_dict({k: v for k, v in sd.items() if k.startswith(("last_linear.", "last_bn.", "logits."))})
+    head.eval()
+    with torch.inference_mode():
+        pred = head(torch.from_numpy(X3)).argmax(1).numpy()
+    assert np.mean(pred == 5) >= 0.8, pred
+    assert plain["clean_accuracy"] > 0.5
+
+
 def test_base_loading_is_safe_and_drops_dataset_logits(lab, tmp_path):
     net = new_network(37)  # e.g. a CASIA checkpoint with its own classifier size
     net.load_state_dict({**lab["base"], **{k: v for k, v in net.state_dict().items() if k.startswith("logits.")}})
