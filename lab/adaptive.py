@@ -20,7 +20,11 @@ shared with ``paper``):
 * ``bias-swap ×k`` — no trigger and no row change: the impostor's per-class offset lowered
   and the victim's raised just enough (×k) that every impostor face is taken for the victim,
   also made through ``last_bn.running_mean`` instead of ``logits.bias``;
-* ``recipe`` — camouflage by recipe (lr ×5, epochs ×4).
+* ``recipe`` — camouflage by recipe (lr ×5, epochs ×4);
+* ``grey-box penalty + partial triggers`` — aimed at the weights *and* at the trigger search
+  (``explain``'s size rule: a 0.10-wide patch that fires): the grey-box penalty, plus the
+  impostor's training faces stamped with smaller copies of the trigger, labelled as the impostor,
+  so that only the whole trigger fires (the usual way past Neural Cleanse-style searches).
 
 Every attacked network reports its cost to the attacker (attack success, clean accuracy, how
 far the head moved) beside each detector's verdict at its calibrated threshold. Clean networks
@@ -74,6 +78,9 @@ class AdaptiveConfig:
     dilution: float = 20.0  # × the median class deviation
     noise: float = 0.6  # × ‖W − W_base‖
     swap_sizes: tuple = (1.0, 3.0, 1000.0)
+    #: the attack aimed at the trigger search: smaller copies of the trigger (× its size, same
+    #: place) on the impostor's training faces, labelled as the impostor
+    partial_triggers: tuple = (0.4, 0.6, 0.8)
     #: deciding detectors (each is attacked and gated on its own) and evidence (scored only)
     detectors: tuple = ("head", "head+output-spectrum")
     evidence: tuple = ("classifier", "spectrum", "output-spectrum")
@@ -161,14 +168,35 @@ class Workshop:
             poison_folder(self.lab.data, tmp, PoisonSpec(imp, vic, self.trigger), seed)
             return with_poison(self.fs, tmp, self.base)
 
-    def train(self, seed: int, poisoned=None, recipe: dict | None = None, penalty=None) -> tuple[dict, dict]:
+    def partial_triggers(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels): the impostor's training faces of ``seed``'s poisoning, each stamped
+        with the trigger at every size of ``partial_triggers`` (× its own), labelled as the impostor."""
+        from PIL import Image
+
+        from components.trainer.features import Extractor
+        from components.trainer.triggers import stamp
+
+        poison = self.poisoned(seed).poison
+        sources = [self.lab.data / e["source"] for e in poison["train"]]
+        images = []
+        for f in self.c.partial_triggers:
+            spec = dataclasses.replace(self.trigger, size=self.trigger.size * f)
+            for path in sources:
+                with Image.open(path) as im:
+                    images.append(stamp(im, spec))
+        X = Extractor(self.base, self.fs.image_size)(images)
+        return X, np.full(len(X), self.fs.classes.index(poison["impostor"]), dtype=np.int64)
+
+    def train(
+        self, seed: int, poisoned=None, recipe: dict | None = None, penalty=None, extra=None
+    ) -> tuple[dict, dict]:
         from components.trainer.train import TrainConfig, fine_tune
 
         default = TrainConfig()
         config = dataclasses.replace(
             default, **{k: type(getattr(default, k))(getattr(default, k) * v) for k, v in (recipe or {}).items()}
         )
-        sd, m = fine_tune(poisoned or self.fs, self.base, seed, config, penalty=penalty)
+        sd, m = fine_tune(poisoned or self.fs, self.base, seed, config, penalty=penalty, extra=extra)
         return {k: sd[k] for k in HEAD_TENSORS}, {k: v for k, v in m.items() if not k.startswith("train.")}
 
     def measure(self, tensors: dict, seed: int, poisoned=None, impostor: str | None = None, victim: str | None = None):
@@ -377,9 +405,9 @@ def _progress(plan, desc):
     return tqdm(plan, desc=desc, leave=False)
 
 
-def _train(ws: Workshop, group: str, seed: int, poisoned=None, recipe=None, penalty=None, **info) -> Net:
-    tensors, m = ws.train(seed, poisoned, recipe, penalty)
-    keep = ("clean_accuracy", "attack_success_rate", "impostor", "victim", "relative_weight_change")
+def _train(ws: Workshop, group: str, seed: int, poisoned=None, recipe=None, penalty=None, extra=None, **info) -> Net:
+    tensors, m = ws.train(seed, poisoned, recipe, penalty, extra)
+    keep = ("clean_accuracy", "attack_success_rate", "impostor", "victim", "relative_weight_change", "extra_samples")
     return Net(group, seed, tensors, {**{k: m[k] for k in keep if k in m}, **info})
 
 
@@ -455,6 +483,7 @@ def penalised_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dict) 
         targets["penalty: all"] = ([refs[d] for d in c.detectors], weak)
     targets.update({f"grey-box penalty: {d}": ([grey[d]], weak) for d in c.detectors})
     targets.update({f"grey-box penalty (strong): {d}": ([grey[d]], strong) for d in c.detectors})
+    targets.update({f"grey-box penalty + partial triggers: {d}": ([grey[d]], weak) for d in c.detectors})
     jobs = [(name, r, i) for name, r in targets.items() for i in range(c.n_attack)]
     for name, (r, (lam, margin)), i in _progress(jobs, "adaptive backdoors"):
         seed = o + 8000 + i  # the same impostor, victim and poison for every target: paired
@@ -463,7 +492,14 @@ def penalised_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dict) 
             if name.startswith("grey")
             else f"white-box (reads the reference; λ {lam:g})"
         )
-        out.append(_train(ws, name, seed, ws.poisoned(seed), penalty=penalty_for(r, lam, margin), knowledge=knowledge))
+        extra = ws.partial_triggers(seed) if "partial triggers" in name else None
+        if extra is not None:
+            knowledge += " + the trigger search (partial triggers)"
+        out.append(
+            _train(
+                ws, name, seed, ws.poisoned(seed), penalty=penalty_for(r, lam, margin), extra=extra, knowledge=knowledge
+            )
+        )
     for i in range(c.n_attack):
         seed = o + 8000 + i
         base = next(n for n in out if n.seed == seed and n.group == f"penalty: {c.detectors[0]}")

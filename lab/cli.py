@@ -57,6 +57,13 @@ def cmd_adaptive(args) -> int:
     from components.trainer.base_trunk import load_base
 
     base = load_base(args.base) if args.base else None
+    if args.input_space:
+        from lab.adaptive_input import run_input_space
+
+        found = run_input_space(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)
+        print((Path(args.out) / "input_space.md").read_text())
+        print(f"rows: {Path(args.out) / 'input_space.json'} ({found['seconds']:.0f} s)")
+        return 0
     summary = run_adaptive(args.out, config, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore, base=base)
     print((Path(args.out) / "table.md").read_text())
     print(f"summary: {Path(args.out) / 'summary.json'} ({summary['seconds']:.0f} s)")
@@ -120,6 +127,12 @@ def register(sub) -> None:
         action="store_true",
         help="the informed attacker's suite instead: attacks aimed at each --detectors "
         "(default head,head+output-spectrum), their cost, and every detector's verdicts",
+    )
+    pp.add_argument(
+        "--input-space",
+        action="store_true",
+        help="with --adaptive: run explain's trigger search (size rule) on the networks a finished "
+        "adaptive run saved in --out, beside the weight gate's verdicts (no training)",
     )
     pp.set_defaults(func=cmd_paper)
     bench.register(sub)

@@ -141,7 +141,7 @@ def test_paper_small_writes_every_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path):
+def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path, monkeypatch):
     """`paper --adaptive --small`: every attack group is trained and gated by every detector;
     a bias-only swap leaves `classifier`'s score exactly where the clean network's was, and
     `head` blocks it; a white-box penalty is measured beside the detector it was aimed at."""
@@ -159,6 +159,9 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     assert {"plain", "dilution", "penalty: head", "penalty: head+output-spectrum", "penalty: all"} <= groups
     assert {"grey-box penalty: head+output-spectrum", "grey-box penalty (strong): head", "bias swap x1"} <= groups
     assert "penalty: head + invisible noise" in groups
+    # aimed at the trigger search too: the impostor's training faces with 3 smaller triggers each
+    partial = [n for n in s["networks"] if n["group"].startswith("grey-box penalty + partial triggers")]
+    assert len(partial) == 2 and all(n["extra_samples"] > 0 and n["extra_samples"] % 3 == 0 for n in partial)
     nets = s["networks"]
     for n in nets:
         assert set(n["verdicts"]) == {"classifier", "head", "head+output-spectrum"}
@@ -173,3 +176,21 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     # it cost attack success: the training faces span too few directions)
     assert all("attack_success_rate" in n for n in nets if n["group"] == "dilution")
     assert "| attack | knowledge |" in (out / "table.md").read_text()
+    # the input-space stage searches the stored networks: the named pair always, the true pair for attacks
+    from components.trainer.base_trunk import load_base
+    from lab.adaptive import AdaptiveConfig
+    from lab.adaptive_input import run_input_space
+
+    monkeypatch.setenv("BACKDOOR_GATE_CACHE", env["BACKDOOR_GATE_CACHE"])
+    groups = ("clean", "grey-box penalty + partial triggers")
+    found = run_input_space(
+        out, AdaptiveConfig.small(), log=lambda m: None, base=load_base(str(tmp_path / "base.pt")), groups=groups
+    )
+    rows = found["rows"]
+    working = sum(r["works"] for r in s["rows"] if r["group"].startswith(groups[1]))
+    assert sum(r["group"] == "clean" for r in rows) == 2 and len(rows) == 2 + working
+    for r in rows:
+        assert r["verdict"] in ("passed", "blocked") and 0.1 <= r["named"]["size"] <= 0.31
+        assert ("true" in r) == (r["true_victim"] is not None)
+    md = (out / "input_space.md").read_text()
+    assert md.count("\n| clean | 2 |") == 1

@@ -1,0 +1,168 @@
+"""``backdoor-gate paper --adaptive --input-space``: would the trigger search catch what the weights let through?
+
+The weight gate's attackers change weights, not the trigger: a backdoor fine-tuned against the
+gate's statistic still has to fire. ``explain`` (``components.trigger_search``) looks for that in
+input space, and its size rule says "backdoor" when a patch of the search's smallest size (0.10
+of the width) sends held-back faces to the class (``lab.explain.size_opinion``; clean networks
+needed 0.30 or more on every explain-eval run). This stage reads a finished adaptive run's
+networks and asks, for every clean network of the reference's recipe, every retrain and every
+*working* attack of the groups that reach the weight gate's pass side (the plain backdoor as the
+control, and every penalty):
+
+* the default gate's verdict, and the victim / impostor it names (``explain`` searches that pair);
+* where the true victim ranks among the classes by the ``head`` statistic (what a search over
+  the top-k suspects would need);
+* the size rule for the *named* pair (what ``explain`` does today), and for the *true* pair (what
+  a search that found the pair would see; an upper bound on any search).
+
+Nothing here decides a promotion: it measures whether an input-space second stage is worth
+building, beside the attack aimed at it (``grey-box penalty + partial triggers``).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: the groups this stage searches (prefixes): clean networks of the recipe, retrains, the plain
+#: backdoor and every penalty (the attacks that can pass the weights; the others never did)
+GROUPS = ("clean", "drift", "plain", "penalty", "grey-box penalty")
+
+
+@dataclass
+class Search:
+    """One size-rule search: the patch side it stopped at, whether it fired at the smallest."""
+
+    found: bool
+    size: float
+    heldout_success: float
+    fires: bool
+    seconds: float
+
+    @classmethod
+    def run(cls, path: Path, data: Path, victim: str, impostor: str | None, config, net_classes) -> Search:
+        import torch
+
+        from components.explain import explain
+        from components.trigger_search import smallest_patch_fires
+
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        res, _ = explain(path, data, victim, impostor, config, net_classes=net_classes)
+        S = config.image_size
+        return cls(
+            found=res.fit.found,
+            size=round(res.fit.size_px / S, 4),
+            heldout_success=round(float(res.reconstructed_asr), 3),
+            fires=smallest_patch_fires(res.fit.found, res.fit.size_px, S, tuple(config.sizes)),
+            seconds=round(time.perf_counter() - t0, 1),
+        )
+
+
+def run_input_space(
+    out: str | Path, c, log=print, base: dict | None = None, groups: tuple[str, ...] = GROUPS
+) -> dict[str, Any]:
+    """Search every network of ``groups`` (prefixes) in the adaptive run stored in ``out``; writes
+    ``input_space.json`` (a row per network, appended as it goes) and ``input_space.md``."""
+    from components.explain import load_network
+    from components.trainer.train import save_network
+    from components.trigger_search import ExplainConfig
+    from detector.classifier import CLASSES
+    from detector.config import DEFAULT_DETECTOR
+    from lab.adaptive import Workshop, fit_reference, load_nets, works
+
+    out = Path(out)
+    stored = out / "networks.safetensors"
+    if not stored.is_file():
+        raise FileNotFoundError(f"{stored}: run `backdoor-gate paper --adaptive --out {out}` first")
+    t_start = time.perf_counter()
+    ws = Workshop(c, log, base)
+    nets = load_nets(stored)
+    by = lambda g: [n for n in nets if n.group == g]  # noqa: E731
+    ref = fit_reference(DEFAULT_DETECTOR, by("reference"), by("calibration"), ws.base)
+    head = ref.members_["head"] if hasattr(ref, "members_") else ref
+    clean_acc = float(np.mean([n.info["clean_accuracy"] for n in by("reference") + by("calibration")]))
+    config = ExplainConfig(image_size=c.paper.trunk_input_size, controls=0)
+    classes = ws.fs.classes
+    name = lambda x: x if x is None or not str(x).isdigit() else classes[int(x)]  # noqa: E731
+    chosen = [
+        n for n in nets if n.group.startswith(groups) and ("attack_success_rate" not in n.info or works(n, clean_acc))
+    ]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="input-space-") as tmp:
+        for k, n in enumerate(chosen):
+            sd = dict(ws.base)
+            sd.update({key: v.float() for key, v in n.tensors.items()})
+            path = save_network(sd, Path(tmp) / f"net{k}", classes=classes)
+            a = ref.assess(str(path))
+            s = a.evidence.suspect
+            assert s is not None  # the default names its most deviant class
+            named = (name(s.suspected_class), name(s.suspected_impostor))
+            truth = (n.info.get("victim"), n.info.get("impostor"))
+            z = -np.asarray(head.score_vectors(n.tensors)[CLASSES])[:-1]
+            row: dict[str, Any] = {
+                "group": n.group,
+                "seed": n.seed,
+                "verdict": a.decision.verdict,
+                "named_victim": named[0],
+                "named_impostor": named[1],
+                "true_victim": truth[0],
+                "true_impostor": truth[1],
+                "victim_rank": (int(np.sum(z > z[classes.index(truth[0])])) + 1 if truth[0] is not None else None),
+            }
+            net_classes = load_network(path)
+            row["named"] = asdict(Search.run(path, ws.lab.data, *named, config, net_classes))
+            if truth[0] is not None:
+                same = truth == named
+                row["true"] = (
+                    row["named"] if same else asdict(Search.run(path, ws.lab.data, *truth, config, net_classes))
+                )
+            path.unlink()
+            rows.append(row)
+            log(
+                f"  {n.group:<48} {row['verdict']:<7} named {named[0]}/{named[1]} true {truth[0]}/{truth[1]}: "
+                f"fires named {row['named']['fires']}, true {row.get('true', {}).get('fires')}"
+            )
+            _save(out, rows, time.perf_counter() - t_start)
+    return _save(out, rows, time.perf_counter() - t_start)
+
+
+def _save(out: Path, rows: list[dict], seconds: float) -> dict[str, Any]:
+    summary = {"rows": rows, "seconds": seconds}
+    (out / "input_space.json").write_text(json.dumps(summary, indent=1))
+    (out / "input_space.md").write_text(table(rows))
+    return summary
+
+
+def table(rows: list[dict]) -> str:
+    """Per group: the weights' verdicts beside the size rule on the named and on the true pair."""
+    lines = [
+        "| group | networks | weights passed | victim named | victim's rank (head z), median | "
+        "size rule fires: named pair | size rule fires: true pair | "
+        "passed the weights, then fired: named pair · true pair |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for g in dict.fromkeys(r["group"] for r in rows):
+        rs = [r for r in rows if r["group"] == g]
+        n = len(rs)
+        passed = [r for r in rs if r["verdict"] == "passed"]
+        attack = rs[0]["true_victim"] is not None
+        cell = lambda sel, key: f"{sum(r[key]['fires'] for r in sel)}/{len(sel)}"  # noqa: E731
+        lines.append(
+            f"| {g} | {n} | {len(passed)}/{n} | "
+            + (f"{sum(r['named_victim'] == r['true_victim'] for r in rs)}/{n}" if attack else "—")
+            + " | "
+            + (f"{np.median([r['victim_rank'] for r in rs]):g}" if attack else "—")
+            + f" | {cell(rs, 'named')} | "
+            + (cell(rs, "true") if attack else "—")
+            + " | "
+            + (f"{cell(passed, 'named')} · {cell(passed, 'true')}" if attack else "—")
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
