@@ -118,10 +118,13 @@ def run_input_space(
             }
             net_classes = load_network(path)
             row["named"] = asdict(Search.run(path, ws.lab.data, *named, config, net_classes))
-            if truth[0] is not None:
+            victim, impostor = truth
+            if victim is not None:
                 same = truth == named
                 row["true"] = (
-                    row["named"] if same else asdict(Search.run(path, ws.lab.data, *truth, config, net_classes))
+                    row["named"]
+                    if same
+                    else asdict(Search.run(path, ws.lab.data, victim, impostor, config, net_classes))
                 )
             path.unlink()
             rows.append(row)
