@@ -15,6 +15,9 @@ def cmd_paper(args) -> int:
 
     if args.adaptive:
         return cmd_adaptive(args)
+    if args.input_space:
+        print("paper: --input-space searches an adaptive run's networks; give --adaptive too", file=sys.stderr)
+        return 2
     config = PaperConfig.small() if args.small else PaperConfig.confirmation() if args.confirmation else PaperConfig()
     changes = {
         k: v

@@ -194,3 +194,12 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
         assert ("true" in r) == (r["true_victim"] is not None)
     md = (out / "input_space.md").read_text()
     assert md.count("\n| clean | 2 |") == 1
+
+
+def test_input_space_without_adaptive_is_refused_before_any_work(tmp_path, capsys):
+    """`paper --input-space` alone would otherwise run the whole paper protocol into --out."""
+    from backdoor_gate.cli import main
+
+    assert main(["paper", "--input-space", "--out", str(tmp_path / "out")]) == 2
+    assert "give --adaptive too" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
