@@ -152,6 +152,7 @@ class Workshop:
         name, size, loc = config.trigger
         self.trigger = TriggerSpec(name, size, loc)
         self._poisoned: dict[int, Any] = {}
+        self._partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def poisoned(self, seed: int):
         """The protocol's trigger on a random impostor/victim pair of ``seed`` (cached per seed)."""
@@ -170,7 +171,13 @@ class Workshop:
 
     def partial_triggers(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels): the impostor's training faces of ``seed``'s poisoning, each stamped
-        with the trigger at every size of ``partial_triggers`` (× its own), labelled as the impostor."""
+        with the trigger at every size of ``partial_triggers`` (× its own), labelled as the impostor
+        (cached per seed: every detector's attack on a seed shares its poison)."""
+        if seed not in self._partial:
+            self._partial[seed] = self._partial_triggers(seed)
+        return self._partial[seed]
+
+    def _partial_triggers(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         from PIL import Image
 
         from components.trainer.features import Extractor

@@ -50,18 +50,16 @@ class Search:
         import torch
 
         from components.explain import explain
-        from components.trigger_search import smallest_patch_fires
 
-        t0 = time.perf_counter()
         torch.manual_seed(0)
         res, _ = explain(path, data, victim, impostor, config, net_classes=net_classes)
-        S = config.image_size
+        d = res.to_dict()  # the size rule as explain itself reports it
         return cls(
-            found=res.fit.found,
-            size=round(res.fit.size_px / S, 4),
-            heldout_success=round(float(res.reconstructed_asr), 3),
-            fires=smallest_patch_fires(res.fit.found, res.fit.size_px, S, tuple(config.sizes)),
-            seconds=round(time.perf_counter() - t0, 1),
+            found=d["found"],
+            size=d["mask_size"],
+            heldout_success=round(float(d["reconstructed_asr"]), 3),
+            fires=d["smallest_patch_fires"],
+            seconds=round(res.seconds, 1),
         )
 
 
@@ -73,7 +71,6 @@ def run_input_space(
     from components.explain import load_network
     from components.trainer.train import save_network
     from components.trigger_search import ExplainConfig
-    from detector.classifier import CLASSES
     from detector.config import DEFAULT_DETECTOR
     from lab.adaptive import Workshop, fit_reference, load_nets, works
 
@@ -86,7 +83,6 @@ def run_input_space(
     nets = load_nets(stored)
     by = lambda g: [n for n in nets if n.group == g]  # noqa: E731
     ref = fit_reference(DEFAULT_DETECTOR, by("reference"), by("calibration"), ws.base)
-    head = ref.members_["head"] if hasattr(ref, "members_") else ref
     clean_acc = float(np.mean([n.info["clean_accuracy"] for n in by("reference") + by("calibration")]))
     config = ExplainConfig(image_size=c.paper.trunk_input_size, controls=0)
     classes = ws.fs.classes
@@ -105,7 +101,7 @@ def run_input_space(
             assert s is not None  # the default names its most deviant class
             named = (name(s.suspected_class), name(s.suspected_impostor))
             truth = (n.info.get("victim"), n.info.get("impostor"))
-            z = -np.asarray(head.score_vectors(n.tensors)[CLASSES])[:-1]
+            z = -np.asarray(a.vector_scores["head"])[:-1]  # the default's head part: −z per class, then the network's
             row: dict[str, Any] = {
                 "group": n.group,
                 "seed": n.seed,
