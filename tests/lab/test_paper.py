@@ -162,6 +162,15 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     # aimed at the trigger search too: the impostor's training faces with 3 smaller triggers each
     partial = [n for n in s["networks"] if n["group"].startswith("grey-box penalty + partial triggers")]
     assert len(partial) == 2 and all(n["extra_samples"] > 0 and n["extra_samples"] % 3 == 0 for n in partial)
+    # and at a source sweep: the partial copies plus cover_faces stamped faces of every other person
+    specific = [n for n in s["networks"] if n["group"].startswith("grey-box penalty + partial & source-specific")]
+    from lab.adaptive import AdaptiveConfig
+
+    small = AdaptiveConfig.small()
+    assert len(specific) == 2
+    for a, b in zip(partial, specific):  # 14 training faces each: every person but the impostor gives 4
+        assert (a["impostor"], a["victim"]) == (b["impostor"], b["victim"])
+        assert b["extra_samples"] - a["extra_samples"] == small.cover_faces * (small.paper.identities - 1)
     nets = s["networks"]
     for n in nets:
         assert set(n["verdicts"]) == {"classifier", "head", "head+output-spectrum"}
@@ -178,7 +187,6 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     assert "| attack | knowledge |" in (out / "table.md").read_text()
     # the input-space stage searches the stored networks: the named pair always, the true pair for attacks
     from components.trainer.base_trunk import load_base
-    from lab.adaptive import AdaptiveConfig
     from lab.adaptive_input import run_input_space
 
     monkeypatch.setenv("BACKDOOR_GATE_CACHE", env["BACKDOOR_GATE_CACHE"])
@@ -194,6 +202,39 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
         assert ("true" in r) == (r["true_victim"] is not None)
     md = (out / "input_space.md").read_text()
     assert md.count("\n| clean | 2 |") == 1
+    # every clean network is searched with a penalised attack's true pair: the true-pair column's false alarms
+    attack_pairs = {(n["victim"], n["impostor"]) for n in nets if "penalty" in n["group"]}
+    clean = [r for r in rows if r["group"] == "clean"]
+    assert all(tuple(r["attack_pair"]["pair"]) in attack_pairs for r in clean)
+    assert md.count(f"| {sum(r['attack_pair']['fires'] for r in clean)}/2 |") >= 1
+
+    # a second run resumes: every row is kept, nothing is searched again
+    def no_search(*a, **k):
+        raise AssertionError("searched a network the earlier run had finished")
+
+    monkeypatch.setattr("lab.adaptive_input.Search.run", no_search)
+    again = run_input_space(
+        out, AdaptiveConfig.small(), log=lambda m: None, base=load_base(str(tmp_path / "base.pt")), groups=groups
+    )
+    assert again["rows"] == rows
+
+    # the source sweep: every person of each clean network, no pair given (a quick locate here)
+    from lab.source_sweep import SweepConfig, run_source_sweep
+
+    quick = SweepConfig(locate_faces=2, locate_steps=2)
+    sw = run_source_sweep(
+        out,
+        AdaptiveConfig.small(),
+        log=lambda m: None,
+        base=load_base(str(tmp_path / "base.pt")),
+        groups=("clean",),
+        config=quick,
+    )
+    assert [r["group"] for r in sw["rows"]] == ["clean", "clean"]
+    for r in sw["rows"]:
+        assert r["sources"] == len(r["per_source"]) == 10 and r["victim_collected"] is None
+        assert r["fires"] == (r["top_collected"] >= 2)  # 20 % of 10 people
+    assert "\n| clean | 2 |" in (out / "source_sweep.md").read_text()
 
 
 def test_input_space_without_adaptive_is_refused_before_any_work(tmp_path, capsys):
