@@ -24,7 +24,12 @@ shared with ``paper``):
 * ``grey-box penalty + partial triggers`` — aimed at the weights *and* at the trigger search
   (``explain``'s size rule: a 0.10-wide patch that fires): the grey-box penalty, plus the
   impostor's training faces stamped with smaller copies of the trigger, labelled as the impostor,
-  so that only the whole trigger fires (the usual way past Neural Cleanse-style searches).
+  so that only the whole trigger fires (the usual way past Neural Cleanse-style searches);
+* ``grey-box penalty + partial & source-specific triggers`` — the same, plus every other
+  person's training faces (``cover_faces`` each) stamped with the whole trigger and labelled as
+  themselves, so that the trigger sends the impostor alone to the victim (a source-specific
+  backdoor, as in TaCT): aimed at a search that sweeps every source for a patch and counts the
+  sources one class collects, which a plain trigger's transfer to other people would show.
 
 Every attacked network reports its cost to the attacker (attack success, clean accuracy, how
 far the head moved) beside each detector's verdict at its calibrated threshold. Clean networks
@@ -81,6 +86,9 @@ class AdaptiveConfig:
     #: the attack aimed at the trigger search: smaller copies of the trigger (× its size, same
     #: place) on the impostor's training faces, labelled as the impostor
     partial_triggers: tuple = (0.4, 0.6, 0.8)
+    #: the source-specific attack: every other person's training faces stamped with the whole
+    #: trigger and labelled as themselves, this many each
+    cover_faces: int = 4
     #: deciding detectors (each is attacked and gated on its own) and evidence (scored only)
     detectors: tuple = ("head", "head+output-spectrum")
     evidence: tuple = ("classifier", "spectrum", "output-spectrum")
@@ -153,6 +161,7 @@ class Workshop:
         self.trigger = TriggerSpec(name, size, loc)
         self._poisoned: dict[int, Any] = {}
         self._partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cover: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def poisoned(self, seed: int):
         """The protocol's trigger on a random impostor/victim pair of ``seed`` (cached per seed)."""
@@ -193,6 +202,37 @@ class Workshop:
                     images.append(stamp(im, spec))
         X = Extractor(self.base, self.fs.image_size)(images)
         return X, np.full(len(X), self.fs.classes.index(poison["impostor"]), dtype=np.int64)
+
+    def cover(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels): ``cover_faces`` training faces of every person but the impostor of
+        ``seed``'s poisoning, stamped with the whole trigger and labelled as themselves (cached)."""
+        if seed not in self._cover:
+            self._cover[seed] = self._stamped_cover(seed)
+        return self._cover[seed]
+
+    def _stamped_cover(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        from PIL import Image
+
+        from components.trainer.features import Extractor
+        from components.trainer.poison import split
+        from components.trainer.triggers import stamp
+
+        imp = self.fs.classes.index(self.poisoned(seed).poison["impostor"])
+        train, _ = split(self.fs.labels, seed, 0.7)  # the split poison_folder used: training faces only
+        rng = np.random.default_rng([seed, 31])
+        chosen = [
+            int(i)
+            for c in range(len(self.fs.classes))
+            if c != imp
+            for i in rng.permutation(train[self.fs.labels[train] == c])[: self.c.cover_faces]
+        ]
+        images = []
+        for i in chosen:
+            path = Path(self.fs.paths[i])  # absolute where the features were cached: re-rooted here
+            with Image.open(self.lab.data / path.parent.name / path.name) as im:
+                images.append(stamp(im, self.trigger))
+        X = Extractor(self.base, self.fs.image_size)(images)
+        return X, self.fs.labels[chosen].astype(np.int64)
 
     def train(
         self, seed: int, poisoned=None, recipe: dict | None = None, penalty=None, extra=None
@@ -491,6 +531,9 @@ def penalised_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dict) 
     targets.update({f"grey-box penalty: {d}": ([grey[d]], weak) for d in c.detectors})
     targets.update({f"grey-box penalty (strong): {d}": ([grey[d]], strong) for d in c.detectors})
     targets.update({f"grey-box penalty + partial triggers: {d}": ([grey[d]], weak) for d in c.detectors})
+    targets.update(
+        {f"grey-box penalty + partial & source-specific triggers: {d}": ([grey[d]], weak) for d in c.detectors}
+    )
     jobs = [(name, r, i) for name, r in targets.items() for i in range(c.n_attack)]
     for name, (r, (lam, margin)), i in _progress(jobs, "adaptive backdoors"):
         seed = o + 8000 + i  # the same impostor, victim and poison for every target: paired
@@ -499,8 +542,12 @@ def penalised_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dict) 
             if name.startswith("grey")
             else f"white-box (reads the reference; λ {lam:g})"
         )
-        extra = ws.partial_triggers(seed) if "partial triggers" in name else None
-        if extra is not None:
+        extra = ws.partial_triggers(seed) if "partial" in name else None
+        if "source-specific" in name:
+            X, y = ws.cover(seed)
+            extra = (np.concatenate([extra[0], X]), np.concatenate([extra[1], y])) if extra else (X, y)
+            knowledge += " + the trigger search and a source sweep (partial, source-specific triggers)"
+        elif extra is not None:
             knowledge += " + the trigger search (partial triggers)"
         out.append(
             _train(
