@@ -94,8 +94,12 @@ def _fit(
     steps: int,
     config: ExplainConfig,
     tick: Callable[[], None],
+    away: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """Optimise one pattern per position; returns the patterns (tanh space) and final losses."""
+    """Optimise one pattern per position; returns the patterns (tanh space) and final losses.
+
+    ``away``: move the faces off class ``target`` to any other (loss −log(1 − p_target)) instead
+    of onto it: a sweep over sources, where the victim is not known."""
     k, n = len(positions), x.shape[0]
     raw = (init.clone() if init is not None else torch.zeros(k, 3, p, p)).requires_grad_(True)
     opt = torch.optim.Adam([raw], lr=config.lr)
@@ -107,7 +111,11 @@ def _fit(
         for s in range(0, k, chunk):
             idx = list(range(s, min(k, s + chunk)))
             out = net(paste(x, torch.tanh(raw[idx]), [positions[i] for i in idx], p))
-            loss = torch.nn.functional.cross_entropy(out, y.repeat(len(idx)), reduction="none").view(len(idx), n)
+            if away:
+                others = torch.cat([out[:, :target], out[:, target + 1 :]], 1)
+                loss = (torch.logsumexp(out, 1) - torch.logsumexp(others, 1)).view(len(idx), n)
+            else:
+                loss = torch.nn.functional.cross_entropy(out, y.repeat(len(idx)), reduction="none").view(len(idx), n)
             losses[idx] = loss.mean(1).detach().numpy()
             loss.mean(1).sum().backward()
         opt.step()

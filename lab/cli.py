@@ -15,9 +15,10 @@ def cmd_paper(args) -> int:
 
     if args.adaptive:
         return cmd_adaptive(args)
-    if args.input_space:
-        print("paper: --input-space searches an adaptive run's networks; give --adaptive too", file=sys.stderr)
-        return 2
+    for flag, on in (("--input-space", args.input_space), ("--source-sweep", args.source_sweep)):
+        if on:
+            print(f"paper: {flag} searches an adaptive run's networks; give --adaptive too", file=sys.stderr)
+            return 2
     config = PaperConfig.small() if args.small else PaperConfig.confirmation() if args.confirmation else PaperConfig()
     changes = {
         k: v
@@ -66,6 +67,13 @@ def cmd_adaptive(args) -> int:
         found = run_input_space(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)
         print((Path(args.out) / "input_space.md").read_text())
         print(f"rows: {Path(args.out) / 'input_space.json'} ({found['seconds']:.0f} s)")
+        return 0
+    if args.source_sweep:
+        from lab.source_sweep import run_source_sweep
+
+        found = run_source_sweep(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)
+        print((Path(args.out) / "source_sweep.md").read_text())
+        print(f"rows: {Path(args.out) / 'source_sweep.json'} ({found['seconds']:.0f} s)")
         return 0
     summary = run_adaptive(args.out, config, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore, base=base)
     print((Path(args.out) / "table.md").read_text())
@@ -136,6 +144,12 @@ def register(sub) -> None:
         action="store_true",
         help="with --adaptive: run explain's trigger search (size rule) on the networks a finished "
         "adaptive run saved in --out, beside the weight gate's verdicts (no training)",
+    )
+    pp.add_argument(
+        "--source-sweep",
+        action="store_true",
+        help="with --adaptive: sweep every person of each stored clean network, retrain and attack "
+        "that passed the weights for a 0.10 patch, and count the sources one class collects (no training)",
     )
     pp.set_defaults(func=cmd_paper)
     bench.register(sub)

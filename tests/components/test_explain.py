@@ -203,3 +203,24 @@ def test_a_pass_holds_the_same_pixels_at_any_resolution_and_the_result_does_not_
     assert widest_one == 4 * len(positions) and widest_many == 8  # every position in one pass, or 2 per pass
     torch.testing.assert_close(raw_many, raw_one)
     np.testing.assert_allclose(loss_many, loss_one, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_source_sweep_moves_each_persons_faces_off_their_own_class(nets):
+    """lab.source_sweep: with no pair given, each person's faces are pushed off their own class
+    (``_fit(away=True)``, loss −log(1 − p_source)) and a patch is fitted towards where they went."""
+    from collections import Counter
+
+    from lab.source_sweep import SweepConfig, collected, load_sweep_faces, sweep_network
+
+    net, classes = load_network(nets["backdoored"])
+    config = SweepConfig(locate_faces=4, locate_steps=5, faces=8, validation=6)
+    faces = load_sweep_faces(nets["data"], classes, 14, SIZE, seed=0)
+    rows = sweep_network(net, faces, config, QUICK)
+    assert [r["source"] for r in rows] == list(range(len(classes)))
+    for r in rows:
+        assert r["target"] != r["source"] and (r["target"] is not None or not r["fires"])
+    imp = rows[classes.index(IMPOSTOR)]
+    assert imp["fires"] and imp["validation_success"] >= 0.8, imp  # a trigger-sized patch moves the impostor
+    top, count = collected(rows)
+    assert count == max(Counter(r["target"] for r in rows if r["fires"]).values())
