@@ -221,7 +221,7 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     # the source sweep: every person of each clean network, no pair given (a quick locate here)
     from lab.source_sweep import SweepConfig, run_source_sweep
 
-    quick = SweepConfig(locate_faces=2, locate_steps=2)
+    quick = SweepConfig(locate_faces=1, locate_steps=1, faces=4, validation=4)
     sw = run_source_sweep(
         out,
         AdaptiveConfig.small(),
