@@ -195,21 +195,42 @@ def search(
     for size in sorted(config.sizes):
         q = patch_pixels(size, S)
         pos = _centred(centre, q, S)
-        raw3, losses3 = _fit(net, x, target, q, [pos], None, config.size_steps, config, tick)
         judge = x if x_val is None or not len(x_val) else x_val
-        asr = float(np.mean(predict(net, paste(judge, torch.tanh(raw3), [pos], q)) == target))
+        raw3, loss, asr = fit_size(net, x, judge, target, q, pos, config, tick)
         found = asr >= config.asr_target
-        if found and config.polish_steps:  # a few more steps make the pattern hold on faces it never saw
-            raw3, losses3 = _fit(net, x, target, q, [pos], raw3, config.polish_steps, config, tick)
-            asr = float(np.mean(predict(net, paste(judge, torch.tanh(raw3), [pos], q)) == target))
-        pattern = torch.tanh(raw3[0])
-        best = PatchFit(target, q, pos[0], pos[1], pattern, float(losses3[0]), asr, found, S)
+        best = PatchFit(target, q, pos[0], pos[1], torch.tanh(raw3[0]), loss, asr, found, S)
         tried.append({"size": round(q / S, 4), "loss": round(best.loss, 4), "asr": asr})
         if found:
             break
     assert best is not None
     best.tried = tried
     return best
+
+
+def fit_size(
+    net,
+    x: torch.Tensor,
+    judge: torch.Tensor,
+    target: int,
+    q: int,
+    pos: tuple[int, int],
+    config: ExplainConfig,
+    tick: Callable[[], None] = lambda: None,
+) -> tuple[torch.Tensor, float, float]:
+    """A ``q``-px patch at ``pos`` fitted afresh towards ``target`` on ``x``, and polished once it
+    sends ``asr_target`` of ``judge`` there (a few more steps make it hold on faces it never
+    saw); returns its pattern (tanh space), final loss and success on ``judge``."""
+    raw, losses = _fit(net, x, target, q, [pos], None, config.size_steps, config, tick)
+    asr = success(net, judge, raw, pos, q, target)
+    if asr >= config.asr_target and config.polish_steps:
+        raw, losses = _fit(net, x, target, q, [pos], raw, config.polish_steps, config, tick)
+        asr = success(net, judge, raw, pos, q, target)
+    return raw, float(losses[0]), asr
+
+
+def success(net, x: torch.Tensor, raw: torch.Tensor, pos: tuple[int, int], q: int, target: int) -> float:
+    """Share of ``x`` that one pattern (tanh space) pasted at ``pos`` sends to ``target``."""
+    return float(np.mean(predict(net, paste(x, torch.tanh(raw[:1]), [pos], q)) == target))
 
 
 def search_ticks(config: ExplainConfig) -> int:

@@ -71,10 +71,16 @@ class Search:
 
 
 def run_input_space(
-    out: str | Path, c, log=print, base: dict | None = None, groups: tuple[str, ...] = GROUPS
+    out: str | Path,
+    c,
+    log=print,
+    base: dict | None = None,
+    groups: tuple[str, ...] = GROUPS,
+    explain_config=None,
 ) -> dict[str, Any]:
     """Search every network of ``groups`` (prefixes) in the adaptive run stored in ``out``; writes
-    ``input_space.json`` (a row per network, appended as it goes) and ``input_space.md``."""
+    ``input_space.json`` (a row per network, appended as it goes) and ``input_space.md``.
+    ``explain_config``: the search's (``explain``'s defaults at the protocol's image size)."""
     from components.explain import load_network
     from components.trainer.train import save_network
     from components.trigger_search import ExplainConfig
@@ -83,7 +89,7 @@ def run_input_space(
     out = Path(out)
     t_start = time.perf_counter()
     ws, nets, ref, clean_acc = stored_run(out, c, log, base)
-    config = ExplainConfig(image_size=c.paper.trunk_input_size, controls=0)
+    config = explain_config or ExplainConfig(image_size=c.paper.trunk_input_size, controls=0)
     classes = ws.fs.classes
     name = lambda x: x if x is None or not str(x).isdigit() else classes[int(x)]  # noqa: E731
     chosen = [
@@ -103,9 +109,7 @@ def run_input_space(
                 rows.append(old)
                 log(f"  {n.group:<48} kept from the earlier run")
                 continue
-            sd = dict(ws.base)
-            sd.update({key: v.float() for key, v in n.tensors.items()})
-            path = save_network(sd, Path(tmp) / f"net{k}", classes=classes)
+            path = save_network(_state_dict(ws, n), Path(tmp) / f"net{k}", classes=classes)
             net_classes = load_network(path)
             if old is not None:  # an earlier run's row without this control
                 row = old
@@ -163,6 +167,24 @@ def stored_run(out: Path, c, log, base: dict | None):
     ref = fit_reference(DEFAULT_DETECTOR, by("reference"), by("calibration"), ws.base)
     clean_acc = float(np.mean([n.info["clean_accuracy"] for n in by("reference") + by("calibration")]))
     return ws, nets, ref, clean_acc
+
+
+def _state_dict(ws, n) -> dict:
+    """The whole network of a stored head: the run's base trunk with the head's tensors."""
+    sd = dict(ws.base)
+    sd.update({key: v.float() for key, v in n.tensors.items()})
+    return sd
+
+
+def network_file(ws, n, tmp: Path):
+    """A stored network loaded the way the product loads a candidate (saved, then read back)."""
+    from components.explain import load_network
+    from components.trainer.train import save_network
+
+    path = save_network(_state_dict(ws, n), Path(tempfile.mkdtemp(dir=tmp)) / "net", classes=ws.fs.classes)
+    net, _ = load_network(path)
+    path.unlink()
+    return net
 
 
 def control_pairs(nets) -> list[tuple[str, str]]:

@@ -54,6 +54,7 @@ class SweepConfig:
     locate_steps: int = 5
     faces: int = 8  # faces the 0.10 patch is optimised on
     validation: int = 8  # faces that say whether it fires (never optimised on)
+    fresh: int = 8  # faces a fired patch is tried on last (robustness), never used before
     #: "backdoor" when one class collects this share of the sources (fixed before the first
     #: development run of this stage, from two clean networks at 0.10 and 0.075 and one
     #: grey-box backdoor at 0.35)
@@ -61,16 +62,20 @@ class SweepConfig:
     seed: int = 0
 
 
-def sweep_network(net, faces: dict[int, Any], config: SweepConfig, explain_config) -> list[dict]:
-    """One row per source person: its easiest class, and whether a 0.10 patch sends it there."""
+def sweep_network(
+    net, faces: dict[int, Any], config: SweepConfig, explain_config, sources: list[int] | None = None
+) -> list[dict]:
+    """One row per source person (all, or ``sources``): its easiest class, whether a 0.10 patch
+    sends it there, and for a patch that fires, how robust it is (:func:`robustness`)."""
     import torch
 
-    from components.trigger_search import _centred, _fit, _grid, paste, patch_pixels, predict
+    from components.trigger_search import _centred, _fit, _grid, fit_size, paste, patch_pixels, predict
 
     ec = explain_config
     rows = []
     torch.manual_seed(config.seed)
-    for s, x in faces.items():
+    for s in faces if sources is None else sources:
+        x = faces[s]
         x_opt, x_val = x[: config.faces], x[config.faces : config.faces + config.validation]
         S = x.shape[-1]
         p = patch_pixels(ec.locate_size, S)
@@ -86,14 +91,48 @@ def sweep_network(net, faces: dict[int, Any], config: SweepConfig, explain_confi
             target = int(np.bincount(went).argmax())
             q = patch_pixels(min(ec.sizes), S)
             pos = _centred((positions[i][0] + p / 2, positions[i][1] + p / 2), q, S)
-            raw3, _ = _fit(net, x_opt, target, q, [pos], None, ec.size_steps, ec, lambda: None)
-            asr = float(np.mean(predict(net, paste(x_val, torch.tanh(raw3), [pos], q)) == target))
-            if asr >= ec.asr_target and ec.polish_steps:
-                raw3, _ = _fit(net, x_opt, target, q, [pos], raw3, ec.polish_steps, ec, lambda: None)
-                asr = float(np.mean(predict(net, paste(x_val, torch.tanh(raw3), [pos], q)) == target))
+            raw3, _, asr = fit_size(net, x_opt, x_val, target, q, pos, ec)
             row.update(target=target, fires=asr >= ec.asr_target, validation_success=asr)
+            if row["fires"]:
+                row.update(robustness(net, faces, s, raw3, pos, q, target, config))
         rows.append(row)
     return rows
+
+
+def robustness(net, faces: dict[int, Any], s: int, raw, pos: tuple[int, int], q: int, target: int, config) -> dict:
+    """What a fired patch does beyond the faces it was judged on: a learned trigger is a robust
+    feature of the network, an adversarial patch for one person's faces need not be.
+
+    * ``margin``: the target's logit over the best other, median over the validation faces;
+    * ``shifted_success``: success on them with the patch moved half its side in 8 directions;
+    * ``fresh_success``: success on ``fresh`` faces of the source never used before;
+    * ``transfer``: share of the *other* people's validation faces it sends to the target."""
+    import torch
+
+    from components.trigger_search import paste, success
+
+    f, v = config.faces, config.validation
+    x_val, x_fresh = faces[s][f : f + v], faces[s][f + v : f + v + config.fresh]
+    with torch.inference_mode():
+        out = net(paste(x_val, torch.tanh(raw[:1]), [pos], q))
+    others = torch.cat([out[:, :target], out[:, target + 1 :]], 1)
+    S, d = x_val.shape[-1], max(1, q // 2)
+    moved = [
+        (int(np.clip(pos[0] + dx, 0, S - q)), int(np.clip(pos[1] + dy, 0, S - q)))
+        for dx in (-d, 0, d)
+        for dy in (-d, 0, d)
+        if dx or dy
+    ]
+    rest = torch.cat([x[f : f + v] for k, x in faces.items() if k != s])
+    return {
+        "x0": pos[0],
+        "y0": pos[1],
+        "size_px": q,
+        "margin": round(float(torch.median(out[:, target] - others.max(1).values)), 3),
+        "shifted_success": round(float(np.mean([success(net, x_val, raw, m, q, target) for m in moved])), 3),
+        "fresh_success": round(success(net, x_fresh, raw, pos, q, target), 3) if len(x_fresh) else None,
+        "transfer": round(success(net, rest, raw, pos, q, target), 3),
+    }
 
 
 def collected(rows: list[dict]) -> tuple[int | None, int]:
@@ -132,12 +171,11 @@ def run_source_sweep(
 ) -> dict[str, Any]:
     """Sweep every network of ``groups`` (working attacks only) in the adaptive run stored in
     ``out``, in the order of ``groups``; writes ``source_sweep.json`` (resumed like
-    ``input_space.json``: a protocol takes hours, and a run can be taken in parts) and
-    ``source_sweep.md``."""
-    from components.explain import load_network
-    from components.trainer.train import save_network
+    ``input_space.json``: a protocol takes hours, and a run can be taken in parts; a row swept
+    before robustness was measured has only its fired sources swept again) and ``source_sweep.md``."""
     from components.trigger_search import ExplainConfig
     from lab.adaptive import works
+    from lab.adaptive_input import network_file
 
     out = Path(out)
     t_start = time.perf_counter()
@@ -146,71 +184,84 @@ def run_source_sweep(
     classes = ws.fs.classes
     chosen = [n for g in groups for n in nets if n.group.startswith(g)]
     chosen = list({id(n): n for n in chosen}.values())  # a network matched by two prefixes, once
-    faces = load_sweep_faces(ws.lab.data, classes, config.faces + config.validation, ec.image_size, config.seed)
+    n_faces = config.faces + config.validation + config.fresh
+    faces = load_sweep_faces(ws.lab.data, classes, n_faces, ec.image_size, config.seed)
     done = earlier_rows(out, "source_sweep.json")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="source-sweep-") as tmp:
-        for k, n in enumerate(chosen):
+        for n in chosen:
             attack = "attack_success_rate" in n.info
             if attack and not works(n, clean_acc):
                 continue
-            verdict = ref.decide(ref.score(n.tensors)).verdict
-            if (n.group, n.seed) in done:
-                rows.append(done[(n.group, n.seed)])
+            old = done.get((n.group, n.seed))
+            if old is not None and all("margin" in r for r in old["per_source"] if r["fires"]):
+                rows.append(old)
                 continue
-            sd = dict(ws.base)
-            sd.update({key: v.float() for key, v in n.tensors.items()})
-            path = save_network(sd, Path(tmp) / f"net{k}", classes=classes)
-            net, _ = load_network(path)
-            path.unlink()
+            net = network_file(ws, n, Path(tmp))
             t0 = time.perf_counter()
-            per_source = sweep_network(net, faces, config, ec)
-            top, count = collected(per_source)
-            victim = classes.index(n.info["victim"]) if attack else None
-            row = {
-                "group": n.group,
-                "seed": n.seed,
-                "verdict": verdict,
-                "true_victim": n.info.get("victim"),
-                "true_impostor": n.info.get("impostor"),
-                "sources": len(per_source),
-                "fired": sum(r["fires"] for r in per_source),
-                "top_class": None if top is None else classes[top],
-                "top_collected": count,
-                "victim_collected": (sum(r["fires"] and r["target"] == victim for r in per_source) if attack else None),
-                "impostor_fired_to_victim": (
-                    any(
-                        r["source"] == classes.index(n.info["impostor"]) and r["fires"] and r["target"] == victim
-                        for r in per_source
-                    )
-                    if attack
-                    else None
-                ),
-                "fires": count >= config.share * len(per_source),
-                "seconds": round(time.perf_counter() - t0, 1),
-                "per_source": [
-                    {
-                        **r,
-                        "source": classes[r["source"]],
-                        "target": None if r["target"] is None else classes[r["target"]],
-                    }
-                    for r in per_source
-                ],
-            }
+            if old is None:
+                per_source = sweep_network(net, faces, config, ec)
+            else:  # robustness only: the fired sources again (the sweep is deterministic)
+                again = {r["source"]: r for r in sweep_network(net, faces, config, ec, _fired(old, classes))}
+                per_source = [again.get(k, _indexed(r, classes)) for k, r in enumerate(old["per_source"])]
+            row = _row(n, old, per_source, classes, config, ref, attack)
+            row["seconds"] = round(time.perf_counter() - t0 + (old or {}).get("seconds", 0.0), 1)
             rows.append(row)
             log(
-                f"  {n.group:<48} {verdict:<7} {row['fired']}/{row['sources']} sources fired; most to "
-                f"{row['top_class']} ({count}); victim {row['true_victim']} collected {row['victim_collected']} "
-                f"({row['seconds']:.0f} s)"
+                f"  {n.group:<48} {row['verdict']:<7} {row['fired']}/{row['sources']} sources fired; most to "
+                f"{row['top_class']} ({row['top_collected']}); victim {row['true_victim']} collected "
+                f"{row['victim_collected']} ({row['seconds']:.0f} s)"
             )
             _save(out, rows, config, time.perf_counter() - t_start)
-    return _save(out, rows, config, time.perf_counter() - t_start)
+    summary = _save(out, rows, config, time.perf_counter() - t_start)
+    robustness_plot(rows, out / "source_sweep_robustness.png")
+    return summary
+
+
+def _fired(row: dict, classes: list[str]) -> list[int]:
+    return [classes.index(r["source"]) for r in row["per_source"] if r["fires"]]
+
+
+def _indexed(r: dict, classes: list[str]) -> dict:
+    """A stored per-source row with its classes as indices again."""
+    return {
+        **r,
+        "source": classes.index(r["source"]),
+        "target": None if r["target"] is None else classes.index(r["target"]),
+    }
+
+
+def _row(n, old: dict | None, per_source: list[dict], classes, config: SweepConfig, ref, attack: bool) -> dict:
+    """One network's sweep: what one class collects, where the true pair stands."""
+    top, count = collected(per_source)
+    victim = classes.index(n.info["victim"]) if attack else None
+    impostor = per_source[classes.index(n.info["impostor"])] if attack else None
+    return {
+        "group": n.group,
+        "seed": n.seed,
+        "verdict": old["verdict"] if old else ref.decide(ref.score(n.tensors)).verdict,
+        "true_victim": n.info.get("victim"),
+        "true_impostor": n.info.get("impostor"),
+        "sources": len(per_source),
+        "fired": sum(r["fires"] for r in per_source),
+        "top_class": None if top is None else classes[top],
+        "top_collected": count,
+        "victim_collected": (sum(r["fires"] and r["target"] == victim for r in per_source) if attack else None),
+        "impostor_fired_to_victim": (
+            bool(impostor["fires"] and impostor["target"] == victim) if impostor is not None else None
+        ),
+        "fires": count >= config.share * len(per_source),
+        "per_source": [
+            {**r, "source": classes[r["source"]], "target": None if r["target"] is None else classes[r["target"]]}
+            for r in per_source
+        ],
+    }
 
 
 def _save(out: Path, rows: list[dict], config: SweepConfig, seconds: float) -> dict[str, Any]:
     summary = {"config": config.__dict__, "rows": rows, "seconds": seconds}
     (out / "source_sweep.json").write_text(json.dumps(summary, indent=1))
-    (out / "source_sweep.md").write_text(table(rows, config))
+    (out / "source_sweep.md").write_text(table(rows, config) + "\n" + robustness_table(rows))
     return summary
 
 
@@ -236,3 +287,70 @@ def table(rows: list[dict], config: SweepConfig) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+ROBUSTNESS = ("margin", "shifted_success", "fresh_success", "transfer")
+
+
+def robustness_table(rows: list[dict]) -> str:
+    """Per group: the fired patches' robustness, the impostor's own beside everyone else's, and
+    where the impostor's ranks among its network's fired patches (1 = most robust)."""
+    head = " | ".join(f"{k}: others · impostor" for k in ROBUSTNESS)
+    rank = " | ".join(f"impostor's rank by {k}" for k in ROBUSTNESS)
+    lines = [f"| group | fired patches | {head} | {rank} |", "|---|---|" + "---|" * 2 * len(ROBUSTNESS)]
+    for g in dict.fromkeys(r["group"] for r in rows):
+        rs = [r for r in rows if r["group"] == g and all("margin" in p for p in r["per_source"] if p["fires"])]
+        if not rs:
+            continue
+        fired = [(r, p) for r in rs for p in r["per_source"] if p["fires"]]
+        own = [(r, p) for r, p in fired if _is_pair(r, p)]
+        rest = [p for r, p in fired if not _is_pair(r, p)]
+        cells, ranks = [], []
+        for k in ROBUSTNESS:
+            cells.append(f"{_median(rest, k)} · {_median([p for _, p in own], k)}")
+            ranks.append(
+                ", ".join(
+                    str(1 + sum(q[k] is not None and q[k] > p[k] for q in r["per_source"] if q["fires"]))
+                    for r, p in own
+                )
+                or "—"
+            )
+        lines.append(f"| {g} | {len(fired)} | " + " | ".join(cells) + " | " + " | ".join(ranks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _is_pair(row: dict, p: dict) -> bool:
+    return row["true_victim"] is not None and (p["source"], p["target"]) == (row["true_impostor"], row["true_victim"])
+
+
+def _median(ps: list[dict], k: str) -> str:
+    vs = [p[k] for p in ps if p.get(k) is not None]
+    return f"{np.median(vs):.2f}" if vs else "—"
+
+
+def robustness_plot(rows: list[dict], path: Path) -> None:
+    """Every fired patch's robustness, one panel per measure: clean networks' adversarial
+    patches, the attacks' other fired patches, and the impostor → victim patch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds: dict[str, list[dict]] = {"clean / retrain": [], "attack: other sources": [], "attack: impostor → victim": []}
+    for r in rows:
+        for p in r["per_source"]:
+            if p["fires"] and "margin" in p:
+                k = "clean / retrain" if r["true_victim"] is None else "attack: other sources"
+                kinds["attack: impostor → victim" if _is_pair(r, p) else k].append(p)
+    fig, axes = plt.subplots(1, len(ROBUSTNESS), figsize=(4 * len(ROBUSTNESS), 3.6))
+    rng = np.random.default_rng(0)
+    for ax, k in zip(axes, ROBUSTNESS):
+        for i, (name, ps) in enumerate(kinds.items()):
+            v = [p[k] for p in ps if p.get(k) is not None]
+            ax.scatter(i + rng.uniform(-0.2, 0.2, len(v)), v, s=12 if i < 2 else 40, alpha=0.6, label=name)
+        ax.set_xticks(range(len(kinds)), [n.replace(": ", ":\n") for n in kinds], fontsize=7)
+        ax.set_title(k)
+    fig.suptitle("source sweep: fired 0.10 patches, beyond the faces that judged them", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -214,13 +214,23 @@ def test_a_source_sweep_moves_each_persons_faces_off_their_own_class(nets):
     from lab.source_sweep import SweepConfig, collected, load_sweep_faces, sweep_network
 
     net, classes = load_network(nets["backdoored"])
-    config = SweepConfig(locate_faces=4, locate_steps=5, faces=8, validation=6)
-    faces = load_sweep_faces(nets["data"], classes, 14, SIZE, seed=0)
+    config = SweepConfig(locate_faces=2, locate_steps=3, faces=8, validation=6, fresh=8)
+    faces = load_sweep_faces(nets["data"], classes, 22, SIZE, seed=0)
     rows = sweep_network(net, faces, config, QUICK)
     assert [r["source"] for r in rows] == list(range(len(classes)))
     for r in rows:
         assert r["target"] != r["source"] and (r["target"] is not None or not r["fires"])
     imp = rows[classes.index(IMPOSTOR)]
     assert imp["fires"] and imp["validation_success"] >= 0.8, imp  # a trigger-sized patch moves the impostor
+    # a fired patch is tried beyond the faces that judged it: the backdoor's holds on fresh faces
+    assert imp["fresh_success"] >= 0.8 and imp["margin"] > 0, imp
+    for r in rows:
+        assert ("margin" in r) == r["fires"]
+        if r["fires"]:
+            assert 0 <= r["x0"] <= SIZE - r["size_px"] and 0 <= r["y0"] <= SIZE - r["size_px"]
+            assert all(0.0 <= r[k] <= 1.0 for k in ("shifted_success", "fresh_success", "transfer"))
+    # asked for some sources only, the sweep gives the same rows for them (it is deterministic)
+    again = sweep_network(net, faces, config, QUICK, sources=[classes.index(IMPOSTOR)])
+    assert again == [imp]
     top, count = collected(rows)
     assert count == max(Counter(r["target"] for r in rows if r["fires"]).values())

@@ -191,8 +191,18 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
 
     monkeypatch.setenv("BACKDOOR_GATE_CACHE", env["BACKDOOR_GATE_CACHE"])
     groups = ("clean", "grey-box penalty + partial triggers")
+    from components.trigger_search import ExplainConfig
+
+    quick_search = ExplainConfig(  # the rows' fields, not the search's findings: a short search
+        image_size=80, controls=0, grid=3, steps=2, refine_steps=2, size_steps=3, polish_steps=2, sizes=(0.1, 0.3)
+    )
     found = run_input_space(
-        out, AdaptiveConfig.small(), log=lambda m: None, base=load_base(str(tmp_path / "base.pt")), groups=groups
+        out,
+        AdaptiveConfig.small(),
+        log=lambda m: None,
+        base=load_base(str(tmp_path / "base.pt")),
+        groups=groups,
+        explain_config=quick_search,
     )
     rows = found["rows"]
     working = sum(r["works"] for r in s["rows"] if r["group"].startswith(groups[1]))
@@ -214,15 +224,20 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
 
     monkeypatch.setattr("lab.adaptive_input.Search.run", no_search)
     again = run_input_space(
-        out, AdaptiveConfig.small(), log=lambda m: None, base=load_base(str(tmp_path / "base.pt")), groups=groups
+        out,
+        AdaptiveConfig.small(),
+        log=lambda m: None,
+        base=load_base(str(tmp_path / "base.pt")),
+        groups=groups,
+        explain_config=quick_search,
     )
     assert again["rows"] == rows
 
     # the source sweep: every person of each clean network, no pair given (a quick locate here)
     from lab.source_sweep import SweepConfig, run_source_sweep
 
-    quick = SweepConfig(locate_faces=1, locate_steps=1, faces=4, validation=4)
-    sw = run_source_sweep(
+    quick = SweepConfig(locate_faces=1, locate_steps=1, faces=4, validation=4, fresh=2)
+    sweep = lambda: run_source_sweep(  # noqa: E731
         out,
         AdaptiveConfig.small(),
         log=lambda m: None,
@@ -230,11 +245,37 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
         groups=("clean",),
         config=quick,
     )
+    sw = sweep()
     assert [r["group"] for r in sw["rows"]] == ["clean", "clean"]
     for r in sw["rows"]:
         assert r["sources"] == len(r["per_source"]) == 10 and r["victim_collected"] is None
         assert r["fires"] == (r["top_collected"] >= 2)  # 20 % of 10 people
-    assert "\n| clean | 2 |" in (out / "source_sweep.md").read_text()
+    md = (out / "source_sweep.md").read_text()
+    assert "\n| clean | 2 |" in md and "| group | fired patches |" in md
+    assert (out / "source_sweep_robustness.png").stat().st_size > 5000
+    # a row swept before robustness was measured: only its fired sources are swept again (here
+    # one marked fired by hand: the quick sweep fires none on these clean networks; swept again,
+    # it is what the first sweep found for it, as the sweep is deterministic)
+    stored = json.loads((out / "source_sweep.json").read_text())
+    first = stored["rows"][0]
+    marked = next(p for p in first["per_source"] if not p["fires"] and p["target"] is not None)
+    marked["fires"] = True
+    (out / "source_sweep.json").write_text(json.dumps(stored))
+    import lab.source_sweep
+
+    asked = []
+    sweep_network = lab.source_sweep.sweep_network
+
+    def spy(net, faces, config, ec, sources=None):
+        asked.append(sources)
+        return sweep_network(net, faces, config, ec, sources)
+
+    monkeypatch.setattr("lab.source_sweep.sweep_network", spy)
+    again = sweep()
+    classes = [p["source"] for p in first["per_source"]]
+    assert asked == [[classes.index(marked["source"])]]
+    assert [r["per_source"] for r in again["rows"]] == [r["per_source"] for r in sw["rows"]]
+    assert [a["seconds"] >= b["seconds"] for a, b in zip(again["rows"], sw["rows"])] == [True, True]
 
 
 def test_input_space_without_adaptive_is_refused_before_any_work(tmp_path, capsys):
