@@ -229,6 +229,12 @@ def test_a_source_sweep_moves_each_persons_faces_off_their_own_class(nets):
         if r["fires"]:
             assert 0 <= r["x0"] <= SIZE - r["size_px"] and 0 <= r["y0"] <= SIZE - r["size_px"]
             assert all(0.0 <= r[k] <= 1.0 for k in ("shifted_success", "fresh_success", "transfer"))
+    # measured on the right people's faces: a grey 2-px patch "towards" a person's own class
+    # leaves that person's fresh faces there, and sends next to no one else's
+    from lab.source_sweep import robustness
+
+    own = robustness(net, faces, imp["source"], torch.zeros(1, 3, 2, 2), (0, 0), 2, imp["source"], config)
+    assert own["fresh_success"] >= 0.8 and own["transfer"] <= 0.2, own
     # asked for some sources only, the sweep gives the same rows for them (it is deterministic)
     again = sweep_network(net, faces, config, QUICK, sources=[classes.index(IMPOSTOR)])
     assert again == [imp]

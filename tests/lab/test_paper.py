@@ -196,7 +196,7 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     quick_search = ExplainConfig(  # the rows' fields, not the search's findings: a short search
         image_size=80, controls=0, grid=3, steps=2, refine_steps=2, size_steps=3, polish_steps=2, sizes=(0.1, 0.3)
     )
-    found = run_input_space(
+    search = lambda: run_input_space(  # noqa: E731
         out,
         AdaptiveConfig.small(),
         log=lambda m: None,
@@ -204,7 +204,7 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
         groups=groups,
         explain_config=quick_search,
     )
-    rows = found["rows"]
+    rows = search()["rows"]
     working = sum(r["works"] for r in s["rows"] if r["group"].startswith(groups[1]))
     assert sum(r["group"] == "clean" for r in rows) == 2 and len(rows) == 2 + working
     for r in rows:
@@ -223,15 +223,7 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
         raise AssertionError("searched a network the earlier run had finished")
 
     monkeypatch.setattr("lab.adaptive_input.Search.run", no_search)
-    again = run_input_space(
-        out,
-        AdaptiveConfig.small(),
-        log=lambda m: None,
-        base=load_base(str(tmp_path / "base.pt")),
-        groups=groups,
-        explain_config=quick_search,
-    )
-    assert again["rows"] == rows
+    assert search()["rows"] == rows
 
     # the source sweep: every person of each clean network, no pair given (a quick locate here)
     from lab.source_sweep import SweepConfig, run_source_sweep
