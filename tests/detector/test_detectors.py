@@ -35,6 +35,22 @@ def nets(face_nets):
     return face_nets
 
 
+@pytest.fixture(scope="module")
+def fitted(nets):
+    """``fitted(name)``: a reference fitted on the module's networks and calibrated, once per
+    detector (tests only read it; refitting ``head`` in every test was half the torch-mirror
+    test's 54 s)."""
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            base = {"base": nets["base"]} if "spectrum" in name else {}
+            cache[name] = make_reference(name).fit(nets["reference"], **base).calibrate(nets["calibration"])
+        return cache[name]
+
+    return get
+
+
 def test_backdoors_took(nets):
     assert min(nets["asr"]) >= 0.8, nets[
         "asr"
@@ -63,8 +79,8 @@ def test_effective_classifier_is_the_linear_map_from_features_to_centred_logits(
     assert np.allclose(d - d[0], 0, atol=1e-4)
 
 
-def test_classifier_blocks_backdoors_and_names_their_victims(nets):
-    ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+def test_classifier_blocks_backdoors_and_names_their_victims(nets, fitted):
+    ref = fitted("classifier")
     assert ref.classes_ == nets["classes"]
     bad = [ref.assess(p) for p in nets["backdoored"]]
     assert all(a.decision.verdict == "blocked" for a in bad), [a.scores for a in bad]
@@ -78,11 +94,11 @@ def test_classifier_blocks_backdoors_and_names_their_victims(nets):
         assert sorted([a.evidence.suspect.suspected_z, a.evidence.suspect.runner_up_z], reverse=True) == [z[0], z[1]]
 
 
-def test_a_lone_anomalous_class_is_the_suspect_not_the_noise_beside_it(nets):
+def test_a_lone_anomalous_class_is_the_suspect_not_the_noise_beside_it(nets, fitted):
     """When only one class is beyond what the threshold lets a class reach, it is the suspect and
     no impostor is named (the "points at the other's row" rule once swapped a victim at 9.7 sigma
     for a class at 0.3 sigma)."""
-    ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+    ref = fitted("classifier")
     z_cut = -ref.thresholds_["classes"]
     lone = 0
     for path, victim in zip(nets["backdoored"], nets["victims"]):
@@ -107,16 +123,16 @@ def test_reference_networks_with_different_class_lists_are_refused(nets, tmp_pat
     assert make_reference("classifier").fit(relabelled).classes_ == other
 
 
-def test_spectrum_sees_a_low_rank_update(nets):
-    ref = make_reference("spectrum").fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+def test_spectrum_sees_a_low_rank_update(nets, fitted):
+    ref = fitted("spectrum")
     clean = [ref.score(p)["spectrum"] for p in nets["calibration"]]
     bad = [ref.score(p)["spectrum"] for p in nets["backdoored"]]
     # higher = more typical: backdoored networks score lower; scikit-learn's AUC with backdoored = 1
     assert roc_auc_score([0] * len(clean) + [1] * len(bad), -np.array(clean + bad)) >= 0.9
 
 
-def test_classifier_refuses_another_class_list_or_size(nets, tmp_path):
-    ref = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
+def test_classifier_refuses_another_class_list_or_size(nets, fitted, tmp_path):
+    ref = fitted("classifier")
     tensors, _ = read_tensors(nets["backdoored"][0])
     sd = {k: v.contiguous() for k, v in tensors.items()}
     swapped = list(reversed(nets["classes"]))
@@ -240,14 +256,14 @@ def _offsets(tensors) -> np.ndarray:
     return t["logits.weight"] @ (t["last_bn.bias"] - s * t["last_bn.running_mean"]) + t["logits.bias"]
 
 
-def test_head_scores_the_offsets_a_bias_only_swap_changes_and_classifier_is_blind_to(nets, tmp_path):
+def test_head_scores_the_offsets_a_bias_only_swap_changes_and_classifier_is_blind_to(nets, fitted, tmp_path):
     """The issue's swap: the impostor's offset lowered, the victim's raised (here through
     ``last_bn.running_mean`` as well as ``logits.bias``): ``classifier`` gives the clean
     network's score exactly, ``head`` blocks it."""
     from lab.adaptive import bias_swap
 
-    clf = make_reference("classifier").fit(nets["reference"]).calibrate(nets["calibration"])
-    head = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+    clf = fitted("classifier")
+    head = fitted("head")
     tensors, _ = read_tensors(nets["calibration"][0])
     clean = {k: v.clone() for k, v in tensors.items()}
     from components.trainer.features import Extractor
@@ -269,8 +285,8 @@ def test_head_scores_the_offsets_a_bias_only_swap_changes_and_classifier_is_blin
     assert head.assess(nets["calibration"][0]).decision.verdict == "passed"
 
 
-def test_head_blocks_backdoors_round_trips_and_needs_every_head_tensor(nets, tmp_path):
-    ref = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+def test_head_blocks_backdoors_round_trips_and_needs_every_head_tensor(nets, fitted, tmp_path):
+    ref = fitted("head")
     assert all(ref.assess(p).decision.verdict == "blocked" for p in nets["backdoored"])
     ref.save(tmp_path / "ref")
     back = load_reference(tmp_path / "ref")
@@ -287,13 +303,13 @@ def test_head_blocks_backdoors_round_trips_and_needs_every_head_tensor(nets, tmp
         back.assess(str(tmp_path / "partial.safetensors"))
 
 
-def test_head_torch_mirror_equals_the_numpy_score(nets):
+def test_head_torch_mirror_equals_the_numpy_score(nets, fitted):
     """The lab's white-box attacker differentiates through ``torch_z``: it must be the statistic
     the gate computes, or the attack suite would attack something else."""
     from lab.adaptive import deciding_parts, torch_anomaly, torch_class_z
 
     for name in ("head", "classifier"):
-        ref = make_reference(name).fit(nets["reference"]).calibrate(nets["calibration"])
+        ref = fitted(name)
         for p in nets["backdoored"][:2] + nets["calibration"][:2]:
             tensors, _ = read_tensors(p)
             t = {k: v.double() for k, v in tensors.items()}
@@ -301,7 +317,7 @@ def test_head_torch_mirror_equals_the_numpy_score(nets):
             assert np.allclose(-z, ref.score_vectors(p)["classes"], rtol=1e-9, atol=1e-9), name
     # a composite's every deciding part, spectrum's thin-basis training mode included
     for name in ("head+spectrum", "head+output-spectrum"):
-        ref = make_reference(name).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+        ref = fitted(name)
         names = name.split("+")
         parts = deciding_parts(ref)
         assert [-cut for _, cut in parts] == [ref.thresholds_[n] for n in names]
@@ -315,16 +331,13 @@ def test_head_torch_mirror_equals_the_numpy_score(nets):
                     assert np.isclose(-z.max(), scores[part], rtol=1e-9, atol=1e-9), (part, basis)
 
 
-def test_output_spectrum_ignores_noise_the_logits_cannot_see(nets, tmp_path):
+def test_output_spectrum_ignores_noise_the_logits_cannot_see(nets, fitted, tmp_path):
     """The lab's invisible noise (``last_linear`` moved where ``logits·diag(bn)`` is blind) flattens
     the plain spectrum of a backdoored network until it passes; ``output-spectrum`` scores the
     same network exactly as before, also after a save and load."""
     from lab.adaptive import invisible_noise
 
-    refs = {
-        d: make_reference(d).fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
-        for d in ("spectrum", "output-spectrum")
-    }
+    refs = {d: fitted(d) for d in ("spectrum", "output-spectrum")}
     refs["output-spectrum"].save(tmp_path / "os")
     loaded = load_reference(tmp_path / "os")
     for p in nets["backdoored"]:
@@ -337,13 +350,13 @@ def test_output_spectrum_ignores_noise_the_logits_cannot_see(nets, tmp_path):
         assert loaded.score(noisy)["spectrum"] == pytest.approx(os_after, abs=1e-9)
 
 
-def test_head_report_plots_the_classes_and_names_the_network_shape(nets, tmp_path):
+def test_head_report_plots_the_classes_and_names_the_network_shape(nets, fitted, tmp_path):
     """head's vector scores end with the network's shape z: the report must not take it for a
     class (it once indexed the class list with it)."""
     from components.gate import GateResult
     from components.report import write_report
 
-    ref = make_reference("head").fit(nets["reference"]).calibrate(nets["calibration"])
+    ref = fitted("head")
     a = ref.assess(nets["backdoored"][0])
     assert a.vector_scores["classes"].size == len(nets["classes"]) + 1
     result = GateResult(
