@@ -194,7 +194,7 @@ def run_source_sweep(
             if attack and not works(n, clean_acc):
                 continue
             old = done.get((n.group, n.seed))
-            if old is not None and all("margin" in r for r in old["per_source"] if r["fires"]):
+            if old is not None and _measured(old):
                 rows.append(old)
                 continue
             net = network_file(ws, n, Path(tmp))
@@ -218,6 +218,11 @@ def run_source_sweep(
     return summary
 
 
+def _measured(row: dict) -> bool:
+    """Every fired patch of a stored row has its robustness (rows from before it do not)."""
+    return all("margin" in p for p in row["per_source"] if p["fires"])
+
+
 def _fired(row: dict, classes: list[str]) -> list[int]:
     return [classes.index(r["source"]) for r in row["per_source"] if r["fires"]]
 
@@ -229,6 +234,11 @@ def _indexed(r: dict, classes: list[str]) -> dict:
         "source": classes.index(r["source"]),
         "target": None if r["target"] is None else classes.index(r["target"]),
     }
+
+
+def _named(r: dict, classes: list[str]) -> dict:
+    """A per-source row with its classes as names, as stored (the inverse of :func:`_indexed`)."""
+    return {**r, "source": classes[r["source"]], "target": None if r["target"] is None else classes[r["target"]]}
 
 
 def _row(n, old: dict | None, per_source: list[dict], classes, config: SweepConfig, ref, attack: bool) -> dict:
@@ -251,10 +261,7 @@ def _row(n, old: dict | None, per_source: list[dict], classes, config: SweepConf
             bool(impostor["fires"] and impostor["target"] == victim) if impostor is not None else None
         ),
         "fires": count >= config.share * len(per_source),
-        "per_source": [
-            {**r, "source": classes[r["source"]], "target": None if r["target"] is None else classes[r["target"]]}
-            for r in per_source
-        ],
+        "per_source": [_named(r, classes) for r in per_source],
     }
 
 
@@ -299,7 +306,7 @@ def robustness_table(rows: list[dict]) -> str:
     rank = " | ".join(f"impostor's rank by {k}" for k in ROBUSTNESS)
     lines = [f"| group | fired patches | {head} | {rank} |", "|---|---|" + "---|" * 2 * len(ROBUSTNESS)]
     for g in dict.fromkeys(r["group"] for r in rows):
-        rs = [r for r in rows if r["group"] == g and all("margin" in p for p in r["per_source"] if p["fires"])]
+        rs = [r for r in rows if r["group"] == g and _measured(r)]
         if not rs:
             continue
         fired = [(r, p) for r in rs for p in r["per_source"] if p["fires"]]
