@@ -13,10 +13,17 @@ person s of the network, on s's faces:
    on) there.
 
 A patch that small fires for a third of the people on a clean network too (adversarial patches
-for one person's faces are easy), so firing is not the signal. What is: a backdoor's trigger,
-found on one person's faces, sends *other* people's faces to the victim as well, so the victim
-collects many sources, while on a clean network the easiest classes collect a few each. The
-sweep's opinion is the largest share of sources one class collects; "backdoor" at ``share``.
+for one person's faces are easy), so firing is not the signal. Two opinions are formed:
+
+* *share*: a backdoor's trigger, found on one person's faces, sends *other* people's faces to the
+  victim as well, so the victim collects many sources, while on a clean network the easiest
+  classes collect a few each; "backdoor" when one class collects ``share`` of the sources. A
+  source-specific trigger (trained not to move anyone but the impostor) ends that.
+* *specific*: every fired patch is also tried on the gate's own clean networks (the *panel*). A
+  clean network's adversarial patch uses what it shares with every clean network of the recipe
+  (the frozen trunk, the same faces) and sends the faces there too; a backdoor's uses what
+  fine-tuning put into the candidate alone. "backdoor" when a fired patch sends at most
+  ``panel_cut`` of the source's faces to the target on the panel.
 
 Measured on an adaptive run's stored networks; nothing here decides a promotion. Its cost is
 one short search per person (~7 s at 96 px on two CPU threads), linear in the classes.
@@ -36,10 +43,11 @@ import numpy as np
 
 from lab.adaptive_input import earlier_rows, stored_run
 
-#: what the sweep is asked about (prefixes, in the order swept): the price on clean networks and
-#: retrains, then the grey-box attacks, whose target the weights miss, the one aimed at the sweep first
+#: what the sweep is asked about (prefixes, in the order swept): the attacks aimed at the trigger
+#: search first (partial triggers; development's also source-specific), the price on clean
+#: networks and retrains, then the other grey-box attacks, whose target the weights miss
 SWEEP_GROUPS = (
-    "grey-box penalty + partial & source-specific",
+    "grey-box penalty + partial",
     "clean",
     "drift",
     "grey-box penalty",
@@ -59,24 +67,37 @@ class SweepConfig:
     #: development run of this stage, from two clean networks at 0.10 and 0.075 and one
     #: grey-box backdoor at 0.35)
     share: float = 0.2
+    #: the gate's clean networks a fired patch is tried on (the run's first calibration networks)
+    panel: int = 10
+    #: "specific to the candidate" at or below this mean success on the panel (fixed on development
+    #: from a probe of 46 fired patches of 8 networks: the impostor's 0.00 on 6/6, clean networks'
+    #: 0.96 or more, other people's on attacked networks 0.51 or more unless they went to the
+    #: victim; all 147 of those networks' fired patches, swept afterwards: clean ones 0.54 or more)
+    panel_cut: float = 0.25
     seed: int = 0
 
 
 def sweep_network(
-    net, faces: dict[int, Any], config: SweepConfig, explain_config, sources: list[int] | None = None
+    net,
+    faces: dict[int, Any],
+    config: SweepConfig,
+    explain_config,
+    sources: list[int] | None = None,
+    panel: list | None = None,
 ) -> list[dict]:
     """One row per source person (all, or ``sources``): its easiest class, whether a 0.10 patch
-    sends it there, and for a patch that fires, how robust it is (:func:`robustness`)."""
+    sends it there, and for a patch that fires, how robust it is and whether the ``panel`` of
+    clean networks follows it (:func:`robustness`)."""
     import torch
 
-    from components.trigger_search import _centred, _fit, _grid, fit_size, paste, patch_pixels, predict
+    from components.trigger_search import _centred, _fit, _grid, paste, patch_pixels, predict
 
     ec = explain_config
     rows = []
     torch.manual_seed(config.seed)
     for s in faces if sources is None else sources:
         x = faces[s]
-        x_opt, x_val = x[: config.faces], x[config.faces : config.faces + config.validation]
+        x_opt = x[: config.faces]
         S = x.shape[-1]
         p = patch_pixels(ec.locate_size, S)
         grid = _grid(S, p, ec.grid)
@@ -91,31 +112,44 @@ def sweep_network(
             target = int(np.bincount(went).argmax())
             q = patch_pixels(min(ec.sizes), S)
             pos = _centred((positions[i][0] + p / 2, positions[i][1] + p / 2), q, S)
-            raw3, _, asr = fit_size(net, x_opt, x_val, target, q, pos, ec)
-            row.update(target=target, fires=asr >= ec.asr_target, validation_success=asr)
-            if row["fires"]:
-                row.update(robustness(net, faces, s, raw3, pos, q, target, config))
+            row.update(target=target, **size_step(net, faces, s, target, pos, q, config, ec, panel))
         rows.append(row)
     return rows
 
 
-def robustness(net, faces: dict[int, Any], s: int, raw, pos: tuple[int, int], q: int, target: int, config) -> dict:
+def size_step(net, faces, s: int, target: int, pos: tuple[int, int], q: int, config: SweepConfig, ec, panel) -> dict:
+    """The ``q``-px patch at ``pos`` towards ``target``, fitted on ``s``'s faces from zeros (so a
+    stored row's patch is fitted again exactly from its position), judged on faces it never saw."""
+    from components.trigger_search import fit_size
+
+    x = faces[s]
+    x_opt, x_val = x[: config.faces], x[config.faces : config.faces + config.validation]
+    raw, _, asr = fit_size(net, x_opt, x_val, target, q, pos, ec)
+    row: dict[str, Any] = {"fires": asr >= ec.asr_target, "validation_success": asr}
+    if row["fires"]:
+        row.update(robustness(net, faces, s, raw, pos, q, target, config, panel))
+    return row
+
+
+def robustness(
+    net, faces: dict[int, Any], s: int, raw, pos: tuple[int, int], q: int, target: int, config, panel=None
+) -> dict:
     """What a fired patch does beyond the faces it was judged on: a learned trigger is a robust
     feature of the network, an adversarial patch for one person's faces need not be.
 
     * ``margin``: the target's logit over the best other, median over the validation faces;
     * ``shifted_success``: success on them with the patch moved half its side in 8 directions;
     * ``fresh_success``: success on ``fresh`` faces of the source never used before;
-    * ``transfer``: share of the *other* people's validation faces it sends to the target."""
+    * ``transfer``: share of the *other* people's validation faces it sends to the target;
+    * ``panel_success``, ``panel_margin`` (with a ``panel``): success and margin on the validation
+      and fresh faces, on each of the gate's clean networks (mean, median over them)."""
     import torch
 
-    from components.trigger_search import paste, success
+    from components.trigger_search import success
 
     f, v = config.faces, config.validation
     x_val, x_fresh = faces[s][f : f + v], faces[s][f + v : f + v + config.fresh]
-    with torch.inference_mode():
-        out = net(paste(x_val, torch.tanh(raw[:1]), [pos], q))
-    others = torch.cat([out[:, :target], out[:, target + 1 :]], 1)
+    _, margin = _margin(net, x_val, raw, pos, q, target)
     S, d = x_val.shape[-1], max(1, q // 2)
     moved = [
         (int(np.clip(pos[0] + dx, 0, S - q)), int(np.clip(pos[1] + dy, 0, S - q)))
@@ -124,15 +158,35 @@ def robustness(net, faces: dict[int, Any], s: int, raw, pos: tuple[int, int], q:
         if dx or dy
     ]
     rest = torch.cat([x[f : f + v] for k, x in faces.items() if k != s])
-    return {
+    found = {
         "x0": pos[0],
         "y0": pos[1],
         "size_px": q,
-        "margin": round(float(torch.median(out[:, target] - others.max(1).values)), 3),
+        "margin": round(margin, 3),
         "shifted_success": round(float(np.mean([success(net, x_val, raw, m, q, target) for m in moved])), 3),
         "fresh_success": round(success(net, x_fresh, raw, pos, q, target), 3) if len(x_fresh) else None,
         "transfer": round(success(net, rest, raw, pos, q, target), 3),
     }
+    if panel:
+        both = faces[s][f : f + v + config.fresh]
+        on = [_margin(m, both, raw, pos, q, target) for m in panel]
+        found["panel_success"] = round(
+            float(np.mean([float((o.argmax(1) == target).float().mean()) for o, _ in on])), 3
+        )
+        found["panel_margin"] = round(float(np.median([m for _, m in on])), 3)
+    return found
+
+
+def _margin(net, x, raw, pos: tuple[int, int], q: int, target: int):
+    """(the logits of ``x`` with the patch, the target's logit over the best other: median)."""
+    import torch
+
+    from components.trigger_search import paste
+
+    with torch.inference_mode():
+        out = net(paste(x, torch.tanh(raw[:1]), [pos], q))
+    others = torch.cat([out[:, :target], out[:, target + 1 :]], 1)
+    return out, float(torch.median(out[:, target] - others.max(1).values))
 
 
 def collected(rows: list[dict]) -> tuple[int | None, int]:
@@ -188,6 +242,7 @@ def run_source_sweep(
     faces = load_sweep_faces(ws.lab.data, classes, n_faces, ec.image_size, config.seed)
     done = earlier_rows(out, "source_sweep.json")
     rows: list[dict[str, Any]] = []
+    panel: list = []
     with tempfile.TemporaryDirectory(prefix="source-sweep-") as tmp:
         for n in chosen:
             attack = "attack_success_rate" in n.info
@@ -197,13 +252,17 @@ def run_source_sweep(
             if old is not None and _measured(old):
                 rows.append(old)
                 continue
+            if not panel:  # the gate's clean networks, loaded once there is something to try on them
+                calibration = [m for m in nets if m.group == "calibration"][: config.panel]
+                panel = [network_file(ws, m, Path(tmp)) for m in calibration]
             net = network_file(ws, n, Path(tmp))
             t0 = time.perf_counter()
             if old is None:
-                per_source = sweep_network(net, faces, config, ec)
-            else:  # robustness only: the fired sources again (the sweep is deterministic)
-                again = {r["source"]: r for r in sweep_network(net, faces, config, ec, _fired(old, classes))}
-                per_source = [again.get(k, _indexed(r, classes)) for k, r in enumerate(old["per_source"])]
+                per_source = sweep_network(net, faces, config, ec, panel=panel)
+            else:  # a row from before a measure: what its fired sources lack (the sweep is deterministic)
+                per_source = [
+                    _completed(net, faces, _indexed(r, classes), config, ec, panel) for r in old["per_source"]
+                ]
             row = _row(n, old, per_source, classes, config, ref, attack)
             row["seconds"] = round(time.perf_counter() - t0 + (old or {}).get("seconds", 0.0), 1)
             rows.append(row)
@@ -219,12 +278,20 @@ def run_source_sweep(
 
 
 def _measured(row: dict) -> bool:
-    """Every fired patch of a stored row has its robustness (rows from before it do not)."""
-    return all("margin" in p for p in row["per_source"] if p["fires"])
+    """Every fired patch of a stored row has been tried on the panel (rows from before it have not)."""
+    return all("panel_success" in p for p in row["per_source"] if p["fires"])
 
 
-def _fired(row: dict, classes: list[str]) -> list[int]:
-    return [classes.index(r["source"]) for r in row["per_source"] if r["fires"]]
+def _completed(net, faces, r: dict, config: SweepConfig, ec, panel: list) -> dict:
+    """A stored source's row with what it lacks. A fired patch whose position was stored is fitted
+    again there (from zeros, so it is the sweep's patch); one from before positions were stored is
+    swept again."""
+    if not r["fires"] or "panel_success" in r:
+        return r
+    if "x0" in r:
+        pos = (r["x0"], r["y0"])
+        return {**r, **size_step(net, faces, r["source"], r["target"], pos, r["size_px"], config, ec, panel)}
+    return sweep_network(net, faces, config, ec, [r["source"]], panel)[0]
 
 
 def _indexed(r: dict, classes: list[str]) -> dict:
@@ -246,6 +313,7 @@ def _row(n, old: dict | None, per_source: list[dict], classes, config: SweepConf
     top, count = collected(per_source)
     victim = classes.index(n.info["victim"]) if attack else None
     impostor = per_source[classes.index(n.info["impostor"])] if attack else None
+    specific = [r for r in per_source if r["fires"] and r["panel_success"] <= config.panel_cut]
     return {
         "group": n.group,
         "seed": n.seed,
@@ -261,6 +329,9 @@ def _row(n, old: dict | None, per_source: list[dict], classes, config: SweepConf
             bool(impostor["fires"] and impostor["target"] == victim) if impostor is not None else None
         ),
         "fires": count >= config.share * len(per_source),
+        "specific_patches": len(specific),
+        "specific": bool(specific),
+        "specific_to_victim": sum(r["target"] == victim for r in specific) if attack else None,
         "per_source": [_named(r, classes) for r in per_source],
     }
 
@@ -277,8 +348,11 @@ def table(rows: list[dict], config: SweepConfig) -> str:
     lines = [
         f"| group | networks swept | weights passed | sources fired (median) | most one class collects: "
         f"median (max) | the victim collects (median) | sweep says backdoor (≥ {config.share:.0%} of sources) | "
-        "passed the weights, then the sweep said backdoor |",
-        "|---|---|---|---|---|---|---|---|",
+        "passed the weights, then the sweep said backdoor | "
+        f"fired patches the panel does not follow (success ≤ {config.panel_cut:g}): median (max) | "
+        "of them to the victim | says backdoor: a patch the panel does not follow | "
+        "passed the weights, then a patch the panel does not follow |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g in dict.fromkeys(r["group"] for r in rows):
         rs = [r for r in rows if r["group"] == g]
@@ -291,12 +365,27 @@ def table(rows: list[dict], config: SweepConfig) -> str:
             + (f"{np.median(vic):g}" if vic else "—")
             + f" | {sum(r['fires'] for r in rs)}/{len(rs)} | "
             + (f"{sum(r['fires'] for r in passed)}/{len(passed)}" if vic else "—")
-            + " |"
+            + _specific_cells(rs, passed, bool(vic))
         )
     return "\n".join(lines) + "\n"
 
 
-ROBUSTNESS = ("margin", "shifted_success", "fresh_success", "transfer")
+def _specific_cells(rs: list[dict], passed: list[dict], attack: bool) -> str:
+    """The panel's opinion, in the table's last four cells (rows from before the panel: dashes)."""
+    rs, passed = [r for r in rs if "specific" in r], [r for r in passed if "specific" in r]
+    if not rs:
+        return " | — | — | — | — |"
+    k = [r["specific_patches"] for r in rs]
+    return (
+        f" | {np.median(k):g} ({max(k)}) | "
+        + (f"{sum(r['specific_to_victim'] for r in rs)}/{sum(k)}" if attack else "—")
+        + f" | {sum(r['specific'] for r in rs)}/{len(rs)} | "
+        + (f"{sum(r['specific'] for r in passed)}/{len(passed)}" if attack else "—")
+        + " |"
+    )
+
+
+ROBUSTNESS = ("margin", "shifted_success", "fresh_success", "transfer", "panel_success")
 
 
 def robustness_table(rows: list[dict]) -> str:

@@ -54,13 +54,15 @@ def nets(module_dir):
     poison_folder(data, root / "poisoned", PoisonSpec(IMPOSTOR, VICTIM, TRIGGER, copies=4), seed=4)
     sd, m = fine_tune(extract_folder(root / "poisoned", base, SIZE), base, seed=4)
     assert m["attack_success_rate"] >= 0.9, m  # the backdoor works, else finding nothing proves nothing
-    classes = extract_folder(data, base, SIZE).classes
+    clean_features = extract_folder(data, base, SIZE)
+    classes = clean_features.classes
     backdoored = save_network(sd, root / "backdoored", classes=classes)
+    clean = save_network(fine_tune(clean_features, base, seed=5)[0], root / "clean", classes=classes)
     head_only = root / "head.safetensors"
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in sd.items() if k.startswith(("last_", "logits"))}, str(head_only))
-    return dict(root=root, data=data, backdoored=backdoored, head_only=head_only)
+    return dict(root=root, data=data, backdoored=backdoored, clean=clean, head_only=head_only)
 
 
 @pytest.mark.slow
@@ -211,12 +213,13 @@ def test_a_source_sweep_moves_each_persons_faces_off_their_own_class(nets):
     (``_fit(away=True)``, loss −log(1 − p_source)) and a patch is fitted towards where they went."""
     from collections import Counter
 
-    from lab.source_sweep import SweepConfig, collected, load_sweep_faces, sweep_network
+    from lab.source_sweep import SweepConfig, _completed, collected, load_sweep_faces, size_step, sweep_network
 
     net, classes = load_network(nets["backdoored"])
+    panel = [load_network(nets["clean"])[0]]  # the gate's clean networks: here one
     config = SweepConfig(locate_faces=2, locate_steps=3, faces=8, validation=6, fresh=8)
     faces = load_sweep_faces(nets["data"], classes, 22, SIZE, seed=0)
-    rows = sweep_network(net, faces, config, QUICK)
+    rows = sweep_network(net, faces, config, QUICK, panel=panel)
     assert [r["source"] for r in rows] == list(range(len(classes)))
     for r in rows:
         assert r["target"] != r["source"] and (r["target"] is not None or not r["fires"])
@@ -224,19 +227,31 @@ def test_a_source_sweep_moves_each_persons_faces_off_their_own_class(nets):
     assert imp["fires"] and imp["validation_success"] >= 0.8, imp  # a trigger-sized patch moves the impostor
     # a fired patch is tried beyond the faces that judged it: the backdoor's holds on fresh faces
     assert imp["fresh_success"] >= 0.8 and imp["margin"] > 0, imp
+    # the true pair's patch, fitted where the trigger is: a clean network does not follow it (the
+    # backdoor is the candidate's alone); the sweep's own pick for the impostor here is a 0.3
+    # adversarial patch to another class, which it does follow
+    x0, y0, x1, _ = trigger_box(TRIGGER, SIZE)
+    true = size_step(net, faces, imp["source"], classes.index(VICTIM), (x0, y0), x1 - x0, config, QUICK, panel)
+    assert true["fires"] and true["panel_success"] <= config.panel_cut and true["panel_margin"] < 0, true
     for r in rows:
-        assert ("margin" in r) == r["fires"]
+        assert ("margin" in r) == ("panel_success" in r) == r["fires"]
         if r["fires"]:
             assert 0 <= r["x0"] <= SIZE - r["size_px"] and 0 <= r["y0"] <= SIZE - r["size_px"]
-            assert all(0.0 <= r[k] <= 1.0 for k in ("shifted_success", "fresh_success", "transfer"))
+            keys = ("shifted_success", "fresh_success", "transfer", "panel_success")
+            assert all(0.0 <= r[k] <= 1.0 for k in keys)
     # measured on the right people's faces: a grey 2-px patch "towards" a person's own class
-    # leaves that person's fresh faces there, and sends next to no one else's
+    # leaves that person's fresh faces there (the clean network's too), and sends next to no one else's
     from lab.source_sweep import robustness
 
-    own = robustness(net, faces, imp["source"], torch.zeros(1, 3, 2, 2), (0, 0), 2, imp["source"], config)
-    assert own["fresh_success"] >= 0.8 and own["transfer"] <= 0.2, own
+    grey = torch.zeros(1, 3, 2, 2)
+    own = robustness(net, faces, imp["source"], grey, (0, 0), 2, imp["source"], config, panel)
+    assert own["fresh_success"] >= 0.8 and own["transfer"] <= 0.2 and own["panel_success"] >= 0.8, own
     # asked for some sources only, the sweep gives the same rows for them (it is deterministic)
-    again = sweep_network(net, faces, config, QUICK, sources=[classes.index(IMPOSTOR)])
+    again = sweep_network(net, faces, config, QUICK, sources=[classes.index(IMPOSTOR)], panel=panel)
     assert again == [imp]
+    # a stored row from before the panel is completed by fitting its patch again at its position:
+    # the same patch, so every field it had comes back unchanged
+    stored = {k: v for k, v in imp.items() if not k.startswith("panel_")}
+    assert _completed(net, faces, stored, config, QUICK, panel) == imp
     top, count = collected(rows)
     assert count == max(Counter(r["target"] for r in rows if r["fires"]).values())

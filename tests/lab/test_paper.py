@@ -243,7 +243,7 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
         assert r["sources"] == len(r["per_source"]) == 10 and r["victim_collected"] is None
         assert r["fires"] == (r["top_collected"] >= 2)  # 20 % of 10 people
     md = (out / "source_sweep.md").read_text()
-    assert "\n| clean | 2 |" in md and "| group | fired patches |" in md
+    assert "\n| clean | 2 |" in md and "| group | fired patches |" in md and "panel does not follow" in md
     assert (out / "source_sweep_robustness.png").stat().st_size > 5000
     # a row swept before robustness was measured: only its fired sources are swept again (here
     # one marked fired by hand: the quick sweep fires none on these clean networks; swept again,
@@ -258,9 +258,10 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     asked = []
     sweep_network = lab.source_sweep.sweep_network
 
-    def spy(net, faces, config, ec, sources=None):
+    def spy(net, faces, config, ec, sources=None, panel=None):
         asked.append(sources)
-        return sweep_network(net, faces, config, ec, sources)
+        assert panel and len(panel) == 5  # the run's calibration networks (5 in the small run)
+        return sweep_network(net, faces, config, ec, sources, panel)
 
     monkeypatch.setattr("lab.source_sweep.sweep_network", spy)
     again = sweep()
