@@ -269,6 +269,16 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     assert asked == [[classes.index(marked["source"])]]
     assert [r["per_source"] for r in again["rows"]] == [r["per_source"] for r in sw["rows"]]
     assert [a["seconds"] >= b["seconds"] for a, b in zip(again["rows"], sw["rows"])] == [True, True]
+    # a run asked about other groups keeps the rows it did not sweep
+    kept = run_source_sweep(
+        out,
+        AdaptiveConfig.small(),
+        log=lambda m: None,
+        base=load_base(str(tmp_path / "base.pt")),
+        groups=("no such group",),
+        config=quick,
+    )
+    assert kept["rows"] == again["rows"]
 
 
 def test_input_space_without_adaptive_is_refused_before_any_work(tmp_path, capsys):
