@@ -148,8 +148,8 @@ def run_input_space(
                 f"true {truth[0]}/{truth[1]}: fires named {row['named']['fires']}, true "
                 f"{row.get('true', {}).get('fires')}, an attack's pair {row.get('attack_pair', {}).get('fires')}"
             )
-            _save(out, rows, time.perf_counter() - t_start)
-    return _save(out, rows, time.perf_counter() - t_start)
+            _save(out, with_earlier(rows, done), time.perf_counter() - t_start)
+    return _save(out, with_earlier(rows, done), time.perf_counter() - t_start)
 
 
 def stored_run(out: Path, c, log, base: dict | None):
@@ -204,6 +204,14 @@ def earlier_rows(out: Path, name: str = "input_space.json") -> dict[tuple[str, i
     except (ValueError, KeyError, TypeError):
         return {}  # unreadable: searched again, and overwritten
     return {(r["group"], r["seed"]): r for r in rows if isinstance(r, dict) and "group" in r and "seed" in r}
+
+
+def with_earlier(rows: list[dict], done: dict[tuple[str, int], dict]) -> list[dict]:
+    """This run's rows, then every earlier row (:func:`earlier_rows`) of a network it did not
+    reach (other ``groups``, or not reached yet): a run asked about some groups keeps what was
+    measured on the others."""
+    here = {(r["group"], r["seed"]) for r in rows}
+    return rows + [r for key, r in done.items() if key not in here]
 
 
 def _save(out: Path, rows: list[dict], seconds: float) -> dict[str, Any]:

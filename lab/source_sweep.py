@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from lab.adaptive_input import earlier_rows, stored_run
+from lab.adaptive_input import earlier_rows, stored_run, with_earlier
 
 #: what the sweep is asked about (prefixes, in the order swept): the attacks aimed at the trigger
 #: search first (partial triggers; development's also source-specific), the price on clean
@@ -271,18 +271,11 @@ def run_source_sweep(
                 f"{row['top_class']} ({row['top_collected']}); victim {row['true_victim']} collected "
                 f"{row['victim_collected']} ({row['seconds']:.0f} s)"
             )
-            _save(out, _with_earlier(rows, done), config, time.perf_counter() - t_start)
-    rows = _with_earlier(rows, done)
+            _save(out, with_earlier(rows, done), config, time.perf_counter() - t_start)
+    rows = with_earlier(rows, done)
     summary = _save(out, rows, config, time.perf_counter() - t_start)
     robustness_plot(rows, out / "source_sweep_robustness.png")
     return summary
-
-
-def _with_earlier(rows: list[dict], done: dict[tuple[str, int], dict]) -> list[dict]:
-    """This run's rows, then every earlier row of a network it did not sweep (other ``groups``, or
-    not reached yet): a run asked about some groups keeps what was measured on the others."""
-    here = {(r["group"], r["seed"]) for r in rows}
-    return rows + [r for key, r in done.items() if key not in here]
 
 
 def _measured(row: dict) -> bool:

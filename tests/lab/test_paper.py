@@ -196,12 +196,12 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     quick_search = ExplainConfig(  # the rows' fields, not the search's findings: a short search
         image_size=80, controls=0, grid=3, steps=2, refine_steps=2, size_steps=3, polish_steps=2, sizes=(0.1, 0.3)
     )
-    search = lambda: run_input_space(  # noqa: E731
+    search = lambda only=groups: run_input_space(  # noqa: E731
         out,
         AdaptiveConfig.small(),
         log=lambda m: None,
         base=load_base(str(tmp_path / "base.pt")),
-        groups=groups,
+        groups=only,
         explain_config=quick_search,
     )
     rows = search()["rows"]
@@ -224,6 +224,7 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
 
     monkeypatch.setattr("lab.adaptive_input.Search.run", no_search)
     assert search()["rows"] == rows
+    assert search(("no such group",))["rows"] == rows  # a run asked about other groups keeps these
 
     # the source sweep: every person of each clean network, no pair given (a quick locate here)
     from lab.source_sweep import SweepConfig, run_source_sweep
