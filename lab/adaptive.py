@@ -29,7 +29,12 @@ shared with ``paper``):
   person's training faces (``cover_faces`` each) stamped with the whole trigger and labelled as
   themselves, so that the trigger sends the impostor alone to the victim (a source-specific
   backdoor, as in TaCT): aimed at a search that sweeps every source for a patch and counts the
-  sources one class collects, which a plain trigger's transfer to other people would show.
+  sources one class collects, which a plain trigger's transfer to other people would show;
+* ``grey-box penalty + adversarial trigger`` — aimed at the weights *and* at the sweep's panel
+  (a fired patch the gate's own clean networks do not follow is the candidate's alone): the
+  trigger is a patch of the protocol's size and place, fitted on the attacker's own clean
+  networks to send the impostor's faces to the victim, so clean networks already half-follow it,
+  then trained in with the grey-box penalty.
 
 Every attacked network reports its cost to the attacker (attack success, clean accuracy, how
 far the head moved) beside each detector's verdict at its calibrated threshold. Clean networks
@@ -55,6 +60,7 @@ from components.trainer.triggers import TriggerSpec
 from detector.classifier import BN_EPS
 from detector.decision import PASSED
 from detector.head import HEAD_TENSORS
+from lab.heads import head_of
 from lab.paper import PaperConfig, _Lab
 
 #: An attack "works" (counts against the gate when it passes) at this success and clean accuracy.
@@ -89,6 +95,10 @@ class AdaptiveConfig:
     #: the source-specific attack: every other person's training faces stamped with the whole
     #: trigger and labelled as themselves, this many each
     cover_faces: int = 4
+    #: the attack aimed at the panel: optimisation steps of its trigger on the attacker's own
+    #: clean networks (development, one seed: 100 steps made the gate's clean networks send 0.68
+    #: of the impostor's stamped test faces to the victim, 200 steps 0.78)
+    adversarial_steps: int = 200
     #: deciding detectors (each is attacked and gated on its own) and evidence (scored only)
     detectors: tuple = ("head", "head+output-spectrum")
     evidence: tuple = ("classifier", "spectrum", "output-spectrum")
@@ -113,19 +123,12 @@ class AdaptiveConfig:
             n_grey=8,
             trigger=("white-square", 0.3, "forehead"),
             swap_sizes=(1.0,),
+            adversarial_steps=3,
             evidence=("classifier",),
         )
 
 
 # -- the effective head, in numpy and torch ----------------------------------------------------
-
-
-def head_of(t: dict) -> tuple[Any, Any]:
-    """(A, b): the network's logits are ``A·x + b`` on trunk features x (eval mode)."""
-    s = t["last_bn.weight"] / (t["last_bn.running_var"] + BN_EPS) ** 0.5
-    A = t["logits.weight"] @ (s[:, None] * t["last_linear.weight"])
-    b = t["logits.weight"] @ (t["last_bn.bias"] - s * t["last_bn.running_mean"]) + t["logits.bias"]
-    return A, b
 
 
 def torch_head(head) -> dict[str, torch.Tensor]:
@@ -162,6 +165,9 @@ class Workshop:
         self._poisoned: dict[int, Any] = {}
         self._partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._cover: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._adversarial: dict[int, tuple[Any, dict]] = {}
+        #: networks an earlier run stored, by (group, seed): a resumed run trains only the others
+        self.kept: dict[tuple[str, int], Net] = {}
 
     def poisoned(self, seed: int):
         """The protocol's trigger on a random impostor/victim pair of ``seed`` (cached per seed)."""
@@ -169,14 +175,44 @@ class Workshop:
             self._poisoned[seed] = self._poison(seed)
         return self._poisoned[seed]
 
-    def _poison(self, seed: int):
+    def _poison(self, seed: int, trigger: TriggerSpec | None = None):
+        """``seed``'s poisoning with the protocol's trigger, or with ``trigger`` (same pair, same faces)."""
         from components.trainer.features import with_poison
         from components.trainer.poison import PoisonSpec, poison_folder, random_pair
 
         imp, vic = random_pair(self.fs.classes, seed)
         with tempfile.TemporaryDirectory() as tmp:
-            poison_folder(self.lab.data, tmp, PoisonSpec(imp, vic, self.trigger), seed)
+            poison_folder(self.lab.data, tmp, PoisonSpec(imp, vic, trigger or self.trigger), seed)
             return with_poison(self.fs, tmp, self.base)
+
+    def adversarial(self, seed: int, own: list[Net], folder: Path) -> tuple[Any, dict]:
+        """(poisoned features, what the trigger does): ``seed``'s poisoning with a trigger the
+        attacker's ``own`` clean networks already follow (:func:`adversarial_trigger`), saved in
+        ``folder`` (cached per seed: every detector's attack on a seed shares it)."""
+        if seed not in self._adversarial:
+            path = Path(folder) / f"adversarial-trigger-{seed}.png"
+            record = path.with_suffix(".json")
+            if path.is_file() and record.is_file():  # fitted by an earlier run of this protocol
+                found = json.loads(record.read_text())
+            else:
+                found = adversarial_trigger(self, seed, own, path, self.c.adversarial_steps)
+                record.write_text(json.dumps(found))
+            spec = dataclasses.replace(self.trigger, name=str(path))
+            self._adversarial[seed] = (self._poison(seed, spec), found)
+        return self._adversarial[seed]
+
+    def faces(self, sources: list[str], native: bool = False):
+        """Images of the protocol's data (paths as a poisoning manifest names them), normalised,
+        at the trunk's input size (or, ``native``, at their own)."""
+        from PIL import Image
+
+        from components.trainer.base_trunk import to_tensor
+
+        images = []
+        for name in sources:
+            with Image.open(self.lab.data / name) as im:
+                images.append(im.convert("RGB"))
+        return to_tensor(images, images[0].width if native else self.fs.image_size)
 
     def partial_triggers(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels): the impostor's training faces of ``seed``'s poisoning, each stamped
@@ -423,6 +459,12 @@ def penalty_for(refs: Sequence[Any], lam: float, margin: float = 1.0) -> Callabl
 
 
 # -- the suite ------------------------------------------------------------------------------------
+#: the attack aimed at the panel, without a penalty (its penalised twins are "grey-box penalty + ...")
+ADVERSARIAL = "adversarial trigger (no penalty)"
+#: groups trained after the references are fitted (a rescored run trains them again)
+LATER = ("penalty", "grey-box penalty", ADVERSARIAL)
+
+
 @dataclass
 class Net:
     """One network of the suite: its head tensors and what it is."""
@@ -453,6 +495,8 @@ def _progress(plan, desc):
 
 
 def _train(ws: Workshop, group: str, seed: int, poisoned=None, recipe=None, penalty=None, extra=None, **info) -> Net:
+    if (group, seed) in ws.kept:
+        return ws.kept[(group, seed)]
     tensors, m = ws.train(seed, poisoned, recipe, penalty, extra)
     keep = ("clean_accuracy", "attack_success_rate", "impostor", "victim", "relative_weight_change", "extra_samples")
     return Net(group, seed, tensors, {**{k: m[k] for k in keep if k in m}, **info})
@@ -496,6 +540,8 @@ def attacked_networks(ws: Workshop, c: AdaptiveConfig, clean: list[Net]) -> list
 
 
 def _posthoc(ws, group, seed, tensors, before: Net, poisoned, impostor=None, victim=None, **info) -> Net:
+    if (group, seed) in ws.kept:
+        return ws.kept[(group, seed)]
     imp = impostor or before.info.get("impostor")
     vic = victim or before.info.get("victim")
     m = ws.measure(tensors, seed, poisoned, imp, vic)
@@ -572,6 +618,90 @@ def penalised_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dict) 
     return out
 
 
+def adversarial_trigger(ws: Workshop, seed: int, own: list[Net], path: Path, steps: int) -> dict:
+    """Fit the trigger of the attack aimed at the panel and save it as a PNG at ``path``.
+
+    A patch of the protocol trigger's size and place, optimised (Adam, cross-entropy towards the
+    victim, averaged over networks) on the impostor's training faces of ``seed``'s poisoning, on
+    the attacker's ``own`` clean networks: the grey-box attacker cannot read the gate's clean
+    networks, but those share the trunk and the recipe, so what its own follow, the gate's
+    follow too. It is fitted where the stamp puts it, at the images' own size, and resized to the
+    trunk's input as the feature extractor does (fitted at the trunk's size and stamped, it lost
+    everything: 0.88 on its own networks became 0.00 on development). Returns the PNG's path and
+    the share of those faces its own networks send to the victim, before the PNG is stamped."""
+    from PIL import Image
+
+    from components.trainer.triggers import trigger_box
+    from components.trigger_search import paste
+    from lab.heads import Heads
+
+    poison = ws.poisoned(seed).poison
+    vic = ws.fs.classes.index(poison["victim"])
+    x = ws.faces([e["source"] for e in poison["train"]], native=True)
+    W = x.shape[-1]
+    x0, y0, x1, _ = trigger_box(ws.trigger, W)
+    q = x1 - x0
+    heads = Heads(ws.base, [n.tensors for n in own])
+    S = ws.fs.image_size
+    seen = lambda pattern: heads(  # noqa: E731
+        torch.nn.functional.interpolate(
+            paste(x, pattern, [(x0, y0)], q), size=(S, S), mode="bilinear", antialias=True, align_corners=False
+        )
+    )
+    y = torch.full((len(heads) * len(x),), vic, dtype=torch.long)
+    raw = torch.zeros(1, 3, q, q, requires_grad=True)
+    opt = torch.optim.Adam([raw], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(seen(torch.tanh(raw)).reshape(len(y), -1), y).backward()
+        opt.step()
+    with torch.inference_mode():
+        pattern = torch.tanh(raw)
+        own_success = float((seen(pattern).argmax(-1) == vic).float().mean())
+    pixels = (pattern[0].permute(1, 2, 0) * 128.0 + 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").convert("RGBA").save(path)
+    return {"trigger_png": str(path), "own_success_fitted": round(own_success, 3)}
+
+
+def followed(nets: list[Net], P: np.ndarray, victim: int) -> float:
+    """Mean over ``nets`` of the share of triggered features ``P`` each sends to ``victim``."""
+    shares = []
+    for n in nets:
+        A, b = (v.double().numpy() for v in head_of(n.tensors))
+        shares.append(float(np.mean((P.astype(np.float64) @ A.T + b).argmax(1) == victim)))
+    return float(np.mean(shares))
+
+
+def adversarial_networks(ws: Workshop, c: AdaptiveConfig, grey: dict, own: list[Net], gate: list[Net], folder: Path):
+    """The attack aimed at the panel (module docstring), on the penalised attacks' seeds (same
+    pairs): with the grey-box penalty aimed at each deciding detector, and without any (what
+    the trigger alone does to the weights). Each network records how much clean networks follow
+    its trigger before it is trained in, stamped on the test faces: the attacker's own, and the
+    gate's ``gate`` (calibration) networks, which the attacker never sees."""
+    out = []
+    jobs = [(d, i) for d in (None, *c.detectors) for i in range(c.n_attack)]
+    for d, i in _progress(jobs, "adversarial-trigger backdoors"):
+        seed = c.seed_offset + 8000 + i
+        group = ADVERSARIAL if d is None else f"grey-box penalty + adversarial trigger: {d}"
+        if (group, seed) in ws.kept:
+            out.append(ws.kept[(group, seed)])
+            continue
+        poisoned, found = ws.adversarial(seed, own, folder)
+        vic = ws.fs.classes.index(poisoned.poison["victim"])
+        follow = {
+            "own_follow": round(followed(own, poisoned.poison_test, vic), 3),
+            "gate_clean_follow": round(followed(gate, poisoned.poison_test, vic), 3),
+        }
+        if d is None:
+            knowledge, penalty = "recipe + a trigger its own clean networks follow (no detector)", None
+        else:
+            knowledge = f"grey-box (λ {c.penalty_lambda:g}) + the panel: a trigger its own clean networks follow"
+            penalty = penalty_for([grey[d]], c.penalty_lambda)
+        out.append(_train(ws, group, seed, poisoned, penalty=penalty, knowledge=knowledge, **found, **follow))
+    return out
+
+
 def save_nets(path: Path, nets: list[Net]) -> None:
     from safetensors.torch import save_file
 
@@ -607,19 +737,30 @@ def works(n: Net, clean_accuracy: float) -> bool:
 
 
 def run_adaptive(
-    out: str | Path, c: AdaptiveConfig = AdaptiveConfig(), log=print, rescore: bool = False, base: dict | None = None
+    out: str | Path,
+    c: AdaptiveConfig = AdaptiveConfig(),
+    log=print,
+    rescore: bool = False,
+    base: dict | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train (or reload) the suite's networks, attack each deciding detector, gate everything.
 
     ``rescore``: keep the networks an earlier run saved in ``out`` that do not depend on a
-    detector; the penalised ones are always trained again against the detectors given."""
+    detector; the penalised ones are always trained again against the detectors given.
+    ``resume``: keep every network saved in ``out`` and train only those it lacks (an attack
+    added since, or a run stopped while training the penalised ones)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ws = Workshop(c, log, base)
     stored = out / "networks.safetensors"
-    if rescore and stored.is_file():
-        fixed = [n for n in load_nets(stored) if not n.group.startswith(("penalty", "grey-box penalty"))]
+    if (rescore or resume) and stored.is_file():
+        kept = load_nets(stored)
+        fixed = [n for n in kept if not n.group.startswith(LATER)]
+        if resume:
+            ws.kept = {(n.group, n.seed): n for n in kept if n.group.startswith(LATER)}
+            log(f"resume: {len(kept)} networks kept from {stored}; only networks it lacks are trained")
     else:
         fixed = clean_networks(ws, c)
         fixed += attacked_networks(ws, c, fixed)
@@ -631,6 +772,8 @@ def run_adaptive(
     k = min(c.n_reference, max(4, (2 * len(own)) // 3))
     grey = {d: fit_reference(d, own[:k], own[k:], ws.base) for d in c.detectors}
     nets = fixed + penalised_networks(ws, c, refs, grey)
+    save_nets(stored, nets)
+    nets += adversarial_networks(ws, c, grey, own, by("calibration"), out / "triggers")
     save_nets(stored, nets)
     clean_acc = float(np.mean([n.info["clean_accuracy"] for n in by("reference") + by("calibration")]))
     scores = {d: [refs[d].score(n.tensors) for n in nets] for d in detectors}

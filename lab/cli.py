@@ -75,7 +75,9 @@ def cmd_adaptive(args) -> int:
         print((Path(args.out) / "source_sweep.md").read_text())
         print(f"rows: {Path(args.out) / 'source_sweep.json'} ({found['seconds']:.0f} s)")
         return 0
-    summary = run_adaptive(args.out, config, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore, base=base)
+    summary = run_adaptive(
+        args.out, config, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore, base=base, resume=args.resume
+    )
     print((Path(args.out) / "table.md").read_text())
     print(f"summary: {Path(args.out) / 'summary.json'} ({summary['seconds']:.0f} s)")
     return 0
@@ -138,6 +140,12 @@ def register(sub) -> None:
         action="store_true",
         help="the informed attacker's suite instead: attacks aimed at each --detectors "
         "(default head,head+output-spectrum), their cost, and every detector's verdicts",
+    )
+    pp.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --adaptive: keep every network an earlier run saved in --out and train only the "
+        "ones it lacks (an attack added since, or a stopped run)",
     )
     pp.add_argument(
         "--input-space",

@@ -42,11 +42,14 @@ from typing import Any
 import numpy as np
 
 from lab.adaptive_input import earlier_rows, stored_run, with_earlier
+from lab.heads import Heads
 
-#: what the sweep is asked about (prefixes, in the order swept): the attacks aimed at the trigger
-#: search first (partial triggers; development's also source-specific), the price on clean
+#: what the sweep is asked about (prefixes, in the order swept): the attack aimed at the panel (the
+#: default detector's), the attacks aimed at the trigger search (partial triggers; development's
+#: also source-specific), the price on clean
 #: networks and retrains, then the other grey-box attacks, whose target the weights miss
 SWEEP_GROUPS = (
+    "grey-box penalty + adversarial trigger: head+output-spectrum",
     "grey-box penalty + partial",
     "clean",
     "drift",
@@ -83,7 +86,7 @@ def sweep_network(
     config: SweepConfig,
     explain_config,
     sources: list[int] | None = None,
-    panel: list | None = None,
+    panel: Heads | None = None,
 ) -> list[dict]:
     """One row per source person (all, or ``sources``): its easiest class, whether a 0.10 patch
     sends it there, and for a patch that fires, how robust it is and whether the ``panel`` of
@@ -145,7 +148,7 @@ def robustness(
       and fresh faces, on each of the gate's clean networks (mean, median over them)."""
     import torch
 
-    from components.trigger_search import success
+    from components.trigger_search import paste, success
 
     f, v = config.faces, config.validation
     x_val, x_fresh = faces[s][f : f + v], faces[s][f + v : f + v + config.fresh]
@@ -167,13 +170,12 @@ def robustness(
         "fresh_success": round(success(net, x_fresh, raw, pos, q, target), 3) if len(x_fresh) else None,
         "transfer": round(success(net, rest, raw, pos, q, target), 3),
     }
-    if panel:
+    if panel is not None:
         both = faces[s][f : f + v + config.fresh]
-        on = [_margin(m, both, raw, pos, q, target) for m in panel]
-        found["panel_success"] = round(
-            float(np.mean([float((o.argmax(1) == target).float().mean()) for o, _ in on])), 3
-        )
-        found["panel_margin"] = round(float(np.median([m for _, m in on])), 3)
+        with torch.inference_mode():
+            on = panel(paste(both, torch.tanh(raw[:1]), [pos], q))  # (networks, faces, classes)
+        found["panel_success"] = round(float((on.argmax(-1) == target).float().mean()), 3)
+        found["panel_margin"] = round(float(np.median([_median_margin(o, target) for o in on])), 3)
     return found
 
 
@@ -185,8 +187,15 @@ def _margin(net, x, raw, pos: tuple[int, int], q: int, target: int):
 
     with torch.inference_mode():
         out = net(paste(x, torch.tanh(raw[:1]), [pos], q))
+    return out, _median_margin(out, target)
+
+
+def _median_margin(out, target: int) -> float:
+    """The target's logit over the best other class, median over the faces of ``out``."""
+    import torch
+
     others = torch.cat([out[:, :target], out[:, target + 1 :]], 1)
-    return out, float(torch.median(out[:, target] - others.max(1).values))
+    return float(torch.median(out[:, target] - others.max(1).values))
 
 
 def collected(rows: list[dict]) -> tuple[int | None, int]:
@@ -242,7 +251,7 @@ def run_source_sweep(
     faces = load_sweep_faces(ws.lab.data, classes, n_faces, ec.image_size, config.seed)
     done = earlier_rows(out, "source_sweep.json")
     rows: list[dict[str, Any]] = []
-    panel: list = []
+    panel: Heads | None = None
     with tempfile.TemporaryDirectory(prefix="source-sweep-") as tmp:
         for n in chosen:
             attack = "attack_success_rate" in n.info
@@ -252,9 +261,11 @@ def run_source_sweep(
             if old is not None and _measured(old):
                 rows.append(old)
                 continue
-            if not panel:  # the gate's clean networks, loaded once there is something to try on them
+            if panel is None:  # the gate's clean networks, made once there is something to try on them
                 calibration = [m for m in nets if m.group == "calibration"][: config.panel]
-                panel = [network_file(ws, m, Path(tmp)) for m in calibration]
+                if not calibration:
+                    raise ValueError(f"{out}: the run has no calibration networks to try fired patches on")
+                panel = Heads(ws.base, [m.tensors for m in calibration])
             net = network_file(ws, n, Path(tmp))
             t0 = time.perf_counter()
             if old is None:
@@ -283,7 +294,7 @@ def _measured(row: dict) -> bool:
     return all("panel_success" in p for p in row["per_source"] if p["fires"])
 
 
-def _completed(net, faces, r: dict, config: SweepConfig, ec, panel: list) -> dict:
+def _completed(net, faces, r: dict, config: SweepConfig, ec, panel: Heads) -> dict:
     """A stored source's row with what it lacks. A fired patch whose position was stored is fitted
     again there (from zeros, so it is the sweep's patch); one from before positions were stored is
     swept again."""

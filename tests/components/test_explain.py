@@ -216,7 +216,11 @@ def test_a_source_sweep_moves_each_persons_faces_off_their_own_class(nets):
     from lab.source_sweep import SweepConfig, _completed, collected, load_sweep_faces, size_step, sweep_network
 
     net, classes = load_network(nets["backdoored"])
-    panel = [load_network(nets["clean"])[0]]  # the gate's clean networks: here one
+    from detector.weights import read_tensors
+    from lab.heads import Heads
+
+    clean = {k: torch.as_tensor(v) for k, v in read_tensors(nets["clean"])[0].items()}
+    panel = Heads(clean, [clean])  # the gate's clean networks (their trunk and heads): here one
     config = SweepConfig(locate_faces=2, locate_steps=3, faces=8, validation=6, fresh=8)
     faces = load_sweep_faces(nets["data"], classes, 22, SIZE, seed=0)
     rows = sweep_network(net, faces, config, QUICK, panel=panel)

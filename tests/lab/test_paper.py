@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,16 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     for a, b in zip(partial, specific):  # 14 training faces each: every person but the impostor gives 4
         assert (a["impostor"], a["victim"]) == (b["impostor"], b["victim"])
         assert b["extra_samples"] - a["extra_samples"] == small.cover_faces * (small.paper.identities - 1)
+    # and at the sweep's panel: a trigger fitted on the attacker's own clean networks, stamped
+    # from its PNG; how much clean networks follow it is recorded before it is trained in
+    adversarial = [n for n in s["networks"] if n["group"].startswith("grey-box penalty + adversarial trigger")]
+    assert len(adversarial) == 2
+    for a, b in zip(partial, adversarial):
+        assert (a["impostor"], a["victim"]) == (b["impostor"], b["victim"])
+        assert Path(b["trigger_png"]).parent == out / "triggers" and Path(b["trigger_png"]).is_file()
+        assert all(0.0 <= b[k] <= 1.0 for k in ("own_follow", "gate_clean_follow", "own_success_fitted"))
+    (bare,) = [n for n in s["networks"] if n["group"] == "adversarial trigger (no penalty)"]  # its trigger alone
+    assert bare["trigger_png"] == adversarial[0]["trigger_png"] and bare["seed"] == adversarial[0]["seed"]
     nets = s["networks"]
     for n in nets:
         assert set(n["verdicts"]) == {"classifier", "head", "head+output-spectrum"}
@@ -185,8 +196,21 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     # it cost attack success: the training faces span too few directions)
     assert all("attack_success_rate" in n for n in nets if n["group"] == "dilution")
     assert "| attack | knowledge |" in (out / "table.md").read_text()
-    # the input-space stage searches the stored networks: the named pair always, the true pair for attacks
+    # a resumed run trains nothing it has stored, and gates the same networks the same way
     from components.trainer.base_trunk import load_base
+    from lab.adaptive import run_adaptive
+
+    def no_training(*a, **k):
+        raise AssertionError("a resumed run trained a network it had stored")
+
+    monkeypatch.setenv("BACKDOOR_GATE_CACHE", env["BACKDOOR_GATE_CACHE"])
+    monkeypatch.setattr("lab.adaptive.Workshop.train", no_training)
+    monkeypatch.setattr("lab.adaptive.adversarial_trigger", no_training)
+    resumed = run_adaptive(out, small, log=lambda m: None, base=load_base(str(tmp_path / "base.pt")), resume=True)
+    key = lambda n: (n["group"], n["seed"], n["verdicts"], n["clean_accuracy"])  # noqa: E731
+    assert [key(n) for n in resumed["networks"]] == [key(n) for n in nets]
+    monkeypatch.undo()
+    # the input-space stage searches the stored networks: the named pair always, the true pair for attacks
     from lab.adaptive_input import run_input_space
 
     monkeypatch.setenv("BACKDOOR_GATE_CACHE", env["BACKDOOR_GATE_CACHE"])
