@@ -204,14 +204,10 @@ class Workshop:
     def faces(self, sources: list[str], native: bool = False):
         """Images of the protocol's data (paths as a poisoning manifest names them), normalised,
         at the trunk's input size (or, ``native``, at their own)."""
-        from PIL import Image
-
+        from components.explain import _open
         from components.trainer.base_trunk import to_tensor
 
-        images = []
-        for name in sources:
-            with Image.open(self.lab.data / name) as im:
-                images.append(im.convert("RGB"))
+        images = _open([self.lab.data / name for name in sources])
         return to_tensor(images, images[0].width if native else self.fs.image_size)
 
     def partial_triggers(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
