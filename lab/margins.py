@@ -1,0 +1,125 @@
+"""The margin check: a second line over the outputs, beside the weights.
+
+Every penalty that hides a backdoor from the weight statistic bends the head somewhere else. On
+clean faces this shows: for some pair of people (s, t), the candidate's margin of t over s on
+s's faces sits far above where clean networks put it, while clean networks, retrains and the
+attacker's own clean networks stay near the panel (docs/adaptive/margins). So, per pair,
+
+    M[s, t] = median over s's faces of (logit t − logit s)
+    z[s, t] = (M_candidate[s, t] − mean over the panel) / (std over the panel)
+
+and the network's score is ``max z`` over s ≠ t (higher = more anomalous, the gate's convention).
+The panel is the gate's calibration networks; the cut is set leave-one-out on them, at the
+target FRR (:func:`detector.threshold.threshold_at_frr`). The faces are the protocol's own (trunk
+features), ``faces`` per person drawn once. Measured on an adaptive run's stored networks by
+``backdoor-gate paper --adaptive --margins`` (:mod:`lab.adaptive_margins`); nothing here decides
+a promotion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lab.heads import head_of
+
+
+@dataclass(frozen=True)
+class MarginConfig:
+    """The margin check's knobs (fixed on development before confirmation was scored)."""
+
+    faces: int = 16  # faces per person the margins are taken on (drawn once, seeded)
+    frr: float = 0.05  # target false rejection of a new clean network
+    seed: int = 0
+
+
+def person_faces(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int, seed: int) -> np.ndarray:
+    """(classes, k, features): ``k`` faces of every person, drawn once (seeded)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in range(n_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < k:
+            raise ValueError(f"person {c}: {len(idx)} faces; the margin check needs {k} per person")
+        out.append(features[np.sort(rng.choice(idx, size=k, replace=False))])
+    return np.stack(out)
+
+
+def pair_margins(F: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(classes, classes): M[s, t], the median over s's faces ``F[s]`` of logit t − logit s, for
+    the affine head ``A·x + b``; differentiable in ``A`` and ``b`` (the attacker trains with it)."""
+    L = torch.einsum("skd,cd->skc", F, A) + b
+    own = torch.diagonal(L, dim1=0, dim2=2).T  # (classes, faces): each face's own class logit
+    return torch.quantile(L - own[:, :, None], 0.5, dim=1)
+
+
+def margin_check(fs, heads: list[dict], config: MarginConfig, draw: int = 0) -> MarginCheck:
+    """The check with ``heads`` as its panel, on faces of the feature set ``fs`` drawn with
+    ``config.seed + draw`` (the gate's draw is 0; a grey-box attacker draws its own)."""
+    F = person_faces(fs.features, fs.labels, len(fs.classes), config.faces, config.seed + draw)
+    return MarginCheck(config.frr).fit(heads, F)
+
+
+class MarginCheck:
+    """Pair margins against a panel of clean networks' heads; ``score`` is the max pair z."""
+
+    def __init__(self, frr: float = 0.05):
+        self.frr = frr
+
+    def fit(self, heads: list[dict], F: np.ndarray) -> MarginCheck:
+        """``heads``: the panel's head tensors; ``F``: (classes, faces, features) from
+        :func:`person_faces`. The cut is set leave-one-out over the panel."""
+        from detector.threshold import threshold_at_frr
+
+        if len(heads) < 3:
+            raise ValueError(f"the margin check needs 3 clean networks or more, got {len(heads)}")
+        self.F_ = torch.from_numpy(np.asarray(F, dtype=np.float64))
+        M = np.stack([self._margins(h) for h in heads])
+        self.mean_, self.std_ = self._spread(M)
+        loo = []
+        for i in range(len(M)):
+            mean, std = self._spread(np.delete(M, i, axis=0))
+            loo.append(self._max_z(M[i], mean, std))
+        self.panel_scores_ = np.array(loo)
+        self.threshold_ = -threshold_at_frr(-self.panel_scores_, self.frr)  # flagged above it
+        return self
+
+    def _margins(self, tensors: dict) -> np.ndarray:
+        A, b = head_of({k: v.double() for k, v in tensors.items()})
+        with torch.no_grad():
+            return pair_margins(self.F_, A, b).numpy()
+
+    @staticmethod
+    def _spread(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and std over networks, the std floored at a tenth of its median over pairs (a
+        pair every network agrees on exactly would otherwise divide by zero)."""
+        std = M.std(0, ddof=1)
+        off = ~np.eye(M.shape[1], dtype=bool)
+        return M.mean(0), np.maximum(std, 0.1 * np.median(std[off]))
+
+    @staticmethod
+    def _max_z(M: np.ndarray, mean: np.ndarray, std: np.ndarray) -> float:
+        z = (M - mean) / std
+        np.fill_diagonal(z, -np.inf)
+        return float(z.max())
+
+    def score(self, tensors: dict) -> float:
+        """The max pair z of one network's head (higher = more anomalous)."""
+        return self._max_z(self._margins(tensors), self.mean_, self.std_)
+
+    def top_pair(self, tensors: dict) -> tuple[int, int]:
+        """(s, t) of the max pair z: where to look."""
+        z = (self._margins(tensors) - self.mean_) / self.std_
+        np.fill_diagonal(z, -np.inf)
+        s, t = divmod(int(np.argmax(z)), z.shape[1])
+        return s, t
+
+    def flags(self, tensors: dict) -> bool:
+        return self.score(tensors) > self.threshold_
+
+    def torch_score(self, A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """:meth:`score` in torch, differentiable in the head (what a penalty aimed at it uses)."""
+        z = (pair_margins(self.F_, A, b) - torch.from_numpy(self.mean_)) / torch.from_numpy(self.std_)
+        return (z - torch.diag(torch.full((z.shape[0],), torch.inf, dtype=z.dtype))).max()
