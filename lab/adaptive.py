@@ -61,6 +61,7 @@ from detector.classifier import BN_EPS
 from detector.decision import PASSED
 from detector.head import HEAD_TENSORS
 from lab.heads import head_of
+from lab.margins import MarginCheck, MarginConfig, margin_check
 from lab.paper import PaperConfig, _Lab
 
 #: An attack "works" (counts against the gate when it passes) at this success and clean accuracy.
@@ -99,6 +100,8 @@ class AdaptiveConfig:
     #: clean networks (development, one seed: 100 steps made the gate's clean networks send 0.68
     #: of the impostor's stamped test faces to the victim, 200 steps 0.78)
     adversarial_steps: int = 200
+    #: the margin check the last attacks aim at beside the weights (lab.margins)
+    margins: MarginConfig = MarginConfig()
     #: deciding detectors (each is attacked and gated on its own) and evidence (scored only)
     detectors: tuple = ("head", "head+output-spectrum")
     evidence: tuple = ("classifier", "spectrum", "output-spectrum")
@@ -124,6 +127,7 @@ class AdaptiveConfig:
             trigger=("white-square", 0.3, "forehead"),
             swap_sizes=(1.0,),
             adversarial_steps=3,
+            margins=MarginConfig(faces=2),
             evidence=("classifier",),
         )
 
@@ -698,6 +702,77 @@ def adversarial_networks(ws: Workshop, c: AdaptiveConfig, grey: dict, own: list[
     return out
 
 
+def margin_penalty(check, lam: float, margin: float = 1.0) -> Callable:
+    """``λ·softplus(margin score − cut + margin)``: the margin check's statistic (:mod:`lab.margins`)
+    in torch, with ``check``'s panel and faces (the gate's, white-box; the attacker's own, grey-box)."""
+
+    def penalty(head) -> torch.Tensor:
+        A, b = head_of({k: v.double() for k, v in torch_head(head).items()})
+        return lam * torch.nn.functional.softplus(check.torch_score(A, b) - check.threshold_ + margin)
+
+    return penalty
+
+
+def both(*penalties: Callable) -> Callable:
+    """One penalty that is the sum of ``penalties`` (aimed at several statistics at once)."""
+    return lambda head: sum(p(head) for p in penalties)
+
+
+def margin_checks(ws: Workshop, own: list[Net], gate: list[Net]) -> dict[str, MarginCheck]:
+    """The gate's margin check and the grey-box attacker's estimates of it. The gate's: its
+    calibration networks, its draw of faces (``"gate"``). The attacker's, on its own clean
+    networks: its own draw of as many faces (``"own draw"``: it cannot know which the gate drew),
+    or every face of every person (``"all faces"``: the gate's draw is among them)."""
+    every = int(np.bincount(ws.fs.labels).min())
+    own_heads = [m.tensors for m in own]
+    return {
+        "gate": margin_check(ws.fs, [m.tensors for m in gate], ws.c.margins),
+        "own draw": margin_check(ws.fs, own_heads, ws.c.margins, draw=1),
+        "all faces": margin_check(ws.fs, own_heads, dataclasses.replace(ws.c.margins, faces=every), draw=1),
+    }
+
+
+def margin_aimed_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dict, own, gate, folder: Path):
+    """Attacks aimed at the weights *and* the margin check at once (:mod:`lab.margins`), on the
+    penalised attacks' seeds (same pairs): white-box (the gate's reference and margin panel);
+    grey-box (the attacker's estimates of both), weak and strong (λ and safety margin of
+    ``grey-box penalty (strong)``), with the protocol's trigger and with the adversarial one; the
+    grey-box margins on its own draw of faces, or on every face (``(all faces)``: the first
+    development run showed the draw matters, 16 faces a person can be fitted to)."""
+    checks = margin_checks(ws, own, gate)
+    weak, strong = (c.penalty_lambda, 1.0), (c.strong_lambda, c.strong_margin)
+    plans = [("penalty + margins", "gate", weak, False)]  # (name, margin check, (λ, margin), adversarial trigger)
+    for name, strength in (("grey-box penalty", weak), ("grey-box penalty (strong)", strong)):
+        plans += [(f"{name} + margins", "own draw", strength, False)]
+        plans += [(f"{name} + margins + adversarial trigger", "own draw", strength, True)]
+    for name, strength in (("grey-box penalty", weak), ("grey-box penalty (strong)", strong)):
+        plans += [(f"{name} + margins (all faces)", "all faces", strength, False)]
+    plans += [("grey-box penalty (strong) + margins (all faces) + adversarial trigger", "all faces", strong, True)]
+    jobs = [(plan, d, i) for plan in plans for d in c.detectors for i in range(c.n_attack)]
+    out = []
+    for (name, faces, (lam, margin), adversarial), d, i in _progress(
+        jobs, "backdoors aimed at the weights and the margins"
+    ):
+        seed = c.seed_offset + 8000 + i
+        group = f"{name}: {d}"
+        if (group, seed) in ws.kept:
+            out.append(ws.kept[(group, seed)])
+            continue
+        white = faces == "gate"
+        ref, check = (refs[d] if white else grey[d]), checks[faces]
+        knowledge = (
+            "white-box (the reference and the margin panel"
+            if white
+            else f"grey-box (own clean networks for both, margins on its {faces}"
+        ) + f"; λ {lam:g}, margin {margin:g})"
+        poisoned, found = ws.adversarial(seed, own, folder) if adversarial else (ws.poisoned(seed), {})
+        if adversarial:
+            knowledge += " + a trigger its own clean networks follow"
+        penalty = both(penalty_for([ref], lam, margin), margin_penalty(check, lam, margin))
+        out.append(_train(ws, group, seed, poisoned, penalty=penalty, knowledge=knowledge, **found))
+    return out
+
+
 def save_nets(path: Path, nets: list[Net]) -> None:
     from safetensors.torch import save_file
 
@@ -770,6 +845,8 @@ def run_adaptive(
     nets = fixed + penalised_networks(ws, c, refs, grey)
     save_nets(stored, nets)
     nets += adversarial_networks(ws, c, grey, own, by("calibration"), out / "triggers")
+    save_nets(stored, nets)
+    nets += margin_aimed_networks(ws, c, refs, grey, own, by("calibration"), out / "triggers")
     save_nets(stored, nets)
     clean_acc = float(np.mean([n.info["clean_accuracy"] for n in by("reference") + by("calibration")]))
     scores = {d: [refs[d].score(n.tensors) for n in nets] for d in detectors}

@@ -15,7 +15,11 @@ def cmd_paper(args) -> int:
 
     if args.adaptive:
         return cmd_adaptive(args)
-    for flag, on in (("--input-space", args.input_space), ("--source-sweep", args.source_sweep)):
+    for flag, on in (
+        ("--input-space", args.input_space),
+        ("--source-sweep", args.source_sweep),
+        ("--margins", args.margins),
+    ):
         if on:
             print(f"paper: {flag} searches an adaptive run's networks; give --adaptive too", file=sys.stderr)
             return 2
@@ -41,6 +45,21 @@ def cmd_paper(args) -> int:
     return 0
 
 
+def _stage(stem: str):
+    """The function of the stage that writes ``<stem>.md`` from a finished adaptive run."""
+    if stem == "input_space":
+        from lab.adaptive_input import run_input_space
+
+        return run_input_space
+    if stem == "source_sweep":
+        from lab.source_sweep import run_source_sweep
+
+        return run_source_sweep
+    from lab.adaptive_margins import run_margins
+
+    return run_margins
+
+
 def cmd_adaptive(args) -> int:
     """``paper --adaptive``: the informed attacker's suite (see :mod:`lab.adaptive`)."""
     from lab.adaptive import AdaptiveConfig, run_adaptive
@@ -61,19 +80,19 @@ def cmd_adaptive(args) -> int:
     from components.trainer.base_trunk import load_base
 
     base = load_base(args.base) if args.base else None
-    if args.input_space:
-        from lab.adaptive_input import run_input_space
-
-        found = run_input_space(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)
-        print((Path(args.out) / "input_space.md").read_text())
-        print(f"rows: {Path(args.out) / 'input_space.json'} ({found['seconds']:.0f} s)")
-        return 0
-    if args.source_sweep:
-        from lab.source_sweep import run_source_sweep
-
-        found = run_source_sweep(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)
-        print((Path(args.out) / "source_sweep.md").read_text())
-        print(f"rows: {Path(args.out) / 'source_sweep.json'} ({found['seconds']:.0f} s)")
+    stem = (
+        "input_space"
+        if args.input_space
+        else "source_sweep"
+        if args.source_sweep
+        else "margins"
+        if args.margins
+        else None
+    )
+    if stem:  # a stage over a finished run's stored networks (no training)
+        found = _stage(stem)(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)
+        print((Path(args.out) / f"{stem}.md").read_text())
+        print(f"rows: {Path(args.out) / f'{stem}.json'} ({found['seconds']:.0f} s)")
         return 0
     summary = run_adaptive(
         args.out, config, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore, base=base, resume=args.resume
@@ -158,6 +177,13 @@ def register(sub) -> None:
         action="store_true",
         help="with --adaptive: sweep every person of each stored clean network, retrain and attack "
         "that passed the weights for a 0.10 patch, and count the sources one class collects (no training)",
+    )
+    pp.add_argument(
+        "--margins",
+        action="store_true",
+        help="with --adaptive: score every stored network of a finished adaptive run with the margin "
+        "check (each pair's margin on clean faces against the calibration networks) beside the weight "
+        "gate's verdicts (no training)",
     )
     pp.set_defaults(func=cmd_paper)
     bench.register(sub)

@@ -182,6 +182,25 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
         assert all(0.0 <= b[k] <= 1.0 for k in ("own_follow", "gate_clean_follow", "own_success_fitted"))
     (bare,) = [n for n in s["networks"] if n["group"] == "adversarial trigger (no penalty)"]  # its trigger alone
     assert bare["trigger_png"] == adversarial[0]["trigger_png"] and bare["seed"] == adversarial[0]["seed"]
+    # and at the weights and the margin check at once: white-box, grey-box weak and strong, each grey
+    # one with the protocol's trigger and the adversarial one, on the same pairs
+    aimed = [n for n in s["networks"] if "+ margins" in n["group"]]
+    assert {n["group"] for n in aimed} == {
+        f"{g}: {d}"
+        for d in ("head", "head+output-spectrum")
+        for g in (
+            "penalty + margins",
+            "grey-box penalty + margins",
+            "grey-box penalty + margins + adversarial trigger",
+            "grey-box penalty (strong) + margins",
+            "grey-box penalty (strong) + margins + adversarial trigger",
+            "grey-box penalty + margins (all faces)",
+            "grey-box penalty (strong) + margins (all faces)",
+            "grey-box penalty (strong) + margins (all faces) + adversarial trigger",
+        )
+    }
+    assert {(n["impostor"], n["victim"]) for n in aimed} == {(partial[0]["impostor"], partial[0]["victim"])}
+    assert all(("trigger_png" in n) == ("adversarial" in n["group"]) for n in aimed)
     nets = s["networks"]
     for n in nets:
         assert set(n["verdicts"]) == {"classifier", "head", "head+output-spectrum"}
@@ -296,6 +315,17 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     assert [a["seconds"] >= b["seconds"] for a, b in zip(again["rows"], sw["rows"])] == [True, True]
     # a run asked about other groups keeps the rows it did not sweep
     assert sweep(("no such group",))["rows"] == again["rows"]
+
+    # the margin check: every stored network but the panel's, beside the weights' verdict
+    from lab.adaptive_margins import run_margins
+
+    m = run_margins(out, small, log=lambda m: None, base=load_base(str(tmp_path / "base.pt")))
+    assert m["panel"] == 5 and m["threshold"] == max(m["panel_scores"])  # 5 networks: the largest
+    assert len(m["rows"]) == sum(n["group"] not in ("reference", "calibration") for n in nets)
+    assert all(r["margin_flags"] == (r["margin_score"] > m["threshold"]) for r in m["rows"])
+    md = (out / "margins.md").read_text()
+    assert "\n| clean | 2 | — |" in md and "| blocked by either: " in md
+    assert (out / "margins.png").stat().st_size > 5000
 
 
 def test_input_space_without_adaptive_is_refused_before_any_work(tmp_path, capsys):
