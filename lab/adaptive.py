@@ -795,6 +795,13 @@ def load_nets(path: Path) -> list[Net]:
     return nets
 
 
+def attacker_reference(detector: str, own: list[Net], c: AdaptiveConfig, base: dict):
+    """The grey-box attacker's estimate of the gate's reference: fitted on two thirds of its own
+    clean networks (at most as many as the gate's reference), calibrated on the rest."""
+    k = min(c.n_reference, max(4, (2 * len(own)) // 3))
+    return fit_reference(detector, own[:k], own[k:], base)
+
+
 def works(n: Net, clean_accuracy: float) -> bool:
     """Attack success ≥ 0.9 with clean accuracy within a point of clean networks'."""
     asr = n.info.get("attack_success_rate")
@@ -840,8 +847,7 @@ def run_adaptive(
     detectors = (*c.detectors, *c.evidence)
     refs = {d: fit_reference(d, by("reference"), by("calibration"), ws.base) for d in detectors}
     own = by("grey-box attacker's own")
-    k = min(c.n_reference, max(4, (2 * len(own)) // 3))
-    grey = {d: fit_reference(d, own[:k], own[k:], ws.base) for d in c.detectors}
+    grey = {d: attacker_reference(d, own, c, ws.base) for d in c.detectors}
     nets = fixed + penalised_networks(ws, c, refs, grey)
     save_nets(stored, nets)
     nets += adversarial_networks(ws, c, grey, own, by("calibration"), out / "triggers")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.margins import margin_check
+from lab.margins import margin_check, top_of
 
 
 def run_margins(out: str | Path, c, log=print, base: dict | None = None) -> dict:
@@ -34,7 +34,7 @@ def run_margins(out: str | Path, c, log=print, base: dict | None = None) -> dict
         if n.group in ("reference", "calibration"):
             continue
         attack = "attack_success_rate" in n.info
-        s, t = check.top_pair(n.tensors)
+        score, (s, t) = top_of(check.pair_z(n.tensors))  # the margins once per network
         rows.append(
             {
                 "group": n.group,
@@ -42,8 +42,8 @@ def run_margins(out: str | Path, c, log=print, base: dict | None = None) -> dict
                 "attack": attack,
                 "works": bool(works(n, clean_acc)) if attack else None,
                 "weights": ref.decide(ref.score(n.tensors)).verdict,
-                "margin_score": check.score(n.tensors),
-                "margin_flags": bool(check.flags(n.tensors)),
+                "margin_score": score,
+                "margin_flags": score > check.threshold_,
                 "top_pair": [ws.fs.classes[s], ws.fs.classes[t]],
                 "true_pair": [n.info.get("impostor"), n.info.get("victim")] if attack else None,
             }

@@ -15,14 +15,11 @@ def cmd_paper(args) -> int:
 
     if args.adaptive:
         return cmd_adaptive(args)
-    for flag, on in (
-        ("--input-space", args.input_space),
-        ("--source-sweep", args.source_sweep),
-        ("--margins", args.margins),
-    ):
-        if on:
-            print(f"paper: {flag} searches an adaptive run's networks; give --adaptive too", file=sys.stderr)
-            return 2
+    stem = _asked_stage(args)
+    if stem:
+        flag = "--" + stem.replace("_", "-")
+        print(f"paper: {flag} searches an adaptive run's networks; give --adaptive too", file=sys.stderr)
+        return 2
     config = PaperConfig.small() if args.small else PaperConfig.confirmation() if args.confirmation else PaperConfig()
     changes = {
         k: v
@@ -43,6 +40,15 @@ def cmd_paper(args) -> int:
     print((Path(args.out) / "table.md").read_text())
     print(f"summary: {Path(args.out) / 'summary.json'} ({summary['timings']['total_s']:.0f} s)")
     return 0
+
+
+#: the stages over a finished adaptive run: each is a flag (``--input-space``), an ``args``
+#: attribute and the stem of the ``<stem>.md`` / ``<stem>.json`` it writes
+STAGES = ("input_space", "source_sweep", "margins")
+
+
+def _asked_stage(args) -> str | None:
+    return next((stem for stem in STAGES if getattr(args, stem)), None)
 
 
 def _stage(stem: str):
@@ -80,15 +86,7 @@ def cmd_adaptive(args) -> int:
     from components.trainer.base_trunk import load_base
 
     base = load_base(args.base) if args.base else None
-    stem = (
-        "input_space"
-        if args.input_space
-        else "source_sweep"
-        if args.source_sweep
-        else "margins"
-        if args.margins
-        else None
-    )
+    stem = _asked_stage(args)
     if stem:  # a stage over a finished run's stored networks (no training)
         found = _stage(stem)(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)
         print((Path(args.out) / f"{stem}.md").read_text())

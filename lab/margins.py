@@ -62,6 +62,12 @@ def margin_check(fs, heads: list[dict], config: MarginConfig, draw: int = 0) -> 
     return MarginCheck(config.frr).fit(heads, F)
 
 
+def top_of(z: np.ndarray) -> tuple[float, tuple[int, int]]:
+    """The score (max pair z) and its pair (s, t) from :meth:`MarginCheck.pair_z`."""
+    s, t = divmod(int(np.argmax(z)), z.shape[1])
+    return float(z[s, t]), (s, t)
+
+
 class MarginCheck:
     """Pair margins against a panel of clean networks' heads; ``score`` is the max pair z."""
 
@@ -81,7 +87,7 @@ class MarginCheck:
         loo = []
         for i in range(len(M)):
             mean, std = self._spread(np.delete(M, i, axis=0))
-            loo.append(self._max_z(M[i], mean, std))
+            loo.append(top_of(self._z(M[i], mean, std))[0])
         self.panel_scores_ = np.array(loo)
         self.threshold_ = -threshold_at_frr(-self.panel_scores_, self.frr)  # flagged above it
         return self
@@ -100,21 +106,23 @@ class MarginCheck:
         return M.mean(0), np.maximum(std, 0.1 * np.median(std[off]))
 
     @staticmethod
-    def _max_z(M: np.ndarray, mean: np.ndarray, std: np.ndarray) -> float:
+    def _z(M: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        """Each pair's z, the diagonal (a person against themself) at −inf so no max picks it."""
         z = (M - mean) / std
         np.fill_diagonal(z, -np.inf)
-        return float(z.max())
+        return z
+
+    def pair_z(self, tensors: dict) -> np.ndarray:
+        """(classes, classes): every pair's z for one network's head (score and top pair read it)."""
+        return self._z(self._margins(tensors), self.mean_, self.std_)
 
     def score(self, tensors: dict) -> float:
         """The max pair z of one network's head (higher = more anomalous)."""
-        return self._max_z(self._margins(tensors), self.mean_, self.std_)
+        return top_of(self.pair_z(tensors))[0]
 
     def top_pair(self, tensors: dict) -> tuple[int, int]:
         """(s, t) of the max pair z: where to look."""
-        z = (self._margins(tensors) - self.mean_) / self.std_
-        np.fill_diagonal(z, -np.inf)
-        s, t = divmod(int(np.argmax(z)), z.shape[1])
-        return s, t
+        return top_of(self.pair_z(tensors))[1]
 
     def flags(self, tensors: dict) -> bool:
         return self.score(tensors) > self.threshold_

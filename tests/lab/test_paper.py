@@ -328,10 +328,12 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     assert (out / "margins.png").stat().st_size > 5000
 
 
-def test_input_space_without_adaptive_is_refused_before_any_work(tmp_path, capsys):
-    """`paper --input-space` alone would otherwise run the whole paper protocol into --out."""
+@pytest.mark.parametrize("flag", ["--input-space", "--source-sweep", "--margins"])
+def test_a_stage_without_adaptive_is_refused_before_any_work(tmp_path, capsys, flag):
+    """`paper --input-space` (or another stage over an adaptive run) alone would otherwise run the
+    whole paper protocol into --out."""
     from backdoor_gate.cli import main
 
-    assert main(["paper", "--input-space", "--out", str(tmp_path / "out")]) == 2
-    assert "give --adaptive too" in capsys.readouterr().err
+    assert main(["paper", flag, "--out", str(tmp_path / "out")]) == 2
+    assert f"paper: {flag} searches an adaptive run's networks; give --adaptive too" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -22,11 +22,11 @@ ws, nets, ref, clean_acc = stored_run(out, c, print, None)
 gate_heads = [n.tensors for n in nets if n.group == "calibration"]
 gate = margin_check(ws.fs, gate_heads, c.margins)  # the gate's faces (draw 0)
 leaked = margin_check(ws.fs, gate_heads, c.margins, draw=1)  # the gate's panel, the attacker's faces
-white = ref  # the gate's reference: white-box on the weights
 rows = []
 for i in range(c.n_attack):
     seed = c.seed_offset + 8000 + i
-    penalty = both(penalty_for([white], c.penalty_lambda), margin_penalty(leaked, c.penalty_lambda))
+    weights = penalty_for([ref], c.penalty_lambda)  # the gate's reference: white-box on the weights
+    penalty = both(weights, margin_penalty(leaked, c.penalty_lambda))
     n = _train(ws, "penalty + margins (panel leaked, own faces)", seed, ws.poisoned(seed), penalty=penalty)
     w = ref.decide(ref.score(n.tensors)).verdict
     rows.append(

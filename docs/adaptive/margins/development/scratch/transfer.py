@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.adaptive import AdaptiveConfig, fit_reference, margin_checks
+from lab.adaptive import AdaptiveConfig, attacker_reference, margin_checks
 from lab.adaptive_input import stored_run
 
 out = Path(sys.argv[1])
@@ -20,8 +20,7 @@ if "--confirmation" in sys.argv:
 ws, nets, ref, _ = stored_run(out, c, print, None)
 own = [n for n in nets if n.group == "grey-box attacker's own"]
 gate = [n for n in nets if n.group == "calibration"]
-k = min(c.n_reference, max(4, (2 * len(own)) // 3))
-grey = fit_reference("head+output-spectrum", own[:k], own[k:], ws.base)
+grey = attacker_reference("head+output-spectrum", own, c, ws.base)
 checks = margin_checks(ws, own, gate)
 margin_cuts = ", ".join(f"{k} {v.threshold_:.2f}" for k, v in checks.items())
 print(f"cuts: weights gate {ref.fused_threshold_:.2f}, own {grey.fused_threshold_:.2f}; margins {margin_cuts}")
