@@ -36,6 +36,9 @@ DETECTORS: tuple[str, ...] = (
     "fusion",
     "head+output-spectrum",
 )
+#: Detectors that also judge the head on a secret face gallery (``reference fit --gallery``;
+#: :mod:`detector.margins`). Not in the paper's comparison (which reads weights only) nor the default yet.
+GALLERY_DETECTORS: tuple[str, ...] = ("margins", "head+output-spectrum+margins")
 #: The gate's default: the detector that catches the most backdoors on held-out evidence, the
 #: informed attacker's suite included (``paper --adaptive``); see the README's detection and
 #: attacker tables. ``head`` and ``output-spectrum`` decide together (a network must pass both,

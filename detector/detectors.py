@@ -16,6 +16,7 @@ from detector.classifier import ClassifierReference, OutputSpectrumReference
 from detector.composite import CompositeReference
 from detector.config import DETECTORS, FUSION, ReferenceConfig
 from detector.head import HeadReference
+from detector.margins import FaceGallery, MarginsReference
 from detector.reference import GaussianReference, Reference
 
 #: The class of every detector, by the name its artifact records (a composite's records "composite").
@@ -26,17 +27,22 @@ CLASSES: dict[str, type[Reference]] = {
     "classifier": ClassifierReference,
     "head": HeadReference,
     "output-spectrum": OutputSpectrumReference,
+    "margins": MarginsReference,
     CompositeReference.ARTIFACT_KIND: CompositeReference,
 }
 
 
 def make_reference(
-    detector: str = "gmm", config: ReferenceConfig | None = None, evidence: Sequence[str] = ()
+    detector: str = "gmm",
+    config: ReferenceConfig | None = None,
+    evidence: Sequence[str] = (),
+    gallery: FaceGallery | None = None,
 ) -> Reference:
     """The unfitted reference of a named detector (see the module docstring).
 
     ``evidence``: detectors scored and reported beside it on every candidate but never deciding
-    (the published reference carries the paper's GMM so).
+    (the published reference carries the paper's GMM so). ``gallery``: the secret faces the
+    ``margins`` detector judges on (:mod:`detector.margins`); refused by detectors that read none.
     """
     config = config or ReferenceConfig()
     evidence = tuple(e for e in evidence if e != detector)
@@ -55,12 +61,20 @@ def make_reference(
         raise ValueError(f"detector {name!r} has no variants")
     if evidence or detector == "fusion" or "+" in detector:
         decide_by = FUSION if detector == "fusion" else tuple(detector.split("+"))
-        members = {m: make_reference(m, config) for m in (*decide_by, *evidence)}
+        if gallery is not None and "margins" not in (*decide_by, *evidence):
+            raise ValueError(f"a face gallery is for the margins detector; {detector} reads none")
+        members = {
+            m: make_reference(m, config, gallery=gallery if m == "margins" else None) for m in (*decide_by, *evidence)
+        }
         return CompositeReference(decide_by=decide_by, evidence=evidence, config=config, members=members)
     if detector == "gaussian":
         config = config.replace(components=1)
     if detector == "trojan-signature" and config.layer == ReferenceConfig().layer:
         config = config.replace(layer=CLASSIFIER_LAYER)
+    if detector == "margins":
+        return MarginsReference(config, gallery=gallery)
+    if gallery is not None:
+        raise ValueError(f"a face gallery is for the margins detector; {detector} reads none")
     cls = CLASSES.get(detector)
     if cls is None or cls is CompositeReference:
         raise ValueError(f"unknown detector {detector!r}; one of {', '.join(DETECTORS)}")
