@@ -20,7 +20,8 @@ purpose: longer training makes every margin more negative, so retrains score as 
 What it costs the attacker is secrecy, not arithmetic: with the gallery and the reference in
 hand a penalty fits this statistic and the weights' at once (README: white-box passes both).
 What it costs the gate: ``sources · faces`` rows through the head per candidate (at CASIA's
-10,575 classes and the default 128 people, about 7 GFLOP: ``make bench``).
+10,575 classes and the default 128 people 2,048 rows, about 26 GFLOP in float32; ``make bench``
+times the whole gate with it).
 """
 
 from __future__ import annotations
@@ -46,9 +47,9 @@ DEFAULT_SOURCES = 128
 #: gallery faces per person (what the lab fixed on development)
 DEFAULT_FACES = 16
 #: each entry's std is at least this fraction of the median entry's: 1.0, chosen on development
-#: (docs/adaptive/gate-margins). The lab's 0.1 let one calibration network reach z 7.9 against
-#: 16 reference networks and set the shared cut so low that 22 of 123 working attacks passed
-#: (9 of 123 at 1.0); between 0.5 and 2.0 it barely matters.
+#: (docs/adaptive/gate-margins; README for what confirmation said). On development the lab's 0.1
+#: let one calibration network reach z 7.9 against 16 reference networks and set the shared cut
+#: so low that 22 of 123 working attacks passed (9 of 123 at 1.0).
 DEFAULT_STD_FLOOR = 1.0
 
 
@@ -172,8 +173,10 @@ class PairMarginView(BaseEstimator):
 
     @staticmethod
     def _vector(M: np.ndarray, mean: np.ndarray, std: np.ndarray, own: np.ndarray) -> np.ndarray:
-        z = np.where(own, -np.inf, (M - mean) / std)
-        return -z.max(axis=1)
+        z = M - mean
+        z /= std
+        z[own] = -np.inf
+        return -z.max(axis=1).astype(np.float64)
 
     def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> PairMarginView:
         S = np.stack([np.asarray(M, dtype=np.float64) for M in matrices])
@@ -182,14 +185,16 @@ class PairMarginView(BaseEstimator):
         if S.shape[2] != len(self.sources):
             raise ValueError(f"margins of {S.shape[2]} gallery people; the view was given {len(self.sources)}")
         self.own_ = self._own(S.shape[1:])
-        self.mean_, self.std_ = self._spread(S, self.own_)
+        # kept in float32, as the artifact keeps them (a loaded reference scores exactly alike, and
+        # at CASIA's 10,575 classes the gate holds half the bytes)
+        self.mean_, self.std_ = (a.astype(np.float32) for a in self._spread(S, self.own_))
         self.n_networks_, self.shape_ = len(S), tuple(S.shape[1:])
         return self
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−max z per class (over gallery people other than the class itself)."""
         check_fitted(self, "mean_")
-        return self._vector(np.asarray(matrix, dtype=np.float64), self.mean_, self.std_, self.own_)
+        return self._vector(np.asarray(matrix, dtype=np.float32), self.mean_, self.std_, self.own_)
 
     @staticmethod
     def aggregate(vector_scores: np.ndarray) -> float:
@@ -228,7 +233,7 @@ class PairMarginView(BaseEstimator):
     @classmethod
     def restore(cls, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> PairMarginView:
         est = cls(sources=tuple(int(s) for s in info["sources"]), std_floor=float(info["std_floor"]))
-        est.mean_, est.std_ = np.asarray(arrays["mean"], np.float64), np.asarray(arrays["std"], np.float64)
+        est.mean_, est.std_ = np.asarray(arrays["mean"], np.float32), np.asarray(arrays["std"], np.float32)
         est.shape_, est.n_networks_ = tuple(est.mean_.shape), int(info["n_networks"])
         est.own_ = est._own(est.shape_)
         return est
