@@ -61,7 +61,7 @@ from detector.classifier import BN_EPS
 from detector.decision import PASSED
 from detector.head import HEAD_TENSORS
 from lab.heads import head_of
-from lab.margins import MarginCheck, MarginConfig, margin_check
+from lab.margins import GalleryMargins, MarginCheck, MarginConfig, margin_check
 from lab.paper import PaperConfig, _Lab
 
 #: An attack "works" (counts against the gate when it passes) at this success and clean accuracy.
@@ -396,6 +396,8 @@ def torch_anomaly(est, t: dict, spectrum_basis: dict | None = None) -> torch.Ten
     """
     from detector.baselines import SpectrumView
 
+    if isinstance(est, GalleryMargins):
+        return est.torch_anomaly(t)
     if isinstance(est, SpectrumView):
         D = t["last_linear.weight"].double() - torch.from_numpy(est.base_)
         if est.space == "outputs":  # Q^T D has P·D's singular values; differences of rows span the centred rows
@@ -435,10 +437,15 @@ def torch_anomaly(est, t: dict, spectrum_basis: dict | None = None) -> torch.Ten
 def deciding_parts(ref) -> list[tuple[Any, float]]:
     """(estimator, cut) of every statistic that decides ``ref``'s verdict, a composite's members
     included: blocked when :func:`torch_anomaly` exceeds the cut (its threshold, negated)."""
+    from detector.margins import MarginsReference
+
     if hasattr(ref, "members_"):
-        return [
-            (ref.members_[m].views_[v], -float(ref.thresholds_[p])) for p, (m, v) in ref._parts(ref.decide_by).items()
-        ]
+        member = lambda m, v: (  # noqa: E731 — the margins part needs its gallery, not just its view
+            GalleryMargins(ref.members_[m])
+            if isinstance(ref.members_[m], MarginsReference)
+            else ref.members_[m].views_[v]
+        )
+        return [(member(m, v), -float(ref.thresholds_[p])) for p, (m, v) in ref._parts(ref.decide_by).items()]
     return [(est, -float(ref.thresholds_[v])) for v, est in ref.views_.items()]
 
 

@@ -120,3 +120,94 @@ def plot(rows: list[dict], cut: float, panel: list[float], path: Path) -> None:
     ax.legend(loc="lower right", fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+#: The gate with the margins deciding beside the weights (what ``--gate-margins`` measures).
+GATE_WITH_MARGINS = "head+output-spectrum+margins"
+
+
+def run_gate_margins(out: str | Path, c, log=print, base: dict | None = None) -> dict:
+    """The product's ``margins`` detector deciding with the default, fitted as the gate fits it:
+    the run's reference networks for the statistics, its calibration networks for one cut at
+    the target FRR shared by the three parts. Every stored network is scored beside the default
+    gate's verdict; writes ``gate_margins.json`` and ``gate_margins.md``."""
+    from lab.adaptive import works
+    from lab.adaptive_input import stored_run
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    ws, nets, default, clean_acc = stored_run(out, c, log, base)
+    gate = gate_with_margins(ws, nets, c)
+    log(f"{GATE_WITH_MARGINS}: thresholds {gate.thresholds_} (fused cut {gate.fused_threshold_:.3f})")
+    rows = []
+    for n in nets:
+        if n.group in ("reference", "calibration"):
+            continue
+        attack = "attack_success_rate" in n.info
+        scores = gate.score(n.tensors)
+        decision = gate.decide(scores)
+        rows.append(
+            {
+                "group": n.group,
+                "seed": n.seed,
+                "attack": attack,
+                "works": bool(works(n, clean_acc)) if attack else None,
+                "default": default.decide(default.score(n.tensors)).verdict,
+                "gate": decision.verdict,
+                "below": list(decision.below),
+                "scores": scores,
+            }
+        )
+    summary = {
+        "detector": GATE_WITH_MARGINS,
+        "thresholds": gate.thresholds_,
+        "fused_threshold": gate.fused_threshold_,
+        "calibration_frr": gate.frr_empirical_,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "gate_margins.json").write_text(json.dumps(summary, indent=1))
+    (out / "gate_margins.md").write_text(gate_table(rows))
+    return summary
+
+
+def gate_with_margins(ws, nets, c, draw: int = 0, groups: tuple[str, str] = ("reference", "calibration")):
+    """The gate with margins fitted as the product fits it: a gallery of ``c.margins.faces`` faces
+    of every person (draw 0 is the lab's, the gate's; an attacker draws its own), the statistics
+    on the ``groups[0]`` networks, one cut at the target FRR on the ``groups[1]`` ones (a list of
+    networks each, or group names)."""
+    from detector.composite import CompositeReference
+    from detector.detectors import make_reference
+    from lab.margins import lab_gallery
+
+    gallery = lab_gallery(ws.fs, c.margins.faces, c.margins.seed + draw)
+    fit, cal = (
+        [n.tensors for n in nets if n.group == g] if isinstance(g, str) else [n.tensors for n in g] for g in groups
+    )
+    gate = make_reference(GATE_WITH_MARGINS, gallery=gallery)
+    assert isinstance(gate, CompositeReference)
+    return gate.fit(fit, base=ws.base).calibrate(cal)
+
+
+def gate_table(rows: list[dict]) -> str:
+    """Per group: passed the default gate, passed the gate with margins, and which part blocked."""
+    lines = [
+        f"| group | networks | works | passed `{'head+output-spectrum'}` | passed `{GATE_WITH_MARGINS}` "
+        "(working attacks; clean networks: blocked) | blocked with `margins` below its cut |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in dict.fromkeys(r["group"] for r in rows):
+        rs = [r for r in rows if r["group"] == g]
+        attack = rs[0]["attack"]
+        counted = [r for r in rs if r["works"]] if attack else rs
+        passed = lambda key, counted=counted: sum(r[key] == "passed" for r in counted)  # noqa: E731
+        cells = [
+            g,
+            str(len(rs)),
+            f"{len(counted)}/{len(rs)}" if attack else "—",
+            f"{passed('default')}/{len(counted)}" if attack else f"blocked {len(rs) - passed('default')}/{len(rs)}",
+            f"**{passed('gate')}/{len(counted)}**" if attack else f"blocked {len(rs) - passed('gate')}/{len(rs)}",
+            f"{sum('margins' in r['below'] for r in rs)}/{len(rs)}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

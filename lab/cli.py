@@ -44,7 +44,7 @@ def cmd_paper(args) -> int:
 
 #: the stages over a finished adaptive run: each is a flag (``--input-space``), an ``args``
 #: attribute and the stem of the ``<stem>.md`` / ``<stem>.json`` it writes
-STAGES = ("input_space", "source_sweep", "margins")
+STAGES = ("input_space", "source_sweep", "margins", "gate_margins")
 
 
 def _asked_stage(args) -> str | None:
@@ -61,9 +61,9 @@ def _stage(stem: str):
         from lab.source_sweep import run_source_sweep
 
         return run_source_sweep
-    from lab.adaptive_margins import run_margins
+    from lab.adaptive_margins import run_gate_margins, run_margins
 
-    return run_margins
+    return run_gate_margins if stem == "gate_margins" else run_margins
 
 
 def cmd_adaptive(args) -> int:
@@ -182,6 +182,12 @@ def register(sub) -> None:
         help="with --adaptive: score every stored network of a finished adaptive run with the margin "
         "check (each pair's margin on clean faces against the calibration networks) beside the weight "
         "gate's verdicts (no training)",
+    )
+    pp.add_argument(
+        "--gate-margins",
+        action="store_true",
+        help="with --adaptive: the product's margins detector deciding with the default "
+        "(head+output-spectrum+margins, fitted and calibrated as the gate does) on every stored network (no training)",
     )
     pp.set_defaults(func=cmd_paper)
     bench.register(sub)

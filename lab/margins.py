@@ -36,15 +36,11 @@ class MarginConfig:
 
 
 def person_faces(features: np.ndarray, labels: np.ndarray, n_classes: int, k: int, seed: int) -> np.ndarray:
-    """(classes, k, features): ``k`` faces of every person, drawn once (seeded)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for c in range(n_classes):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < k:
-            raise ValueError(f"person {c}: {len(idx)} faces; the margin check needs {k} per person")
-        out.append(features[np.sort(rng.choice(idx, size=k, replace=False))])
-    return np.stack(out)
+    """(classes, k, features): ``k`` faces of every person, drawn once (seeded; the product's
+    draw, :func:`detector.margins.draw_faces`, with a public seed: the lab's gallery)."""
+    from detector.margins import draw_faces
+
+    return features[draw_faces(labels, np.arange(n_classes), k, np.random.default_rng(seed))]
 
 
 def pair_margins(F: torch.Tensor, A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -131,3 +127,40 @@ class MarginCheck:
         """:meth:`score` in torch, differentiable in the head (what a penalty aimed at it uses)."""
         z = (pair_margins(self.F_, A, b) - torch.from_numpy(self.mean_)) / torch.from_numpy(self.std_)
         return (z - torch.diag(torch.full((z.shape[0],), torch.inf, dtype=z.dtype))).max()
+
+
+class GalleryMargins:
+    """The product's ``margins`` part (:mod:`detector.margins`) in torch, differentiable in the
+    head: what an attack aimed at the gate with margins trains against (its deciding part, as
+    :func:`lab.adaptive.deciding_parts` hands it over)."""
+
+    def __init__(self, ref):
+        from detector.margins import PAIRS
+
+        view = ref.views_[PAIRS]
+        self.F = torch.from_numpy(np.asarray(ref.gallery_.features, dtype=np.float64))
+        self.sources = torch.from_numpy(np.asarray(ref.gallery_.sources, dtype=np.int64))
+        self.mean, self.std = torch.from_numpy(view.mean_), torch.from_numpy(view.std_)
+        self.own = torch.from_numpy(view.own_)
+
+    def torch_anomaly(self, t: dict) -> torch.Tensor:
+        """Max z per class over the gallery people (higher = more anomalous; its score negated)."""
+        A, b = head_of({k: v.double() for k, v in t.items()})
+        L = torch.einsum("skd,cd->skc", self.F, A) + b  # (people, faces, classes)
+        own = L[torch.arange(len(self.sources)), :, self.sources]  # (people, faces): own class logit
+        M = torch.quantile(L - own[:, :, None], 0.5, dim=1).T  # (classes, people)
+        z = (M - self.mean) / self.std
+        return z.masked_fill(self.own, -torch.inf).max(dim=1).values
+
+
+def lab_gallery(fs, faces: int, seed: int, people: int | None = None):
+    """The product's gallery (:class:`detector.margins.FaceGallery`) of a protocol's feature set,
+    drawn with a public seed (the lab's; the product draws from the OS): every person up to
+    ``people`` (default: the product's cap), ``faces`` each. At 40 identities and seed 0 these
+    are the faces the margin check above reads."""
+    from detector.margins import DEFAULT_SOURCES, FaceGallery, draw_faces, draw_people
+
+    rng = np.random.default_rng(seed)
+    chosen = draw_people(len(fs.classes), DEFAULT_SOURCES if people is None else people, rng)
+    drawn = draw_faces(fs.labels, chosen, faces, rng)
+    return FaceGallery(fs.features[drawn], chosen, tuple(fs.classes))

@@ -327,8 +327,19 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     assert "\n| clean | 2 | — |" in md and "| blocked by either: " in md
     assert (out / "margins.png").stat().st_size > 5000
 
+    # the product's margins part deciding with the default, fitted as the gate fits it
+    from lab.adaptive_margins import run_gate_margins
 
-@pytest.mark.parametrize("flag", ["--input-space", "--source-sweep", "--margins"])
+    g = run_gate_margins(out, small, log=lambda m: None, base=load_base(str(tmp_path / "base.pt")))
+    assert set(g["thresholds"]) == {"head", "output-spectrum", "margins"}
+    assert len(g["rows"]) == len(m["rows"])
+    for r in g["rows"]:  # the verdict is the thresholds' (no part below: passed)
+        below = [p for p, t in g["thresholds"].items() if not r["scores"][p] >= t]
+        assert r["below"] == below and r["gate"] == ("blocked" if below else "passed")
+    assert "| clean | 2 | — |" in (out / "gate_margins.md").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--input-space", "--source-sweep", "--margins", "--gate-margins"])
 def test_a_stage_without_adaptive_is_refused_before_any_work(tmp_path, capsys, flag):
     """`paper --input-space` (or another stage over an adaptive run) alone would otherwise run the
     whole paper protocol into --out."""
