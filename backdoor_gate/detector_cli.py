@@ -12,9 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from detector.config import DEFAULT_DETECTOR, DEFAULT_EVIDENCE, DETECTORS, PAPER_GRID, ReferenceConfig
+from detector.config import (
+    DEFAULT_DETECTOR,
+    DEFAULT_EVIDENCE,
+    DETECTORS,
+    GALLERY_DETECTORS,
+    PAPER_GRID,
+    ReferenceConfig,
+)
 from detector.decision import BLOCKED, EXIT_CODES, PASSED, judge
 from detector.errors import DetectorError
+from detector.margins import DEFAULT_FACES, DEFAULT_SOURCES
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -61,8 +69,9 @@ def cmd_reference_fit(args) -> int:
         _err(f"{args.out} exists; choose a new --out or add --overwrite")
         return 2
     quiet = args.json
-    ref = make_reference(args.detector, config, evidence=args.evidence)
     try:
+        gallery = _gallery(args, quiet) if args.gallery else None
+        ref = make_reference(args.detector, config, evidence=args.evidence, gallery=gallery)
         with _progress(len(args.checkpoints), "loading reference networks", quiet) as bar:
             ref.fit(args.checkpoints, progress=lambda _: bar.update(), base=args.base)
         with _progress(len(args.calibrate or []) or ref.n_reference_, "calibrating threshold", quiet) as bar:
@@ -76,7 +85,7 @@ def cmd_reference_fit(args) -> int:
     except DetectorError as e:
         _err(str(e))
         return 2
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         _err(f"cannot fit the reference: {e}")
         return 2
     summary: dict[str, Any] = {
@@ -124,6 +133,22 @@ def cmd_reference_fit(args) -> int:
             + (f"; evidence: {', '.join(summary['evidence'])}" if summary["evidence"] else "")
         )
     return 0
+
+
+def _gallery(args, quiet: bool):
+    """The margins detector's secret gallery (:func:`components.trainer.features.gallery_of`),
+    through the frozen trunk of ``--base`` or else of the first reference network."""
+    from components.trainer.features import gallery_of
+
+    with _progress(args.gallery_people * args.gallery_faces, "gallery faces through the trunk", quiet) as bar:
+        return gallery_of(
+            args.gallery,
+            args.base or args.checkpoints[0],
+            people=args.gallery_people,
+            faces=args.gallery_faces,
+            image_size=args.gallery_image_size,
+            progress=bar.update,
+        )
 
 
 # -- score ---------------------------------------------------------------------------------
@@ -290,7 +315,7 @@ def register(sub) -> None:
     fit.add_argument("--out", required=True, help="artifact directory to create")
     fit.add_argument(
         "--detector",
-        choices=DETECTORS,
+        choices=DETECTORS + GALLERY_DETECTORS,
         default=DEFAULT_DETECTOR,
         help=f"deciding detector (default {DEFAULT_DETECTOR}, chosen on held-out evidence; gmm = the paper's mode)",
     )
@@ -306,6 +331,15 @@ def register(sub) -> None:
     fit.add_argument(
         "--base", metavar="BASE_CKPT", help="the network fine-tuning started from: enables the frozen-trunk check"
     )
+    fit.add_argument(
+        "--gallery",
+        metavar="FACE_DIR",
+        help="with a detector that reads margins (e.g. head+output-spectrum+margins): a face folder of the "
+        "networks' identities; a random draw of it is kept, secret, in the artifact",
+    )
+    fit.add_argument("--gallery-people", type=int, default=DEFAULT_SOURCES, help="people kept (default %(default)s)")
+    fit.add_argument("--gallery-faces", type=int, default=DEFAULT_FACES, help="faces per person (default %(default)s)")
+    fit.add_argument("--gallery-image-size", type=int, default=96, help="pixels the trunk sees (default %(default)s)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     fit.add_argument("--json", action="store_true", help="one JSON summary on stdout, no progress")
     fit.set_defaults(func=cmd_reference_fit)

@@ -220,6 +220,46 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
     assert set(lines[0]["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
 
 
+def test_reference_fit_keeps_a_secret_gallery_and_the_margins_decide(nets, tmp_path):
+    """``reference fit --gallery``: the margins part decides beside the default's, a fresh random
+    draw of the gallery each fit (kept in the artifact), and galleries of other people refused."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def fit(out, gallery, *extra):
+        return subprocess.run(
+            [sys.executable, "-m", "backdoor_gate.cli", "reference", "fit", "--out", str(out), "--json"]
+            + ["--detector", "head+output-spectrum+margins", "--evidence", "", "--base", str(nets["root"] / "base.pt")]
+            + ["--gallery", str(gallery), "--gallery-image-size", str(SIZE), "--gallery-people", "4"]
+            + ["--gallery-faces", "8", *extra, *nets["reference"], "--calibrate", *nets["calibration"]],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
+    p = fit(tmp_path / "a", nets["data"])
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["detector"] == "head+output-spectrum+margins"
+    ref = load_reference(tmp_path / "a")
+    assert set(ref.thresholds_) == {"head", "output-spectrum", "margins"}
+    kept = ref.members_["margins"].gallery_
+    assert kept.features.shape == (4, 8, 1792) and kept.classes == tuple(nets["classes"])
+    scores = [ref.score(n) for n in nets["backdoored"]]
+    assert all(set(s) == {"head", "output-spectrum", "margins"} for s in scores)
+    assert fit(tmp_path / "b", nets["data"]).returncode == 0
+    again = load_reference(tmp_path / "b").members_["margins"].gallery_
+    assert not np.array_equal(again.features, kept.features)  # no fixed seed: each fit draws anew
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, c in enumerate(nets["classes"]):
+        (renamed / f"person{i:02d}").symlink_to(nets["data"] / c)
+    p = fit(tmp_path / "c", renamed)
+    assert p.returncode == 2 and "not the networks' class list" in p.stderr, p.stderr
+    p = fit(tmp_path / "d", tmp_path / "missing")
+    assert p.returncode == 2 and "not a directory" in p.stderr, p.stderr
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
 def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server, tmp_path):
     """A reviewer in the MLflow UI sees which identity a blocked model would let an impostor into."""
     from components import gate as G
