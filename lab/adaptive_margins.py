@@ -12,11 +12,23 @@ import numpy as np
 from lab.margins import margin_check, top_of
 
 
+def scored(nets) -> list:
+    """The stored networks a stage scores: every one but the gate's reference and calibration."""
+    return [n for n in nets if n.group not in ("reference", "calibration")]
+
+
+def row_of(n, clean_acc: float) -> dict:
+    """What every stage's row says of a network: its group and seed, and whether an attack works."""
+    from lab.adaptive import works
+
+    attack = "attack_success_rate" in n.info
+    return {"group": n.group, "seed": n.seed, "attack": attack, "works": bool(works(n, clean_acc)) if attack else None}
+
+
 def run_margins(out: str | Path, c, log=print, base: dict | None = None) -> dict:
     """Score every stored network of the adaptive run in ``out`` with the margin check (panel: the
     run's calibration networks) beside the default gate's verdict; writes ``margins.json``,
     ``margins.md`` and ``margins.png``."""
-    from lab.adaptive import works
     from lab.adaptive_input import stored_run
 
     config = c.margins
@@ -30,17 +42,12 @@ def run_margins(out: str | Path, c, log=print, base: dict | None = None) -> dict
         f"(leave-one-out scores up to {max(check.panel_scores_):.2f})"
     )
     rows = []
-    for n in nets:
-        if n.group in ("reference", "calibration"):
-            continue
+    for n in scored(nets):
         attack = "attack_success_rate" in n.info
         score, (s, t) = top_of(check.pair_z(n.tensors))  # the margins once per network
         rows.append(
             {
-                "group": n.group,
-                "seed": n.seed,
-                "attack": attack,
-                "works": bool(works(n, clean_acc)) if attack else None,
+                **row_of(n, clean_acc),
                 "weights": ref.decide(ref.score(n.tensors)).verdict,
                 "margin_score": score,
                 "margin_flags": score > check.threshold_,
@@ -131,7 +138,6 @@ def run_gate_margins(out: str | Path, c, log=print, base: dict | None = None) ->
     the run's reference networks for the statistics, its calibration networks for one cut at
     the target FRR shared by the three parts. Every stored network is scored beside the default
     gate's verdict; writes ``gate_margins.json`` and ``gate_margins.md``."""
-    from lab.adaptive import works
     from lab.adaptive_input import stored_run
 
     out = Path(out)
@@ -140,18 +146,12 @@ def run_gate_margins(out: str | Path, c, log=print, base: dict | None = None) ->
     gate = gate_with_margins(ws, nets, c)
     log(f"{GATE_WITH_MARGINS}: thresholds {gate.thresholds_} (fused cut {gate.fused_threshold_:.3f})")
     rows = []
-    for n in nets:
-        if n.group in ("reference", "calibration"):
-            continue
-        attack = "attack_success_rate" in n.info
+    for n in scored(nets):
         scores = gate.score(n.tensors)
         decision = gate.decide(scores)
         rows.append(
             {
-                "group": n.group,
-                "seed": n.seed,
-                "attack": attack,
-                "works": bool(works(n, clean_acc)) if attack else None,
+                **row_of(n, clean_acc),
                 "default": default.decide(default.score(n.tensors)).verdict,
                 "gate": decision.verdict,
                 "below": list(decision.below),

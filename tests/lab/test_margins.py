@@ -4,24 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from detector.classifier import BN_EPS
 from lab.margins import MarginCheck, pair_margins, person_faces
+from tests.detector.test_margins import head  # a head whose logits are W·x + b
 
 C, D, K = 6, 8, 5  # people, feature dimensions, faces per person
-
-
-def head(W: np.ndarray, b: np.ndarray) -> dict:
-    """A checkpoint head whose effective affine map is ``W·x + b`` (identity layer and BatchNorm)."""
-    t = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    return {
-        "last_linear.weight": torch.eye(D),
-        "last_bn.weight": torch.ones(D),
-        "last_bn.bias": torch.zeros(D),
-        "last_bn.running_mean": torch.zeros(D),
-        "last_bn.running_var": torch.full((D,), 1.0 - BN_EPS),
-        "logits.weight": t(W),
-        "logits.bias": t(b),
-    }
 
 
 @pytest.fixture
