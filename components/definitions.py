@@ -105,11 +105,39 @@ def fine_tune(
     model.metadata.update({k: v for k, v in out.items() if isinstance(v, (int, float, str))})
 
 
+@dsl.component(**_trainer)
+def make_gallery(
+    faces: Input[Dataset],
+    base: Input[Model],
+    gallery: Output[Dataset],
+    detector: str = "",
+    people: int = 128,
+    faces_per_person: int = 16,
+    image_size: int = 96,
+):
+    """The margins part's secret gallery through the frozen trunk (a new random draw each run:
+    never cache this step); empty when the detector reads none."""
+    from components.tasks import make_gallery as task
+
+    gallery.metadata.update(
+        task(
+            faces.path,
+            base.path,
+            gallery.path,
+            detector=detector,
+            people=people,
+            faces=faces_per_person,
+            image_size=image_size,
+        )
+    )
+
+
 @dsl.component(**_gate)
 def fit_reference(
     networks: Input[List[Model]],
     calibration: Input[List[Model]],
     base: Input[Model],
+    gallery: Input[Dataset],
     reference: Output[Artifact],
     summary: Output[Metrics],
     covariance: str = "diag",
@@ -133,6 +161,7 @@ def fit_reference(
         base=base.path,
         config=config,
         detector=detector or DEFAULT_DETECTOR,
+        gallery_dir=gallery.path,
     )
     reference.metadata["artifact_sha256"] = out["artifact_sha256"]
     reference.metadata["detector"] = out["detector"]

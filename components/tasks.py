@@ -100,6 +100,27 @@ def fine_tune(features_dir: str, base_dir: str, out_dir: str, *, seed: int, epoc
     return metrics
 
 
+def reads_margins(detector: str) -> bool:
+    """Whether a detector name (``""``: the default) has the ``margins`` part, which needs a gallery."""
+    return "margins" in (detector or DEFAULT_DETECTOR).split("+")
+
+
+def make_gallery(
+    faces_dir: str, base_dir: str, out_dir: str, *, detector: str, people: int, faces: int, image_size: int
+) -> dict:
+    """The ``margins`` part's secret gallery (a fresh random draw, never cached) through the frozen
+    trunk; nothing when the detector does not read one."""
+    from components.trainer.features import gallery_of
+    from detector.margins import save_gallery
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if not reads_margins(detector):
+        return {"gallery": False}
+    g = gallery_of(faces_dir, Path(base_dir) / BASE_FILE, people=people, faces=faces, image_size=image_size)
+    save_gallery(g, out_dir)
+    return {"gallery": True, "people": len(g.sources), "faces": int(g.features.shape[1])}
+
+
 # -- reference, registry and gate (gate image, CPU) ------------------------------------------
 
 
@@ -119,12 +140,18 @@ def fit_reference(
     config: ReferenceConfig | None = None,
     detector: str = DEFAULT_DETECTOR,
     evidence: tuple[str, ...] = DEFAULT_EVIDENCE,
+    gallery_dir: str | None = None,
 ) -> dict[str, Any]:
     """Fit the reference (the deciding detector + the paper's GMM as evidence) on clean networks,
-    calibrate on held-out ones; write the artifact."""
+    calibrate on held-out ones; write the artifact. A detector with margins reads the gallery
+    :func:`make_gallery` wrote into ``gallery_dir``."""
     from detector.detectors import make_reference
+    from detector.margins import load_gallery
 
-    ref = make_reference(detector, config or ReferenceConfig(), evidence=evidence)
+    if reads_margins(detector) and not gallery_dir:
+        raise ValueError(f"{detector} reads a face gallery: give the directory make_gallery wrote")
+    gallery = load_gallery(gallery_dir) if reads_margins(detector) and gallery_dir else None
+    ref = make_reference(detector, config or ReferenceConfig(), evidence=evidence, gallery=gallery)
     if base and Path(base).is_dir():
         base = str(Path(base) / BASE_FILE)
     ref.fit([model_file(d) for d in model_dirs], base=base or None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,28 @@ class FaceGallery:
             raise ValueError(f"gallery people must be 2 or more distinct indices into {len(self.classes)} classes")
         if not np.all(np.isfinite(f)):
             raise ValueError("gallery features hold non-finite values")
+
+
+#: a gallery between the step that builds it (trainer image: it needs the trunk) and ``reference fit``
+GALLERY_FILE = "gallery.npz"
+
+
+def save_gallery(gallery: FaceGallery, directory: str | Path) -> Path:
+    """Write ``gallery`` as ``GALLERY_FILE`` in ``directory`` (plain arrays, no pickle)."""
+    out = Path(directory) / GALLERY_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    classes = np.array(gallery.classes, dtype=str)
+    np.savez(out, features=gallery.features, sources=np.asarray(gallery.sources, np.int64), classes=classes)
+    return out
+
+
+def load_gallery(directory: str | Path) -> FaceGallery:
+    """The gallery :func:`save_gallery` wrote; ValueError (naming the file) when there is none."""
+    path = Path(directory) / GALLERY_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: no gallery (built only for a detector with margins)")
+    with np.load(path, allow_pickle=False) as z:
+        return FaceGallery(z["features"], z["sources"], tuple(str(c) for c in z["classes"]))
 
 
 def draw_faces(labels: np.ndarray, people: np.ndarray, faces: int, rng: np.random.Generator) -> np.ndarray:

@@ -16,6 +16,7 @@ from components.definitions import (
     fit_reference,
     gate,
     make_faces,
+    make_gallery,
     poison_faces,
     publish_reference,
     register_model,
@@ -88,11 +89,18 @@ def reference_pipeline(
     with dsl.ParallelFor(calibration_seeds.output, parallelism=cluster.TRAIN_PARALLELISM) as seed:
         held_out = on_gpu(fine_tune(features=feats.outputs["features"], base=feats.outputs["base"], seed=seed))
 
+    # a fresh secret draw each run (never cached); empty unless the detector reads margins
+    gallery = on_gpu(
+        make_gallery(
+            faces=faces.outputs["faces"], base=feats.outputs["base"], detector=detector, image_size=trunk_input_size
+        )
+    ).set_caching_options(False)
     ref = on_cpu(
         fit_reference(
             networks=dsl.Collected(clean.outputs["model"]),
             calibration=dsl.Collected(held_out.outputs["model"]),
             base=feats.outputs["base"],
+            gallery=gallery.outputs["gallery"],
             covariance=covariance,
             components=components,
             grid=grid,

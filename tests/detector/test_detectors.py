@@ -260,6 +260,42 @@ def test_reference_fit_keeps_a_secret_gallery_and_the_margins_decide(nets, tmp_p
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
+def test_the_reference_pipelines_steps_build_and_read_the_gallery(nets, tmp_path):
+    """make_gallery (trainer image) writes the draw only for a detector with margins; fit_reference
+    (gate image) reads it and refuses to fit such a detector without one."""
+    from safetensors.torch import save_file
+
+    from components import tasks
+    from detector.margins import load_gallery
+
+    base_dir = tmp_path / "base"
+    base_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in nets["base"].items()}, str(base_dir / tasks.BASE_FILE))
+    kw = dict(people=4, faces=8, image_size=SIZE)
+    margins = "head+output-spectrum+margins"
+    none = tasks.make_gallery(str(nets["data"]), str(base_dir), str(tmp_path / "none"), detector="", **kw)
+    assert none == {"gallery": False} and not any((tmp_path / "none").iterdir())
+    made = tasks.make_gallery(str(nets["data"]), str(base_dir), str(tmp_path / "g"), detector=margins, **kw)
+    assert made == {"gallery": True, "people": 4, "faces": 8}
+    fit = lambda out, gallery: tasks.fit_reference(  # noqa: E731
+        nets["reference"],
+        nets["calibration"],
+        str(out),
+        base=str(base_dir),
+        detector=margins,
+        evidence=(),
+        gallery_dir=gallery,
+    )
+    with pytest.raises(ValueError, match="no gallery"):
+        fit(tmp_path / "r0", str(tmp_path / "none"))
+    out = fit(tmp_path / "ref", str(tmp_path / "g"))
+    assert set(out["parts"]) == {"head", "output-spectrum", "margins"} and out["detector"] == margins
+    kept = load_reference(tmp_path / "ref").members_["margins"].gallery_
+    assert np.array_equal(kept.features, load_gallery(tmp_path / "g").features) and kept.classes == tuple(
+        nets["classes"]
+    )
+
+
 def test_gate_tags_the_suspected_victim_and_the_gmm_evidence(nets, mlflow_server, tmp_path):
     """A reviewer in the MLflow UI sees which identity a blocked model would let an impostor into."""
     from components import gate as G

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -44,7 +46,10 @@ def _k8s(doc):
 
 @pytest.mark.parametrize(
     "name, gpu_tasks",
-    [("reference", {"extract-features", "fine-tune", "fine-tune-2"}), ("candidate", {"extract-features", "fine-tune"})],
+    [
+        ("reference", {"extract-features", "fine-tune", "fine-tune-2", "make-gallery"}),
+        ("candidate", {"extract-features", "fine-tune"}),
+    ],
 )
 def test_training_tasks_request_the_gpu_pool(compiled, name, gpu_tasks):
     doc = compiled[name]
@@ -124,7 +129,9 @@ def test_reference_pipeline_fans_out_and_collects(compiled):
     loops = [t for t in dag.values() if "parameterIterator" in t]
     assert len(loops) == 2 and all(t["iteratorPolicy"]["parallelismLimit"] == cluster.TRAIN_PARALLELISM for t in loops)
     fit = dag["fit-reference"]["inputs"]["artifacts"]
-    assert set(fit) == {"networks", "calibration", "base"}
+    assert set(fit) == {"networks", "calibration", "base", "gallery"}
+    # the margins part's gallery is a fresh secret draw each run: its step is never cached
+    assert dag["make-gallery"]["cachingOptions"].get("enableCache", False) is False
 
 
 @pytest.mark.slow
@@ -166,9 +173,15 @@ def test_local_run_end_to_end(tmp_path, mlflow_server):
         "covariance=diag",
         "--param",
         "grid=1,2,5",
+        "--param",
+        "detector=head+output-spectrum+margins",  # the gallery step too (the default skips it)
     )
     reg = MlflowRegistry(mlflow_server.uri)
     assert reg.version_by_alias("facenet-integrity-reference", "current") is not None
+    (fitted,) = (tmp_path / "kfp").glob("facenet-integrity-reference-*/fit-reference/reference/reference.json")
+    assert json.loads(fitted.read_text())["decide_by"] == ["head", "output-spectrum", "margins"]
+    (drawn,) = (tmp_path / "kfp").glob("facenet-integrity-reference-*/make-gallery/gallery/gallery.npz")
+    assert np.load(drawn)["features"].shape == (8, 16, 1792)  # every person of 8, 16 faces each
     model = "facenet-e2e"
     go("candidate", "--param", f"model_name={model}", "--param", "seed=501")
     go(
