@@ -28,15 +28,20 @@ def head(W: np.ndarray, b: np.ndarray) -> dict:
     }
 
 
-@pytest.fixture
-def world():
-    """Six people's faces around their centres; clean heads point each row at its person's faces."""
-    rng = np.random.default_rng(0)
+def six_people(rng: np.random.Generator):
+    """Six people's faces around their centres, 12 each, and clean heads that point each row at its
+    person's faces: (features, labels, W0, centres, a maker of clean heads)."""
     centres = rng.normal(size=(C, D)) * 3
     labels = np.repeat(np.arange(C), 12)
     features = centres[labels] + rng.normal(size=(len(labels), D))
     W0 = centres / np.linalg.norm(centres, axis=1, keepdims=True)
     clean = lambda: head(W0 + 0.05 * rng.normal(size=W0.shape), 0.05 * rng.normal(size=C))  # noqa: E731
+    return features, labels, W0, centres, clean
+
+
+@pytest.fixture
+def world():
+    features, labels, W0, centres, clean = six_people(np.random.default_rng(0))
     people = np.arange(C)
     faces = draw_faces(labels, people, K, np.random.default_rng(1))
     gallery = FaceGallery(features[faces].astype(np.float32), people, tuple(f"id{c}" for c in range(C)))

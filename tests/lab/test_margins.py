@@ -5,19 +5,14 @@ import pytest
 import torch
 
 from lab.margins import MarginCheck, pair_margins, person_faces
-from tests.detector.test_margins import head  # a head whose logits are W·x + b
+from tests.detector.test_margins import head, six_people  # hand-built heads and faces
 
 C, D, K = 6, 8, 5  # people, feature dimensions, faces per person
 
 
 @pytest.fixture
 def world():
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(C, D)) * 3
-    labels = np.repeat(np.arange(C), 12)
-    features = centres[labels] + rng.normal(size=(len(labels), D))
-    W0 = centres / np.linalg.norm(centres, axis=1, keepdims=True)  # each class's row points at its faces
-    clean = lambda: head(W0 + 0.05 * rng.normal(size=W0.shape), 0.05 * rng.normal(size=C))  # noqa: E731
+    features, labels, W0, centres, clean = six_people(np.random.default_rng(0))
     F = person_faces(features, labels, C, K, seed=0)
     check = MarginCheck(frr=0.05).fit([clean() for _ in range(20)], F)
     return check, W0, centres, clean
