@@ -69,6 +69,11 @@ def cmd_reference_fit(args) -> int:
         _err(f"{args.out} exists; choose a new --out or add --overwrite")
         return 2
     quiet = args.json
+    if args.gallery and "margins" not in (*args.detector.split("+"), *args.evidence):
+        _err(
+            f"--gallery is for a detector that reads margins (e.g. {GALLERY_DETECTORS[-1]}); {args.detector} reads none"
+        )
+        return 2
     try:
         gallery = _gallery(args, quiet) if args.gallery else None
         ref = make_reference(args.detector, config, evidence=args.evidence, gallery=gallery)

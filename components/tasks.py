@@ -148,9 +148,11 @@ def fit_reference(
     from detector.detectors import make_reference
     from detector.margins import load_gallery
 
-    if reads_margins(detector) and not gallery_dir:
-        raise ValueError(f"{detector} reads a face gallery: give the directory make_gallery wrote")
-    gallery = load_gallery(gallery_dir) if reads_margins(detector) and gallery_dir else None
+    gallery = None
+    if reads_margins(detector):
+        if not gallery_dir:
+            raise ValueError(f"{detector} reads a face gallery: give the directory make_gallery wrote")
+        gallery = load_gallery(gallery_dir)
     ref = make_reference(detector, config or ReferenceConfig(), evidence=evidence, gallery=gallery)
     if base and Path(base).is_dir():
         base = str(Path(base) / BASE_FILE)

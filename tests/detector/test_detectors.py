@@ -257,7 +257,9 @@ def test_reference_fit_keeps_a_secret_gallery_and_the_margins_decide(nets, tmp_p
     assert p.returncode == 2 and "not the networks' class list" in p.stderr, p.stderr
     p = fit(tmp_path / "d", tmp_path / "missing")
     assert p.returncode == 2 and "not a directory" in p.stderr, p.stderr
-    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+    p = fit(tmp_path / "e", nets["data"], "--detector", "head")  # the last --detector wins
+    assert p.returncode == 2 and "head reads none" in p.stderr, p.stderr
+    assert not any((tmp_path / d).exists() for d in "cde")
 
 
 def test_the_reference_pipelines_steps_build_and_read_the_gallery(nets, tmp_path):
