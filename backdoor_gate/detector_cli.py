@@ -58,7 +58,7 @@ def _config_from_args(args) -> ReferenceConfig:
 
 # -- reference fit -------------------------------------------------------------------------
 def cmd_reference_fit(args) -> int:
-    from detector.detectors import make_reference
+    from detector.detectors import make_reference, reads_gallery
 
     try:
         config = _config_from_args(args)
@@ -69,7 +69,7 @@ def cmd_reference_fit(args) -> int:
         _err(f"{args.out} exists; choose a new --out or add --overwrite")
         return 2
     quiet = args.json
-    if args.gallery and "margins" not in (*args.detector.split("+"), *args.evidence):
+    if args.gallery and not reads_gallery(args.detector, args.evidence):
         _err(
             f"--gallery is for a detector that reads margins (e.g. {GALLERY_DETECTORS[-1]}); {args.detector} reads none"
         )

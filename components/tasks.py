@@ -100,21 +100,17 @@ def fine_tune(features_dir: str, base_dir: str, out_dir: str, *, seed: int, epoc
     return metrics
 
 
-def reads_margins(detector: str) -> bool:
-    """Whether a detector name (``""``: the default) has the ``margins`` part, which needs a gallery."""
-    return "margins" in (detector or DEFAULT_DETECTOR).split("+")
-
-
 def make_gallery(
     faces_dir: str, base_dir: str, out_dir: str, *, detector: str, people: int, faces: int, image_size: int
 ) -> dict:
     """The ``margins`` part's secret gallery (a fresh random draw, never cached) through the frozen
     trunk; nothing when the detector does not read one."""
     from components.trainer.features import gallery_of
+    from detector.detectors import reads_gallery
     from detector.margins import save_gallery
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    if not reads_margins(detector):
+    if not reads_gallery(detector or DEFAULT_DETECTOR):
         return {"gallery": False}
     g = gallery_of(faces_dir, Path(base_dir) / BASE_FILE, people=people, faces=faces, image_size=image_size)
     save_gallery(g, out_dir)
@@ -145,11 +141,11 @@ def fit_reference(
     """Fit the reference (the deciding detector + the paper's GMM as evidence) on clean networks,
     calibrate on held-out ones; write the artifact. A detector with margins reads the gallery
     :func:`make_gallery` wrote into ``gallery_dir``."""
-    from detector.detectors import make_reference
+    from detector.detectors import make_reference, reads_gallery
     from detector.margins import load_gallery
 
     gallery = None
-    if reads_margins(detector):
+    if reads_gallery(detector, evidence):
         if not gallery_dir:
             raise ValueError(f"{detector} reads a face gallery: give the directory make_gallery wrote")
         gallery = load_gallery(gallery_dir)

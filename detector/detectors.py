@@ -32,6 +32,12 @@ CLASSES: dict[str, type[Reference]] = {
 }
 
 
+def reads_gallery(detector: str, evidence: Sequence[str] = ()) -> bool:
+    """Whether a detector name (a composite's too) or its evidence has the ``margins`` part, which
+    judges on a face gallery: the one test every caller that builds or passes a gallery asks."""
+    return "margins" in (*detector.split("+"), *evidence)
+
+
 def make_reference(
     detector: str = "gmm",
     config: ReferenceConfig | None = None,
@@ -61,7 +67,7 @@ def make_reference(
         raise ValueError(f"detector {name!r} has no variants")
     if evidence or detector == "fusion" or "+" in detector:
         decide_by = FUSION if detector == "fusion" else tuple(detector.split("+"))
-        if gallery is not None and "margins" not in (*decide_by, *evidence):
+        if gallery is not None and not reads_gallery(detector, evidence):
             raise ValueError(f"a face gallery is for the margins detector; {detector} reads none")
         members = {
             m: make_reference(m, config, gallery=gallery if m == "margins" else None) for m in (*decide_by, *evidence)

@@ -43,16 +43,16 @@ def run_margins(out: str | Path, c, log=print, base: dict | None = None) -> dict
     )
     rows = []
     for n in scored(nets):
-        attack = "attack_success_rate" in n.info
+        row = row_of(n, clean_acc)
         score, (s, t) = top_of(check.pair_z(n.tensors))  # the margins once per network
         rows.append(
             {
-                **row_of(n, clean_acc),
+                **row,
                 "weights": ref.decide(ref.score(n.tensors)).verdict,
                 "margin_score": score,
                 "margin_flags": score > check.threshold_,
                 "top_pair": [ws.fs.classes[s], ws.fs.classes[t]],
-                "true_pair": [n.info.get("impostor"), n.info.get("victim")] if attack else None,
+                "true_pair": [n.info.get("impostor"), n.info.get("victim")] if row["attack"] else None,
             }
         )
     summary = {

@@ -558,7 +558,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log, detector:
 
     from detector.composite import CompositeReference
     from detector.config import DEFAULT_DETECTOR, FUSION
-    from detector.detectors import make_reference
+    from detector.detectors import make_reference, reads_gallery
     from detector.margins import DEFAULT_FACES, DEFAULT_SOURCES, FaceGallery, draw_people
 
     detector = detector or DEFAULT_DETECTOR
@@ -582,12 +582,15 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log, detector:
         comp = CompositeReference(
             decide_by=FUSION if detector == "fusion" else tuple(detector.split("+")), evidence=("gmm",)
         )
-        people = draw_people(classes, DEFAULT_SOURCES, rng)
-        gallery = FaceGallery(
-            rng.normal(0, 1, (len(people), DEFAULT_FACES, 1792)).astype(np.float32),
-            people,
-            tuple(f"id{c:05d}" for c in range(classes)),
-        )
+        gallery = None
+        if reads_gallery(detector):  # its own generator: every detector is timed on the same heads
+            grng = np.random.default_rng(1)
+            people = draw_people(classes, DEFAULT_SOURCES, grng)
+            gallery = FaceGallery(
+                grng.normal(0, 1, (len(people), DEFAULT_FACES, 1792)).astype(np.float32),
+                people,
+                tuple(f"id{c:05d}" for c in range(classes)),
+            )
         comp.members_ = {
             m: make_reference(m, gallery=gallery if m == "margins" else None).fit(refs, base=base)
             for m in comp.decide_by

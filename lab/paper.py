@@ -362,7 +362,7 @@ def _fit_and_score(
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Every detector fitted on the reference networks, calibrated on the held-out ones, and its
     scores of every network (a fusion's one score under "fused": its parts are not thresholded alone)."""
-    from detector.detectors import make_reference
+    from detector.detectors import make_reference, reads_gallery
     from detector.margins import DEFAULT_FACES
     from lab.margins import lab_gallery
 
@@ -372,7 +372,7 @@ def _fit_and_score(
     for det in config.detectors:
         t = time.perf_counter()
         # a detector with margins reads the lab's gallery of this protocol's faces (seed 0)
-        gallery = lab_gallery(lab.fs, DEFAULT_FACES, seed=0) if "margins" in det.split("+") else None
+        gallery = lab_gallery(lab.fs, DEFAULT_FACES, seed=0) if reads_gallery(det) else None
         ref = make_reference(det, ReferenceConfig.from_dict(config.reference), gallery=gallery)
         ref.fit([W[i] for i in ref_idx], base=lab.base).calibrate([W[i] for i in held])
         per_net = [ref.score(w) for w in W]
