@@ -15,7 +15,11 @@ and against the reference networks' mean and std of the same entry (the std floo
 would otherwise make a max over thousands of entries heavy-tailed), ``z[t, s] = (M − mean) /
 std``. Class t's score is ``−max_s z[t, s]`` (s ≠ t), the network's the lowest class score:
 *higher = more typical*, as every part of the gate. It is one-sided on
-purpose: longer training makes every margin more negative, so retrains score as typical.
+purpose: longer training makes every margin more negative, so retrains score as typical. A
+gentler fine-tune (lr × 0.5) makes every margin less negative and is blocked; so is a penalty
+that holds the whole head back to hide a backdoor, and that is most of what this part catches
+(``normalize="network"`` divides the margins by the network's own median and passes both;
+measured: README, "Margins in units of the network's own").
 
 What it costs the attacker is secrecy, not arithmetic: with the gallery and the reference in
 hand a penalty fits this statistic and the weights' at once (README: white-box passes both).
@@ -52,6 +56,26 @@ DEFAULT_FACES = 16
 #: let one calibration network reach z 7.9 against 16 reference networks and set the shared cut
 #: so low that 22 of 123 working attacks passed (9 of 123 at 1.0).
 DEFAULT_STD_FLOOR = 1.0
+#: ``"network"``: every margin divided by the network's median margin before the z (see
+#: :func:`relative_margins`); ``"none"``: as measured.
+DEFAULT_NORMALIZE = "none"
+
+
+def relative_margins(M: np.ndarray, own: np.ndarray, normalize: str) -> np.ndarray:
+    """``M`` divided by the network's typical margin, −median of its entries (a person against
+    themself left out), for ``"network"``; ``M`` itself for ``"none"``.
+
+    Why: how far apart a network puts people is a recipe's, not a backdoor's, signature. A
+    shorter or gentler fine-tune (lr × 0.5) makes *every* margin less negative and, unnormalised,
+    reads as a bent pair everywhere; a backdoor bends its pair against the network's own scale."""
+    if normalize == "none":
+        return M
+    if normalize != "network":
+        raise ValueError(f"normalize must be 'network' or 'none', got {normalize!r}")
+    scale = -float(np.median(M[~own]))
+    if not scale > 0:
+        raise InvalidCheckpoint("<margins>", "the network ranks gallery people above themselves (median margin ≥ 0)")
+    return M / np.asarray(scale, dtype=M.dtype)
 
 
 @dataclass(frozen=True)
@@ -162,10 +186,10 @@ def pair_margins(
         x = np.asarray(F[p : p + block], dtype=np.float32)
         n = len(x)
         h = (x.reshape(n * faces, -1) @ W32.T) * scale + shift
-        logit = buf[: shape[0] * n * faces].reshape(shape[0], n * faces)
-        np.matmul(L, h.T, out=logit)
-        logit += bias32[:, None]
-        logit = logit.reshape(shape[0], n, faces)
+        flat = buf[: shape[0] * n * faces].reshape(shape[0], n * faces)
+        np.matmul(L, h.T, out=flat)
+        flat += bias32[:, None]
+        logit = flat.reshape(shape[0], n, faces)
         own = logit[gallery.sources[p : p + n, None], np.arange(n)[:, None], np.arange(faces)[None, :]]
         logit -= own[None]
         logit.sort(axis=2)
@@ -184,9 +208,16 @@ class PairMarginView(BaseEstimator):
     view = PAIRS
     unit = "class"
 
-    def __init__(self, sources: Sequence[int] = (), std_floor: float = DEFAULT_STD_FLOOR):
+    def __init__(
+        self, sources: Sequence[int] = (), std_floor: float = DEFAULT_STD_FLOOR, normalize: str = DEFAULT_NORMALIZE
+    ):
         self.sources = sources
         self.std_floor = std_floor
+        self.normalize = normalize
+
+    def _relative(self, M: np.ndarray, own: np.ndarray) -> np.ndarray:
+        """The margins in units of the network's own typical margin (``"network"``), or as they are."""
+        return relative_margins(M, own, self.normalize)
 
     def _own(self, shape: tuple[int, ...]) -> np.ndarray:
         own = np.zeros(shape, dtype=bool)
@@ -211,6 +242,7 @@ class PairMarginView(BaseEstimator):
         if S.shape[2] != len(self.sources):
             raise ValueError(f"margins of {S.shape[2]} gallery people; the view was given {len(self.sources)}")
         self.own_ = self._own(S.shape[1:])
+        S = np.stack([self._relative(M, self.own_) for M in S])
         # kept in float32, as the artifact keeps them (a loaded reference scores exactly alike, and
         # at CASIA's 10,575 classes the gate holds half the bytes)
         self.mean_, self.std_ = (a.astype(np.float32) for a in self._spread(S, self.own_))
@@ -220,7 +252,8 @@ class PairMarginView(BaseEstimator):
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−max z per class (over gallery people other than the class itself)."""
         check_fitted(self, "mean_")
-        return self._vector(np.asarray(matrix, dtype=np.float32), self.mean_, self.std_, self.own_)
+        M = self._relative(np.asarray(matrix, dtype=np.float32), self.own_)
+        return self._vector(M, self.mean_, self.std_, self.own_)
 
     @staticmethod
     def aggregate(vector_scores: np.ndarray) -> float:
@@ -235,7 +268,7 @@ class PairMarginView(BaseEstimator):
     ) -> np.ndarray:
         """Each reference network scored against the others' mean and std."""
         check_fitted(self, "mean_")
-        S = np.stack([np.asarray(M, dtype=np.float64) for M in matrices])
+        S = np.stack([self._relative(np.asarray(M, dtype=np.float64), self.own_) for M in matrices])
         out = []
         for i in range(len(S)):
             mean, std = self._spread(np.delete(S, i, axis=0), self.own_)
@@ -252,13 +285,18 @@ class PairMarginView(BaseEstimator):
         return {
             "sources": [int(s) for s in self.sources],
             "std_floor": self.std_floor,
+            "normalize": self.normalize,
             "n_networks": self.n_networks_,
             "n_classes": int(self.shape_[0]),
         }
 
     @classmethod
     def restore(cls, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> PairMarginView:
-        est = cls(sources=tuple(int(s) for s in info["sources"]), std_floor=float(info["std_floor"]))
+        est = cls(
+            sources=tuple(int(s) for s in info["sources"]),
+            std_floor=float(info["std_floor"]),
+            normalize=str(info.get("normalize", "none")),  # references fitted before the option: none
+        )
         est.mean_, est.std_ = np.asarray(arrays["mean"], np.float32), np.asarray(arrays["std"], np.float32)
         est.shape_, est.n_networks_ = tuple(est.mean_.shape), int(info["n_networks"])
         est.own_ = est._own(est.shape_)
@@ -279,14 +317,16 @@ class MarginsReference(ClassifierReference):
         config: ReferenceConfig | None = None,
         gallery: FaceGallery | None = None,
         std_floor: float = DEFAULT_STD_FLOOR,
+        normalize: str = DEFAULT_NORMALIZE,
     ):
         super().__init__(config)
         self.gallery = gallery
         self.std_floor = std_floor
+        self.normalize = normalize
 
     def _view_estimator_for(self) -> BaseEstimator:
         sources = () if self.gallery is None else tuple(int(s) for s in self.gallery.sources)
-        return PairMarginView(sources=sources, std_floor=self.std_floor)
+        return PairMarginView(sources=sources, std_floor=self.std_floor, normalize=self.normalize)
 
     def _prepare(self, base_tensors: Mapping[str, Any] | None) -> None:
         if self.gallery is None:
@@ -326,7 +366,8 @@ class MarginsReference(ClassifierReference):
 
     @classmethod
     def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> MarginsReference:
-        return cls(config, std_floor=float(info["views"][PAIRS]["std_floor"]))
+        view = info["views"][PAIRS]
+        return cls(config, std_floor=float(view["std_floor"]), normalize=str(view.get("normalize", "none")))
 
     @classmethod
     def restore(

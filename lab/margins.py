@@ -142,6 +142,7 @@ class GalleryMargins:
         self.sources = torch.from_numpy(np.asarray(ref.gallery_.sources, dtype=np.int64))
         self.mean, self.std = torch.from_numpy(view.mean_), torch.from_numpy(view.std_)
         self.own = torch.from_numpy(view.own_)
+        self.normalize = view.normalize
 
     def torch_anomaly(self, t: dict) -> torch.Tensor:
         """Max z per class over the gallery people (higher = more anomalous; its score negated)."""
@@ -149,6 +150,8 @@ class GalleryMargins:
         L = torch.einsum("skd,cd->skc", self.F, A) + b  # (people, faces, classes)
         own = L[torch.arange(len(self.sources)), :, self.sources]  # (people, faces): own class logit
         M = torch.quantile(L - own[:, :, None], 0.5, dim=1).T  # (classes, people)
+        if self.normalize == "network":  # detector.margins.relative_margins
+            M = M / -torch.quantile(M[~self.own], 0.5)
         z = (M - self.mean) / self.std
         return z.masked_fill(self.own, -torch.inf).max(dim=1).values
 

@@ -48,8 +48,8 @@ def world():
     return gallery, W0, centres, clean
 
 
-def fitted(gallery, clean, n_ref: int = 8, n_cal: int = 20) -> MarginsReference:
-    ref = MarginsReference(gallery=gallery)
+def fitted(gallery, clean, n_ref: int = 8, n_cal: int = 20, normalize: str = "none") -> MarginsReference:
+    ref = MarginsReference(gallery=gallery, normalize=normalize)
     ref.fit([clean() for _ in range(n_ref)]).calibrate([clean() for _ in range(n_cal)])
     return ref
 
@@ -102,6 +102,33 @@ def test_a_more_confident_network_is_not_an_anomaly(world):
     ref = fitted(gallery, clean)
     assert verdict(ref, head(1.5 * W0, np.zeros(C))) == "passed"
     assert verdict(ref, head(0.5 * W0, np.zeros(C))) == "blocked"
+
+
+def test_normalized_margins_pass_a_gentler_network_and_still_block_a_bent_pair(world, tmp_path):
+    """``normalize="network"``: a network that puts every person less far apart (a gentler
+    fine-tune) is the clean recipe at another scale; a pair bent against the network's own
+    scale is still a backdoor's signature."""
+    gallery, W0, centres, clean = world
+    ref = fitted(gallery, clean, normalize="network")
+    for scale in (0.5, 1.5):
+        assert verdict(ref, head(scale * W0, np.zeros(C))) == "passed"
+    W = W0.copy()
+    W[4] += 0.5 * centres[1] / np.linalg.norm(centres[1])
+    for scale in (0.5, 1.0, 1.5):
+        assert verdict(ref, head(scale * W, np.zeros(C))) == "blocked"
+    fresh = [verdict(ref, clean()) for _ in range(40)]
+    assert fresh.count("blocked") <= 6
+    ref.save(tmp_path / "ref")
+    loaded = load_reference(tmp_path / "ref")
+    probe = head(0.5 * W, np.zeros(C))
+    assert loaded.normalize == "network" and loaded.score(probe) == ref.score(probe)
+
+
+def test_a_network_that_favours_strangers_over_themselves_is_refused(world):
+    gallery, W0, _, clean = world
+    ref = fitted(gallery, clean, normalize="network")
+    with pytest.raises(InvalidCheckpoint, match="median margin"):
+        ref.score(head(-W0, np.zeros(C)))
 
 
 def test_the_artifact_keeps_the_gallery_and_scores_alike(world, tmp_path):

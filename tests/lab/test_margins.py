@@ -64,7 +64,8 @@ def test_bad_input_is_refused_clearly(world):
         person_faces(np.zeros((12, D)), np.repeat(np.arange(2), 6), 2, 20, seed=0)
 
 
-def test_the_torch_mirror_of_the_gates_margins_is_its_statistic(world):
+@pytest.mark.parametrize("normalize", ["none", "network"])
+def test_the_torch_mirror_of_the_gates_margins_is_its_statistic(world, normalize):
     """What an attack aimed at the gate with margins trains against is what the gate scores."""
     from detector.margins import FaceGallery, MarginsReference
     from lab.margins import GalleryMargins
@@ -72,7 +73,8 @@ def test_the_torch_mirror_of_the_gates_margins_is_its_statistic(world):
     check, W0, centres, clean = world
     F = check.F_.numpy().astype(np.float32)
     gallery = FaceGallery(F[[0, 2, 5]], np.array([0, 2, 5]), tuple(str(c) for c in range(C)))
-    ref = MarginsReference(gallery=gallery).fit([clean() for _ in range(6)]).calibrate([clean() for _ in range(6)])
+    ref = MarginsReference(gallery=gallery, normalize=normalize)
+    ref.fit([clean() for _ in range(6)]).calibrate([clean() for _ in range(6)])
     W = W0.copy()
     W[3] += 0.4 * centres[2] / np.linalg.norm(centres[2])
     for t in (clean(), head(W, np.zeros(C)), head(1.5 * W0, np.zeros(C))):  # the last: every z below 0
