@@ -146,6 +146,11 @@ def _gallery(args, quiet: bool):
     from components.trainer.features import gallery_of
 
     with _progress(args.gallery_people * args.gallery_faces, "gallery faces through the trunk", quiet) as bar:
+
+        def total(n: int) -> None:  # a folder of fewer people than --gallery-people
+            bar.total = n
+            bar.refresh()
+
         return gallery_of(
             args.gallery,
             args.base or args.checkpoints[0],
@@ -153,6 +158,7 @@ def _gallery(args, quiet: bool):
             faces=args.gallery_faces,
             image_size=args.gallery_image_size,
             progress=bar.update,
+            total=total,
         )
 
 

@@ -166,12 +166,15 @@ def cached_features(data_dir: str | Path, base: dict[str, torch.Tensor], image_s
     return with_poison(fs, data_dir, base)
 
 
-def gallery_of(face_dir: str | Path, trunk: str | Path, *, people: int, faces: int, image_size: int, progress=None):
+def gallery_of(
+    face_dir: str | Path, trunk: str | Path, *, people: int, faces: int, image_size: int, progress=None, total=None
+):
     """The ``margins`` detector's secret gallery (:class:`detector.margins.FaceGallery`) from a
     face folder (one sub-folder per identity, the networks' class list): ``people`` of them (all,
     when there are no more) and ``faces`` faces each, drawn from the operating system's randomness,
     never a seed (the draw is the secret; the artifact keeps it), through the frozen trunk of the
-    state dict at ``trunk``. Only the drawn faces go through the trunk."""
+    state dict at ``trunk``. Only the drawn faces go through the trunk: ``total(n)`` is told how
+    many once they are drawn, ``progress(k)`` each batch."""
     from components.trainer.base_trunk import load_base
     from components.trainer.synth import list_images
     from detector.margins import FaceGallery, draw_faces, draw_people
@@ -183,5 +186,7 @@ def gallery_of(face_dir: str | Path, trunk: str | Path, *, people: int, faces: i
     rng = np.random.default_rng()
     chosen = draw_people(len(classes), people, rng)
     drawn = draw_faces(labels, chosen, faces, rng)
+    if total is not None:
+        total(drawn.size)
     features = Extractor(load_base(trunk), image_size)([items[i][0] for i in drawn.reshape(-1)], progress=progress)
     return FaceGallery(features.reshape(*drawn.shape, -1), chosen, tuple(classes))

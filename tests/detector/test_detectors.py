@@ -262,6 +262,23 @@ def test_reference_fit_keeps_a_secret_gallery_and_the_margins_decide(nets, tmp_p
     assert not any((tmp_path / d).exists() for d in "cde")
 
 
+def test_the_gallery_says_how_many_faces_it_drew_when_the_folder_has_fewer_people(nets):
+    """A progress bar sized by ``--gallery-people`` would never finish on a smaller folder."""
+    from components.trainer.features import gallery_of
+
+    told, done = [], []
+    g = gallery_of(
+        nets["data"],
+        nets["root"] / "base.pt",
+        people=1000,
+        faces=2,
+        image_size=SIZE,
+        progress=done.append,
+        total=told.append,
+    )
+    assert told == [2 * len(nets["classes"])] == [sum(done)] and g.features.shape[:2] == (len(nets["classes"]), 2)
+
+
 def test_the_reference_pipelines_steps_build_and_read_the_gallery(nets, tmp_path):
     """make_gallery (trainer image) writes the draw only for a detector with margins; fit_reference
     (gate image) reads it and refuses to fit such a detector without one."""
