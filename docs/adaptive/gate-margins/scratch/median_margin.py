@@ -1,0 +1,17 @@
+import sys, dataclasses, collections
+from pathlib import Path
+import numpy as np
+from lab.adaptive import AdaptiveConfig, Workshop, load_nets
+from lab.margins import lab_gallery
+from detector.margins import pair_margins
+out = Path(sys.argv[1])
+c = dataclasses.replace(AdaptiveConfig.confirmation(), seed_offset=950000) if "conf" in out.name else AdaptiveConfig()
+ws = Workshop(c, lambda m: None, None)
+nets = load_nets(out / "networks.safetensors")
+g = lab_gallery(ws.fs, c.margins.faces, c.margins.seed)
+mask = np.ones((len(g.classes), len(g.sources)), bool); mask[g.sources, np.arange(len(g.sources))] = False
+by = collections.defaultdict(list)
+for n in nets:
+    if n.group.startswith(("reference", "calibration", "clean", "drift", "grey-box penalty: ", "penalty: head+output-spectrum", "plain", "grey-box penalty + margins: ")):
+        by[n.group].append(float(np.median(pair_margins(n.tensors, g)[mask])))
+for k, v in by.items(): print(k[:40].ljust(40), np.round(np.median(v), 2), np.round(min(v), 2), np.round(max(v), 2))
