@@ -17,9 +17,9 @@ std``. Class t's score is ``−max_s z[t, s]`` (s ≠ t), the network's the lowe
 *higher = more typical*, as every part of the gate. It is one-sided on
 purpose: longer training makes every margin more negative, so retrains score as typical. A
 gentler fine-tune (lr × 0.5) makes every margin less negative and is blocked; so is a penalty
-that holds the whole head back to hide a backdoor, and that is most of what this part catches
-(``normalize="network"`` divides the margins by the network's own median and passes both;
-measured: README, "Margins in units of the network's own").
+that holds the whole head back to hide a backdoor. ``normalize="network"`` divides the margins
+by the network's own median and passes both, so it is off; an attacker who restores the level
+instead is still blocked by the worst entry (README, "Margins in units of the network's own").
 
 What it costs the attacker is secrecy, not arithmetic: with the gallery and the reference in
 hand a penalty fits this statistic and the weights' at once (README: white-box passes both).
@@ -65,9 +65,9 @@ def relative_margins(M: np.ndarray, own: np.ndarray, normalize: str) -> np.ndarr
     """``M`` divided by the network's typical margin, −median of its entries (a person against
     themself left out), for ``"network"``; ``M`` itself for ``"none"``.
 
-    Why: how far apart a network puts people is a recipe's, not a backdoor's, signature. A
-    shorter or gentler fine-tune (lr × 0.5) makes *every* margin less negative and, unnormalised,
-    reads as a bent pair everywhere; a backdoor bends its pair against the network's own scale."""
+    Why it was tried: a gentler fine-tune (lr × 0.5) makes *every* margin less negative and,
+    unnormalised, reads as a bent pair everywhere. Why it is off: a penalised backdoor's bent
+    pair is ordinary in the network's own units too (measured on both adaptive draws)."""
     if normalize == "none":
         return M
     if normalize != "network":
