@@ -215,10 +215,6 @@ class PairMarginView(BaseEstimator):
         self.std_floor = std_floor
         self.normalize = normalize
 
-    def _relative(self, M: np.ndarray, own: np.ndarray) -> np.ndarray:
-        """The margins in units of the network's own typical margin (``"network"``), or as they are."""
-        return relative_margins(M, own, self.normalize)
-
     def _own(self, shape: tuple[int, ...]) -> np.ndarray:
         own = np.zeros(shape, dtype=bool)
         own[np.asarray(self.sources, dtype=np.int64), np.arange(shape[1])] = True
@@ -242,7 +238,8 @@ class PairMarginView(BaseEstimator):
         if S.shape[2] != len(self.sources):
             raise ValueError(f"margins of {S.shape[2]} gallery people; the view was given {len(self.sources)}")
         self.own_ = self._own(S.shape[1:])
-        S = np.stack([self._relative(M, self.own_) for M in S])
+        for i in range(len(S)):  # in place: no second stack of every network's margins
+            S[i] = relative_margins(S[i], self.own_, self.normalize)
         # kept in float32, as the artifact keeps them (a loaded reference scores exactly alike, and
         # at CASIA's 10,575 classes the gate holds half the bytes)
         self.mean_, self.std_ = (a.astype(np.float32) for a in self._spread(S, self.own_))
@@ -252,7 +249,7 @@ class PairMarginView(BaseEstimator):
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−max z per class (over gallery people other than the class itself)."""
         check_fitted(self, "mean_")
-        M = self._relative(np.asarray(matrix, dtype=np.float32), self.own_)
+        M = relative_margins(np.asarray(matrix, dtype=np.float32), self.own_, self.normalize)
         return self._vector(M, self.mean_, self.std_, self.own_)
 
     @staticmethod
@@ -268,7 +265,7 @@ class PairMarginView(BaseEstimator):
     ) -> np.ndarray:
         """Each reference network scored against the others' mean and std."""
         check_fitted(self, "mean_")
-        S = np.stack([self._relative(np.asarray(M, dtype=np.float64), self.own_) for M in matrices])
+        S = np.stack([relative_margins(np.asarray(M, dtype=np.float64), self.own_, self.normalize) for M in matrices])
         out = []
         for i in range(len(S)):
             mean, std = self._spread(np.delete(S, i, axis=0), self.own_)

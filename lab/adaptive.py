@@ -802,11 +802,16 @@ def load_nets(path: Path) -> list[Net]:
     return nets
 
 
-def attacker_reference(detector: str, own: list[Net], c: AdaptiveConfig, base: dict):
-    """The grey-box attacker's estimate of the gate's reference: fitted on two thirds of its own
-    clean networks (at most as many as the gate's reference), calibrated on the rest."""
+def attacker_split(own: list[Net], c: AdaptiveConfig) -> tuple[list[Net], list[Net]]:
+    """How the grey-box attacker uses its own clean networks: two thirds (at most as many as the
+    gate's reference) to fit its estimate of the reference, the rest to calibrate it."""
     k = min(c.n_reference, max(4, (2 * len(own)) // 3))
-    return fit_reference(detector, own[:k], own[k:], base)
+    return own[:k], own[k:]
+
+
+def attacker_reference(detector: str, own: list[Net], c: AdaptiveConfig, base: dict):
+    """The grey-box attacker's estimate of the gate's reference (:func:`attacker_split`)."""
+    return fit_reference(detector, *attacker_split(own, c), base)
 
 
 def works(n: Net, clean_accuracy: float) -> bool:

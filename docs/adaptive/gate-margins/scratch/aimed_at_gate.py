@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from lab.adaptive import AdaptiveConfig, _train, penalty_for, works
+from lab.adaptive import AdaptiveConfig, _train, attacker_split, penalty_for, works
 from lab.adaptive_input import stored_run
 from lab.adaptive_margins import gate_with_margins
 
@@ -23,8 +23,7 @@ c = dataclasses.replace(c, detectors=("head+output-spectrum",))
 ws, nets, default, clean_acc = stored_run(out, c, print, None)
 gate = gate_with_margins(ws, nets, c)
 own = [n for n in nets if n.group == "grey-box attacker's own"]
-k = min(c.n_reference, max(4, (2 * len(own)) // 3))  # as lab.adaptive.attacker_reference splits
-attacker = gate_with_margins(ws, nets, c, draw=1, groups=(own[:k], own[k:]))
+attacker = gate_with_margins(ws, nets, c, draw=1, groups=attacker_split(own, c))
 rows = []
 for name, ref in (("white-box", gate), ("grey-box", attacker)):
     for i in range(c.n_attack):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from detector.margins import pair_margins
-from lab.adaptive import AdaptiveConfig, _train, attacker_reference, penalty_for, torch_head, works
+from lab.adaptive import AdaptiveConfig, _train, attacker_reference, attacker_split, penalty_for, torch_head, works
 from lab.adaptive_input import stored_run
 from lab.adaptive_margins import gate_with_margins
 from lab.heads import head_of
@@ -42,8 +42,7 @@ c = dataclasses.replace(c, detectors=("head+output-spectrum",))
 ws, nets, default, clean_acc = stored_run(out, c, print, None)
 gate = gate_with_margins(ws, nets, c)
 own = [n for n in nets if n.group == "grey-box attacker's own"]
-k = min(c.n_reference, max(4, (2 * len(own)) // 3))  # as lab.adaptive.attacker_reference splits
-own_gate = gate_with_margins(ws, nets, c, draw=1, groups=(own[:k], own[k:]))
+own_gate = gate_with_margins(ws, nets, c, draw=1, groups=attacker_split(own, c))
 own_default = attacker_reference("head+output-spectrum", own, c, ws.base)
 faces = lab_gallery(ws.fs, c.margins.faces, c.margins.seed + 1)  # the attacker's own draw
 mask = np.ones((len(faces.classes), len(faces.sources)), bool)
