@@ -167,9 +167,11 @@ def read_checkpoint_bytes(path: str | os.PathLike, max_bytes: int = MAX_CHECKPOI
     if size > max_bytes:
         raise InvalidCheckpoint(p, f"file is {size} bytes, over the {max_bytes}-byte limit (max_checkpoint_bytes)")
     with open(p, "rb") as f:
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise InvalidCheckpoint(p, f"file grew past the {max_bytes}-byte limit while being read")
+        # size + 1, not max_bytes + 1: read(n) reserves n bytes up front (4 GiB by default, which a
+        # node with strict overcommit refuses), and one byte past the size tells a growing file
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise InvalidCheckpoint(p, f"file changed size while being read ({size} bytes, then {len(data)}+)")
     return data, hashlib.sha256(data).hexdigest()
 
 

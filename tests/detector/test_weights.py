@@ -212,6 +212,32 @@ def test_size_limit_refuses_before_reading(tmp_path):
         load_layer(p, max_bytes=1 << 30)
 
 
+def test_reading_reserves_the_file_not_the_limit(tmp_path):
+    """read(n) reserves n bytes first: a 1 MB checkpoint read with the 4 GiB default limit once
+    asked the allocator for 4 GiB (refused outright on a node with strict overcommit)."""
+    import tracemalloc
+
+    save_file({LAYER: torch.zeros(512, 512)}, str(tmp_path / "a.safetensors"))
+    tracemalloc.start()
+    try:
+        read_tensors(tmp_path / "a.safetensors")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * (tmp_path / "a.safetensors").stat().st_size
+
+
+def test_a_file_that_changes_size_while_read_is_refused(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    p = tmp_path / "a.safetensors"
+    save_file({LAYER: torch.zeros(8, 8)}, str(p))
+    real = Path.stat
+    monkeypatch.setattr(Path, "stat", lambda self, **kw: os.stat_result((*real(self, **kw)[:6], 100, 0, 0, 0)))
+    with pytest.raises(InvalidCheckpoint, match="changed size while being read"):
+        read_tensors(p)
+
+
 def test_missing_layer_lists_what_is_there(tmp_path):
     torch.save(_sd(), tmp_path / "a.pt")
     with pytest.raises(InvalidCheckpoint, match="last_bn.weight") as e:
