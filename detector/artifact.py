@@ -162,7 +162,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f = root / name
         if not f.is_file():
             raise InvalidReference(root, f"{name} missing")
-        got = hashlib.sha256(f.read_bytes()).hexdigest()
+        with f.open("rb") as fh:  # streamed: a CASIA-size arrays.npz (~100 MB) is never held twice
+            got = hashlib.file_digest(fh, "sha256").hexdigest()
         if got != want:
             raise InvalidReference(root, f"tampered: {name} has sha256 {got[:12]}…, the metadata records {want[:12]}…")
     return meta
