@@ -112,10 +112,12 @@ def effective_offsets(tensors: Mapping[str, Any], source: str = "<memory>") -> n
 def head_matrix(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
     """[A | b]: (classes × (in_features + 1)), each row one class's whole affine decision.
 
-    Filled in place (no second classes × 1792 float64 copy: the gate's memory target at CASIA size)."""
+    float32 (the checkpoint's precision), filled in place: at CASIA's 10,575 classes this is the
+    gate's largest array, and on a fresh VM every new megabyte costs its first touch (the gate's
+    time and memory targets). The statistic works in float64 a block of rows at a time."""
     b = effective_offsets(tensors, source)
     W = layer_of(tensors, "last_linear.weight", source=source).matrix  # validated 2-D (a small copy)
-    H = np.empty((b.size, W.shape[1] + 1))
+    H = np.empty((b.size, W.shape[1] + 1), dtype=np.float32)
     effective_classifier(tensors, source, out=H[:, :-1])
     H[:, -1] = b
     return H
@@ -204,13 +206,13 @@ class HeadDeviationView(ClassRows, BaseEstimator):
 
     def statistic(self, matrix: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(major, minor) for every class (float64, a block of rows at a time)."""
-        H = np.asarray(matrix, dtype=np.float64)
+        H = np.asarray(matrix)
         if H.shape != tuple(self.center_.shape):
             raise ValueError(f"head of shape {H.shape}; the reference's is {tuple(self.center_.shape)}")
         U = self.directions_.astype(np.float64)
         major, minor = np.empty(H.shape[0]), np.empty(H.shape[0])
         for i in range(0, H.shape[0], rows):
-            D = H[i : i + rows] - self.center_[i : i + rows]
+            D = H[i : i + rows].astype(np.float64) - self.center_[i : i + rows]
             major[i : i + rows], minor[i : i + rows] = self._parts(D, U, self.weights_, self.floor_)
         return major, minor
 

@@ -43,15 +43,21 @@ def test_the_fixture_covers_every_detector_and_the_shipped_composite():
     assert set(NAMES) == set(DETECTORS) and DEFAULT_DETECTOR in NAMES
 
 
+def _as_it_did(scores: dict, name: str):
+    """The same arrays and arithmetic; only the last bits may differ, where LAPACK's SVD rounds
+    differently on another CPU (seen: 3e-14 relative on the spectrum's score) or a sum is ordered
+    otherwise (the GMM's dense log-density is one matmul since 2026-12-05: 1e-16). ``head``
+    builds the candidate's matrix in float32 since 2026-12-05 (seen: 2.2e-6 relative)."""
+    return pytest.approx(scores, rel=1e-5 if "head" in name.split("+") else 1e-10, abs=1e-12)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_an_artifact_of_the_old_code_loads_and_scores_exactly_as_it_did(name):
     ref = load_reference(V1 / name)
     assert ref.detector == name  # a composite too: its name, the rule that decides
     probes = _probes()
-    # the same arrays and arithmetic; only the last bits may differ, where LAPACK's SVD rounds
-    # differently on another CPU (seen: 3e-14 relative on the spectrum's score)
     scores = [ref.score(p) for p in probes]
-    assert scores == [pytest.approx(s, rel=1e-10, abs=1e-12) for s in EXPECTED["scores"][name]]
+    assert scores == [_as_it_did(s, name) for s in EXPECTED["scores"][name]]
     assert [ref.assess(p).decision.verdict for p in probes] == EXPECTED["verdicts"][name]
     assert ref.artifact_sha256_ == json.loads((V1 / name / META_FILE).read_text())["artifact_sha256"]
 
@@ -70,7 +76,7 @@ def test_a_loaded_old_artifact_is_saved_again_in_the_same_format(name, tmp_path)
             assert list(a.files) == list(b.files)
             for k in a.files:
                 assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), (d, k)
-    assert load_reference(tmp_path / "again").score(_probes()[3]) == EXPECTED["scores"][name][3]
+    assert load_reference(tmp_path / "again").score(_probes()[3]) == _as_it_did(EXPECTED["scores"][name][3], name)
 
 
 @pytest.mark.parametrize("name", ["gmm", "classifier", "head+output-spectrum"])

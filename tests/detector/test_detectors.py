@@ -400,16 +400,19 @@ def test_head_blocks_backdoors_round_trips_and_needs_every_head_tensor(nets, fit
 
 def test_head_torch_mirror_equals_the_numpy_score(nets, fitted):
     """The lab's white-box attacker differentiates through ``torch_z``: it must be the statistic
-    the gate computes, or the attack suite would attack something else."""
+    the gate computes, or the attack suite would attack something else. ``head`` builds its
+    matrix in float32 (the checkpoint's precision; the mirror runs in float64): z agree to ~1e-6
+    there, to 1e-9 elsewhere (a missing tensor or a wrong sign moves z by units)."""
     from lab.adaptive import deciding_parts, torch_anomaly, torch_class_z
 
+    tol = {"head": 1e-5, "classifier": 1e-9, "spectrum": 1e-9, "output-spectrum": 1e-9}
     for name in ("head", "classifier"):
         ref = fitted(name)
         for p in nets["backdoored"][:2] + nets["calibration"][:2]:
             tensors, _ = read_tensors(p)
             t = {k: v.double() for k, v in tensors.items()}
             z = torch_class_z(ref, t).detach().numpy()
-            assert np.allclose(-z, ref.score_vectors(p)["classes"], rtol=1e-9, atol=1e-9), name
+            assert np.allclose(-z, ref.score_vectors(p)["classes"], rtol=1e-9, atol=tol[name]), name
     # a composite's every deciding part, spectrum's thin-basis training mode included
     for name in ("head+spectrum", "head+output-spectrum"):
         ref = fitted(name)
@@ -423,7 +426,7 @@ def test_head_torch_mirror_equals_the_numpy_score(nets, fitted):
             for (est, _), part in zip(parts, names):
                 for basis in (None, {}):
                     z = torch_anomaly(est, t, basis).detach().numpy()
-                    assert np.isclose(-z.max(), scores[part], rtol=1e-9, atol=1e-9), (part, basis)
+                    assert np.isclose(-z.max(), scores[part], rtol=1e-9, atol=tol[part]), (part, basis)
 
 
 def test_output_spectrum_ignores_noise_the_logits_cannot_see(nets, fitted, tmp_path):
