@@ -432,24 +432,28 @@ def aic_sweep(quick: bool, matrices: list[np.ndarray], log) -> dict:
 # 5. the gate: one candidate checkpoint on disk, load + hash + score both views
 # --------------------------------------------------------------------------------------------
 _GATE_CHILD = """
-import json, sys, time
+import json, resource, sys, time
 t0 = time.perf_counter()
 import torch, safetensors.torch  # imported once by any gate process; timed apart from the work
 from detector.detectors import load_reference
 t1 = time.perf_counter()
-def _hwm():
+def _hwm():  # VmHWM: this process's peak resident memory (ru_maxrss would include the parent's, kept across exec)
     return int(dict(l.split(":", 1) for l in open("/proc/self/status") if ":" in l)["VmHWM"].split()[0]) / 1024
 hwm_import = _hwm()
+faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 ref = load_reference(sys.argv[1])
 hwm_load = _hwm()
 t2 = time.perf_counter()
 a = ref.assess(sys.argv[2])
 t3 = time.perf_counter()
-# VmHWM: this process's peak resident memory (ru_maxrss would include the parent's, kept across exec)
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0
+hwm_gate = _hwm()
+# the same candidate again in this process: the arithmetic without the first touch of new memory
+ref.assess(sys.argv[2])
+t4 = time.perf_counter()
 print(json.dumps({"import_s": t1 - t0, "load_reference_s": t2 - t1, "assess_s": t3 - t2, "gate_s": t3 - t1,
                   "verdict": a.decision.verdict, "trunk": a.trunk.status,
-                  "peak_rss_mb": int(status["VmHWM"].split()[0]) / 1024,
+                  "peak_rss_mb": hwm_gate, "page_faults": faults, "warm_assess_s": t4 - t3,
                   "peak_rss_after_import_mb": hwm_import, "peak_rss_after_reference_load_mb": hwm_load,
                   }))
 """
@@ -608,7 +612,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log, detector:
             runs = _gate_child_runs(Path(tmp) / "reference", path, 1 if quick else 3)
             med = {
                 k: float(np.median([r[k] for r in runs]))
-                for k in ("load_reference_s", "assess_s", "gate_s", "peak_rss_mb")
+                for k in ("load_reference_s", "assess_s", "gate_s", "peak_rss_mb", "page_faults", "warm_assess_s")
             }
             out[f"{classes}_classes"] = {
                 "gate_seconds": round(med["gate_s"], 3),
@@ -617,6 +621,8 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log, detector:
                 "peak_rss_after_reference_load_mb": round(runs[-1]["peak_rss_after_reference_load_mb"], 1),
                 "load_reference_s": round(med["load_reference_s"], 3),
                 "assess_s": round(med["assess_s"], 3),
+                "warm_assess_s": round(med["warm_assess_s"], 3),
+                "page_faults": int(med["page_faults"]),
                 "reference_mb": round(ref_mb, 1),
                 "candidate_mb": round(path.stat().st_size / 1024**2, 1),
                 "verdict": runs[-1]["verdict"],
@@ -972,7 +978,8 @@ def format_table(r: dict) -> str:
                     f"{s[f'{g}_peak_rss_mb_{c}']:.0f} MB peak (<= 1024); {r[g]['detector']} + "
                     "GMM evidence; "
                     f"reference {d['reference_mb']:.0f} MB, candidate {d['candidate_mb']:.0f} MB; "
-                    f"verdict {d['verdict']}"
+                    f"assess {d['assess_s']:.2f} s, warm {d.get('warm_assess_s', float('nan')):.2f} s, "
+                    f"{d.get('page_faults', 0)} page faults; verdict {d['verdict']}"
                 )
     if "reference_fit_default" in r:
         d = r["reference_fit_default"]
