@@ -66,6 +66,30 @@ def _stage(stem: str):
     return run_gate_margins if stem == "gate_margins" else run_margins
 
 
+def _stored_protocol(args, asked):
+    """The finished run's own config (``--detectors`` may still choose what a stage scores); None,
+    said on stderr, when the protocol flags given disagree with it or there is no finished run."""
+    from lab.adaptive import AdaptiveConfig
+    from lab.paper import run_config
+
+    try:
+        stored = run_config(args.out, AdaptiveConfig)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"paper --adaptive: {e}", file=sys.stderr)
+        return None
+    if args.small or args.confirmation or args.identities is not None or args.seed_offset is not None:
+        a, b = dataclasses.asdict(dataclasses.replace(asked, detectors=stored.detectors)), dataclasses.asdict(stored)
+        differ = [k for k in b if a[k] != b[k]]
+        if differ:
+            print(
+                f"paper --adaptive: {args.out} was made with another protocol ({', '.join(differ)} differ); "
+                "drop the protocol flags: a stage reads the run's own",
+                file=sys.stderr,
+            )
+            return None
+    return dataclasses.replace(stored, detectors=tuple(args.detectors.split(","))) if args.detectors else stored
+
+
 def cmd_adaptive(args) -> int:
     """``paper --adaptive``: the informed attacker's suite (see :mod:`lab.adaptive`)."""
     from lab.adaptive import AdaptiveConfig, run_adaptive
@@ -87,7 +111,10 @@ def cmd_adaptive(args) -> int:
 
     base = load_base(args.base) if args.base else None
     stem = _asked_stage(args)
-    if stem:  # a stage over a finished run's stored networks (no training)
+    if stem:  # a stage over a finished run's stored networks (no training), with the run's protocol
+        config = _stored_protocol(args, config)
+        if config is None:
+            return 2
         found = _stage(stem)(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)
         print((Path(args.out) / f"{stem}.md").read_text())
         print(f"rows: {Path(args.out) / f'{stem}.json'} ({found['seconds']:.0f} s)")

@@ -34,9 +34,10 @@ import dataclasses
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -45,6 +46,8 @@ from detector.config import DETECTORS, ReferenceConfig
 from detector.decision import PASSED
 from detector.head import HEAD_TENSORS
 from lab.paper_report import BACKDOOR_SETS, _plots, table, tsne_plot
+
+C = TypeVar("C")
 
 TRIGGERS_SET = (
     ("white-square", 0.15),
@@ -237,6 +240,40 @@ def _auc(scores: dict[str, np.ndarray], clean: list[int], bad: list[int]) -> dic
 
 
 # -- the run --------------------------------------------------------------------------------
+def run_config(out: str | Path, cls: type[C]) -> C:
+    """The protocol a finished run was made with (``cls``: :class:`PaperConfig` or the adaptive
+    suite's config), from its ``summary.json``: a stage or a study over stored networks reads it
+    instead of rebuilding it from flags (a confirmation run rescored without its ``--seed-offset``
+    would draw other people's faces and other seeds). Fields added since the run take their
+    defaults; a field this code does not know is an error."""
+    path = Path(out) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a finished run (no summary.json)")
+    return _dataclass_from(cls, json.loads(path.read_text())["config"])
+
+
+def _dataclass_from(cls: Any, data: dict) -> Any:
+    """``cls`` from ``asdict`` output read back from JSON: nested dataclasses rebuilt, lists turned
+    back into (nested) tuples where the field is declared a tuple."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field {', '.join(unknown)} (a run of other code?)")
+    return cls(**{k: _restored(hints[k], v) for k, v in data.items()})
+
+
+def _restored(hint: Any, value: Any) -> Any:
+    if is_dataclass(hint):
+        return _dataclass_from(hint, value)
+    if hint is tuple or typing.get_origin(hint) is tuple:
+        return _deep_tuple(value)
+    return value
+
+
+def _deep_tuple(v: Any) -> Any:
+    return tuple(_deep_tuple(x) for x in v) if isinstance(v, list) else v
+
+
 class _Lab:
     """Data, base trunk and cached features; trains one network per call."""
 

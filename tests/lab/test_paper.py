@@ -215,6 +215,12 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     # it cost attack success: the training faces span too few directions)
     assert all("attack_success_rate" in n for n in nets if n["group"] == "dilution")
     assert "| attack | knowledge |" in (out / "table.md").read_text()
+    # the run's protocol comes back from its summary, and a stage refuses flags that disagree with it
+    from backdoor_gate.cli import main
+    from lab.paper import run_config
+
+    assert run_config(out, AdaptiveConfig) == small
+    assert main(["paper", "--adaptive", "--gate-margins", "--confirmation", "--out", str(out)]) == 2
     # a resumed run trains nothing it has stored, and gates the same networks the same way
     from components.trainer.base_trunk import load_base
     from lab.adaptive import run_adaptive
@@ -337,6 +343,33 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
         below = [p for p, t in g["thresholds"].items() if not r["scores"][p] >= t]
         assert r["below"] == below and r["gate"] == ("blocked" if below else "passed")
     assert "| clean | 2 | — |" in (out / "gate_margins.md").read_text()
+
+
+def test_a_stage_reads_the_protocol_of_the_run_it_is_given(tmp_path, capsys):
+    """Stages rescore stored networks: rebuilt from flags, a confirmation run scored without its
+    ``--seed-offset`` would have drawn other people's faces. The run's summary says what it was."""
+    import dataclasses
+
+    from backdoor_gate.cli import main
+    from lab.adaptive import AdaptiveConfig
+    from lab.paper import run_config
+
+    assert main(["paper", "--adaptive", "--gate-margins", "--out", str(tmp_path / "none")]) == 2
+    assert "not a finished run (no summary.json)" in capsys.readouterr().err
+    run = tmp_path / "conf"
+    run.mkdir()
+    made = AdaptiveConfig.confirmation(detectors=("head+output-spectrum",))
+    made = dataclasses.replace(made, seed_offset=950000)
+    (run / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(made)}))
+    back = run_config(run, AdaptiveConfig)
+    assert back == made and isinstance(back.paper.triggers[0], tuple) and back.margins == made.margins
+    assert main(["paper", "--adaptive", "--margins", "--confirmation", "--out", str(run)]) == 2
+    assert "(seed_offset differ)" in capsys.readouterr().err
+    s = json.loads((run / "summary.json").read_text())
+    s["config"]["paper"]["no_such_knob"] = 1
+    (run / "summary.json").write_text(json.dumps(s))
+    with pytest.raises(ValueError, match="PaperConfig has no field no_such_knob"):
+        run_config(run, AdaptiveConfig)
 
 
 @pytest.mark.parametrize("flag", ["--input-space", "--source-sweep", "--margins", "--gate-margins"])

@@ -4,14 +4,13 @@ run as extra_calibration.safetensors), then the default gate and the gate with m
 calibrated on three disjoint sets of 20, on 40 (two sets) and on all 60, every stored
 network of an adaptive run scored by each.
 
-    python calibration_size.py OUT [--confirmation]    # OUT: a finished adaptive run
+    python calibration_size.py OUT    # OUT: a finished adaptive run (its protocol: its summary.json)
 
 White-box attacks aimed at the cut of the run's own 20 calibration networks; under another cut
 a white-box attacker would aim at that one, so they are counted apart ("white-box").
 Writes OUT/calibration_size.json and prints one line per calibration set.
 """
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -19,10 +18,10 @@ from pathlib import Path
 from lab.adaptive import AdaptiveConfig, _train, fit_reference, load_nets, save_nets, works
 from lab.adaptive_input import stored_run
 from lab.adaptive_margins import gate_with_margins, scored
+from lab.paper import run_config
 
 out = Path(sys.argv[1])
-confirmation = "--confirmation" in sys.argv
-c = dataclasses.replace(AdaptiveConfig.confirmation(), seed_offset=950000) if confirmation else AdaptiveConfig()
+c = run_config(out, AdaptiveConfig)
 ws, nets, _, clean_acc = stored_run(out, c, print, None)
 o = c.seed_offset
 extra_path = out / "extra_calibration.safetensors"

@@ -3,7 +3,7 @@
 ``penalty + margins``. White-box: the gate's reference, gallery and cuts, every deciding part in
 the penalty (λ 0.1). Grey-box: the same penalty against the attacker's own gate with margins, fitted
 on its own clean networks (two thirds fit, the rest calibrate) and its own draw of 16 faces a person.
-Run: python aimed_at_gate.py OUT [--confirmation] (OUT: a finished adaptive run); writes
+Run: python aimed_at_gate.py OUT (OUT: a finished adaptive run, development or confirmation); writes
 OUT/aimed_at_gate.json."""
 
 import dataclasses
@@ -14,12 +14,10 @@ from pathlib import Path
 from lab.adaptive import AdaptiveConfig, _train, attacker_split, penalty_for, works
 from lab.adaptive_input import stored_run
 from lab.adaptive_margins import gate_with_margins
+from lab.paper import run_config
 
 out = Path(sys.argv[1])
-c = AdaptiveConfig()
-if "--confirmation" in sys.argv:
-    c = dataclasses.replace(AdaptiveConfig.confirmation(), seed_offset=950000)
-c = dataclasses.replace(c, detectors=("head+output-spectrum",))
+c = dataclasses.replace(run_config(out, AdaptiveConfig), detectors=("head+output-spectrum",))
 ws, nets, default, clean_acc = stored_run(out, c, print, None)
 gate = gate_with_margins(ws, nets, c)
 own = [n for n in nets if n.group == "grey-box attacker's own"]

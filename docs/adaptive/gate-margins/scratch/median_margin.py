@@ -1,11 +1,16 @@
-import sys, dataclasses, collections
+import collections
+import sys
 from pathlib import Path
+
 import numpy as np
+
+from detector.margins import pair_margins
 from lab.adaptive import AdaptiveConfig, Workshop, load_nets
 from lab.margins import lab_gallery
-from detector.margins import pair_margins
+from lab.paper import run_config
+
 out = Path(sys.argv[1])
-c = dataclasses.replace(AdaptiveConfig.confirmation(), seed_offset=950000) if "conf" in out.name else AdaptiveConfig()
+c = run_config(out, AdaptiveConfig)
 ws = Workshop(c, lambda m: None, None)
 nets = load_nets(out / "networks.safetensors")
 g = lab_gallery(ws.fs, c.margins.faces, c.margins.seed)

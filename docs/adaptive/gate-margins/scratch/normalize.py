@@ -5,13 +5,11 @@ networks of a paper-protocol run or an adaptive run (chosen on development, then
     python normalize.py paper OUT   # OUT: `backdoor-gate paper --no-curves --out OUT`
     python normalize.py adv OUT     # OUT: a finished adaptive run
 
-A directory whose name holds "conf" is read as the confirmation protocol (the runs were named
-so). Paper rows: blocked/networks and how many of those the margins part blocked ("m");
+Each run's protocol (development or confirmation) is read from its summary.json. Paper rows: blocked/networks and how many of those the margins part blocked ("m");
 adaptive rows: clean groups blocked, attack groups passed (working attacks only).
 """
 
 import collections
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -24,7 +22,6 @@ from detector.margins import DEFAULT_FACES, MarginsReference
 from lab.margins import lab_gallery
 
 kind, out = sys.argv[1], Path(sys.argv[2])
-confirmation = "conf" in out.name
 MODES = ("none", "network")
 ATTACK_WORDS = ("penalty", "trigger", "plain", "dilution", "swap x", "recipe")
 
@@ -40,9 +37,9 @@ def gate_for(gallery, fit, cal, base, normalize):
 
 
 def paper() -> None:
-    from lab.paper import PaperConfig, _Lab, backdoor_status, detection_groups, load_networks
+    from lab.paper import PaperConfig, _Lab, backdoor_status, detection_groups, load_networks, run_config
 
-    lab = _Lab(PaperConfig.confirmation() if confirmation else PaperConfig(), None, lambda m: None)
+    lab = _Lab(run_config(out, PaperConfig), None, lambda m: None)
     nets, W = load_networks(out / "networks.safetensors")
     clean_acc = float(np.mean([n["clean_accuracy"] for n in nets if n["group"] in ("reference", "held-out")]))
     groups = detection_groups(nets)
@@ -66,8 +63,9 @@ def paper() -> None:
 def adaptive() -> None:
     from lab.adaptive import AdaptiveConfig, works
     from lab.adaptive_input import stored_run
+    from lab.paper import run_config
 
-    c = dataclasses.replace(AdaptiveConfig.confirmation(), seed_offset=950000) if confirmation else AdaptiveConfig()
+    c = run_config(out, AdaptiveConfig)
     ws, nets, _, clean_acc = stored_run(out, c, lambda m: None, None)
     gallery = lab_gallery(ws.fs, c.margins.faces, c.margins.seed)
     by = lambda g: [n.tensors for n in nets if n.group == g]  # noqa: E731

@@ -13,7 +13,7 @@ linear units: a fresh head's margins start near 0, where a log is undefined):
 * ``grey-box penalty (gate with margins) + scale``: against its own gate with margins (as
   aimed_at_gate.py's grey-box attack), plus the hinge.
 
-Run: python scale_matched.py OUT [--confirmation] (OUT: a finished adaptive run); writes
+Run: python scale_matched.py OUT (OUT: a finished adaptive run, development or confirmation); writes
 OUT/scale_matched.json.
 """
 
@@ -31,14 +31,12 @@ from lab.adaptive_input import stored_run
 from lab.adaptive_margins import gate_with_margins
 from lab.heads import head_of
 from lab.margins import lab_gallery
+from lab.paper import run_config
 
 LAMBDA_SCALE = 10.0
 
 out = Path(sys.argv[1])
-c = AdaptiveConfig()
-if "--confirmation" in sys.argv:
-    c = dataclasses.replace(AdaptiveConfig.confirmation(), seed_offset=950000)
-c = dataclasses.replace(c, detectors=("head+output-spectrum",))
+c = dataclasses.replace(run_config(out, AdaptiveConfig), detectors=("head+output-spectrum",))
 ws, nets, default, clean_acc = stored_run(out, c, print, None)
 gate = gate_with_margins(ws, nets, c)
 own = [n for n in nets if n.group == "grey-box attacker's own"]

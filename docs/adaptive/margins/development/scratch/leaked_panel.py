@@ -1,7 +1,7 @@
 """Scratch (not a stage): which secret does the margin check rest on, the panel or the faces?
 The white-box attack aimed at both (``penalty + margins``) again, on the same seeds and pairs, but
 with the gate's panel and its own draw of 16 faces a person (the panel leaked, the faces kept).
-Run: python leaked_panel.py OUT [--confirmation] (OUT: a finished adaptive run); writes
+Run: python leaked_panel.py OUT (OUT: a finished adaptive run, development or confirmation); writes
 OUT/leaked_panel.json."""
 
 import dataclasses
@@ -12,12 +12,10 @@ from pathlib import Path
 from lab.adaptive import AdaptiveConfig, _train, both, margin_penalty, penalty_for, works
 from lab.adaptive_input import stored_run
 from lab.margins import margin_check
+from lab.paper import run_config
 
 out = Path(sys.argv[1])
-c = AdaptiveConfig()
-if "--confirmation" in sys.argv:
-    c = dataclasses.replace(AdaptiveConfig.confirmation(), seed_offset=950000)
-c = dataclasses.replace(c, detectors=("head+output-spectrum",))
+c = dataclasses.replace(run_config(out, AdaptiveConfig), detectors=("head+output-spectrum",))
 ws, nets, ref, clean_acc = stored_run(out, c, print, None)
 gate_heads = [n.tensors for n in nets if n.group == "calibration"]
 gate = margin_check(ws.fs, gate_heads, c.margins)  # the gate's faces (draw 0)

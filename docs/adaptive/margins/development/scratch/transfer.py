@@ -1,6 +1,6 @@
 """Scratch (not a stage): did the attacks aimed at both think they passed? Each network aimed at the
 weights and the margins, scored by the attacker's own estimates (its reference, its margin check)
-and by the gate's. Run: python transfer.py OUT [--confirmation] (OUT: a finished adaptive run)."""
+and by the gate's. Run: python transfer.py OUT (OUT: a finished adaptive run)."""
 
 import json
 import sys
@@ -10,13 +10,10 @@ import numpy as np
 
 from lab.adaptive import AdaptiveConfig, attacker_reference, margin_checks
 from lab.adaptive_input import stored_run
+from lab.paper import run_config
 
 out = Path(sys.argv[1])
-c = AdaptiveConfig()
-if "--confirmation" in sys.argv:
-    import dataclasses
-
-    c = dataclasses.replace(AdaptiveConfig.confirmation(), seed_offset=950000)
+c = run_config(out, AdaptiveConfig)
 ws, nets, ref, _ = stored_run(out, c, print, None)
 own = [n for n in nets if n.group == "grey-box attacker's own"]
 gate = [n for n in nets if n.group == "calibration"]

@@ -1,18 +1,24 @@
 """Scratch probe: a differential sweep. Per source s, a patch that moves the candidate off s while
 the panel (gate's clean networks 0-9) keeps s; then judged on held-out clean networks (10-19)."""
-import dataclasses, sys, time, json
-import numpy as np, torch
+import dataclasses
+import sys
+import time
 from pathlib import Path
+
+import numpy as np
+import torch
+
 torch.set_num_threads(2)
+from components.trigger_search import _grid, paste, patch_pixels
 from lab.adaptive import AdaptiveConfig
 from lab.adaptive_input import stored_run
 from lab.heads import Heads
-from lab.source_sweep import load_sweep_faces, SweepConfig
-from components.trigger_search import paste, patch_pixels, _grid, _centred
+from lab.paper import run_config
+from lab.source_sweep import SweepConfig, load_sweep_faces
 
 run = sys.argv[1]; group = sys.argv[2]; seed = int(sys.argv[3]); steps = int(sys.argv[4]); size = float(sys.argv[5])
 nsrc = int(sys.argv[6]) if len(sys.argv) > 6 else 6
-c = dataclasses.replace(AdaptiveConfig() if 'dev' in run else AdaptiveConfig.confirmation(seed_offset=950000), detectors=('head+output-spectrum',))
+c = dataclasses.replace(run_config(run, AdaptiveConfig), detectors=('head+output-spectrum',))
 ws, nets, ref, acc = stored_run(Path(run), c, print, None)
 classes = ws.fs.classes
 cand = next(n for n in nets if n.group == group and n.seed == seed)
