@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 from lab import bench
 
@@ -30,11 +31,16 @@ def cmd_paper(args) -> int:
         )
         if v is not None
     }
+    scoring: dict[str, Any] = {}  # what to score and draw, free to differ from an earlier run's
     if args.no_curves:
-        changes.update(curves=False, tsne=False)
+        scoring.update(curves=False, tsne=False)
     if args.detectors:
-        changes.update(detectors=tuple(args.detectors.split(",")))
-    config = dataclasses.replace(config, **changes)
+        scoring.update(detectors=tuple(args.detectors.split(",")))
+    config = dataclasses.replace(config, **changes, **scoring)
+    if args.rescore:  # the saved networks were made with the run's protocol, not the flags'
+        config = _stored_protocol(args, config, scoring, free=("detectors", "curves", "tsne"))
+        if config is None:
+            return 2
     base = load_base(args.base) if args.base else None
     summary = run_paper(args.out, config, base=base, log=lambda m: print(m, file=sys.stderr), rescore=args.rescore)
     print((Path(args.out) / "table.md").read_text())
@@ -66,28 +72,32 @@ def _stage(stem: str):
     return run_gate_margins if stem == "gate_margins" else run_margins
 
 
-def _stored_protocol(args, asked):
-    """The finished run's own config (``--detectors`` may still choose what a stage scores); None,
-    said on stderr, when the protocol flags given disagree with it or there is no finished run."""
-    from lab.adaptive import AdaptiveConfig
+def _stored_protocol(args, asked, changes: dict, free: tuple[str, ...]):
+    """The protocol of the finished run in ``args.out`` (its summary.json) with ``changes`` (to
+    ``free`` fields only: what to score, not what was trained) applied; None, said on stderr, when
+    there is no finished run or a protocol flag given (``asked`` is what the flags build)
+    disagrees with it."""
     from lab.paper import run_config
 
+    name = "paper --adaptive" if args.adaptive else "paper --rescore"
     try:
-        stored = run_config(args.out, AdaptiveConfig)
+        stored = run_config(args.out, type(asked))
     except (FileNotFoundError, ValueError) as e:
-        print(f"paper --adaptive: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return None
-    if args.small or args.confirmation or args.identities is not None or args.seed_offset is not None:
-        a, b = dataclasses.asdict(dataclasses.replace(asked, detectors=stored.detectors)), dataclasses.asdict(stored)
+    flags = ("small", "confirmation", "identities", "images_per_identity", "n_strength", "seed_offset")
+    if any(getattr(args, f, None) not in (None, False) for f in flags):
+        a = dataclasses.asdict(dataclasses.replace(asked, **{f: getattr(stored, f) for f in free}))
+        b = dataclasses.asdict(stored)
         differ = [k for k in b if a[k] != b[k]]
         if differ:
             print(
-                f"paper --adaptive: {args.out} was made with another protocol ({', '.join(differ)} differ); "
-                "drop the protocol flags: a stage reads the run's own",
+                f"{name}: {args.out} was made with another protocol ({', '.join(differ)} differ); "
+                "drop the protocol flags: this reads the run's own",
                 file=sys.stderr,
             )
             return None
-    return dataclasses.replace(stored, detectors=tuple(args.detectors.split(","))) if args.detectors else stored
+    return dataclasses.replace(stored, **changes)
 
 
 def cmd_adaptive(args) -> int:
@@ -112,7 +122,8 @@ def cmd_adaptive(args) -> int:
     base = load_base(args.base) if args.base else None
     stem = _asked_stage(args)
     if stem:  # a stage over a finished run's stored networks (no training), with the run's protocol
-        config = _stored_protocol(args, config)
+        given = {"detectors": tuple(args.detectors.split(","))} if args.detectors else {}
+        config = _stored_protocol(args, config, given, free=("detectors",))
         if config is None:
             return 2
         found = _stage(stem)(args.out, config, log=lambda m: print(m, file=sys.stderr), base=base)

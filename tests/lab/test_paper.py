@@ -365,6 +365,15 @@ def test_a_stage_reads_the_protocol_of_the_run_it_is_given(tmp_path, capsys):
     assert back == made and isinstance(back.paper.triggers[0], tuple) and back.margins == made.margins
     assert main(["paper", "--adaptive", "--margins", "--confirmation", "--out", str(run)]) == 2
     assert "(seed_offset differ)" in capsys.readouterr().err
+    # so does re-scoring a paper run's saved networks
+    from lab.paper import PaperConfig
+
+    paper = tmp_path / "paper"
+    paper.mkdir()
+    (paper / "summary.json").write_text(json.dumps({"config": dataclasses.asdict(PaperConfig())}))
+    assert run_config(paper, PaperConfig) == PaperConfig()
+    assert main(["paper", "--rescore", "--confirmation", "--no-curves", "--out", str(paper)]) == 2
+    assert "another protocol (data_seed, first_identity, seed_offset, triggers, " in capsys.readouterr().err
     s = json.loads((run / "summary.json").read_text())
     s["config"]["paper"]["no_such_knob"] = 1
     (run / "summary.json").write_text(json.dumps(s))
