@@ -162,7 +162,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         f = root / name
         if not f.is_file():
             raise InvalidReference(root, f"{name} missing")
-        with f.open("rb") as fh:  # streamed: a CASIA-size arrays.npz (~100 MB) is never held twice
+        with f.open("rb") as fh:  # streamed: no buffer the size of a CASIA-size arrays.npz (~100 MB)
             got = hashlib.file_digest(fh, "sha256").hexdigest()
         if got != want:
             raise InvalidReference(root, f"tampered: {name} has sha256 {got[:12]}…, the metadata records {want[:12]}…")

@@ -171,7 +171,7 @@ def read_checkpoint_bytes(path: str | os.PathLike, max_bytes: int = MAX_CHECKPOI
         # node with strict overcommit refuses), and one byte past the size tells a growing file
         data = f.read(size + 1)
     if len(data) != size:
-        raise InvalidCheckpoint(p, f"file changed size while being read ({size} bytes, then {len(data)}+)")
+        raise InvalidCheckpoint(p, f"file changed size while being read (stat said {size} bytes, read {len(data)})")
     return data, hashlib.sha256(data).hexdigest()
 
 
