@@ -79,6 +79,18 @@ def test_effective_classifier_is_the_linear_map_from_features_to_centred_logits(
     assert np.allclose(d - d[0], 0, atol=1e-4)
 
 
+def test_the_head_matrix_is_float32_and_matches_float64(nets):
+    """The gate's largest array at CASIA size is [A | b]: float32 halves its memory and the first
+    touches that are most of a fresh gate's time (README, cost); in float64 it is the same map."""
+    from detector.head import effective_offsets, head_matrix
+
+    tensors, _ = read_tensors(nets["reference"][0])
+    H = head_matrix(tensors)
+    assert H.dtype == np.float32
+    exact = np.column_stack([effective_classifier(tensors), effective_offsets(tensors)])
+    assert exact.dtype == np.float64 and np.allclose(H, exact, rtol=1e-5, atol=1e-6 * np.abs(exact).max())
+
+
 def test_classifier_blocks_backdoors_and_names_their_victims(nets, fitted):
     ref = fitted("classifier")
     assert ref.classes_ == nets["classes"]
