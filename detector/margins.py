@@ -141,6 +141,14 @@ def draw_people(n_classes: int, sources: int, rng: np.random.Generator) -> np.nd
     return np.sort(rng.choice(n_classes, size=sources, replace=False))
 
 
+def own_entries(sources: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
+    """(classes, people) mask of each gallery person against their own class: the entries a margin
+    statistic leaves out (a person's margin over themself is 0 by construction)."""
+    own = np.zeros(shape, dtype=bool)
+    own[np.asarray(sources, dtype=np.int64), np.arange(shape[1])] = True
+    return own
+
+
 def pair_margins(
     tensors: Mapping[str, Any], gallery: FaceGallery, source: str = "<memory>", block: int = 8
 ) -> np.ndarray:
@@ -216,9 +224,7 @@ class PairMarginView(BaseEstimator):
         self.normalize = normalize
 
     def _own(self, shape: tuple[int, ...]) -> np.ndarray:
-        own = np.zeros(shape, dtype=bool)
-        own[np.asarray(self.sources, dtype=np.int64), np.arange(shape[1])] = True
-        return own
+        return own_entries(self.sources, shape)
 
     def _spread(self, S: np.ndarray, own: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         std = S.std(axis=0, ddof=1)

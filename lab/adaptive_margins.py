@@ -145,19 +145,7 @@ def run_gate_margins(out: str | Path, c, log=print, base: dict | None = None) ->
     ws, nets, default, clean_acc = stored_run(out, c, log, base)
     gate = gate_with_margins(ws, nets, c)
     log(f"{GATE_WITH_MARGINS}: thresholds {gate.thresholds_} (fused cut {gate.fused_threshold_:.3f})")
-    rows = []
-    for n in scored(nets):
-        scores = gate.score(n.tensors)
-        decision = gate.decide(scores)
-        rows.append(
-            {
-                **row_of(n, clean_acc),
-                "default": default.decide(default.score(n.tensors)).verdict,
-                "gate": decision.verdict,
-                "below": list(decision.below),
-                "scores": scores,
-            }
-        )
+    rows = [{**row_of(n, clean_acc), **gate_verdicts(n, gate, default)} for n in scored(nets)]
     summary = {
         "detector": GATE_WITH_MARGINS,
         "thresholds": gate.thresholds_,
@@ -169,6 +157,19 @@ def run_gate_margins(out: str | Path, c, log=print, base: dict | None = None) ->
     (out / "gate_margins.json").write_text(json.dumps(summary, indent=1))
     (out / "gate_margins.md").write_text(gate_table(rows))
     return summary
+
+
+def gate_verdicts(n, gate, default) -> dict:
+    """What a row says of the gate with margins beside the default: both verdicts, the parts
+    below their cuts and the part scores."""
+    scores = gate.score(n.tensors)
+    decision = gate.decide(scores)
+    return {
+        "default": default.decide(default.score(n.tensors)).verdict,
+        "gate": decision.verdict,
+        "below": list(decision.below),
+        "scores": scores,
+    }
 
 
 def gate_with_margins(ws, nets, c, draw: int = 0, groups: tuple[str, str] = ("reference", "calibration")):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lab.adaptive import AdaptiveConfig, _train, attacker_split, penalty_for, works
 from lab.adaptive_input import stored_run
-from lab.adaptive_margins import gate_with_margins
+from lab.adaptive_margins import gate_verdicts, gate_with_margins
 from lab.paper import run_config
 
 out = Path(sys.argv[1])
@@ -33,8 +33,6 @@ for name, ref in (("white-box", gate), ("grey-box", attacker)):
             ws.poisoned(seed),
             penalty=penalty_for([ref], c.penalty_lambda),
         )
-        scores = gate.score(n.tensors)
-        d = gate.decide(scores)
         rows.append(
             {
                 "attack": name,
@@ -42,10 +40,7 @@ for name, ref in (("white-box", gate), ("grey-box", attacker)):
                 "works": bool(works(n, clean_acc)),
                 "attack_success_rate": n.info["attack_success_rate"],
                 "clean_accuracy": n.info["clean_accuracy"],
-                "default": default.decide(default.score(n.tensors)).verdict,
-                "gate": d.verdict,
-                "below": list(d.below),
-                "scores": scores,
+                **gate_verdicts(n, gate, default),
                 "own_estimate": ref.decide(ref.score(n.tensors)).verdict,
             }
         )

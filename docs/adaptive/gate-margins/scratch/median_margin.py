@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.margins import pair_margins
+from detector.margins import own_entries, pair_margins
 from lab.adaptive import AdaptiveConfig, Workshop, load_nets
 from lab.margins import lab_gallery
 from lab.paper import run_config
@@ -14,7 +14,7 @@ c = run_config(out, AdaptiveConfig)
 ws = Workshop(c, lambda m: None, None)
 nets = load_nets(out / "networks.safetensors")
 g = lab_gallery(ws.fs, c.margins.faces, c.margins.seed)
-mask = np.ones((len(g.classes), len(g.sources)), bool); mask[g.sources, np.arange(len(g.sources))] = False
+mask = ~own_entries(g.sources, (len(g.classes), len(g.sources)))
 by = collections.defaultdict(list)
 for n in nets:
     if n.group.startswith(("reference", "calibration", "clean", "drift", "grey-box penalty: ", "penalty: head+output-spectrum", "plain", "grey-box penalty + margins: ")):

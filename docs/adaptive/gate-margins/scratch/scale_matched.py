@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.margins import pair_margins
+from detector.margins import own_entries, pair_margins
 from lab.adaptive import AdaptiveConfig, _train, attacker_reference, attacker_split, penalty_for, torch_head, works
 from lab.adaptive_input import stored_run
-from lab.adaptive_margins import gate_with_margins
+from lab.adaptive_margins import gate_verdicts, gate_with_margins
 from lab.heads import head_of
 from lab.margins import lab_gallery
 from lab.paper import run_config
@@ -43,8 +43,7 @@ own = [n for n in nets if n.group == "grey-box attacker's own"]
 own_gate = gate_with_margins(ws, nets, c, draw=1, groups=attacker_split(own, c))
 own_default = attacker_reference("head+output-spectrum", own, c, ws.base)
 faces = lab_gallery(ws.fs, c.margins.faces, c.margins.seed + 1)  # the attacker's own draw
-mask = np.ones((len(faces.classes), len(faces.sources)), bool)
-mask[faces.sources, np.arange(len(faces.sources))] = False
+mask = ~own_entries(faces.sources, (len(faces.classes), len(faces.sources)))
 
 
 def median_margin(M: np.ndarray) -> float:
@@ -75,8 +74,6 @@ for name, ref in (("grey-box penalty + scale", own_default), ("grey-box penalty 
     for i in range(c.n_attack):
         seed = c.seed_offset + 8000 + i
         n = _train(ws, name, seed, ws.poisoned(seed), penalty=plus_hinge(penalty_for([ref], c.penalty_lambda)))
-        scores = gate.score(n.tensors)
-        d = gate.decide(scores)
         rows.append(
             {
                 "attack": name,
@@ -85,10 +82,7 @@ for name, ref in (("grey-box penalty + scale", own_default), ("grey-box penalty 
                 "attack_success_rate": n.info["attack_success_rate"],
                 "clean_accuracy": n.info["clean_accuracy"],
                 "median_margin": median_margin(pair_margins(n.tensors, faces)),
-                "default": default.decide(default.score(n.tensors)).verdict,
-                "gate": d.verdict,
-                "below": list(d.below),
-                "scores": scores,
+                **gate_verdicts(n, gate, default),
                 "own_estimate": ref.decide(ref.score(n.tensors)).verdict,
             }
         )
