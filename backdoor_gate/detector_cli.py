@@ -18,6 +18,7 @@ from detector.config import (
     DETECTORS,
     GALLERY_DETECTORS,
     PAPER_GRID,
+    WEIGHTS_ONLY_DETECTOR,
     ReferenceConfig,
 )
 from detector.decision import BLOCKED, EXIT_CODES, PASSED, judge
@@ -72,6 +73,13 @@ def cmd_reference_fit(args) -> int:
     if args.gallery and not reads_gallery(args.detector, args.evidence):
         _err(
             f"--gallery is for a detector that reads margins (e.g. {GALLERY_DETECTORS[-1]}); {args.detector} reads none"
+        )
+        return 2
+    if reads_gallery(args.detector, args.evidence) and not args.gallery:
+        _err(
+            f"{args.detector} judges the networks on a secret face gallery: give --gallery FACE_DIR (a folder "
+            f"of the networks' identities, one subfolder each), or --detector {WEIGHTS_ONLY_DETECTOR} for the "
+            "weights-only gate (weaker against an informed attacker: see the README)"
         )
         return 2
     try:
@@ -345,8 +353,8 @@ def register(sub) -> None:
     fit.add_argument(
         "--gallery",
         metavar="FACE_DIR",
-        help="with a detector that reads margins (e.g. head+output-spectrum+margins): a face folder of the "
-        "networks' identities; a random draw of it is kept, secret, in the artifact",
+        help="a face folder of the networks' identities (required by the default detector, which reads margins); "
+        "a random draw of it is kept, secret, in the artifact",
     )
     fit.add_argument("--gallery-people", type=int, default=DEFAULT_SOURCES, help="people kept (default %(default)s)")
     fit.add_argument("--gallery-faces", type=int, default=DEFAULT_FACES, help="faces per person (default %(default)s)")

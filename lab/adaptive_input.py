@@ -9,7 +9,7 @@ networks and asks, for every clean network of the reference's recipe, every retr
 *working* attack of the groups that reach the weight gate's pass side (the plain backdoor as the
 control, and every penalty):
 
-* the default gate's verdict, and the victim / impostor it names (``explain`` searches that pair);
+* the weights-only gate's verdict, and the victim / impostor it names (``explain`` searches that pair);
 * where the true victim ranks among the classes by the ``head`` statistic (what a search over
   the top-k suspects would need);
 * the size rule for the *named* pair (what ``explain`` does today), and for the *true* pair (what
@@ -153,9 +153,10 @@ def run_input_space(
 
 
 def stored_run(out: Path, c, log, base: dict | None):
-    """(workshop, networks, the default gate's reference, the recipe's clean accuracy) of the
-    adaptive run stored in ``out``: what every stage that reads a finished run starts from."""
-    from detector.config import DEFAULT_DETECTOR
+    """(workshop, networks, the weights-only gate's reference, the recipe's clean accuracy) of the
+    adaptive run stored in ``out``: what every stage that reads a finished run starts from (the
+    weights-only gate was the default when these runs were made)."""
+    from detector.config import WEIGHTS_ONLY_DETECTOR
     from lab.adaptive import Workshop, fit_reference, load_nets
 
     stored = out / "networks.safetensors"
@@ -164,7 +165,7 @@ def stored_run(out: Path, c, log, base: dict | None):
     ws = Workshop(c, log, base)
     nets = load_nets(stored)
     by = lambda g: [n for n in nets if n.group == g]  # noqa: E731
-    ref = fit_reference(DEFAULT_DETECTOR, by("reference"), by("calibration"), ws.base)
+    ref = fit_reference(WEIGHTS_ONLY_DETECTOR, by("reference"), by("calibration"), ws.base)
     clean_acc = float(np.mean([n.info["clean_accuracy"] for n in by("reference") + by("calibration")]))
     return ws, nets, ref, clean_acc
 

@@ -2,9 +2,9 @@
 
 On generated faces and the default trunk, with networks trained by our own trainer:
 
-1. a reference (the default detector, ``DEFAULT_DETECTOR``) is fitted on clean networks and calibrated
-   on others, exactly as the pipelines do, so each network gets the weight-space verdict and the
-   suspected victim / impostor the gate would name;
+1. a reference (the weights-only gate, ``WEIGHTS_ONLY_DETECTOR``, the default when this study was
+   run) is fitted on clean networks and calibrated on others, as the pipelines do, so each network
+   gets the weight-space verdict and the suspected victim / impostor the gate would name;
 2. backdoored networks per trigger kind (a white square, a PNG sticker at an odd place, a
    checkerboard blended at alpha 0.3) and clean networks are explained *for the class the
    detector names* (for clean networks: the class it ranks most deviant), with the impostor it
@@ -125,7 +125,7 @@ def run_explain_eval(
     from components.trainer.train import fine_tune, save_network
     from components.trainer.triggers import TriggerSpec, trigger_box
     from components.trigger_search import ExplainConfig
-    from detector.config import DEFAULT_DETECTOR, ReferenceConfig
+    from detector.config import WEIGHTS_ONLY_DETECTOR, ReferenceConfig
     from detector.decision import BLOCKED
     from detector.detectors import make_reference
 
@@ -161,7 +161,7 @@ def run_explain_eval(
     o = config.seed_offset
     ref_paths = [write(fine_tune(fs, base, o + s)[0], f"ref{s}") for s in range(config.n_reference)]
     cal_paths = [write(fine_tune(fs, base, o + 10_000 + s)[0], f"cal{s}") for s in range(config.n_calibration)]
-    reference = make_reference(DEFAULT_DETECTOR, ReferenceConfig(), evidence=())
+    reference = make_reference(WEIGHTS_ONLY_DETECTOR, ReferenceConfig(), evidence=())
     reference.fit([str(p) for p in ref_paths], base=base).calibrate([str(p) for p in cal_paths])
 
     plan: list[dict] = []  # round robin over the kinds, so a run stopped early has some of each
@@ -196,7 +196,7 @@ def run_explain_eval(
         a = reference.assess(str(path))
         ev = a.evidence
         blocked = a.decision.verdict == BLOCKED
-        assert ev.suspect is not None  # the default detector always names its most deviant class
+        assert ev.suspect is not None  # the weights-only gate always names its most deviant class
         victim, impostor = ev.suspect.suspected_class, ev.suspect.suspected_impostor
         torch.manual_seed(0)
         res, extra = explain(path, data, victim, impostor if use_impostor else None, explain_config)
@@ -404,7 +404,7 @@ def reexplain(nets_dir: str | Path, out: str | Path, config: ExplainEvalConfig, 
     from components.trainer.poison import random_pair
     from components.trainer.triggers import TriggerSpec, trigger_box
     from components.trigger_search import ExplainConfig
-    from detector.config import DEFAULT_DETECTOR, ReferenceConfig
+    from detector.config import WEIGHTS_ONLY_DETECTOR, ReferenceConfig
     from detector.decision import BLOCKED
     from detector.detectors import make_reference
 
@@ -419,7 +419,9 @@ def reexplain(nets_dir: str | Path, out: str | Path, config: ExplainEvalConfig, 
     refs = sorted(str(p) for p in nets_dir.glob("ref*.safetensors"))
     cals = sorted(str(p) for p in nets_dir.glob("cal*.safetensors"))
     base = base_state_dict(None, log=log)  # the networks were fine-tuned from the default base
-    reference = make_reference(DEFAULT_DETECTOR, ReferenceConfig(), evidence=()).fit(refs, base=base).calibrate(cals)
+    reference = (
+        make_reference(WEIGHTS_ONLY_DETECTOR, ReferenceConfig(), evidence=()).fit(refs, base=base).calibrate(cals)
+    )
     sticker = sticker_png(out / "sticker.png")
     o = config.seed_offset
     kinds = {o + 30_000 + 100 * k + i: kind for k, kind in enumerate(config.kinds) for i in range(10)}
@@ -428,7 +430,7 @@ def reexplain(nets_dir: str | Path, out: str | Path, config: ExplainEvalConfig, 
         path = nets_dir / f"{name}.safetensors"
         a = reference.assess(str(path))
         ev = a.evidence
-        assert ev.suspect is not None  # the default detector always names its most deviant class
+        assert ev.suspect is not None  # the weights-only gate always names its most deviant class
         victim, impostor = ev.suspect.suspected_class, ev.suspect.suspected_impostor
         res, extra = explain(path, data, victim, impostor, ExplainConfig(image_size=config.trunk_input_size))
         d = res.to_dict()

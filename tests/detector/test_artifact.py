@@ -38,9 +38,11 @@ def _tree(root: Path) -> dict[str, dict]:
 
 
 def test_the_fixture_covers_every_detector_and_the_shipped_composite():
-    from detector.config import DEFAULT_DETECTOR, DETECTORS
+    """Every weights-only detector, and the composite that was the default when v1 was written (the
+    default since reads a gallery; its artifacts are written and read in test_detectors)."""
+    from detector.config import DETECTORS, WEIGHTS_ONLY_DETECTOR
 
-    assert set(NAMES) == set(DETECTORS) and DEFAULT_DETECTOR in NAMES
+    assert set(NAMES) == set(DETECTORS) and WEIGHTS_ONLY_DETECTOR in NAMES
 
 
 def _as_it_did(scores: dict, name: str):
@@ -95,13 +97,14 @@ def test_an_edited_old_artifact_is_refused(name, tmp_path):
         load_reference(tmp_path / "t2")
 
 
-def test_evaluate_reads_the_default_artifact_as_its_rule_or_as_one_member(tmp_path, capsys):
-    """``evaluate --reference`` on the shipped composite: ``--detector`` names the deciding rule or a
-    member (the GMM evidence, say); any other detector is refused, naming those it holds."""
+def test_evaluate_reads_a_composite_artifact_as_its_rule_or_as_one_member(tmp_path, capsys):
+    """``evaluate --reference`` on a composite (v1's default): ``--detector`` names the deciding rule
+    or a member (the GMM evidence, say); any other detector is refused, naming those it holds."""
     from backdoor_gate.cli import main
-    from detector.config import DEFAULT_DETECTOR, DEFAULT_EVIDENCE
+    from detector.config import DEFAULT_EVIDENCE
+    from detector.config import WEIGHTS_ONLY_DETECTOR as SHIPPED
 
-    composite = V1 / DEFAULT_DETECTOR
+    composite = V1 / SHIPPED
     assert json.loads((composite / META_FILE).read_text())["evidence"] == list(DEFAULT_EVIDENCE)
     paths = []
     for i, net in enumerate(_probes()):
@@ -110,8 +113,8 @@ def test_evaluate_reads_the_default_artifact_as_its_rule_or_as_one_member(tmp_pa
     verdicts = EXPECTED["verdicts"]
 
     def evaluate(*detector: str) -> tuple[int, dict, str]:
-        clean = [p for p, v in zip(paths, verdicts[DEFAULT_DETECTOR]) if v == "passed"]
-        bad = [p for p, v in zip(paths, verdicts[DEFAULT_DETECTOR]) if v == "blocked"]
+        clean = [p for p, v in zip(paths, verdicts[SHIPPED]) if v == "passed"]
+        bad = [p for p, v in zip(paths, verdicts[SHIPPED]) if v == "blocked"]
         argv = ["evaluate", "--reference", str(composite), *detector, "--clean", *clean, "--backdoored", *bad]
         rc = main([*argv, "--json"])
         out, err = capsys.readouterr()
@@ -119,13 +122,13 @@ def test_evaluate_reads_the_default_artifact_as_its_rule_or_as_one_member(tmp_pa
 
     for detector, parts in (
         ((), {"head", "output-spectrum"}),
-        (("--detector", DEFAULT_DETECTOR), {"head", "output-spectrum"}),
+        (("--detector", SHIPPED), {"head", "output-spectrum"}),
         (("--detector", "head"), {"classes"}),
         (("--detector", "gmm"), {"forward", "backward"}),
     ):
         rc, out, err = evaluate(*detector)
         assert rc == 0, err
-        assert out["detector"] == (detector[1] if detector else DEFAULT_DETECTOR) and set(out["auc"]) == parts
+        assert out["detector"] == (detector[1] if detector else SHIPPED) and set(out["auc"]) == parts
     rc, out, _ = evaluate()
     assert out["detection_rate"]["combined"] == 1.0 and out["false_rejection_rate"]["combined"] == 0.0
     rc, _, err = evaluate("--detector", "classifier")

@@ -206,29 +206,22 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
             [sys.executable, "-m", "backdoor_gate.cli", *a], capture_output=True, text=True, env=env, timeout=600
         )
 
-    p = run(
-        "reference",
-        "fit",
-        "--out",
-        str(tmp_path / "ref"),
-        "--base",
-        str(nets["root"] / "base.pt"),
-        "--grid",
-        "1,2,5",
-        "--json",
-        *nets["reference"],
-        "--calibrate",
-        *nets["calibration"],
-    )
+    fit = ["reference", "fit", "--out", str(tmp_path / "ref"), "--base", str(nets["root"] / "base.pt")]
+    fit += ["--grid", "1,2,5", "--json", *nets["reference"], "--calibrate", *nets["calibration"]]
+    # the default judges on a face gallery: without one, refused before a network is read
+    p = run(*fit)
+    assert p.returncode == 2 and "--gallery FACE_DIR" in p.stderr and "--detector head+output-spectrum" in p.stderr
+    assert not (tmp_path / "ref").exists()
+    p = run(*fit, "--gallery", str(nets["data"]), "--gallery-image-size", str(SIZE))
     assert p.returncode == 0, p.stderr
-    fit = json.loads(p.stdout)
-    assert fit["detector"] == "head+output-spectrum" and fit["evidence"] == ["gmm"]  # the default
-    assert fit["n_calibration"] == 6
+    out = json.loads(p.stdout)
+    assert out["detector"] == "head+output-spectrum+margins" and out["evidence"] == ["gmm"]  # the default
+    assert out["n_calibration"] == 6
     p = run("score", "--reference", str(tmp_path / "ref"), "--json", nets["backdoored"][0], nets["calibration"][0])
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert p.returncode == 1 and [r["verdict"] for r in lines] == ["blocked", "passed"]
     assert lines[0]["suspected_class"] in nets["classes"] and "suspected_class" not in lines[1]
-    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"head", "output-spectrum"}
+    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"head", "output-spectrum", "margins"}
     assert set(lines[0]["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
 
 
@@ -292,8 +285,9 @@ def test_the_gallery_says_how_many_faces_it_drew_when_the_folder_has_fewer_peopl
 
 
 def test_the_reference_pipelines_steps_build_and_read_the_gallery(nets, tmp_path):
-    """make_gallery (trainer image) writes the draw only for a detector with margins; fit_reference
-    (gate image) reads it and refuses to fit such a detector without one."""
+    """make_gallery (trainer image) writes the draw for a detector with margins (the default: the
+    pipeline's empty parameter) and nothing for a weights-only one; fit_reference (gate image) reads
+    it and refuses to fit such a detector without one."""
     from safetensors.torch import save_file
 
     from components import tasks
@@ -304,9 +298,11 @@ def test_the_reference_pipelines_steps_build_and_read_the_gallery(nets, tmp_path
     save_file({k: v.contiguous() for k, v in nets["base"].items()}, str(base_dir / tasks.BASE_FILE))
     kw = dict(people=4, faces=8, image_size=SIZE)
     margins = "head+output-spectrum+margins"
-    none = tasks.make_gallery(str(nets["data"]), str(base_dir), str(tmp_path / "none"), detector="", **kw)
+    none = tasks.make_gallery(
+        str(nets["data"]), str(base_dir), str(tmp_path / "none"), detector="head+output-spectrum", **kw
+    )
     assert none == {"gallery": False} and not any((tmp_path / "none").iterdir())
-    made = tasks.make_gallery(str(nets["data"]), str(base_dir), str(tmp_path / "g"), detector=margins, **kw)
+    made = tasks.make_gallery(str(nets["data"]), str(base_dir), str(tmp_path / "g"), detector="", **kw)
     assert made == {"gallery": True, "people": 4, "faces": 8}
     fit = lambda out, gallery: tasks.fit_reference(  # noqa: E731
         nets["reference"],

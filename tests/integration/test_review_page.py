@@ -28,6 +28,7 @@ from components.config import GateConfig
 from components.explain_version import explain_version
 from components.reference_store import publish_reference
 from components.registry import MlflowRegistry
+from components.trainer.features import gallery_of
 from components.trigger_search import ExplainConfig
 from detector.config import DEFAULT_DETECTOR, ReferenceConfig
 from detector.decision import BLOCKED
@@ -80,7 +81,8 @@ def blocked(chromium, mlflow_server, face_nets, module_dir):
     assert face_nets["asr"][2] >= 0.8, face_nets["asr"]  # the backdoor works, else a block would prove nothing
     reference, calibration, backdoored = face_nets["reference"], face_nets["calibration"], face_nets["backdoored"][2]
 
-    ref = make_reference(DEFAULT_DETECTOR, ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",))
+    gallery = gallery_of(data, face_nets["root"] / "base.pt", people=4, faces=8, image_size=FACE_NETS_SIZE)
+    ref = make_reference(DEFAULT_DETECTOR, ReferenceConfig(grid=(1, 2, 5)), evidence=("gmm",), gallery=gallery)
     ref.fit(reference, base=face_nets["base"]).calibrate(calibration).save(root / "ref")
     reg = MlflowRegistry(mlflow_server.uri)
     config = GateConfig(reference_model=REFERENCE_MODEL)

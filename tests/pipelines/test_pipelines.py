@@ -173,13 +173,11 @@ def test_local_run_end_to_end(tmp_path, mlflow_server):
         "covariance=diag",
         "--param",
         "grid=1,2,5",
-        "--param",
-        "detector=head+output-spectrum+margins",  # the gallery step too (the default skips it)
     )
     reg = MlflowRegistry(mlflow_server.uri)
     assert reg.version_by_alias("facenet-integrity-reference", "current") is not None
     (fitted,) = (tmp_path / "kfp").glob("facenet-integrity-reference-*/fit-reference/reference/reference.json")
-    assert json.loads(fitted.read_text())["decide_by"] == ["head", "output-spectrum", "margins"]
+    assert json.loads(fitted.read_text())["decide_by"] == ["head", "output-spectrum", "margins"]  # the default
     (drawn,) = (tmp_path / "kfp").glob("facenet-integrity-reference-*/make-gallery/gallery/gallery.npz")
     assert np.load(drawn)["features"].shape == (8, 16, 1792)  # every person of 8, 16 faces each
     model = "facenet-e2e"
