@@ -672,7 +672,9 @@ def reference_fit_default(quick: bool, family, log) -> dict:
     out["note"] = (
         "fit + calibrate in this process (no file reading); the GMM evidence fits one Gaussian per neuron "
         "(components 'neurons', the paper's N_G; `aic_sweep` times the sweep), and leave-one-out refits "
-        "its PCA + EM once per network; synthetic heads around the paper-scale weight family"
+        "its PCA + EM once per network; synthetic heads around the paper-scale weight family; the "
+        "margins part's gallery is random features (a real one puts people x faces images through the "
+        "trunk first: 40 x 16 here, at `feature_extraction`'s rate)"
     )
     return out
 
