@@ -133,12 +133,36 @@ def draw_faces(labels: np.ndarray, people: np.ndarray, faces: int, rng: np.rando
     return np.stack(out)
 
 
-def draw_people(n_classes: int, sources: int, rng: np.random.Generator) -> np.ndarray:
-    """Which people the gallery keeps: all of them when there are at most ``sources``, else a
-    random ``sources`` of them (ascending)."""
-    if n_classes <= sources:
-        return np.arange(n_classes)
-    return np.sort(rng.choice(n_classes, size=sources, replace=False))
+def draw_people(
+    n_classes: int, sources: int, rng: np.random.Generator, eligible: Sequence[int] | np.ndarray | None = None
+) -> np.ndarray:
+    """Which people the gallery keeps: all of the ``eligible`` classes (default: every class) when
+    there are at most ``sources``, else a random ``sources`` of them (ascending). A real face
+    folder has people with fewer faces than the gallery keeps per person (CASIA-WebFace has
+    identities of two images): :func:`gallery_people` leaves them out."""
+    if eligible is None:
+        if n_classes <= sources:
+            return np.arange(n_classes)
+        return np.sort(rng.choice(n_classes, size=sources, replace=False))
+    pool = np.unique(np.asarray(eligible, dtype=np.int64))
+    if len(pool) <= sources:
+        return pool
+    return np.sort(rng.choice(pool, size=sources, replace=False))
+
+
+def gallery_people(
+    labels: np.ndarray, n_classes: int, sources: int, faces: int, rng: np.random.Generator
+) -> np.ndarray:
+    """:func:`draw_people` among the people with at least ``faces`` images in ``labels``;
+    ValueError when fewer than two have (a margin needs another person)."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)
+    eligible = np.flatnonzero(counts >= faces)
+    if len(eligible) < 2:
+        raise ValueError(
+            f"{len(eligible)} of {n_classes} people have {faces} or more faces; the gallery needs 2 or more "
+            "such people (ask for fewer faces per person)"
+        )
+    return draw_people(n_classes, sources, rng, eligible=eligible)
 
 
 def own_entries(sources: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:

@@ -170,21 +170,22 @@ def gallery_of(
     face_dir: str | Path, trunk: str | Path, *, people: int, faces: int, image_size: int, progress=None, total=None
 ):
     """The ``margins`` detector's secret gallery (:class:`detector.margins.FaceGallery`) from a
-    face folder (one sub-folder per identity, the networks' class list): ``people`` of them (all,
-    when there are no more) and ``faces`` faces each, drawn from the operating system's randomness,
-    never a seed (the draw is the secret; the artifact keeps it), through the frozen trunk of the
-    state dict at ``trunk``. Only the drawn faces go through the trunk: ``total(n)`` is told how
-    many once they are drawn, ``progress(k)`` each batch."""
+    face folder (one sub-folder per identity, the networks' class list): ``people`` of those with
+    ``faces`` faces or more (all of them, when there are no more) and ``faces`` faces each, drawn
+    from the operating system's randomness, never a seed (the draw is the secret; the artifact
+    keeps it), through the frozen trunk of the state dict at ``trunk``. Only the drawn faces go
+    through the trunk: ``total(n)`` is told how many once they are drawn, ``progress(k)`` each
+    batch."""
     from components.trainer.base_trunk import load_base
     from components.trainer.synth import list_images
-    from detector.margins import FaceGallery, draw_faces, draw_people
+    from detector.margins import FaceGallery, draw_faces, gallery_people
 
     items, classes = list_images(face_dir)
     if not items:
         raise ValueError(f"{face_dir}: no face images found (expected one sub-folder per identity)")
     labels = np.array([c for _, c in items])
     rng = np.random.default_rng()
-    chosen = draw_people(len(classes), people, rng)
+    chosen = gallery_people(labels, len(classes), people, faces, rng)
     drawn = draw_faces(labels, chosen, faces, rng)
     if total is not None:
         total(drawn.size)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,6 +283,21 @@ def test_the_gallery_says_how_many_faces_it_drew_when_the_folder_has_fewer_peopl
         total=told.append,
     )
     assert told == [2 * len(nets["classes"])] == [sum(done)] and g.features.shape[:2] == (len(nets["classes"]), 2)
+
+
+def test_a_folder_whose_people_have_uneven_faces_gives_a_gallery_of_those_with_enough(nets, tmp_path):
+    """CASIA-WebFace has identities of two images: the default's gallery (16 faces a person) is drawn
+    among the people with enough faces, over the networks' whole class list."""
+    from components.trainer.features import gallery_of
+
+    short = set(nets["classes"][:3])
+    for person in sorted(p for p in Path(nets["data"]).iterdir() if p.is_dir()):
+        (tmp_path / person.name).mkdir()
+        for face in sorted(person.iterdir())[: 2 if person.name in short else None]:
+            (tmp_path / person.name / face.name).symlink_to(face)
+    g = gallery_of(tmp_path, nets["root"] / "base.pt", people=1000, faces=4, image_size=SIZE)
+    assert g.classes == tuple(nets["classes"]) and g.features.shape[:2] == (len(nets["classes"]) - 3, 4)
+    assert not short & {g.classes[s] for s in g.sources}
 
 
 def test_the_reference_pipelines_steps_build_and_read_the_gallery(nets, tmp_path):

@@ -85,6 +85,21 @@ def test_people_are_all_kept_up_to_the_cap_and_drawn_beyond_it():
     assert not np.array_equal(few, draw_people(100, 8, np.random.default_rng(1)))
 
 
+def test_people_with_too_few_faces_are_never_drawn():
+    """A real face folder (CASIA's) has identities of two images: the gallery draws among those with
+    enough faces instead of failing on the first short one it drew."""
+    from detector.margins import gallery_people
+
+    labels = np.concatenate([np.repeat(np.arange(6), 16), np.repeat(np.arange(6, 10), 3)])  # 6..9: 3 faces
+    for seed in range(20):
+        drawn = gallery_people(labels, 10, 4, 16, np.random.default_rng(seed))
+        assert len(drawn) == 4 and set(drawn.tolist()) <= set(range(6)) and list(drawn) == sorted(drawn)
+    assert gallery_people(labels, 10, 128, 16, np.random.default_rng(0)).tolist() == list(range(6))
+    assert gallery_people(labels, 10, 128, 3, np.random.default_rng(0)).tolist() == list(range(10))
+    with pytest.raises(ValueError, match="0 of 10 people have 17 or more faces"):
+        gallery_people(labels, 10, 4, 17, np.random.default_rng(0))
+
+
 def test_a_bent_pair_is_blocked_and_clean_networks_pass(world):
     gallery, W0, centres, clean = world
     ref = fitted(gallery, clean)
