@@ -25,7 +25,7 @@ def cell(rs, key):
 
 
 bars = []  # (group, [(default, gate) pass rate per draw])
-print("| group | works | passed `head+output-spectrum` (today's default) | **passed `head+output-spectrum+margins`** |")
+print("| group | works | passed `head+output-spectrum` (weights only) | **passed `head+output-spectrum+margins` (default)** |")
 print("|---|---|---|---|")
 for g in groups:
     per = [[r for r in rs + a if r["group"] == g] for rs, a in zip(rows, aimed)]
