@@ -140,11 +140,7 @@ def draw_people(
     there are at most ``sources``, else a random ``sources`` of them (ascending). A real face
     folder has people with fewer faces than the gallery keeps per person (CASIA-WebFace has
     identities of two images): :func:`gallery_people` leaves them out."""
-    if eligible is None:
-        if n_classes <= sources:
-            return np.arange(n_classes)
-        return np.sort(rng.choice(n_classes, size=sources, replace=False))
-    pool = np.unique(np.asarray(eligible, dtype=np.int64))
+    pool = np.arange(n_classes) if eligible is None else np.unique(np.asarray(eligible, dtype=np.int64))
     if len(pool) <= sources:
         return pool
     return np.sort(rng.choice(pool, size=sources, replace=False))
