@@ -146,6 +146,10 @@ class GalleryMargins:
 
     def torch_anomaly(self, t: dict) -> torch.Tensor:
         """Max z per class over the gallery people (higher = more anomalous; its score negated)."""
+        return self.torch_z(t).max(dim=1).values
+
+    def torch_z(self, t: dict) -> torch.Tensor:
+        """(classes, people): every entry's z, a person against themself at −inf."""
         A, b = head_of({k: v.double() for k, v in t.items()})
         L = torch.einsum("skd,cd->skc", self.F, A) + b  # (people, faces, classes)
         own = L[torch.arange(len(self.sources)), :, self.sources]  # (people, faces): own class logit
@@ -153,7 +157,7 @@ class GalleryMargins:
         if self.normalize == "network":  # detector.margins.relative_margins
             M = M / -torch.quantile(M[~self.own], 0.5)
         z = (M - self.mean) / self.std
-        return z.masked_fill(self.own, -torch.inf).max(dim=1).values
+        return z.masked_fill(self.own, -torch.inf)
 
 
 def lab_gallery(fs, faces: int, seed: int, people: int | None = None):
