@@ -4,7 +4,10 @@ entry; the composite's rule otherwise (each part standardised on the calibration
 fused cut at the target FRR). Why: the stored attacks aimed at the weights and the lab's margin
 check keep their largest entry low and bend many a little (2026-12-05, offline on both adaptive
 runs' stored networks: 9 · 13 working attacks pass the gate, 3 · 4 with this aggregate; chosen
-among eleven aggregates with both draws printed at once, so neither draw is unseen for it).
+among fifteen aggregates, aggregates.py, with both draws printed at once, so neither draw is
+unseen for it). It also writes OUT/excess_networks.safetensors (the attacks, reused on a rerun)
+and, where calibration_size.py saved 40 more clean networks, scores the attacks against gates
+calibrated on 40.
 
 The evidence this script makes is on networks neither draw had: attacks aimed at this gate
 itself, white-box (its reference, gallery and cuts) and grey-box (the attacker's own gate with
