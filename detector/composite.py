@@ -47,6 +47,20 @@ def _robust(x: np.ndarray) -> tuple[float, float]:
     return float(med), max(float(mad), 1e-9 * max(abs(float(med)), 1e-300))
 
 
+def fused_cut(
+    calibration_scores: Mapping[str, np.ndarray], frr: float, spread: Callable = _robust
+) -> tuple[dict[str, tuple[float, float]], float, dict[str, float]]:
+    """(each part's (centre, spread) on its calibration scores, the cut at ``frr`` on every
+    calibration network's lowest standardised part, each part's threshold in its own units): the
+    composite's rule, one place for the gate and for the lab's variants of it (``spread``)."""
+    standardisation = {p: spread(np.asarray(s)) for p, s in calibration_scores.items()}
+    fused = np.min(
+        [(np.asarray(s) - standardisation[p][0]) / standardisation[p][1] for p, s in calibration_scores.items()], axis=0
+    )
+    t = threshold_at_frr(fused, frr)
+    return standardisation, t, {p: med + t * mad for p, (med, mad) in standardisation.items()}
+
+
 class CompositeReference(Reference):
     """Member detectors fitted on the same networks; ``decide_by`` decide, ``evidence`` report."""
 
@@ -131,19 +145,11 @@ class CompositeReference(Reference):
         if len(parts) == 1:
             ((p, (m, v)),) = parts.items()
             self.thresholds_ = {p: float(self.members_[m].thresholds_[v])}
-            self.standardisation_ = {}
+            self.standardisation_: dict[str, tuple[float, float]] = {}
         else:
-            self.standardisation_ = {p: _robust(s) for p, s in self.calibration_scores_.items()}
-            fused = np.min(
-                [
-                    (s - self.standardisation_[p][0]) / self.standardisation_[p][1]
-                    for p, s in self.calibration_scores_.items()
-                ],
-                axis=0,
+            self.standardisation_, self.fused_threshold_, self.thresholds_ = fused_cut(
+                self.calibration_scores_, self.config.frr
             )
-            t = threshold_at_frr(fused, self.config.frr)
-            self.fused_threshold_ = float(t)
-            self.thresholds_ = {p: med + t * mad for p, (med, mad) in self.standardisation_.items()}
         self.evidence_thresholds_ = {
             p: float(self.members_[m].thresholds_[v]) for p, (m, v) in self._parts(self.evidence_members).items()
         }

@@ -40,11 +40,11 @@ import numpy as np
 
 #: CASIA-WebFace, as in the paper
 CASIA_IDENTITIES = 10_575
-#: the gate rows: the default detector, and the weights-only gate beside it (``run``)
-GATE_ROWS = ("gate_default", "gate_weights_only")
 CASIA_IMAGES = 494_414
 PAPER_DIMS = {"forward": 76, "backward": 297}
 PAPER_NG = {"forward": 1792, "backward": 512}
+#: the gate rows: the default detector, and the weights-only gate beside it (``run``)
+GATE_ROWS = ("gate_default", "gate_weights_only")
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from detector.composite import _robust
-from detector.threshold import threshold_at_frr
+from detector.composite import _robust, fused_cut
 
 SPREADS = {
     "MAD (the gate)": lambda s: _robust(s),
@@ -38,12 +37,11 @@ def evaluate(pool, suite, aimed, working, white, grey, spread) -> str:
     cells = []
     for k in range(3):
         cal, fresh = pool[20 * k : 20 * k + 20], np.delete(pool, np.s_[20 * k : 20 * k + 20], axis=0)
-        st = [spread(cal[:, j]) for j in range(3)]
+        st, cut, _ = fused_cut({j: cal[:, j] for j in range(3)}, 0.05, spread)
 
         def fused(X, st=st):
             return np.min([(X[:, j] - st[j][0]) / st[j][1] for j in range(3)], axis=0)
 
-        cut = threshold_at_frr(fused(cal), 0.05)
         cells.append(
             f"{int((fused(fresh) < cut).sum())}/40, {int((working & ~white & (fused(suite) >= cut)).sum())}, "
             f"{int((grey & (fused(aimed) >= cut)).sum())}/{int(grey.sum())}"

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detector.composite import _robust
+from detector.composite import fused_cut
 from detector.decision import decide
 from detector.margins import PAIRS, pair_margins
-from detector.threshold import threshold_at_frr
 from lab.margins import GalleryMargins
 
 #: entries above this z count, by how far above
@@ -52,20 +51,18 @@ class ExcessGate:
         m = gate.members_["margins"]
         self.view, self.gallery = m.views_[PAIRS], m.gallery_
         cal = [self.score(t) for t in calibration]
-        self.standardisation_ = {p: _robust(np.array([s[p] for s in cal])) for p in cal[0]}
-        fused = [min((s[p] - med) / mad for p, (med, mad) in self.standardisation_.items()) for s in cal]
-        self.fused_threshold_ = threshold_at_frr(np.array(fused), frr)
-        self.thresholds_ = {p: med + self.fused_threshold_ * mad for p, (med, mad) in self.standardisation_.items()}
+        self.standardisation_, self.fused_threshold_, self.thresholds_ = fused_cut(
+            {p: np.array([s[p] for s in cal]) for p in cal[0]}, frr
+        )
 
     def z(self, tensors: dict) -> np.ndarray:
         z = (pair_margins(tensors, self.gallery) - self.view.mean_) / self.view.std_
         z[self.view.own_] = -np.inf
         return z
 
-    def score(self, tensors: dict) -> dict[str, float]:
-        s = dict(self.gate.score(tensors))
-        s["margins"] = excess_score(self.z(tensors))
-        return s
+    def score(self, tensors: dict, gate_scores: dict[str, float] | None = None) -> dict[str, float]:
+        """The gate's part scores (``gate_scores`` when the caller has them) with the margins part's replaced."""
+        return {**(gate_scores or self.gate.score(tensors)), "margins": excess_score(self.z(tensors))}
 
     def decide(self, scores: dict[str, float]):
         return decide(scores, self.thresholds_)
@@ -112,12 +109,14 @@ def main(out: Path) -> None:
     print("excess gate cuts", xgate.thresholds_, "fused", xgate.fused_threshold_, flush=True)
 
     def verdicts(n) -> dict:
-        xs = xgate.score(n.tensors)
+        gs = gate.score(n.tensors)
+        xs = xgate.score(n.tensors, gs)
+        x = xgate.decide(xs)
         return {
-            "excess": xgate.decide(xs).verdict,
-            "excess_below": list(xgate.decide(xs).below),
+            "excess": x.verdict,
+            "excess_below": list(x.below),
             "excess_scores": xs,
-            "gate": gate.decide(gate.score(n.tensors)).verdict,
+            "gate": gate.decide(gs).verdict,
             "default": default.decide(default.score(n.tensors)).verdict,
         }
 
