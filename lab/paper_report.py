@@ -128,14 +128,17 @@ def table(s: dict) -> str:
     lines += ["| view | N_G (AIC) | PCA dims | threshold (FRR 5 % on held-out) |", "|---|---|---|---|"]
     for v, info in s["views"].items():
         lines.append(f"| {v} | {info['n_components']} | {info['pca_dims']} | {s['thresholds'][v]:.6g} |")
+    # without the GMM among the detectors, s["controls"] is the first detector's: no column of its own
+    gmm = "gmm" in dets
+    others = [d for d in dets if d != "gmm"]
     lines += [
         "",
-        "| group | networks | blocked by the GMM gate | " + " | ".join(d for d in dets if d != "gmm") + " |",
-        "|---|---|---|" + "---|" * (len(dets) - 1),
+        "| group | networks | " + ("blocked by the GMM gate | " if gmm else "") + " | ".join(others) + " |",
+        "|---|---|" + "---|" * (len(others) + gmm),
     ]
     for name, c in s["controls"].items():
-        other = " | ".join(_f(s["controls_by_detector"][d].get(name)) for d in dets if d != "gmm")
-        lines.append(f"| {name} | {c['n']} | {c['blocked']:.2f} | {other} |")
+        cells = ([f"{c['blocked']:.2f}"] if gmm else []) + [_f(s["controls_by_detector"][d].get(name)) for d in others]
+        lines.append(f"| {name} | {c['n']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Held-out is the calibration set itself (in-sample); weighting (fresh seeds), sham and drift are clean "

@@ -34,6 +34,22 @@ def test_failed_backdoors_are_their_own_group_and_never_a_detection():
     assert g == {"held-out": [0], "triggers": [1, 3], "failed-backdoor": [2, 5], "locations": [4]}
 
 
+@pytest.mark.parametrize(("run", "gmm"), [("docs/paper", True), ("docs/paper/head/development", False)])
+def test_the_controls_table_has_a_gmm_column_only_when_the_gmm_was_run(run, gmm):
+    """A rescore without the GMM once printed its first detector's figures under "blocked by the
+    GMM gate", one column more than the separator (the two stored runs: with and without it)."""
+    from lab.paper_report import table
+
+    s = json.loads((Path(__file__).parents[2] / run / "summary.json").read_text())
+    lines = table(s).splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("| group | networks |"))
+    header, separator, held_out = lines[i : i + 3]
+    assert ("blocked by the GMM gate" in header) == gmm
+    assert header.count("|") == separator.count("|") == held_out.count("|")
+    first = next(d for d in s["baselines"] if d != "gmm")
+    assert header.split(" | ")[3 if gmm else 2].strip(" |") == first
+
+
 @pytest.mark.slow
 def test_paper_small_writes_every_section(tmp_path):
     faces = synthesize(tmp_path / "peek", SynthConfig(identities=4, images_per_identity=4, size=96))
