@@ -81,6 +81,11 @@ HEAD_TENSORS = (
 )
 #: The network-level pseudo-view: one number per network.
 NETWORK = "network"
+#: Each class's std floored at this multiple of its median over classes (``HeadDeviationView``).
+#: Off. 1.25, chosen on development (2026-12-05), let the grey-box attack aimed at it through 4/6
+#: on confirmation (5/6 without the floor) and blocked more shams on the paper's three protocols
+#: (9/18 against 5/18): a lead, not a default (README, docs/adaptive/gate-margins/head_floor/).
+DEFAULT_STD_FLOOR = 0.0
 
 
 def effective_offsets(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
@@ -129,15 +134,21 @@ class HeadDeviationView(ClassRows, BaseEstimator):
     ``rank``: eigen-directions of the clean deviations' covariance kept (the rest share the
     floor τ = the ``rank``-th eigenvalue; with fewer pooled deviations than ``rank``, the last
     non-zero one). ``normalize``: ``"network"`` (divide by the network's median class
-    statistic) or ``"none"``.
+    statistic) or ``"none"``. ``std_floor``: each class's std over the reference networks is
+    floored at this multiple of its median over classes (0: none). Why: a std estimated from a
+    handful of networks comes out small for some class by chance, and that class then turns an
+    ordinary deviation into a large z; the clean networks' largest z is heavy-tailed, the cut is
+    lenient, and an attack held just under it passes (the margins part floors its entries' std
+    for the same reason).
     """
 
     view = CLASSES
     unit = "class"
 
-    def __init__(self, rank: int = 256, normalize: str = "network"):
+    def __init__(self, rank: int = 256, normalize: str = "network", std_floor: float = DEFAULT_STD_FLOOR):
         self.rank = rank
         self.normalize = normalize
+        self.std_floor = std_floor
 
     # -- the metric ----------------------------------------------------------------------------
     @staticmethod
@@ -169,6 +180,12 @@ class HeadDeviationView(ClassRows, BaseEstimator):
     def _relative(self, q: np.ndarray) -> np.ndarray:
         return relative_deviation(q, self.normalize)
 
+    def _spread(self, rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(median, std) per class over networks, the std floored (``std_floor``; and at 1e-3 MAD)."""
+        median, mad = _robust(rel, axis=0)
+        std = np.maximum(rel.std(axis=0, ddof=1), mad * 1e-3)
+        return median, np.maximum(std, self.std_floor * np.median(std))
+
     # -- fit and score -------------------------------------------------------------------------
     def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> HeadDeviationView:
         S = np.stack([np.asarray(H, dtype=np.float64) for H in matrices])
@@ -188,8 +205,7 @@ class HeadDeviationView(ClassRows, BaseEstimator):
             q_rows.append((major + minor) * (1 + 1 / M) / (1 + 1 / (M - 1)))
             med_loo.append(self._shape(major, minor))
         rel = self._relative(np.asarray(q_rows))
-        self.median_, mad = _robust(rel, axis=0)
-        self.scale_ = np.maximum(rel.std(axis=0, ddof=1), mad * 1e-3)
+        self.median_, self.scale_ = self._spread(rel)
         self.directions_, self.weights_, self.floor_ = self._metric(S - mean, self.rank)
         self.directions_ = self.directions_.astype(np.float32)
         shape = np.asarray(med_loo)
@@ -247,8 +263,7 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         out = []
         for i in range(len(S)):
             keep = np.arange(len(S)) != i
-            med, mad = _robust(rel[keep], axis=0)
-            scale = np.maximum(rel[keep].std(axis=0, ddof=1), mad * 1e-3)
+            med, scale = self._spread(rel[keep])
             n_med, n_scale = float(np.median(shape[keep])), float(max(shape[keep].std(ddof=1), 1e-6))
             out.append(np.append(-(rel[i] - med) / scale, -(shape[i] - n_med) / n_scale))
             if progress is not None:
@@ -288,6 +303,8 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return {
             "rank": self.rank,
             "normalize": self.normalize,
+            # written only when set: an artifact without it (every one before 2026-12-05) has none
+            **({"std_floor": self.std_floor} if self.std_floor else {}),
             "floor": self.floor_,
             "network_median": self.network_median_,
             "network_scale": self.network_scale_,
@@ -296,7 +313,7 @@ class HeadDeviationView(ClassRows, BaseEstimator):
 
     @classmethod
     def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> HeadDeviationView:
-        est = cls(rank=int(info["rank"]), normalize=info["normalize"])
+        est = cls(rank=int(info["rank"]), normalize=info["normalize"], std_floor=float(info.get("std_floor", 0.0)))
         est._restore_rows(info, arrays)
         est.directions_ = np.asarray(arrays["directions"], dtype=np.float32)
         est.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
@@ -317,17 +334,25 @@ class HeadReference(ClassifierReference):
         rank: int = 256,
         normalize: str = "network",
         victim_rule: str = "toward-impostor",
+        std_floor: float = DEFAULT_STD_FLOOR,
     ):
         super().__init__(config, victim_rule=victim_rule)
         self.rank = rank
         self.normalize = normalize
+        self.std_floor = std_floor
 
     def _view_estimator_for(self) -> BaseEstimator:
-        return HeadDeviationView(rank=self.rank, normalize=self.normalize)
+        return HeadDeviationView(rank=self.rank, normalize=self.normalize, std_floor=self.std_floor)
 
     @classmethod
     def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> HeadReference:
-        return cls(config, rank=int(info["views"][CLASSES]["rank"]), normalize=info["views"][CLASSES]["normalize"])
+        v = info["views"][CLASSES]
+        return cls(
+            config,
+            rank=int(v["rank"]),
+            normalize=v["normalize"],
+            std_floor=float(v.get("std_floor", 0.0)),
+        )
 
     def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:
         return head_matrix(tensors, source)
