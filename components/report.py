@@ -17,6 +17,7 @@ import numpy as np
 
 from detector.decision import BLOCKED, PASSED
 from detector.evidence import Evidence
+from detector.head import NETWORK_ENTRIES
 
 
 def vector_deviation(calibration_vector_scores: np.ndarray, vector_scores: np.ndarray) -> np.ndarray:
@@ -120,8 +121,8 @@ def write_report(
     def unit_name(v: str, i: int) -> str:
         classes = parts[v]["classes"]
         if parts[v]["unit"] == "class" and classes:
-            # past the classes: a network-level statistic of the same part (head's shape z)
-            return html.escape(classes[i]) if i < len(classes) else "the network's shape"
+            # past the classes: the network-level statistics of the same part (head's shape, share)
+            return html.escape(classes[i]) if i < len(classes) else NETWORK_ENTRIES[i - len(classes)]
         return f"#{i}"
 
     def least_typical(v: str) -> str:
@@ -179,7 +180,7 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
     z = -vector_scores
     cal_z = -np.asarray(info["calibration_vector_scores"])
     n = len(info["classes"]) if info.get("classes") else z.size
-    network_z = z[n:]  # head: the network's shape z after the classes
+    network_z = z[n:]  # head: the network-level z's after the classes (NETWORK_ENTRIES)
     z, cal_z = z[:n], cal_z[:, :n]
     x = np.arange(z.size)
     ax.fill_between(
@@ -198,7 +199,7 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
         ax.scatter([suspected], [z[suspected]], color="red", s=60, zorder=5, label=f"suspected victim: {name}")
     ax.set_xlabel("class (logit index)")
     ax.set_ylabel("deviation z (robust σ)")
-    shape = f"; the network's shape z = {network_z[0]:.1f}" if network_z.size else ""
+    shape = "".join(f"; {name} z = {v:.1f}" for name, v in zip(NETWORK_ENTRIES, network_z))
     ax.set_title(f"per-class deviation of the decision rule{shape}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
 

@@ -86,6 +86,11 @@ NETWORK = "network"
 #: on confirmation (5/6 without the floor) and blocked more shams on the paper's three protocols
 #: (9/18 against 5/18): a lead, not a default (README, docs/adaptive/gate-margins/head_floor/).
 DEFAULT_STD_FLOOR = 0.0
+#: Whether ``head`` also scores the network's offset share (``HeadDeviationView``): off until it is
+#: measured in this form; the lab measured it as a separate part (README, "the offset share").
+DEFAULT_SHARE = False
+#: What the entries after the classes in ``head``'s vector are, in order (the share only when on).
+NETWORK_ENTRIES = ("the network's shape", "the offset share")
 
 
 def effective_offsets(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
@@ -139,16 +144,28 @@ class HeadDeviationView(ClassRows, BaseEstimator):
     handful of networks comes out small for some class by chance, and that class then turns an
     ordinary deviation into a large z; the clean networks' largest z is heavy-tailed, the cut is
     lenient, and an attack held just under it passes (the margins part floors its entries' std
-    for the same reason).
+    for the same reason). ``share``: also score the network's offset share, max over classes of
+    log(the top kept direction's part of q_c / q_c), as a z against the reference networks (each
+    scored leave-one-out, as the shape). Why: an attack that keeps its margins on clean faces
+    ordinary lowers the victim's offset, the direction clean networks vary most along and so the
+    cheapest here, and a quarter to a half of the class's whitened deviation then lies on that one
+    direction, against under 3 % for clean networks' classes.
     """
 
     view = CLASSES
     unit = "class"
 
-    def __init__(self, rank: int = 256, normalize: str = "network", std_floor: float = DEFAULT_STD_FLOOR):
+    def __init__(
+        self,
+        rank: int = 256,
+        normalize: str = "network",
+        std_floor: float = DEFAULT_STD_FLOOR,
+        share: bool = DEFAULT_SHARE,
+    ):
         self.rank = rank
         self.normalize = normalize
         self.std_floor = std_floor
+        self.share = share
 
     # -- the metric ----------------------------------------------------------------------------
     @staticmethod
@@ -166,12 +183,18 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return U[:, :k].copy(), w, 1.0 / (2.0 * tau)
 
     @staticmethod
-    def _parts(D: np.ndarray, U: np.ndarray, w: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
-        """(major, minor) per row: the whitened deviation inside the kept directions and outside them."""
+    def _parts(D: np.ndarray, U: np.ndarray, w: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(major, minor, top) per row: the whitened deviation inside the kept directions and outside
+        them, and the largest one kept direction's part of it."""
         P = D @ U
         PP = P * P
         minor = floor * (np.einsum("...d,...d->...", D, D) - PP.sum(-1))
-        return PP @ (w + floor), minor
+        return PP @ (w + floor), minor, (PP * (w + floor)).max(-1)
+
+    @staticmethod
+    def _share(q: np.ndarray, top: np.ndarray) -> float:
+        """max over classes of log(top / q): higher = one direction carries more of a class's deviation."""
+        return float(np.max(np.log(np.maximum(top, 1e-300) / np.maximum(q, 1e-300))))
 
     @staticmethod
     def _shape(major: np.ndarray, minor: np.ndarray) -> float:
@@ -197,13 +220,15 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         # each reference network against the others (its own row would pull the mean and the metric)
         q_rows: list[np.ndarray] = []
         med_loo: list[float] = []
+        share_loo: list[float] = []
         for i in range(M):
             others = np.delete(S, i, axis=0)
             c = others.mean(axis=0)
             U, w, floor = self._metric(others - c, self.rank)
-            major, minor = self._parts(S[i] - c, U, w, floor)
+            major, minor, top = self._parts(S[i] - c, U, w, floor)
             q_rows.append((major + minor) * (1 + 1 / M) / (1 + 1 / (M - 1)))
             med_loo.append(self._shape(major, minor))
+            share_loo.append(self._share(major + minor, top))
         rel = self._relative(np.asarray(q_rows))
         self.median_, self.scale_ = self._spread(rel)
         self.directions_, self.weights_, self.floor_ = self._metric(S - mean, self.rank)
@@ -211,39 +236,48 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         shape = np.asarray(med_loo)
         self.network_median_ = float(np.median(shape))
         self.network_scale_ = float(max(shape.std(ddof=1), 1e-6))
+        share = np.asarray(share_loo)
+        self.share_median_, self.share_scale_ = float(np.median(share)), float(max(share.std(ddof=1), 1e-6))
         self.reference_vector_scores_ = np.concatenate(
-            [-(rel - self.median_) / self.scale_, -(shape[:, None] - self.network_median_) / self.network_scale_],
-            axis=1,
+            [-(rel - self.median_) / self.scale_, -self._network_z(shape[:, None], share[:, None])], axis=1
         )
         self.n_networks_, self.shape_ = M, tuple(self.center_.shape)
         # what leave_one_out_vector_scores reuses (never saved: the artifact keeps the fitted state only)
-        self._loo = (S, rel, shape)
+        self._loo = (S, rel, shape, share)
         return self
 
-    def statistic(self, matrix: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-        """(major, minor) for every class (float64, a block of rows at a time)."""
+    def _network_z(self, shape: Any, share: Any, stats: Sequence[float] | None = None) -> np.ndarray:
+        """The network-level z's after the classes (:data:`NETWORK_ENTRIES`): a vector for one
+        network, a column each for several; ``stats``: (shape median, scale, share median, scale)
+        in place of the fitted ones."""
+        fitted = (self.network_median_, self.network_scale_, self.share_median_, self.share_scale_)
+        sm, ss, hm, hs = stats if stats is not None else fitted
+        zs = [(np.asarray(shape) - sm) / ss] + ([(np.asarray(share) - hm) / hs] if self.share else [])
+        return np.concatenate([np.reshape(z, (-1, 1)) for z in zs], axis=1) if np.ndim(shape) else np.array(zs)
+
+    def statistic(self, matrix: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(major, minor, top) for every class (float64, a block of rows at a time)."""
         H = np.asarray(matrix)
         if H.shape != tuple(self.center_.shape):
             raise ValueError(f"head of shape {H.shape}; the reference's is {tuple(self.center_.shape)}")
         U = self.directions_.astype(np.float64)
-        major, minor = np.empty(H.shape[0]), np.empty(H.shape[0])
+        major, minor, top = (np.empty(H.shape[0]) for _ in range(3))
         for i in range(0, H.shape[0], rows):
             D = H[i : i + rows].astype(np.float64) - self.center_[i : i + rows]
-            major[i : i + rows], minor[i : i + rows] = self._parts(D, U, self.weights_, self.floor_)
-        return major, minor
+            major[i : i + rows], minor[i : i + rows], top[i : i + rows] = self._parts(D, U, self.weights_, self.floor_)
+        return major, minor, top
 
-    def z(self, matrix: np.ndarray) -> tuple[np.ndarray, float]:
-        """(z per class, the network's shape z): higher = more anomalous."""
+    def z(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(z per class, the network-level z's: :data:`NETWORK_ENTRIES`): higher = more anomalous."""
         check_fitted(self, "center_")
-        major, minor = self.statistic(matrix)
+        major, minor, top = self.statistic(matrix)
         zc = (self._relative(major + minor) - self.median_) / self.scale_
-        zn = (self._shape(major, minor) - self.network_median_) / self.network_scale_
-        return zc, float(zn)
+        return zc, self._network_z(self._shape(major, minor), self._share(major + minor, top))
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
-        """−z per class, then the network's −z as the last entry (see :meth:`aggregate`)."""
+        """−z per class, then the network-level −z's (see :meth:`aggregate`)."""
         zc, zn = self.z(matrix)
-        return np.append(-zc, -zn)
+        return np.concatenate([-zc, -zn])
 
     def leave_one_out_vector_scores(
         self, matrices: Sequence[np.ndarray], progress: Callable | None = None
@@ -259,20 +293,22 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         given = np.stack([np.asarray(H, dtype=np.float64) for H in matrices])
         if fitted_on is None or given.shape != fitted_on[0].shape or not np.array_equal(given, fitted_on[0]):
             raise ValueError("leave-one-out scores are for the networks this view was fitted on, in that order")
-        S, rel, shape = fitted_on
+        S, rel, shape, share = fitted_on
         out = []
         for i in range(len(S)):
             keep = np.arange(len(S)) != i
             med, scale = self._spread(rel[keep])
-            n_med, n_scale = float(np.median(shape[keep])), float(max(shape[keep].std(ddof=1), 1e-6))
-            out.append(np.append(-(rel[i] - med) / scale, -(shape[i] - n_med) / n_scale))
+            stats = tuple(
+                x for v in (shape[keep], share[keep]) for x in (float(np.median(v)), float(max(v.std(ddof=1), 1e-6)))
+            )
+            out.append(np.concatenate([-(rel[i] - med) / scale, -self._network_z(shape[i], share[i], stats)]))
             if progress is not None:
                 progress(i)
         return np.asarray(out)
 
     # -- torch mirror (the lab's white-box attacker differentiates through it) -------------------
     def torch_z(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z per class, network z) in torch, differentiable in the head's parameters."""
+        """(z per class, the network-level z's) in torch, differentiable in the head's parameters."""
         import torch
 
         s = tensors["last_bn.weight"] / torch.sqrt(tensors["last_bn.running_var"] + BN_EPS)
@@ -286,14 +322,17 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         D = H - torch.from_numpy(self.center_.astype(np.float64))
         P = D @ torch.from_numpy(self.directions_.astype(np.float64))
         PP = P * P
-        major = PP @ torch.from_numpy(self.weights_ + self.floor_)
+        wf = torch.from_numpy(self.weights_ + self.floor_)
+        major = PP @ wf
         minor = self.floor_ * ((D * D).sum(1) - PP.sum(1))
         q = major + minor
         median = lambda x: torch.quantile(x, 0.5)  # noqa: E731 — numpy's median (torch.median takes the lower middle)
         rel = q / median(q) if self.normalize == "network" else q
         zc = (rel - torch.from_numpy(self.median_)) / torch.from_numpy(self.scale_)
-        zn = (torch.log(median(minor) / median(major)) - self.network_median_) / self.network_scale_
-        return zc, zn
+        zn = [(torch.log(median(minor) / median(major)) - self.network_median_) / self.network_scale_]
+        if self.share:
+            zn.append((torch.log((PP * wf).max(1).values / q).max() - self.share_median_) / self.share_scale_)
+        return zc, torch.stack(zn)
 
     # -- the artifact ----------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
@@ -305,6 +344,12 @@ class HeadDeviationView(ClassRows, BaseEstimator):
             "normalize": self.normalize,
             # written only when set: an artifact without it (every one before 2026-12-05) has none
             **({"std_floor": self.std_floor} if self.std_floor else {}),
+            # likewise: an artifact without "share" scores no share
+            **(
+                {"share": True, "share_median": self.share_median_, "share_scale": self.share_scale_}
+                if self.share
+                else {}
+            ),
             "floor": self.floor_,
             "network_median": self.network_median_,
             "network_scale": self.network_scale_,
@@ -313,7 +358,14 @@ class HeadDeviationView(ClassRows, BaseEstimator):
 
     @classmethod
     def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> HeadDeviationView:
-        est = cls(rank=int(info["rank"]), normalize=info["normalize"], std_floor=float(info.get("std_floor", 0.0)))
+        est = cls(
+            rank=int(info["rank"]),
+            normalize=info["normalize"],
+            std_floor=float(info.get("std_floor", 0.0)),
+            share=bool(info.get("share", False)),
+        )
+        est.share_median_ = float(info.get("share_median", 0.0))
+        est.share_scale_ = float(info.get("share_scale", 1.0))
         est._restore_rows(info, arrays)
         est.directions_ = np.asarray(arrays["directions"], dtype=np.float32)
         est.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
@@ -335,14 +387,16 @@ class HeadReference(ClassifierReference):
         normalize: str = "network",
         victim_rule: str = "toward-impostor",
         std_floor: float = DEFAULT_STD_FLOOR,
+        share: bool = DEFAULT_SHARE,
     ):
         super().__init__(config, victim_rule=victim_rule)
         self.rank = rank
         self.normalize = normalize
         self.std_floor = std_floor
+        self.share = share
 
     def _view_estimator_for(self) -> BaseEstimator:
-        return HeadDeviationView(rank=self.rank, normalize=self.normalize, std_floor=self.std_floor)
+        return HeadDeviationView(rank=self.rank, normalize=self.normalize, std_floor=self.std_floor, share=self.share)
 
     @classmethod
     def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> HeadReference:
@@ -352,6 +406,7 @@ class HeadReference(ClassifierReference):
             rank=int(v["rank"]),
             normalize=v["normalize"],
             std_floor=float(v.get("std_floor", 0.0)),
+            share=bool(v.get("share", False)),
         )
 
     def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:
@@ -363,8 +418,9 @@ class HeadReference(ClassifierReference):
         return v[:-1]
 
     def evidence(self, vector_scores: Mapping[str, np.ndarray], matrix: np.ndarray | None = None) -> Evidence:
-        """The classifier's suspect naming over the class entries; ``network_z`` beside it."""
+        """The classifier's suspect naming over the class entries; the network's shape z beside it."""
         v = np.asarray(vector_scores[CLASSES])
-        out = super().evidence({CLASSES: v[:-1]}, matrix)
+        n = self.views_[CLASSES].center_.shape[0]
+        out = super().evidence({CLASSES: v[:n]}, matrix)
         assert out.suspect is not None  # the classifier always names its most deviant class
-        return Evidence(suspect=replace(out.suspect, network_z=float(-v[-1])))
+        return Evidence(suspect=replace(out.suspect, network_z=float(-v[n])))

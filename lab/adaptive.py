@@ -424,7 +424,7 @@ def torch_anomaly(est, t: dict, spectrum_basis: dict | None = None) -> torch.Ten
         return ((stat - est.median_) / est.scale_).reshape(1)
     if hasattr(est, "torch_z"):
         zc, zn = est.torch_z(t)
-        return torch.cat([zc, zn.reshape(1)])
+        return torch.cat([zc, zn.reshape(-1)])
     A, _ = head_of(t)
     A = A - A.mean(0, keepdim=True)
     center = torch.from_numpy(np.asarray(est.center_, dtype=np.float64))

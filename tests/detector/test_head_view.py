@@ -51,3 +51,66 @@ def test_the_artifact_keeps_the_floor_and_an_older_one_restores_without_it(heads
     assert np.array_equal(back.score_vectors(heads[0]), floored.score_vectors(heads[0]))
     older = {k: v for k, v in info.items() if k != "std_floor"}
     assert HeadDeviationView.restore(older, arrays).std_floor == 0.0
+
+
+def _checkpoint(rng, base: dict, offset_sd: float = 0.5) -> dict:
+    """A clean fine-tune of ``base``'s head: offsets vary most between clean networks (as ours do)."""
+    t = {k: v.copy() for k, v in base.items()}
+    t["logits.weight"] += rng.normal(0, 0.05, t["logits.weight"].shape)
+    t["logits.bias"] += rng.normal(0, offset_sd, t["logits.bias"].shape)
+    t["last_linear.weight"] += rng.normal(0, 0.01, t["last_linear.weight"].shape)
+    return {k: v.astype(np.float32) for k, v in t.items()}
+
+
+@pytest.fixture(scope="module")
+def checkpoints():
+    """16 clean heads of 10 classes over 40 features (a 24-wide bottleneck), 4 fresh ones, and a
+    fresh one whose class 3 offset moved by 10 clean offset spreads and nothing else."""
+    rng = np.random.default_rng(3)
+    base = {
+        "last_linear.weight": rng.normal(0, 0.2, (24, 40)),
+        "last_bn.weight": rng.uniform(0.5, 1.5, 24),
+        "last_bn.bias": rng.normal(0, 0.1, 24),
+        "last_bn.running_mean": rng.normal(0, 0.1, 24),
+        "last_bn.running_var": rng.uniform(0.5, 2.0, 24),
+        "logits.weight": rng.normal(0, 0.3, (10, 24)),
+        "logits.bias": np.zeros(10),
+    }
+    nets = [_checkpoint(rng, base) for _ in range(20)]
+    shifted = {k: v.copy() for k, v in nets[-1].items()}
+    shifted["logits.bias"][3] += 10 * 0.5
+    return nets[:16], nets[16:], shifted
+
+
+def test_the_share_entry_flags_a_deviation_carried_by_one_direction(checkpoints):
+    from detector.head import head_matrix
+
+    refs, fresh, shifted = checkpoints
+    H = [head_matrix(t) for t in refs]
+    plain = HeadDeviationView(rank=16).fit(H)
+    share = HeadDeviationView(rank=16, share=True).fit(H)
+    for t in [*fresh, shifted]:
+        a, b = plain.score_vectors(head_matrix(t)), share.score_vectors(head_matrix(t))
+        # off, the vector is what it was (classes, then the shape); on, the share comes last
+        assert a.size == 11 and b.size == 12 and np.array_equal(a, b[:11])
+    # the moved offset carries its class's deviation: a lower share score than any fresh clean head's
+    shares = [share.score_vectors(head_matrix(t))[-1] for t in fresh]
+    assert share.score_vectors(head_matrix(shifted))[-1] < min(shares) - 1.0, shares
+    assert share.reference_vector_scores_.shape == (16, 12)
+    assert share.leave_one_out_vector_scores(H).shape == (16, 12)
+
+
+def test_the_share_round_trips_and_its_torch_mirror_is_the_numpy_score(checkpoints):
+    import torch
+
+    from detector.head import head_matrix
+
+    refs, fresh, shifted = checkpoints
+    view = HeadDeviationView(rank=16, share=True).fit([head_matrix(t) for t in refs])
+    back = HeadDeviationView.restore(view.info(), view.arrays())
+    assert back.share and "share" not in HeadDeviationView(rank=16).fit([head_matrix(t) for t in refs]).info()
+    for t in [fresh[0], shifted]:
+        v = view.score_vectors(head_matrix(t))
+        assert np.array_equal(back.score_vectors(head_matrix(t)), v)
+        zc, zn = view.torch_z({k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()})
+        assert np.allclose(-np.concatenate([zc.numpy(), zn.numpy()]), v, atol=1e-4)
