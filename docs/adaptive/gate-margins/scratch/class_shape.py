@@ -25,7 +25,7 @@ ws, nets, default, _ = stored_run(out, c, lambda m: None, None)
 view = default.members_["head"].views_["classes"]
 by: dict[str, list[tuple[float, float]]] = {}
 for n in nets:
-    major, minor = view.statistic(head_matrix(n.tensors))
+    major, minor, _ = view.statistic(head_matrix(n.tensors))
     zc, _ = view.z(head_matrix(n.tensors))
     top = int(np.argmax(zc))
     share = np.log(minor / major)
