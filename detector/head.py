@@ -86,8 +86,10 @@ NETWORK = "network"
 #: on confirmation (5/6 without the floor) and blocked more shams on the paper's three protocols
 #: (9/18 against 5/18): a lead, not a default (README, docs/adaptive/gate-margins/head_floor/).
 DEFAULT_STD_FLOOR = 0.0
-#: Whether ``head`` also scores the network's offset share (``HeadDeviationView``): off until it is
-#: measured in this form; the lab measured it as a separate part (README, "the offset share").
+#: Whether ``head`` also scores the network's offset share (``HeadDeviationView``). Off: inside
+#: ``head`` it shares head's one cut, lenient on the confirmation draw, and the grey-box attack aimed
+#: at it passed 1/6 · 2/6 (0/5 · 4/6 with the margins read as a sum); as a part with its own place in
+#: the fused cut, 1/6 · 1/6 (README, "the offset share", 2026-12-05).
 DEFAULT_SHARE = False
 #: What the entries after the classes in ``head``'s vector are, in order (the share only when on).
 NETWORK_ENTRIES = ("the network's shape", "the offset share")

@@ -124,10 +124,58 @@ def penalty_aimed_at(sgate: ShareGate, lam: float, margins: str, margin: float =
     return penalty
 
 
+def stored_sets(out: Path, nets, extra: tuple[tuple[str, str], ...] = ()) -> dict[str, list]:
+    """The 60 clean networks of the calibration scheme and every stored network the tables score."""
+    from lab.adaptive import load_nets
+    from lab.adaptive_margins import scored
+
+    return {
+        "pool": [n for n in nets if n.group == "calibration"] + load_nets(out / "extra_calibration.safetensors"),
+        "suite": scored(nets),
+        "excess": load_nets(out / "excess_networks.safetensors"),
+        "floor": load_nets(out / "head_floor_1.25.safetensors"),
+        **{k: load_nets(out / f) for k, f in extra},
+    }
+
+
+def working(sets: dict[str, list], clean_acc: float) -> dict[str, np.ndarray]:
+    from lab.adaptive import works
+
+    return {
+        k: np.array(["attack_success_rate" in n.info and bool(works(n, clean_acc)) for n in v]) for k, v in sets.items()
+    }
+
+
+def draw_row(X: dict, ok: dict, sets: dict, cols: list[int], grey_sets: tuple[str, ...]) -> str:
+    """Per calibration draw (the run's 20 | 20 new | 20 new of the pool; the other 40 scored as
+    fresh), the gate cut on the part columns ``cols`` of X: fresh clean blocked, working attacks of
+    the stored suite passed (not white-box · white-box), grey-box attacks of ``grey_sets`` passed,
+    lr x2 retrains blocked."""
+    white = np.array([n.group.startswith("penalty") for n in sets["suite"]])
+    lr2 = np.array([n.group == "drift: lr x2" for n in sets["suite"]])
+    grey = {k: ok[k] & np.array([n.group.startswith("grey") for n in sets[k]]) for k in grey_sets}
+    cells = []
+    for d in range(3):
+        cal = X["pool"][20 * d : 20 * d + 20]
+        fresh = np.delete(X["pool"], np.s_[20 * d : 20 * d + 20], axis=0)
+        st, cut, _ = fused_cut({j: cal[:, j] for j in cols}, 0.05)
+
+        def passes(Y, st=st, cut=cut):
+            return np.min([(Y[:, j] - st[j][0]) / st[j][1] for j in cols], axis=0) >= cut
+
+        s = passes(X["suite"])
+        g = " · ".join(f"{int((grey[k] & passes(X[k])).sum())}/{int(grey[k].sum())}" for k in grey_sets)
+        cells.append(
+            f"{int((~passes(fresh)).sum())}/40, {int((ok['suite'] & ~white & s).sum())} · "
+            f"{int((ok['suite'] & white & s).sum())}, {g}, {int((lr2 & ~s).sum())}/3"
+        )
+    return " | ".join(cells)
+
+
 def suite(out: Path) -> None:
-    from lab.adaptive import AdaptiveConfig, load_nets, works
+    from lab.adaptive import AdaptiveConfig
     from lab.adaptive_input import stored_run
-    from lab.adaptive_margins import gate_with_margins, scored
+    from lab.adaptive_margins import gate_with_margins
     from lab.paper import run_config
 
     c = run_config(out, AdaptiveConfig)
@@ -135,12 +183,7 @@ def suite(out: Path) -> None:
     gate = gate_with_margins(ws, nets, c)
     head = gate.members_["head"]
     view = head.views_["classes"]
-    sets = {
-        "pool": [n for n in nets if n.group == "calibration"] + load_nets(out / "extra_calibration.safetensors"),
-        "suite": scored(nets),
-        "excess": load_nets(out / "excess_networks.safetensors"),
-        "floor": load_nets(out / "head_floor_1.25.safetensors"),
-    }
+    sets = stored_sets(out, nets)
     parts = ("head", "output-spectrum", "margins")
     X = {
         k: np.array(
@@ -151,12 +194,7 @@ def suite(out: Path) -> None:
         )
         for k, v in sets.items()
     }
-    ok = {
-        k: np.array(["attack_success_rate" in n.info and bool(works(n, clean_acc)) for n in v]) for k, v in sets.items()
-    }
-    white = np.array([n.group.startswith("penalty") for n in sets["suite"]])
-    grey = {k: ok[k] & np.array([n.group.startswith("grey") for n in sets[k]]) for k in ("excess", "floor")}
-    lr2 = np.array([n.group == "drift: lr x2" for n in sets["suite"]])
+    ok = working(sets, clean_acc)
     lines = [
         "per calibration draw (the run's 20 | 20 new | 20 new; the other 40 clean networks scored as fresh): "
         "fresh clean blocked, working attacks of the stored suite passed (not white-box · white-box), "
@@ -166,23 +204,7 @@ def suite(out: Path) -> None:
         "|---|---|---|---|",
     ]
     for label, cols in (("today's (3 parts)", [0, 1, 2]), ("+ share (4 parts)", [0, 1, 2, 3])):
-        cells = []
-        for d in range(3):
-            cal = X["pool"][20 * d : 20 * d + 20]
-            fresh = np.delete(X["pool"], np.s_[20 * d : 20 * d + 20], axis=0)
-            st, cut, _ = fused_cut({j: cal[:, j] for j in cols}, 0.05)
-
-            def passes(Y, st=st, cut=cut, cols=cols):
-                return np.min([(Y[:, j] - st[j][0]) / st[j][1] for j in cols], axis=0) >= cut
-
-            s = passes(X["suite"])
-            cells.append(
-                f"{int((~passes(fresh)).sum())}/40, {int((ok['suite'] & ~white & s).sum())} · "
-                f"{int((ok['suite'] & white & s).sum())}, {int((grey['excess'] & passes(X['excess'])).sum())}/"
-                f"{int(grey['excess'].sum())} · {int((grey['floor'] & passes(X['floor'])).sum())}/"
-                f"{int(grey['floor'].sum())}, {int((lr2 & ~s).sum())}/3"
-            )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + draw_row(X, ok, sets, cols, ("excess", "floor")) + " |")
     lines += ["", "share part score (−max_c log share_c), median (min) per group:", ""]
     by = {"clean (pool of 60)": X["pool"][:, 3]}
     for g in dict.fromkeys(n.group for n in sets["suite"]):

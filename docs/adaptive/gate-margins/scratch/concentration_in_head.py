@@ -14,9 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from concentration import share_score, whitened
-
-from detector.composite import fused_cut
+from concentration import draw_row, share_score, stored_sets, whitened, working
 
 
 def reference_shares(view, matrices: list[np.ndarray]) -> np.ndarray:
@@ -34,9 +32,9 @@ def reference_shares(view, matrices: list[np.ndarray]) -> np.ndarray:
 
 
 def main(out: Path) -> None:
-    from lab.adaptive import AdaptiveConfig, load_nets, works
+    from lab.adaptive import AdaptiveConfig
     from lab.adaptive_input import stored_run
-    from lab.adaptive_margins import gate_with_margins, scored
+    from lab.adaptive_margins import gate_with_margins
     from lab.paper import run_config
 
     c = run_config(out, AdaptiveConfig)
@@ -46,13 +44,7 @@ def main(out: Path) -> None:
     view = head.views_["classes"]
     ref = reference_shares(view, [head._head_matrix(n.tensors, n.group) for n in nets if n.group == "reference"])
     med, std = float(np.median(ref)), float(ref.std(ddof=1))
-    sets = {
-        "pool": [n for n in nets if n.group == "calibration"] + load_nets(out / "extra_calibration.safetensors"),
-        "suite": scored(nets),
-        "excess": load_nets(out / "excess_networks.safetensors"),
-        "floor": load_nets(out / "head_floor_1.25.safetensors"),
-        "aimed": load_nets(out / "concentration_networks.safetensors"),
-    }
+    sets = stored_sets(out, nets, (("aimed", "concentration_networks.safetensors"),))
     X = {}
     for k, v in sets.items():
         rows = []
@@ -61,12 +53,7 @@ def main(out: Path) -> None:
             z = (share_score(view, head._head_matrix(n.tensors, n.group)) - med) / std
             rows.append([s["head"], s["output-spectrum"], s["margins"], min(s["head"], z)])
         X[k] = np.array(rows)
-    ok = {
-        k: np.array(["attack_success_rate" in n.info and bool(works(n, clean_acc)) for n in v]) for k, v in sets.items()
-    }
-    white = np.array([n.group.startswith("penalty") for n in sets["suite"]])
-    grey = {k: ok[k] & np.array([n.group.startswith("grey") for n in sets[k]]) for k in ("excess", "floor", "aimed")}
-    lr2 = np.array([n.group == "drift: lr x2" for n in sets["suite"]])
+    ok = working(sets, clean_acc)
     lines = [
         f"reference networks' share score (leave-one-out): median {med:.3f}, std {std:.3f}, min {ref.min():.3f}",
         "",
@@ -77,23 +64,7 @@ def main(out: Path) -> None:
         "|---|---|---|---|",
     ]
     for label, cols in (("today's", [0, 1, 2]), ("share inside head", [3, 1, 2])):
-        cells = []
-        for d in range(3):
-            cal = X["pool"][20 * d : 20 * d + 20]
-            fresh = np.delete(X["pool"], np.s_[20 * d : 20 * d + 20], axis=0)
-            st, cut, _ = fused_cut({j: cal[:, j] for j in cols}, 0.05)
-
-            def passes(Y, st=st, cut=cut, cols=cols):
-                return np.min([(Y[:, j] - st[j][0]) / st[j][1] for j in cols], axis=0) >= cut
-
-            s = passes(X["suite"])
-            g = {k: f"{int((grey[k] & passes(X[k])).sum())}/{int(grey[k].sum())}" for k in grey}
-            cells.append(
-                f"{int((~passes(fresh)).sum())}/40, {int((ok['suite'] & ~white & s).sum())} · "
-                f"{int((ok['suite'] & white & s).sum())}, {g['excess']} · {g['floor']} · {g['aimed']}, "
-                f"{int((lr2 & ~s).sum())}/3"
-            )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + draw_row(X, ok, sets, cols, ("excess", "floor", "aimed")) + " |")
     text = "\n".join(lines) + "\n"
     (out / "concentration_in_head.txt").write_text(text)
     print(text)
