@@ -146,18 +146,24 @@ def working(sets: dict[str, list], clean_acc: float) -> dict[str, np.ndarray]:
     }
 
 
-def draw_row(X: dict, ok: dict, sets: dict, cols: list[int], grey_sets: tuple[str, ...]) -> str:
-    """Per calibration draw (the run's 20 | 20 new | 20 new of the pool; the other 40 scored as
-    fresh), the gate cut on the part columns ``cols`` of X: fresh clean blocked, working attacks of
-    the stored suite passed (not white-box · white-box), grey-box attacks of ``grey_sets`` passed,
-    lr x2 retrains blocked."""
+#: calibration draws from the pool of 60: three disjoint 20s (the run's first); and three 40s, as
+#: the reference pipeline calibrates (the run's 20 + 20 new, the two new 20s, the run's + the last 20)
+DRAWS_20 = tuple(np.arange(20 * d, 20 * d + 20) for d in range(3))
+DRAWS_40 = (np.arange(0, 40), np.arange(20, 60), np.r_[0:20, 40:60])
+
+
+def draw_row(
+    X: dict, ok: dict, sets: dict, cols: list[int], grey_sets: tuple[str, ...], draws: tuple = DRAWS_20
+) -> str:
+    """Per calibration draw of ``draws`` (the rest of the pool scored as fresh), the gate cut on the
+    part columns ``cols`` of X: fresh clean blocked, working attacks of the stored suite passed (not
+    white-box · white-box), grey-box attacks of ``grey_sets`` passed, lr x2 retrains blocked."""
     white = np.array([n.group.startswith("penalty") for n in sets["suite"]])
     lr2 = np.array([n.group == "drift: lr x2" for n in sets["suite"]])
     grey = {k: ok[k] & np.array([n.group.startswith("grey") for n in sets[k]]) for k in grey_sets}
     cells = []
-    for d in range(3):
-        cal = X["pool"][20 * d : 20 * d + 20]
-        fresh = np.delete(X["pool"], np.s_[20 * d : 20 * d + 20], axis=0)
+    for idx in draws:
+        cal, fresh = X["pool"][idx], np.delete(X["pool"], idx, axis=0)
         st, cut, _ = fused_cut({j: cal[:, j] for j in cols}, 0.05)
 
         def passes(Y, st=st, cut=cut):
@@ -166,7 +172,7 @@ def draw_row(X: dict, ok: dict, sets: dict, cols: list[int], grey_sets: tuple[st
         s = passes(X["suite"])
         g = " · ".join(f"{int((grey[k] & passes(X[k])).sum())}/{int(grey[k].sum())}" for k in grey_sets)
         cells.append(
-            f"{int((~passes(fresh)).sum())}/40, {int((ok['suite'] & ~white & s).sum())} · "
+            f"{int((~passes(fresh)).sum())}/{len(fresh)}, {int((ok['suite'] & ~white & s).sum())} · "
             f"{int((ok['suite'] & white & s).sum())}, {g}, {int((lr2 & ~s).sum())}/3"
         )
     return " | ".join(cells)
@@ -183,7 +189,9 @@ def suite(out: Path) -> None:
     gate = gate_with_margins(ws, nets, c)
     head = gate.members_["head"]
     view = head.views_["classes"]
-    sets = stored_sets(out, nets)
+    aimed = out / "concentration_networks.safetensors"  # this script's attack stage, once it has run
+    sets = stored_sets(out, nets, (("aimed", aimed.name),) if aimed.is_file() else ())
+    grey_sets = ("excess", "floor", "aimed") if aimed.is_file() else ("excess", "floor")
     parts = ("head", "output-spectrum", "margins")
     X = {
         k: np.array(
@@ -198,13 +206,26 @@ def suite(out: Path) -> None:
     lines = [
         "per calibration draw (the run's 20 | 20 new | 20 new; the other 40 clean networks scored as fresh): "
         "fresh clean blocked, working attacks of the stored suite passed (not white-box · white-box), "
-        "grey-box attacks of excess.py and head_floor.py passed, lr x2 retrains blocked",
+        "grey-box attacks of " + " · ".join(grey_sets) + " passed (aimed: this script's, at the four-part gate), "
+        "lr x2 retrains blocked",
         "",
         "| gate | draw 1 | draw 2 | draw 3 |",
         "|---|---|---|---|",
     ]
-    for label, cols in (("today's (3 parts)", [0, 1, 2]), ("+ share (4 parts)", [0, 1, 2, 3])):
-        lines.append(f"| {label} | " + draw_row(X, ok, sets, cols, ("excess", "floor")) + " |")
+    gates = (("today's (3 parts)", [0, 1, 2]), ("+ share (4 parts)", [0, 1, 2, 3]))
+    for label, cols in gates:
+        lines.append(f"| {label} | " + draw_row(X, ok, sets, cols, grey_sets) + " |")
+    lines += [
+        "",
+        "calibrated on 40 (as the reference pipeline calibrates; the other 20 scored as fresh; grey-box attacks of "
+        + " · ".join(grey_sets)
+        + ")",
+        "",
+        "| gate | run's 20 + 20 new | 20 new + 20 new | run's 20 + the last 20 |",
+        "|---|---|---|---|",
+    ]
+    for label, cols in gates:
+        lines.append(f"| {label} | " + draw_row(X, ok, sets, cols, grey_sets, DRAWS_40) + " |")
     lines += ["", "share part score (−max_c log share_c), median (min) per group:", ""]
     by = {"clean (pool of 60)": X["pool"][:, 3]}
     for g in dict.fromkeys(n.group for n in sets["suite"]):
