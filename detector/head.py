@@ -185,13 +185,15 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return U[:, :k].copy(), w, 1.0 / (2.0 * tau)
 
     @staticmethod
-    def _parts(D: np.ndarray, U: np.ndarray, w: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _parts(
+        D: np.ndarray, U: np.ndarray, w: np.ndarray, floor: float, top: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(major, minor, top) per row: the whitened deviation inside the kept directions and outside
-        them, and the largest one kept direction's part of it."""
+        them, and (when ``top``) the largest one kept direction's part of it."""
         P = D @ U
         PP = P * P
         minor = floor * (np.einsum("...d,...d->...", D, D) - PP.sum(-1))
-        return PP @ (w + floor), minor, (PP * (w + floor)).max(-1)
+        return PP @ (w + floor), minor, (PP * (w + floor)).max(-1) if top else None
 
     @staticmethod
     def _share(q: np.ndarray, top: np.ndarray) -> float:
@@ -227,7 +229,10 @@ class HeadDeviationView(ClassRows, BaseEstimator):
             others = np.delete(S, i, axis=0)
             c = others.mean(axis=0)
             U, w, floor = self._metric(others - c, self.rank)
+            # the share's reference statistics are fitted either way (the fit path; a lab study switches
+            # a fitted view's share on)
             major, minor, top = self._parts(S[i] - c, U, w, floor)
+            assert top is not None
             q_rows.append((major + minor) * (1 + 1 / M) / (1 + 1 / (M - 1)))
             med_loo.append(self._shape(major, minor))
             share_loo.append(self._share(major + minor, top))
@@ -241,7 +246,7 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         share = np.asarray(share_loo)
         self.share_median_, self.share_scale_ = float(np.median(share)), float(max(share.std(ddof=1), 1e-6))
         self.reference_vector_scores_ = np.concatenate(
-            [-(rel - self.median_) / self.scale_, -self._network_z(shape[:, None], share[:, None])], axis=1
+            [-(rel - self.median_) / self.scale_, -self._network_z(shape, share)], axis=1
         )
         self.n_networks_, self.shape_ = M, tuple(self.center_.shape)
         # what leave_one_out_vector_scores reuses (never saved: the artifact keeps the fitted state only)
@@ -249,24 +254,28 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return self
 
     def _network_z(self, shape: Any, share: Any, stats: Sequence[float] | None = None) -> np.ndarray:
-        """The network-level z's after the classes (:data:`NETWORK_ENTRIES`): a vector for one
-        network, a column each for several; ``stats``: (shape median, scale, share median, scale)
-        in place of the fitted ones."""
+        """The network-level z's after the classes (:data:`NETWORK_ENTRIES`) along the last axis (one
+        network's, or one row per network); ``stats``: (shape median, scale, share median, scale) in
+        place of the fitted ones."""
         fitted = (self.network_median_, self.network_scale_, self.share_median_, self.share_scale_)
         sm, ss, hm, hs = stats if stats is not None else fitted
         zs = [(np.asarray(shape) - sm) / ss] + ([(np.asarray(share) - hm) / hs] if self.share else [])
-        return np.concatenate([np.reshape(z, (-1, 1)) for z in zs], axis=1) if np.ndim(shape) else np.array(zs)
+        return np.stack(zs, axis=-1)
 
-    def statistic(self, matrix: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(major, minor, top) for every class (float64, a block of rows at a time)."""
+    def statistic(self, matrix: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(major, minor, top) for every class (float64, a block of rows at a time); top only with
+        ``share`` (the gate's hot path at 10,575 classes need not pay for it otherwise)."""
         H = np.asarray(matrix)
         if H.shape != tuple(self.center_.shape):
             raise ValueError(f"head of shape {H.shape}; the reference's is {tuple(self.center_.shape)}")
         U = self.directions_.astype(np.float64)
-        major, minor, top = (np.empty(H.shape[0]) for _ in range(3))
+        major, minor = np.empty(H.shape[0]), np.empty(H.shape[0])
+        top = np.empty(H.shape[0]) if self.share else None
         for i in range(0, H.shape[0], rows):
             D = H[i : i + rows].astype(np.float64) - self.center_[i : i + rows]
-            major[i : i + rows], minor[i : i + rows], top[i : i + rows] = self._parts(D, U, self.weights_, self.floor_)
+            major[i : i + rows], minor[i : i + rows], t = self._parts(D, U, self.weights_, self.floor_, self.share)
+            if top is not None:
+                top[i : i + rows] = t
         return major, minor, top
 
     def z(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +283,8 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         check_fitted(self, "center_")
         major, minor, top = self.statistic(matrix)
         zc = (self._relative(major + minor) - self.median_) / self.scale_
-        return zc, self._network_z(self._shape(major, minor), self._share(major + minor, top))
+        share = self._share(major + minor, top) if top is not None else None
+        return zc, self._network_z(self._shape(major, minor), share)
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−z per class, then the network-level −z's (see :meth:`aggregate`)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detector.head import DEFAULT_STD_FLOOR, HeadDeviationView
+from detector.head import DEFAULT_STD_FLOOR, HeadDeviationView, head_matrix
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +83,6 @@ def checkpoints():
 
 
 def test_the_share_entry_flags_a_deviation_carried_by_one_direction(checkpoints):
-    from detector.head import head_matrix
-
     refs, fresh, shifted = checkpoints
     H = [head_matrix(t) for t in refs]
     plain = HeadDeviationView(rank=16).fit(H)
@@ -102,8 +100,6 @@ def test_the_share_entry_flags_a_deviation_carried_by_one_direction(checkpoints)
 
 def test_the_share_round_trips_and_its_torch_mirror_is_the_numpy_score(checkpoints):
     import torch
-
-    from detector.head import head_matrix
 
     refs, fresh, shifted = checkpoints
     view = HeadDeviationView(rank=16, share=True).fit([head_matrix(t) for t in refs])
