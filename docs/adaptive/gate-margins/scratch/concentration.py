@@ -247,9 +247,9 @@ def suite(out: Path) -> None:
 
 
 def attack(out: Path) -> None:
-    from lab.adaptive import AdaptiveConfig, _train, attacker_split, load_nets, save_nets
+    from lab.adaptive import AdaptiveConfig, attacker_split
     from lab.adaptive_input import stored_run
-    from lab.adaptive_margins import gate_with_margins, row_of
+    from lab.adaptive_margins import gate_with_margins
     from lab.paper import run_config
 
     c = dataclasses.replace(run_config(out, AdaptiveConfig), detectors=("head+output-spectrum",))
@@ -264,44 +264,69 @@ def attack(out: Path) -> None:
     own = [n for n in nets if n.group == "grey-box attacker's own"]
     afit, acal = attacker_split(own, c)
     attacker = ShareGate(gate_with_margins(ws, nets, c, draw=1, groups=(afit, acal)), [n.tensors for n in acal])
-    stored = out / "concentration_networks.safetensors"
-    kept = {(n.group, n.seed): n for n in load_nets(stored)} if stored.is_file() else {}
-    rows, trained = [], []
-    for margins in ("max", "excess"):
-        for name, target in (("white-box", sgate), ("grey-box", attacker)):
-            for i in range(c.n_attack):
-                seed = c.seed_offset + 8000 + i
-                group = f"{name} penalty: gate with margins ({margins}) + share"
-                n = kept.get((group, seed)) or _train(
-                    ws, group, seed, ws.poisoned(seed), penalty=penalty_aimed_at(target, c.penalty_lambda, margins)
-                )
-                trained.append(n)
-                gs = gate.score(n.tensors)
-                ss = sgate.score(n.tensors, gs)
-                sd = sgate.decide(ss)
-                rows.append(
-                    {
-                        **row_of(n, clean_acc),
-                        "attack": name,
-                        "margins_read_as": margins,
-                        **{k: n.info[k] for k in ("attack_success_rate", "clean_accuracy")},
-                        "share_gate": sd.verdict,
-                        "share_gate_below": list(sd.below),
-                        "scores": ss,
-                        "gate": gate.decide(gs).verdict,
-                        "own_estimate": target.decide(target.score(n.tensors)).verdict,
-                    }
-                )
-                print(rows[-1], flush=True)
-    save_nets(stored, trained)
+    aims = [
+        (
+            margins,
+            name,
+            target,
+            penalty_aimed_at(target, c.penalty_lambda, margins),
+            f"{name} penalty: gate with margins ({margins}) + share",
+        )
+        for margins in ("max", "excess")
+        for name, target in (("white-box", sgate), ("grey-box", attacker))
+    ]
+
+    def judge(tensors: dict):
+        scores = sgate.score(tensors, gate.score(tensors))
+        return scores, sgate.decide(scores)
+
+    rows = train_aimed(ws, c, clean_acc, out / "concentration_networks.safetensors", aims, judge, gate)
     (out / "concentration.json").write_text(
         json.dumps({"thresholds": sgate.thresholds_, "gate_thresholds": gate.thresholds_, "rows": rows}, indent=1)
     )
-    for margins in ("max", "excess"):
+    summarise_aimed(rows, c, "the four-part gate")
+
+
+def train_aimed(ws, c, clean_acc: float, stored: Path, aims: list, judge, today) -> list[dict]:
+    """Each aim's ``c.n_attack`` networks on the seeds and pairs of ``penalty + margins``, trained (or
+    read back from ``stored``, where they are kept) and judged: ``aims`` holds (margins reading,
+    white-box or grey-box, the gate it aims at, its penalty, its group); ``judge(tensors)``: the gate
+    under test's (scores, decision); ``today``: today's gate, whose verdict is kept beside it."""
+    from lab.adaptive import _train, load_nets, save_nets
+    from lab.adaptive_margins import row_of
+
+    kept = {(n.group, n.seed): n for n in load_nets(stored)} if stored.is_file() else {}
+    rows, trained = [], []
+    for margins, name, target, penalty, group in aims:
+        for i in range(c.n_attack):
+            seed = c.seed_offset + 8000 + i
+            n = kept.get((group, seed)) or _train(ws, group, seed, ws.poisoned(seed), penalty=penalty)
+            trained.append(n)
+            scores, d = judge(n.tensors)
+            rows.append(
+                {
+                    **row_of(n, clean_acc),
+                    "attack": name,
+                    "margins_read_as": margins,
+                    **{k: n.info[k] for k in ("attack_success_rate", "clean_accuracy")},
+                    "share_gate": d.verdict,
+                    "share_gate_below": list(d.below),
+                    "scores": scores,
+                    "gate": today.decide(today.score(n.tensors)).verdict,
+                    "own_estimate": target.decide(target.score(n.tensors)).verdict,
+                }
+            )
+            print(rows[-1], flush=True)
+    save_nets(stored, trained)
+    return rows
+
+
+def summarise_aimed(rows: list[dict], c, label: str) -> None:
+    for margins in dict.fromkeys(r["margins_read_as"] for r in rows):
         for name in ("white-box", "grey-box"):
             ok = [r for r in rows if r["attack"] == name and r["margins_read_as"] == margins and r["works"]]
             print(
-                f"{name}, margins as {margins}: works {len(ok)}/{c.n_attack}; passed the four-part gate "
+                f"{name}, margins as {margins}: works {len(ok)}/{c.n_attack}; passed {label} "
                 f"{sum(r['share_gate'] == 'passed' for r in ok)}/{len(ok)}; today's gate "
                 f"{sum(r['gate'] == 'passed' for r in ok)}/{len(ok)}; its own estimate "
                 f"{sum(r['own_estimate'] == 'passed' for r in ok)}/{len(ok)}"

@@ -23,12 +23,13 @@ def share_on(gate, calibration: list[dict]):
 
 
 def main(out: Path) -> None:
+    from concentration import summarise_aimed, train_aimed
     from excess import ExcessGate
     from excess import penalty_aimed_at as excess_penalty
 
-    from lab.adaptive import AdaptiveConfig, _train, attacker_split, load_nets, penalty_for, save_nets
+    from lab.adaptive import AdaptiveConfig, attacker_split, penalty_for
     from lab.adaptive_input import stored_run
-    from lab.adaptive_margins import gate_with_margins, row_of
+    from lab.adaptive_margins import gate_with_margins
     from lab.paper import run_config
 
     c = dataclasses.replace(run_config(out, AdaptiveConfig), detectors=("head+output-spectrum",))
@@ -39,51 +40,27 @@ def main(out: Path) -> None:
     print("cuts with the share", gate.thresholds_, "today's", today.thresholds_, flush=True)
     own = [n for n in nets if n.group == "grey-box attacker's own"]
     afit, acal = attacker_split(own, c)
-    attacker = share_on(gate_with_margins(ws, nets, c, draw=1, groups=(afit, acal)), [n.tensors for n in acal])
-    aims = {
+    acal_t = [n.tensors for n in acal]
+    attacker = share_on(gate_with_margins(ws, nets, c, draw=1, groups=(afit, acal)), acal_t)
+    penalties = {
         "max": lambda g, _cal: penalty_for([g], c.penalty_lambda),
         "excess": lambda g, gcal: excess_penalty(ExcessGate(g, gcal), c.penalty_lambda),
     }
-    stored = out / "share_in_head.safetensors"
-    kept = {(n.group, n.seed): n for n in load_nets(stored)} if stored.is_file() else {}
-    rows, trained = [], []
-    for margins, aim in aims.items():
-        for name, target, tcal in (("white-box", gate, cal), ("grey-box", attacker, [n.tensors for n in acal])):
-            penalty = aim(target, tcal)
-            for i in range(c.n_attack):
-                seed = c.seed_offset + 8000 + i
-                group = f"{name} penalty: gate with margins ({margins}), share in head"
-                n = kept.get((group, seed)) or _train(ws, group, seed, ws.poisoned(seed), penalty=penalty)
-                trained.append(n)
-                s = gate.score(n.tensors)
-                d = gate.decide(s)
-                rows.append(
-                    {
-                        **row_of(n, clean_acc),
-                        "attack": name,
-                        "margins_read_as": margins,
-                        **{k: n.info[k] for k in ("attack_success_rate", "clean_accuracy")},
-                        "share_gate": d.verdict,
-                        "share_gate_below": list(d.below),
-                        "scores": s,
-                        "gate": today.decide(today.score(n.tensors)).verdict,
-                        "own_estimate": target.decide(target.score(n.tensors)).verdict,
-                    }
-                )
-                print(rows[-1], flush=True)
-    save_nets(stored, trained)
+    aims = [
+        (margins, name, target, aim(target, tcal), f"{name} penalty: gate with margins ({margins}), share in head")
+        for margins, aim in penalties.items()
+        for name, target, tcal in (("white-box", gate, cal), ("grey-box", attacker, acal_t))
+    ]
+
+    def judge(tensors: dict):
+        scores = gate.score(tensors)
+        return scores, gate.decide(scores)
+
+    rows = train_aimed(ws, c, clean_acc, out / "share_in_head.safetensors", aims, judge, today)
     (out / "share_in_head.json").write_text(
         json.dumps({"thresholds": gate.thresholds_, "gate_thresholds": today.thresholds_, "rows": rows}, indent=1)
     )
-    for margins in aims:
-        for name in ("white-box", "grey-box"):
-            ok = [r for r in rows if r["attack"] == name and r["margins_read_as"] == margins and r["works"]]
-            print(
-                f"{name}, margins as {margins}: works {len(ok)}/{c.n_attack}; passed the gate with the share "
-                f"{sum(r['share_gate'] == 'passed' for r in ok)}/{len(ok)}; today's gate "
-                f"{sum(r['gate'] == 'passed' for r in ok)}/{len(ok)}; its own estimate "
-                f"{sum(r['own_estimate'] == 'passed' for r in ok)}/{len(ok)}"
-            )
+    summarise_aimed(rows, c, "the gate with the share")
 
 
 if __name__ == "__main__":
