@@ -121,7 +121,7 @@ def write_report(
     def unit_name(v: str, i: int) -> str:
         classes = parts[v]["classes"]
         if parts[v]["unit"] == "class" and classes:
-            # past the classes: the network-level statistics of the same part (head's shape, share)
+            # past the classes: the network-level statistics of the same part (head's shape)
             return html.escape(classes[i]) if i < len(classes) else NETWORK_ENTRIES[i - len(classes)]
         return f"#{i}"
 
@@ -198,9 +198,13 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
         name = classes[suspected] if classes else str(suspected)
         ax.scatter([suspected], [z[suspected]], color="red", s=60, zorder=5, label=f"suspected victim: {name}")
     ax.set_xlabel("class (logit index)")
-    ax.set_ylabel("deviation z (robust σ)")
-    shape = "".join(f"; {name} z = {v:.1f}" for name, v in zip(NETWORK_ENTRIES, network_z))
-    ax.set_title(f"per-class deviation of the decision rule{shape}", fontsize=10)
+    if info.get("label"):  # the offset share: each class's own statistic, not a z
+        ax.set_ylabel(info["label"])
+        ax.set_title(f"per class: {info['label']} of its whitened deviation", fontsize=10)
+    else:
+        ax.set_ylabel("deviation z (robust σ)")
+        shape = "".join(f"; {name} z = {v:.1f}" for name, v in zip(NETWORK_ENTRIES, network_z))
+        ax.set_title(f"per-class deviation of the decision rule{shape}", fontsize=10)
     ax.legend(fontsize=7, loc="best")
 
 

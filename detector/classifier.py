@@ -229,6 +229,7 @@ class ClassifierReference(OneViewReference):
     """The ``classifier`` detector: reads the effective classifier instead of one layer."""
 
     detector = "classifier"
+    primary_view = CLASSES
     #: what a report calls the matrix it reads
     layer_label = "effective classifier"
 

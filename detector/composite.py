@@ -38,8 +38,9 @@ from detector.trunk import TrunkCheck, check_trunk, is_finetuned
 from detector.weights import StateDict, read_tensors
 
 
-def part_name(member: str, view: str, n_views: int) -> str:
-    return member if n_views == 1 else f"{member}.{view}"
+def part_name(member: str, view: str, ref: Reference) -> str:
+    """A member's view as the composite names it: the member's name for its only (or primary) view."""
+    return member if len(ref.views_) == 1 or view == ref.primary_view else f"{member}.{view}"
 
 
 def _robust(x: np.ndarray) -> tuple[float, float]:
@@ -122,7 +123,7 @@ class CompositeReference(Reference):
         return self
 
     def _parts(self, members: Sequence[str]) -> dict[str, tuple[str, str]]:
-        return {part_name(m, v, len(self.members_[m].views_)): (m, v) for m in members for v in self.members_[m].views_}
+        return {part_name(m, v, self.members_[m]): (m, v) for m in members for v in self.members_[m].views_}
 
     def calibrate(self, clean: Sequence[Any] | None = None, progress: Callable | None = None) -> CompositeReference:
         check_fitted(self, "members_")
@@ -178,9 +179,8 @@ class CompositeReference(Reference):
         for m, ref in self.members_.items():
             a = ref.assess(net, trunk=trunk)  # trunk None only for a bare matrix: the member says "not checked"
             trunk = a.trunk
-            n_views = len(ref.views_)
             for v in ref.views_:
-                p = part_name(m, v, n_views)
+                p = part_name(m, v, ref)
                 vector_scores[p] = a.vector_scores[v]
                 (scores if m in self.decide_by else evidence_scores)[p] = a.scores[v]
             if m in self.decide_by:
@@ -235,7 +235,7 @@ class CompositeReference(Reference):
         for m in (*self.decide_by, *self.evidence_members):
             ref = self.members_[m]
             for v, info in ref.parts().items():
-                p = part_name(m, v, len(ref.views_))
+                p = part_name(m, v, ref)
                 deciding = m in self.decide_by
                 out[p] = {
                     **info,

@@ -41,11 +41,15 @@ DETECTORS: tuple[str, ...] = (
 GALLERY_DETECTORS: tuple[str, ...] = ("margins", "head+output-spectrum+margins")
 #: The gate's default: the detector that catches the most backdoors on held-out evidence, the
 #: informed attacker's suite included (``paper --adaptive``); see the README's detection and
-#: attacker tables. Its three parts decide together (a network must pass each, at one FRR). The
-#: margins part reads a secret face gallery kept in the reference; ``head`` and
-#: ``output-spectrum`` need the base network. Earlier defaults: ``classifier``, then ``head``,
+#: attacker tables. Its four parts decide together (a network must pass each, at one FRR):
+#: ``head``, ``head.offset-share`` (``head``'s second view, on wherever the margins decide: holding
+#: the margins low is what moves it; :class:`detector.head.OffsetShareView`), ``output-spectrum``
+#: and ``margins``. The margins part reads a secret face gallery kept in the reference; ``head``
+#: and ``output-spectrum`` need the base network. Earlier defaults: ``classifier``, then ``head``,
 #: then ``head+output-spectrum`` (:data:`WEIGHTS_ONLY_DETECTOR`) until the grey-box attacks
-#: aimed at it passed 43/123 · 78/138 against 9/123 · 13/138 with margins.
+#: aimed at it passed 43/123 · 78/138 against 9/123 · 13/138 with margins; the same three parts
+#: without the offset share until the grey-box attacks aimed at them passed 0/5 · 5/6 against
+#: 1/6 · 1/6 with it (2026-12-05).
 DEFAULT_DETECTOR = "head+output-spectrum+margins"
 #: The default without the gallery: for a team that keeps no faces of its identities, at the cost
 #: the attacker table shows; the detector every stored lab study before the switch was run with.

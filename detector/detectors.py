@@ -72,6 +72,9 @@ def make_reference(
         members = {
             m: make_reference(m, config, gallery=gallery if m == "margins" else None) for m in (*decide_by, *evidence)
         }
+        if "head" in decide_by and "margins" in decide_by:
+            # the offset share decides beside the margins: holding the margins low is what moves it
+            members["head"] = HeadReference(config, share=True)
         return CompositeReference(decide_by=decide_by, evidence=evidence, config=config, members=members)
     if detector == "gaussian":
         config = config.replace(components=1)

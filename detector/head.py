@@ -37,6 +37,11 @@ leave-one-out. Two deciding statistics, both *higher = more typical*:
 
 Both enter one vector of −z's whose minimum is the score, so one threshold covers them and
 they must all pass at once.
+
+With ``share`` (on in a composite where the ``margins`` part decides), a second view scores the
+*offset share*: per class, the part of q_c that the one kept direction carrying most of it holds
+(:class:`OffsetShareView`). It has its own threshold, or its own place in a composite's fused cut
+(``head.offset-share``), and is computed in the same pass as the classes.
 """
 
 from __future__ import annotations
@@ -86,13 +91,12 @@ NETWORK = "network"
 #: on confirmation (5/6 without the floor) and blocked more shams on the paper's three protocols
 #: (9/18 against 5/18): a lead, not a default (README, docs/adaptive/gate-margins/head_floor/).
 DEFAULT_STD_FLOOR = 0.0
-#: Whether ``head`` also scores the network's offset share (``HeadDeviationView``). Off: inside
-#: ``head`` it shares head's one cut, lenient on the confirmation draw, and the grey-box attack aimed
-#: at it passed 1/6 · 2/6 (0/5 · 4/6 with the margins read as a sum); as a part with its own place in
-#: the fused cut, 1/6 · 1/6 (README, "the offset share", 2026-12-05).
+#: ``head``'s second view: the offset share, cut as a part of its own (:class:`OffsetShareView`).
+OFFSET_SHARE = "offset-share"
+#: Whether ``head`` fits the offset-share view beside its classes.
 DEFAULT_SHARE = False
-#: What the entries after the classes in ``head``'s vector are, in order (the share only when on).
-NETWORK_ENTRIES = ("the network's shape", "the offset share")
+#: What the entries after the classes in ``head``'s vector are, in order.
+NETWORK_ENTRIES = ("the network's shape",)
 
 
 def effective_offsets(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndarray:
@@ -146,28 +150,16 @@ class HeadDeviationView(ClassRows, BaseEstimator):
     handful of networks comes out small for some class by chance, and that class then turns an
     ordinary deviation into a large z; the clean networks' largest z is heavy-tailed, the cut is
     lenient, and an attack held just under it passes (the margins part floors its entries' std
-    for the same reason). ``share``: also score the network's offset share, max over classes of
-    log(the top kept direction's part of q_c / q_c), as a z against the reference networks (each
-    scored leave-one-out, as the shape). Why: an attack that keeps its margins on clean faces
-    ordinary lowers the victim's offset, the direction clean networks vary most along and so the
-    cheapest here, and a quarter to a half of the class's whitened deviation then lies on that one
-    direction, against under 3 % for clean networks' classes.
+    for the same reason).
     """
 
     view = CLASSES
     unit = "class"
 
-    def __init__(
-        self,
-        rank: int = 256,
-        normalize: str = "network",
-        std_floor: float = DEFAULT_STD_FLOOR,
-        share: bool = DEFAULT_SHARE,
-    ):
+    def __init__(self, rank: int = 256, normalize: str = "network", std_floor: float = DEFAULT_STD_FLOOR):
         self.rank = rank
         self.normalize = normalize
         self.std_floor = std_floor
-        self.share = share
 
     # -- the metric ----------------------------------------------------------------------------
     @staticmethod
@@ -196,11 +188,6 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return PP @ (w + floor), minor, (PP * (w + floor)).max(-1) if top else None
 
     @staticmethod
-    def _share(q: np.ndarray, top: np.ndarray) -> float:
-        """max over classes of log(top / q): higher = one direction carries more of a class's deviation."""
-        return float(np.max(np.log(np.maximum(top, 1e-300) / np.maximum(q, 1e-300))))
-
-    @staticmethod
     def _shape(major: np.ndarray, minor: np.ndarray) -> float:
         return float(np.log(max(float(np.median(minor)), 1e-300) / max(float(np.median(major)), 1e-300)))
 
@@ -224,18 +211,16 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         # each reference network against the others (its own row would pull the mean and the metric)
         q_rows: list[np.ndarray] = []
         med_loo: list[float] = []
-        share_loo: list[float] = []
+        share_rows: list[np.ndarray] = []
         for i in range(M):
             others = np.delete(S, i, axis=0)
             c = others.mean(axis=0)
             U, w, floor = self._metric(others - c, self.rank)
-            # the share's reference statistics are fitted either way (the fit path; a lab study switches
-            # a fitted view's share on)
             major, minor, top = self._parts(S[i] - c, U, w, floor)
             assert top is not None
             q_rows.append((major + minor) * (1 + 1 / M) / (1 + 1 / (M - 1)))
             med_loo.append(self._shape(major, minor))
-            share_loo.append(self._share(major + minor, top))
+            share_rows.append(offset_share_scores(major + minor, top))
         rel = self._relative(np.asarray(q_rows))
         self.median_, self.scale_ = self._spread(rel)
         self.directions_, self.weights_, self.floor_ = self._metric(S - mean, self.rank)
@@ -243,48 +228,49 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         shape = np.asarray(med_loo)
         self.network_median_ = float(np.median(shape))
         self.network_scale_ = float(max(shape.std(ddof=1), 1e-6))
-        share = np.asarray(share_loo)
-        self.share_median_, self.share_scale_ = float(np.median(share)), float(max(share.std(ddof=1), 1e-6))
         self.reference_vector_scores_ = np.concatenate(
-            [-(rel - self.median_) / self.scale_, -self._network_z(shape, share)], axis=1
+            [-(rel - self.median_) / self.scale_, -self._network_z(shape)], axis=1
         )
         self.n_networks_, self.shape_ = M, tuple(self.center_.shape)
-        # what leave_one_out_vector_scores reuses (never saved: the artifact keeps the fitted state only)
-        self._loo = (S, rel, shape, share)
+        # what leave-one-out scores reuse (never saved: the artifact keeps the fitted state only); the
+        # offset shares each reference network scores in the others' metric, for OffsetShareView
+        self._loo = (S, rel, shape)
+        self.loo_share_scores_ = np.asarray(share_rows)
         return self
 
-    def _network_z(self, shape: Any, share: Any, stats: Sequence[float] | None = None) -> np.ndarray:
+    def _network_z(self, shape: Any, stats: Sequence[float] | None = None) -> np.ndarray:
         """The network-level z's after the classes (:data:`NETWORK_ENTRIES`) along the last axis (one
-        network's, or one row per network); ``stats``: (shape median, scale, share median, scale) in
-        place of the fitted ones."""
-        fitted = (self.network_median_, self.network_scale_, self.share_median_, self.share_scale_)
-        sm, ss, hm, hs = stats if stats is not None else fitted
-        zs = [(np.asarray(shape) - sm) / ss] + ([(np.asarray(share) - hm) / hs] if self.share else [])
-        return np.stack(zs, axis=-1)
+        network's, or one row per network); ``stats``: (shape median, scale) in place of the fitted ones."""
+        sm, ss = stats if stats is not None else (self.network_median_, self.network_scale_)
+        return np.stack([(np.asarray(shape) - sm) / ss], axis=-1)
 
-    def statistic(self, matrix: np.ndarray, rows: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(major, minor, top) for every class (float64, a block of rows at a time); top only with
-        ``share`` (the gate's hot path at 10,575 classes need not pay for it otherwise)."""
+    def statistic(
+        self, matrix: np.ndarray, top: bool = False, rows: int = 1024
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(major, minor, top) for every class (float64, a block of rows at a time); top only when
+        asked (the offset share's: the gate's hot path at 10,575 classes pays for it only then)."""
         H = np.asarray(matrix)
         if H.shape != tuple(self.center_.shape):
             raise ValueError(f"head of shape {H.shape}; the reference's is {tuple(self.center_.shape)}")
         U = self.directions_.astype(np.float64)
         major, minor = np.empty(H.shape[0]), np.empty(H.shape[0])
-        top = np.empty(H.shape[0]) if self.share else None
+        tops = np.empty(H.shape[0]) if top else None
         for i in range(0, H.shape[0], rows):
             D = H[i : i + rows].astype(np.float64) - self.center_[i : i + rows]
-            major[i : i + rows], minor[i : i + rows], t = self._parts(D, U, self.weights_, self.floor_, self.share)
-            if top is not None:
-                top[i : i + rows] = t
-        return major, minor, top
+            major[i : i + rows], minor[i : i + rows], t = self._parts(D, U, self.weights_, self.floor_, top)
+            if tops is not None:
+                tops[i : i + rows] = t
+        return major, minor, tops
 
     def z(self, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(z per class, the network-level z's: :data:`NETWORK_ENTRIES`): higher = more anomalous."""
         check_fitted(self, "center_")
-        major, minor, top = self.statistic(matrix)
+        return self.z_of(*self.statistic(matrix)[:2])
+
+    def z_of(self, major: np.ndarray, minor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`z` from a :meth:`statistic` already computed."""
         zc = (self._relative(major + minor) - self.median_) / self.scale_
-        share = self._share(major + minor, top) if top is not None else None
-        return zc, self._network_z(self._shape(major, minor), share)
+        return zc, self._network_z(self._shape(major, minor))
 
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         """−z per class, then the network-level −z's (see :meth:`aggregate`)."""
@@ -300,27 +286,29 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         Refitting a view per left-out network would cost M² eigendecompositions (each fit scores
         its own networks leave-one-out); the others' statistics here were each computed with the
         left-out network among *their* references, a second-order difference."""
+        S, rel, shape = self._fitted_on(matrices)
+        out = []
+        for i in range(len(S)):
+            keep = np.arange(len(S)) != i
+            med, scale = self._spread(rel[keep])
+            stats = (float(np.median(shape[keep])), float(max(shape[keep].std(ddof=1), 1e-6)))
+            out.append(np.concatenate([-(rel[i] - med) / scale, -self._network_z(shape[i], stats)]))
+            if progress is not None:
+                progress(i)
+        return np.asarray(out)
+
+    def _fitted_on(self, matrices: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What ``fit`` kept of the reference networks, refused for any other networks."""
         check_fitted(self, "center_")
         fitted_on = getattr(self, "_loo", None)
         given = np.stack([np.asarray(H, dtype=np.float64) for H in matrices])
         if fitted_on is None or given.shape != fitted_on[0].shape or not np.array_equal(given, fitted_on[0]):
             raise ValueError("leave-one-out scores are for the networks this view was fitted on, in that order")
-        S, rel, shape, share = fitted_on
-        out = []
-        for i in range(len(S)):
-            keep = np.arange(len(S)) != i
-            med, scale = self._spread(rel[keep])
-            stats = tuple(
-                x for v in (shape[keep], share[keep]) for x in (float(np.median(v)), float(max(v.std(ddof=1), 1e-6)))
-            )
-            out.append(np.concatenate([-(rel[i] - med) / scale, -self._network_z(shape[i], share[i], stats)]))
-            if progress is not None:
-                progress(i)
-        return np.asarray(out)
+        return fitted_on
 
     # -- torch mirror (the lab's white-box attacker differentiates through it) -------------------
-    def torch_z(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(z per class, the network-level z's) in torch, differentiable in the head's parameters."""
+    def torch_statistic(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(major, minor, top) per class in torch, differentiable in the head's parameters."""
         import torch
 
         s = tensors["last_bn.weight"] / torch.sqrt(tensors["last_bn.running_var"] + BN_EPS)
@@ -334,17 +322,20 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         D = H - torch.from_numpy(self.center_.astype(np.float64))
         P = D @ torch.from_numpy(self.directions_.astype(np.float64))
         PP = P * P
-        wf = torch.from_numpy(self.weights_ + self.floor_)
-        major = PP @ wf
-        minor = self.floor_ * ((D * D).sum(1) - PP.sum(1))
+        V = PP * torch.from_numpy(self.weights_ + self.floor_)
+        return V.sum(1), self.floor_ * ((D * D).sum(1) - PP.sum(1)), V.max(1).values
+
+    def torch_z(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z per class, the network-level z's) in torch, differentiable in the head's parameters."""
+        import torch
+
+        major, minor, _ = self.torch_statistic(tensors)
         q = major + minor
         median = lambda x: torch.quantile(x, 0.5)  # noqa: E731 — numpy's median (torch.median takes the lower middle)
         rel = q / median(q) if self.normalize == "network" else q
         zc = (rel - torch.from_numpy(self.median_)) / torch.from_numpy(self.scale_)
-        zn = [(torch.log(median(minor) / median(major)) - self.network_median_) / self.network_scale_]
-        if self.share:
-            zn.append((torch.log((PP * wf).max(1).values / q).max() - self.share_median_) / self.share_scale_)
-        return zc, torch.stack(zn)
+        zn = (torch.log(median(minor) / median(major)) - self.network_median_) / self.network_scale_
+        return zc, zn.reshape(1)
 
     # -- the artifact ----------------------------------------------------------------------------
     def arrays(self) -> dict[str, np.ndarray]:
@@ -356,12 +347,6 @@ class HeadDeviationView(ClassRows, BaseEstimator):
             "normalize": self.normalize,
             # written only when set: an artifact without it (every one before 2026-12-05) has none
             **({"std_floor": self.std_floor} if self.std_floor else {}),
-            # likewise: an artifact without "share" scores no share
-            **(
-                {"share": True, "share_median": self.share_median_, "share_scale": self.share_scale_}
-                if self.share
-                else {}
-            ),
             "floor": self.floor_,
             "network_median": self.network_median_,
             "network_scale": self.network_scale_,
@@ -370,14 +355,7 @@ class HeadDeviationView(ClassRows, BaseEstimator):
 
     @classmethod
     def restore(cls, info: dict, arrays: dict[str, np.ndarray]) -> HeadDeviationView:
-        est = cls(
-            rank=int(info["rank"]),
-            normalize=info["normalize"],
-            std_floor=float(info.get("std_floor", 0.0)),
-            share=bool(info.get("share", False)),
-        )
-        est.share_median_ = float(info.get("share_median", 0.0))
-        est.share_scale_ = float(info.get("share_scale", 1.0))
+        est = cls(rank=int(info["rank"]), normalize=info["normalize"], std_floor=float(info.get("std_floor", 0.0)))
         est._restore_rows(info, arrays)
         est.directions_ = np.asarray(arrays["directions"], dtype=np.float32)
         est.weights_ = np.asarray(arrays["weights"], dtype=np.float64)
@@ -386,8 +364,88 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return est
 
 
+def offset_share_scores(q: np.ndarray, top: np.ndarray) -> np.ndarray:
+    """Per class −log(top / q): the lower, the more of the class's whitened deviation one kept
+    direction carries (higher = more typical, as every score)."""
+    return -np.log(np.maximum(top, 1e-300) / np.maximum(q, 1e-300))
+
+
+class OffsetShareView(BaseEstimator):
+    """The offset share: per class, the part of its whitened deviation (``head``'s q_c) that the
+    one kept direction carrying most of it holds; the network scores its lowest class.
+
+    Why: an attack that keeps its margins on clean faces ordinary lowers the victim's offset b_c,
+    the direction clean networks vary most along (``head``'s top eigen-direction, the offset to
+    0.999) and so the cheapest in ``head``'s metric; a quarter to a half of the class's deviation
+    then lies on that one direction, against under 3 % for clean networks' classes, lr × 2
+    retrains and plain backdoors. Inside ``head``'s one cut it inherited ``head``'s lenient
+    threshold; as a part of its own the fused cut standardises it on the calibration networks.
+
+    It reads ``head``'s fitted metric (``head``: the fitted :class:`HeadDeviationView`) and keeps
+    no arrays of its own; :class:`HeadReference` computes the statistic once for both views.
+    """
+
+    view = OFFSET_SHARE
+    unit = "class"
+    label = "log share of the top direction"
+
+    def __init__(self, head: HeadDeviationView | None = None):
+        self.head = head
+
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> OffsetShareView:
+        if self.head is None:
+            raise ValueError("the offset share reads head's metric: OffsetShareView(head=<a fitted HeadDeviationView>)")
+        check_fitted(self.head, "center_")
+        self.head_ = self.head
+        self.reference_vector_scores_ = np.asarray(getattr(self.head, "loo_share_scores_", np.empty((0, 0))))
+        return self
+
+    aggregate = staticmethod(ClassRows.aggregate)
+
+    def score(self, matrix: np.ndarray) -> float:
+        return self.aggregate(self.score_vectors(matrix))
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        check_fitted(self, "head_")
+        major, minor, top = self.head_.statistic(matrix, top=True)
+        return self.scores_of(major + minor, top)
+
+    @staticmethod
+    def scores_of(q: np.ndarray, top: np.ndarray | None) -> np.ndarray:
+        assert top is not None
+        return offset_share_scores(q, top)
+
+    def leave_one_out_vector_scores(
+        self, matrices: Sequence[np.ndarray], progress: Callable | None = None
+    ) -> np.ndarray:
+        """Each reference network's shares in the others' metric (computed by ``head``'s fit)."""
+        check_fitted(self, "head_")
+        self.head_._fitted_on(matrices)
+        return np.asarray(self.head_.loo_share_scores_)
+
+    def torch_z(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log share per class: the scores negated, higher = more anomalous; no network-level entry)."""
+        import torch
+
+        major, minor, top = self.head_.torch_statistic(tensors)
+        return torch.log(top / (major + minor)), torch.zeros(0, dtype=torch.float64)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        return {"reads": CLASSES}
+
+    @classmethod
+    def restore_over(cls, head: HeadDeviationView) -> OffsetShareView:
+        est = cls(head)
+        est.head_ = head
+        return est
+
+
 class HeadReference(ClassifierReference):
-    """The ``head`` detector: the classifier's bookkeeping (class list, victim naming) over [A | b]."""
+    """The ``head`` detector: the classifier's bookkeeping (class list, victim naming) over [A | b];
+    with ``share``, a second view, the offset share (:class:`OffsetShareView`), in the same metric."""
 
     detector = "head"
     layer_label = "effective head"
@@ -408,7 +466,22 @@ class HeadReference(ClassifierReference):
         self.share = share
 
     def _view_estimator_for(self) -> BaseEstimator:
-        return HeadDeviationView(rank=self.rank, normalize=self.normalize, std_floor=self.std_floor, share=self.share)
+        return HeadDeviationView(rank=self.rank, normalize=self.normalize, std_floor=self.std_floor)
+
+    def _fit_views(self, matrices: list[np.ndarray], base_tensors: Mapping[str, Any] | None) -> dict[str, Any]:
+        views = super()._fit_views(matrices, base_tensors)
+        if self.share:
+            views[OFFSET_SHARE] = OffsetShareView(views[CLASSES]).fit(matrices)
+        return views
+
+    def _score_views(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
+        """Both views from one pass over the classes (the gate's hot path at 10,575 classes)."""
+        if OFFSET_SHARE not in self.views_:
+            return super()._score_views(matrix)
+        hv = self.views_[CLASSES]
+        major, minor, top = hv.statistic(matrix, top=True)
+        zc, zn = hv.z_of(major, minor)
+        return {CLASSES: np.concatenate([-zc, -zn]), OFFSET_SHARE: OffsetShareView.scores_of(major + minor, top)}
 
     @classmethod
     def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> HeadReference:
@@ -418,8 +491,17 @@ class HeadReference(ClassifierReference):
             rank=int(v["rank"]),
             normalize=v["normalize"],
             std_floor=float(v.get("std_floor", 0.0)),
-            share=bool(v.get("share", False)),
+            share=OFFSET_SHARE in info["views"],
         )
+
+    def _saved_views(self, info: Mapping[str, Any]) -> list[str]:
+        """The classes first: the share view restores over their metric."""
+        return [CLASSES, *(v for v in info["views"] if v != CLASSES)]
+
+    def _restore_view(self, view: str, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Any:
+        if view == OFFSET_SHARE:
+            return OffsetShareView.restore_over(self.views_[CLASSES])
+        return super()._restore_view(view, info, arrays)
 
     def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:
         return head_matrix(tensors, source)

@@ -60,6 +60,9 @@ class Reference:
 
     #: which detector this is (see :mod:`detector.baselines`); recorded in the artifact
     detector = "gmm"
+    #: the view a composite names by the member's name alone when the member has several (None:
+    #: every view is named ``member.view``)
+    primary_view: str | None = None
 
     # Fitted state (scikit-learn's rule: set by fit/calibrate/load, absent before; declared for readers
     # and the type checker)
@@ -150,9 +153,7 @@ class Reference:
         check_fitted(self, "views_")
         if clean:
             layers = self._load(clean, progress)
-            per_net = [
-                {v: est.score_vectors(self._checked(lw).matrix) for v, est in self.views_.items()} for lw in layers
-            ]
+            per_net = [self._score_views(self._checked(lw).matrix) for lw in layers]
             self.calibration_vector_scores_ = {v: np.stack([s[v] for s in per_net]) for v in self.views_}
             self.threshold_source_ = "held-out"
             self.calibration_checkpoints_ = [{"source": lw.source, "sha256": lw.sha256} for lw in layers]
@@ -231,7 +232,7 @@ class Reference:
         )
         if trunk is None:
             trunk = check_trunk(tensors, getattr(self, "trunk_digests_", {}))
-        vector_scores = {v: est.score_vectors(weights.matrix) for v, est in self.views_.items()}
+        vector_scores = self._score_views(weights.matrix)
         scores = {v: network_score(self.views_[v], s) for v, s in vector_scores.items()}
         return Assessment(
             source=weights.source,
@@ -262,8 +263,11 @@ class Reference:
         return lw
 
     def score_vectors(self, network: Any) -> dict[str, np.ndarray]:
-        lw = self.layer_weights(network)
-        return {v: est.score_vectors(lw.matrix) for v, est in self.views_.items()}
+        return self._score_views(self.layer_weights(network).matrix)
+
+    def _score_views(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
+        """Every view's per-unit scores of one matrix (a detector whose views share work overrides it)."""
+        return {v: est.score_vectors(matrix) for v, est in self.views_.items()}
 
     def score(self, network: Any) -> dict[str, float]:
         return {v: network_score(self.views_[v], s) for v, s in self.score_vectors(network).items()}
@@ -288,6 +292,8 @@ class Reference:
                 "calibration_vector_scores": np.asarray(self.calibration_vector_scores_[v]),
                 "reference_scores": getattr(est, "reference_scores_", None),
                 "unit": getattr(est, "unit", "vector"),
+                #: what a per-unit entry is, when it is not a deviation z (a report's axis)
+                "label": getattr(est, "label", None),
                 "classes": getattr(self, "classes_", None),
             }
             for v, est in self.views_.items()

@@ -26,6 +26,9 @@ from detector.weights import CLASSES_KEY, read_tensors
 from tests.conftest import FACE_NETS_PAIRS as PAIRS
 from tests.conftest import FACE_NETS_SIZE as SIZE
 
+#: the default gate's deciding parts: head, its offset share beside the margins, output-spectrum, margins
+GATE_PARTS = ("head", "head.offset-share", "output-spectrum", "margins")
+
 # every test here uses networks the module's fixture trains
 pytestmark = pytest.mark.slow
 
@@ -222,7 +225,7 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert p.returncode == 1 and [r["verdict"] for r in lines] == ["blocked", "passed"]
     assert lines[0]["suspected_class"] in nets["classes"] and "suspected_class" not in lines[1]
-    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == {"head", "output-spectrum", "margins"}
+    assert set(lines[0]["scores"]) == set(lines[0]["thresholds"]) == set(GATE_PARTS)
     assert set(lines[0]["evidence_scores"]) == {"gmm.forward", "gmm.backward"}
 
 
@@ -247,11 +250,11 @@ def test_reference_fit_keeps_a_secret_gallery_and_the_margins_decide(nets, tmp_p
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["detector"] == "head+output-spectrum+margins"
     ref = load_reference(tmp_path / "a")
-    assert set(ref.thresholds_) == {"head", "output-spectrum", "margins"}
+    assert set(ref.thresholds_) == set(GATE_PARTS)
     kept = ref.members_["margins"].gallery_
     assert kept.features.shape == (4, 8, 1792) and kept.classes == tuple(nets["classes"])
     scores = [ref.score(n) for n in nets["backdoored"]]
-    assert all(set(s) == {"head", "output-spectrum", "margins"} for s in scores)
+    assert all(set(s) == set(GATE_PARTS) for s in scores)
     assert fit(tmp_path / "b", nets["data"]).returncode == 0
     again = load_reference(tmp_path / "b").members_["margins"].gallery_
     assert not np.array_equal(again.features, kept.features)  # no fixed seed: each fit draws anew
@@ -332,7 +335,7 @@ def test_the_reference_pipelines_steps_build_and_read_the_gallery(nets, tmp_path
     with pytest.raises(ValueError, match="no gallery"):
         fit(tmp_path / "r0", str(tmp_path / "none"))
     out = fit(tmp_path / "ref", str(tmp_path / "g"))
-    assert set(out["parts"]) == {"head", "output-spectrum", "margins"} and out["detector"] == margins
+    assert set(out["parts"]) == set(GATE_PARTS) and out["detector"] == margins
     kept = load_reference(tmp_path / "ref").members_["margins"].gallery_
     assert np.array_equal(kept.features, load_gallery(tmp_path / "g").features) and kept.classes == tuple(
         nets["classes"]

@@ -1,12 +1,15 @@
-"""`head`'s per-class view on small synthetic heads (no training): the std floor (a lab lead,
-off by default) and that an artifact keeps it."""
+"""`head`'s views on small synthetic heads (no training): the std floor (a lab lead, off by
+default) and that an artifact keeps it; the offset-share view, its torch mirror, its artifact and
+its own place in a composite's cut."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from detector.head import DEFAULT_STD_FLOOR, HeadDeviationView, head_matrix
+from detector.classifier import CLASSES
+from detector.detectors import make_reference
+from detector.head import DEFAULT_STD_FLOOR, OFFSET_SHARE, HeadDeviationView, HeadReference, head_matrix
 
 
 @pytest.fixture(scope="module")
@@ -82,31 +85,56 @@ def checkpoints():
     return nets[:16], nets[16:], shifted
 
 
-def test_the_share_entry_flags_a_deviation_carried_by_one_direction(checkpoints):
+def test_the_share_view_flags_a_deviation_carried_by_one_direction_and_leaves_head_as_it_was(checkpoints):
     refs, fresh, shifted = checkpoints
-    H = [head_matrix(t) for t in refs]
-    plain = HeadDeviationView(rank=16).fit(H)
-    share = HeadDeviationView(rank=16, share=True).fit(H)
+    plain = HeadReference(rank=16).fit(refs).calibrate(fresh)
+    share = HeadReference(rank=16, share=True).fit(refs).calibrate(fresh)
+    assert list(plain.views_) == [CLASSES] and list(share.views_) == [CLASSES, OFFSET_SHARE]
     for t in [*fresh, shifted]:
-        a, b = plain.score_vectors(head_matrix(t)), share.score_vectors(head_matrix(t))
-        # off, the vector is what it was (classes, then the shape); on, the share comes last
-        assert a.size == 11 and b.size == 12 and np.array_equal(a, b[:11])
-    # the moved offset carries its class's deviation: a lower share score than any fresh clean head's
-    shares = [share.score_vectors(head_matrix(t))[-1] for t in fresh]
-    assert share.score_vectors(head_matrix(shifted))[-1] < min(shares) - 1.0, shares
-    assert share.reference_vector_scores_.shape == (16, 12)
-    assert share.leave_one_out_vector_scores(H).shape == (16, 12)
+        a, b = plain.score_vectors(t), share.score_vectors(t)
+        assert np.array_equal(a[CLASSES], b[CLASSES]) and b[OFFSET_SHARE].shape == (10,)
+        # the one-pass scores are each view's own
+        assert np.array_equal(b[OFFSET_SHARE], share.views_[OFFSET_SHARE].score_vectors(head_matrix(t)))
+    # the moved offset carries its class's deviation: a lower share than any fresh clean head's
+    lows = [share.score(t)[OFFSET_SHARE] for t in fresh]
+    moved = share.score_vectors(shifted)[OFFSET_SHARE]
+    assert moved.min() < min(lows) and int(np.argmin(moved)) == 3, (moved, lows)
+    # without calibration networks each reference network is scored in the others' metric
+    loo = HeadReference(rank=16, share=True).fit(refs).calibrate()
+    assert loo.calibration_vector_scores_[OFFSET_SHARE].shape == (16, 10)
+    assert np.all(loo.calibration_vector_scores_[OFFSET_SHARE] > 0)
 
 
-def test_the_share_round_trips_and_its_torch_mirror_is_the_numpy_score(checkpoints):
+def test_the_share_view_round_trips_and_its_torch_mirror_is_the_numpy_score(checkpoints, tmp_path):
     import torch
 
+    from detector.detectors import load_reference
+
     refs, fresh, shifted = checkpoints
-    view = HeadDeviationView(rank=16, share=True).fit([head_matrix(t) for t in refs])
-    back = HeadDeviationView.restore(view.info(), view.arrays())
-    assert back.share and "share" not in HeadDeviationView(rank=16).fit([head_matrix(t) for t in refs]).info()
+    ref = HeadReference(rank=16, share=True).fit(refs).calibrate(fresh)
+    ref.save(tmp_path / "ref")
+    back = load_reference(tmp_path / "ref")
+    assert isinstance(back, HeadReference) and back.share and list(back.views_) == [CLASSES, OFFSET_SHARE]
+    assert back.thresholds_ == ref.thresholds_
     for t in [fresh[0], shifted]:
-        v = view.score_vectors(head_matrix(t))
-        assert np.array_equal(back.score_vectors(head_matrix(t)), v)
-        zc, zn = view.torch_z({k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()})
-        assert np.allclose(-np.concatenate([zc.numpy(), zn.numpy()]), v, atol=1e-4)
+        v = ref.score_vectors(t)
+        assert all(np.array_equal(back.score_vectors(t)[k], v[k]) for k in v)
+        zc, zn = back.views_[OFFSET_SHARE].torch_z({k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()})
+        assert zn.numel() == 0 and np.allclose(-zc.numpy(), v[OFFSET_SHARE], atol=1e-6)
+        zc, zn = back.views_[CLASSES].torch_z({k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()})
+        assert np.allclose(-np.concatenate([zc.numpy(), zn.numpy()]), v[CLASSES], atol=1e-4)
+
+
+def test_a_composite_names_head_by_its_name_and_cuts_the_share_as_a_part_of_its_own(checkpoints):
+    refs, fresh, shifted = checkpoints
+    composite = make_reference("head+classifier")
+    composite.members["head"] = HeadReference(rank=16, share=True)
+    composite.fit(refs).calibrate(fresh)
+    assert set(composite.thresholds_) == {"head", "head.offset-share", "classifier"}
+    assert set(composite.standardisation_) == set(composite.thresholds_)
+    a = composite.assess(shifted)
+    assert set(a.scores) == set(composite.thresholds_)
+    # the share is standardised on its own calibration scores: the fresh networks' lowest class each
+    own = [float(np.min(composite.members_["head"].views_[OFFSET_SHARE].score_vectors(head_matrix(t)))) for t in fresh]
+    assert composite.standardisation_["head.offset-share"][0] == pytest.approx(np.median(own))
+    assert a.scores["head.offset-share"] < min(own)

@@ -177,7 +177,9 @@ def test_local_run_end_to_end(tmp_path, mlflow_server):
     reg = MlflowRegistry(mlflow_server.uri)
     assert reg.version_by_alias("facenet-integrity-reference", "current") is not None
     (fitted,) = (tmp_path / "kfp").glob("facenet-integrity-reference-*/fit-reference/reference/reference.json")
-    assert json.loads(fitted.read_text())["decide_by"] == ["head", "output-spectrum", "margins"]  # the default
+    fitted_info = json.loads(fitted.read_text())
+    assert fitted_info["decide_by"] == ["head", "output-spectrum", "margins"]  # the default
+    assert set(fitted_info["thresholds"]) == {"head", "head.offset-share", "output-spectrum", "margins"}
     (drawn,) = (tmp_path / "kfp").glob("facenet-integrity-reference-*/make-gallery/gallery/gallery.npz")
     assert np.load(drawn)["features"].shape == (8, 16, 1792)  # every person of 8, 16 faces each
     model = "facenet-e2e"

@@ -7,6 +7,9 @@ every deciding part (`head`'s vector now ending in the share), the margins part 
 reads it and as excess.py's Σ (z − 2)₊.
 
     python share_in_head.py OUT   # writes OUT/share_in_head.json (networks: OUT/share_in_head.safetensors)
+
+Runs at commit 67345d2: the option inside `head` was removed when the share became `head`'s second
+view, cut as a part of its own (product_share.py); its outputs stand as measured then.
 """
 
 from __future__ import annotations
