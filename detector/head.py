@@ -364,9 +364,11 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return est
 
 
-def offset_share_scores(q: np.ndarray, top: np.ndarray) -> np.ndarray:
+def offset_share_scores(q: np.ndarray, top: np.ndarray | None) -> np.ndarray:
     """Per class −log(top / q): the lower, the more of the class's whitened deviation one kept
-    direction carries (higher = more typical, as every score)."""
+    direction carries (higher = more typical, as every score). ``top``: :meth:`HeadDeviationView.statistic`'s,
+    asked for."""
+    assert top is not None
     return -np.log(np.maximum(top, 1e-300) / np.maximum(q, 1e-300))
 
 
@@ -397,7 +399,7 @@ class OffsetShareView(BaseEstimator):
             raise ValueError("the offset share reads head's metric: OffsetShareView(head=<a fitted HeadDeviationView>)")
         check_fitted(self.head, "center_")
         self.head_ = self.head
-        self.reference_vector_scores_ = np.asarray(getattr(self.head, "loo_share_scores_", np.empty((0, 0))))
+        self.reference_vector_scores_ = self.head.loo_share_scores_
         return self
 
     aggregate = staticmethod(ClassRows.aggregate)
@@ -408,12 +410,7 @@ class OffsetShareView(BaseEstimator):
     def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
         check_fitted(self, "head_")
         major, minor, top = self.head_.statistic(matrix, top=True)
-        return self.scores_of(major + minor, top)
-
-    @staticmethod
-    def scores_of(q: np.ndarray, top: np.ndarray | None) -> np.ndarray:
-        assert top is not None
-        return offset_share_scores(q, top)
+        return offset_share_scores(major + minor, top)
 
     def leave_one_out_vector_scores(
         self, matrices: Sequence[np.ndarray], progress: Callable | None = None
@@ -481,7 +478,7 @@ class HeadReference(ClassifierReference):
         hv = self.views_[CLASSES]
         major, minor, top = hv.statistic(matrix, top=True)
         zc, zn = hv.z_of(major, minor)
-        return {CLASSES: np.concatenate([-zc, -zn]), OFFSET_SHARE: OffsetShareView.scores_of(major + minor, top)}
+        return {CLASSES: np.concatenate([-zc, -zn]), OFFSET_SHARE: offset_share_scores(major + minor, top)}
 
     @classmethod
     def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> HeadReference:
