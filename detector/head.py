@@ -242,7 +242,7 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         """The network-level z's after the classes (:data:`NETWORK_ENTRIES`) along the last axis (one
         network's, or one row per network); ``stats``: (shape median, scale) in place of the fitted ones."""
         sm, ss = stats if stats is not None else (self.network_median_, self.network_scale_)
-        return np.stack([(np.asarray(shape) - sm) / ss], axis=-1)
+        return ((np.asarray(shape) - sm) / ss)[..., None]
 
     def statistic(
         self, matrix: np.ndarray, top: bool = False, rows: int = 1024
@@ -298,11 +298,16 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return np.asarray(out)
 
     def _fitted_on(self, matrices: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What ``fit`` kept of the reference networks, refused for any other networks."""
+        """What ``fit`` kept of the reference networks, refused for any other networks (compared one
+        network at a time: both views ask, and a stacked float64 copy of every head is the largest
+        array a reference fit makes at CASIA's class count)."""
         check_fitted(self, "center_")
         fitted_on = getattr(self, "_loo", None)
-        given = np.stack([np.asarray(H, dtype=np.float64) for H in matrices])
-        if fitted_on is None or given.shape != fitted_on[0].shape or not np.array_equal(given, fitted_on[0]):
+        if (
+            fitted_on is None
+            or len(matrices) != len(fitted_on[0])
+            or not all(np.array_equal(np.asarray(H, dtype=np.float64), S) for H, S in zip(matrices, fitted_on[0]))
+        ):
             raise ValueError("leave-one-out scores are for the networks this view was fitted on, in that order")
         return fitted_on
 
