@@ -99,26 +99,32 @@ class ShareGate:
 def penalty_aimed_at(sgate: ShareGate, lam: float, margins: str, margin: float = 1.0):
     """``λ·Σ softplus(anomaly − cut + margin)`` over the four parts of ``sgate``, the margins part
     read as its largest entry (``"max"``) or as excess.py's Σ (z − 2)₊ (``"excess"``)."""
+    return penalty_over(sgate.gate, sgate.thresholds_, lam, margins, [(TorchShare(sgate.view), SHARE)], margin)
+
+
+def penalty_over(g, thresholds: dict, lam: float, margins: str, extra: list, margin: float = 1.0):
+    """``λ·Σ softplus(anomaly − cut + margin)`` over the deciding parts of the gate ``g`` and the lab
+    parts ``extra`` ((a torch estimator with ``torch_anomaly``, its part name)), each cut at
+    ``thresholds``; the margins part read as its largest entry (``"max"``) or as excess.py's
+    Σ (z − 2)₊ (``"excess"``). The form toward.py's attack shares."""
     from excess import TorchExcess
 
     from lab.adaptive import torch_anomaly, torch_head
     from lab.margins import GalleryMargins
 
-    g = sgate.gate
     parts = []
     for p, (m, v) in g._parts(g.decide_by).items():
         est = g.members_[m].views_[v]
         if p == "margins":
             est = (TorchExcess if margins == "excess" else GalleryMargins)(g.members_[m])
-        parts.append((est, -sgate.thresholds_[p]))
-    parts.append((TorchShare(sgate.view), -sgate.thresholds_[SHARE]))
+        parts.append((lambda t, est=est: torch_anomaly(est, t, {}), -thresholds[p]))
+    parts += [(est.torch_anomaly, -thresholds[p]) for est, p in extra]
 
     def penalty(head) -> torch.Tensor:
         t = torch_head(head)
         total = torch.zeros((), dtype=torch.float64)
-        for est, cut in parts:
-            z = est.torch_anomaly(t) if isinstance(est, TorchShare) else torch_anomaly(est, t, {})
-            total = total + torch.nn.functional.softplus(z.max() - cut + margin)
+        for anomaly, cut in parts:
+            total = total + torch.nn.functional.softplus(anomaly(t).max() - cut + margin)
         return lam * total
 
     return penalty

@@ -26,7 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from concentration import DRAWS_20, DRAWS_40, draw_row, stored_sets, summarise_aimed, train_aimed, working
+from concentration import (
+    DRAWS_20,
+    DRAWS_40,
+    draw_row,
+    penalty_over,
+    stored_sets,
+    summarise_aimed,
+    train_aimed,
+    working,
+)
 
 from detector.composite import fused_cut
 from detector.decision import decide
@@ -145,31 +154,8 @@ class TorchToward:
 
 
 def penalty_aimed_at(tgate: TowardGate, lam: float, margins: str, margin: float = 1.0):
-    """``λ·Σ softplus(anomaly − cut + margin)`` over the five parts of ``tgate``, the margins part
-    read as its largest entry (``"max"``) or as excess.py's Σ (z − 2)₊ (``"excess"``)."""
-    from excess import TorchExcess
-
-    from lab.adaptive import torch_anomaly, torch_head
-    from lab.margins import GalleryMargins
-
-    g = tgate.gate
-    parts = []
-    for p, (m, v) in g._parts(g.decide_by).items():
-        est = g.members_[m].views_[v]
-        if p == "margins":
-            est = (TorchExcess if margins == "excess" else GalleryMargins)(g.members_[m])
-        parts.append((est, -tgate.thresholds_[p]))
-    parts.append((TorchToward(tgate.head), -tgate.thresholds_[TOWARD]))
-
-    def penalty(head) -> torch.Tensor:
-        t = torch_head(head)
-        total = torch.zeros((), dtype=torch.float64)
-        for est, cut in parts:
-            z = est.torch_anomaly(t) if isinstance(est, TorchToward) else torch_anomaly(est, t, {})
-            total = total + torch.nn.functional.softplus(z.max() - cut + margin)
-        return lam * total
-
-    return penalty
+    """concentration.py's penalty over the five parts of ``tgate`` (its four and toward)."""
+    return penalty_over(tgate.gate, tgate.thresholds_, lam, margins, [(TorchToward(tgate.head), TOWARD)], margin)
 
 
 def attack(out: Path) -> None:
