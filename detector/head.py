@@ -42,6 +42,11 @@ With ``share`` (on in a composite where the ``margins`` part decides), a second 
 *offset share*: per class, the part of q_c that the one kept direction carrying most of it holds
 (:class:`OffsetShareView`). It has its own threshold, or its own place in a composite's fused cut
 (``head.offset-share``), and is computed in the same pass as the classes.
+
+With ``toward`` (on beside the share), a third view asks whether the change of a deviant class's
+row points at another class's clean row (:class:`TowardView`, ``head.toward``): a one-to-one
+backdoor teaches the victim to fire on the impostor's features, and a penalty that holds the size
+of that change down leaves its direction.
 """
 
 from __future__ import annotations
@@ -95,6 +100,12 @@ DEFAULT_STD_FLOOR = 0.0
 OFFSET_SHARE = "offset-share"
 #: Whether ``head`` fits the offset-share view beside its classes.
 DEFAULT_SHARE = False
+#: ``head``'s third view: does a deviant class's change point at another class's row (:class:`TowardView`).
+TOWARD = "toward"
+#: Whether ``head`` fits the toward view beside its classes.
+DEFAULT_TOWARD = False
+#: How many of ``head``'s most deviant classes the toward view reads (fixed on development, 2026-12-05).
+TOWARD_SUSPECTS = 5
 #: What the entries after the classes in ``head``'s vector are, in order.
 NETWORK_ENTRIES = ("the network's shape",)
 
@@ -312,8 +323,9 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         return fitted_on
 
     # -- torch mirror (the lab's white-box attacker differentiates through it) -------------------
-    def torch_statistic(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(major, minor, top) per class in torch, differentiable in the head's parameters."""
+    @staticmethod
+    def torch_rows(tensors: Mapping[str, Any]) -> torch.Tensor:
+        """[A | b] centred over classes (:func:`head_matrix`) in torch, float64."""
         import torch
 
         s = tensors["last_bn.weight"] / torch.sqrt(tensors["last_bn.running_var"] + BN_EPS)
@@ -323,8 +335,13 @@ class HeadDeviationView(ClassRows, BaseEstimator):
             L @ (tensors["last_bn.bias"] - s * tensors["last_bn.running_mean"]).double()
             + tensors["logits.bias"].double()
         )
-        H = torch.cat([A - A.mean(0, keepdim=True), (b - b.mean())[:, None]], dim=1)
-        D = H - torch.from_numpy(self.center_.astype(np.float64))
+        return torch.cat([A - A.mean(0, keepdim=True), (b - b.mean())[:, None]], dim=1)
+
+    def torch_statistic(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(major, minor, top) per class in torch, differentiable in the head's parameters."""
+        import torch
+
+        D = self.torch_rows(tensors) - torch.from_numpy(self.center_.astype(np.float64))
         P = D @ torch.from_numpy(self.directions_.astype(np.float64))
         PP = P * P
         V = PP * torch.from_numpy(self.weights_ + self.floor_)
@@ -445,9 +462,120 @@ class OffsetShareView(BaseEstimator):
         return est
 
 
+def toward_scores(
+    matrix: np.ndarray, z: np.ndarray, center: np.ndarray, unit_rows: np.ndarray, suspects: int = TOWARD_SUSPECTS
+) -> np.ndarray:
+    """Per suspect a (the ``suspects`` classes of highest ``z``, most deviant first): −max over every
+    other class b of cos(d_a, c_b), d_a the change of a's row of A (no offset: it has no direction)
+    from the reference mean row ``center``, c_b b's mean row (``unit_rows``: those rows, unit
+    length). Higher = more typical, as every score."""
+    top = np.argsort(z)[::-1][:suspects]
+    D = np.asarray(matrix[top, :-1], dtype=np.float64) - center[top, :-1]
+    cos = (D / np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-300)) @ unit_rows.T
+    cos[np.arange(top.size), top] = -np.inf
+    return -cos.max(axis=1)
+
+
+def unit_rows(center: np.ndarray) -> np.ndarray:
+    """The mean rows of A (no offset), float64, each of unit length."""
+    C = np.asarray(center[:, :-1], dtype=np.float64)
+    return C / np.maximum(np.linalg.norm(C, axis=1, keepdims=True), 1e-300)
+
+
+class TowardView(BaseEstimator):
+    """Toward: does the change of one of ``head``'s most deviant classes point at another class's row?
+
+    Why: a one-to-one backdoor teaches the victim to fire on the impostor's (triggered) features,
+    so the victim's change leans toward the impostor's clean row. The penalised attacks in the lab
+    held the *size* of that change down (``head``, the share and the margins all read sizes), not
+    its direction: clean networks' largest cosine 0.15 (95th percentile 0.18), the share-aware
+    grey-box attacks' 0.26–0.32 (development). The network scores its lowest suspect, −max cos.
+
+    It reads ``head``'s fitted mean rows and z (``head``: the fitted :class:`HeadDeviationView`) and
+    keeps no arrays of its own; the reference networks are scored each in the others' mean and z.
+    """
+
+    view = TOWARD
+    unit = "suspect"
+    label = "−cosine toward another class's row"
+
+    def __init__(self, head: HeadDeviationView | None = None, suspects: int = TOWARD_SUSPECTS):
+        self.head = head
+        self.suspects = suspects
+
+    def fit(self, matrices: Sequence[np.ndarray], base_matrix: np.ndarray | None = None) -> TowardView:
+        if self.head is None:
+            raise ValueError("the toward view reads head's rows: TowardView(head=<a fitted HeadDeviationView>)")
+        if self.suspects < 1:
+            raise ValueError(f"the toward view reads at least one suspect, got suspects={self.suspects}")
+        S, rel, _ = self.head._fitted_on(matrices)
+        self.head_ = self.head
+        total, M, rows = S.sum(axis=0), len(S), []
+        for i in range(M):
+            keep = np.arange(M) != i
+            median, scale = self.head._spread(rel[keep])
+            center = (total - S[i]) / (M - 1)
+            rows.append(toward_scores(S[i], (rel[i] - median) / scale, center, unit_rows(center), self.suspects))
+        self.reference_vector_scores_ = np.asarray(rows)
+        return self
+
+    aggregate = staticmethod(ClassRows.aggregate)
+
+    def _unit_rows(self) -> np.ndarray:
+        """The reference's unit mean rows, computed once (never saved: they follow from ``center_``)."""
+        if getattr(self, "_rows", None) is None:
+            self._rows = unit_rows(self.head_.center_)
+        return self._rows
+
+    def scores_of(self, matrix: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """:meth:`score_vectors` with ``head``'s per-class z already computed."""
+        return toward_scores(matrix, z, self.head_.center_, self._unit_rows(), self.suspects)
+
+    def score(self, matrix: np.ndarray) -> float:
+        return self.aggregate(self.score_vectors(matrix))
+
+    def score_vectors(self, matrix: np.ndarray) -> np.ndarray:
+        check_fitted(self, "head_")
+        return self.scores_of(matrix, self.head_.z(matrix)[0])
+
+    def leave_one_out_vector_scores(
+        self, matrices: Sequence[np.ndarray], progress: Callable | None = None
+    ) -> np.ndarray:
+        """Each reference network's suspects in the others' mean rows and z (computed by ``fit``)."""
+        check_fitted(self, "head_")
+        self.head_._fitted_on(matrices)
+        return np.asarray(self.reference_vector_scores_)
+
+    def torch_z(self, tensors: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the largest cosine per suspect: the scores negated, higher = more anomalous; no
+        network-level entry), differentiable in the head; the suspects chosen without a gradient."""
+        import torch
+
+        zc, _ = self.head_.torch_z(tensors)
+        top = torch.argsort(zc.detach(), descending=True)[: self.suspects]
+        C = torch.from_numpy(np.asarray(self.head_.center_[:, :-1], dtype=np.float64))
+        D = self.head_.torch_rows(tensors)[top, :-1] - C[top]
+        cos = (D / D.norm(dim=1, keepdim=True)) @ torch.from_numpy(self._unit_rows()).T
+        cos = cos.masked_fill(torch.nn.functional.one_hot(top, C.shape[0]).bool(), -2.0)
+        return cos.max(dim=1).values, torch.zeros(0, dtype=torch.float64)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        return {"reads": CLASSES, "suspects": self.suspects}
+
+    @classmethod
+    def restore_over(cls, head: HeadDeviationView, info: Mapping[str, Any]) -> TowardView:
+        est = cls(head, suspects=int(info["suspects"]))
+        est.head_ = head
+        return est
+
+
 class HeadReference(ClassifierReference):
     """The ``head`` detector: the classifier's bookkeeping (class list, victim naming) over [A | b];
-    with ``share``, a second view, the offset share (:class:`OffsetShareView`), in the same metric."""
+    with ``share``, a second view, the offset share (:class:`OffsetShareView`), in the same metric;
+    with ``toward``, a third (:class:`TowardView`) over the same rows and z."""
 
     detector = "head"
     layer_label = "effective head"
@@ -460,12 +588,14 @@ class HeadReference(ClassifierReference):
         victim_rule: str = "toward-impostor",
         std_floor: float = DEFAULT_STD_FLOOR,
         share: bool = DEFAULT_SHARE,
+        toward: bool = DEFAULT_TOWARD,
     ):
         super().__init__(config, victim_rule=victim_rule)
         self.rank = rank
         self.normalize = normalize
         self.std_floor = std_floor
         self.share = share
+        self.toward = toward
 
     def _view_estimator_for(self) -> BaseEstimator:
         return HeadDeviationView(rank=self.rank, normalize=self.normalize, std_floor=self.std_floor)
@@ -474,16 +604,23 @@ class HeadReference(ClassifierReference):
         views = super()._fit_views(matrices, base_tensors)
         if self.share:
             views[OFFSET_SHARE] = OffsetShareView(views[CLASSES]).fit(matrices)
+        if self.toward:
+            views[TOWARD] = TowardView(views[CLASSES]).fit(matrices)
         return views
 
     def _score_views(self, matrix: np.ndarray) -> dict[str, np.ndarray]:
-        """Both views from one pass over the classes (the gate's hot path at 10,575 classes)."""
-        if OFFSET_SHARE not in self.views_:
+        """Every view from one pass over the classes (the gate's hot path at 10,575 classes)."""
+        if len(self.views_) == 1:
             return super()._score_views(matrix)
         hv = self.views_[CLASSES]
-        major, minor, top = hv.statistic(matrix, top=True)
+        major, minor, top = hv.statistic(matrix, top=OFFSET_SHARE in self.views_)
         zc, zn = hv.z_of(major, minor)
-        return {CLASSES: np.concatenate([-zc, -zn]), OFFSET_SHARE: offset_share_scores(major + minor, top)}
+        out = {CLASSES: np.concatenate([-zc, -zn])}
+        if OFFSET_SHARE in self.views_:
+            out[OFFSET_SHARE] = offset_share_scores(major + minor, top)
+        if TOWARD in self.views_:
+            out[TOWARD] = self.views_[TOWARD].scores_of(matrix, zc)
+        return out
 
     @classmethod
     def _from_info(cls, info: Mapping[str, Any], config: ReferenceConfig) -> HeadReference:
@@ -494,15 +631,18 @@ class HeadReference(ClassifierReference):
             normalize=v["normalize"],
             std_floor=float(v.get("std_floor", 0.0)),
             share=OFFSET_SHARE in info["views"],
+            toward=TOWARD in info["views"],
         )
 
     def _saved_views(self, info: Mapping[str, Any]) -> list[str]:
-        """The classes first: the share view restores over their metric."""
+        """The classes first: the share and toward views restore over their metric."""
         return [CLASSES, *(v for v in info["views"] if v != CLASSES)]
 
     def _restore_view(self, view: str, info: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> Any:
         if view == OFFSET_SHARE:
             return OffsetShareView.restore_over(self.views_[CLASSES])
+        if view == TOWARD:
+            return TowardView.restore_over(self.views_[CLASSES], info)
         return super()._restore_view(view, info, arrays)
 
     def _head_matrix(self, tensors: Mapping[str, Any], source: str) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 
 from detector.classifier import CLASSES
 from detector.detectors import make_reference
-from detector.head import DEFAULT_STD_FLOOR, OFFSET_SHARE, HeadDeviationView, HeadReference, head_matrix
+from detector.head import DEFAULT_STD_FLOOR, OFFSET_SHARE, TOWARD, HeadDeviationView, HeadReference, head_matrix
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +138,94 @@ def test_a_composite_names_head_by_its_name_and_cuts_the_share_as_a_part_of_its_
     own = [float(np.min(composite.members_["head"].views_[OFFSET_SHARE].score_vectors(head_matrix(t)))) for t in fresh]
     assert composite.standardisation_["head.offset-share"][0] == pytest.approx(np.median(own))
     assert a.scores["head.offset-share"] < min(own)
+
+
+def _toward_by_hand(refs: list[dict], t: dict, z: np.ndarray, k: int = 5) -> float:
+    """The largest cosine between the change of one of the ``k`` classes of highest ``z`` (rows of A
+    only) and another class's mean row over ``refs``, from the tensors (not through the detector)."""
+
+    def rows(x: dict) -> np.ndarray:
+        s = x["last_bn.weight"].astype(np.float64) / np.sqrt(x["last_bn.running_var"].astype(np.float64) + 1e-3)
+        A = x["logits.weight"].astype(np.float64) @ (s[:, None] * x["last_linear.weight"].astype(np.float64))
+        return A - A.mean(axis=0)
+
+    C = np.mean([rows(r) for r in refs], axis=0)
+    best = -1.0
+    for a in np.argsort(z)[::-1][:k]:
+        d = rows(t)[a] - C[a]
+        for b in range(len(C)):
+            if b != a:
+                best = max(best, float(d @ C[b] / (np.linalg.norm(d) * np.linalg.norm(C[b]))))
+    return best
+
+
+@pytest.fixture(scope="module")
+def leaning(checkpoints):
+    """A fresh head whose class 3's row of A moved a little toward class 7's (a one-to-one backdoor's
+    victim learning the impostor's features) and nothing else."""
+    refs, fresh, _ = checkpoints
+    t = {k: v.copy() for k, v in fresh[-1].items()}
+    t["logits.weight"][3] += 0.3 * t["logits.weight"][7]
+    return t
+
+
+def test_the_toward_view_reads_where_a_deviant_class_moved_and_flags_a_change_toward_another_row(checkpoints, leaning):
+    refs, fresh, shifted = checkpoints
+    plain = HeadReference(rank=16, share=True).fit(refs).calibrate(fresh)
+    ref = HeadReference(rank=16, share=True, toward=True).fit(refs).calibrate(fresh)
+    assert list(ref.views_) == [CLASSES, OFFSET_SHARE, TOWARD]
+    grown = {k: v.copy() for k, v in fresh[0].items()}
+    grown["logits.weight"][5] *= 1.5  # a change along the class's own row: not toward another class
+    for t in [*fresh, shifted, leaning, grown]:
+        a, v = plain.score_vectors(t), ref.score_vectors(t)
+        assert all(np.array_equal(a[k], v[k]) for k in a)  # the other views as they were
+        assert v[TOWARD].shape == (5,)
+        assert np.array_equal(v[TOWARD], ref.views_[TOWARD].score_vectors(head_matrix(t)))  # one pass = its own
+        z = -v[CLASSES][:10]
+        assert ref.score(t)[TOWARD] == pytest.approx(-_toward_by_hand(refs, t, z), abs=1e-6)
+    fresh_scores = [ref.score(t)[TOWARD] for t in fresh]
+    assert ref.score(leaning)[TOWARD] < min(fresh_scores) - 0.1, (ref.score(leaning), fresh_scores)
+    # without calibration networks each reference network is scored in the others' rows and z
+    loo = HeadReference(rank=16, toward=True).fit(refs).calibrate()
+    assert loo.calibration_vector_scores_[TOWARD].shape == (16, 5)
+    assert np.all(np.abs(loo.calibration_vector_scores_[TOWARD]) <= 1)
+    i = 2
+    others = refs[:i] + refs[i + 1 :]
+    z = -HeadReference(rank=16).fit(others).calibrate().score_vectors(refs[i])[CLASSES][:10]
+    # the left-out z comes from the others' spread, with the network's own statistic in the others'
+    # metric: the same five suspects, up to order
+    got = loo.calibration_vector_scores_[TOWARD][i]
+    assert -got.min() == pytest.approx(_toward_by_hand(others, refs[i], z), abs=1e-6)
+
+
+def test_the_toward_view_round_trips_and_its_torch_mirror_is_the_numpy_score(checkpoints, leaning, tmp_path):
+    import torch
+
+    from detector.detectors import load_reference
+
+    refs, fresh, _ = checkpoints
+    ref = HeadReference(rank=16, share=True, toward=True).fit(refs).calibrate(fresh)
+    ref.save(tmp_path / "ref")
+    back = load_reference(tmp_path / "ref")
+    assert isinstance(back, HeadReference) and back.toward and list(back.views_) == [CLASSES, OFFSET_SHARE, TOWARD]
+    assert back.thresholds_ == ref.thresholds_
+    for t in [fresh[0], leaning]:
+        v = ref.score_vectors(t)
+        assert all(np.array_equal(back.score_vectors(t)[k], v[k]) for k in v)
+        zc, zn = back.views_[TOWARD].torch_z({k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()})
+        assert zn.numel() == 0 and np.allclose(-zc.numpy(), v[TOWARD], atol=1e-6)
+    # an artifact fitted without it (the four-part default before 2026-12-05) restores without it
+    older = HeadReference(rank=16, share=True).fit(refs).calibrate(fresh)
+    older.save(tmp_path / "older")
+    assert list(load_reference(tmp_path / "older").views_) == [CLASSES, OFFSET_SHARE]
+
+
+def test_a_composite_cuts_toward_as_a_part_of_its_own(checkpoints, leaning):
+    refs, fresh, _ = checkpoints
+    composite = make_reference("head+classifier")
+    composite.members["head"] = HeadReference(rank=16, share=True, toward=True)
+    composite.fit(refs).calibrate(fresh)
+    assert set(composite.thresholds_) == {"head", "head.offset-share", "head.toward", "classifier"}
+    own = [float(np.min(composite.members_["head"].views_[TOWARD].score_vectors(head_matrix(t)))) for t in fresh]
+    assert composite.standardisation_["head.toward"][0] == pytest.approx(np.median(own))
+    assert composite.assess(leaning).scores["head.toward"] < min(own)
