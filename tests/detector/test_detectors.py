@@ -22,12 +22,13 @@ from detector.classifier import effective_classifier
 from detector.config import ReferenceConfig
 from detector.detectors import load_reference, make_reference
 from detector.errors import InvalidCheckpoint, InvalidReference
+from detector.head import HeadReference
 from detector.weights import CLASSES_KEY, read_tensors
 from tests.conftest import FACE_NETS_PAIRS as PAIRS
 from tests.conftest import FACE_NETS_SIZE as SIZE
 
-#: the default gate's deciding parts: head, its offset share beside the margins, output-spectrum, margins
-GATE_PARTS = ("head", "head.offset-share", "output-spectrum", "margins")
+#: the default gate's deciding parts: head, its offset share and toward beside the margins, output-spectrum, margins
+GATE_PARTS = ("head", "head.offset-share", "head.toward", "output-spectrum", "margins")
 
 # every test here uses networks the module's fixture trains
 pytestmark = pytest.mark.slow
@@ -440,9 +441,17 @@ def test_head_torch_mirror_equals_the_numpy_score(nets, fitted):
             t = {k: v.double() for k, v in tensors.items()}
             z = torch_class_z(ref, t).detach().numpy()
             assert np.allclose(-z, ref.score_vectors(p)["classes"], rtol=1e-9, atol=tol[name]), name
-    # a composite's every deciding part, spectrum's thin-basis training mode included
-    for name in ("head+spectrum", "head+output-spectrum"):
-        ref = fitted(name)
+    # a composite's every deciding part, spectrum's thin-basis training mode included, and head's
+    # second and third views as the default fits them beside the margins
+    views = make_reference("head+output-spectrum")
+    views.members["head"] = HeadReference(share=True, toward=True)
+    views.fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
+    tol["head.offset-share"] = tol["head.toward"] = 1e-5
+    for name, ref in (
+        ("head+spectrum", fitted("head+spectrum")),
+        ("head+output-spectrum", fitted("head+output-spectrum")),
+        ("head+head.offset-share+head.toward+output-spectrum", views),
+    ):
         names = name.split("+")
         parts = deciding_parts(ref)
         assert [-cut for _, cut in parts] == [ref.thresholds_[n] for n in names]
