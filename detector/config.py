@@ -41,15 +41,19 @@ DETECTORS: tuple[str, ...] = (
 GALLERY_DETECTORS: tuple[str, ...] = ("margins", "head+output-spectrum+margins")
 #: The gate's default: the detector that catches the most backdoors on held-out evidence, the
 #: informed attacker's suite included (``paper --adaptive``); see the README's detection and
-#: attacker tables. Its four parts decide together (a network must pass each, at one FRR):
-#: ``head``, ``head.offset-share`` (``head``'s second view, on wherever the margins decide: holding
-#: the margins low is what moves it; :class:`detector.head.OffsetShareView`), ``output-spectrum``
-#: and ``margins``. The margins part reads a secret face gallery kept in the reference; ``head``
-#: and ``output-spectrum`` need the base network. Earlier defaults: ``classifier``, then ``head``,
+#: attacker tables. Its five parts decide together (a network must pass each, at one FRR):
+#: ``head``, ``head.offset-share`` and ``head.toward`` (``head``'s second and third views, on
+#: wherever the margins decide: holding the margins low is what moves the share,
+#: :class:`detector.head.OffsetShareView`; a victim held small everywhere still points at its
+#: impostor's row, :class:`detector.head.TowardView`), ``output-spectrum`` and ``margins``. The
+#: margins part reads a secret face gallery kept in the reference; ``head`` and
+#: ``output-spectrum`` need the base network. Earlier defaults: ``classifier``, then ``head``,
 #: then ``head+output-spectrum`` (:data:`WEIGHTS_ONLY_DETECTOR`) until the grey-box attacks
 #: aimed at it passed 43/123 · 78/138 against 9/123 · 13/138 with margins; the same three parts
 #: without the offset share until the grey-box attacks aimed at them passed 0/5 · 5/6 against
-#: 1/6 · 1/6 with it (2026-12-05).
+#: 1/6 · 1/6 with it (2026-12-05); the same four without toward until the grey-box attacks that
+#: know of the share passed them 42/72 on confirmation over six calibration draws, against 21/72
+#: for the strongest known grey-box attack on the five (aimed at toward; 2026-12-05).
 DEFAULT_DETECTOR = "head+output-spectrum+margins"
 #: The default without the gallery: for a team that keeps no faces of its identities, at the cost
 #: the attacker table shows; the detector every stored lab study before the switch was run with.

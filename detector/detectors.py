@@ -73,8 +73,9 @@ def make_reference(
             m: make_reference(m, config, gallery=gallery if m == "margins" else None) for m in (*decide_by, *evidence)
         }
         if "head" in decide_by and "margins" in decide_by:
-            # the offset share decides beside the margins: holding the margins low is what moves it
-            members["head"] = HeadReference(config, share=True)
+            # the offset share and toward decide beside the margins: holding the margins low is what
+            # moves the share, and a victim held small by every size still points at its impostor
+            members["head"] = HeadReference(config, share=True, toward=True)
         return CompositeReference(decide_by=decide_by, evidence=evidence, config=config, members=members)
     if detector == "gaussian":
         config = config.replace(components=1)

@@ -563,6 +563,17 @@ def _random_gallery(classes: int):
     return FaceGallery(features, people, tuple(f"id{c:05d}" for c in range(classes)))
 
 
+def shipped_members(detector: str, gallery=None) -> dict:
+    """The deciding members, unfitted, exactly as ``make_reference`` builds ``detector`` (``head`` with
+    the views it has there: the offset share and toward beside ``margins``). Built one by one, by
+    name, the bench's ``head`` had neither (2026-12-05, before this function)."""
+    from detector.composite import CompositeReference
+    from detector.detectors import make_reference
+
+    ref = make_reference(detector, gallery=gallery)
+    return dict(ref.members) if isinstance(ref, CompositeReference) else {detector: ref}
+
+
 def gate_default(quick: bool, matrices: list[np.ndarray], family, log, detector: str | None = None) -> dict:
     """The gate as shipped: the default detector deciding (or ``detector``), the paper's GMM
     (N_G 1792 / 512) as evidence, one whole-network candidate, at 40 classes (our demo) and
@@ -573,7 +584,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log, detector:
 
     from detector.composite import CompositeReference
     from detector.config import DEFAULT_DETECTOR, FUSION
-    from detector.detectors import make_reference, reads_gallery
+    from detector.detectors import reads_gallery
 
     detector = detector or DEFAULT_DETECTOR
 
@@ -597,10 +608,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log, detector:
             decide_by=FUSION if detector == "fusion" else tuple(detector.split("+")), evidence=("gmm",)
         )
         gallery = _random_gallery(classes) if reads_gallery(detector) else None
-        comp.members_ = {
-            m: make_reference(m, gallery=gallery if m == "margins" else None).fit(refs, base=base)
-            for m in comp.decide_by
-        }
+        comp.members_ = {m: ref.fit(refs, base=base) for m, ref in shipped_members(detector, gallery).items()}
         comp.members_["gmm"] = gmm
         comp.trunk_digests_, comp.n_reference_ = gmm.trunk_digests_, n_ref
         comp.reference_checkpoints_, comp.shape_ = gmm.reference_checkpoints_, gmm.shape_
@@ -632,6 +640,7 @@ def gate_default(quick: bool, matrices: list[np.ndarray], family, log, detector:
             }
             log(f"  {classes} classes: {out[f'{classes}_classes']}")
     out["detector"] = detector
+    out["parts"] = sorted(comp.thresholds_)
     out["note"] = (
         "the shipped composite: default detector deciding + the paper's GMM (N_G 1792/512) as evidence; "
         "synthetic heads "

@@ -105,26 +105,6 @@ def test_the_share_view_flags_a_deviation_carried_by_one_direction_and_leaves_he
     assert np.all(loo.calibration_vector_scores_[OFFSET_SHARE] > 0)
 
 
-def test_the_share_view_round_trips_and_its_torch_mirror_is_the_numpy_score(checkpoints, tmp_path):
-    import torch
-
-    from detector.detectors import load_reference
-
-    refs, fresh, shifted = checkpoints
-    ref = HeadReference(rank=16, share=True).fit(refs).calibrate(fresh)
-    ref.save(tmp_path / "ref")
-    back = load_reference(tmp_path / "ref")
-    assert isinstance(back, HeadReference) and back.share and list(back.views_) == [CLASSES, OFFSET_SHARE]
-    assert back.thresholds_ == ref.thresholds_
-    for t in [fresh[0], shifted]:
-        v = ref.score_vectors(t)
-        assert all(np.array_equal(back.score_vectors(t)[k], v[k]) for k in v)
-        zc, zn = back.views_[OFFSET_SHARE].torch_z({k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()})
-        assert zn.numel() == 0 and np.allclose(-zc.numpy(), v[OFFSET_SHARE], atol=1e-6)
-        zc, zn = back.views_[CLASSES].torch_z({k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()})
-        assert np.allclose(-np.concatenate([zc.numpy(), zn.numpy()]), v[CLASSES], atol=1e-4)
-
-
 def test_a_composite_names_head_by_its_name_and_cuts_the_share_as_a_part_of_its_own(checkpoints):
     refs, fresh, shifted = checkpoints
     composite = make_reference("head+classifier")
@@ -198,26 +178,30 @@ def test_the_toward_view_reads_where_a_deviant_class_moved_and_flags_a_change_to
     assert -got.min() == pytest.approx(_toward_by_hand(others, refs[i], z), abs=1e-6)
 
 
-def test_the_toward_view_round_trips_and_its_torch_mirror_is_the_numpy_score(checkpoints, leaning, tmp_path):
+def test_head_s_views_round_trip_and_their_torch_mirrors_are_the_numpy_scores(checkpoints, leaning, tmp_path):
     import torch
 
     from detector.detectors import load_reference
 
-    refs, fresh, _ = checkpoints
+    refs, fresh, shifted = checkpoints
     ref = HeadReference(rank=16, share=True, toward=True).fit(refs).calibrate(fresh)
     ref.save(tmp_path / "ref")
     back = load_reference(tmp_path / "ref")
-    assert isinstance(back, HeadReference) and back.toward and list(back.views_) == [CLASSES, OFFSET_SHARE, TOWARD]
-    assert back.thresholds_ == ref.thresholds_
-    for t in [fresh[0], leaning]:
+    assert isinstance(back, HeadReference) and back.share and back.toward
+    assert list(back.views_) == [CLASSES, OFFSET_SHARE, TOWARD] and back.thresholds_ == ref.thresholds_
+    for t in [fresh[0], shifted, leaning]:
         v = ref.score_vectors(t)
         assert all(np.array_equal(back.score_vectors(t)[k], v[k]) for k in v)
-        zc, zn = back.views_[TOWARD].torch_z({k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()})
-        assert zn.numel() == 0 and np.allclose(-zc.numpy(), v[TOWARD], atol=1e-6)
-    # an artifact fitted without it (the four-part default before 2026-12-05) restores without it
-    older = HeadReference(rank=16, share=True).fit(refs).calibrate(fresh)
-    older.save(tmp_path / "older")
-    assert list(load_reference(tmp_path / "older").views_) == [CLASSES, OFFSET_SHARE]
+        as_torch = {k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()}
+        for view in (OFFSET_SHARE, TOWARD):
+            zc, zn = back.views_[view].torch_z(as_torch)
+            assert zn.numel() == 0 and np.allclose(-zc.numpy(), v[view], atol=1e-6), view
+        zc, zn = back.views_[CLASSES].torch_z(as_torch)
+        assert np.allclose(-np.concatenate([zc.numpy(), zn.numpy()]), v[CLASSES], atol=1e-4)
+    # artifacts fitted with fewer views (the defaults before 2026-12-05) restore with those
+    for share in (False, True):
+        HeadReference(rank=16, share=share).fit(refs).calibrate(fresh).save(tmp_path / f"older{share}")
+        assert list(load_reference(tmp_path / f"older{share}").views_) == [CLASSES, OFFSET_SHARE][: 1 + share]
 
 
 def test_a_composite_cuts_toward_as_a_part_of_its_own(checkpoints, leaning):

@@ -353,7 +353,7 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     from lab.adaptive_margins import run_gate_margins
 
     g = run_gate_margins(out, small, log=lambda m: None, base=load_base(str(tmp_path / "base.pt")))
-    assert set(g["thresholds"]) == {"head", "head.offset-share", "output-spectrum", "margins"}
+    assert set(g["thresholds"]) == {"head", "head.offset-share", "head.toward", "output-spectrum", "margins"}
     assert len(g["rows"]) == len(m["rows"])
     for r in g["rows"]:  # the verdict is the thresholds' (no part below: passed)
         below = [p for p, t in g["thresholds"].items() if not r["scores"][p] >= t]

@@ -179,7 +179,7 @@ def test_local_run_end_to_end(tmp_path, mlflow_server):
     (fitted,) = (tmp_path / "kfp").glob("facenet-integrity-reference-*/fit-reference/reference/reference.json")
     fitted_info = json.loads(fitted.read_text())
     assert fitted_info["decide_by"] == ["head", "output-spectrum", "margins"]  # the default
-    assert set(fitted_info["thresholds"]) == {"head", "head.offset-share", "output-spectrum", "margins"}
+    assert set(fitted_info["thresholds"]) == {"head", "head.offset-share", "head.toward", "output-spectrum", "margins"}
     (drawn,) = (tmp_path / "kfp").glob("facenet-integrity-reference-*/make-gallery/gallery/gallery.npz")
     assert np.load(drawn)["features"].shape == (8, 16, 1792)  # every person of 8, 16 faces each
     model = "facenet-e2e"
