@@ -21,7 +21,9 @@ from lab.margins import lab_gallery
 from lab.paper import NETWORKS_FILE, PaperConfig, _Lab, backdoor_status, detection_groups, load_networks, run_config
 
 
-def main(out: Path) -> None:
+def stored_paper_run(out: Path):
+    """(the run's lab, every network's tensors, the detection groups, the gallery ``paper --rescore``
+    draws, the run's reference config): what a study of a finished paper run starts from."""
     config = run_config(out, PaperConfig)
     lab = _Lab(config, None, lambda m: None)
     nets, W = load_networks(out / NETWORKS_FILE)
@@ -29,9 +31,13 @@ def main(out: Path) -> None:
     for n in nets:
         if "attack_success_rate" in n:
             n["status"] = backdoor_status(n, clean_acc)
-    groups = detection_groups(nets)
     gallery = lab_gallery(lab.fs, DEFAULT_FACES, seed=0)
-    gate = make_reference(DEFAULT_DETECTOR, ReferenceConfig.from_dict(config.reference), gallery=gallery)
+    return lab, W, detection_groups(nets), gallery, ReferenceConfig.from_dict(config.reference)
+
+
+def main(out: Path) -> None:
+    lab, W, groups, gallery, rc = stored_paper_run(out)
+    gate = make_reference(DEFAULT_DETECTOR, rc, gallery=gallery)
     gate.fit([W[i] for i in groups["reference"]], base=lab.base).calibrate([W[i] for i in groups["held-out"]])
     sgate = ShareGate(gate, [W[i] for i in groups["held-out"]])
     rows = []
