@@ -17,7 +17,7 @@ import numpy as np
 
 from detector.decision import BLOCKED, PASSED
 from detector.evidence import Evidence
-from detector.head import NETWORK_ENTRIES
+from detector.head import NETWORK_ENTRIES, toward_suspects
 
 
 def vector_deviation(calibration_vector_scores: np.ndarray, vector_scores: np.ndarray) -> np.ndarray:
@@ -59,6 +59,7 @@ def write_report(
     suspected = suspect.suspected_index if suspect is not None else None
     fig, axes = plt.subplots(len(names), 2, figsize=(12, 3.6 * len(names)), squeeze=False)
     worst: dict[str, list[tuple[int, float]]] = {}
+    suspects = _suspect_names(parts, vector_scores)
     for row, v in enumerate(names):
         info = parts[v]
         role = "decides" if info["deciding"] else "evidence only"
@@ -93,6 +94,8 @@ def write_report(
         ax = axes[row][1]
         if info["unit"] == "class":
             _class_panel(ax, info, np.asarray(vector_scores[v]), suspected)
+        elif info["unit"] == "suspect":
+            _suspect_panel(ax, v, info, np.asarray(vector_scores[v]), suspects)
         elif dev.size > 1:
             lim = min(10.0, max(3.0, float(np.nanmax(np.abs(dev)))))
             im = ax.imshow(
@@ -119,6 +122,8 @@ def write_report(
     plt.close(fig)
 
     def unit_name(v: str, i: int) -> str:
+        if parts[v]["unit"] == "suspect" and i < len(suspects):
+            return html.escape(suspects[i])
         classes = parts[v]["classes"]
         if parts[v]["unit"] == "class" and classes:
             # past the classes: the network-level statistics of the same part (head's shape)
@@ -173,6 +178,43 @@ reference sha256 <code>{html.escape(str(result.reference_sha256))}</code>
     page_path = out_dir / "report.html"
     page_path.write_text(page)
     return png, page_path
+
+
+def _suspect_names(parts: dict, vector_scores: dict[str, np.ndarray]) -> list[str]:
+    """The classes ``head``'s toward view read, most deviant first, by name (by index when the
+    reference keeps no class list): chosen from ``head``'s own z, as the view chooses them."""
+    head = next(
+        (v for v in ("head", "classes") if v in vector_scores and parts.get(v, {}).get("unit") == "class"), None
+    )
+    if head is None:
+        return []
+    classes = parts[head]["classes"]
+    n = len(classes) if classes else np.asarray(vector_scores[head]).size - len(NETWORK_ENTRIES)
+    z = -np.asarray(vector_scores[head])[:n]
+    return [classes[i] if classes else f"class {i}" for i in toward_suspects(z)]
+
+
+def _suspect_panel(ax, v: str, info: dict, vector_scores: np.ndarray, suspects: list[str]) -> None:
+    """Per suspect (``head``'s most deviant classes, in order): the largest cosine of its change with
+    another class's row, against the clean calibration networks' range at the same rank."""
+    cos, cal = -vector_scores, -np.asarray(info["calibration_vector_scores"])
+    x = np.arange(cos.size)
+    ax.fill_between(
+        x,
+        cal.min(axis=0),
+        cal.max(axis=0),
+        color="tab:blue",
+        alpha=0.25,
+        step="mid",
+        label="clean calibration networks (range)",
+    )
+    ax.bar(x, cos, width=0.5, color=["red" if c > -info["threshold"] else "k" for c in cos], label="candidate")
+    ax.axhline(-info["threshold"], color="k", ls="--", lw=0.8, label="threshold")
+    ax.set_xticks(x, suspects or [f"#{i + 1}" for i in x], fontsize=7, rotation=20)
+    ax.set_xlabel("head's most deviant classes, most deviant first")
+    ax.set_ylabel("largest cosine with another class's row")
+    ax.set_title(f"{v}: does a deviant class's change point at another class?", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
 
 
 def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | None) -> None:

@@ -462,6 +462,12 @@ class OffsetShareView(BaseEstimator):
         return est
 
 
+def toward_suspects(z: np.ndarray, suspects: int = TOWARD_SUSPECTS) -> np.ndarray:
+    """The classes the toward view reads, most deviant first: the ``suspects`` of highest ``head`` z
+    (what a report names its entries by)."""
+    return np.argsort(z)[::-1][:suspects]
+
+
 def toward_scores(
     matrix: np.ndarray, z: np.ndarray, center: np.ndarray, suspects: int = TOWARD_SUSPECTS, rows: int = 1024
 ) -> np.ndarray:
@@ -471,7 +477,7 @@ def toward_scores(
 
     The mean rows are read a block at a time: a float64 copy of them all is 43 MB at CASIA's 10,575
     classes, and normalising it took 290 MB at peak (the gate's memory target)."""
-    top = np.argsort(z)[::-1][:suspects]
+    top = toward_suspects(z, suspects)
     D = np.asarray(matrix[top, :-1], dtype=np.float64) - center[top, :-1]
     D /= np.maximum(np.linalg.norm(D, axis=1, keepdims=True), 1e-300)
     cos = np.empty((top.size, center.shape[0]))

@@ -213,3 +213,26 @@ def test_a_composite_cuts_toward_as_a_part_of_its_own(checkpoints, leaning):
     own = [float(np.min(composite.members_["head"].views_[TOWARD].score_vectors(head_matrix(t)))) for t in fresh]
     assert composite.standardisation_["head.toward"][0] == pytest.approx(np.median(own))
     assert composite.assess(leaning).scores["head.toward"] < min(own)
+
+
+def test_the_report_names_toward_s_suspects_by_class(checkpoints, leaning, tmp_path):
+    """The reviewer sees which classes toward read (head's most deviant, by its own z) and which
+    one's change points at another class: here class 3, moved toward class 7."""
+    from components.gate import GateResult
+    from components.report import write_report
+
+    refs, fresh, _ = checkpoints
+    composite = make_reference("head+classifier")
+    composite.members["head"] = HeadReference(rank=16, share=True, toward=True)
+    composite.fit(refs).calibrate(fresh)
+    a = composite.assess(leaning)
+    result = GateResult(
+        model="facenet", version="1", verdict=a.decision.verdict, reason=a.decision.reason, scores=a.scores
+    )
+    png, page = write_report(tmp_path, composite, a.vector_scores, result, a.evidence)
+    row = next(r for r in page.read_text().split("<tr>") if r.startswith("<td>head.toward</td>"))
+    least = row.split("<td>")[-1]
+    assert least.startswith("class 3 ("), row
+    z = -a.vector_scores["head"][:10]
+    assert [f"class {i}" in row for i in np.argsort(z)[::-1][:5]] == [True] * 5  # the suspects, named
+    assert png.stat().st_size > 0
