@@ -180,6 +180,19 @@ reference sha256 <code>{html.escape(str(result.reference_sha256))}</code>
     return png, page_path
 
 
+def _clean_range(ax, x: np.ndarray, calibration: np.ndarray) -> None:
+    """The clean calibration networks' range per unit (rows: networks), as a band behind the candidate."""
+    ax.fill_between(
+        x,
+        calibration.min(axis=0),
+        calibration.max(axis=0),
+        color="tab:blue",
+        alpha=0.25,
+        step="mid",
+        label="clean calibration networks (range)",
+    )
+
+
 def _suspect_names(parts: dict, vector_scores: dict[str, np.ndarray]) -> list[str]:
     """The classes ``head``'s toward view read, most deviant first, by name (by index when the
     reference keeps no class list): chosen from ``head``'s own z, as the view chooses them."""
@@ -199,15 +212,7 @@ def _suspect_panel(ax, v: str, info: dict, vector_scores: np.ndarray, suspects: 
     another class's row, against the clean calibration networks' range at the same rank."""
     cos, cal = -vector_scores, -np.asarray(info["calibration_vector_scores"])
     x = np.arange(cos.size)
-    ax.fill_between(
-        x,
-        cal.min(axis=0),
-        cal.max(axis=0),
-        color="tab:blue",
-        alpha=0.25,
-        step="mid",
-        label="clean calibration networks (range)",
-    )
+    _clean_range(ax, x, cal)
     ax.bar(x, cos, width=0.5, color=["red" if c > -info["threshold"] else "k" for c in cos], label="candidate")
     ax.axhline(-info["threshold"], color="k", ls="--", lw=0.8, label="threshold")
     ax.set_xticks(x, suspects or [f"#{i + 1}" for i in x], fontsize=7, rotation=20)
@@ -225,15 +230,7 @@ def _class_panel(ax, info: dict, vector_scores: np.ndarray, suspected: int | Non
     network_z = z[n:]  # head: the network-level z's after the classes (NETWORK_ENTRIES)
     z, cal_z = z[:n], cal_z[:, :n]
     x = np.arange(z.size)
-    ax.fill_between(
-        x,
-        cal_z.min(axis=0),
-        cal_z.max(axis=0),
-        color="tab:blue",
-        alpha=0.25,
-        step="mid",
-        label="clean calibration networks (range)",
-    )
+    _clean_range(ax, x, cal_z)
     ax.plot(x, z, drawstyle="steps-mid", color="k", lw=0.8, label="candidate")
     if suspected is not None and 0 <= suspected < z.size:
         classes = info["classes"]

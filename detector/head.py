@@ -503,7 +503,6 @@ class TowardView(BaseEstimator):
 
     view = TOWARD
     unit = "suspect"
-    label = "−cosine toward another class's row"
 
     def __init__(self, head: HeadDeviationView | None = None, suspects: int = TOWARD_SUSPECTS):
         self.head = head
