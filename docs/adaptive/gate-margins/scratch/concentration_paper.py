@@ -35,6 +35,17 @@ def stored_paper_run(out: Path):
     return lab, W, detection_groups(nets), gallery, ReferenceConfig.from_dict(config.reference)
 
 
+def blocked_table(groups: dict, rows: list, names: tuple[str, str], keys: tuple) -> list[str]:
+    """Markdown rows: per group but the reference networks, how many each of two gates blocked
+    (``rows[i][key]``: network i blocked by the gate under ``key``)."""
+    lines = [f"| group | networks | {names[0]} | {names[1]} |", "|---|---|---|---|"]
+    for g, idx in groups.items():
+        if g != "reference":
+            a, b = (sum(rows[i][k] for i in idx) for k in keys)
+            lines.append(f"| {g} | {len(idx)} | {a}/{len(idx)} | {b}/{len(idx)} |")
+    return lines
+
+
 def main(out: Path) -> None:
     lab, W, groups, gallery, rc = stored_paper_run(out)
     gate = make_reference(DEFAULT_DETECTOR, rc, gallery=gallery)
@@ -47,14 +58,8 @@ def main(out: Path) -> None:
     lines = [
         f"{out.name}: blocked, today's default · with the share part (cuts {sgate.thresholds_})",
         "",
-        "| group | networks | today's default | + share |",
-        "|---|---|---|---|",
+        *blocked_table(groups, rows, ("today's default", "+ share"), (0, 1)),
     ]
-    for g, idx in groups.items():
-        if g == "reference":
-            continue
-        a, b = (sum(rows[i][k] for i in idx) for k in (0, 1))
-        lines.append(f"| {g} | {len(idx)} | {a}/{len(idx)} | {b}/{len(idx)} |")
     text = "\n".join(lines) + "\n"
     (out / "concentration_paper.txt").write_text(text)
     print(text)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from concentration_paper import stored_paper_run
+from concentration_paper import blocked_table, stored_paper_run
 from toward import toward_score
 
 from detector.config import DEFAULT_DETECTOR
@@ -36,7 +36,10 @@ def main(out: Path) -> None:
         diff = max(diff, abs(s["five parts (default)"]["head.toward"] - toward_score(head, w)))
         rows.append({k: g.decide(s[k]).verdict != "passed" for k, g in gates.items()})
         if len(set(rows[-1].values())) > 1:  # the two gates disagree: each part in calibration MADs
-            z = {p: (v - five.standardisation_[p][0]) / five.standardisation_[p][1] for p, v in s["five parts (default)"].items()}
+            z = {
+                p: (v - five.standardisation_[p][0]) / five.standardisation_[p][1]
+                for p, v in s["five parts (default)"].items()
+            }
             flips.append(
                 f"- network {i} ({group_of.get(i, '?')}): blocked by the four {rows[-1]['four parts']}, by the five "
                 f"{rows[-1]['five parts (default)']}; five-part z " + ", ".join(f"{p} {v:.2f}" for p, v in z.items())
@@ -45,14 +48,8 @@ def main(out: Path) -> None:
         f"{out.name}: blocked by the four parts · the five (cuts {five.thresholds_}); product toward score "
         f"against toward.py's lab rule, largest difference over {len(W)} networks: {diff:.2e}",
         "",
-        "| group | networks | four parts | five parts (default) |",
-        "|---|---|---|---|",
+        *blocked_table(groups, rows, ("four parts", "five parts (default)"), tuple(gates)),
     ]
-    for grp, idx in groups.items():
-        if grp == "reference":
-            continue
-        a, b = (sum(rows[i][k] for i in idx) for k in gates)
-        lines.append(f"| {grp} | {len(idx)} | {a}/{len(idx)} | {b}/{len(idx)} |")
     lines += ["", f"where they disagree (the five's fused cut {five.fused_threshold_:.2f}):", "", *flips]
     text = "\n".join(lines) + "\n"
     (out / "toward_product.txt").write_text(text)
