@@ -4,9 +4,10 @@ A :class:`CompositeReference` fits every member detector on the same clean netwo
 *deciding* members' parts (a member's views: ``classifier``, ``spectrum``, ``gmm.forward`` …)
 decide together: each part's score is standardised on the calibration networks (median,
 1.4826·MAD), the network's fused score is the *lowest* standardised score (one clearly
-anomalous part is enough), and one cut on that fused score at the target FRR becomes one
-threshold per part in the part's own units — so :func:`detector.decision.decide`'s rule (blocked
-if any part is below its threshold) *is* the fusion, and every part's margin can be read off.
+anomalous part is enough), and one cut on that fused score at the target FRR (each calibration
+network standardised by the others, as a fresh one is: :func:`fused_cut`) becomes one threshold
+per part in the part's own units — so :func:`detector.decision.decide`'s rule (blocked if any
+part is below its threshold) *is* the fusion, and every part's margin can be read off.
 With one deciding member its own thresholds are kept as they are.
 
 *Evidence* members (the paper's GMM in the published reference: it is what platform teams
@@ -53,13 +54,28 @@ def fused_cut(
 ) -> tuple[dict[str, tuple[float, float]], float, dict[str, float]]:
     """(each part's (centre, spread) on its calibration scores, the cut at ``frr`` on every
     calibration network's lowest standardised part, each part's threshold in its own units): the
-    composite's rule, one place for the gate and for the lab's variants of it (``spread``)."""
-    standardisation = {p: spread(np.asarray(s)) for p, s in calibration_scores.items()}
-    fused = np.min(
-        [(np.asarray(s) - standardisation[p][0]) / standardisation[p][1] for p, s in calibration_scores.items()], axis=0
-    )
+    composite's rule, one place for the gate and for the lab's variants of it (``spread``).
+
+    Each calibration network is standardised by the *other* calibration networks (leave-one-out),
+    as a fresh network is standardised by networks it is not among. Standardised by statistics it
+    had a part in, a calibration network's lowest z is a little less extreme than a fresh network's,
+    so the cut sat too high: over random 20/20 splits of the paper protocols' 120 clean networks a
+    fresh one was blocked 5.9 % of the time at a 5 % target (4.0 % leave-one-out; 2026-12-06)."""
+    scores = {p: np.asarray(s, dtype=np.float64) for p, s in calibration_scores.items()}
+    standardisation = {p: spread(s) for p, s in scores.items()}
+    fused = np.min([_loo_z(s, spread) for s in scores.values()], axis=0)
     t = threshold_at_frr(fused, frr)
     return standardisation, t, {p: med + t * mad for p, (med, mad) in standardisation.items()}
+
+
+def _loo_z(s: np.ndarray, spread: Callable) -> np.ndarray:
+    """Each entry of ``s`` standardised by the (centre, spread) of the others; with fewer than three
+    there are no others to speak of, and each is standardised by all."""
+    if s.size < 3:
+        med, mad = spread(s)
+        return (s - med) / mad
+    keep = ~np.eye(s.size, dtype=bool)
+    return np.array([(s[i] - (o := spread(s[keep[i]]))[0]) / o[1] for i in range(s.size)])
 
 
 class CompositeReference(Reference):
