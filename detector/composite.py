@@ -60,7 +60,7 @@ def fused_cut(
     as a fresh network is standardised by networks it is not among. Standardised by statistics it
     had a part in, a calibration network's lowest z is a little less extreme than a fresh network's,
     so the cut sat too high: over random 20/20 splits of the paper protocols' 120 clean networks a
-    fresh one was blocked 5.9 % of the time at a 5 % target (4.0 % leave-one-out; 2026-12-06)."""
+    fresh one was blocked 5.7 % of the time at a 5 % target (4.0 % leave-one-out; 2026-12-06)."""
     scores = {p: np.asarray(s, dtype=np.float64) for p, s in calibration_scores.items()}
     standardisation = {p: spread(s) for p, s in scores.items()}
     fused = np.min([_loo_z(s, spread) for s in scores.values()], axis=0)

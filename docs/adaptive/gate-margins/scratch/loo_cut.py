@@ -1,0 +1,176 @@
+"""Scratch (not a stage): the fused cut with each calibration network standardised by the others
+(leave-one-out, the product's since 2026-12-06) against the in-sample cut it replaced, on an
+adaptive run. The attack stage ran before the product changed, with this script's own copy of the
+leave-one-out rule (the same arithmetic; the table now reads the product's).
+
+Why: the in-sample cut standardises the calibration networks by their own median and MAD, then
+takes the lowest; a fresh network is standardised by statistics it had no part in, so its z is a
+little more extreme and it falls below the cut more often than 1/(n+1). On the paper protocols' 120
+clean networks (300 random 20/20 splits each) the expected fresh FRR was 5.7 % in-sample, 4.0 %
+leave-one-out (loo_paper.py).
+
+    python loo_cut.py OUT pool     # 40 more clean networks (calibration_size.py's seeds):
+                                   # OUT/extra_calibration.safetensors
+    python loo_cut.py OUT attack   # white- and grey-box penalties aimed at the default under each cut
+                                   # (networks kept in OUT/loo_networks.safetensors)
+    python loo_cut.py OUT table    # per calibration draw and cut: fresh clean blocked, attacks passed: OUT/loo_cut.txt
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from concentration import DRAWS_20, DRAWS_40, penalty_over, train_aimed
+
+from detector.composite import _robust, fused_cut
+from detector.threshold import threshold_at_frr
+
+RULES = ("in-sample", "leave-one-out")
+
+
+def cut(cal: dict, frr: float, rule: str):
+    """(standardisation, fused cut, per-part thresholds) on the calibration scores ``cal`` (part ->
+    array) under ``rule``: the product's leave-one-out cut, or the in-sample one it replaced."""
+    if rule == "leave-one-out":
+        return fused_cut(cal, frr)
+    st = {p: _robust(np.asarray(s, dtype=np.float64)) for p, s in cal.items()}
+    fused = np.min([(np.asarray(s) - st[p][0]) / st[p][1] for p, s in cal.items()], axis=0)
+    t = threshold_at_frr(fused, frr)
+    return st, t, {p: m + t * s for p, (m, s) in st.items()}
+
+
+def fused_z(X: np.ndarray, st: dict) -> np.ndarray:
+    """Each row's lowest part (the columns of ``X``) in the MADs of the standardisation ``st``."""
+    return np.min([(X[:, j] - st[j][0]) / st[j][1] for j in range(X.shape[1])], axis=0)
+
+
+def recut(gate, rule: str):
+    """A shallow copy of the fitted, calibrated ``gate`` with its thresholds set by ``rule``."""
+    g = copy.copy(gate)
+    g.standardisation_, g.fused_threshold_, g.thresholds_ = cut(gate.calibration_scores_, gate.config.frr, rule)
+    return g
+
+
+def _run(out: Path):
+    from lab.adaptive import AdaptiveConfig
+    from lab.adaptive_input import stored_run
+    from lab.paper import run_config
+
+    c = run_config(out, AdaptiveConfig)
+    ws, nets, _, clean_acc = stored_run(out, c, print, None)
+    return c, ws, nets, clean_acc
+
+
+def pool(out: Path) -> None:
+    from lab.adaptive import _train, save_nets
+
+    c, ws, nets, _ = _run(out)
+    path = out / "extra_calibration.safetensors"
+    if not path.is_file():  # calibration_size.py's scheme: the calibration seeds, continued
+        o = c.seed_offset
+        extra = [_train(ws, "calibration", o + 1000 + s) for s in range(c.n_calibration, c.n_calibration + 40)]
+        save_nets(path, extra)
+    print("pool ready", path)
+
+
+def attack(out: Path) -> None:
+    from lab.adaptive import attacker_split
+    from lab.adaptive_margins import gate_with_margins
+
+    c, ws, nets, clean_acc = _run(out)
+    gate = gate_with_margins(ws, nets, c)
+    own = [n for n in nets if n.group == "grey-box attacker's own"]
+    afit, acal = attacker_split(own, c)
+    attacker = gate_with_margins(ws, nets, c, draw=1, groups=(afit, acal))
+    gates = {r: recut(gate, r) for r in RULES}
+    theirs = {r: recut(attacker, r) for r in RULES}
+    for r in RULES:
+        print(r, "gate cut", gates[r].fused_threshold_, "attacker's", theirs[r].fused_threshold_, flush=True)
+    aims = [
+        (margins, name, target, penalty_over(target, target.thresholds_, c.penalty_lambda, margins, []), group)
+        for r in RULES
+        for margins in ("max", "excess")
+        for name, target, group in (
+            ("white-box", gates[r], f"white-box penalty: default, {r} cut (margins {margins})"),
+            ("grey-box", theirs[r], f"grey-box penalty: default, {r} cut (margins {margins})"),
+        )
+    ]
+
+    def judge(tensors: dict):
+        s = gate.score(tensors)
+        return s, gates["leave-one-out"].decide(s)
+
+    rows = train_aimed(ws, c, clean_acc, out / "loo_networks.safetensors", aims, judge, gates["in-sample"])
+    (out / "loo_attack.json").write_text(json.dumps(rows, indent=1))
+    for g in dict.fromkeys(r["group"] for r in rows):
+        ok = [r for r in rows if r["group"] == g and r["works"]]
+        print(
+            f"{g}: works {len(ok)}/{c.n_attack}; passed in-sample {sum(r['gate'] == 'passed' for r in ok)}, "
+            f"leave-one-out {sum(r['share_gate'] == 'passed' for r in ok)}"
+        )
+
+
+def table(out: Path) -> None:
+    from lab.adaptive import load_nets, works
+    from lab.adaptive_margins import gate_with_margins, scored
+
+    c, ws, nets, clean_acc = _run(out)
+    gate = gate_with_margins(ws, nets, c)
+    parts = list(gate.thresholds_)
+    sets = {
+        "pool": [n for n in nets if n.group == "calibration"] + load_nets(out / "extra_calibration.safetensors"),
+        "suite": scored(nets),
+        "aimed": load_nets(out / "loo_networks.safetensors"),
+    }
+    X = {k: np.array([[gate.score(n.tensors)[p] for p in parts] for n in v]) for k, v in sets.items()}
+    ok = {
+        k: np.array(["attack_success_rate" in n.info and bool(works(n, clean_acc)) for n in v]) for k, v in sets.items()
+    }
+    grey_suite = ok["suite"] & np.array([n.group.startswith("grey") for n in sets["suite"]])
+    white_suite = ok["suite"] & np.array([n.group.startswith("penalty") for n in sets["suite"]])
+    lr2 = np.array([n.group == "drift: lr x2" for n in sets["suite"]])
+    aimed_at = {
+        (r, kind): ok["aimed"] & np.array([n.group.startswith(kind) and f"{r} cut" in n.group for n in sets["aimed"]])
+        for r in RULES
+        for kind in ("grey-box", "white-box")
+    }
+    lines = [
+        f"{out.name}: per calibration draw of the pool of 60 (the rest scored as fresh) — fresh clean blocked; "
+        "working attacks passed: the suite's grey-box · white-box, grey-box aimed at the in-sample cut · at the "
+        "leave-one-out cut; lr x2 blocked",
+        "",
+        "| cut | draws | draw 1 | draw 2 | draw 3 | pooled |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in RULES:
+        for name, draws in (("20", DRAWS_20), ("40", DRAWS_40)):
+            cells, tot = [], np.zeros(4, dtype=int)
+            for idx in draws:
+                cal, fresh = X["pool"][idx], np.delete(X["pool"], idx, axis=0)
+                st, t, _ = cut({j: cal[:, j] for j in range(len(parts))}, 0.05, r)
+                blocked_fresh = int((fused_z(fresh, st) < t).sum())
+                passes_suite = fused_z(X["suite"], st) >= t
+                passes_aimed = fused_z(X["aimed"], st) >= t
+                g_in = int((aimed_at[("in-sample", "grey-box")] & passes_aimed).sum())
+                g_loo = int((aimed_at[("leave-one-out", "grey-box")] & passes_aimed).sum())
+                suite = f"{int((grey_suite & passes_suite).sum())} · {int((white_suite & passes_suite).sum())}"
+                lr = f"{int((lr2 & ~passes_suite).sum())}/{int(lr2.sum())}"
+                cells.append(f"cut {t:.2f}: {blocked_fresh}/{len(fresh)}, {suite}, {g_in} · {g_loo}, {lr}")
+                tot += [blocked_fresh, len(fresh), g_in, g_loo]
+            lines.append(
+                f"| {r} | {name} | " + " | ".join(cells) + f" | fresh {tot[0]}/{tot[1]}; aimed {tot[2]} · {tot[3]} |"
+            )
+    n_grey = {k: int(v.sum()) for k, v in aimed_at.items()}
+    suite = f"suite grey-box {int(grey_suite.sum())}, white-box {int(white_suite.sum())}"
+    lines += ["", f"working attacks aimed: {n_grey}; {suite}"]
+    text = "\n".join(lines) + "\n"
+    (out / "loo_cut.txt").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    {"pool": pool, "attack": attack, "table": table}[sys.argv[2]](Path(sys.argv[1]))
