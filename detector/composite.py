@@ -74,8 +74,7 @@ def _loo_z(s: np.ndarray, spread: Callable) -> np.ndarray:
     if s.size < 3:
         med, mad = spread(s)
         return (s - med) / mad
-    keep = ~np.eye(s.size, dtype=bool)
-    return np.array([(s[i] - (o := spread(s[keep[i]]))[0]) / o[1] for i in range(s.size)])
+    return np.array([(s[i] - (o := spread(np.delete(s, i)))[0]) / o[1] for i in range(s.size)])
 
 
 class CompositeReference(Reference):

@@ -192,7 +192,9 @@ def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_p
     from detector.threshold import median_mad
 
     cal = {p: np.asarray(s) for p, s in back.calibration_scores_.items()}
-    loo = [min((s[i] - (o := median_mad(np.delete(s, i)))[0]) / o[1] for s in cal.values()) for i in range(6)]
+    n = len(nets["calibration"])
+    assert all(s.size == n for s in cal.values())
+    loo = [min((s[i] - (o := median_mad(np.delete(s, i)))[0]) / o[1] for s in cal.values()) for i in range(n)]
     assert back.fused_threshold_ == pytest.approx(min(loo))
     for p, (m, s) in back.standardisation_.items():
         assert back.thresholds_[p] == pytest.approx(m + min(loo) * s)
