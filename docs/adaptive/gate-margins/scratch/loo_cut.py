@@ -11,9 +11,12 @@ leave-one-out (loo_paper.py).
 
     python loo_cut.py OUT pool     # 40 more clean networks (calibration_size.py's seeds):
                                    # OUT/extra_calibration.safetensors
-    python loo_cut.py OUT attack   # white- and grey-box penalties aimed at the default under each cut
-                                   # (networks kept in OUT/loo_networks.safetensors)
+    python loo_cut.py OUT attack [RULES [KINDS]]  # white- and grey-box penalties aimed at the default
+                                   # under each cut, or the comma lists RULES (e.g. lower-tail) and KINDS
+                                   # (networks in OUT/loo_networks[_RULES].safetensors)
     python loo_cut.py OUT table    # per calibration draw and cut: fresh clean blocked, attacks passed: OUT/loo_cut.txt
+    python loo_cut.py OUT draws    # the product's cut over 2,000 random draws of 20, 30, 39 and 50 of the
+                                   # pool: OUT/loo_draws.txt (scores cached in OUT/loo_scores.npz)
 """
 
 from __future__ import annotations
@@ -26,17 +29,21 @@ from pathlib import Path
 import numpy as np
 from concentration import DRAWS_20, DRAWS_40, penalty_over, train_aimed
 
-from detector.composite import _robust, fused_cut
+from detector.composite import _robust, fused_cut, lower_spread
 from detector.threshold import threshold_at_frr
 
 RULES = ("in-sample", "leave-one-out")
+#: the product's rule since 2026-12-06 (tail_cut.py): leave-one-out, each part in its lower semi-deviation
+LOWER = "lower-tail"
 
 
 def cut(cal: dict, frr: float, rule: str):
     """(standardisation, fused cut, per-part thresholds) on the calibration scores ``cal`` (part ->
     array) under ``rule``: the product's leave-one-out cut, or the in-sample one it replaced."""
     if rule == "leave-one-out":
-        return fused_cut(cal, frr)
+        return fused_cut(cal, frr, _robust)
+    if rule == LOWER:
+        return fused_cut(cal, frr, lower_spread)
     st = {p: _robust(np.asarray(s, dtype=np.float64)) for p, s in cal.items()}
     fused = np.min([(np.asarray(s) - st[p][0]) / st[p][1] for p, s in cal.items()], axis=0)
     t = threshold_at_frr(fused, frr)
@@ -77,7 +84,10 @@ def pool(out: Path) -> None:
     print("pool ready", path)
 
 
-def attack(out: Path) -> None:
+def attack(out: Path, rules: tuple[str, ...] = RULES, kinds: tuple[str, ...] = ("white-box", "grey-box")) -> None:
+    """``rules``: the cuts to aim at (the confirmation run aimed at the leave-one-out one alone);
+    ``kinds``: white- and/or grey-box. Aimed at other rules than RULES, the networks are kept in
+    OUT/loo_networks_<rules>.safetensors (the stored ones stay as they are)."""
     from lab.adaptive import attacker_split
     from lab.adaptive_margins import gate_with_margins
 
@@ -86,26 +96,29 @@ def attack(out: Path) -> None:
     own = [n for n in nets if n.group == "grey-box attacker's own"]
     afit, acal = attacker_split(own, c)
     attacker = gate_with_margins(ws, nets, c, draw=1, groups=(afit, acal))
-    gates = {r: recut(gate, r) for r in RULES}
-    theirs = {r: recut(attacker, r) for r in RULES}
-    for r in RULES:
+    gates = {r: recut(gate, r) for r in (*RULES, *rules)}
+    theirs = {r: recut(attacker, r) for r in (*RULES, *rules)}
+    for r in rules:
         print(r, "gate cut", gates[r].fused_threshold_, "attacker's", theirs[r].fused_threshold_, flush=True)
     aims = [
         (margins, name, target, penalty_over(target, target.thresholds_, c.penalty_lambda, margins, []), group)
-        for r in RULES
+        for r in rules
         for margins in ("max", "excess")
         for name, target, group in (
             ("white-box", gates[r], f"white-box penalty: default, {r} cut (margins {margins})"),
             ("grey-box", theirs[r], f"grey-box penalty: default, {r} cut (margins {margins})"),
         )
+        if name in kinds
     ]
+    judged = gates[rules[-1]]
 
     def judge(tensors: dict):
         s = gate.score(tensors)
-        return s, gates["leave-one-out"].decide(s)
+        return s, judged.decide(s)
 
-    rows = train_aimed(ws, c, clean_acc, out / "loo_networks.safetensors", aims, judge, gates["in-sample"])
-    (out / "loo_attack.json").write_text(json.dumps(rows, indent=1))
+    tag = "" if set(rules) <= set(RULES) else "_" + "_".join(rules)
+    rows = train_aimed(ws, c, clean_acc, out / f"loo_networks{tag}.safetensors", aims, judge, gates["in-sample"])
+    (out / f"loo_attack{tag}.json").write_text(json.dumps(rows, indent=1))
     for g in dict.fromkeys(r["group"] for r in rows):
         ok = [r for r in rows if r["group"] == g and r["works"]]
         print(
@@ -114,34 +127,55 @@ def attack(out: Path) -> None:
         )
 
 
-def table(out: Path) -> None:
+def scored(out: Path) -> dict[str, np.ndarray]:
+    """Every pool, suite and aimed network's part scores under the run's gate, and which of them
+    are working attacks of each kind (cached in OUT/loo_scores.npz: the calibration draws only
+    re-standardise these)."""
+    cache = out / "loo_scores.npz"
+    if cache.is_file():
+        return dict(np.load(cache))
     from lab.adaptive import load_nets, works
-    from lab.adaptive_margins import gate_with_margins, scored
+    from lab.adaptive_margins import gate_with_margins
+    from lab.adaptive_margins import scored as suite_of
 
     c, ws, nets, clean_acc = _run(out)
     gate = gate_with_margins(ws, nets, c)
     parts = list(gate.thresholds_)
     sets = {
         "pool": [n for n in nets if n.group == "calibration"] + load_nets(out / "extra_calibration.safetensors"),
-        "suite": scored(nets),
+        "suite": suite_of(nets),
         "aimed": load_nets(out / "loo_networks.safetensors"),
     }
     X = {k: np.array([[gate.score(n.tensors)[p] for p in parts] for n in v]) for k, v in sets.items()}
     ok = {
         k: np.array(["attack_success_rate" in n.info and bool(works(n, clean_acc)) for n in v]) for k, v in sets.items()
     }
-    grey_suite = ok["suite"] & np.array([n.group.startswith("grey") for n in sets["suite"]])
-    white_suite = ok["suite"] & np.array([n.group.startswith("penalty") for n in sets["suite"]])
-    lr2 = np.array([n.group == "drift: lr x2" for n in sets["suite"]])
-    aimed_at = {
-        (r, kind): ok["aimed"] & np.array([n.group.startswith(kind) and f"{r} cut" in n.group for n in sets["aimed"]])
-        for r in RULES
-        for kind in ("grey-box", "white-box")
+    masks = {
+        "grey_suite": ok["suite"] & np.array([n.group.startswith("grey") for n in sets["suite"]]),
+        "white_suite": ok["suite"] & np.array([n.group.startswith("penalty") for n in sets["suite"]]),
+        "lr2": np.array([n.group == "drift: lr x2" for n in sets["suite"]]),
+        **{
+            f"{kind} aimed, {r}": ok["aimed"]
+            & np.array([n.group.startswith(kind) and f"{r} cut" in n.group for n in sets["aimed"]])
+            for r in RULES
+            for kind in ("grey-box", "white-box")
+        },
     }
+    out_arrays = {**X, **masks}
+    np.savez(cache, **out_arrays)
+    return out_arrays
+
+
+def table(out: Path) -> None:
+    S = scored(out)
+    X = {k: S[k] for k in ("pool", "suite", "aimed")}
+    grey_suite, white_suite, lr2 = S["grey_suite"], S["white_suite"], S["lr2"]
+    parts = range(X["pool"].shape[1])
+    aimed_at = {(r, kind): S[f"{kind} aimed, {r}"] for r in RULES for kind in ("grey-box", "white-box")}
     lines = [
-        f"{out.name}: per calibration draw of the pool of 60 (the rest scored as fresh) — fresh clean blocked; "
-        "working attacks passed: the suite's grey-box · white-box, grey-box aimed at the in-sample cut · at the "
-        "leave-one-out cut; lr x2 blocked",
+        f"{out.name}: per calibration draw of the pool of 60 (the rest scored as fresh), each cell "
+        "'cut X: fresh clean blocked, the suite's working grey-box · white-box attacks passed, grey-box aimed "
+        "at the in-sample cut · at the leave-one-out cut passed, lr x2 blocked'",
         "",
         "| cut | draws | draw 1 | draw 2 | draw 3 | pooled |",
         "|---|---|---|---|---|---|",
@@ -172,5 +206,49 @@ def table(out: Path) -> None:
     print(text)
 
 
+def draws(out: Path, n_draws: int = 2000, sizes: tuple[int, ...] = (20, 30, 39, 50)) -> None:
+    """The product's (leave-one-out) cut calibrated on random draws of the pool, the rest scored as
+    fresh: how often a working grey-box attack aimed at the default passes, by how many calibration
+    networks the reference has. Why: a cut at 5 % on 19-38 networks is their lowest score, so one
+    outlying clean network among them sets it; from 39 on it is the second lowest."""
+    S = scored(out)
+    pool, suite, aimed = S["pool"], S["suite"], S["aimed"]
+    grey_aimed = S["grey-box aimed, leave-one-out"] | S["grey-box aimed, in-sample"]
+    rng = np.random.default_rng(0)
+    lines = [
+        f"{out.name}: the product's leave-one-out cut at 5 % over {n_draws} random calibration draws of the pool "
+        f"of {len(pool)} clean networks (the rest of the pool scored as fresh each time). Working grey-box attacks "
+        f"aimed at the default (either cut): {int(grey_aimed.sum())}; the suite's working grey-box: "
+        f"{int(S['grey_suite'].sum())}; lr x2 retrains: {int(S['lr2'].sum())}",
+        "",
+        "| calibration networks | cut: median (10-90 %) | fresh clean blocked (mean) | aimed grey-box passed: mean "
+        "· draws with any | suite grey-box passed: mean · draws with any | lr x2 blocked (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in sizes:
+        cuts, frr, ga, ga_any, gs, gs_any, lr = ([] for _ in range(7))
+        for _ in range(n_draws):
+            idx = rng.choice(len(pool), n, replace=False)
+            cal, fresh = pool[idx], np.delete(pool, idx, axis=0)
+            st, t, _ = fused_cut({j: cal[:, j] for j in range(pool.shape[1])}, 0.05)
+            cuts.append(t)
+            frr.append(float(np.mean(fused_z(fresh, st) < t)))
+            a = int((grey_aimed & (fused_z(aimed, st) >= t)).sum())
+            g = int((S["grey_suite"] & (fused_z(suite, st) >= t)).sum())
+            ga.append(a), ga_any.append(a > 0), gs.append(g), gs_any.append(g > 0)
+            lr.append(int((S["lr2"] & (fused_z(suite, st) < t)).sum()))
+        q = np.percentile(cuts, [10, 50, 90])
+        lines.append(
+            f"| {n} | {q[1]:.2f} ({q[0]:.2f} to {q[2]:.2f}) | {100 * np.mean(frr):.1f} % | "
+            f"{np.mean(ga):.2f}/{int(grey_aimed.sum())} · {100 * np.mean(ga_any):.0f} % | "
+            f"{np.mean(gs):.2f}/{int(S['grey_suite'].sum())} · {100 * np.mean(gs_any):.0f} % | "
+            f"{np.mean(lr):.2f}/{int(S['lr2'].sum())} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (out / "loo_draws.txt").write_text(text)
+    print(text)
+
+
 if __name__ == "__main__":
-    {"pool": pool, "attack": attack, "table": table}[sys.argv[2]](Path(sys.argv[1]))
+    stage = {"pool": pool, "attack": attack, "table": table, "draws": draws}[sys.argv[2]]
+    stage(Path(sys.argv[1]), *(tuple(a.split(",")) for a in sys.argv[3:]))
