@@ -187,16 +187,21 @@ def test_composite_artifact_round_trips_and_refuses_an_edited_member(nets, tmp_p
         assert a.scores == b.scores and a.decision == b.decision
         assert set(a.evidence.scores) == {"gmm.forward", "gmm.backward"}
     assert back.detector == "fusion" and set(back.thresholds_) == {"classifier", "spectrum"}
+
     # the fused rule is "any part below its threshold" with thresholds from one cut on the fused score,
-    # each calibration network standardised by the others' median and MAD (with 6: the lowest of those)
-    from detector.threshold import median_mad
+    # each calibration network standardised by the others' median and lower semi-deviation (with 6:
+    # the lowest of those)
+    def lower(x):
+        med = np.median(x)
+        return med, np.sqrt(np.mean((med - x[x < med]) ** 2))
 
     cal = {p: np.asarray(s) for p, s in back.calibration_scores_.items()}
     n = len(nets["calibration"])
     assert all(s.size == n for s in cal.values())
-    loo = [min((s[i] - (o := median_mad(np.delete(s, i)))[0]) / o[1] for s in cal.values()) for i in range(n)]
+    loo = [min((s[i] - (o := lower(np.delete(s, i)))[0]) / o[1] for s in cal.values()) for i in range(n)]
     assert back.fused_threshold_ == pytest.approx(min(loo))
     for p, (m, s) in back.standardisation_.items():
+        assert (m, s) == pytest.approx(lower(cal[p]))
         assert back.thresholds_[p] == pytest.approx(m + min(loo) * s)
     # an edit of a member (its thresholds), re-hashed by the editor, is still refused by the composite's record
     member = tmp_path / "ref" / "members" / "classifier" / "reference.json"
