@@ -44,9 +44,14 @@ def part_name(member: str, view: str, ref: Reference) -> str:
     return member if len(ref.views_) == 1 or view == ref.primary_view else f"{member}.{view}"
 
 
+def _floored(med: float, spread: float) -> float:
+    """A spread of 0 (every score the same) would divide by 0: floor it at 1e-9 of the centre."""
+    return max(spread, 1e-9 * max(abs(med), 1e-300))
+
+
 def _robust(x: np.ndarray) -> tuple[float, float]:
     med, mad = median_mad(x)
-    return float(med), max(float(mad), 1e-9 * max(abs(float(med)), 1e-300))
+    return float(med), _floored(float(med), float(mad))
 
 
 def lower_spread(x: np.ndarray) -> tuple[float, float]:
@@ -65,7 +70,7 @@ def lower_spread(x: np.ndarray) -> tuple[float, float]:
     low = low[low < med]
     if low.size == 0:
         return med, mad
-    return med, max(float(np.sqrt(np.mean((med - low) ** 2))), 1e-9 * max(abs(med), 1e-300))
+    return med, _floored(med, float(np.sqrt(np.mean((med - low) ** 2))))
 
 
 def fused_cut(

@@ -207,8 +207,8 @@ def table(out: Path) -> None:
 
 
 def draws(out: Path, n_draws: int = 2000, sizes: tuple[int, ...] = (20, 30, 39, 50)) -> None:
-    """The product's (leave-one-out) cut calibrated on random draws of the pool, the rest scored as
-    fresh: how often a working grey-box attack aimed at the default passes, by how many calibration
+    """The leave-one-out cut in MAD units (the product's when this ran; tail_cut.py compares the
+    lower tail) calibrated on random draws of the pool, the rest scored as fresh: how often a working grey-box attack aimed at the default passes, by how many calibration
     networks the reference has. Why: a cut at 5 % on 19-38 networks is their lowest score, so one
     outlying clean network among them sets it; from 39 on it is the second lowest."""
     S = scored(out)
@@ -230,13 +230,14 @@ def draws(out: Path, n_draws: int = 2000, sizes: tuple[int, ...] = (20, 30, 39, 
         for _ in range(n_draws):
             idx = rng.choice(len(pool), n, replace=False)
             cal, fresh = pool[idx], np.delete(pool, idx, axis=0)
-            st, t, _ = fused_cut({j: cal[:, j] for j in range(pool.shape[1])}, 0.05)
+            st, t, _ = cut({j: cal[:, j] for j in range(pool.shape[1])}, 0.05, "leave-one-out")
             cuts.append(t)
             frr.append(float(np.mean(fused_z(fresh, st) < t)))
             a = int((grey_aimed & (fused_z(aimed, st) >= t)).sum())
-            g = int((S["grey_suite"] & (fused_z(suite, st) >= t)).sum())
+            zs = fused_z(suite, st)
+            g = int((S["grey_suite"] & (zs >= t)).sum())
             ga.append(a), ga_any.append(a > 0), gs.append(g), gs_any.append(g > 0)
-            lr.append(int((S["lr2"] & (fused_z(suite, st) < t)).sum()))
+            lr.append(int((S["lr2"] & (zs < t)).sum()))
         q = np.percentile(cuts, [10, 50, 90])
         lines.append(
             f"| {n} | {q[1]:.2f} ({q[0]:.2f} to {q[2]:.2f}) | {100 * np.mean(frr):.1f} % | "

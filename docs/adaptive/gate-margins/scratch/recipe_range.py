@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from loo_cut import _run, fused_z
 
-from detector.composite import fused_cut
+from detector.composite import _robust, fused_cut
 
 #: networks per group of the range (the pool is drawn from for calibration, the rest is fresh)
 SIZES = {"range: reference": 16, "range: pool": 60, "range: attacker's own": 36}
@@ -166,7 +166,7 @@ def table(out: Path, n_draws: int = 1000, n_cal: int = 40) -> None:
         tcut = []
         for _ in range(n_draws):
             idx = rng.choice(len(pool), n_cal, replace=False)
-            st, t, _ = fused_cut({j: pool[idx, j] for j in range(pool.shape[1])}, FRR)
+            st, t, _ = fused_cut({j: pool[idx, j] for j in range(pool.shape[1])}, FRR, _robust)  # MAD, as it ran
             tcut.append(t)
             for k, x in X.items():
                 if k == pools[name]:

@@ -29,7 +29,7 @@ import numpy as np
 from loo_cut import fused_z
 from scipy.stats import norm
 
-from detector.composite import _robust, fused_cut
+from detector.composite import _robust, fused_cut, lower_spread
 
 FRR = 0.05
 N_DRAWS = 2000
@@ -49,20 +49,11 @@ def tail_spread(q: float):
     return spread
 
 
-def semi_spread(x: np.ndarray) -> tuple[float, float]:
-    """The lower semi-deviation about the median, sqrt(mean of (median - x)² over x below it): σ for
-    normal scores; every network of the lower half counts, so one order statistic's noise does not
-    decide it (with 20 calibration networks the q 0.10 spread reads the second lowest)."""
-    med, mad = _robust(x)
-    low = x[x < med]
-    return med, float(np.sqrt(np.mean((med - low) ** 2))) if low.size else mad
-
-
 SPREADS = {
     "MAD (product)": _robust,
     "lower tail q 0.10": tail_spread(0.10),
     "lower tail q 0.20": tail_spread(0.20),
-    "lower semi-deviation": semi_spread,
+    "lower semi-deviation": lower_spread,  # the product's since (this scratch's own copy produced the tables)
 }
 
 
