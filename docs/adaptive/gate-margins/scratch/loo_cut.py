@@ -13,7 +13,7 @@ leave-one-out (loo_paper.py).
                                    # OUT/extra_calibration.safetensors
     python loo_cut.py OUT attack [RULES [KINDS]]  # white- and grey-box penalties aimed at the default
                                    # under each cut, or the comma lists RULES (e.g. lower-tail) and KINDS
-                                   # (networks in OUT/loo_networks[_RULES].safetensors)
+                                   # (networks in OUT/loo_networks[_RULES[_KIND]].safetensors)
     python loo_cut.py OUT table    # per calibration draw and cut: fresh clean blocked, attacks passed: OUT/loo_cut.txt
     python loo_cut.py OUT draws    # the product's cut over 2,000 random draws of 20, 30, 39 and 50 of the
                                    # pool: OUT/loo_draws.txt (scores cached in OUT/loo_scores.npz)
@@ -87,7 +87,7 @@ def pool(out: Path) -> None:
 def attack(out: Path, rules: tuple[str, ...] = RULES, kinds: tuple[str, ...] = ("white-box", "grey-box")) -> None:
     """``rules``: the cuts to aim at (the confirmation run aimed at the leave-one-out one alone);
     ``kinds``: white- and/or grey-box. Aimed at other rules than RULES, the networks are kept in
-    OUT/loo_networks_<rules>.safetensors (the stored ones stay as they are)."""
+    OUT/loo_networks_<rules>[_<kind>].safetensors (the stored ones stay as they are)."""
     from lab.adaptive import attacker_split
     from lab.adaptive_margins import gate_with_margins
 
@@ -117,6 +117,8 @@ def attack(out: Path, rules: tuple[str, ...] = RULES, kinds: tuple[str, ...] = (
         return s, judged.decide(s)
 
     tag = "" if set(rules) <= set(RULES) else "_" + "_".join(rules)
+    if tag and len(kinds) == 1:  # white- and grey-box aimed at one rule are trained apart: both kept
+        tag += "_" + kinds[0].split("-")[0]
     rows = train_aimed(ws, c, clean_acc, out / f"loo_networks{tag}.safetensors", aims, judge, gates["in-sample"])
     (out / f"loo_attack{tag}.json").write_text(json.dumps(rows, indent=1))
     for g in dict.fromkeys(r["group"] for r in rows):

@@ -64,7 +64,7 @@ def adaptive(out: Path, rng) -> list[str]:
     white = S["white-box aimed, leave-one-out"] | S["white-box aimed, in-sample"]
     # grey-box attacks aimed at the lower-tail cut (loo_cut.py OUT attack lower-tail grey-box): their
     # part scores under the run's gate, as the attack stage recorded them
-    path = out / "loo_attack_lower-tail.json"
+    path = out / "loo_attack_lower-tail_grey.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     lower = np.array([list(r["scores"].values()) for r in rows if r["works"]]).reshape(-1, pool.shape[1])
     lines = [
