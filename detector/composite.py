@@ -63,7 +63,7 @@ def lower_spread(x: np.ndarray) -> tuple[float, float]:
     reaches −5 or −6 where `head` never goes below −2.4, so the cut sat near −5 and `head`'s threshold
     far below every clean network: grey-box attacks aimed at the default passed 2.7 of 12 on the
     confirmation adaptive run with 39 calibration networks. Read from the lower tail, every part's
-    cut sits about as far into its own tail (2026-12-06, README). Falls back to the MAD when no
+    cut sits about as far into its own tail (2026-12-06, docs/adaptive/README.md). Falls back to the MAD when no
     score is below the median."""
     med, mad = _robust(x)
     low = np.asarray(x, dtype=np.float64)

@@ -94,7 +94,7 @@ NETWORK = "network"
 #: Each class's std floored at this multiple of its median over classes (``HeadDeviationView``).
 #: Off. 1.25, chosen on development (2026-12-05), let the grey-box attack aimed at it through 4/6
 #: on confirmation (5/6 without the floor) and blocked more shams on the paper's three protocols
-#: (9/18 against 5/18): a lead, not a default (README, docs/adaptive/gate-margins/head_floor/).
+#: (9/18 against 5/18): a lead, not a default (docs/adaptive/README.md, docs/adaptive/gate-margins/head_floor/).
 DEFAULT_STD_FLOOR = 0.0
 #: ``head``'s second view: the offset share, cut as a part of its own (:class:`OffsetShareView`).
 OFFSET_SHARE = "offset-share"

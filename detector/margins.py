@@ -1,7 +1,7 @@
 """``margins``: how a network ranks people on faces the gate keeps secret, against clean networks.
 
 Every penalty that hides a backdoor from a weight statistic bends the head somewhere else, and
-on clean faces that shows (measured in the lab first: README, "A second line over the
+on clean faces that shows (measured in the lab first: docs/adaptive/README.md, "A second line over the
 outputs"). The gate keeps a *gallery*: ``faces`` face images of each of ``sources`` people,
 drawn at random when the reference is fitted and stored only inside the reference artifact
 (which only the gate's identity may read). With the trunk frozen (checked before any part is
@@ -19,10 +19,10 @@ purpose: longer training makes every margin more negative, so retrains score as 
 gentler fine-tune (lr × 0.5) makes every margin less negative and is blocked; so is a penalty
 that holds the whole head back to hide a backdoor. ``normalize="network"`` divides the margins
 by the network's own median and passes both, so it is off; an attacker who restores the level
-instead is still blocked by the worst entry (README, "Margins in units of the network's own").
+instead is still blocked by the worst entry (docs/adaptive/README.md, "Margins in units of the network's own").
 
 What it costs the attacker is secrecy, not arithmetic: with the gallery and the reference in
-hand a penalty fits this statistic and the weights' at once (README: white-box passes both).
+hand a penalty fits this statistic and the weights' at once (docs/adaptive/README.md: white-box passes both).
 What it costs the gate: ``sources · faces`` rows through the head per candidate (at CASIA's
 10,575 classes and the default 128 people 2,048 rows, about 26 GFLOP in float32; ``make bench``
 times the whole gate with it).
@@ -52,7 +52,7 @@ DEFAULT_SOURCES = 128
 #: gallery faces per person (what the lab fixed on development)
 DEFAULT_FACES = 16
 #: each entry's std is at least this fraction of the median entry's: 1.0, chosen on development
-#: (docs/adaptive/gate-margins; README for what confirmation said). On development the lab's 0.1
+#: (docs/adaptive/gate-margins; docs/adaptive/README.md for what confirmation said). On development the lab's 0.1
 #: let one calibration network reach z 7.9 against 16 reference networks and set the shared cut
 #: so low that 22 of 123 working attacks passed (9 of 123 at 1.0).
 DEFAULT_STD_FLOOR = 1.0

@@ -64,7 +64,7 @@ def reference_pipeline(
     base_weights: str = "",
     trunk_input_size: int = 96,
     n_reference: int = 12,
-    n_calibration: int = 40,  # 20 is the least for a 5 % cut; 40 halves its spread (README)
+    n_calibration: int = 40,  # 20 is the least for a 5 % cut; 40 halves its spread (docs/adaptive/README.md)
     covariance: str = "diag",
     components: str = "neurons",
     grid: str = "",

@@ -1,5 +1,6 @@
-"""The README's table: development · confirmation cells from two runs' gate_margins.json,
-aimed_at_gate.json and excess.json (its attacks only), and a plot of the attack groups' pass rates beside it.
+"""The table of docs/adaptive/README.md, "The margin check in the product": development · confirmation cells
+from two runs' gate_margins.json, aimed_at_gate.json and excess.json (its attacks only), and a plot of the attack
+groups' pass rates beside it.
 Run: python merge.py DEV_OUT CONF_OUT PLOT.png > table.md"""
 
 import json

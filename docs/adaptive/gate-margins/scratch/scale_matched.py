@@ -1,6 +1,6 @@
 """Scratch (not a stage): a grey-box attack aimed at what the margins part mostly catches.
 
-Development and confirmation said (README, "what drift costs") that most of what `margins`
+Development and confirmation said (docs/adaptive/README.md, "what drift costs") that most of what `margins`
 catches in a penalised backdoor is that the penalty holds the whole head back: every margin on
 clean faces less negative, a gentler recipe's signature. A network-wide level is the easiest
 thing for a grey-box attacker to estimate: the median margin of its own clean networks on its
