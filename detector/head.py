@@ -177,15 +177,20 @@ class HeadDeviationView(ClassRows, BaseEstimator):
     def _metric(deviations: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
         """(U: d × k directions, w: k weights beyond the floor, floor weight 1/τ)."""
         X = deviations.reshape(-1, deviations.shape[-1])
-        # the covariance of deviations pooled over networks and classes (centred by construction)
-        cov = X.T @ X / X.shape[0]
-        lam, U = np.linalg.eigh(cov)
-        lam, U = lam[::-1], U[:, ::-1]
+        n, d = X.shape
+        # the covariance of deviations pooled over networks and classes (centred by construction),
+        # X.T X / n; with fewer rows than features (tens of classes: the demo, the tests, the lab) its
+        # non-zero eigenpairs are the Gram matrix X X.T / n's, u = X.T v / sqrt(n λ): an n × n problem
+        # instead of d × d (1,793² here), the same directions and weights
+        gram = n < d
+        lam, V = np.linalg.eigh(X @ X.T / n if gram else X.T @ X / n)
+        lam, V = lam[::-1], V[:, ::-1]
         positive = int(np.sum(lam > lam[0] * 1e-9))
         k = max(1, min(rank, positive - 1))
         tau = float(lam[k])
         w = 1.0 / (lam[:k] + tau) - 1.0 / (2.0 * tau)
-        return U[:, :k].copy(), w, 1.0 / (2.0 * tau)
+        U = X.T @ (V[:, :k] / np.sqrt(n * lam[:k])) if gram else V[:, :k].copy()
+        return U, w, 1.0 / (2.0 * tau)
 
     @staticmethod
     def _parts(

@@ -234,7 +234,14 @@ def test_score_cli_names_the_suspected_class_of_a_blocked_model(nets, tmp_path):
     out = json.loads(p.stdout)
     assert out["detector"] == "head+output-spectrum+margins" and out["evidence"] == ["gmm"]  # the default
     assert out["n_calibration"] == 6
-    p = run("score", "--reference", str(tmp_path / "ref"), "--json", nets["backdoored"][0], nets["calibration"][0])
+    # a clean network the cut leaves room for: the calibration network the fitted reference scores
+    # highest (the gallery is a fresh random draw, so which one falls nearest the cut varies: with 6
+    # networks the cut is the lowest leave-one-out z, and one may sit just below it in-sample)
+    fitted = load_reference(tmp_path / "ref")
+    cal = fitted.calibration_scores_
+    fused = [fitted.fused({p: s[i] for p, s in cal.items()}) for i in range(len(nets["calibration"]))]
+    clean = nets["calibration"][int(np.argmax(fused))]
+    p = run("score", "--reference", str(tmp_path / "ref"), "--json", nets["backdoored"][0], clean)
     lines = [json.loads(x) for x in p.stdout.splitlines()]
     assert p.returncode == 1 and [r["verdict"] for r in lines] == ["blocked", "passed"]
     assert lines[0]["suspected_class"] in nets["classes"] and "suspected_class" not in lines[1]

@@ -56,6 +56,25 @@ def test_the_artifact_keeps_the_floor_and_an_older_one_restores_without_it(heads
     assert HeadDeviationView.restore(older, arrays).std_floor == 0.0
 
 
+@pytest.mark.parametrize("features", [40, 20])
+def test_the_metric_is_the_pooled_covariances_eigenbasis_with_fewer_rows_than_features_or_more(features):
+    """With tens of classes the pooled deviations have fewer rows (networks × classes) than
+    features, and the metric comes from their n × n Gram matrix (fast); either way it must be the
+    d × d covariance's eigenbasis, worked out here with numpy from the definition."""
+    rng = np.random.default_rng(3)
+    heads = [rng.normal(size=(5, features)) * np.linspace(0.5, 2.0, features) for _ in range(6)]  # 30 rows
+    view = HeadDeviationView(rank=8).fit(heads)
+    X = (np.stack(heads) - np.mean(heads, axis=0)).reshape(-1, features)
+    lam, V = np.linalg.eigh(X.T @ X / len(X))
+    lam, V = lam[::-1], V[:, ::-1]
+    tau = lam[8]  # the floor: the rank-th eigenvalue
+    w = 1.0 / (lam[:8] + tau) - 1.0 / (2.0 * tau)
+    U = view.directions_.astype(np.float64)
+    assert np.allclose(U.T @ U, np.eye(8), atol=1e-5)  # orthonormal directions
+    assert np.allclose((U * view.weights_) @ U.T, (V[:, :8] * w) @ V[:, :8].T, atol=1e-5 * np.abs(w).max())
+    assert view.floor_ == pytest.approx(1.0 / (2.0 * tau), rel=1e-9)
+
+
 def _checkpoint(rng, base: dict, offset_sd: float = 0.5) -> dict:
     """A clean fine-tune of ``base``'s head: offsets vary most between clean networks (as ours do)."""
     t = {k: v.copy() for k, v in base.items()}
