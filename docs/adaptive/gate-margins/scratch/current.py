@@ -65,14 +65,13 @@ def _groups(out: Path) -> tuple[list[tuple[str, np.ndarray, int, bool]], np.ndar
         if not path.is_file():
             continue
         aimed = json.loads(path.read_text())
+        stored = load_nets(path.with_name(name.replace("attack", "networks")).with_suffix(".safetensors"))
         for g in dict.fromkeys(r["group"] for r in aimed):
             mine = [r for r in aimed if r["group"] == g]
             X = np.array([list(r["scores"].values()) for r in mine if r["works"]]).reshape(-1, S["pool"].shape[1])
             name_now = g.replace("leave-one-out cut", "MAD cut").replace("lower-tail cut", "lower-tail cut (today's)")
-            infos = [
-                n.info
-                for n in load_nets(path.with_name(name.replace("attack", "networks")).with_suffix(".safetensors"))
-            ]
+            infos = [n.info for n in stored if n.group == g]  # the group's networks, in its rows' order
+            assert len(infos) == len(mine), f"{path}: the stored networks are not the attack stage's rows"
             rows.append((name_now, X, len(mine), True, _cost([i for i, r in zip(infos, mine) if r["works"]])))
     return rows, S["pool"]
 
