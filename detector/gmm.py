@@ -21,7 +21,7 @@ import numpy as np
 from detector import em
 from detector.em import Mixture
 
-__all__ = ["Mixture", "fit_mixture", "neuron_init", "select_mixture"]
+__all__ = ["Mixture", "fit_mixture", "neuron_init", "select_mixture", "select_mixture_scored"]
 
 #: EM implementation used when a caller does not choose: "torch" (detector.em) or "sklearn".
 DEFAULT_BACKEND = "torch"
@@ -136,6 +136,15 @@ class Candidate:
 
 
 def select_mixture(
+    X: np.ndarray, groups: np.ndarray, grid: list[int], **options: Any
+) -> tuple[Mixture, list[Candidate]]:
+    """Fit one mixture per N_G in ``grid`` and keep the one with the lowest AIC (or BIC): the
+    chosen mixture and the table (``options``: :func:`select_mixture_scored`'s)."""
+    best, table, _ = select_mixture_scored(X, groups, grid, **options)
+    return best, table
+
+
+def select_mixture_scored(
     X: np.ndarray,
     groups: np.ndarray,
     grid: list[int],
@@ -148,15 +157,17 @@ def select_mixture(
     seed: int = 0,
     progress: Callable[..., Any] | None = None,
     backend: str | None = None,
-) -> tuple[Mixture, list[Candidate]]:
-    """Fit one mixture per N_G in ``grid`` and keep the one with the lowest AIC (or BIC).
+) -> tuple[Mixture, list[Candidate], np.ndarray]:
+    """(the mixture with the lowest AIC (or BIC) of one per N_G in ``grid``, the table, its
+    log-likelihood of each row of ``X``): the criterion needs them, and a reference keeps them
+    (a GMM view scored every reference vector twice: once for the criterion, once to keep them).
 
     N_G equal to the number of vectors per network starts from :func:`neuron_init`; other
     sizes from k-means. Ties go to the smaller mixture.
     """
     n_nets, n_per_net = groups.shape[:2]
     neuron_of_row = np.tile(np.arange(n_per_net), n_nets)  # X is groups.reshape(M * n, d)
-    best: tuple[float, int, Mixture] | None = None
+    best: tuple[float, int, Mixture, np.ndarray] | None = None
     table: list[Candidate] = []
     for g in grid:
         t0 = time.perf_counter()
@@ -174,7 +185,8 @@ def select_mixture(
             backend=backend,
             hint=hint,
         )
-        ll = float(m.score_samples(X).sum())
+        per_row = m.score_samples(X)
+        ll = float(per_row.sum())
         p = m.n_parameters()
         row = Candidate(
             n_components=g,
@@ -189,8 +201,8 @@ def select_mixture(
         table.append(row)
         value = row.aic if criterion == "aic" else row.bic
         if best is None or value < best[0]:
-            best = (value, g, m)
+            best = (value, g, m, per_row)
         if progress is not None:
             progress(row)
     assert best is not None
-    return best[2], table
+    return best[2], table, best[3]

@@ -12,7 +12,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, clone
 
 from detector.config import PAPER_GRID
-from detector.gmm import Mixture, select_mixture
+from detector.gmm import Mixture, select_mixture_scored
 from detector.protocol import check_fitted, leave_one_out
 from detector.views import view_vectors
 
@@ -85,7 +85,7 @@ class ViewReference(BaseEstimator):
             grid = [n]
         else:
             grid = [min(int(self.n_components), len(Z))]
-        self.mixture_, table = select_mixture(
+        self.mixture_, table, per_vector = select_mixture_scored(
             Z,
             groups,
             grid,
@@ -103,7 +103,7 @@ class ViewReference(BaseEstimator):
         self.shape_ = tuple(int(s) for s in np.shape(matrices[0]))
         #: per-vector log-likelihoods of the reference networks (M, n): what "typical" means
         #: for each neuron, so a report can show which of a candidate's vectors are unusual.
-        self.reference_vector_scores_ = self.mixture_.score_samples(Z).reshape(M, n)
+        self.reference_vector_scores_ = per_vector.reshape(M, n)
         self.reference_scores_ = self.reference_vector_scores_.sum(axis=1)
         self.fit_seconds_ = time.perf_counter() - t0
         return self

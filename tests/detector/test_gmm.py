@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.mixture import GaussianMixture
 
-from detector.gmm import Mixture, fit_mixture, neuron_init, select_mixture
+from detector.gmm import Mixture, fit_mixture, neuron_init, select_mixture, select_mixture_scored
 
 
 @pytest.mark.parametrize("cov", ["full", "diag"])
@@ -46,6 +46,17 @@ def test_aic_picks_the_planted_one_cluster_per_neuron(rng, cov):
     best, table = select_mixture(X, groups, [1, 2, 3, 6, 12, 24], covariance=cov, reg=1e-3 * X.var(0).mean())
     assert best.n_components == 6, [(r.n_components, round(r.aic)) for r in table]
     assert [r.init for r in table if r.n_components == 6] == ["neuron"]
+
+
+def test_the_scores_kept_beside_the_choice_are_the_chosen_mixtures(rng):
+    """A reference keeps the criterion's per-vector scores instead of scoring again: they must be
+    the chosen mixture's, not the last one fitted (planted: 6 clusters, the grid goes past it)."""
+    groups = _neurons(rng, M=20, n=6, d=3)
+    X = groups.reshape(-1, 3)
+    best, table, scores = select_mixture_scored(X, groups, [1, 6, 12], covariance="diag", reg=1e-3 * X.var(0).mean())
+    assert best.n_components == 6 != table[-1].n_components
+    np.testing.assert_array_equal(scores, best.score_samples(X))
+    assert sum(scores) == pytest.approx(next(r.log_likelihood for r in table if r.n_components == 6), rel=1e-12)
 
 
 def test_aic_picks_planted_clusters_shared_by_neurons(rng):
