@@ -201,9 +201,10 @@ def test_adaptive_small_attacks_every_detector_and_reports_what_it_cost(tmp_path
     # and at the weights and the margin check at once: white-box, grey-box weak and strong, each grey
     # one with the protocol's trigger and the adversarial one, on the same pairs
     aimed = [n for n in s["networks"] if "+ margins" in n["group"]]
+    assert small.margins_aimed_at == ("head+output-spectrum",)  # every kind once, at one of the two detectors
     assert {n["group"] for n in aimed} == {
         f"{g}: {d}"
-        for d in ("head", "head+output-spectrum")
+        for d in small.margins_aimed_at
         for g in (
             "penalty + margins",
             "grey-box penalty + margins",
