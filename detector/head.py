@@ -197,8 +197,12 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         D: np.ndarray, U: np.ndarray, w: np.ndarray, floor: float, top: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(major, minor, top) per row: the whitened deviation inside the kept directions and outside
-        them, and (when ``top``) the largest one kept direction's part of it."""
+        them, and (when ``top``) the largest one kept direction's part of it. ``D`` and ``U`` float64,
+        or both float32 (the gate's path: the projection, its largest product at CASIA's class count,
+        in the checkpoint's own precision; the squares are summed in float64 either way)."""
         P = D @ U
+        if P.dtype != np.float64:
+            P, D = P.astype(np.float64), D.astype(np.float64)
         PP = P * P
         minor = floor * (np.einsum("...d,...d->...", D, D) - PP.sum(-1))
         return PP @ (w + floor), minor, (PP * (w + floor)).max(-1) if top else None
@@ -264,15 +268,18 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         self, matrix: np.ndarray, top: bool = False, rows: int = 1024
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(major, minor, top) for every class (float64, a block of rows at a time); top only when
-        asked (the offset share's: the gate's hot path at 10,575 classes pays for it only then)."""
+        asked (the offset share's: the gate's hot path at 10,575 classes pays for it only then).
+
+        The deviation and its projection are float32, as the head, the centre and the directions
+        are stored (float64 doubled the projection's time; the class z's moved by under 1e-5)."""
         H = np.asarray(matrix)
         if H.shape != tuple(self.center_.shape):
             raise ValueError(f"head of shape {H.shape}; the reference's is {tuple(self.center_.shape)}")
-        U = self.directions_.astype(np.float64)
+        U = np.asarray(self.directions_, dtype=np.float32)
         major, minor = np.empty(H.shape[0]), np.empty(H.shape[0])
         tops = np.empty(H.shape[0]) if top else None
         for i in range(0, H.shape[0], rows):
-            D = H[i : i + rows].astype(np.float64) - self.center_[i : i + rows]
+            D = np.asarray(H[i : i + rows], dtype=np.float32) - np.asarray(self.center_[i : i + rows], np.float32)
             major[i : i + rows], minor[i : i + rows], t = self._parts(D, U, self.weights_, self.floor_, top)
             if tops is not None:
                 tops[i : i + rows] = t

@@ -448,11 +448,12 @@ def test_head_blocks_backdoors_round_trips_and_needs_every_head_tensor(nets, fit
 def test_head_torch_mirror_equals_the_numpy_score(nets, fitted):
     """The lab's white-box attacker differentiates through ``torch_z``: it must be the statistic
     the gate computes, or the attack suite would attack something else. ``head`` builds its
-    matrix in float32 (the checkpoint's precision; the mirror runs in float64): z agree to ~1e-6
-    there, to 1e-9 elsewhere (a missing tensor or a wrong sign moves z by units)."""
+    matrix and projects it in float32 (the checkpoint's precision; the mirror runs in float64): z
+    agree to ~1e-5 there (5e-5 seen on a z of 20), to 1e-9 elsewhere (a missing tensor or a wrong
+    sign moves z by units)."""
     from lab.adaptive import deciding_parts, torch_anomaly, torch_class_z
 
-    tol = {"head": 1e-5, "classifier": 1e-9, "spectrum": 1e-9, "output-spectrum": 1e-9}
+    tol = {"head": 2e-4, "classifier": 1e-9, "spectrum": 1e-9, "output-spectrum": 1e-9}
     for name in ("head", "classifier"):
         ref = fitted(name)
         for p in nets["backdoored"][:2] + nets["calibration"][:2]:
@@ -465,7 +466,7 @@ def test_head_torch_mirror_equals_the_numpy_score(nets, fitted):
     views = make_reference("head+output-spectrum")
     views.members["head"] = HeadReference(share=True, toward=True)
     views.fit(nets["reference"], base=nets["base"]).calibrate(nets["calibration"])
-    tol["head.offset-share"] = tol["head.toward"] = 1e-5
+    tol["head.offset-share"] = tol["head.toward"] = 2e-4
     for name, ref in (
         ("head+spectrum", fitted("head+spectrum")),
         ("head+output-spectrum", fitted("head+output-spectrum")),

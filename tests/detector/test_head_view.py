@@ -214,7 +214,8 @@ def test_head_s_views_round_trip_and_their_torch_mirrors_are_the_numpy_scores(ch
         as_torch = {k: torch.as_tensor(x, dtype=torch.float64) for k, x in t.items()}
         for view in (OFFSET_SHARE, TOWARD):
             zc, zn = back.views_[view].torch_z(as_torch)
-            assert zn.numel() == 0 and np.allclose(-zc.numpy(), v[view], atol=1e-6), view
+            # the gate projects in float32, the mirror in float64
+            assert zn.numel() == 0 and np.allclose(-zc.numpy(), v[view], atol=1e-4), view
         zc, zn = back.views_[CLASSES].torch_z(as_torch)
         assert np.allclose(-np.concatenate([zc.numpy(), zn.numpy()]), v[CLASSES], atol=1e-4)
     # artifacts fitted with fewer views (the defaults before 2026-12-05) restore with those
