@@ -877,31 +877,70 @@ TARGETS = {
 }
 
 
-def run(quick: bool = False, out_dir: str | Path = "bench", log: Callable[[str], None] = print) -> dict:
+#: the sections of a run, in the order it measures them (``bench --only`` names some of them)
+SECTIONS = (
+    "head_training",
+    "feature_extraction",
+    "reference_fit",
+    "aic_sweep",
+    "gate",
+    "gate_default",
+    "gate_weights_only",
+    "reference_fit_default",
+    "explain",
+    "scaling",
+)
+
+
+def _unknown_sections(only: tuple[str, ...]) -> str:
+    unknown = sorted(set(only) - set(SECTIONS))
+    return f"no section {', '.join(unknown)}; the sections: {', '.join(SECTIONS)}" if unknown else ""
+
+
+def run(
+    quick: bool = False,
+    out_dir: str | Path = "bench",
+    log: Callable[[str], None] = print,
+    only: tuple[str, ...] = (),
+) -> dict:
+    """Every section (``only``: those named, e.g. the gate rows after a change to the gate)."""
     import torch
 
     from detector.config import WEIGHTS_ONLY_DETECTOR
 
+    if problem := _unknown_sections(only):
+        raise ValueError(problem)
     out_dir = Path(out_dir)
     threads = torch.get_num_threads()
     t0 = time.perf_counter()
     results: dict[str, Any] = {"mode": "quick" if quick else "full", "machine": machine()}
+    if only:
+        results["only"] = [x for x in SECTIONS if x in only]
     family = paper_family(seed=0)
     pool = [family.clean() for _ in range(30)]  # the paper's 30 clean networks; 18 build the reference
     matrices = pool[:18]
-    results["head_training"] = head_training(quick, threads, log)
-    results["feature_extraction"] = feature_extraction(quick, log)
+    measure: dict[str, Callable[[], dict]] = {
+        "head_training": lambda: head_training(quick, threads, log),
+        "feature_extraction": lambda: feature_extraction(quick, log),
+        "reference_fit": lambda: reference_fit(quick, matrices, threads, log),
+        "aic_sweep": lambda: aic_sweep(quick, matrices, log),
+        "gate": lambda: gate(quick, matrices, family, log),
+        "gate_default": lambda: gate_default(quick, matrices, family, log),
+        "gate_weights_only": lambda: gate_default(quick, matrices, family, log, detector=WEIGHTS_ONLY_DETECTOR),
+        "reference_fit_default": lambda: reference_fit_default(quick, family, log),
+        "explain": lambda: explain_cost(quick, log),
+        "scaling": lambda: scaling(quick, pool, threads, out_dir, log),
+    }
     from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=threads):  # scikit-learn's BLAS / OpenMP get the same threads as ours
-        results["reference_fit"] = reference_fit(quick, matrices, threads, log)
-        results["aic_sweep"] = aic_sweep(quick, matrices, log)
-        results["gate"] = gate(quick, matrices, family, log)
-        results["gate_default"] = gate_default(quick, matrices, family, log)
-        results["gate_weights_only"] = gate_default(quick, matrices, family, log, detector=WEIGHTS_ONLY_DETECTOR)
-        results["reference_fit_default"] = reference_fit_default(quick, family, log)
-        results["explain"] = explain_cost(quick, log)
-        results["scaling"] = scaling(quick, pool, threads, out_dir, log)
+    for name in SECTIONS:
+        if only and name not in only:
+            continue
+        if name in ("head_training", "feature_extraction"):  # torch's own threads
+            results[name] = measure[name]()
+            continue
+        with threadpool_limits(limits=threads):  # scikit-learn's BLAS / OpenMP get the same threads as ours
+            results[name] = measure[name]()
     results["summary"] = summary(results)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["bench_seconds"] = round(time.perf_counter() - t0, 1)
@@ -909,16 +948,29 @@ def run(quick: bool = False, out_dir: str | Path = "bench", log: Callable[[str],
 
 
 def summary(r: dict) -> dict:
+    """The headline figures of the sections ``r`` holds, and which targets they meet."""
+    ht, rf = r.get("head_training"), r.get("reference_fit")
     s = {
-        "head_training_speedup": r["head_training"]["head_training_speedup"],
-        "head_training_speedup_40_classes": r["head_training"]["head_training_speedup_40_classes"],
-        "head_training_flop_ratio": r["head_training"]["head_training_flop_ratio"],
-        "reference_fit_speedup": r["reference_fit"]["reference_fit_speedup"],
-        "reference_fit_speedup_forward": r["reference_fit"]["views"]["forward"]["speedup"],
-        "reference_fit_speedup_backward": r["reference_fit"]["views"]["backward"]["speedup"],
-        "aic_sweep_seconds": r["aic_sweep"]["aic_sweep_seconds"],
-        "gate_seconds": r["gate"]["gate_seconds"],
-        "gate_peak_rss_mb": r["gate"]["gate_peak_rss_mb"],
+        **(
+            {
+                "head_training_speedup": ht["head_training_speedup"],
+                "head_training_speedup_40_classes": ht["head_training_speedup_40_classes"],
+                "head_training_flop_ratio": ht["head_training_flop_ratio"],
+            }
+            if ht
+            else {}
+        ),
+        **(
+            {
+                "reference_fit_speedup": rf["reference_fit_speedup"],
+                "reference_fit_speedup_forward": rf["views"]["forward"]["speedup"],
+                "reference_fit_speedup_backward": rf["views"]["backward"]["speedup"],
+            }
+            if rf
+            else {}
+        ),
+        **({"aic_sweep_seconds": r["aic_sweep"]["aic_sweep_seconds"]} if "aic_sweep" in r else {}),
+        **({f"gate_{k}": r["gate"][f"gate_{k}"] for k in ("seconds", "peak_rss_mb")} if "gate" in r else {}),
         **{
             f"{g}_{k}_{c}": r[g][f"{c}_classes"][f"gate_{k}"]
             for g in GATE_ROWS
@@ -926,7 +978,11 @@ def summary(r: dict) -> dict:
             if f"{c}_classes" in r.get(g, {})
             for k in ("seconds", "peak_rss_mb")
         },
-        "feature_extraction_images_per_s": r["feature_extraction"]["feature_extraction_images_per_s"],
+        **(
+            {"feature_extraction_images_per_s": r["feature_extraction"]["feature_extraction_images_per_s"]}
+            if "feature_extraction" in r
+            else {}
+        ),
         **{
             f"reference_fit_default_{k}_seconds": r["reference_fit_default"][f"{k}_seconds"]
             for k in ("leave_one_out", "calibrated")
@@ -939,7 +995,7 @@ def summary(r: dict) -> dict:
             for k in ("seconds", "peak_rss_mb")
         },
     }
-    targets = dict(TARGETS)
+    targets = {k: t for k, t in TARGETS.items() if k in s}
     for k in s:
         if k.startswith(tuple(f"{g}_" for g in GATE_ROWS)):
             targets[k] = ("<=", 2.0) if "seconds" in k else ("<=", 1024)
@@ -948,22 +1004,57 @@ def summary(r: dict) -> dict:
 
 
 def format_table(r: dict) -> str:
+    """The printed table: a line per figure of the sections ``r`` holds."""
     s, m = r["summary"], r["machine"]
-    rf, ht, g, sw = r["reference_fit"], r["head_training"], r["gate"], r["aic_sweep"]
-    casia, demo = ht[f"{CASIA_IDENTITIES}_classes"], ht["40_classes"]
     lines = [
-        f"backdoor-gate bench ({r['mode']}) — {m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), "
+        f"backdoor-gate bench ({r['mode']}{', only ' + ', '.join(r['only']) if r.get('only') else ''}) — "
+        f"{m['cpu']}, {m['cores']} cores, {m['threads']} thread(s), "
         f"torch {m['torch']}, scikit-learn {m['scikit_learn']}, load "
         f"{m['load_average_at_start'][0]}→{m['load_average_at_end'][0]}",
         "",
         f"{'figure':34s} {'measured':>14s}  {'target':>8s}  detail",
-        f"{'head_training_speedup':34s} {s['head_training_speedup']:>13.0f}x  {'>= 100x':>8s}  "
-        f"{casia['trunk_in_loop_ms_per_image']:.1f} ms vs {casia['cached_ms_per_image']:.3f} ms per image "
-        f"({CASIA_IDENTITIES} classes, CASIA); FLOP ratio {casia['flop_ratio']:.0f}x "
-        f"({ht['trunk_mflop_per_image']:.0f} vs {casia['head_mflop_per_image']:.1f} MFLOP)",
-        f"{'  with 40 classes (our demo)':34s} {s['head_training_speedup_40_classes']:>13.0f}x  {'':>8s}  "
-        f"{demo['trunk_in_loop_ms_per_image']:.1f} ms vs {demo['cached_ms_per_image']:.3f} ms per image; "
-        f"FLOP ratio {demo['flop_ratio']:.0f}x",
+    ]
+    if "head_training" in r:
+        ht = r["head_training"]
+        casia, demo = ht[f"{CASIA_IDENTITIES}_classes"], ht["40_classes"]
+        lines += [
+            f"{'head_training_speedup':34s} {s['head_training_speedup']:>13.0f}x  {'>= 100x':>8s}  "
+            f"{casia['trunk_in_loop_ms_per_image']:.1f} ms vs {casia['cached_ms_per_image']:.3f} ms per image "
+            f"({CASIA_IDENTITIES} classes, CASIA); FLOP ratio {casia['flop_ratio']:.0f}x "
+            f"({ht['trunk_mflop_per_image']:.0f} vs {casia['head_mflop_per_image']:.1f} MFLOP)",
+            f"{'  with 40 classes (our demo)':34s} {s['head_training_speedup_40_classes']:>13.0f}x  {'':>8s}  "
+            f"{demo['trunk_in_loop_ms_per_image']:.1f} ms vs {demo['cached_ms_per_image']:.3f} ms per image; "
+            f"FLOP ratio {demo['flop_ratio']:.0f}x",
+        ]
+    if "reference_fit" in r:
+        lines += _reference_fit_lines(s, r["reference_fit"])
+    if "aic_sweep" in r:
+        sw = r["aic_sweep"]
+        lines.append(
+            f"{'aic_sweep_seconds':34s} {s['aic_sweep_seconds']:>13.1f}s  {'':>8s}  {sw['scope']}; "
+            + ", ".join(f"{v}: N_G {d['best_n_components']}" for v, d in sw["views"].items())
+        )
+    if "gate" in r:
+        g = r["gate"]
+        lines += [
+            f"{'gate_seconds':34s} {s['gate_seconds']:>13.2f}s  {'<= 2 s':>8s}  load reference + read/hash/parse "
+            f"{g['candidate_mb']:.0f} MB + trunk check + score; verdict {g['verdict']}",
+            f"{'gate_peak_rss_mb':34s} {s['gate_peak_rss_mb']:>13.0f}   {'<= 1024':>8s}  whole process, torch "
+            "import included "
+            f"(imports {g['breakdown_s']['import_s']:.1f} s, process {g['breakdown_s']['process_wall_s']:.1f} s)",
+        ]
+    lines += _later_lines(r, s)
+    missed = [k for k, ok in s["targets_met"].items() if not ok]
+    lines += [
+        "",
+        f"targets missed: {', '.join(missed)}" if missed else "all targets met",
+        (f"plot: {r['scaling']['plot']}   " if "scaling" in r else "") + f"bench time: {r['bench_seconds']:.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def _reference_fit_lines(s: dict, rf: dict) -> list[str]:
+    lines = [
         f"{'reference_fit_speedup':34s} {s['reference_fit_speedup']:>13.1f}x  {'>= 10x':>8s}  "
         f"both views, vs sklearn fit; {rf['reference_fit_speedup_vs_em_only']:.1f}x vs its EM iterations only",
     ]
@@ -977,15 +1068,12 @@ def format_table(r: dict) -> str:
             f"{ll['sklearn']:.10g} "
             f"(rel. {ll['relative_difference']:.1e})"
         )
-    lines += [
-        f"{'aic_sweep_seconds':34s} {s['aic_sweep_seconds']:>13.1f}s  {'':>8s}  {sw['scope']}; "
-        + ", ".join(f"{v}: N_G {d['best_n_components']}" for v, d in sw["views"].items()),
-        f"{'gate_seconds':34s} {s['gate_seconds']:>13.2f}s  {'<= 2 s':>8s}  load reference + read/hash/parse "
-        f"{g['candidate_mb']:.0f} MB + trunk check + score; verdict {g['verdict']}",
-        f"{'gate_peak_rss_mb':34s} {s['gate_peak_rss_mb']:>13.0f}   {'<= 1024':>8s}  whole process, torch "
-        "import included "
-        f"(imports {g['breakdown_s']['import_s']:.1f} s, process {g['breakdown_s']['process_wall_s']:.1f} s)",
-    ]
+    return lines
+
+
+def _later_lines(r: dict, s: dict) -> list[str]:
+    """The gate rows as shipped, the default's reference fit, explain, feature extraction, scaling."""
+    lines: list[str] = []
     for g in GATE_ROWS:
         for c in (40, CASIA_IDENTITIES):
             if f"{g}_seconds_{c}" in s:
@@ -1020,8 +1108,10 @@ def format_table(r: dict) -> str:
             f"64 faces per pass / the pixel budget: {d['160px_peak_rss_mb_budget_vs_64_faces'][1]} vs "
             f"{d['160px_peak_rss_mb_budget_vs_64_faces'][0]} MB"
         )
-    for k, v in s["feature_extraction_images_per_s"].items():
+    for k, v in s.get("feature_extraction_images_per_s", {}).items():
         lines.append(f"{'feature_extraction ' + k:34s} {v:>10.1f} im/s  {'':>8s}")
+    if "scaling" not in r:
+        return lines
     sc = r["scaling"]
     lines.append(
         f"{'fit vs N_G (ours / sklearn, CPU s)':34s} "
@@ -1038,23 +1128,23 @@ def format_table(r: dict) -> str:
             for x in sc["by_networks"]
         )
     )
-    missed = [k for k, ok in s["targets_met"].items() if not ok]
-    lines += [
-        "",
-        f"targets missed: {', '.join(missed)}" if missed else "all targets met",
-        f"plot: {sc['plot']}   bench time: {r['bench_seconds']:.0f} s",
-    ]
-    return "\n".join(lines)
+    return lines
 
 
 def cmd_bench(args) -> int:
     out_dir = Path(args.out_dir)
-    out = out_dir / ("results-quick.json" if args.quick else "results.json")
+    only = tuple(x for x in (args.only or "").split(",") if x)
+    if problem := _unknown_sections(only):
+        print(f"bench: {problem}", file=sys.stderr)
+        return 2
+    # a partial run never replaces the full results the README's table quotes
+    name = "results" + ("-quick" if args.quick else "") + ("-only" if only else "")
+    out = out_dir / f"{name}.json"
 
     def log(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
-    results = run(quick=args.quick, out_dir=out_dir, log=log)
+    results = run(quick=args.quick, out_dir=out_dir, log=log, only=only)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
@@ -1076,4 +1166,9 @@ def register(sub) -> None:
     b.add_argument("--quick", action="store_true", help="smaller samples, fewer sizes: under 2 minutes")
     b.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
     b.add_argument("--out-dir", default="bench", help="directory for results and the plot (default: bench)")
+    b.add_argument(
+        "--only",
+        metavar="SECTION[,SECTION]",
+        help=f"measure only these sections (written to results-only.json): {', '.join(SECTIONS)}",
+    )
     b.set_defaults(func=cmd_bench)

@@ -18,3 +18,32 @@ def test_the_bench_builds_each_gate_s_members_as_make_reference_does():
         assert (head.share, head.toward) == ((True, True) if "margins" in members else (False, False))
         settings = ("rank", "normalize", "std_floor", "share", "toward", "victim_rule")
         assert [getattr(head, k) for k in settings] == [getattr(shipped["head"], k) for k in settings]
+
+
+def test_a_partial_run_prints_and_judges_only_its_sections(tmp_path, capsys):
+    """``bench --only``: each section's lines are the full table's own lines for it, its targets only
+    its own; a name that is no section is refused before anything runs (the committed full run is
+    the input: what ``make bench`` last wrote)."""
+    import json
+    from pathlib import Path
+
+    from backdoor_gate.cli import main
+    from lab.bench import SECTIONS, format_table, summary
+
+    full = json.loads((Path(__file__).parents[2] / "bench" / "results.json").read_text())
+    assert set(SECTIONS) <= set(full)
+    full["summary"] = summary(full)
+    body = set(format_table(full).splitlines()[3:-3])
+    covered: set[str] = set()
+    for name in SECTIONS:
+        part = {k: full[k] for k in ("mode", "machine", "bench_seconds", name)} | {"only": [name]}
+        part["summary"] = summary(part)
+        lines = format_table(part).splitlines()
+        assert f"only {name})" in lines[0]
+        mine = [x for x in lines[3:] if x and not x.startswith(("targets missed", "all targets met", "plot:", "bench"))]
+        assert mine and set(mine) <= body, name
+        covered |= set(mine)
+        assert all(k.startswith(name.split("_")[0]) for k in part["summary"]["targets_met"])
+    assert covered == body  # every line of the full table belongs to one section
+    assert main(["bench", "--only", "gate,nonsense", "--out-dir", str(tmp_path)]) == 2
+    assert "no section nonsense" in capsys.readouterr().err and not any(tmp_path.iterdir())
