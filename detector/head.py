@@ -141,7 +141,8 @@ def head_matrix(tensors: Mapping[str, Any], source: str = "<memory>") -> np.ndar
 
     float32 (the checkpoint's precision), filled in place: at CASIA's 10,575 classes this is the
     gate's largest array, and on a fresh VM every new megabyte costs its first touch (the gate's
-    time and memory targets). The statistic works in float64 a block of rows at a time."""
+    time and memory targets). The statistic projects it in float32 a block of rows at a time and
+    sums the squares in float64."""
     b = effective_offsets(tensors, source)
     W = layer_of(tensors, "last_linear.weight", source=source).matrix  # validated 2-D (a small copy)
     H = np.empty((b.size, W.shape[1] + 1), dtype=np.float32)
@@ -201,7 +202,7 @@ class HeadDeviationView(ClassRows, BaseEstimator):
         or both float32 (the gate's path: the projection, its largest product at CASIA's class count,
         in the checkpoint's own precision; the squares are summed in float64 either way)."""
         P = D @ U
-        if P.dtype != np.float64:
+        if P.dtype != np.float64 or D.dtype != np.float64:
             P, D = P.astype(np.float64), D.astype(np.float64)
         PP = P * P
         minor = floor * (np.einsum("...d,...d->...", D, D) - PP.sum(-1))

@@ -105,9 +105,9 @@ class AdaptiveConfig:
     #: deciding detectors (each is attacked and gated on its own) and evidence (scored only)
     detectors: tuple = ("head", "head+output-spectrum")
     evidence: tuple = ("classifier", "spectrum", "output-spectrum")
-    #: the deciding detectors the attacks on the weights *and* the margin check aim at (empty: every
-    #: one of ``detectors``); the small protocol aims its eight kinds at one (they were 16 of its 60
-    #: networks and most of its training time; every kind still runs once)
+    #: the deciding detectors the attacks on the weights *and* the margin check aim at (empty, or none
+    #: of ``detectors``: every one); the small protocol aims its eight kinds at one (they were 16 of its
+    #: 60 networks and most of its training time; every kind still runs once)
     margins_aimed_at: tuple = ()
     seed_offset: int = 700_000
 
@@ -760,7 +760,8 @@ def margin_aimed_networks(ws: Workshop, c: AdaptiveConfig, refs: dict, grey: dic
     for name, strength in (("grey-box penalty", weak), ("grey-box penalty (strong)", strong)):
         plans += [(f"{name} + margins (all faces)", "all faces", strength, False)]
     plans += [("grey-box penalty (strong) + margins (all faces) + adversarial trigger", "all faces", strong, True)]
-    aimed_at = c.margins_aimed_at or c.detectors
+    # the named detectors this run has (--detectors may leave out the small protocol's one), else all
+    aimed_at = tuple(d for d in c.margins_aimed_at if d in c.detectors) or c.detectors
     jobs = [(plan, d, i) for plan in plans for d in aimed_at for i in range(c.n_attack)]
     out = []
     for (name, faces, (lam, margin), adversarial), d, i in _progress(
