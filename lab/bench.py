@@ -777,7 +777,7 @@ def explain_cost(quick: bool, log) -> dict:
 # --------------------------------------------------------------------------------------------
 # 6. how EM cost grows: with N_G and with the number of reference networks
 # --------------------------------------------------------------------------------------------
-def scaling(quick: bool, pool: list[np.ndarray], threads: int, out_dir: Path, log, only: bool = False) -> dict:
+def scaling(quick: bool, pool: list[np.ndarray], threads: int, plot: Path, log) -> dict:
     from detector import em
     from detector.gmm import neuron_init
 
@@ -824,7 +824,7 @@ def scaling(quick: bool, pool: list[np.ndarray], threads: int, out_dir: Path, lo
             row["sklearn_cpu_s"] = round(ts.cpu, 3)
         res["by_networks"].append(row)
         log(f"scaling: M={m} {row}")
-    res["plot"] = str(plot_scaling(res, out_dir / f"scaling{'-quick' if quick else ''}{'-only' if only else ''}.png"))
+    res["plot"] = str(plot_scaling(res, plot))
     res["note"] = "EM only (init excluded, the same init for both), exactly 2 iterations (tol=0), CPU seconds"
     return res
 
@@ -893,6 +893,12 @@ SECTIONS = (
 )
 
 
+def output_name(stem: str, quick: bool, only: tuple[str, ...]) -> str:
+    """A run's file name: a quick or partial run never replaces the full results or plot the
+    README quotes."""
+    return stem + ("-quick" if quick else "") + ("-only" if only else "")
+
+
 def _unknown_sections(only: tuple[str, ...]) -> str:
     unknown = sorted(set(only) - set(SECTIONS))
     return f"no section {', '.join(unknown)}; the sections: {', '.join(SECTIONS)}" if unknown else ""
@@ -936,7 +942,7 @@ def run(
         "gate_weights_only": lambda: gate_default(quick, matrices, drawn(), log, detector=WEIGHTS_ONLY_DETECTOR),
         "reference_fit_default": lambda: reference_fit_default(quick, drawn(), log),
         "explain": lambda: explain_cost(quick, log),
-        "scaling": lambda: scaling(quick, pool, threads, out_dir, log, only=bool(only)),
+        "scaling": lambda: scaling(quick, pool, threads, out_dir / f"{output_name('scaling', quick, only)}.png", log),
     }
     from threadpoolctl import threadpool_limits
 
@@ -954,54 +960,43 @@ def run(
     return results
 
 
+def _gate_headlines(g: str) -> Callable[[dict], dict]:
+    return lambda d: {
+        f"{g}_{k}_{c}": d[f"{c}_classes"][f"gate_{k}"]
+        for c in (40, CASIA_IDENTITIES)
+        if f"{c}_classes" in d
+        for k in ("seconds", "peak_rss_mb")
+    }
+
+
+#: each section's headline figures, in the summary's order
+HEADLINES: dict[str, Callable[[dict], dict]] = {
+    "head_training": lambda d: {
+        k: d[k] for k in ("head_training_speedup", "head_training_speedup_40_classes", "head_training_flop_ratio")
+    },
+    "reference_fit": lambda d: {
+        "reference_fit_speedup": d["reference_fit_speedup"],
+        **{f"reference_fit_speedup_{v}": d["views"][v]["speedup"] for v in ("forward", "backward")},
+    },
+    "aic_sweep": lambda d: {"aic_sweep_seconds": d["aic_sweep_seconds"]},
+    "gate": lambda d: {f"gate_{k}": d[f"gate_{k}"] for k in ("seconds", "peak_rss_mb")},
+    **{g: _gate_headlines(g) for g in GATE_ROWS},
+    "feature_extraction": lambda d: {"feature_extraction_images_per_s": d["feature_extraction_images_per_s"]},
+    "reference_fit_default": lambda d: {
+        f"reference_fit_default_{k}_seconds": d[f"{k}_seconds"] for k in ("leave_one_out", "calibrated")
+    },
+    "explain": lambda d: {
+        f"explain_{px}_{k}": d[px][k] for px in ("96px", "160px") for k in ("seconds", "peak_rss_mb")
+    },
+}
+
+
 def summary(r: dict) -> dict:
     """The headline figures of the sections ``r`` holds, and which targets they meet."""
-    ht, rf = r.get("head_training"), r.get("reference_fit")
-    s = {
-        **(
-            {
-                "head_training_speedup": ht["head_training_speedup"],
-                "head_training_speedup_40_classes": ht["head_training_speedup_40_classes"],
-                "head_training_flop_ratio": ht["head_training_flop_ratio"],
-            }
-            if ht
-            else {}
-        ),
-        **(
-            {
-                "reference_fit_speedup": rf["reference_fit_speedup"],
-                "reference_fit_speedup_forward": rf["views"]["forward"]["speedup"],
-                "reference_fit_speedup_backward": rf["views"]["backward"]["speedup"],
-            }
-            if rf
-            else {}
-        ),
-        **({"aic_sweep_seconds": r["aic_sweep"]["aic_sweep_seconds"]} if "aic_sweep" in r else {}),
-        **({f"gate_{k}": r["gate"][f"gate_{k}"] for k in ("seconds", "peak_rss_mb")} if "gate" in r else {}),
-        **{
-            f"{g}_{k}_{c}": r[g][f"{c}_classes"][f"gate_{k}"]
-            for g in GATE_ROWS
-            for c in (40, CASIA_IDENTITIES)
-            if f"{c}_classes" in r.get(g, {})
-            for k in ("seconds", "peak_rss_mb")
-        },
-        **(
-            {"feature_extraction_images_per_s": r["feature_extraction"]["feature_extraction_images_per_s"]}
-            if "feature_extraction" in r
-            else {}
-        ),
-        **{
-            f"reference_fit_default_{k}_seconds": r["reference_fit_default"][f"{k}_seconds"]
-            for k in ("leave_one_out", "calibrated")
-            if "reference_fit_default" in r
-        },
-        **{
-            f"explain_{px}_{k}": r["explain"][px][k]
-            for px in ("96px", "160px")
-            if "explain" in r
-            for k in ("seconds", "peak_rss_mb")
-        },
-    }
+    s: dict[str, Any] = {}
+    for name, headlines in HEADLINES.items():
+        if name in r:
+            s.update(headlines(r[name]))
     targets = {k: t for k, t in TARGETS.items() if k in s}
     for k in s:
         if k.startswith(tuple(f"{g}_" for g in GATE_ROWS)):
@@ -1146,9 +1141,7 @@ def cmd_bench(args) -> int:
     if problem := _unknown_sections(only):
         print(f"bench: {problem}", file=sys.stderr)
         return 2
-    # a partial run never replaces the full results the README's table quotes
-    name = "results" + ("-quick" if args.quick else "") + ("-only" if only else "")
-    out = out_dir / f"{name}.json"
+    out = out_dir / f"{output_name('results', args.quick, only)}.json"
 
     def log(msg: str) -> None:
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
